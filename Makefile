@@ -1,0 +1,47 @@
+# Prism — the commands the README names. Scripts and CI call these targets.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+ROOT := $(abspath $(dir $(lastword $(MAKEFILE_LIST))))
+export CARGO_TARGET_DIR ?= $(ROOT)/target
+CARGO ?= cargo
+RELEASE_BIN := $(CARGO_TARGET_DIR)/release
+
+.PHONY: help build test test-unit crds check-crds models demo
+
+help: ## list targets
+	@grep -hE '^[a-zA-Z0-9_-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | sort
+
+build: ## build every binary in release mode (one target dir, reused by tests)
+	$(CARGO) build --release --workspace --bins
+
+crds: ## regenerate crds/*.yaml from api/
+	$(CARGO) run --release -q -p prism-operator --bin crdgen -- --out crds
+
+check-crds: ## fail when crds/ differs from what api/ generates
+	$(CARGO) test --release -q -p prism-operator --test crds_up_to_date
+
+test-unit: ## unit + integration tests of every crate (release: model tests need it)
+	$(CARGO) test --release --workspace
+
+test: ## the full suite: what .ci/run runs
+	bash scripts/test-all.sh
+
+# --- control plane (e2e) ---
+# Real kube-apiserver/etcd/kcm/scheduler + kwok simulated GPU nodes on loopback (e2e/README.md).
+.PHONY: e2e-bins cluster-up cluster-down cluster-kubeconfig e2e-smoke
+
+e2e-bins: ## build etcd/kube-*/kubectl/kwok into e2e/bin (no-op when up to date)
+	@e2e/build.sh
+
+cluster-up: e2e-bins ## start the local control plane + simulated GPU nodes (reuses a running one)
+	@PRISM_E2E_SKIP_BUILD=1 e2e/cluster-up.sh
+
+cluster-down: ## stop the local control plane and delete its state
+	@e2e/cluster-down.sh
+
+cluster-kubeconfig: ## print the local control plane's kubeconfig path
+	@bash -c 'source e2e/lib.sh && echo "$$PRISM_KUBECONFIG"'
+
+e2e-smoke: cluster-up ## smoke-test the control plane (GPU scheduling, EndpointSlices, GC)
+	@e2e/smoke.sh
+# --- end control plane (e2e) ---
