@@ -8,10 +8,12 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 D="$PRISM_CLUSTER_DIR"
 [ -d "$D" ] || { log "no cluster state in $D"; exit 0; }
 
-for c in "${COMPONENTS_STOP_ORDER[@]}"; do
-  if pid="$(pid_of "$c")"; then log "stopping $c (pid $pid)"; fi
-  stop_component "$c"
-done
+stop() { if pid="$(pid_of "$1")"; then log "stopping $1 (pid $pid)"; fi; stop_component "$1"; }
+# Clients of the apiserver in parallel, then the apiserver, then etcd.
+for c in kwok kube-scheduler kube-controller-manager; do stop "$c" & done
+wait
+stop kube-apiserver
+stop etcd
 
 if [ "${PRISM_KEEP_LOGS:-0}" = 1 ]; then
   find "$D" -mindepth 1 -maxdepth 1 ! -name logs -exec rm -rf {} +

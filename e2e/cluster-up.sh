@@ -33,9 +33,11 @@ healthy() {
   [ -f "$PRISM_KUBECONFIG" ] && [ "$(api_curl /readyz 2>/dev/null)" = ok ]
 }
 
-fail() { # component message
+fail() { # component message: print the log tail, stop what was started, keep logs/
   log "FAILED: $2"
   log_tail "$1" 60
+  PRISM_KEEP_LOGS=1 "$E2E/cluster-down.sh" >/dev/null 2>&1 || true
+  log "stopped the partial cluster; logs kept in $D/logs"
   exit 1
 }
 

@@ -36,11 +36,13 @@ case "$op" in
   pod-delete)     kc -n "$1" delete pod "$2" --wait=false ;;
   node-not-ready) kc label node "$1" node-not-ready.stage.kwok.x-k8s.io=true --overwrite ;;
   node-ready)     kc label node "$1" node-not-ready.stage.kwok.x-k8s.io- ;;
-  apiserver-stop) stop_component kube-apiserver ;;
+  # With clients connected, kube-apiserver stops listening at once but lingers on open
+  # connections; 3 s of grace, then SIGKILL (etcd holds all state).
+  apiserver-stop) stop_component kube-apiserver 3 ;;
   apiserver-start)
     pid_of kube-apiserver >/dev/null || start_component kube-apiserver
     wait_ready ;;
-  apiserver-restart) stop_component kube-apiserver; start_component kube-apiserver; wait_ready ;;
+  apiserver-restart) stop_component kube-apiserver 3; start_component kube-apiserver; wait_ready ;;
   *-stop|*-start)
     comp="${op%-*}"
     [[ " ${COMPONENTS_START_ORDER[*]} " == *" $comp "* ]] || usage

@@ -70,16 +70,16 @@ start_component() { # name: runs $PRISM_CLUSTER_DIR/run/<name>.sh detached, logg
   echo $! > "$PRISM_CLUSTER_DIR/pids/$name.pid"
 }
 
-stop_component() { # name: SIGTERM, wait up to 15 s, then SIGKILL (the whole process group)
-  local name="$1" pid i
+stop_component() { # name [grace_s=15]: SIGTERM, wait up to grace_s, then SIGKILL (process group)
+  local name="$1" grace="${2:-15}" pid i
   pid="$(pid_of "$name")" || { rm -f "$PRISM_CLUSTER_DIR/pids/$name.pid"; return 0; }
   kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
-  for i in $(seq 1 150); do
+  for i in $(seq 1 $((grace * 10))); do
     kill -0 "$pid" 2>/dev/null || kill -0 -- "-$pid" 2>/dev/null || break
     sleep 0.1
   done
   if kill -0 "$pid" 2>/dev/null || kill -0 -- "-$pid" 2>/dev/null; then
-    log "$name (pid $pid) ignored SIGTERM; sending SIGKILL"
+    log "$name (pid $pid) still running ${grace}s after SIGTERM; sending SIGKILL"
     kill -KILL -- "-$pid" 2>/dev/null || kill -KILL "$pid" 2>/dev/null || true
   fi
   rm -f "$PRISM_CLUSTER_DIR/pids/$name.pid"
