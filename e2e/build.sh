@@ -8,7 +8,7 @@
 # A stamp per module (hash of go.mod, go.sum, go version, this script) skips the build
 # entirely when the binaries are already up to date.
 #
-# Env: GO (go binary, default: go on PATH, else /usr/local/go/bin/go), PRISM_BUILD_JOBS (-p, default 2),
+# Env: GO (go >= 1.26; default: go on PATH, /usr/local/go/bin/go, else fetched), PRISM_BUILD_JOBS (-p, default 2),
 #      PRISM_E2E_FORCE_BUILD=1 (ignore stamps).
 set -euo pipefail
 
@@ -17,8 +17,34 @@ ROOT="$(cd "$E2E/.." && pwd)"
 BIN="$E2E/bin"
 mkdir -p "$BIN"
 
-GO="${GO:-$(command -v go || echo /usr/local/go/bin/go)}"
-[ -x "$GO" ] || { echo "build.sh: no Go toolchain (set GO=/path/to/go; need go >= 1.26)" >&2; exit 1; }
+# Go >= 1.26: $GO, else go on PATH, else /usr/local/go/bin/go, else the official toolchain
+# module fetched from the Go module proxy into .cache/go/toolchain (checksum pinned below).
+GO_TOOLCHAIN=go1.26.8
+GO_TOOLCHAIN_SHA256_linux_amd64=30c2b1bf7dcc88d3eb0a1364e47ddd9128edb3110a30e8a0ef61cd5856b31de7
+go_ok() { [ -n "$1" ] && [ -x "$1" ] && [ "$("$1" env GOVERSION 2>/dev/null | sed -n 's/^go1\.\([0-9]*\).*/\1/p')" -ge 26 ] 2>/dev/null; }
+fetch_go() {
+  local dir="$ROOT/.cache/go/toolchain" arch sum url proxy
+  arch="$(uname -m)"; [ "$arch" = x86_64 ] || { echo "build.sh: no Go >= 1.26 and no pinned toolchain for $arch; set GO=" >&2; exit 1; }
+  sum="$GO_TOOLCHAIN_SHA256_linux_amd64"
+  proxy="${GOPROXY:-https://proxy.golang.org}"; proxy="${proxy%%,*}"
+  [ "$proxy" = direct ] || [ "$proxy" = off ] && proxy=https://proxy.golang.org
+  url="$proxy/golang.org/toolchain/@v/v0.0.1-$GO_TOOLCHAIN.linux-amd64.zip"
+  echo "build.sh: fetching $GO_TOOLCHAIN from $url" >&2
+  rm -rf "$dir" && mkdir -p "$dir"
+  curl -sSfL -o "$dir/go.zip" "$url"
+  echo "$sum  $dir/go.zip" | sha256sum -c --quiet - >&2
+  if command -v unzip >/dev/null; then unzip -q "$dir/go.zip" -d "$dir/x"
+  else python3 -c 'import sys,zipfile,os
+z=zipfile.ZipFile(sys.argv[1])
+for i in z.infolist():
+    p=z.extract(i,sys.argv[2]); m=(i.external_attr>>16)&0o777
+    if m: os.chmod(p,m)' "$dir/go.zip" "$dir/x"; fi
+  mv "$dir"/x/golang.org/toolchain@*/ "$dir/go" && rm -rf "$dir/x" "$dir/go.zip"
+}
+GO_CANDIDATES=("${GO:-}" "$(command -v go || true)" /usr/local/go/bin/go "$ROOT/.cache/go/toolchain/go/bin/go")
+GO=""
+for g in "${GO_CANDIDATES[@]}"; do if go_ok "$g"; then GO="$g"; break; fi; done
+if [ -z "$GO" ]; then fetch_go; GO="$ROOT/.cache/go/toolchain/go/bin/go"; go_ok "$GO" || { echo "build.sh: fetched Go does not run" >&2; exit 1; }; fi
 
 export GOTOOLCHAIN=local CGO_ENABLED=0
 export GOCACHE="${GOCACHE:-$ROOT/.cache/go/build}"
