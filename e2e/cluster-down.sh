@@ -6,6 +6,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 D="$PRISM_CLUSTER_DIR"
+cluster_lock
 [ -d "$D" ] || { log "no cluster state in $D"; exit 0; }
 
 stop() { if pid="$(pid_of "$1")"; then log "stopping $1 (pid $pid)"; fi; stop_component "$1"; }

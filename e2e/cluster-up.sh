@@ -11,6 +11,7 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
 T0=$(date +%s)
+cluster_lock
 D="$PRISM_CLUSTER_DIR"
 PKI="$D/pki"
 

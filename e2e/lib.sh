@@ -66,7 +66,7 @@ start_component() { # name: runs $PRISM_CLUSTER_DIR/run/<name>.sh detached, logg
   local name="$1"
   mkdir -p "$PRISM_CLUSTER_DIR/logs" "$PRISM_CLUSTER_DIR/pids"
   setsid nohup bash "$PRISM_CLUSTER_DIR/run/$name.sh" \
-    </dev/null >>"$PRISM_CLUSTER_DIR/logs/$name.log" 2>&1 &
+    </dev/null >>"$PRISM_CLUSTER_DIR/logs/$name.log" 2>&1 9>&- &
   echo $! > "$PRISM_CLUSTER_DIR/pids/$name.pid"
 }
 
@@ -92,4 +92,14 @@ api_curl() {
   curl -sS --max-time 5 --cacert "$PRISM_CLUSTER_DIR/pki/ca.crt" \
     --cert "$PRISM_CLUSTER_DIR/pki/admin.crt" --key "$PRISM_CLUSTER_DIR/pki/admin.key" \
     "https://127.0.0.1:$PRISM_APISERVER_PORT$1"
+}
+
+# Serialise cluster-up/cluster-down (e.g. several test binaries calling cluster-up at once).
+cluster_lock() {
+  command -v flock >/dev/null || return 0
+  [ "${PRISM_CLUSTER_LOCKED:-}" = "$PRISM_CLUSTER_DIR" ] && return 0   # nested call
+  mkdir -p "$(dirname "$PRISM_CLUSTER_DIR")"
+  exec 9>"$PRISM_CLUSTER_DIR.lock"
+  flock -w 300 9 || { echo "could not lock $PRISM_CLUSTER_DIR.lock within 300s" >&2; exit 1; }
+  export PRISM_CLUSTER_LOCKED="$PRISM_CLUSTER_DIR"
 }
