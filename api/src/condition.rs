@@ -1,0 +1,135 @@
+//! Standard Kubernetes-style conditions (`type`, `status`, `reason`, `message`,
+//! `lastTransitionTime`, `observedGeneration`), with the merge rule that keeps the
+//! transition time unless the status really changed, so a re-reconcile never fakes a transition.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Condition types Prism sets. Kept as constants (not an enum) so that readers accept
+/// conditions written by newer versions.
+pub mod types {
+    pub const READY: &str = "Ready";
+    pub const AVAILABLE: &str = "Available";
+    pub const PROGRESSING: &str = "Progressing";
+    pub const DEGRADED: &str = "Degraded";
+    pub const SCALING_LIMITED: &str = "ScalingLimited";
+    pub const METRICS_UNAVAILABLE: &str = "MetricsUnavailable";
+    pub const RECONCILIATION_PAUSED: &str = "ReconciliationPaused";
+}
+
+/// Status of a condition: `True`, `False` or `Unknown`.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum ConditionStatus {
+    True,
+    False,
+    #[default]
+    Unknown,
+}
+
+impl ConditionStatus {
+    pub fn from_bool(b: bool) -> Self {
+        if b {
+            Self::True
+        } else {
+            Self::False
+        }
+    }
+}
+
+/// One observation about the resource, in the shape `kubectl wait --for=condition=X` understands.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Condition {
+    /// Condition type, e.g. `Ready`, `Available`, `Degraded`.
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// `True`, `False` or `Unknown`.
+    pub status: ConditionStatus,
+    /// One CamelCase word a program can match on.
+    pub reason: String,
+    /// What happened and, when it is bad, what to do about it.
+    #[serde(default)]
+    pub message: String,
+    /// RFC 3339 time at which `status` last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
+    /// `metadata.generation` this condition was computed from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+}
+
+impl Condition {
+    pub fn new(type_: &str, status: ConditionStatus, reason: &str, message: impl Into<String>) -> Self {
+        Self {
+            type_: type_.to_string(),
+            status,
+            reason: reason.to_string(),
+            message: message.into(),
+            last_transition_time: None,
+            observed_generation: None,
+        }
+    }
+
+    pub fn is_true(&self) -> bool {
+        self.status == ConditionStatus::True
+    }
+}
+
+/// Finds a condition by type.
+pub fn find<'a>(conditions: &'a [Condition], type_: &str) -> Option<&'a Condition> {
+    conditions.iter().find(|c| c.type_ == type_)
+}
+
+/// Merges freshly computed conditions into the previous set.
+///
+/// `lastTransitionTime` is carried over from the old condition when the status is unchanged
+/// and set to `now` otherwise; `observedGeneration` is stamped on every condition. Conditions
+/// present only in `old` are dropped: the new set is authoritative. The output is sorted by
+/// type so the written status does not churn between reconciles.
+pub fn merge(old: &[Condition], new: Vec<Condition>, now: &str, generation: Option<i64>) -> Vec<Condition> {
+    let mut out: Vec<Condition> = new
+        .into_iter()
+        .map(|mut c| {
+            c.observed_generation = generation;
+            c.last_transition_time = match find(old, &c.type_) {
+                Some(prev) if prev.status == c.status => {
+                    prev.last_transition_time.clone().or_else(|| Some(now.to_string()))
+                }
+                _ => Some(now.to_string()),
+            };
+            c
+        })
+        .collect();
+    out.sort_by(|a, b| a.type_.cmp(&b.type_));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn merge_keeps_transition_time_when_status_is_unchanged() {
+        let mut old = Condition::new(types::READY, ConditionStatus::True, "Ready", "");
+        old.last_transition_time = Some("2026-01-01T00:00:00Z".into());
+        let new = vec![Condition::new(types::READY, ConditionStatus::True, "Ready", "still")];
+        let merged = merge(&[old], new, "2026-02-02T00:00:00Z", Some(3));
+        assert_eq!(merged[0].last_transition_time.as_deref(), Some("2026-01-01T00:00:00Z"));
+        assert_eq!(merged[0].observed_generation, Some(3));
+    }
+
+    #[test]
+    fn merge_stamps_transition_time_when_status_flips() {
+        let mut old = Condition::new(types::READY, ConditionStatus::True, "Ready", "");
+        old.last_transition_time = Some("2026-01-01T00:00:00Z".into());
+        let new = vec![
+            Condition::new(types::READY, ConditionStatus::False, "NoReplicas", "0/2 ready"),
+            Condition::new(types::DEGRADED, ConditionStatus::True, "MissingModality", "audio"),
+        ];
+        let merged = merge(&[old], new, "2026-02-02T00:00:00Z", None);
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].type_, "Degraded");
+        let ready = find(&merged, "Ready").unwrap();
+        assert_eq!(ready.last_transition_time.as_deref(), Some("2026-02-02T00:00:00Z"));
+    }
+}

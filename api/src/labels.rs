@@ -1,0 +1,13 @@
+//! Label and annotation keys put on every generated object (DESIGN.md §5). One place, so the
+//! operator, the local substrate and the chart agree.
+
+pub const NAME: &str = "app.kubernetes.io/name";
+pub const INSTANCE: &str = "app.kubernetes.io/instance";
+pub const COMPONENT: &str = "app.kubernetes.io/component";
+pub const MANAGED_BY: &str = "app.kubernetes.io/managed-by";
+pub const MANAGED_BY_VALUE: &str = "prism";
+pub const NODE: &str = "prism.dev/node";
+pub const PIPELINE: &str = "prism.dev/pipeline";
+pub const REVISION: &str = "prism.dev/revision";
+/// Field manager used for every server-side apply the operator makes.
+pub const FIELD_MANAGER: &str = "prism-operator";

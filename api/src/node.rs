@@ -1,0 +1,507 @@
+//! `ModalityNode`: one served model of one modality, turned by the operator into a GPU
+//! Deployment (or by `prism up` into local processes).
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::Toleration;
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::condition::Condition;
+
+/// Well-known modality names. Modality is an open set: any lowercase DNS-label-like name is
+/// accepted, and routing/fusion never special-case these four.
+pub mod modality {
+    pub const TEXT: &str = "text";
+    pub const VISION: &str = "vision";
+    pub const AUDIO: &str = "audio";
+    pub const FUSION: &str = "fusion";
+}
+
+/// Desired state of a ModalityNode: which model to serve, how many replicas, on what hardware.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "prism.dev",
+    version = "v1alpha1",
+    kind = "ModalityNode",
+    namespaced,
+    shortname = "mn",
+    category = "prism",
+    status = "ModalityNodeStatus",
+    derive = "PartialEq",
+    doc = "One served model of one modality (text, vision, audio, fusion or any other), run as a GPU Deployment with autoscaling and canary rollouts.",
+    scale(
+        spec_replicas_path = ".spec.replicas.desired",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
+    printcolumn(name = "Modality", type_ = "string", json_path = ".spec.modality"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
+    printcolumn(name = "P95", type_ = "string", json_path = ".status.p95", description = "p95 request latency observed by the autoscaler"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    cel
+)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.replicas.min <= self.replicas.max").message("replicas.min must be <= replicas.max").reason(Reason::FieldValueInvalid))]
+#[x_kube(validation = Rule::new("!has(self.replicas.desired) || (self.replicas.desired >= self.replicas.min && self.replicas.desired <= self.replicas.max)").message("replicas.desired must lie within [replicas.min, replicas.max]").reason(Reason::FieldValueInvalid))]
+pub struct ModalityNodeSpec {
+    /// Modality this node serves: `text`, `vision`, `audio`, `fusion`, or any other lowercase name.
+    /// A pipeline routes each part of a request to the nodes of its modality.
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z]([a-z0-9-]*[a-z0-9])?$"))]
+    pub modality: String,
+    /// The model to serve.
+    pub model: ModelSpec,
+    /// Replica bounds and, in `external` autoscaling mode, the desired count.
+    #[serde(default)]
+    pub replicas: ReplicaSpec,
+    /// How replicas are scaled: Prism's own autoscaler (`builtin`) or HPA/KEDA/`kubectl scale` (`external`).
+    #[serde(default)]
+    pub autoscaling: AutoscalingSpec,
+    /// Compute resources, GPU and scheduling constraints of each replica.
+    #[serde(default)]
+    pub resources: ResourceSpec,
+    /// Where the model runs: `auto` picks CUDA when a GPU is visible, else CPU.
+    #[serde(default)]
+    pub device: Device,
+    /// Dynamic batching of concurrent requests inside each replica.
+    #[serde(default)]
+    pub batching: BatchingSpec,
+    /// Canary rollout of a new model revision, with automatic rollback when it is worse.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
+    /// Container image of the node server; defaults to the operator's `--node-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+}
+
+/// Which model a node serves and how to load it.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSpec {
+    /// Where the weights are: `file:///path`, `pvc://claim/path`, `hf://org/name@revision` or `oci://registry/repo:tag`.
+    #[schemars(length(min = 1), regex(pattern = r"^(file|pvc|hf|oci)://.+"))]
+    pub uri: String,
+    /// Model architecture: `bert`, `vit`, `clip-vision`, `whisper-encoder`, `perceiver-fusion`, `mot-fusion`, ...
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$"))]
+    pub architecture: String,
+    /// Revision label of these weights; a change starts a (canary) rollout.
+    #[serde(default = "default_revision")]
+    #[schemars(length(min = 1, max = 63))]
+    pub revision: String,
+    /// LoRA adapters applied on top of the base weights.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub adapters: Vec<AdapterSpec>,
+    /// Attention pattern of the transformer core.
+    #[serde(default)]
+    pub attention: AttentionSpec,
+}
+
+fn default_revision() -> String {
+    "1".to_string()
+}
+
+/// A LoRA adapter (low-rank update W + alpha/rank * B A) loaded on top of the base model.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdapterSpec {
+    /// Adapter name, unique within the node.
+    #[schemars(length(min = 1, max = 63))]
+    pub name: String,
+    /// Where the adapter safetensors file is (same schemes as `model.uri`).
+    #[schemars(regex(pattern = r"^(file|pvc|hf|oci)://.+"))]
+    pub uri: String,
+    /// Rank r of the low-rank matrices.
+    #[schemars(range(min = 1, max = 1024))]
+    pub rank: u32,
+    /// Scaling alpha; the update is multiplied by alpha / rank.
+    #[schemars(range(min = 0.0))]
+    pub alpha: f64,
+}
+
+/// Attention pattern: `full`, or `sliding-window` with a window size in tokens.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("self.kind != 'sliding-window' || (has(self.window) && self.window > 0)").message("attention.window must be > 0 when attention.kind is sliding-window").reason(Reason::FieldValueRequired))]
+pub struct AttentionSpec {
+    /// `full` (every token attends to every token) or `sliding-window`.
+    #[serde(default = "default_attention_kind")]
+    #[schemars(regex(pattern = r"^(full|sliding-window)$"))]
+    pub kind: String,
+    /// Window size in tokens (sliding-window only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub window: Option<u32>,
+}
+
+fn default_attention_kind() -> String {
+    "full".to_string()
+}
+
+impl Default for AttentionSpec {
+    fn default() -> Self {
+        Self { kind: default_attention_kind(), window: None }
+    }
+}
+
+/// Replica bounds. `desired` is what the scale subresource reads and writes.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaSpec {
+    /// Fewest replicas, also while idle. 0 allows scale to zero.
+    #[serde(default = "one")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min: i32,
+    /// Most replicas the autoscaler may run.
+    #[serde(default = "one")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max: i32,
+    /// Replica count set by `kubectl scale`, HPA or KEDA (external mode); ignored by the builtin autoscaler.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub desired: Option<i32>,
+}
+
+fn one() -> i32 {
+    1
+}
+
+impl Default for ReplicaSpec {
+    fn default() -> Self {
+        Self { min: 1, max: 1, desired: None }
+    }
+}
+
+/// Autoscaling policy (Knative KPA style: a stable and a panic window).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// `builtin`: Prism's autoscaler decides from Prometheus metrics. `external`: the scale subresource (HPA, KEDA, kubectl scale) decides.
+    #[serde(default)]
+    pub mode: AutoscalingMode,
+    /// Target p95 request latency per replica, in milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub target_latency_p95_ms: Option<u32>,
+    /// Target concurrent requests per replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub target_inflight: Option<u32>,
+    /// How often metrics are read, in seconds.
+    #[serde(default = "default_interval")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub interval_seconds: u32,
+    /// Window over which the stable (normal) scaling decision averages, in seconds.
+    #[serde(default = "default_stable_window")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub stable_window_seconds: u32,
+    /// Short window that reacts to bursts, in seconds.
+    #[serde(default = "default_panic_window")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub panic_window_seconds: u32,
+    /// Enter panic mode when the panic-window load exceeds this multiple of the target.
+    #[serde(default = "default_panic_threshold")]
+    #[schemars(range(min = 1.0, max = 100.0))]
+    pub panic_threshold: f64,
+    /// Scale down only to the highest recommendation seen in this window, in seconds.
+    #[serde(default = "default_scale_down_stabilization")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: u32,
+    /// Most replicas added or removed in one decision.
+    #[serde(default = "default_max_step")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_step: i32,
+    /// Freeze the replica count; the node reports `ReconciliationPaused`.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+fn default_interval() -> u32 {
+    15
+}
+fn default_stable_window() -> u32 {
+    60
+}
+fn default_panic_window() -> u32 {
+    6
+}
+fn default_panic_threshold() -> f64 {
+    2.0
+}
+fn default_scale_down_stabilization() -> u32 {
+    300
+}
+fn default_max_step() -> i32 {
+    4
+}
+
+impl Default for AutoscalingSpec {
+    fn default() -> Self {
+        Self {
+            mode: AutoscalingMode::default(),
+            target_latency_p95_ms: None,
+            target_inflight: None,
+            interval_seconds: default_interval(),
+            stable_window_seconds: default_stable_window(),
+            panic_window_seconds: default_panic_window(),
+            panic_threshold: default_panic_threshold(),
+            scale_down_stabilization_seconds: default_scale_down_stabilization(),
+            max_step: default_max_step(),
+            paused: false,
+        }
+    }
+}
+
+/// Who decides the replica count.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum AutoscalingMode {
+    #[default]
+    Builtin,
+    External,
+}
+
+/// Compute resources and placement of each replica.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ResourceSpec {
+    /// GPUs per replica.
+    #[serde(default)]
+    pub gpu: GpuSpec,
+    /// CPU request and limit, as a Kubernetes quantity (e.g. `2`, `500m`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// Memory request and limit, as a Kubernetes quantity (e.g. `4Gi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// Node labels a replica's node must carry.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+    /// Taints the replicas tolerate (GPU nodes are usually tainted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+    /// RuntimeClass of the pods (e.g. `nvidia`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime_class_name: Option<String>,
+}
+
+/// GPU request of a replica.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GpuSpec {
+    /// Number of GPUs (or MIG slices) per replica; 0 runs on CPU.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 64))]
+    pub count: u32,
+    /// Extended resource name: `nvidia.com/gpu`, or a MIG profile such as `nvidia.com/mig-1g.10gb`.
+    #[serde(default = "default_gpu_resource")]
+    #[schemars(regex(pattern = r"^[a-z0-9.-]+/[a-zA-Z0-9._-]+$"))]
+    pub resource_name: String,
+}
+
+/// The extended resource name the NVIDIA device plugin advertises.
+pub const DEFAULT_GPU_RESOURCE: &str = "nvidia.com/gpu";
+
+fn default_gpu_resource() -> String {
+    DEFAULT_GPU_RESOURCE.to_string()
+}
+
+impl Default for GpuSpec {
+    fn default() -> Self {
+        Self { count: 0, resource_name: default_gpu_resource() }
+    }
+}
+
+/// Compute device for the model.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    #[default]
+    Auto,
+    Cuda,
+    Cpu,
+}
+
+/// Dynamic batching inside a replica.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct BatchingSpec {
+    /// Most inputs in one forward pass.
+    #[serde(default = "default_max_batch")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_batch: u32,
+    /// Longest a request waits for companions before its batch runs, in milliseconds.
+    #[serde(default = "default_max_wait_ms")]
+    #[schemars(range(min = 0, max = 10000))]
+    pub max_wait_ms: u32,
+    /// Most requests queued per replica before new ones are refused (HTTP 429).
+    #[serde(default = "default_max_queue")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_queue: u32,
+}
+
+fn default_max_batch() -> u32 {
+    32
+}
+fn default_max_wait_ms() -> u32 {
+    2
+}
+fn default_max_queue() -> u32 {
+    512
+}
+
+impl Default for BatchingSpec {
+    fn default() -> Self {
+        Self { max_batch: default_max_batch(), max_wait_ms: default_max_wait_ms(), max_queue: default_max_queue() }
+    }
+}
+
+/// Canary rollout of a new revision: traffic steps and the analysis that promotes or rolls back.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutSpec {
+    /// Traffic steps for the canary, e.g. 10% for 60 s, then 50% for 60 s, then promote.
+    #[schemars(length(min = 1, max = 10))]
+    pub steps: Vec<CanaryStep>,
+    /// When the canary counts as worse than the stable revision.
+    #[serde(default)]
+    pub analysis: RolloutAnalysis,
+}
+
+/// One canary traffic step.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryStep {
+    /// Percent of the modality's traffic sent to the canary.
+    #[schemars(range(min = 1, max = 100))]
+    pub weight: u32,
+    /// How long to hold this step before analysing, in seconds.
+    #[schemars(range(min = 1, max = 86400))]
+    pub pause_seconds: u32,
+}
+
+/// Thresholds that roll a canary back.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RolloutAnalysis {
+    /// Roll back when the canary's error rate exceeds the stable one by more than this (0..1).
+    #[serde(default = "default_max_error_rate_increase")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub max_error_rate_increase: f64,
+    /// Roll back when canary p95 latency exceeds stable p95 by more than this factor.
+    #[serde(default = "default_max_latency_ratio")]
+    #[schemars(range(min = 1.0))]
+    pub max_latency_ratio: f64,
+    /// Roll back when the canary's accuracy (from corrections) is lower than stable's by more than this.
+    #[serde(default = "default_max_accuracy_drop")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub max_accuracy_drop: f64,
+}
+
+fn default_max_error_rate_increase() -> f64 {
+    0.01
+}
+fn default_max_latency_ratio() -> f64 {
+    1.5
+}
+fn default_max_accuracy_drop() -> f64 {
+    0.02
+}
+
+impl Default for RolloutAnalysis {
+    fn default() -> Self {
+        Self {
+            max_error_rate_increase: default_max_error_rate_increase(),
+            max_latency_ratio: default_max_latency_ratio(),
+            max_accuracy_drop: default_max_accuracy_drop(),
+        }
+    }
+}
+
+/// Observed state of a ModalityNode.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModalityNodeStatus {
+    /// `metadata.generation` last acted upon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// Replicas currently running (all revisions).
+    #[serde(default)]
+    pub replicas: i32,
+    /// Replicas that pass their readiness probe.
+    #[serde(default)]
+    pub ready_replicas: i32,
+    /// Replica count the autoscaler (or the scale subresource) asks for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub desired_replicas: Option<i32>,
+    /// Label selector of the node's pods, for the scale subresource (HPA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Model revision serving stable traffic.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub current_revision: Option<String>,
+    /// Revision being rolled out as a canary, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanaryStatus>,
+    /// Past revisions, newest last, with how each rollout ended.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub history: Vec<RevisionRecord>,
+    /// p95 latency the autoscaler last read, for humans (e.g. `12ms`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub p95: Option<String>,
+    /// The autoscaler's last change of the replica count.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_scale: Option<ScaleEvent>,
+    /// Ready, Available, Progressing, Degraded, ScalingLimited, MetricsUnavailable.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub conditions: Vec<Condition>,
+}
+
+/// A canary in flight.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct CanaryStatus {
+    pub revision: String,
+    /// Index into `spec.rollout.steps`.
+    pub step: u32,
+    /// Percent of traffic the canary gets now.
+    pub weight: u32,
+    /// RFC 3339 time the current step began.
+    pub step_started: String,
+}
+
+/// How one revision's rollout ended.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RevisionRecord {
+    pub revision: String,
+    /// `Promoted`, `RolledBack` or `Superseded`.
+    pub outcome: String,
+    /// Why, in words (e.g. the failed analysis check).
+    #[serde(default)]
+    pub reason: String,
+    /// RFC 3339 time of the outcome.
+    pub time: String,
+}
+
+/// One autoscaling decision.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ScaleEvent {
+    /// RFC 3339 time of the decision.
+    pub time: String,
+    pub from: i32,
+    pub to: i32,
+    /// Why, with the numbers (e.g. `p95 182ms > target 100ms over 60s window`).
+    pub reason: String,
+}
+
+impl ModalityNodeSpec {
+    /// Replica count to run when nothing else has decided yet: `desired` if set, else `min`
+    /// (but never 0 for a node nobody scaled to zero on purpose), clamped to [min, max].
+    pub fn initial_replicas(&self) -> i32 {
+        let want = self.replicas.desired.unwrap_or(self.replicas.min.max(1));
+        want.clamp(self.replicas.min, self.replicas.max.max(self.replicas.min))
+    }
+}

@@ -1,0 +1,116 @@
+//! The routing table: what the operator (or `prism up`) tells routers about where each
+//! modality can be served. JSON on the wire, stored in the pipeline's ConfigMap under
+//! [`ROUTING_TABLE_KEY`]. Generations only go forward: a router ignores an older table.
+
+use std::collections::BTreeMap;
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// ConfigMap key holding the routing table JSON.
+pub const ROUTING_TABLE_KEY: &str = "routing-table.json";
+/// ConfigMap key holding the pipeline spec JSON the router enforces (fusion, degradation, routing).
+pub const PIPELINE_SPEC_KEY: &str = "pipeline.json";
+
+/// Where each modality of one pipeline can be served right now.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+pub struct RoutingTable {
+    /// Pipeline name.
+    pub pipeline: String,
+    /// Monotonic generation; bumped on every change.
+    pub generation: u64,
+    /// Modality name -> replicas that serve it.
+    pub modalities: BTreeMap<String, Vec<RouteEndpoint>>,
+}
+
+/// One replica of one node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+pub struct RouteEndpoint {
+    /// Base URL of the node's HTTP API, e.g. `http://10.0.0.7:8080`.
+    pub endpoint: String,
+    /// ModalityNode name.
+    pub node: String,
+    /// Model revision this replica serves.
+    pub revision: String,
+    /// Traffic weight among this modality's replicas (canary split); 0 takes no new traffic.
+    pub weight: f64,
+    /// Accuracy prior A in [0,1] (updated by corrections in the router).
+    pub accuracy: f64,
+    /// Whether the replica is ready. Unready replicas are listed so routers can see them come back.
+    pub ready: bool,
+}
+
+impl RoutingTable {
+    /// Ready replicas of a modality.
+    pub fn ready(&self, modality: &str) -> impl Iterator<Item = &RouteEndpoint> {
+        self.modalities.get(modality).into_iter().flatten().filter(|e| e.ready)
+    }
+
+    /// Modalities with no ready replica (sorted, for stable messages).
+    pub fn missing_modalities(&self) -> Vec<String> {
+        self.modalities
+            .iter()
+            .filter(|(_, eps)| !eps.iter().any(|e| e.ready))
+            .map(|(m, _)| m.clone())
+            .collect()
+    }
+
+    /// Whether `self` should replace `current`: only strictly newer generations do.
+    pub fn supersedes(&self, current: &RoutingTable) -> bool {
+        self.generation > current.generation
+    }
+
+    /// Same content apart from the generation (used to avoid bumping on no-op rewrites).
+    pub fn same_routes(&self, other: &RoutingTable) -> bool {
+        self.pipeline == other.pipeline && self.modalities == other.modalities
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(node: &str, ready: bool) -> RouteEndpoint {
+        RouteEndpoint {
+            endpoint: format!("http://127.0.0.1:1/{node}"),
+            node: node.into(),
+            revision: "1".into(),
+            weight: 1.0,
+            accuracy: 0.9,
+            ready,
+        }
+    }
+
+    #[test]
+    fn missing_lists_modalities_without_ready_replicas() {
+        let mut t = RoutingTable { pipeline: "p".into(), generation: 1, ..Default::default() };
+        t.modalities.insert("text".into(), vec![ep("t", true), ep("t", false)]);
+        t.modalities.insert("audio".into(), vec![ep("a", false)]);
+        t.modalities.insert("vision".into(), vec![]);
+        assert_eq!(t.missing_modalities(), vec!["audio".to_string(), "vision".to_string()]);
+        assert_eq!(t.ready("text").count(), 1);
+        assert_eq!(t.ready("nope").count(), 0);
+    }
+
+    #[test]
+    fn only_newer_generations_supersede() {
+        let old = RoutingTable { pipeline: "p".into(), generation: 5, ..Default::default() };
+        let same = RoutingTable { generation: 5, ..old.clone() };
+        let newer = RoutingTable { generation: 6, ..old.clone() };
+        assert!(!same.supersedes(&old));
+        assert!(newer.supersedes(&old));
+        assert!(!old.supersedes(&newer));
+    }
+
+    #[test]
+    fn json_shape_matches_design() {
+        let mut t = RoutingTable { pipeline: "p".into(), generation: 2, ..Default::default() };
+        t.modalities.insert("text".into(), vec![ep("t", true)]);
+        let v = serde_json::to_value(&t).unwrap();
+        let e = &v["modalities"]["text"][0];
+        for k in ["endpoint", "node", "revision", "weight", "accuracy", "ready"] {
+            assert!(e.get(k).is_some(), "missing {k}");
+        }
+        assert_eq!(v["generation"], 2);
+    }
+}

@@ -1,0 +1,77 @@
+//! Node API (`POST /embed`, `GET /info`) bodies.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// `POST /embed` on a node. Each input is one item of the node's modality.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct EmbedRequest {
+    pub inputs: Vec<EmbedInput>,
+    /// Deadline for this request in milliseconds from receipt; the node drops it (504) when exceeded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub deadline_ms: Option<u64>,
+}
+
+/// One input. A bare JSON string is text; otherwise an object with exactly one field set.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(untagged)]
+pub enum EmbedInput {
+    Text(String),
+    Item(InputItem),
+}
+
+/// A non-text input item.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(deny_unknown_fields)]
+pub struct InputItem {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub text: Option<String>,
+    /// PNG or JPEG bytes, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_base64: Option<String>,
+    /// WAV (RIFF, PCM 16-bit or float, 16 kHz mono) bytes, base64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audio_base64: Option<String>,
+    /// Per-modality embeddings, for fusion nodes (modality name -> vector).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub embeddings: Option<BTreeMap<String, Vec<f32>>>,
+}
+
+/// Answer of `POST /embed`: one vector per input, in order.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct EmbedResponse {
+    pub embeddings: Vec<Vec<f32>>,
+    /// ModalityNode (or local node) name.
+    pub node: String,
+    pub modality: String,
+    pub revision: String,
+    pub timings: NodeTimings,
+}
+
+/// Where a node's time went for this request, in milliseconds.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+pub struct NodeTimings {
+    /// Waiting in the batching queue.
+    pub queue_ms: f64,
+    /// Tokenising or decoding/preprocessing.
+    pub preprocess_ms: f64,
+    /// Forward pass of the batch this request rode in.
+    pub inference_ms: f64,
+    /// Size of that batch.
+    pub batch_size: usize,
+}
+
+/// `GET /info` on a node.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct NodeInfo {
+    pub node: String,
+    pub modality: String,
+    pub architecture: String,
+    pub revision: String,
+    pub dim: usize,
+    pub device: String,
+    pub max_batch: usize,
+    pub max_input_tokens: Option<usize>,
+}
