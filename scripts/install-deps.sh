@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs everything the test suite needs on a fresh machine (idempotent, quick when done).
+set -euo pipefail
+need_apt=()
+command -v prometheus >/dev/null || need_apt+=(prometheus)
+command -v openssl >/dev/null || need_apt+=(openssl)
+command -v curl >/dev/null || need_apt+=(curl)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "apt: installing ${need_apt[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+python3 -c 'import numpy, safetensors' 2>/dev/null || {
+  echo "pip: installing numpy safetensors"
+  python3 -m pip install -q numpy safetensors
+}

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The full test suite (`make test`, run by .ci/run on a fresh clone).
+# Order: install what tests need -> build once (release) -> unit/integration tests -> control plane tests.
+# Each section prints a banner with its elapsed time, so a slow or failing tier is easy to spot.
+set -euo pipefail
+ROOT="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$ROOT"
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
+T0=$(date +%s)
+section() { echo; echo "=== [$(( $(date +%s) - T0 ))s] $* ==="; }
+
+section "install test dependencies"
+bash scripts/install-deps.sh
+
+section "models"
+make -s models
+
+section "build (release, once)"
+cargo build --release --workspace --bins
+
+section "unit and integration tests (cargo, release)"
+cargo test --release --workspace --no-fail-fast
+
+section "control plane tests (real kube-apiserver)"
+bash scripts/test-e2e.sh
+
+section "done in $(( $(date +%s) - T0 ))s"
