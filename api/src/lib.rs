@@ -17,7 +17,7 @@ pub use condition::{Condition, ConditionStatus};
 pub use manifest::{Manifest, ManifestError, ManifestSet};
 pub use node::{ModalityNode, ModalityNodeSpec, ModalityNodeStatus};
 pub use pipeline::{MultimodalPipeline, MultimodalPipelineSpec, MultimodalPipelineStatus};
-pub use routing::{RouteEndpoint, RoutingTable};
+pub use routing::{build_table, NodeObservation, RouteEndpoint, RoutingTable};
 
 /// API group of every Prism resource.
 pub const GROUP: &str = "prism.dev";

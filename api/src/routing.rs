@@ -114,3 +114,98 @@ mod tests {
         assert_eq!(v["generation"], 2);
     }
 }
+
+/// What one ModalityNode looks like right now, as seen by whichever substrate runs it
+/// (EndpointSlices in a cluster, child processes under `prism up`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeObservation {
+    /// ModalityNode name.
+    pub node: String,
+    pub modality: String,
+    /// Revision each endpoint serves is the node's current revision.
+    pub revision: String,
+    /// `(base URL, ready)` per replica.
+    pub endpoints: Vec<(String, bool)>,
+}
+
+/// Builds a pipeline's routing table from observed nodes: the one pure function both the
+/// operator and the local substrate use, so they route identically.
+///
+/// The generation is `previous + 1` when routes changed and unchanged otherwise, so a
+/// re-reconcile does not make every router reload. Nodes of the pipeline that were not
+/// observed contribute nothing; a modality whose replicas are all unready stays listed (with
+/// `ready: false`), so [`RoutingTable::missing_modalities`] reports it.
+pub fn build_table(
+    pipeline: &str,
+    spec: &crate::pipeline::MultimodalPipelineSpec,
+    observed: &[NodeObservation],
+    previous: Option<&RoutingTable>,
+) -> RoutingTable {
+    let mut modalities: BTreeMap<String, Vec<RouteEndpoint>> = BTreeMap::new();
+    for pn in &spec.nodes {
+        let Some(obs) = observed.iter().find(|o| o.node == pn.name) else { continue };
+        let entry = modalities.entry(obs.modality.clone()).or_default();
+        let mut eps: Vec<&(String, bool)> = obs.endpoints.iter().collect();
+        eps.sort();
+        for (endpoint, ready) in eps {
+            entry.push(RouteEndpoint {
+                endpoint: endpoint.clone(),
+                node: obs.node.clone(),
+                revision: obs.revision.clone(),
+                weight: pn.weight.max(0.0),
+                accuracy: pn.accuracy,
+                ready: *ready,
+            });
+        }
+    }
+    let mut table = RoutingTable { pipeline: pipeline.to_string(), generation: 1, modalities };
+    if let Some(prev) = previous {
+        table.generation = if table.same_routes(prev) { prev.generation } else { prev.generation + 1 };
+    }
+    table
+}
+
+#[cfg(test)]
+mod build_tests {
+    use super::*;
+    use crate::pipeline::MultimodalPipelineSpec;
+
+    fn spec() -> MultimodalPipelineSpec {
+        serde_json::from_value(serde_json::json!({
+            "nodes": [{"name": "t", "weight": 2.0}, {"name": "a", "weight": 1.0, "accuracy": 0.7}]
+        }))
+        .unwrap()
+    }
+
+    fn obs(node: &str, modality: &str, eps: &[(&str, bool)]) -> NodeObservation {
+        NodeObservation {
+            node: node.into(),
+            modality: modality.into(),
+            revision: "r1".into(),
+            endpoints: eps.iter().map(|(e, r)| (e.to_string(), *r)).collect(),
+        }
+    }
+
+    #[test]
+    fn generation_bumps_only_when_routes_change() {
+        let o = vec![obs("t", "text", &[("http://127.0.0.1:1", true)]), obs("a", "audio", &[("http://127.0.0.1:2", true)])];
+        let t1 = build_table("p", &spec(), &o, None);
+        assert_eq!(t1.generation, 1);
+        assert_eq!(t1.modalities["audio"][0].accuracy, 0.7);
+        assert_eq!(t1.modalities["text"][0].weight, 2.0);
+        let t2 = build_table("p", &spec(), &o, Some(&t1));
+        assert_eq!(t2.generation, 1, "same routes must not bump");
+        let mut o2 = o.clone();
+        o2[1].endpoints[0].1 = false;
+        let t3 = build_table("p", &spec(), &o2, Some(&t2));
+        assert_eq!(t3.generation, 2);
+        assert_eq!(t3.missing_modalities(), vec!["audio".to_string()]);
+    }
+
+    #[test]
+    fn nodes_outside_the_pipeline_are_ignored() {
+        let o = vec![obs("t", "text", &[("http://127.0.0.1:1", true)]), obs("x", "vision", &[("http://127.0.0.1:3", true)])];
+        let t = build_table("p", &spec(), &o, None);
+        assert!(!t.modalities.contains_key("vision"));
+    }
+}
