@@ -1,1 +1,73 @@
-fn main() {}
+//! `prism`: the command a user types. Wiring only; the work lives in `local/` (the local
+//! substrate behind `prism up`) and in the library crates.
+
+mod local;
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "prism", version, about = "Prism: cluster-aware multimodal inference. Run pipelines locally or validate manifests for a cluster.")]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Start a pipeline on this machine: node processes and a router on loopback.
+    Up(local::UpArgs),
+    /// Show the nodes, replicas and router of the pipeline started by `prism up`.
+    Status(local::StateArgs),
+    /// Stop the pipeline started by `prism up`.
+    Down(local::StateArgs),
+    /// Print the log of a node's replicas (or `router`).
+    Logs(local::LogsArgs),
+    /// Check manifests with the CRDs' rules and cross-object references, without a cluster.
+    Validate {
+        /// Manifest files (multi-document YAML).
+        #[arg(short = 'f', long = "filename", required = true)]
+        files: Vec<PathBuf>,
+    },
+    /// Print Prism's CustomResourceDefinitions (pipe into `kubectl apply --server-side -f -`).
+    Crds,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    match cli.cmd {
+        Cmd::Validate { files } => validate(&files),
+        Cmd::Crds => {
+            for (_, crd) in prism_operator::crds::all() {
+                print!("---\n{}", prism_operator::crds::render(&crd)?);
+            }
+            Ok(())
+        }
+        Cmd::Up(args) => runtime()?.block_on(local::up(args)),
+        Cmd::Status(args) => local::status(&args),
+        Cmd::Down(args) => local::down(&args),
+        Cmd::Logs(args) => local::logs(&args),
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")
+}
+
+fn validate(files: &[PathBuf]) -> anyhow::Result<()> {
+    let set = local::load_manifests(files)?;
+    match set.validate() {
+        Ok(()) => {
+            println!("ok: {} ModalityNode(s), {} MultimodalPipeline(s) valid", set.nodes.len(), set.pipelines.len());
+            Ok(())
+        }
+        Err(errors) => {
+            for e in &errors {
+                eprintln!("invalid: {e}");
+            }
+            anyhow::bail!("{} problem(s) found", errors.len())
+        }
+    }
+}

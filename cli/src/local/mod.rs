@@ -1,0 +1,518 @@
+//! The local substrate behind `prism up`: the same ModalityNode/MultimodalPipeline manifests a
+//! cluster takes, run as processes on loopback. Each replica is a `prism-node` process; a
+//! `prism-router` fronts them. A supervisor loop plays the parts of kubelet and operator:
+//! it restarts replicas that die (with backoff), probes `/ready`, and rewrites the router's
+//! routing table through its admin API the moment readiness changes — with the same
+//! `build_table` the operator uses.
+
+mod process;
+mod state;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use clap::Args;
+use kube::ResourceExt;
+use prism_api::routing::{build_table, NodeObservation, RoutingTable};
+use prism_api::{ManifestSet, ModalityNode, MultimodalPipeline};
+
+use process::{probe, Proc};
+pub use state::{down, logs, status};
+use state::{NodeState, ReplicaState, State};
+
+#[derive(Args, Clone, Debug)]
+pub struct StateArgs {
+    /// Folder holding the running pipeline's state, logs and routing table.
+    #[arg(long, env = "PRISM_STATE_DIR", default_value = ".prism")]
+    pub state_dir: PathBuf,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct LogsArgs {
+    /// Node name, or `router`.
+    pub node: String,
+    /// Lines per log.
+    #[arg(long, default_value_t = 50)]
+    pub tail: usize,
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+#[derive(Args, Clone, Debug)]
+pub struct UpArgs {
+    /// Manifest files holding the pipeline and its ModalityNodes (repeatable).
+    #[arg(short = 'f', long = "filename", required = true)]
+    pub files: Vec<PathBuf>,
+    /// Which pipeline to run when the manifests hold several.
+    #[arg(long)]
+    pub pipeline: Option<String>,
+    /// Router port on 127.0.0.1 (0 picks a free one).
+    #[arg(long, default_value_t = 8080)]
+    pub port: u16,
+    /// Where `pvc://<claim>/<path>` model URIs point locally: `<models-dir>/<path>`.
+    #[arg(long, env = "PRISM_MODELS_DIR", default_value = ".cache/models")]
+    pub models_dir: PathBuf,
+    /// The prism-node binary (default: next to this `prism`, then PATH).
+    #[arg(long, env = "PRISM_NODE_BIN")]
+    pub node_bin: Option<PathBuf>,
+    /// The prism-router binary (default: next to this `prism`, then PATH).
+    #[arg(long, env = "PRISM_ROUTER_BIN")]
+    pub router_bin: Option<PathBuf>,
+    /// Seconds to wait for every node to load its model and become ready.
+    #[arg(long, default_value_t = 180)]
+    pub ready_timeout: u64,
+    #[command(flatten)]
+    pub state: StateArgs,
+}
+
+/// Reads and merges manifest files.
+pub fn load_manifests(files: &[PathBuf]) -> anyhow::Result<ManifestSet> {
+    let mut set = ManifestSet::default();
+    for f in files {
+        let text = std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
+        set.add_yaml(&text).with_context(|| format!("in {}", f.display()))?;
+    }
+    Ok(set)
+}
+
+/// Local path of a model URI: `file:///abs`, `file://rel` (relative to the working folder),
+/// or `pvc://claim/sub/path` -> `<models_dir>/sub/path` (the claim is the cluster's models PVC).
+pub fn resolve_model_path(uri: &str, models_dir: &Path) -> anyhow::Result<PathBuf> {
+    if let Some(p) = uri.strip_prefix("file://") {
+        return Ok(PathBuf::from(p));
+    }
+    if let Some(rest) = uri.strip_prefix("pvc://") {
+        let sub = rest.split_once('/').map(|(_, p)| p).unwrap_or("");
+        if sub.is_empty() || sub.split('/').any(|c| c == "..") {
+            bail!("model uri {uri:?}: expected pvc://<claim>/<path> without `..`");
+        }
+        return Ok(models_dir.join(sub));
+    }
+    bail!("model uri {uri:?}: `prism up` reads file:// and pvc:// models (hf:// and oci:// need a cluster with an init container); fetch weights with `make models`")
+}
+
+fn sibling_or_path(explicit: &Option<PathBuf>, name: &str) -> PathBuf {
+    if let Some(p) = explicit {
+        return p.clone();
+    }
+    if let Ok(me) = std::env::current_exe() {
+        let sib = me.with_file_name(name);
+        if sib.exists() {
+            return sib;
+        }
+    }
+    PathBuf::from(name)
+}
+
+/// One replica as the supervisor tracks it.
+struct Replica {
+    proc: Option<Proc>,
+    url: Option<String>,
+    ready: bool,
+    restarts: u32,
+    restart_at: Option<Instant>,
+    log: PathBuf,
+}
+
+struct LocalNode {
+    spec: ModalityNode,
+    args: Vec<String>,
+    replicas: Vec<Replica>,
+}
+
+impl LocalNode {
+    fn name(&self) -> String {
+        self.spec.name_any()
+    }
+
+    fn observation(&self) -> NodeObservation {
+        NodeObservation {
+            node: self.name(),
+            modality: self.spec.spec.modality.clone(),
+            revision: self.spec.spec.model.revision.clone(),
+            endpoints: self.replicas.iter().filter_map(|r| r.url.clone().map(|u| (u, r.ready))).collect(),
+        }
+    }
+}
+
+fn node_args(n: &ModalityNode, model_path: &Path) -> Vec<String> {
+    let s = &n.spec;
+    let device = match s.device {
+        prism_api::node::Device::Auto => "auto",
+        prism_api::node::Device::Cuda => "cuda",
+        prism_api::node::Device::Cpu => "cpu",
+    };
+    vec![
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+        "--node-name".into(),
+        n.name_any(),
+        "--modality".into(),
+        s.modality.clone(),
+        "--model-uri".into(),
+        model_path.display().to_string(),
+        "--architecture".into(),
+        s.model.architecture.clone(),
+        "--revision".into(),
+        s.model.revision.clone(),
+        "--max-batch".into(),
+        s.batching.max_batch.to_string(),
+        "--max-wait-ms".into(),
+        s.batching.max_wait_ms.to_string(),
+        "--max-queue".into(),
+        s.batching.max_queue.to_string(),
+        "--device".into(),
+        device.into(),
+    ]
+}
+
+fn pick_pipeline(set: &ManifestSet, wanted: Option<&str>) -> anyhow::Result<MultimodalPipeline> {
+    match (wanted, set.pipelines.as_slice()) {
+        (_, []) => bail!("the manifests hold no MultimodalPipeline; add one (see examples/)"),
+        (None, [one]) => Ok(one.clone()),
+        (None, many) => {
+            let names: Vec<String> = many.iter().map(|p| p.name_any()).collect();
+            bail!("the manifests hold several pipelines ({}); choose one with --pipeline", names.join(", "))
+        }
+        (Some(w), all) => all.iter().find(|p| p.name_any() == w).cloned().with_context(|| format!("no pipeline named {w:?} in the manifests")),
+    }
+}
+
+/// Backoff before restarting a replica that died, like kubelet's CrashLoopBackOff (capped low
+/// because a local pipeline should heal quickly).
+fn restart_delay(restarts: u32) -> Duration {
+    Duration::from_millis((500u64 << restarts.min(4)).min(8000))
+}
+
+pub async fn up(args: UpArgs) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let set = load_manifests(&args.files)?;
+    if let Err(errors) = set.validate() {
+        for e in &errors {
+            eprintln!("invalid: {e}");
+        }
+        bail!("the manifests have {} problem(s); nothing was started", errors.len());
+    }
+    let pipeline = pick_pipeline(&set, args.pipeline.as_deref())?;
+    let pname = pipeline.name_any();
+    let dir = args.state.state_dir.clone();
+    if let Ok(existing) = State::load(&dir) {
+        bail!("pipeline {} is already running from {} (pid {}); stop it with `prism down`", existing.pipeline, dir.display(), existing.pid);
+    }
+    let logs_dir = dir.join("logs");
+    std::fs::create_dir_all(&logs_dir).with_context(|| format!("creating {}", logs_dir.display()))?;
+    let node_bin = sibling_or_path(&args.node_bin, "prism-node");
+    let router_bin = sibling_or_path(&args.router_bin, "prism-router");
+    let http = reqwest::Client::builder().no_proxy().build()?;
+
+    let mut nodes = Vec::new();
+    for pn in &pipeline.spec.nodes {
+        let n = set.node(&pn.name).context("validated above")?.clone();
+        let model_path = resolve_model_path(&n.spec.model.uri, &args.models_dir)?;
+        if !model_path.exists() {
+            bail!("node {}: model folder {} does not exist (from {}); run `make models` or fix model.uri", pn.name, model_path.display(), n.spec.model.uri);
+        }
+        let count = n.spec.initial_replicas().max(1) as usize;
+        let replicas = (0..count)
+            .map(|i| Replica { proc: None, url: None, ready: false, restarts: 0, restart_at: Some(Instant::now()), log: logs_dir.join(format!("{}-{i}.log", pn.name)) })
+            .collect();
+        let args = node_args(&n, &model_path);
+        nodes.push(LocalNode { spec: n, args, replicas });
+    }
+    for n in &nodes {
+        for r in &n.replicas {
+            let _ = std::fs::remove_file(&r.log);
+        }
+    }
+
+    println!("prism up: pipeline {pname} with {} node(s)", nodes.len());
+    let mut sup = Supervisor { nodes, http: http.clone(), node_bin, spec: pipeline.spec.clone(), table: None, router_url: None, pipeline: pname.clone() };
+    sup.start_due_replicas()?;
+
+    // Wait for every replica to load its model, with progress.
+    let deadline = Instant::now() + Duration::from_secs(args.ready_timeout);
+    let mut reported = std::collections::BTreeSet::new();
+    loop {
+        sup.observe().await;
+        for n in &sup.nodes {
+            for (i, r) in n.replicas.iter().enumerate() {
+                if r.ready && reported.insert((n.name(), i)) {
+                    println!("  ready  {:<12} {:<8} replica {i} at {} ({:.1}s)", n.name(), n.spec.spec.modality, r.url.as_deref().unwrap_or("?"), started.elapsed().as_secs_f64());
+                }
+            }
+        }
+        if sup.nodes.iter().all(|n| n.replicas.iter().all(|r| r.ready)) {
+            break;
+        }
+        if let Some(msg) = sup.crashed_during_start() {
+            sup.stop_all().await;
+            bail!("{msg}");
+        }
+        if Instant::now() > deadline {
+            let waiting: Vec<String> = sup.nodes.iter().filter(|n| n.replicas.iter().any(|r| !r.ready)).map(|n| n.name()).collect();
+            sup.stop_all().await;
+            bail!("nodes {} were not ready within {}s; see `.prism/logs/`", waiting.join(", "), args.ready_timeout);
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Router, with the first routing table and the pipeline spec as files.
+    let table = sup.current_table();
+    let table_path = dir.join("routing-table.json");
+    let spec_path = dir.join("pipeline.json");
+    write_atomic(&table_path, &serde_json::to_vec_pretty(&table)?)?;
+    write_atomic(&spec_path, &serde_json::to_vec_pretty(&serde_json::json!({"name": pname, "spec": pipeline.spec}))?)?;
+    sup.table = Some(table);
+    let router_log = logs_dir.join("router.log");
+    let _ = std::fs::remove_file(&router_log);
+    let router_args = vec![
+        "--pipeline".to_string(),
+        spec_path.display().to_string(),
+        "--routing-table".into(),
+        table_path.display().to_string(),
+        "--listen".into(),
+        format!("127.0.0.1:{}", args.port),
+    ];
+    let mut router = Proc::spawn(&router_bin, &router_args, &router_log)?;
+    let router_url = loop {
+        if let Some(why) = router.exited() {
+            sup.stop_all().await;
+            bail!("the router exited during start ({why}); last log lines:\n{}", router.log_tail(20));
+        }
+        if let Some(u) = router.bound_url() {
+            if probe(&http, &u, "/ready").await {
+                break u;
+            }
+        }
+        if Instant::now() > deadline {
+            router.stop(Duration::from_secs(2)).await;
+            sup.stop_all().await;
+            bail!("the router did not become ready; last log lines:\n{}", router.log_tail(20));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    sup.router_url = Some(router_url.clone());
+    let mut state = sup.state(&router_log);
+    state.save(&dir)?;
+    println!("router: {router_url}");
+    println!("ready in {:.1}s. Try:\n  curl -s {router_url}/v1/infer -H 'content-type: application/json' -d '{{\"text\": \"a dog playing in the snow\"}}'\n  prism status | prism logs NODE | prism down (or Ctrl-C)", started.elapsed().as_secs_f64());
+    print!("{}", state.render());
+
+    // Supervise until Ctrl-C or SIGTERM (`prism down`).
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    loop {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => break,
+            _ = term.recv() => break,
+            _ = tick.tick() => {}
+        }
+        if let Some(why) = router.exited() {
+            eprintln!("router exited ({why}); restarting");
+            router = Proc::spawn(&router_bin, &router_args, &router_log)?;
+        }
+        sup.reap_and_restart()?;
+        sup.observe().await;
+        let before = sup.table.as_ref().map(|t| t.generation).unwrap_or(0);
+        sup.publish_table(&table_path).await;
+        let after = sup.table.as_ref().map(|t| t.generation).unwrap_or(0);
+        if after != before {
+            let missing = sup.table.as_ref().map(|t| t.missing_modalities()).unwrap_or_default();
+            println!(
+                "routing table gen {before} -> {after} ({})",
+                if missing.is_empty() { "all modalities served".to_string() } else { format!("degraded: no ready replica for {}", missing.join(", ")) }
+            );
+        }
+        let new_state = sup.state(&router_log);
+        if serde_json::to_value(&new_state.nodes).ok() != serde_json::to_value(&state.nodes).ok() || new_state.routing_table_generation != state.routing_table_generation {
+            state = new_state;
+            state.save(&dir)?;
+        }
+    }
+    println!("stopping pipeline {pname}...");
+    router.stop(Duration::from_secs(3)).await;
+    sup.stop_all().await;
+    let _ = std::fs::remove_file(state::path(&dir));
+    println!("stopped");
+    Ok(())
+}
+
+struct Supervisor {
+    nodes: Vec<LocalNode>,
+    http: reqwest::Client,
+    node_bin: PathBuf,
+    spec: prism_api::MultimodalPipelineSpec,
+    table: Option<RoutingTable>,
+    router_url: Option<String>,
+    pipeline: String,
+}
+
+impl Supervisor {
+    fn start_due_replicas(&mut self) -> anyhow::Result<()> {
+        let now = Instant::now();
+        for n in &mut self.nodes {
+            for r in &mut n.replicas {
+                if r.proc.is_none() && r.restart_at.is_some_and(|t| t <= now) {
+                    r.proc = Some(Proc::spawn(&self.node_bin, &n.args, &r.log)?);
+                    r.restart_at = None;
+                    r.url = None;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Notices dead replicas (marks them unready at once, so the next table drops them) and
+    /// starts the ones whose backoff has passed.
+    fn reap_and_restart(&mut self) -> anyhow::Result<()> {
+        for n in &mut self.nodes {
+            let name = n.spec.name_any();
+            for (i, r) in n.replicas.iter_mut().enumerate() {
+                let Some(p) = r.proc.as_mut() else { continue };
+                if let Some(why) = p.exited() {
+                    let delay = restart_delay(r.restarts);
+                    println!("node {name} replica {i} {why}; restarting in {:.1}s", delay.as_secs_f64());
+                    r.proc = None;
+                    r.ready = false;
+                    r.restarts += 1;
+                    r.restart_at = Some(Instant::now() + delay);
+                }
+            }
+        }
+        self.start_due_replicas()
+    }
+
+    /// During start-up a replica that exits is a configuration problem, not a crash to retry.
+    fn crashed_during_start(&mut self) -> Option<String> {
+        for n in &mut self.nodes {
+            for (i, r) in n.replicas.iter_mut().enumerate() {
+                if let Some(p) = r.proc.as_mut() {
+                    if let Some(why) = p.exited() {
+                        return Some(format!("node {} replica {i} failed to start ({why}); last log lines:\n{}", n.spec.name_any(), p.log_tail(20)));
+                    }
+                }
+            }
+        }
+        None
+    }
+
+    /// Learns bound URLs and probes readiness of every running replica, concurrently.
+    async fn observe(&mut self) {
+        let mut probes = Vec::new();
+        for (ni, n) in self.nodes.iter_mut().enumerate() {
+            for (ri, r) in n.replicas.iter_mut().enumerate() {
+                match &r.proc {
+                    None => r.ready = false,
+                    Some(p) => {
+                        if r.url.is_none() {
+                            r.url = p.bound_url();
+                        }
+                        if let Some(u) = r.url.clone() {
+                            let http = self.http.clone();
+                            probes.push(async move { (ni, ri, probe(&http, &u, "/ready").await) });
+                        }
+                    }
+                }
+            }
+        }
+        for (ni, ri, ok) in futures::future::join_all(probes).await {
+            if let Some(r) = self.nodes.get_mut(ni).and_then(|n| n.replicas.get_mut(ri)) {
+                r.ready = ok && r.proc.is_some();
+            }
+        }
+    }
+
+    fn current_table(&self) -> RoutingTable {
+        let obs: Vec<NodeObservation> = self.nodes.iter().map(LocalNode::observation).collect();
+        build_table(&self.pipeline, &self.spec, &obs, self.table.as_ref())
+    }
+
+    /// Rebuilds the table; when routes changed, writes the file and pushes it to the router.
+    async fn publish_table(&mut self, path: &Path) {
+        let table = self.current_table();
+        if self.table.as_ref().is_some_and(|t| t.generation == table.generation) {
+            return;
+        }
+        if let Ok(bytes) = serde_json::to_vec_pretty(&table) {
+            if let Err(e) = write_atomic(path, &bytes) {
+                eprintln!("writing {}: {e}", path.display());
+            }
+        }
+        if let Some(url) = &self.router_url {
+            let res = self.http.put(format!("{url}/admin/routing-table")).json(&table).timeout(Duration::from_secs(2)).send().await;
+            match res {
+                Ok(r) if r.status().is_success() => {}
+                Ok(r) => eprintln!("router refused routing table gen {}: HTTP {}", table.generation, r.status()),
+                Err(e) => eprintln!("pushing routing table gen {} to the router: {e}", table.generation),
+            }
+        }
+        self.table = Some(table);
+    }
+
+    fn state(&self, router_log: &Path) -> State {
+        State {
+            pid: std::process::id(),
+            pipeline: self.pipeline.clone(),
+            router_url: self.router_url.clone(),
+            router_log: router_log.to_path_buf(),
+            routing_table_generation: self.table.as_ref().map(|t| t.generation).unwrap_or(0),
+            missing_modalities: self.table.as_ref().map(|t| t.missing_modalities()).unwrap_or_default(),
+            nodes: self
+                .nodes
+                .iter()
+                .map(|n| NodeState {
+                    name: n.name(),
+                    modality: n.spec.spec.modality.clone(),
+                    architecture: n.spec.spec.model.architecture.clone(),
+                    replicas: n
+                        .replicas
+                        .iter()
+                        .map(|r| ReplicaState { pid: r.proc.as_ref().and_then(Proc::pid), url: r.url.clone(), ready: r.ready, restarts: r.restarts, log: r.log.clone() })
+                        .collect(),
+                })
+                .collect(),
+        }
+    }
+
+    async fn stop_all(&mut self) {
+        for n in &mut self.nodes {
+            for r in &mut n.replicas {
+                if let Some(p) = r.proc.as_mut() {
+                    p.stop(Duration::from_secs(3)).await;
+                }
+                r.proc = None;
+            }
+        }
+    }
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming to {}", path.display()))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn model_uris_map_to_local_folders() {
+        let m = Path::new("/models");
+        assert_eq!(resolve_model_path("pvc://models/all-minilm-l6-v2", m).unwrap(), PathBuf::from("/models/all-minilm-l6-v2"));
+        assert_eq!(resolve_model_path("file:///opt/m", m).unwrap(), PathBuf::from("/opt/m"));
+        assert!(resolve_model_path("pvc://models/../etc", m).is_err());
+        assert!(resolve_model_path("pvc://models", m).is_err());
+        let err = resolve_model_path("hf://org/name@main", m).unwrap_err().to_string();
+        assert!(err.contains("file:// and pvc://"), "{err}");
+    }
+
+    #[test]
+    fn restart_backoff_grows_and_is_capped() {
+        assert_eq!(restart_delay(0), Duration::from_millis(500));
+        assert!(restart_delay(2) > restart_delay(1));
+        assert_eq!(restart_delay(10), Duration::from_millis(8000));
+    }
+}
