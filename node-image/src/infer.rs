@@ -1,0 +1,360 @@
+//! Dynamic batching and the model thread.
+//!
+//! Request path: [`Infer::embed`] preprocesses on the caller's tokio task, then appends one
+//! [`Entry`] to a bounded queue and awaits a `oneshot` with its deadline.
+//!
+//! The batcher task (tokio) first reserves the single slot of the channel to the model thread, and
+//! only then forms a batch: while the model is busy, requests keep accumulating in the queue, so
+//! batches grow with load without any tuning (TEI's `queue.rs`). When the model is idle it waits at
+//! most `max_wait` after the oldest entry arrived for more items, up to `max_batch` items. Entries
+//! whose client has gone (receiver dropped: connection closed or deadline hit) are skipped and
+//! counted as `dropped`; entries past their deadline are answered with a timeout.
+//!
+//! The model thread is a plain `std::thread` owning the [`Encoder`]: candle's blocking compute never
+//! runs on a tokio worker.
+
+use std::collections::VecDeque;
+use std::panic::AssertUnwindSafe;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use prism_api::wire::node::{EmbedInput, NodeTimings};
+use tokio::sync::{mpsc, oneshot, Notify};
+
+use crate::backend::{Encoder, LoadedModel, ModelInfo, Prepared, Preprocessor};
+use crate::error::NodeError;
+use crate::metrics::Metrics;
+
+#[derive(Clone, Debug)]
+pub struct InferConfig {
+    /// Most inputs per forward pass.
+    pub max_batch: usize,
+    /// How long an idle model waits for more inputs after the first one arrived.
+    pub max_wait: Duration,
+    /// Most requests waiting in the queue; beyond this, requests are refused (429).
+    pub max_queue: usize,
+    /// Most inputs in one request.
+    pub max_inputs: usize,
+    /// Deadline of a request that does not carry one.
+    pub default_deadline: Duration,
+}
+
+/// Result of a successful request.
+#[derive(Debug)]
+pub struct EmbedOutput {
+    pub embeddings: Vec<Vec<f32>>,
+    pub timings: NodeTimings,
+}
+
+struct Served {
+    embeddings: Vec<Vec<f32>>,
+    queue: Duration,
+    inference: Duration,
+    batch_size: usize,
+}
+
+struct Entry {
+    items: Vec<Prepared>,
+    enqueued: Instant,
+    deadline: Instant,
+    deadline_ms: u64,
+    reply: oneshot::Sender<Result<Served, NodeError>>,
+}
+
+struct Queue {
+    entries: Mutex<VecDeque<Entry>>,
+    notify: Notify,
+}
+
+impl Queue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, VecDeque<Entry>> {
+        // A panic while holding this lock cannot leave the deque half-updated (push/pop are
+        // atomic from our side), so a poisoned lock is safe to keep using.
+        self.entries.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// Handle to a loaded, warmed model: cheap to clone, shared by HTTP and gRPC.
+#[derive(Clone)]
+pub struct Infer {
+    queue: Arc<Queue>,
+    preprocessor: Arc<dyn Preprocessor>,
+    pub info: ModelInfo,
+    pub config: InferConfig,
+    metrics: Metrics,
+}
+
+/// Decrements `prism_node_inflight` however the request ends (including a dropped future when the
+/// client disconnects).
+struct InflightGuard(Metrics);
+impl InflightGuard {
+    fn new(m: &Metrics) -> Self {
+        m.inflight.with_label_values(&m.label_values()).inc();
+        Self(m.clone())
+    }
+}
+impl Drop for InflightGuard {
+    fn drop(&mut self) {
+        self.0.inflight.with_label_values(&self.0.label_values()).dec();
+    }
+}
+
+impl Infer {
+    /// Starts the model thread, warms the model up (one real forward pass) and the batcher task.
+    /// Returns once the model is ready to serve; must be called inside a tokio runtime.
+    pub async fn start(model: LoadedModel, config: InferConfig, metrics: Metrics) -> Result<Self, NodeError> {
+        let LoadedModel { info, preprocessor, encoder } = model;
+        let warm = preprocessor.preprocess(&preprocessor.warmup_input())?;
+        // Capacity 1: one batch may wait while another runs; everything else stays in the queue
+        // where it can still join a bigger batch, be dropped, or time out.
+        let (batch_tx, batch_rx) = mpsc::channel::<Vec<Entry>>(1);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let thread_metrics = metrics.clone();
+        let max_batch = config.max_batch.max(1);
+        std::thread::Builder::new()
+            .name("prism-model".into())
+            .spawn(move || model_thread(encoder, warm, batch_rx, ready_tx, max_batch, thread_metrics))
+            .map_err(|e| NodeError::Inference(format!("spawning the model thread: {e}")))?;
+        ready_rx.await.map_err(|_| NodeError::Inference("model thread exited during warm-up".into()))??;
+
+        let queue = Arc::new(Queue { entries: Mutex::new(VecDeque::new()), notify: Notify::new() });
+        tokio::spawn(batcher(queue.clone(), batch_tx, config.clone(), metrics.clone()));
+        Ok(Self { queue, preprocessor, info, config, metrics })
+    }
+
+    /// Embeds `inputs` (all of this node's modality). `deadline_ms` overrides the default deadline.
+    pub async fn embed(&self, inputs: &[EmbedInput], deadline_ms: Option<u64>) -> Result<EmbedOutput, NodeError> {
+        let received = Instant::now();
+        let _inflight = InflightGuard::new(&self.metrics);
+        let result = self.embed_inner(inputs, deadline_ms, received).await;
+        match &result {
+            Ok(_) => self.metrics.observe(&self.metrics.request_duration, received.elapsed().as_secs_f64()),
+            Err(e) => self.metrics.fail(e.kind()),
+        }
+        result
+    }
+
+    async fn embed_inner(
+        &self,
+        inputs: &[EmbedInput],
+        deadline_ms: Option<u64>,
+        received: Instant,
+    ) -> Result<EmbedOutput, NodeError> {
+        if inputs.is_empty() {
+            return Err(NodeError::Validation("`inputs` is empty; send at least one input".into()));
+        }
+        if inputs.len() > self.config.max_inputs {
+            return Err(NodeError::Validation(format!(
+                "{} inputs in one request; this node accepts at most {} (split the request)",
+                inputs.len(),
+                self.config.max_inputs
+            )));
+        }
+        // Refuse before tokenising when the queue is already full: overload must stay cheap.
+        if self.queue.lock().len() >= self.config.max_queue {
+            return Err(self.overloaded());
+        }
+        let deadline_ms = deadline_ms.unwrap_or(self.config.default_deadline.as_millis() as u64);
+        let deadline = received + Duration::from_millis(deadline_ms);
+
+        let t = Instant::now();
+        let items = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, input)| {
+                self.preprocessor.preprocess(input).map_err(|e| match NodeError::from(e) {
+                    NodeError::Validation(m) => NodeError::Validation(format!("inputs[{i}]: {m}")),
+                    other => other,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let preprocess = t.elapsed();
+        self.metrics.observe(&self.metrics.preprocess_duration, preprocess.as_secs_f64());
+
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut q = self.queue.lock();
+            if q.len() >= self.config.max_queue {
+                return Err(self.overloaded());
+            }
+            q.push_back(Entry { items, enqueued: Instant::now(), deadline, deadline_ms, reply: tx });
+            self.metrics.queue_size.with_label_values(&self.metrics.label_values()).set(q.len() as i64);
+        }
+        self.queue.notify.notify_one();
+
+        // On timeout `rx` is dropped here, which the batcher sees as a gone client and skips.
+        let served = match tokio::time::timeout_at(deadline.into(), rx).await {
+            Err(_) => return Err(NodeError::Timeout(deadline_ms)),
+            Ok(Err(_)) => return Err(NodeError::Inference("the model thread stopped".into())),
+            Ok(Ok(r)) => r?,
+        };
+        Ok(EmbedOutput {
+            embeddings: served.embeddings,
+            timings: NodeTimings {
+                queue_ms: served.queue.as_secs_f64() * 1e3,
+                preprocess_ms: preprocess.as_secs_f64() * 1e3,
+                inference_ms: served.inference.as_secs_f64() * 1e3,
+                batch_size: served.batch_size,
+            },
+        })
+    }
+
+    fn overloaded(&self) -> NodeError {
+        NodeError::Overloaded(format!(
+            "queue full ({} requests waiting, --max-queue {}); retry later or on another replica",
+            self.config.max_queue, self.config.max_queue
+        ))
+    }
+}
+
+async fn batcher(queue: Arc<Queue>, batch_tx: mpsc::Sender<Vec<Entry>>, cfg: InferConfig, metrics: Metrics) {
+    let max_batch = cfg.max_batch.max(1);
+    loop {
+        // Wait for the model thread to have room before choosing a batch.
+        let Ok(permit) = batch_tx.reserve().await else { return };
+        // Wait for work. `notify_one` stores a permit when nobody waits, so no wake-up is lost
+        // between the check and the await.
+        loop {
+            if !queue.lock().is_empty() {
+                break;
+            }
+            queue.notify.notified().await;
+        }
+        // Give an idle model up to `max_wait` (from the oldest arrival) to collect a fuller batch.
+        loop {
+            let (pending, oldest) = {
+                let q = queue.lock();
+                (q.iter().map(|e| e.items.len()).sum::<usize>(), q.front().map(|e| e.enqueued))
+            };
+            let Some(oldest) = oldest else { break };
+            let until = oldest + cfg.max_wait;
+            if pending >= max_batch || Instant::now() >= until {
+                break;
+            }
+            tokio::select! {
+                _ = queue.notify.notified() => {}
+                _ = tokio::time::sleep_until(until.into()) => {}
+            }
+        }
+        let now = Instant::now();
+        let mut batch = Vec::new();
+        let mut n = 0;
+        {
+            let mut q = queue.lock();
+            while let Some(front) = q.front() {
+                if front.reply.is_closed() {
+                    q.pop_front();
+                    metrics.fail("dropped");
+                    continue;
+                }
+                if now >= front.deadline {
+                    if let Some(e) = q.pop_front() {
+                        let _ = e.reply.send(Err(NodeError::Timeout(e.deadline_ms)));
+                    }
+                    continue;
+                }
+                if n > 0 && n + front.items.len() > max_batch {
+                    break;
+                }
+                n += front.items.len();
+                if let Some(e) = q.pop_front() {
+                    batch.push(e);
+                }
+            }
+            metrics.queue_size.with_label_values(&metrics.label_values()).set(q.len() as i64);
+        }
+        if batch.is_empty() {
+            continue;
+        }
+        permit.send(batch);
+    }
+}
+
+fn model_thread(
+    mut encoder: Box<dyn Encoder>,
+    warm: Prepared,
+    mut rx: mpsc::Receiver<Vec<Entry>>,
+    ready: oneshot::Sender<Result<(), NodeError>>,
+    max_batch: usize,
+    metrics: Metrics,
+) {
+    // Warm-up: one real forward pass (allocations, kernels, page-faulting the weights) so the first
+    // client request is not the slow one; /ready turns true only after it succeeded.
+    let warm_result = run_encoder(&mut *encoder, std::slice::from_ref(&warm)).map(|_| ());
+    let failed = warm_result.is_err();
+    let _ = ready.send(warm_result);
+    if failed {
+        return;
+    }
+    while let Some(entries) = rx.blocking_recv() {
+        let started = Instant::now();
+        let span = tracing::debug_span!("batch", entries = entries.len());
+        let _enter = span.enter();
+        // Flatten and sort by cost so each chunk pads to a similar length.
+        let mut order: Vec<(usize, usize)> =
+            entries.iter().enumerate().flat_map(|(e, en)| (0..en.items.len()).map(move |i| (e, i))).collect();
+        order.sort_by_key(|&(e, i)| entries[e].items[i].cost);
+        let total = order.len();
+        let mut results: Vec<Vec<Option<Vec<f32>>>> = entries.iter().map(|en| vec![None; en.items.len()]).collect();
+        let mut error: Option<NodeError> = None;
+        let mut entries = entries;
+        // Move the items out so chunks can be passed as slices in sorted order.
+        let mut items: Vec<Vec<Option<Prepared>>> =
+            entries.iter_mut().map(|en| std::mem::take(&mut en.items).into_iter().map(Some).collect()).collect();
+        for chunk in order.chunks(max_batch) {
+            let batch: Vec<Prepared> = chunk.iter().filter_map(|&(e, i)| items[e][i].take()).collect();
+            metrics.observe(&metrics.batch_size, batch.len() as f64);
+            match run_encoder(&mut *encoder, &batch) {
+                Ok(vecs) if vecs.len() == chunk.len() => {
+                    for (&(e, i), v) in chunk.iter().zip(vecs) {
+                        results[e][i] = Some(v);
+                    }
+                }
+                Ok(vecs) => {
+                    error = Some(NodeError::Inference(format!(
+                        "encoder returned {} vectors for {} inputs",
+                        vecs.len(),
+                        chunk.len()
+                    )));
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "forward pass failed");
+                    error = Some(e);
+                    break;
+                }
+            }
+        }
+        let inference = started.elapsed();
+        metrics.observe(&metrics.inference_duration, inference.as_secs_f64());
+        for (entry, res) in entries.into_iter().zip(results) {
+            let queue_time = started.saturating_duration_since(entry.enqueued);
+            metrics.observe(&metrics.queue_duration, queue_time.as_secs_f64());
+            let reply = match &error {
+                Some(e) => Err(NodeError::Inference(e.to_string())),
+                None => res
+                    .into_iter()
+                    .collect::<Option<Vec<_>>>()
+                    .map(|embeddings| Served { embeddings, queue: queue_time, inference, batch_size: total })
+                    .ok_or_else(|| NodeError::Inference("missing vector in batch result".into())),
+            };
+            // The client may have gone meanwhile; nothing to do then.
+            let _ = entry.reply.send(reply);
+        }
+    }
+}
+
+/// Runs the encoder, turning a panic inside the model code into an error so one bad batch cannot
+/// kill the model thread (and with it every later request).
+fn run_encoder(encoder: &mut dyn Encoder, batch: &[Prepared]) -> Result<Vec<Vec<f32>>, NodeError> {
+    match std::panic::catch_unwind(AssertUnwindSafe(|| encoder.encode_batch(batch))) {
+        Ok(r) => r.map_err(NodeError::from),
+        Err(_) => Err(NodeError::Inference("the model panicked on this batch".into())),
+    }
+}
+
+/// Re-export for transports that want to trace a request.
+pub fn request_span(request_id: &str, transport: &'static str) -> tracing::Span {
+    tracing::info_span!("embed", request_id = %request_id, transport)
+}
+

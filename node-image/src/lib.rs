@@ -1,0 +1,18 @@
+//! prism-node: one process serves one model of one modality over HTTP/JSON and gRPC.
+//!
+//! Layers (TEI style): [`backend`] holds the models behind the [`backend::Preprocessor`] /
+//! [`backend::Encoder`] traits and the architecture registry; [`infer`] owns the batching queue and
+//! the model thread; [`http`] and [`grpc`] are thin transports over [`infer::Infer`]; [`error`]
+//! maps one error type to both transports; [`metrics`] holds the Prometheus series.
+
+pub mod backend;
+pub mod error;
+pub mod grpc;
+pub mod http;
+pub mod infer;
+pub mod metrics;
+
+/// Generated from `api/proto/prism/v1/node.proto`.
+pub mod pb {
+    tonic::include_proto!("prism.v1");
+}
