@@ -59,3 +59,13 @@ bench-node: ## prism-node vs sentence-transformers/PyTorch on CPU (pip-installs 
 	python3 -c 'import sentence_transformers' 2>/dev/null || python3 -m pip install -q sentence-transformers
 	python3 bench/node/bench.py --bin $(RELEASE_BIN)/prism-node
 # --- end node ---
+
+# --- router ---
+.PHONY: router test-router
+router: ## build prism-router (release)
+	$(CARGO) build --release -p prism-router --bins
+
+test-router: models ## router unit/property tests + integration tests with real prism-node processes
+	$(CARGO) build --release -p prism-node -p prism-router --bins
+	$(CARGO) test --release -p prism-router
+# --- end router ---

@@ -1,1 +1,25 @@
+//! prism-router: the data plane of a MultimodalPipeline.
+//!
+//! Layers (pure first, I/O last):
+//! - [`balancer`]: replica choice R = argmax(alpha*A - beta*L) under P_fail < delta,
+//!   power-of-two-choices among near-ties, outlier ejection; no I/O, property-tested.
+//! - [`fusion`]: weighted / attention fusion and de-fusion; [`plan`]: pipeline -> per-modality
+//!   settings, request validation, degradation decision.
+//! - [`engine`]: routing-table state, node calls with retries, parallel fan-out.
+//! - [`http`] (axum) and [`grpc`] (tonic) front doors over one [`error::RouterError`] table.
+//! - [`memory`]: the seam prism-memory plugs into (request log, cached answers).
 
+pub mod balancer;
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod fusion;
+pub mod grpc;
+pub mod http;
+pub mod memory;
+pub mod metrics;
+pub mod openapi;
+pub mod plan;
+
+pub use engine::{EngineOptions, Router};
+pub use error::RouterError;

@@ -2,6 +2,7 @@
 //! `api/proto/prism/v1` carry the same fields.
 
 pub mod node;
+pub mod router;
 
 use serde::{Deserialize, Serialize};
 

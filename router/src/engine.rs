@@ -1,0 +1,690 @@
+//! The request engine: routing-table state, replica calls with retries, parallel fan-out,
+//! fusion and degradation. Transport-neutral: the HTTP and gRPC front doors both call
+//! [`Router::infer`] and [`Router::embed_texts`].
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use prism_api::pipeline::{FusionStrategy, NodeRole};
+use prism_api::wire::node::{EmbedInput, EmbedRequest, EmbedResponse, InputItem};
+use prism_api::wire::router::{
+    Degraded, InferRequest, InferResponse, ModalityResult, ReloadResponse, ReplicaRef, RouterTimings,
+};
+use prism_api::wire::ErrorBody;
+use prism_api::{MultimodalPipelineSpec, RouteEndpoint, RoutingTable};
+use tracing::{debug, info, warn, Instrument};
+
+use crate::balancer::Balancer;
+use crate::error::RouterError;
+use crate::fusion;
+use crate::memory::{AnswerCache, MemorySink};
+use crate::metrics::Metrics;
+use crate::plan::{self, Decision, ModalityConfig};
+
+/// Everything a request reads, swapped atomically on reload so a request sees one consistent
+/// table + spec even if a reload lands mid-flight.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub pipeline: String,
+    pub table: RoutingTable,
+    pub spec: MultimodalPipelineSpec,
+    pub configs: BTreeMap<String, ModalityConfig>,
+}
+
+impl Snapshot {
+    fn new(pipeline: String, table: RoutingTable, spec: MultimodalPipelineSpec) -> Self {
+        let configs = plan::modality_configs(&spec, &table);
+        Self { pipeline, table, spec, configs }
+    }
+}
+
+/// An empty pipeline spec (all defaults): routing works from a table alone.
+pub fn default_spec() -> MultimodalPipelineSpec {
+    MultimodalPipelineSpec {
+        nodes: Vec::new(),
+        routing: Default::default(),
+        fusion: Default::default(),
+        degradation: Default::default(),
+        memory: Default::default(),
+        router_replicas: 1,
+        router_image: None,
+    }
+}
+
+/// Retries are bounded per call (`routing.retries`) and overall by a token bucket: each
+/// request earns 0.2 retries, plus 10 per second, at most 100 banked. An outage then costs at
+/// most ~20% extra load instead of multiplying it (Finagle/Envoy retry budgets).
+#[derive(Debug)]
+struct RetryBudget {
+    tokens: f64,
+    at: Instant,
+}
+
+impl RetryBudget {
+    const CAP: f64 = 100.0;
+    const PER_REQUEST: f64 = 0.2;
+    const PER_SECOND: f64 = 10.0;
+
+    fn refill(&mut self) {
+        let now = Instant::now();
+        let dt = now.duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + dt * Self::PER_SECOND).min(Self::CAP);
+        self.at = now;
+    }
+    fn deposit(&mut self) {
+        self.refill();
+        self.tokens = (self.tokens + Self::PER_REQUEST).min(Self::CAP);
+    }
+    fn withdraw(&mut self) -> bool {
+        self.refill();
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Why a modality call produced no vector.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CallError {
+    /// The node said the input is bad (its 4xx). The client's fault: no retry, no ejection.
+    Rejected(String),
+    /// No eligible replica, or every attempt failed.
+    Unavailable(String),
+}
+
+/// A successful modality call.
+#[derive(Debug, Clone)]
+pub struct Served {
+    pub response: EmbedResponse,
+    pub replica: ReplicaRef,
+    pub attempts: u32,
+    pub latency_ms: f64,
+}
+
+enum SendError {
+    Rejected(String),
+    Failed(String),
+}
+
+/// Decrements in-flight if a call future is dropped (client went away) before it finished.
+struct InflightGuard<'a> {
+    router: &'a Router,
+    modality: &'a str,
+    endpoint: String,
+    armed: bool,
+}
+
+impl Drop for InflightGuard<'_> {
+    fn drop(&mut self) {
+        if self.armed {
+            self.router.with_balancer(|b| b.on_cancel(self.modality, &self.endpoint));
+        }
+    }
+}
+
+/// Options of the engine that do not come from the pipeline spec.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// Interval of active `/ready` probes of every replica (None: passive health only).
+    pub probe_interval: Option<Duration>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self { probe_interval: Some(Duration::from_millis(500)) }
+    }
+}
+
+pub struct Router {
+    snapshot: RwLock<Arc<Snapshot>>,
+    balancer: Mutex<Balancer>,
+    retry_budget: Mutex<RetryBudget>,
+    clock: Instant,
+    client: reqwest::Client,
+    pub metrics: Arc<Metrics>,
+    memory: RwLock<Option<Arc<dyn MemorySink>>>,
+    cache: RwLock<Option<Arc<dyn AnswerCache>>>,
+    pub options: EngineOptions,
+}
+
+impl Router {
+    pub fn new(
+        pipeline: String,
+        spec: MultimodalPipelineSpec,
+        table: Option<RoutingTable>,
+        options: EngineOptions,
+    ) -> Result<Arc<Self>, RouterError> {
+        let metrics = Arc::new(Metrics::new().map_err(|e| RouterError::Internal(format!("metrics: {e}")))?);
+        let client = reqwest::Client::builder()
+            .pool_max_idle_per_host(256)
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .map_err(|e| RouterError::Internal(format!("http client: {e}")))?;
+        let table = table.unwrap_or_else(|| RoutingTable { pipeline: pipeline.clone(), ..Default::default() });
+        let pipeline = if table.pipeline.is_empty() { pipeline } else { table.pipeline.clone() };
+        let mut balancer = Balancer {
+            heartbeat_interval_ms: options.probe_interval.map(|d| d.as_secs_f64() * 1000.0),
+            ..Default::default()
+        };
+        balancer.apply_table(&table.modalities, 0.0);
+        metrics.table_generation.with_label_values(&[&pipeline]).set(table.generation as f64);
+        Ok(Arc::new(Self {
+            snapshot: RwLock::new(Arc::new(Snapshot::new(pipeline, table, spec))),
+            balancer: Mutex::new(balancer),
+            retry_budget: Mutex::new(RetryBudget { tokens: RetryBudget::CAP / 2.0, at: Instant::now() }),
+            clock: Instant::now(),
+            client,
+            metrics,
+            memory: RwLock::new(None),
+            cache: RwLock::new(None),
+            options,
+        }))
+    }
+
+    pub fn set_memory_sink(&self, sink: Arc<dyn MemorySink>) {
+        if let Ok(mut m) = self.memory.write() {
+            *m = Some(sink);
+        }
+    }
+
+    pub fn set_answer_cache(&self, cache: Arc<dyn AnswerCache>) {
+        if let Ok(mut c) = self.cache.write() {
+            *c = Some(cache);
+        }
+    }
+
+    fn now_ms(&self) -> f64 {
+        self.clock.elapsed().as_secs_f64() * 1000.0
+    }
+
+    /// Poisoning only happens if a thread panicked while holding the lock; the balancer's
+    /// data is still consistent (every mutation is a few field writes), so keep serving.
+    fn with_balancer<T>(&self, f: impl FnOnce(&mut Balancer) -> T) -> T {
+        let mut g = self.balancer.lock().unwrap_or_else(|p| p.into_inner());
+        f(&mut g)
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.snapshot.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Replace the routing table if `table` is strictly newer. An equal generation with the
+    /// same routes is a no-op (file re-read, duplicate push); anything else older is a conflict.
+    pub fn apply_table(&self, table: RoutingTable) -> Result<ReloadResponse, RouterError> {
+        let mut guard = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+        let cur = guard.clone();
+        if !cur.table.pipeline.is_empty() && !table.pipeline.is_empty() && table.pipeline != cur.table.pipeline {
+            return Err(RouterError::Validation(format!(
+                "routing table is for pipeline '{}' but this router serves '{}'",
+                table.pipeline, cur.table.pipeline
+            )));
+        }
+        if !table.supersedes(&cur.table) {
+            if table.generation == cur.table.generation && table.same_routes(&cur.table) {
+                return Ok(ReloadResponse { applied: false, generation: cur.table.generation });
+            }
+            return Err(RouterError::StaleGeneration { offered: table.generation, current: cur.table.generation });
+        }
+        let now = self.now_ms();
+        self.with_balancer(|b| b.apply_table(&table.modalities, now));
+        let pipeline = if table.pipeline.is_empty() { cur.pipeline.clone() } else { table.pipeline.clone() };
+        let generation = table.generation;
+        self.metrics.table_generation.with_label_values(&[&pipeline]).set(generation as f64);
+        let mut next = Snapshot::new(pipeline.clone(), table, cur.spec.clone());
+        // A modality that vanished from the table (its node scaled to zero or deleted) stays
+        // known, so its requests degrade (partial / 503 naming it) instead of turning into
+        // "unknown modality" 422s.
+        for (m, c) in &cur.configs {
+            next.configs.entry(m.clone()).or_insert_with(|| c.clone());
+        }
+        *guard = Arc::new(next);
+        info!(pipeline = %pipeline, generation, "routing table applied");
+        Ok(ReloadResponse { applied: true, generation })
+    }
+
+    /// Replace the pipeline spec (fusion, degradation, routing policy).
+    pub fn apply_spec(&self, spec: MultimodalPipelineSpec) {
+        let mut guard = self.snapshot.write().unwrap_or_else(|p| p.into_inner());
+        let cur = guard.clone();
+        let mut next = Snapshot::new(cur.pipeline.clone(), cur.table.clone(), spec);
+        for (m, c) in &cur.configs {
+            next.configs.entry(m.clone()).or_insert_with(|| c.clone());
+        }
+        *guard = Arc::new(next);
+        info!(pipeline = %cur.pipeline, "pipeline spec applied");
+    }
+
+    /// Ready = a routing table is loaded and at least one modality has a routable replica.
+    pub fn is_ready(&self) -> bool {
+        let snap = self.snapshot();
+        let now = self.now_ms();
+        snap.table.generation > 0
+            && self.with_balancer(|b| snap.table.modalities.keys().any(|m| b.has_candidate(m, &snap.spec.routing, now)))
+    }
+
+    async fn send(&self, ep: &RouteEndpoint, inputs: &[EmbedInput], timeout: Duration) -> Result<EmbedResponse, SendError> {
+        let url = format!("{}/embed", ep.endpoint.trim_end_matches('/'));
+        let body = EmbedRequest { inputs: inputs.to_vec(), deadline_ms: Some(timeout.as_millis().max(1) as u64) };
+        let resp = self
+            .client
+            .post(&url)
+            .timeout(timeout)
+            .json(&body)
+            .send()
+            .await
+            .map_err(|e| SendError::Failed(if e.is_timeout() { format!("timed out after {} ms", timeout.as_millis()) } else { format!("{url}: {}", error_chain(&e)) }))?;
+        let status = resp.status();
+        let bytes = resp.bytes().await.map_err(|e| SendError::Failed(format!("{url}: reading body: {}", error_chain(&e))))?;
+        if status.is_success() {
+            let r: EmbedResponse = serde_json::from_slice(&bytes)
+                .map_err(|e| SendError::Failed(format!("{url}: unparseable answer: {e}")))?;
+            if r.embeddings.len() != inputs.len() {
+                return Err(SendError::Failed(format!(
+                    "{url}: {} embeddings for {} inputs",
+                    r.embeddings.len(),
+                    inputs.len()
+                )));
+            }
+            return Ok(r);
+        }
+        let msg = serde_json::from_slice::<ErrorBody>(&bytes)
+            .map(|b| b.error.message)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&bytes).chars().take(300).collect());
+        // 408/429 are the node's trouble (deadline, overload): another replica may do better.
+        if status.is_client_error() && status.as_u16() != 408 && status.as_u16() != 429 {
+            Err(SendError::Rejected(msg))
+        } else {
+            Err(SendError::Failed(format!("{url}: HTTP {status}: {msg}")))
+        }
+    }
+
+    /// Call one modality: choose a replica, send, and on failure retry on another replica
+    /// while attempts, the retry budget and the deadline allow.
+    pub async fn call_modality(
+        &self,
+        snap: &Snapshot,
+        modality: &str,
+        inputs: &[EmbedInput],
+        deadline: Instant,
+    ) -> Result<Served, CallError> {
+        let policy = &snap.spec.routing;
+        let max_attempts = 1 + policy.retries;
+        let mut tried = BTreeSet::new();
+        let mut last_err: Option<String> = None;
+        for attempt in 0..max_attempts {
+            if attempt > 0 {
+                let ok = self.retry_budget.lock().map(|mut b| b.withdraw()).unwrap_or(false);
+                if !ok {
+                    last_err = Some(format!("{}; retry budget exhausted", last_err.unwrap_or_default()));
+                    break;
+                }
+                self.metrics.retries_total.with_label_values(&[modality]).inc();
+            }
+            let now = self.now_ms();
+            let chosen = self.with_balancer(|b| {
+                let mut rng = rand::rng();
+                let ep = b.choose(modality, policy, &tried, now, &mut rng);
+                if let Some(e) = &ep {
+                    b.on_start(modality, &e.endpoint);
+                }
+                ep
+            });
+            let Some(ep) = chosen else {
+                if last_err.is_none() {
+                    last_err = Some("no healthy replica (unready, ejected or failing)".into());
+                }
+                break;
+            };
+            let mut guard = InflightGuard { router: self, modality, endpoint: ep.endpoint.clone(), armed: true };
+            tried.insert(ep.endpoint.clone());
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(CallError::Unavailable(format!("deadline exceeded ({})", last_err.unwrap_or_default())));
+            }
+            let t0 = Instant::now();
+            let res = self.send(&ep, inputs, remaining).await;
+            let latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
+            guard.armed = false;
+            let now = self.now_ms();
+            match res {
+                Ok(response) => {
+                    self.with_balancer(|b| b.on_success(modality, &ep.endpoint, latency_ms, now));
+                    self.metrics
+                        .upstream_duration
+                        .with_label_values(&[modality, &ep.node])
+                        .observe(latency_ms / 1000.0);
+                    let replica = ReplicaRef {
+                        node: ep.node.clone(),
+                        endpoint: ep.endpoint.clone(),
+                        revision: if response.revision.is_empty() { ep.revision.clone() } else { response.revision.clone() },
+                    };
+                    return Ok(Served { response, replica, attempts: attempt + 1, latency_ms });
+                }
+                Err(SendError::Rejected(msg)) => {
+                    // The replica is healthy: it answered, just not with a vector.
+                    self.with_balancer(|b| b.on_success(modality, &ep.endpoint, latency_ms, now));
+                    return Err(CallError::Rejected(msg));
+                }
+                Err(SendError::Failed(msg)) => {
+                    let out = self.with_balancer(|b| b.on_failure(modality, &ep.endpoint, policy, now, true));
+                    self.metrics.upstream_failures.with_label_values(&[modality, &ep.node]).inc();
+                    if out.ejected {
+                        self.metrics.ejections_total.with_label_values(&[&ep.node]).inc();
+                        warn!(modality, endpoint = %ep.endpoint, node = %ep.node, "replica ejected after consecutive errors");
+                    }
+                    debug!(modality, endpoint = %ep.endpoint, attempt, error = %msg, "node call failed");
+                    last_err = Some(msg);
+                }
+            }
+        }
+        Err(CallError::Unavailable(last_err.unwrap_or_else(|| "no healthy replica".into())))
+    }
+
+    /// `POST /v1/infer`: fan out to every present modality in parallel, fuse, degrade.
+    pub async fn infer(&self, req: InferRequest, request_id: &str) -> Result<InferResponse, RouterError> {
+        let snap = self.snapshot();
+        let span = tracing::info_span!("infer", pipeline = %snap.pipeline, request_id = %request_id);
+        let t0 = Instant::now();
+        let res = self.infer_inner(&snap, req, request_id, t0).instrument(span).await;
+        let outcome = match &res {
+            Ok(r) if r.degraded.as_ref().is_some_and(|d| d.cached) => "cached",
+            Ok(r) if r.degraded.is_some() => "degraded",
+            Ok(_) => "ok",
+            Err(e) => e.kind(),
+        };
+        self.metrics
+            .request_duration
+            .with_label_values(&[&snap.pipeline, outcome])
+            .observe(t0.elapsed().as_secs_f64());
+        res
+    }
+
+    async fn infer_inner(
+        &self,
+        snap: &Snapshot,
+        req: InferRequest,
+        request_id: &str,
+        t0: Instant,
+    ) -> Result<InferResponse, RouterError> {
+        plan::validate_modalities(req.inputs.keys(), &snap.configs)?;
+        if let Ok(mut b) = self.retry_budget.lock() {
+            b.deposit();
+        }
+        let policy = &snap.spec.routing;
+        let timeout_ms = req.timeout_ms.map_or(policy.timeout_ms, |t| t.min(policy.timeout_ms)).max(1);
+        let deadline = t0 + Duration::from_millis(timeout_ms);
+        let route_ms = ms(t0.elapsed());
+
+        // Fan out: all modalities at once, each with its own retries, one shared deadline.
+        let t_fan = Instant::now();
+        let calls = req.inputs.iter().map(|(m, input)| {
+            let inputs = std::slice::from_ref(input);
+            async move { (m.clone(), self.call_modality(snap, m, inputs, deadline).await) }
+        });
+        let results = futures::future::join_all(calls).await;
+        let fanout_ms = ms(t_fan.elapsed());
+
+        let mut served: BTreeMap<String, Served> = BTreeMap::new();
+        let mut missing: BTreeMap<String, String> = BTreeMap::new();
+        for (m, r) in results {
+            match r {
+                Ok(s) => {
+                    served.insert(m, s);
+                }
+                Err(CallError::Rejected(message)) => return Err(RouterError::UpstreamRejected { modality: m, message }),
+                Err(CallError::Unavailable(why)) => {
+                    missing.insert(m, why);
+                }
+            }
+        }
+        let served_names: BTreeSet<String> = served.keys().cloned().collect();
+        let mut degraded = match plan::decide(&snap.spec, &snap.configs, &served_names, &missing) {
+            Decision::Whole => None,
+            Decision::Partial { missing, reason } => Some(Degraded { missing, reason, cached: false }),
+            Decision::Fail(msg) => {
+                if Instant::now() >= deadline && !missing.is_empty() && served.is_empty() {
+                    return Err(RouterError::Timeout(timeout_ms));
+                }
+                return Err(RouterError::Unavailable(msg));
+            }
+            Decision::Cached { missing, reason } => {
+                let vectors: BTreeMap<String, Vec<f32>> = served
+                    .iter()
+                    .filter_map(|(m, s)| s.response.embeddings.first().map(|v| (m.clone(), v.clone())))
+                    .collect();
+                let cache = self.cache.read().ok().and_then(|c| c.clone());
+                let Some(cache) = cache else {
+                    return Err(RouterError::Unavailable(format!(
+                        "{reason}; degradation.onMissingRequired is cached but this router has no answer cache (memory is not enabled)"
+                    )));
+                };
+                let min = snap.spec.degradation.cache.min_similarity;
+                return match cache.nearest(&snap.pipeline, &vectors, min) {
+                    Some(mut past) => {
+                        past.id = request_id.to_string();
+                        past.degraded = Some(Degraded { missing, reason, cached: true });
+                        self.count_degraded(snap, past.degraded.as_ref());
+                        Ok(past)
+                    }
+                    None => Err(RouterError::Unavailable(format!(
+                        "{reason}; no cached answer with similarity >= {min}"
+                    ))),
+                };
+            }
+        };
+
+        // Fuse.
+        let t_fuse = Instant::now();
+        let vectors: BTreeMap<String, Vec<f32>> = served
+            .iter()
+            .filter_map(|(m, s)| s.response.embeddings.first().map(|v| (m.clone(), v.clone())))
+            .collect();
+        let prior: BTreeMap<String, f64> = vectors.keys().map(|m| (m.clone(), snap.configs.get(m).map_or(1.0, |c| c.weight))).collect();
+        let de_fusion = req.de_fusion.unwrap_or(snap.spec.fusion.de_fusion);
+        let mut strategy = snap.spec.fusion.strategy;
+        let mut fusion_replica = None;
+        let (embedding, weights, contributions) = match strategy {
+            FusionStrategy::Late => {
+                let present: Vec<&String> = vectors.keys().collect();
+                (None, fusion::renormalise(&present, &prior), None)
+            }
+            FusionStrategy::Weighted => {
+                let f = fusion::weighted(&vectors, &prior)?;
+                (Some(f.vector), f.weights, Some(f.contributions))
+            }
+            FusionStrategy::Attention => {
+                let f = fusion::attention(&vectors, &prior)?;
+                (Some(f.vector), f.weights, Some(f.contributions))
+            }
+            FusionStrategy::Early => {
+                match self.early_fuse(snap, &vectors, deadline).await {
+                    Ok((fused, replica)) => {
+                        let present: Vec<&String> = vectors.keys().collect();
+                        let c = fusion::contributions_towards(&vectors, &prior, &fused);
+                        fusion_replica = Some(replica);
+                        (Some(fused), fusion::renormalise(&present, &prior), c)
+                    }
+                    Err((fusion_modality, why)) => {
+                        // The fusion node is down: a weighted answer beats none, flagged degraded.
+                        strategy = FusionStrategy::Weighted;
+                        let f = fusion::weighted(&vectors, &prior)?;
+                        let d = degraded.get_or_insert(Degraded { missing: vec![], reason: String::new(), cached: false });
+                        d.missing.push(fusion_modality.clone());
+                        d.missing.sort();
+                        let extra = format!("fusion node '{fusion_modality}' unavailable, fell back to weighted fusion ({why})");
+                        d.reason = if d.reason.is_empty() { extra } else { format!("{}; {extra}", d.reason) };
+                        (Some(f.vector), f.weights, Some(f.contributions))
+                    }
+                }
+            }
+        };
+        let fuse_ms = ms(t_fuse.elapsed());
+
+        let modalities = served
+            .into_iter()
+            .map(|(m, s)| {
+                let weight = weights.get(&m).copied().unwrap_or(0.0);
+                let embedding = s.response.embeddings.into_iter().next().unwrap_or_default();
+                (m, ModalityResult { embedding, replica: s.replica, weight, attempts: s.attempts, latency_ms: s.latency_ms })
+            })
+            .collect();
+        self.count_degraded(snap, degraded.as_ref());
+        let resp = InferResponse {
+            id: request_id.to_string(),
+            pipeline: snap.pipeline.clone(),
+            generation: snap.table.generation,
+            strategy: strategy_name(strategy).to_string(),
+            embedding,
+            modalities,
+            contributions: if de_fusion { contributions } else { None },
+            fusion_replica,
+            timings: RouterTimings { route_ms, fanout_ms, fuse_ms, total_ms: ms(t0.elapsed()) },
+            degraded,
+        };
+        let sink = self.memory.read().ok().and_then(|m| m.clone());
+        if let Some(sink) = sink {
+            sink.record(&snap.pipeline, &req.inputs, &resp);
+        }
+        Ok(resp)
+    }
+
+    fn count_degraded(&self, snap: &Snapshot, d: Option<&Degraded>) {
+        if let Some(d) = d {
+            for m in &d.missing {
+                self.metrics.degraded_total.with_label_values(&[&snap.pipeline, m]).inc();
+            }
+        }
+    }
+
+    /// Early fusion: send the per-modality vectors to the pipeline's fusion node.
+    async fn early_fuse(
+        &self,
+        snap: &Snapshot,
+        vectors: &BTreeMap<String, Vec<f32>>,
+        deadline: Instant,
+    ) -> Result<(Vec<f32>, ReplicaRef), (String, String)> {
+        let Some(fm) = snap.configs.iter().find(|(_, c)| c.role == NodeRole::Fusion).map(|(m, _)| m.clone()) else {
+            return Err(("fusion".into(), "no fusion-role node in the routing table".into()));
+        };
+        let input = EmbedInput::Item(InputItem { embeddings: Some(vectors.clone()), ..Default::default() });
+        match self.call_modality(snap, &fm, std::slice::from_ref(&input), deadline).await {
+            Ok(s) => match s.response.embeddings.into_iter().next() {
+                Some(v) => Ok((v, s.replica)),
+                None => Err((fm, "empty answer".into())),
+            },
+            Err(CallError::Rejected(m)) | Err(CallError::Unavailable(m)) => Err((fm, m)),
+        }
+    }
+
+    /// `POST /v1/embeddings`: a batch of texts to one modality (default `text`).
+    pub async fn embed_texts(
+        &self,
+        modality: &str,
+        texts: Vec<String>,
+        request_id: &str,
+    ) -> Result<(Served, Arc<Snapshot>), RouterError> {
+        let snap = self.snapshot();
+        let span = tracing::info_span!("embeddings", pipeline = %snap.pipeline, request_id = %request_id);
+        let t0 = Instant::now();
+        let res = async {
+            plan::validate_modalities([&modality.to_string()], &snap.configs)?;
+            if let Ok(mut b) = self.retry_budget.lock() {
+                b.deposit();
+            }
+            let deadline = t0 + Duration::from_millis(snap.spec.routing.timeout_ms.max(1));
+            let inputs: Vec<EmbedInput> = texts.into_iter().map(EmbedInput::Text).collect();
+            match self.call_modality(&snap, modality, &inputs, deadline).await {
+                Ok(s) => Ok(s),
+                Err(CallError::Rejected(message)) => Err(RouterError::UpstreamRejected { modality: modality.into(), message }),
+                Err(CallError::Unavailable(why)) => {
+                    Err(RouterError::Unavailable(format!("modality '{modality}' has no healthy replica ({why})")))
+                }
+            }
+        }
+        .instrument(span)
+        .await;
+        let outcome = match &res {
+            Ok(_) => "ok",
+            Err(e) => e.kind(),
+        };
+        self.metrics.request_duration.with_label_values(&[&snap.pipeline, outcome]).observe(t0.elapsed().as_secs_f64());
+        res.map(|s| (s, snap))
+    }
+
+    /// Active health: probe every replica's `/ready`; a success is a heartbeat, a failure
+    /// counts like a failed call (so a dead replica is noticed without traffic).
+    pub async fn probe_once(&self) {
+        let snap = self.snapshot();
+        let mut probes = Vec::new();
+        for (m, eps) in &snap.table.modalities {
+            for ep in eps.iter().filter(|e| e.ready) {
+                let url = format!("{}/ready", ep.endpoint.trim_end_matches('/'));
+                let client = self.client.clone();
+                let (m, ep) = (m.clone(), ep.clone());
+                probes.push(async move {
+                    let ok = client
+                        .get(&url)
+                        .timeout(Duration::from_millis(1000))
+                        .send()
+                        .await
+                        .map(|r| r.status().is_success())
+                        .unwrap_or(false);
+                    (m, ep, ok)
+                });
+            }
+        }
+        for (m, ep, ok) in futures::future::join_all(probes).await {
+            let now = self.now_ms();
+            if ok {
+                self.with_balancer(|b| b.on_heartbeat(&m, &ep.endpoint, now));
+            } else {
+                let out = self.with_balancer(|b| b.on_failure(&m, &ep.endpoint, &snap.spec.routing, now, false));
+                if out.ejected {
+                    self.metrics.ejections_total.with_label_values(&[&ep.node]).inc();
+                    warn!(modality = %m, endpoint = %ep.endpoint, "replica ejected: health probes failing");
+                }
+            }
+        }
+    }
+
+    /// Run `probe_once` forever at the configured interval (spawned by the binary).
+    pub async fn probe_loop(self: Arc<Self>) {
+        let Some(iv) = self.options.probe_interval else { return };
+        let mut tick = tokio::time::interval(iv);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            self.probe_once().await;
+        }
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+pub fn strategy_name(s: FusionStrategy) -> &'static str {
+    match s {
+        FusionStrategy::Weighted => "weighted",
+        FusionStrategy::Attention => "attention",
+        FusionStrategy::Late => "late",
+        FusionStrategy::Early => "early",
+    }
+}
+
+/// reqwest's Display hides the cause ("error sending request"); the chain says "connection refused".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}

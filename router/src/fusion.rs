@@ -1,0 +1,275 @@
+//! Fusion and de-fusion of per-modality embeddings: pure functions.
+//!
+//! Every input vector is L2-normalised first, so a modality's weight means what it says
+//! whatever the scale of its encoder's output. The fused vector is L2-normalised too.
+//! De-fusion: with u = sum_m w_m v_m (before normalisation), the share of modality m is
+//! c_m = w_m <v_m, u> / |u|^2. The shares sum to exactly 1 (they decompose |u|^2 along u);
+//! a negative share means that modality pulled the answer away from where the others point.
+
+use std::collections::BTreeMap;
+
+use thiserror::Error;
+
+/// Softmax temperature of attention fusion: agreement scores are cosines in [-1, 1], so a
+/// temperature of 0.5 lets a modality that agrees with the rest weigh up to e^4 ~ 55x one that
+/// contradicts them, without ever silencing it.
+pub const ATTENTION_TEMPERATURE: f64 = 0.5;
+
+#[derive(Debug, Error, Clone, PartialEq)]
+pub enum FusionError {
+    #[error("no modality embeddings to fuse")]
+    Empty,
+    #[error("cannot fuse: modality '{modality}' has dimension {got} but '{first}' has {expected}; weighted and attention fusion need every encoder to emit the same dimension (use fusion.strategy late or early)")]
+    DimensionMismatch { first: String, modality: String, expected: usize, got: usize },
+    #[error("modality '{0}' returned an empty or non-finite embedding")]
+    Invalid(String),
+}
+
+/// A fused answer.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fused {
+    pub vector: Vec<f32>,
+    /// Weight each modality got after renormalisation (attention: alpha_m).
+    pub weights: BTreeMap<String, f64>,
+    /// De-fusion shares (sum to 1).
+    pub contributions: BTreeMap<String, f64>,
+}
+
+fn normalised(name: &str, v: &[f32]) -> Result<Vec<f64>, FusionError> {
+    let norm = v.iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>().sqrt();
+    if v.is_empty() || !norm.is_finite() || norm == 0.0 {
+        return Err(FusionError::Invalid(name.to_string()));
+    }
+    Ok(v.iter().map(|x| *x as f64 / norm).collect())
+}
+
+fn check_dims(vectors: &BTreeMap<String, Vec<f32>>) -> Result<BTreeMap<String, Vec<f64>>, FusionError> {
+    let mut first: Option<(&String, usize)> = None;
+    let mut out = BTreeMap::new();
+    for (m, v) in vectors {
+        match first {
+            None => first = Some((m, v.len())),
+            Some((f, d)) if d != v.len() => {
+                return Err(FusionError::DimensionMismatch {
+                    first: f.clone(),
+                    modality: m.clone(),
+                    expected: d,
+                    got: v.len(),
+                })
+            }
+            _ => {}
+        }
+        out.insert(m.clone(), normalised(m, v)?);
+    }
+    if out.is_empty() {
+        return Err(FusionError::Empty);
+    }
+    Ok(out)
+}
+
+/// Renormalise `weights` over the modalities present. Missing or non-positive weights count as
+/// 0; if all are 0 every present modality weighs the same (an answer beats a division by zero).
+pub fn renormalise(present: &[&String], weights: &BTreeMap<String, f64>) -> BTreeMap<String, f64> {
+    let w = |m: &String| weights.get(m).copied().filter(|x| x.is_finite() && *x > 0.0).unwrap_or(0.0);
+    let total: f64 = present.iter().map(|m| w(m)).sum();
+    present
+        .iter()
+        .map(|m| {
+            let share = if total > 0.0 { w(m) / total } else { 1.0 / present.len() as f64 };
+            ((*m).clone(), share)
+        })
+        .collect()
+}
+
+fn combine(units: &BTreeMap<String, Vec<f64>>, weights: BTreeMap<String, f64>) -> Fused {
+    let dim = units.values().next().map_or(0, |v| v.len());
+    let mut u = vec![0f64; dim];
+    for (m, v) in units {
+        let w = weights.get(m).copied().unwrap_or(0.0);
+        for (acc, x) in u.iter_mut().zip(v) {
+            *acc += w * x;
+        }
+    }
+    let norm2: f64 = u.iter().map(|x| x * x).sum();
+    let contributions = units
+        .iter()
+        .map(|(m, v)| {
+            let w = weights.get(m).copied().unwrap_or(0.0);
+            let dot: f64 = v.iter().zip(&u).map(|(a, b)| a * b).sum();
+            let c = if norm2 > 0.0 { w * dot / norm2 } else { 0.0 };
+            (m.clone(), c)
+        })
+        .collect();
+    let norm = norm2.sqrt();
+    // Opposite vectors can cancel exactly; then the fused direction is undefined and we
+    // return the zero vector rather than NaNs.
+    let vector = u.iter().map(|x| if norm > 0.0 { (x / norm) as f32 } else { 0.0 }).collect();
+    Fused { vector, weights, contributions }
+}
+
+/// Weighted fusion with weights renormalised over the modalities present.
+pub fn weighted(vectors: &BTreeMap<String, Vec<f32>>, weights: &BTreeMap<String, f64>) -> Result<Fused, FusionError> {
+    let units = check_dims(vectors)?;
+    let present: Vec<&String> = units.keys().collect();
+    let w = renormalise(&present, weights);
+    Ok(combine(&units, w))
+}
+
+/// Attention fusion: alpha_m = softmax_m(e_m / T + ln w_m), with e_m the cosine between
+/// modality m and the mean of all modalities (agreement) and w_m its renormalised prior weight.
+pub fn attention(vectors: &BTreeMap<String, Vec<f32>>, weights: &BTreeMap<String, f64>) -> Result<Fused, FusionError> {
+    let units = check_dims(vectors)?;
+    let present: Vec<&String> = units.keys().collect();
+    let prior = renormalise(&present, weights);
+    let dim = units.values().next().map_or(0, |v| v.len());
+    let mut mean = vec![0f64; dim];
+    for v in units.values() {
+        for (a, x) in mean.iter_mut().zip(v) {
+            *a += x / units.len() as f64;
+        }
+    }
+    let mnorm = mean.iter().map(|x| x * x).sum::<f64>().sqrt();
+    let logits: BTreeMap<String, f64> = units
+        .iter()
+        .map(|(m, v)| {
+            let e = if mnorm > 0.0 { v.iter().zip(&mean).map(|(a, b)| a * b).sum::<f64>() / mnorm } else { 0.0 };
+            let p = prior.get(m).copied().unwrap_or(0.0);
+            // ln 0 = -inf: a zero-weight modality gets alpha 0, as in weighted fusion.
+            (m.clone(), e / ATTENTION_TEMPERATURE + if p > 0.0 { p.ln() } else { f64::NEG_INFINITY })
+        })
+        .collect();
+    let max = logits.values().cloned().fold(f64::NEG_INFINITY, f64::max);
+    let exps: BTreeMap<String, f64> = logits
+        .iter()
+        .map(|(m, l)| (m.clone(), if max.is_finite() { (l - max).exp() } else { 1.0 }))
+        .collect();
+    let z: f64 = exps.values().sum();
+    let alphas = exps.into_iter().map(|(m, e)| (m, e / z)).collect();
+    Ok(combine(&units, alphas))
+}
+
+/// De-fusion of a vector produced elsewhere (early fusion): the projection shares of the
+/// weighted combination onto `fused`, when the dimensions match; None when they do not.
+pub fn contributions_towards(
+    vectors: &BTreeMap<String, Vec<f32>>,
+    weights: &BTreeMap<String, f64>,
+    fused: &[f32],
+) -> Option<BTreeMap<String, f64>> {
+    let units = check_dims(vectors).ok()?;
+    if units.values().next()?.len() != fused.len() {
+        return None;
+    }
+    let f = normalised("fused", fused).ok()?;
+    let present: Vec<&String> = units.keys().collect();
+    let w = renormalise(&present, weights);
+    let raw: BTreeMap<String, f64> = units
+        .iter()
+        .map(|(m, v)| (m.clone(), w[m] * v.iter().zip(&f).map(|(a, b)| a * b).sum::<f64>()))
+        .collect();
+    let total: f64 = raw.values().sum();
+    if total.abs() < 1e-12 {
+        return None;
+    }
+    Some(raw.into_iter().map(|(m, c)| (m, c / total)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn map(items: &[(&str, Vec<f32>)]) -> BTreeMap<String, Vec<f32>> {
+        items.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    }
+
+    fn wmap(items: &[(&str, f64)]) -> BTreeMap<String, f64> {
+        items.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    fn vecs(dim: usize, n: usize) -> impl Strategy<Value = Vec<Vec<f32>>> {
+        prop::collection::vec(prop::collection::vec(-1.0f32..1.0, dim), n)
+            .prop_filter("non-zero", |vs| vs.iter().all(|v| v.iter().any(|x| x.abs() > 1e-3)))
+    }
+
+    proptest! {
+        /// Weights renormalise over the modalities present (sum 1, proportions kept), the fused
+        /// vector is unit length, and the de-fusion shares sum to 1.
+        #[test]
+        fn weighted_renormalises_and_normalises(vs in vecs(8, 3), ws in prop::collection::vec(0.01f64..10.0, 3), present in 1usize..=3) {
+            let names = ["text", "image", "audio"];
+            let vectors: BTreeMap<String, Vec<f32>> = (0..present).map(|i| (names[i].to_string(), vs[i].clone())).collect();
+            let weights: BTreeMap<String, f64> = (0..3).map(|i| (names[i].to_string(), ws[i])).collect();
+            let f = weighted(&vectors, &weights).unwrap();
+            let sum: f64 = f.weights.values().sum();
+            prop_assert!((sum - 1.0).abs() < 1e-9);
+            prop_assert_eq!(f.weights.len(), present);
+            let total: f64 = (0..present).map(|i| ws[i]).sum();
+            for i in 0..present {
+                prop_assert!((f.weights[names[i]] - ws[i] / total).abs() < 1e-9);
+            }
+            let n: f64 = f.vector.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+            prop_assert!(n == 0.0 || (n - 1.0).abs() < 1e-4, "norm {}", n);
+            if n > 0.0 {
+                let c: f64 = f.contributions.values().sum();
+                prop_assert!((c - 1.0).abs() < 1e-6, "contributions sum {}", c);
+            }
+        }
+
+        #[test]
+        fn attention_weights_are_a_distribution(vs in vecs(6, 3), ws in prop::collection::vec(0.01f64..10.0, 3)) {
+            let names = ["a", "b", "c"];
+            let vectors: BTreeMap<String, Vec<f32>> = (0..3).map(|i| (names[i].to_string(), vs[i].clone())).collect();
+            let weights: BTreeMap<String, f64> = (0..3).map(|i| (names[i].to_string(), ws[i])).collect();
+            let f = attention(&vectors, &weights).unwrap();
+            let sum: f64 = f.weights.values().sum();
+            prop_assert!((sum - 1.0).abs() < 1e-9);
+            prop_assert!(f.weights.values().all(|a| *a > 0.0 && *a < 1.0));
+        }
+    }
+
+    #[test]
+    fn single_modality_is_its_own_unit_vector() {
+        let f = weighted(&map(&[("text", vec![3.0, 4.0])]), &wmap(&[("text", 2.0), ("image", 5.0)])).unwrap();
+        assert!((f.vector[0] - 0.6).abs() < 1e-6 && (f.vector[1] - 0.8).abs() < 1e-6);
+        assert_eq!(f.weights["text"], 1.0);
+        assert!((f.contributions["text"] - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn dimension_mismatch_names_both_modalities() {
+        let err = weighted(&map(&[("audio", vec![1.0; 3]), ("text", vec![1.0; 4])]), &BTreeMap::new()).unwrap_err();
+        let msg = err.to_string();
+        assert!(msg.contains("'text'") && msg.contains("'audio'") && msg.contains('4') && msg.contains('3'), "{msg}");
+    }
+
+    #[test]
+    fn zero_and_nan_vectors_are_rejected() {
+        assert!(matches!(weighted(&map(&[("t", vec![0.0, 0.0])]), &BTreeMap::new()), Err(FusionError::Invalid(_))));
+        assert!(matches!(weighted(&map(&[("t", vec![f32::NAN, 1.0])]), &BTreeMap::new()), Err(FusionError::Invalid(_))));
+        assert!(matches!(weighted(&BTreeMap::new(), &BTreeMap::new()), Err(FusionError::Empty)));
+    }
+
+    #[test]
+    fn attention_favours_the_agreeing_majority() {
+        let v = map(&[("a", vec![1.0, 0.0]), ("b", vec![0.9, 0.1]), ("c", vec![-1.0, 0.2])]);
+        let f = attention(&v, &BTreeMap::new()).unwrap();
+        assert!(f.weights["a"] > f.weights["c"] && f.weights["b"] > f.weights["c"], "{:?}", f.weights);
+        assert!(f.vector[0] > 0.0);
+    }
+
+    #[test]
+    fn heavier_modality_contributes_more() {
+        let v = map(&[("text", vec![1.0, 0.0]), ("image", vec![0.0, 1.0])]);
+        let f = weighted(&v, &wmap(&[("text", 3.0), ("image", 1.0)])).unwrap();
+        assert!((f.contributions["text"] - 0.9).abs() < 1e-9, "{:?}", f.contributions);
+        assert!((f.contributions["image"] - 0.1).abs() < 1e-9);
+    }
+
+    #[test]
+    fn early_contributions_need_matching_dims() {
+        let v = map(&[("text", vec![1.0, 0.0]), ("image", vec![0.0, 1.0])]);
+        let c = contributions_towards(&v, &BTreeMap::new(), &[1.0, 1.0]).unwrap();
+        assert!((c["text"] - 0.5).abs() < 1e-9);
+        assert!(contributions_towards(&v, &BTreeMap::new(), &[1.0, 1.0, 1.0]).is_none());
+    }
+}

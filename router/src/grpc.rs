@@ -1,0 +1,156 @@
+//! gRPC front door (tonic): `prism.v1.Router/Infer`, the same engine and error table as HTTP.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use base64::Engine as _;
+use prism_api::wire::node::{EmbedInput, InputItem as WireItem};
+use prism_api::wire::router as wire;
+use subtle::ConstantTimeEq;
+use tonic::{Request, Response, Status};
+
+use crate::engine::Router;
+use crate::error::RouterError;
+
+/// Generated from api/proto/prism/v1/router.proto (+ node.proto, which it imports).
+pub mod pb {
+    tonic::include_proto!("prism.v1");
+}
+
+pub use pb::router_client::RouterClient;
+pub use pb::router_server::RouterServer;
+
+/// The service: a thin adapter over [`Router`] (linkerd's `InboundPolicyServer` shape).
+pub struct GrpcRouter {
+    router: Arc<Router>,
+    tokens: Arc<Vec<String>>,
+}
+
+impl GrpcRouter {
+    pub fn new(router: Arc<Router>, tokens: Vec<String>) -> Self {
+        Self { router, tokens: Arc::new(tokens) }
+    }
+
+    fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
+        if self.tokens.is_empty() {
+            return Ok(());
+        }
+        let presented = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+            .map(str::trim)
+            .unwrap_or("");
+        let mut ok = false;
+        for t in self.tokens.iter() {
+            ok |= bool::from(t.as_bytes().ct_eq(presented.as_bytes()));
+        }
+        if ok {
+            Ok(())
+        } else {
+            Err(RouterError::Unauthorized.into())
+        }
+    }
+}
+
+fn to_wire_input(modality: &str, item: pb::InputItem) -> Result<EmbedInput, RouterError> {
+    use pb::input_item::Item;
+    let b64 = |b: Vec<u8>| base64::engine::general_purpose::STANDARD.encode(b);
+    match item.item {
+        Some(Item::Text(t)) => Ok(EmbedInput::Text(t)),
+        Some(Item::Image(b)) => Ok(EmbedInput::Item(WireItem { image_base64: Some(b64(b)), ..Default::default() })),
+        Some(Item::Audio(b)) => Ok(EmbedInput::Item(WireItem { audio_base64: Some(b64(b)), ..Default::default() })),
+        Some(Item::Embeddings(m)) => Ok(EmbedInput::Item(WireItem {
+            embeddings: Some(m.embeddings.into_iter().map(|(k, v)| (k, v.values)).collect()),
+            ..Default::default()
+        })),
+        None => Err(RouterError::Validation(format!("input for modality '{modality}' is empty"))),
+    }
+}
+
+fn replica(r: wire::ReplicaRef) -> pb::Replica {
+    pb::Replica { node: r.node, endpoint: r.endpoint, revision: r.revision }
+}
+
+fn to_pb(r: wire::InferResponse) -> pb::InferResponse {
+    pb::InferResponse {
+        id: r.id,
+        pipeline: r.pipeline,
+        generation: r.generation,
+        strategy: r.strategy,
+        embedding: r.embedding.map(|values| pb::Vector { values }),
+        modalities: r
+            .modalities
+            .into_iter()
+            .map(|(m, x)| {
+                (
+                    m,
+                    pb::ModalityResult {
+                        embedding: Some(pb::Vector { values: x.embedding }),
+                        replica: Some(replica(x.replica)),
+                        weight: x.weight,
+                        attempts: x.attempts,
+                        latency_ms: x.latency_ms,
+                    },
+                )
+            })
+            .collect(),
+        contributions: r.contributions.unwrap_or_default().into_iter().collect(),
+        fusion_replica: r.fusion_replica.map(replica),
+        timings: Some(pb::RouterTimings {
+            route_ms: r.timings.route_ms,
+            fanout_ms: r.timings.fanout_ms,
+            fuse_ms: r.timings.fuse_ms,
+            total_ms: r.timings.total_ms,
+        }),
+        degraded: r.degraded.map(|d| pb::Degraded { missing: d.missing, reason: d.reason, cached: d.cached }),
+    }
+}
+
+#[tonic::async_trait]
+impl pb::router_server::Router for GrpcRouter {
+    async fn infer(&self, request: Request<pb::InferRequest>) -> Result<Response<pb::InferResponse>, Status> {
+        self.authorize(&request)?;
+        let id = request
+            .metadata()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|s| !s.is_empty() && s.len() <= 128)
+            .map(str::to_string)
+            .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+        let req = request.into_inner();
+        let mut inputs = BTreeMap::new();
+        for (m, item) in req.inputs {
+            let input = to_wire_input(&m, item)?;
+            inputs.insert(m, input);
+        }
+        let wreq = wire::InferRequest {
+            inputs,
+            timeout_ms: (req.timeout_ms > 0).then_some(req.timeout_ms),
+            de_fusion: req.de_fusion,
+        };
+        let resp = self.router.infer(wreq, &id).await?;
+        let mut out = Response::new(to_pb(resp));
+        if let Ok(v) = id.parse() {
+            out.metadata_mut().insert("x-request-id", v);
+        }
+        Ok(out)
+    }
+}
+
+/// Bind `addr` and return the bound address plus the server future (the caller spawns it).
+pub async fn serve(
+    router: Arc<Router>,
+    addr: SocketAddr,
+    tokens: Vec<String>,
+) -> std::io::Result<(SocketAddr, impl Future<Output = Result<(), tonic::transport::Error>>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let svc = RouterServer::new(GrpcRouter::new(router, tokens));
+    let fut = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming);
+    Ok((bound, fut))
+}

@@ -1,0 +1,299 @@
+//! HTTP/JSON front door (axum). Handlers are thin: parse, call the engine, map errors once.
+//!
+//! Security defaults: bearer-token auth on `/v1/*` and `/admin/*` (tokens from
+//! `--auth-token-file`, compared in constant time); probes, `/metrics` and `/openapi.json` stay
+//! open so kubelets and Prometheus need no secret. Per-client token-bucket rate limit (client =
+//! bearer token, else peer IP), a body-size limit answered with a JSON 413, and a deadline on
+//! every request.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use axum::body::Bytes;
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put, MethodRouter};
+use axum::{Json, Router as AxumRouter};
+use prism_api::wire::router::{
+    EmbeddingData, EmbeddingsRequest, EmbeddingsResponse, EmbeddingsUsage, InferRequest,
+};
+use prism_api::RoutingTable;
+use subtle::ConstantTimeEq;
+
+use crate::engine::Router;
+use crate::error::{from_json_error, RouterError};
+use crate::openapi;
+
+/// Most inputs in one `/v1/embeddings` call (OpenAI's own limit is 2048).
+pub const MAX_EMBEDDINGS_INPUTS: usize = 2048;
+
+/// Front-door settings.
+#[derive(Debug, Clone)]
+pub struct HttpOptions {
+    /// Accepted bearer tokens; empty = auth off.
+    pub tokens: Vec<String>,
+    pub max_body_bytes: usize,
+    /// Requests per second per client; 0 = unlimited.
+    pub rate_limit_rps: f64,
+    pub rate_limit_burst: f64,
+}
+
+impl Default for HttpOptions {
+    fn default() -> Self {
+        Self { tokens: Vec::new(), max_body_bytes: 16 * 1024 * 1024, rate_limit_rps: 0.0, rate_limit_burst: 0.0 }
+    }
+}
+
+#[derive(Clone)]
+pub struct AppState {
+    pub router: Arc<Router>,
+    pub options: Arc<HttpOptions>,
+    limiter: Arc<Mutex<HashMap<String, Bucket>>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// Request id of this request (from `x-request-id` when the client sent a sane one).
+#[derive(Clone, Debug)]
+pub struct RequestId(pub String);
+
+/// Every route, as registered: the OpenAPI test walks this list.
+pub fn routes() -> Vec<(&'static str, &'static str)> {
+    let mut seen = Vec::new();
+    let _ = api_routes(&mut seen);
+    let _ = open_routes(&mut seen);
+    seen
+}
+
+fn add(
+    r: AxumRouter<AppState>,
+    seen: &mut Vec<(&'static str, &'static str)>,
+    method: &'static str,
+    path: &'static str,
+    h: MethodRouter<AppState>,
+) -> AxumRouter<AppState> {
+    seen.push((method, path));
+    r.route(path, h)
+}
+
+fn api_routes(seen: &mut Vec<(&'static str, &'static str)>) -> AxumRouter<AppState> {
+    let r = AxumRouter::new();
+    let r = add(r, seen, "post", "/v1/infer", post(infer));
+    let r = add(r, seen, "post", "/v1/embeddings", post(embeddings));
+    let r = add(r, seen, "get", "/v1/routing-table", get(get_table));
+    add(r, seen, "put", "/admin/routing-table", put(put_table))
+}
+
+fn open_routes(seen: &mut Vec<(&'static str, &'static str)>) -> AxumRouter<AppState> {
+    let r = AxumRouter::new();
+    let r = add(r, seen, "get", "/live", get(|| async { "ok" }));
+    let r = add(r, seen, "get", "/ready", get(ready));
+    let r = add(r, seen, "get", "/metrics", get(metrics));
+    add(r, seen, "get", "/openapi.json", get(|| async { Json(openapi::document()) }))
+}
+
+/// The whole HTTP app. Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so
+/// the rate limiter can key anonymous clients by IP.
+pub fn app(router: Arc<Router>, options: HttpOptions) -> AxumRouter {
+    let state = AppState { router, options: Arc::new(options), limiter: Arc::new(Mutex::new(HashMap::new())) };
+    let mut seen = Vec::new();
+    let api = api_routes(&mut seen)
+        .layer(middleware::from_fn_with_state(state.clone(), guard));
+    open_routes(&mut seen)
+        .merge(api)
+        .fallback(|| async { RouterError::NotFound("no such route; see GET /openapi.json".into()) })
+        .method_not_allowed_fallback(|| async {
+            (
+                StatusCode::METHOD_NOT_ALLOWED,
+                Json(prism_api::wire::ErrorBody::new("method_not_allowed", "method not allowed on this route; see GET /openapi.json")),
+            )
+        })
+        .layer(middleware::from_fn(request_id))
+        .with_state(state)
+}
+
+async fn request_id(mut req: Request, next: Next) -> Response {
+    let id = req
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|s| !s.is_empty() && s.len() <= 128 && s.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_string)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
+    req.extensions_mut().insert(RequestId(id.clone()));
+    let mut resp = next.run(req).await;
+    if let Ok(v) = HeaderValue::from_str(&id) {
+        resp.headers_mut().insert("x-request-id", v);
+    }
+    resp
+}
+
+/// Auth, then rate limit (keyed by the authenticated token, else by peer IP).
+async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let bearer = req
+        .headers()
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim);
+    let mut client = None;
+    if !st.options.tokens.is_empty() {
+        let Some(b) = bearer else { return RouterError::Unauthorized.into_response() };
+        // Check every token (no early exit) so timing does not reveal which one is close.
+        let mut hit = None;
+        for (i, t) in st.options.tokens.iter().enumerate() {
+            if bool::from(t.as_bytes().ct_eq(b.as_bytes())) {
+                hit = Some(i);
+            }
+        }
+        let Some(i) = hit else { return RouterError::Unauthorized.into_response() };
+        client = Some(format!("token:{i}"));
+    }
+    if st.options.rate_limit_rps > 0.0 {
+        let key = client.unwrap_or_else(|| {
+            req.extensions()
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| format!("ip:{}", c.0.ip()))
+                .unwrap_or_else(|| "ip:unknown".into())
+        });
+        if let Err(e) = st.take_token(&key) {
+            return e.into_response();
+        }
+    }
+    next.run(req).await
+}
+
+impl AppState {
+    fn take_token(&self, key: &str) -> Result<(), RouterError> {
+        let rps = self.options.rate_limit_rps;
+        let burst = self.options.rate_limit_burst.max(1.0);
+        let mut map = self.limiter.lock().unwrap_or_else(|p| p.into_inner());
+        let now = Instant::now();
+        // Bound memory under many distinct clients: forget buckets that are full again.
+        if map.len() > 10_000 {
+            map.retain(|_, b| (b.tokens + now.duration_since(b.at).as_secs_f64() * rps) < burst);
+        }
+        let b = map.entry(key.to_string()).or_insert(Bucket { tokens: burst, at: now });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rps).min(burst);
+        b.at = now;
+        if b.tokens >= 1.0 {
+            b.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(RouterError::RateLimited { retry_after_s: ((1.0 - b.tokens) / rps).ceil().max(1.0) as u64 })
+        }
+    }
+}
+
+/// Read the body up to `limit` bytes; over the limit is a JSON 413 (axum's own is plain text).
+async fn read_body(req: Request, limit: usize) -> Result<Bytes, RouterError> {
+    axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
+        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
+        while let Some(c) = cur {
+            if c.is::<http_body_util::LengthLimitError>() {
+                return RouterError::PayloadTooLarge { limit };
+            }
+            cur = c.source();
+        }
+        RouterError::InvalidJson(format!("could not read the request body: {e}"))
+    })
+}
+
+fn rid(headers: &axum::http::Extensions) -> String {
+    headers.get::<RequestId>().map(|r| r.0.clone()).unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}
+
+async fn infer(State(st): State<AppState>, req: Request) -> Result<Response, RouterError> {
+    let id = rid(req.extensions());
+    let body = read_body(req, st.options.max_body_bytes).await?;
+    let parsed: InferRequest = serde_json::from_slice(&body).map_err(from_json_error)?;
+    let resp = st.router.infer(parsed, &id).await?;
+    Ok(Json(resp).into_response())
+}
+
+async fn embeddings(State(st): State<AppState>, req: Request) -> Result<Response, RouterError> {
+    let id = rid(req.extensions());
+    let body = read_body(req, st.options.max_body_bytes).await?;
+    let parsed: EmbeddingsRequest = serde_json::from_slice(&body).map_err(from_json_error)?;
+    if let Some(f) = parsed.encoding_format.as_deref() {
+        if f != "float" {
+            return Err(RouterError::Validation(format!("encoding_format '{f}' is not supported; use 'float'")));
+        }
+    }
+    let texts = parsed.input.into_vec();
+    if texts.is_empty() {
+        return Err(RouterError::Validation("`input` is an empty list".into()));
+    }
+    if texts.len() > MAX_EMBEDDINGS_INPUTS {
+        return Err(RouterError::Validation(format!("`input` has {} items; at most {MAX_EMBEDDINGS_INPUTS}", texts.len())));
+    }
+    // `model` picks a modality when it names one (e.g. "caption"); otherwise `text` serves.
+    let snap = st.router.snapshot();
+    let modality = parsed
+        .model
+        .as_deref()
+        .filter(|m| snap.configs.contains_key(*m))
+        .unwrap_or("text")
+        .to_string();
+    let words: u64 = texts.iter().map(|t| t.split_whitespace().count() as u64).sum();
+    let (served, snap) = st.router.embed_texts(&modality, texts, &id).await?;
+    if let Some(d) = parsed.dimensions {
+        let got = served.response.embeddings.first().map_or(0, |v| v.len());
+        if d != got {
+            return Err(RouterError::Validation(format!("dimensions={d} requested but this model emits {got}")));
+        }
+    }
+    let data = served
+        .response
+        .embeddings
+        .into_iter()
+        .enumerate()
+        .map(|(index, embedding)| EmbeddingData { object: "embedding".into(), index, embedding })
+        .collect();
+    let resp = EmbeddingsResponse {
+        object: "list".into(),
+        data,
+        model: parsed.model.unwrap_or_else(|| snap.pipeline.clone()),
+        usage: EmbeddingsUsage { prompt_tokens: words, total_tokens: words },
+    };
+    let mut r = Json(resp).into_response();
+    let h: &mut HeaderMap = r.headers_mut();
+    for (k, v) in [("x-prism-node", &served.replica.node), ("x-prism-revision", &served.replica.revision)] {
+        if let Ok(v) = HeaderValue::from_str(v) {
+            h.insert(k, v);
+        }
+    }
+    Ok(r)
+}
+
+async fn get_table(State(st): State<AppState>) -> Json<RoutingTable> {
+    Json(st.router.snapshot().table.clone())
+}
+
+async fn put_table(State(st): State<AppState>, req: Request) -> Result<Response, RouterError> {
+    let body = read_body(req, st.options.max_body_bytes).await?;
+    let table: RoutingTable = serde_json::from_slice(&body).map_err(from_json_error)?;
+    let r = st.router.apply_table(table)?;
+    Ok(Json(r).into_response())
+}
+
+async fn ready(State(st): State<AppState>) -> Response {
+    if st.router.is_ready() {
+        (StatusCode::OK, "ready").into_response()
+    } else {
+        RouterError::Unavailable("no routing table with a routable replica yet".into()).into_response()
+    }
+}
+
+async fn metrics(State(st): State<AppState>) -> Response {
+    ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.router.metrics.render()).into_response()
+}
+

@@ -1,0 +1,145 @@
+//! `prism-router`: wiring only (flags -> engine + front doors + reload tasks).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::Parser;
+use prism_router::http::HttpOptions;
+use prism_router::{config, engine, http, EngineOptions, Router};
+use tracing::info;
+
+/// Prism router: routes each modality of a request to the best healthy replica, fuses the
+/// answers, and degrades gracefully when a modality is down.
+#[derive(Parser, Debug)]
+#[command(name = "prism-router", version)]
+struct Args {
+    /// HTTP listen address; port 0 picks a free port (the chosen one is printed as `listening on http://ADDR`).
+    #[arg(long, default_value = "127.0.0.1:8080", env = "PRISM_ROUTER_LISTEN")]
+    listen: SocketAddr,
+    /// gRPC listen address (prism.v1.Router/Infer); off when not given. Prints `grpc listening on ADDR`.
+    #[arg(long, env = "PRISM_ROUTER_GRPC_LISTEN")]
+    grpc_listen: Option<SocketAddr>,
+    /// Pipeline spec: a MultimodalPipeline manifest or its bare spec, JSON or YAML. Re-read when it changes.
+    #[arg(long, env = "PRISM_ROUTER_PIPELINE")]
+    pipeline: Option<PathBuf>,
+    /// Pipeline name when neither the pipeline manifest nor the routing table names one.
+    #[arg(long, default_value = "default")]
+    pipeline_name: String,
+    /// Routing table JSON ({pipeline, generation, modalities}); polled and applied when its generation grows.
+    #[arg(long, env = "PRISM_ROUTER_ROUTING_TABLE")]
+    routing_table: Option<PathBuf>,
+    /// How often the routing-table and pipeline files are checked for changes.
+    #[arg(long, default_value_t = 250)]
+    reload_interval_ms: u64,
+    /// File with accepted bearer tokens, one per line (blank lines and `#` comments ignored).
+    #[arg(long, env = "PRISM_ROUTER_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// Serve /v1 and /admin without auth on a non-loopback address (loopback never needs this).
+    #[arg(long)]
+    insecure_no_auth: bool,
+    /// Largest request body in bytes (413 above it).
+    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    max_body_bytes: usize,
+    /// Requests per second per client (bearer token, else peer IP); 0 = unlimited.
+    #[arg(long, default_value_t = 0.0)]
+    rate_limit_rps: f64,
+    /// Burst size of the per-client rate limit (defaults to 2 x rps).
+    #[arg(long)]
+    rate_limit_burst: Option<f64>,
+    /// Interval of active /ready probes of every replica; 0 = passive health only.
+    #[arg(long, default_value_t = 500)]
+    probe_interval_ms: u64,
+    /// Log format: text or json.
+    #[arg(long, default_value = "text")]
+    log_format: String,
+}
+
+fn read_tokens(path: &PathBuf) -> anyhow::Result<Vec<String>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading --auth-token-file {}", path.display()))?;
+    let tokens: Vec<String> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with('#'))
+        .map(str::to_string)
+        .collect();
+    if tokens.is_empty() {
+        bail!("--auth-token-file {} holds no token (one per line)", path.display());
+    }
+    Ok(tokens)
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    if args.log_format == "json" {
+        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
+    } else {
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    }
+
+    let tokens = match &args.auth_token_file {
+        Some(p) => read_tokens(p)?,
+        None => Vec::new(),
+    };
+    // Auth is on by default: refuse to expose an open router beyond this machine by accident.
+    if tokens.is_empty() && !args.listen.ip().is_loopback() && !args.insecure_no_auth {
+        bail!(
+            "refusing to serve without auth on {}: pass --auth-token-file FILE (bearer tokens, one per line), \
+             or --insecure-no-auth to accept anonymous requests, or listen on 127.0.0.1",
+            args.listen
+        );
+    }
+
+    let (name, spec) = match &args.pipeline {
+        Some(p) => config::load_pipeline(p)?,
+        None => (None, engine::default_spec()),
+    };
+    let table = match &args.routing_table {
+        Some(p) => Some(config::load_table(p)?),
+        None => None,
+    };
+    let probe = (args.probe_interval_ms > 0).then(|| Duration::from_millis(args.probe_interval_ms));
+    let router = Router::new(name.unwrap_or(args.pipeline_name.clone()), spec, table, EngineOptions { probe_interval: probe })?;
+
+    tokio::spawn(router.clone().probe_loop());
+    if args.routing_table.is_some() || args.pipeline.is_some() {
+        tokio::spawn(config::watch_files(
+            router.clone(),
+            args.routing_table.clone(),
+            args.pipeline.clone(),
+            Duration::from_millis(args.reload_interval_ms.max(10)),
+        ));
+    }
+
+    if let Some(addr) = args.grpc_listen {
+        let (bound, fut) = prism_router::grpc::serve(router.clone(), addr, tokens.clone()).await?;
+        println!("grpc listening on {bound}");
+        tokio::spawn(async move {
+            if let Err(e) = fut.await {
+                tracing::error!(error = %e, "gRPC server stopped");
+            }
+        });
+    }
+
+    let opts = HttpOptions {
+        tokens,
+        max_body_bytes: args.max_body_bytes,
+        rate_limit_rps: args.rate_limit_rps,
+        rate_limit_burst: args.rate_limit_burst.unwrap_or(args.rate_limit_rps * 2.0),
+    };
+    let app = http::app(router.clone(), opts);
+    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding --listen {}", args.listen))?;
+    let local = listener.local_addr()?;
+    // Printed on stdout, flushed: `prism up` and the tests read the port from it.
+    println!("listening on http://{local}");
+    info!(addr = %local, pipeline = %router.snapshot().pipeline, "router listening");
+    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,97 @@
+//! Hand-written OpenAPI 3.1 description of the HTTP API. `tests` below checks that every
+//! registered route is described and every described route is registered.
+
+use serde_json::{json, Value};
+
+pub fn document() -> Value {
+    let err = json!({"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    json!({
+        "openapi": "3.1.0",
+        "info": {"title": "Prism router", "version": env!("CARGO_PKG_VERSION"),
+                 "description": "Multimodal inference front door: per-modality replica choice, parallel fan-out, fusion, graceful degradation. Send `Authorization: Bearer <token>` to /v1/* and /admin/* unless auth is off."},
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["type", "message"], "properties": {
+                    "type": {"type": "string", "enum": ["invalid_json", "validation", "unknown_modality", "payload_too_large", "unauthorized", "rate_limited", "unavailable", "timeout", "conflict", "fusion", "not_found", "method_not_allowed", "internal"]},
+                    "message": {"type": "string"}}}}},
+                "Input": {"description": "A bare string (text-like modalities) or an object with exactly one field.",
+                    "oneOf": [{"type": "string"}, {"type": "object", "additionalProperties": false, "properties": {
+                        "text": {"type": "string"}, "image_base64": {"type": "string", "contentEncoding": "base64"},
+                        "audio_base64": {"type": "string", "contentEncoding": "base64"},
+                        "embeddings": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "number"}}}}}]},
+                "InferRequest": {"type": "object", "required": ["inputs"], "additionalProperties": false, "properties": {
+                    "inputs": {"type": "object", "description": "modality name (text, image, audio, or any modality of the pipeline) -> input", "additionalProperties": {"$ref": "#/components/schemas/Input"}},
+                    "timeout_ms": {"type": "integer", "minimum": 1, "description": "tighter than routing.timeoutMs"},
+                    "de_fusion": {"type": "boolean"}}},
+                "Replica": {"type": "object", "required": ["node", "endpoint", "revision"], "properties": {"node": {"type": "string"}, "endpoint": {"type": "string"}, "revision": {"type": "string"}}},
+                "InferResponse": {"type": "object", "required": ["id", "pipeline", "generation", "strategy", "modalities", "timings"], "properties": {
+                    "id": {"type": "string"}, "pipeline": {"type": "string"}, "generation": {"type": "integer"},
+                    "strategy": {"type": "string", "enum": ["weighted", "attention", "late", "early"]},
+                    "embedding": {"type": "array", "items": {"type": "number"}},
+                    "modalities": {"type": "object", "additionalProperties": {"type": "object", "required": ["embedding", "replica", "weight", "attempts", "latency_ms"], "properties": {
+                        "embedding": {"type": "array", "items": {"type": "number"}}, "replica": {"$ref": "#/components/schemas/Replica"},
+                        "weight": {"type": "number"}, "attempts": {"type": "integer"}, "latency_ms": {"type": "number"}}}},
+                    "contributions": {"type": "object", "additionalProperties": {"type": "number"}},
+                    "fusion_replica": {"$ref": "#/components/schemas/Replica"},
+                    "timings": {"type": "object", "properties": {"route_ms": {"type": "number"}, "fanout_ms": {"type": "number"}, "fuse_ms": {"type": "number"}, "total_ms": {"type": "number"}}},
+                    "degraded": {"type": "object", "required": ["missing", "reason"], "properties": {"missing": {"type": "array", "items": {"type": "string"}}, "reason": {"type": "string"}, "cached": {"type": "boolean"}}}}},
+                "EmbeddingsRequest": {"type": "object", "required": ["input"], "properties": {
+                    "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 2048}]},
+                    "model": {"type": "string", "description": "a modality name of the pipeline, else ignored (text serves)"},
+                    "encoding_format": {"type": "string", "enum": ["float"]}, "dimensions": {"type": "integer"}, "user": {"type": "string"}}},
+                "EmbeddingsResponse": {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
+                    "object": {"const": "list"},
+                    "data": {"type": "array", "items": {"type": "object", "properties": {"object": {"const": "embedding"}, "index": {"type": "integer"}, "embedding": {"type": "array", "items": {"type": "number"}}}}},
+                    "model": {"type": "string"},
+                    "usage": {"type": "object", "properties": {"prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}}}},
+                "RoutingTable": {"type": "object", "required": ["pipeline", "generation", "modalities"], "properties": {
+                    "pipeline": {"type": "string"}, "generation": {"type": "integer", "minimum": 0},
+                    "modalities": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "object", "required": ["endpoint", "node", "revision", "weight", "accuracy", "ready"], "properties": {
+                        "endpoint": {"type": "string"}, "node": {"type": "string"}, "revision": {"type": "string"}, "weight": {"type": "number"}, "accuracy": {"type": "number"}, "ready": {"type": "boolean"}}}}}}},
+                "ReloadResponse": {"type": "object", "properties": {"applied": {"type": "boolean"}, "generation": {"type": "integer"}}}
+            }
+        },
+        "paths": {
+            "/v1/infer": {"post": {"summary": "Embed one multimodal item: fan out, fuse, degrade", "security": [{"bearer": []}],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}}},
+                "responses": {"200": {"description": "answer (check `degraded`)", "headers": {"x-request-id": {"schema": {"type": "string"}}}, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferResponse"}}}},
+                              "400": err, "401": err, "413": err, "422": err, "429": err, "503": err, "504": err}}},
+            "/v1/embeddings": {"post": {"summary": "OpenAI-compatible text embeddings", "security": [{"bearer": []}],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingsRequest"}}}},
+                "responses": {"200": {"description": "embeddings", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingsResponse"}}}},
+                              "400": err, "401": err, "413": err, "422": err, "429": err, "503": err}}},
+            "/v1/routing-table": {"get": {"summary": "Routing table in force", "security": [{"bearer": []}],
+                "responses": {"200": {"description": "table", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RoutingTable"}}}}, "401": err}}},
+            "/admin/routing-table": {"put": {"summary": "Hot-reload the routing table (only strictly newer generations apply)", "security": [{"bearer": []}],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RoutingTable"}}}},
+                "responses": {"200": {"description": "applied, or the same table again (applied=false)", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ReloadResponse"}}}},
+                              "400": err, "401": err, "409": err, "422": err}}},
+            "/live": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
+            "/ready": {"get": {"summary": "Readiness: a routing table with a routable replica is loaded", "responses": {"200": {"description": "ready"}, "503": err}}},
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},
+            "/openapi.json": {"get": {"summary": "This document", "responses": {"200": {"description": "OpenAPI 3.1"}}}}
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_route_is_documented_and_every_documented_route_exists() {
+        let doc = document();
+        let paths = doc["paths"].as_object().expect("paths");
+        let routes = crate::http::routes();
+        assert!(routes.len() >= 8);
+        for (method, path) in &routes {
+            assert!(paths.get(*path).and_then(|p| p.get(*method)).is_some(), "{method} {path} is served but not in openapi.json");
+        }
+        for (path, ops) in paths {
+            for method in ops.as_object().expect("ops").keys() {
+                assert!(routes.iter().any(|(m, p)| p == path && m == method), "{method} {path} is documented but not served");
+            }
+        }
+    }
+}
