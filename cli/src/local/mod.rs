@@ -262,7 +262,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let table_path = dir.join("routing-table.json");
     let spec_path = dir.join("pipeline.json");
     write_atomic(&table_path, &serde_json::to_vec_pretty(&table)?)?;
-    write_atomic(&spec_path, &serde_json::to_vec_pretty(&serde_json::json!({"name": pname, "spec": pipeline.spec}))?)?;
+    write_atomic(&spec_path, &serde_json::to_vec_pretty(&pipeline)?)?;
     sup.table = Some(table);
     let router_log = logs_dir.join("router.log");
     let _ = std::fs::remove_file(&router_log);
@@ -296,7 +296,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let mut state = sup.state(&router_log);
     state.save(&dir)?;
     println!("router: {router_url}");
-    println!("ready in {:.1}s. Try:\n  curl -s {router_url}/v1/infer -H 'content-type: application/json' -d '{{\"text\": \"a dog playing in the snow\"}}'\n  prism status | prism logs NODE | prism down (or Ctrl-C)", started.elapsed().as_secs_f64());
+    println!("ready in {:.1}s. Try:\n  curl -s {router_url}/v1/infer -H 'content-type: application/json' -d '{{\"inputs\": {{\"text\": \"a dog playing in the snow\"}}}}'\n  prism status | prism logs NODE | prism down (or Ctrl-C)", started.elapsed().as_secs_f64());
     print!("{}", state.render());
 
     // Supervise until Ctrl-C or SIGTERM (`prism down`).
