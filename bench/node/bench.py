@@ -7,7 +7,7 @@ Prints per-system results and a headline last line:
         torch_p99_ms_b1=... rss_mb=...
 and appends that line (with date and machine) to bench/RESULTS.md.
 
-Usage: python3 bench/node/bench.py [--bin target/release/prism-node] [--threads 2]
+Usage: python3 bench/node/bench.py [--bin target/release/prism-node] [--threads 2] [--torch-python PY]
 """
 import argparse
 import datetime
@@ -100,7 +100,7 @@ def bench_prism(binary, sents, threads):
         proc.terminate(); proc.wait(10)
 
 
-def bench_torch(sents, threads):
+def bench_torch(python, sents, threads):
     # Runs in a child process so its peak RSS is its own.
     code = r"""
 import json, sys, time, resource
@@ -121,7 +121,7 @@ lat.sort()
 p = lambda q: lat[min(len(lat) - 1, int(round(q / 100 * (len(lat) - 1))))]
 print(json.dumps({"sps": sps, "p50": p(50), "p99": p(99), "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
 """ % (threads, str(MODEL))
-    out = subprocess.run([sys.executable, "-c", code], input=json.dumps(sents), capture_output=True, text=True)
+    out = subprocess.run([python, "-c", code], input=json.dumps(sents), capture_output=True, text=True)
     if out.returncode != 0:
         raise SystemExit(f"torch side failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -131,13 +131,17 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--bin", default=str(ROOT / "target/release/prism-node"))
     ap.add_argument("--threads", type=int, default=2)
+    # PyTorch lives in its own venv (bench/.venv, made by `make bench-node`) so its ~3 GB never
+    # touches the test environment.
+    venv_py = ROOT / "bench/.venv/bin/python"
+    ap.add_argument("--torch-python", default=str(venv_py if venv_py.exists() else sys.executable))
     a = ap.parse_args()
     if not (MODEL / "model.safetensors").exists():
         raise SystemExit(f"{MODEL} missing: run `make models`")
     sents = sentences()
     p = bench_prism(a.bin, sents, a.threads)
     print(f"prism: batch32 {p['sps']:.1f} sentences/s, batch1 p50 {p['p50']:.2f} ms p99 {p['p99']:.2f} ms, peak RSS {p['rss_mb']:.0f} MB")
-    t = bench_torch(sents, a.threads)
+    t = bench_torch(a.torch_python, sents, a.threads)
     print(f"torch: batch32 {t['sps']:.1f} sentences/s, batch1 p50 {t['p50']:.2f} ms p99 {t['p99']:.2f} ms, peak RSS {t['rss_mb']:.0f} MB")
     line = (f"node: ratio={p['sps'] / t['sps']:.2f} prism_sps={p['sps']:.0f} torch_sps={t['sps']:.0f} "
             f"p99_ms_b1={p['p99']:.1f} torch_p99_ms_b1={t['p99']:.1f} rss_mb={p['rss_mb']:.0f}")

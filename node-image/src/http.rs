@@ -3,8 +3,7 @@
 
 use std::sync::{Arc, OnceLock};
 
-use axum::body::Bytes;
-use axum::extract::rejection::BytesRejection;
+use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -32,6 +31,8 @@ pub struct AppState {
     pub infer: Arc<OnceLock<Infer>>,
     pub metrics: Metrics,
     pub id: Arc<NodeIdentity>,
+    /// Largest accepted request body (`--max-body-bytes`).
+    pub max_body_bytes: usize,
 }
 
 impl AppState {
@@ -54,7 +55,8 @@ impl AppState {
     }
 }
 
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+pub fn router(state: AppState) -> Router {
+    let max_body_bytes = state.max_body_bytes;
     Router::new()
         .route("/embed", post(embed))
         .route("/info", get(info))
@@ -80,14 +82,14 @@ async fn metrics(State(st): State<AppState>) -> impl IntoResponse {
     ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.metrics.render())
 }
 
-async fn embed(State(st): State<AppState>, headers: HeaderMap, body: Result<Bytes, BytesRejection>) -> Response {
+async fn embed(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Response {
     let request_id = headers
         .get("x-request-id")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned)
         .unwrap_or_else(|| uuid::Uuid::new_v4().to_string());
     let span = request_span(&request_id, "http");
-    let result = embed_inner(&st, body).instrument(span).await;
+    let result = embed_inner(&st, &headers, body).instrument(span).await;
     let mut resp = match result {
         Ok(r) => {
             let t = r.timings.clone();
@@ -112,9 +114,12 @@ async fn embed(State(st): State<AppState>, headers: HeaderMap, body: Result<Byte
     resp
 }
 
-async fn embed_inner(st: &AppState, body: Result<Bytes, BytesRejection>) -> Result<EmbedResponse, NodeError> {
+async fn embed_inner(st: &AppState, headers: &HeaderMap, body: Body) -> Result<EmbedResponse, NodeError> {
     // Errors before the request reaches `Infer` are counted here; `Infer::embed` counts its own.
-    let parsed = parse(body);
+    let parsed = match read_body(headers, body, st.max_body_bytes).await {
+        Ok(bytes) => parse(&bytes),
+        Err(e) => Err(e),
+    };
     let req = match parsed {
         Ok(r) => r,
         Err(e) => {
@@ -139,15 +144,29 @@ async fn embed_inner(st: &AppState, body: Result<Bytes, BytesRejection>) -> Resu
     })
 }
 
-fn parse(body: Result<Bytes, BytesRejection>) -> Result<EmbedRequest, NodeError> {
-    let bytes = body.map_err(|rej| {
-        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
-            NodeError::PayloadTooLarge(format!("request body too large: {}", rej.body_text()))
+/// Reads the body up to `limit` bytes. A declared Content-Length over the limit is refused before
+/// reading anything, so the client gets the 413 instead of a reset while it is still uploading.
+async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, NodeError> {
+    let too_large = || {
+        NodeError::PayloadTooLarge(format!(
+            "request body larger than {limit} bytes (--max-body-bytes); split the inputs over several requests"
+        ))
+    };
+    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit as u64) {
+        return Err(too_large());
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|e| {
+        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
+            too_large()
         } else {
-            NodeError::Validation(format!("reading request body: {}", rej.body_text()))
+            NodeError::Validation(format!("reading request body: {e}"))
         }
-    })?;
-    serde_json::from_slice::<EmbedRequest>(&bytes).map_err(|e| {
+    })
+}
+
+fn parse(bytes: &[u8]) -> Result<EmbedRequest, NodeError> {
+    serde_json::from_slice::<EmbedRequest>(bytes).map_err(|e| {
         NodeError::Validation(format!(
             "invalid JSON body: {e}; expected {{\"inputs\": [\"text\", {{\"text\": \"...\"}}, ...], \"deadline_ms\": 1000}}"
         ))

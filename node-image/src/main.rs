@@ -67,6 +67,8 @@ async fn main() -> anyhow::Result<()> {
     // Logs go to stderr: stdout carries only the `listening on` lines a parent process reads.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        // Colour codes only on a terminal; in pods and test logs they are noise.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
@@ -96,6 +98,7 @@ async fn main() -> anyhow::Result<()> {
             architecture: arch.name.to_string(),
             revision: args.revision.clone(),
         }),
+        max_body_bytes: args.max_body_bytes,
     };
 
     // Bind first so /live answers (and the port is known) while the model loads.
@@ -120,7 +123,7 @@ async fn main() -> anyhow::Result<()> {
     health_reporter.set_not_serving::<prism_node::pb::node_server::NodeServer<NodeService>>().await;
     health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
 
-    let http_app = http::router(state.clone(), args.max_body_bytes);
+    let http_app = http::router(state.clone());
     let http_task = tokio::spawn(async move {
         axum::serve(listener, http_app).with_graceful_shutdown(shutdown_signal()).await
     });
