@@ -1,4 +1,75 @@
-//! Prism's control plane: reconcilers for ModalityNode and MultimodalPipeline, the autoscaler
-//! and failover loops. Pure decision functions live beside thin API adapters.
+//! Prism's control plane: reconcilers for ModalityNode and MultimodalPipeline.
+//!
+//! Layout (pure core first, adapters last):
+//! - [`node`], [`pipeline`]: pure functions (spec + observed state -> desired objects, status);
+//!   no client, unit-tested without a cluster and reusable by `prism up`.
+//! - [`index`]: linkerd-style in-memory index of node pods (namespace -> node -> pod -> endpoint),
+//!   fed by one pod watch; it decides which pipelines must republish their routing table.
+//! - [`controller`]: the kube-rs Controllers (thin adapters: read, call the core, apply).
+//! - [`lease`], [`metrics`], [`server`]: leader election, Prometheus metrics, health endpoints.
 
+pub mod controller;
 pub mod crds;
+pub mod index;
+pub mod lease;
+pub mod metrics;
+pub mod node;
+pub mod pipeline;
+pub mod server;
+
+/// Errors of the reconcilers. Metric labels use [`Error::metric_label`] (bare variant names only,
+/// so the `errors_total` label set stays small).
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("kubernetes API call failed: {0}")]
+    Kube(#[from] kube::Error),
+    #[error("serializing {what}: {source}")]
+    Serialize {
+        what: &'static str,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{0} has no namespace (Prism resources are namespaced)")]
+    NoNamespace(String),
+    #[error("invalid spec: {0}")]
+    InvalidSpec(String),
+}
+
+impl Error {
+    pub fn metric_label(&self) -> &'static str {
+        match self {
+            Error::Kube(_) => "kube",
+            Error::Serialize { .. } => "serialize",
+            Error::NoNamespace(_) => "no_namespace",
+            Error::InvalidSpec(_) => "invalid_spec",
+        }
+    }
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Settings shared by every reconcile (from command-line flags).
+#[derive(Clone, Debug)]
+pub struct OperatorConfig {
+    /// Image of prism-node when `spec.image` is unset.
+    pub node_image: String,
+    /// Image of prism-router when `spec.routerImage` is unset.
+    pub router_image: String,
+    /// imagePullPolicy for generated pods (None = Kubernetes default).
+    pub image_pull_policy: Option<String>,
+}
+
+impl Default for OperatorConfig {
+    fn default() -> Self {
+        Self {
+            node_image: format!("ghcr.io/prism-dev/prism-node:{}", env!("CARGO_PKG_VERSION")),
+            router_image: format!("ghcr.io/prism-dev/prism-router:{}", env!("CARGO_PKG_VERSION")),
+            image_pull_policy: None,
+        }
+    }
+}
+
+/// RFC 3339 "now" for condition timestamps.
+pub fn now_rfc3339() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+}

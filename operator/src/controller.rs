@@ -1,0 +1,360 @@
+//! Thin adapters: kube-rs Controllers that read the cluster, call the pure core in
+//! [`crate::node`] / [`crate::pipeline`], and write the result with server-side apply.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::channel::mpsc;
+use futures::{SinkExt, StreamExt};
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{ListParams, Patch, PatchParams};
+use kube::runtime::controller::{Action, Config as CtrlConfig};
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::{watcher, Controller, WatchStreamExt};
+use kube::{Api, Client, Resource, ResourceExt};
+use prism_api::condition::{find, types};
+use prism_api::labels;
+use prism_api::routing::{RoutingTable, ROUTING_TABLE_KEY};
+use prism_api::{ModalityNode, MultimodalPipeline};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tracing::{info, instrument, warn, Instrument};
+
+use crate::index::{Index, SharedIndex};
+use crate::metrics::Metrics;
+use crate::pipeline::ObservedNode;
+use crate::{node, now_rfc3339, pipeline, Error, OperatorConfig, Result};
+
+pub const NODE_CONTROLLER: &str = "modalitynode";
+pub const PIPELINE_CONTROLLER: &str = "multimodalpipeline";
+
+/// Everything a reconcile needs, and nothing else.
+pub struct Context {
+    pub client: Client,
+    pub cfg: OperatorConfig,
+    pub recorder: Recorder,
+    pub metrics: Metrics,
+    pub index: SharedIndex,
+    /// False until the pod index has listed every pod once: publishing a table before that
+    /// would drop live endpoints and bump the generation for nothing.
+    pub index_synced: Arc<AtomicBool>,
+}
+
+fn ns_of<K: Resource>(o: &K) -> Result<String> {
+    o.meta().namespace.clone().ok_or_else(|| Error::NoNamespace(o.meta().name.clone().unwrap_or_default()))
+}
+
+fn apply_params() -> PatchParams {
+    // force: we are the only owner of these fields; a manual edit (another manager) is reverted.
+    PatchParams::apply(labels::FIELD_MANAGER).force()
+}
+
+async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = obj.meta().name.clone().unwrap_or_default();
+    Ok(api.patch(&name, &apply_params(), &Patch::Apply(obj)).await?)
+}
+
+async fn publish(ctx: &Context, obj_ref: &k8s_openapi::api::core::v1::ObjectReference, type_: EventType, reason: &str, action: &str, note: String) {
+    let ev = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
+    // An event that cannot be written must not fail the reconcile it describes.
+    if let Err(e) = ctx.recorder.publish(&ev, obj_ref).await {
+        warn!(error = %e, reason, "publishing event failed");
+    }
+}
+
+// ---------------------------------------------------------------- ModalityNode
+
+#[instrument(skip_all, fields(namespace = mn.namespace().unwrap_or_default(), node = %mn.name_any()))]
+pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<Action> {
+    let _m = ctx.metrics.measure(NODE_CONTROLLER);
+    let ns = ns_of(mn.as_ref())?;
+    let name = mn.name_any();
+    let deploy_api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
+    let existing = deploy_api.get_opt(&name).await?;
+    let current = existing.as_ref().and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas);
+    let objs = node::desired_objects(&mn, &ctx.cfg, current)?;
+    let oref = mn.object_ref(&());
+
+    let deploy = apply(&ctx.client, &ns, &objs.deployment).await?;
+    apply(&ctx.client, &ns, &objs.service).await?;
+    apply(&ctx.client, &ns, &objs.pdb).await?;
+    match &existing {
+        None => {
+            info!("created Deployment, Service, PodDisruptionBudget");
+            publish(&ctx, &oref, EventType::Normal, "Created", "Create", format!("created Deployment, Service and PodDisruptionBudget {name}")).await;
+        }
+        Some(old) if old.metadata.generation != deploy.metadata.generation => {
+            // A generation bump after our apply is either a spec change or a manual edit reverted.
+            info!(generation = ?deploy.metadata.generation, "updated Deployment");
+            publish(&ctx, &oref, EventType::Normal, "Updated", "Update", format!("applied Deployment {name} (revision {}, {} replicas)", mn.spec.model.revision, node::desired_replicas(&mn, current))).await;
+        }
+        _ => {}
+    }
+
+    let status = node::status(&mn, Some(&deploy), &now_rfc3339());
+    if mn.status.as_ref() != Some(&status) {
+        let was_ready = mn.status.as_ref().and_then(|s| find(&s.conditions, types::READY)).map(|c| c.is_true());
+        let now_ready = find(&status.conditions, types::READY);
+        let api: Api<ModalityNode> = Api::namespaced(ctx.client.clone(), &ns);
+        let body = serde_json::json!({"apiVersion": "prism.dev/v1alpha1", "kind": "ModalityNode", "status": status});
+        api.patch_status(&name, &apply_params(), &Patch::Apply(&body)).await?;
+        if let Some(c) = now_ready {
+            if was_ready != Some(c.is_true()) {
+                let t = if c.is_true() { EventType::Normal } else { EventType::Warning };
+                publish(&ctx, &oref, t, &c.reason, "UpdateStatus", c.message.clone()).await;
+            }
+        }
+    }
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+// ---------------------------------------------------------------- MultimodalPipeline
+
+#[instrument(skip_all, fields(namespace = mmp.namespace().unwrap_or_default(), pipeline = %mmp.name_any()))]
+pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>) -> Result<Action> {
+    if !ctx.index_synced.load(Ordering::Acquire) {
+        return Ok(Action::requeue(Duration::from_millis(200)));
+    }
+    let _m = ctx.metrics.measure(PIPELINE_CONTROLLER);
+    let ns = ns_of(mmp.as_ref())?;
+    let name = mmp.name_any();
+    let oref = mmp.object_ref(&());
+
+    let mn_api: Api<ModalityNode> = Api::namespaced(ctx.client.clone(), &ns);
+    let mut observed = BTreeMap::new();
+    for n in &mmp.spec.nodes {
+        if let Some(mn) = mn_api.get_opt(&n.name).await? {
+            let endpoints = match ctx.index.read() {
+                Ok(idx) => idx.endpoints(&ns, &n.name),
+                Err(p) => p.into_inner().endpoints(&ns, &n.name),
+            };
+            observed.insert(n.name.clone(), ObservedNode { modality: mn.spec.modality.clone(), endpoints });
+        }
+    }
+
+    let cm_api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
+    let previous: Option<RoutingTable> = cm_api
+        .get_opt(&pipeline::config_map_name(&name))
+        .await?
+        .and_then(|cm| cm.data)
+        .and_then(|d| d.get(ROUTING_TABLE_KEY).cloned())
+        .and_then(|s| serde_json::from_str(&s).ok());
+    let floor = mmp.status.as_ref().map(|s| s.routing_table_generation).unwrap_or(0);
+    let table = pipeline::routing_table(&mmp, &observed, previous.as_ref(), floor);
+    let objs = pipeline::desired_objects(&mmp, &ctx.cfg, &table)?;
+
+    // The table first: failover latency is measured to this write.
+    apply(&ctx.client, &ns, &objs.config_map).await?;
+    let router = apply(&ctx.client, &ns, &objs.deployment).await?;
+    apply(&ctx.client, &ns, &objs.service).await?;
+    ctx.metrics.routing_table_generation.with_label_values(&[&ns, &name]).set(table.generation as i64);
+    if previous.as_ref().map(|p| p.generation) != Some(table.generation) {
+        let ready: usize = table.modalities.values().map(|v| v.iter().filter(|e| e.ready).count()).sum();
+        info!(generation = table.generation, ready_endpoints = ready, "published routing table");
+        publish(&ctx, &oref, EventType::Normal, "RoutingTableUpdated", "PublishRoutingTable", format!("ConfigMap {} generation {} with {ready} ready endpoints", pipeline::config_map_name(&name), table.generation)).await;
+    }
+
+    let status = pipeline::status(&mmp, &observed, &table, Some(&router), &now_rfc3339());
+    if mmp.status.as_ref() != Some(&status) {
+        let old = mmp.status.clone().unwrap_or_default();
+        let api: Api<MultimodalPipeline> = Api::namespaced(ctx.client.clone(), &ns);
+        let body = serde_json::json!({"apiVersion": "prism.dev/v1alpha1", "kind": "MultimodalPipeline", "status": status});
+        api.patch_status(&name, &apply_params(), &Patch::Apply(&body)).await?;
+        for t in [types::READY, types::DEGRADED] {
+            let before = find(&old.conditions, t).map(|c| (c.status, c.reason.clone()));
+            if let Some(c) = find(&status.conditions, t) {
+                if before != Some((c.status, c.reason.clone())) {
+                    let bad = (t == types::READY) != c.is_true();
+                    publish(&ctx, &oref, if bad { EventType::Warning } else { EventType::Normal }, &c.reason, "UpdateStatus", c.message.clone()).await;
+                }
+            }
+        }
+    }
+    Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+fn error_policy<K: Resource<DynamicType = ()>>(controller: &'static str) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
+    move |obj, err, ctx| {
+        warn!(controller, name = %obj.meta().name.clone().unwrap_or_default(), error = %err, "reconcile failed");
+        ctx.metrics.reconcile_errors.with_label_values(&[controller, err.metric_label()]).inc();
+        let oref = obj.object_ref(&());
+        let note = err.to_string();
+        let ctx2 = ctx.clone();
+        tokio::spawn(async move { publish(&ctx2, &oref, EventType::Warning, "ReconcileFailed", "Reconcile", note).await }.in_current_span());
+        Action::requeue(Duration::from_secs(5))
+    }
+}
+
+// ---------------------------------------------------------------- wiring
+
+/// Where the controllers look and who they say they are.
+#[derive(Clone, Debug)]
+pub struct RunSettings {
+    pub cfg: OperatorConfig,
+    /// Watch one namespace only (tests, namespaced installs); None = all namespaces.
+    pub namespace: Option<String>,
+    pub instance: String,
+    pub concurrency: u16,
+}
+
+fn api_for<K>(client: &Client, ns: &Option<String>) -> Api<K>
+where
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+{
+    match ns {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+/// Fails with an actionable message when the CRDs are not installed.
+pub async fn check_crds(client: &Client) -> std::result::Result<(), String> {
+    let lp = ListParams::default().limit(1);
+    for (kind, res) in [
+        ("ModalityNode", Api::<ModalityNode>::all(client.clone()).list(&lp).await.map(|_| ())),
+        ("MultimodalPipeline", Api::<MultimodalPipeline>::all(client.clone()).list(&lp).await.map(|_| ())),
+    ] {
+        if let Err(e) = res {
+            return Err(format!("cannot list {kind} ({e}); are the Prism CRDs installed? run `kubectl apply -f crds/`"));
+        }
+    }
+    Ok(())
+}
+
+/// Pipelines in `ns` that reference ModalityNode `node`.
+fn pipelines_using(store: &Store<MultimodalPipeline>, ns: &str, node: &str) -> Vec<ObjectRef<MultimodalPipeline>> {
+    store
+        .state()
+        .iter()
+        .filter(|p| p.namespace().as_deref() == Some(ns) && p.spec.nodes.iter().any(|n| n.name == node))
+        .map(|p| ObjectRef::from_obj(p.as_ref()))
+        .collect()
+}
+
+/// Feeds the pod index from one watch and asks for the affected pipelines to be reconciled.
+async fn run_index(
+    pods: Api<Pod>,
+    index: SharedIndex,
+    synced: Arc<AtomicBool>,
+    store: Store<MultimodalPipeline>,
+    mut tx: mpsc::Sender<ObjectRef<MultimodalPipeline>>,
+) {
+    let wc = watcher::Config::default().labels(labels::NODE);
+    let mut stream = std::pin::pin!(watcher(pods, wc).default_backoff());
+    let mut init: Vec<Pod> = Vec::new();
+    while let Some(ev) = stream.next().await {
+        let changed = match ev {
+            Ok(watcher::Event::Apply(p)) => with_index(&index, |i| i.apply(&p)).into_iter().collect::<Vec<_>>(),
+            Ok(watcher::Event::Delete(p)) => {
+                let ns = p.namespace().unwrap_or_default();
+                with_index(&index, |i| i.delete(&ns, &p.name_any())).into_iter().collect()
+            }
+            Ok(watcher::Event::Init) => {
+                init.clear();
+                vec![]
+            }
+            Ok(watcher::Event::InitApply(p)) => {
+                init.push(p);
+                vec![]
+            }
+            Ok(watcher::Event::InitDone) => {
+                let changed = with_index(&index, |i| i.reset(&std::mem::take(&mut init)));
+                synced.store(true, Ordering::Release);
+                changed
+            }
+            Err(e) => {
+                warn!(error = %e, "pod watch failed; retrying with backoff");
+                vec![]
+            }
+        };
+        for (ns, node) in changed {
+            for r in pipelines_using(&store, &ns, &node) {
+                if tx.send(r).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+fn with_index<T>(index: &SharedIndex, f: impl FnOnce(&mut Index) -> T) -> T {
+    match index.write() {
+        Ok(mut g) => f(&mut g),
+        Err(p) => f(&mut p.into_inner()),
+    }
+}
+
+/// Runs both controllers until `shutdown` resolves.
+pub async fn run(client: Client, settings: RunSettings, metrics: Metrics, ready: Arc<AtomicBool>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+    let reporter = Reporter { controller: labels::FIELD_MANAGER.into(), instance: Some(settings.instance.clone()) };
+    let ctx = Arc::new(Context {
+        client: client.clone(),
+        cfg: settings.cfg.clone(),
+        recorder: Recorder::new(client.clone(), reporter),
+        metrics,
+        index: SharedIndex::default(),
+        index_synced: Arc::new(AtomicBool::new(false)),
+    });
+    let ns = &settings.namespace;
+    let managed = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGED_BY_VALUE));
+    let ctrl_cfg = CtrlConfig::default().concurrency(settings.concurrency);
+    let (shutdown_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let mut rx1 = shutdown_tx.subscribe();
+    let mut rx2 = shutdown_tx.subscribe();
+
+    let nodes = Controller::new(api_for::<ModalityNode>(&client, ns), watcher::Config::default())
+        .owns(api_for::<Deployment>(&client, ns), managed.clone().labels(&format!("{}={}", labels::COMPONENT, node::COMPONENT)))
+        .owns(api_for::<Service>(&client, ns), managed.clone())
+        .owns(api_for::<PodDisruptionBudget>(&client, ns), managed.clone())
+        .with_config(ctrl_cfg.clone())
+        .graceful_shutdown_on(async move {
+            let _ = rx1.recv().await;
+        })
+        .run(reconcile_node, error_policy::<ModalityNode>(NODE_CONTROLLER), ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+
+    let pipelines = Controller::new(api_for::<MultimodalPipeline>(&client, ns), watcher::Config::default());
+    let store = pipelines.store();
+    let (tx, rx) = mpsc::channel(1024);
+    let index_task = tokio::spawn(run_index(api_for::<Pod>(&client, ns), ctx.index.clone(), ctx.index_synced.clone(), store.clone(), tx));
+    let store2 = store.clone();
+    let pipelines = pipelines
+        .owns(api_for::<Deployment>(&client, ns), managed.clone().labels(&format!("{}={}", labels::COMPONENT, pipeline::COMPONENT)))
+        .owns(api_for::<Service>(&client, ns), managed.clone())
+        .owns(api_for::<ConfigMap>(&client, ns), managed.clone())
+        // A pipeline waiting for a missing ModalityNode (NodeNotFound) is retried when it appears;
+        // a node's modality change also changes the table.
+        .watches(api_for::<ModalityNode>(&client, ns), watcher::Config::default(), move |mn| {
+            pipelines_using(&store2, &mn.namespace().unwrap_or_default(), &mn.name_any())
+        })
+        .reconcile_on(rx)
+        .with_config(ctrl_cfg)
+        .graceful_shutdown_on(async move {
+            let _ = rx2.recv().await;
+        })
+        .run(reconcile_pipeline, error_policy::<MultimodalPipeline>(PIPELINE_CONTROLLER), ctx.clone())
+        .for_each(|_| futures::future::ready(()));
+
+    ready.store(true, Ordering::Release);
+    info!(namespace = ?ns, "controllers running");
+    let both = futures::future::join(nodes, pipelines);
+    tokio::pin!(both);
+    tokio::select! {
+        _ = &mut both => {}
+        _ = shutdown => {
+            info!("shutting down: finishing in-flight reconciles");
+            let _ = shutdown_tx.send(());
+            both.await;
+        }
+    }
+    index_task.abort();
+}

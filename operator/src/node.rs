@@ -1,0 +1,445 @@
+//! Pure core of the ModalityNode reconciler: spec (+ observed Deployment) -> desired
+//! Deployment / Service / PodDisruptionBudget, and -> status with conditions.
+//! No client here: everything is data in, data out, so it is unit-tested without a cluster
+//! and the same functions can drive `prism up`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
+use k8s_openapi::api::core::v1::{
+    Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
+    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
+};
+use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use prism_api::condition::{self, types, Condition, ConditionStatus};
+use prism_api::labels;
+use prism_api::node::{AutoscalingMode, Device, ModalityNode, ModalityNodeStatus};
+use kube::{Resource, ResourceExt};
+
+use crate::{Error, OperatorConfig, Result};
+
+pub const HTTP_PORT: i32 = 8080;
+pub const GRPC_PORT: i32 = 9090;
+/// Where model weights fetched or mounted for the node live inside the pod.
+pub const MODEL_DIR: &str = "/models";
+/// Component label value of node workloads.
+pub const COMPONENT: &str = "modality-node";
+
+/// The objects one ModalityNode owns.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NodeObjects {
+    pub deployment: Deployment,
+    pub service: Service,
+    pub pdb: PodDisruptionBudget,
+}
+
+/// Labels that select a node's pods. Stable across revisions because a Deployment's selector
+/// is immutable; the revision label goes on the pod template only.
+pub fn selector_labels(node: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::NAME.to_string(), "prism-node".to_string()),
+        (labels::INSTANCE.to_string(), node.to_string()),
+        (labels::NODE.to_string(), node.to_string()),
+    ])
+}
+
+/// `status.selector` for the scale subresource (HPA/KEDA read it).
+pub fn selector_string(node: &str) -> String {
+    selector_labels(node).iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+}
+
+fn object_labels(mn: &ModalityNode) -> BTreeMap<String, String> {
+    let mut l = selector_labels(&mn.name_any());
+    l.insert(labels::COMPONENT.to_string(), COMPONENT.to_string());
+    l.insert(labels::MANAGED_BY.to_string(), labels::MANAGED_BY_VALUE.to_string());
+    l.insert(labels::REVISION.to_string(), mn.spec.model.revision.clone());
+    l
+}
+
+/// Controller owner reference, so deleting the ModalityNode garbage-collects its children
+/// and `.owns()` maps child events back to it.
+pub fn owner_ref<K: Resource<DynamicType = ()>>(obj: &K) -> Result<OwnerReference> {
+    obj.controller_owner_ref(&()).ok_or_else(|| Error::InvalidSpec("object has no uid yet".into()))
+}
+
+fn meta(mn: &ModalityNode, name: String) -> Result<ObjectMeta> {
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: mn.namespace(),
+        labels: Some(object_labels(mn)),
+        owner_references: Some(vec![owner_ref(mn)?]),
+        ..Default::default()
+    })
+}
+
+/// Replica count the Deployment should run.
+///
+/// `external`: follow `spec.replicas.desired` (written by `kubectl scale`, HPA, KEDA through the
+/// scale subresource), falling back to `min`. `builtin`: follow the autoscaler's choice in
+/// `status.desiredReplicas` (issue 9), else `min`. Paused: keep what is running. Always
+/// clamped to [min, max] because the scale subresource bypasses the spec's CEL rules.
+pub fn desired_replicas(mn: &ModalityNode, current: Option<i32>) -> i32 {
+    let r = &mn.spec.replicas;
+    let (lo, hi) = (r.min.max(0), r.max.max(r.min.max(0)));
+    if mn.spec.autoscaling.paused {
+        if let Some(c) = current {
+            return c;
+        }
+    }
+    let want = match mn.spec.autoscaling.mode {
+        AutoscalingMode::External => r.desired.unwrap_or(lo),
+        AutoscalingMode::Builtin => mn.status.as_ref().and_then(|s| s.desired_replicas).unwrap_or(lo),
+    };
+    want.clamp(lo, hi)
+}
+
+/// How the model reaches the container: the URI passed to prism-node, plus volumes and an
+/// optional init container.
+struct ModelSource {
+    uri: String,
+    volumes: Vec<Volume>,
+    mounts: Vec<VolumeMount>,
+    init: Option<Container>,
+}
+
+/// `file://` is a path inside the image (hostPath is forbidden by the restricted pod security
+/// level, so we never mount node paths). `pvc://claim/path` mounts the claim read-only.
+/// `hf://` and `oci://` are fetched by an init container (`prism-node fetch`, same image) into
+/// an emptyDir, so the serving container starts from local files and its root stays read-only.
+fn model_source(mn: &ModalityNode, image: &str, sc: &SecurityContext) -> Result<ModelSource> {
+    let uri = mn.spec.model.uri.as_str();
+    let model_mount = |read_only: bool| VolumeMount {
+        name: "model".into(),
+        mount_path: MODEL_DIR.into(),
+        read_only: Some(read_only),
+        ..Default::default()
+    };
+    if uri.starts_with("file://") {
+        return Ok(ModelSource { uri: uri.to_string(), volumes: vec![], mounts: vec![], init: None });
+    }
+    if let Some(rest) = uri.strip_prefix("pvc://") {
+        let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
+        if claim.is_empty() {
+            return Err(Error::InvalidSpec(format!("model.uri {uri}: expected pvc://CLAIM/PATH")));
+        }
+        return Ok(ModelSource {
+            uri: format!("file://{MODEL_DIR}/{path}").trim_end_matches('/').to_string(),
+            volumes: vec![Volume {
+                name: "model".into(),
+                persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                    claim_name: claim.to_string(),
+                    read_only: Some(true),
+                }),
+                ..Default::default()
+            }],
+            mounts: vec![model_mount(true)],
+            init: None,
+        });
+    }
+    if uri.starts_with("hf://") || uri.starts_with("oci://") {
+        let init = Container {
+            name: "fetch-model".into(),
+            image: Some(image.to_string()),
+            command: Some(vec!["prism-node".into()]),
+            args: Some(vec!["fetch".into(), "--model-uri".into(), uri.to_string(), "--out".into(), MODEL_DIR.into()]),
+            volume_mounts: Some(vec![model_mount(false), tmp_mount()]),
+            security_context: Some(sc.clone()),
+            ..Default::default()
+        };
+        return Ok(ModelSource {
+            uri: format!("file://{MODEL_DIR}"),
+            volumes: vec![Volume { name: "model".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() }],
+            mounts: vec![model_mount(true)],
+            init: Some(init),
+        });
+    }
+    Err(Error::InvalidSpec(format!("model.uri {uri}: scheme must be file://, pvc://, hf:// or oci://")))
+}
+
+fn tmp_mount() -> VolumeMount {
+    VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() }
+}
+
+/// Restricted pod security level (non-root, read-only root, no capabilities, no escalation,
+/// seccomp RuntimeDefault): generated pods are admitted in `enforce=restricted` namespaces.
+pub fn restricted_container_sc() -> SecurityContext {
+    SecurityContext {
+        run_as_non_root: Some(true),
+        read_only_root_filesystem: Some(true),
+        allow_privilege_escalation: Some(false),
+        capabilities: Some(Capabilities { drop: Some(vec!["ALL".into()]), add: None }),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+        ..Default::default()
+    }
+}
+
+pub fn restricted_pod_sc() -> PodSecurityContext {
+    PodSecurityContext {
+        run_as_non_root: Some(true),
+        // A fixed non-root uid: images need not declare USER for runAsNonRoot to be verifiable.
+        run_as_user: Some(65532),
+        run_as_group: Some(65532),
+        fs_group: Some(65532),
+        seccomp_profile: Some(SeccompProfile { type_: "RuntimeDefault".into(), localhost_profile: None }),
+        ..Default::default()
+    }
+}
+
+fn http_probe(path: &str, period: i32, failure: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::String("http".into()), ..Default::default() }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failure),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    }
+}
+
+fn device_arg(d: Device) -> &'static str {
+    match d {
+        Device::Auto => "auto",
+        Device::Cuda => "cuda",
+        Device::Cpu => "cpu",
+    }
+}
+
+/// Desired children of a ModalityNode. `current_replicas` is the replica count of the existing
+/// Deployment (used only while autoscaling is paused).
+pub fn desired_objects(mn: &ModalityNode, cfg: &OperatorConfig, current_replicas: Option<i32>) -> Result<NodeObjects> {
+    let name = mn.name_any();
+    let spec = &mn.spec;
+    let image = spec.image.clone().unwrap_or_else(|| cfg.node_image.clone());
+    let sc = restricted_container_sc();
+    let model = model_source(mn, &image, &sc)?;
+
+    let mut resources: BTreeMap<String, Quantity> = BTreeMap::new();
+    if let Some(cpu) = &spec.resources.cpu {
+        resources.insert("cpu".into(), Quantity(cpu.clone()));
+    }
+    if let Some(mem) = &spec.resources.memory {
+        resources.insert("memory".into(), Quantity(mem.clone()));
+    }
+    // Extended resources (GPUs) must have request == limit; we set both for everything, which
+    // also gives GPU pods the Guaranteed QoS class when cpu/memory are set.
+    if spec.resources.gpu.count > 0 {
+        resources.insert(spec.resources.gpu.resource_name.clone(), Quantity(spec.resources.gpu.count.to_string()));
+    }
+    let resources = (!resources.is_empty()).then(|| ResourceRequirements {
+        requests: Some(resources.clone()),
+        limits: Some(resources),
+        ..Default::default()
+    });
+
+    let args: Vec<String> = vec![
+        "--listen".into(),
+        format!("0.0.0.0:{HTTP_PORT}"),
+        "--grpc-listen".into(),
+        format!("0.0.0.0:{GRPC_PORT}"),
+        "--node-name".into(),
+        name.clone(),
+        "--modality".into(),
+        spec.modality.clone(),
+        "--model-uri".into(),
+        model.uri.clone(),
+        "--architecture".into(),
+        spec.model.architecture.clone(),
+        "--revision".into(),
+        spec.model.revision.clone(),
+        "--max-batch".into(),
+        spec.batching.max_batch.to_string(),
+        "--max-wait-ms".into(),
+        spec.batching.max_wait_ms.to_string(),
+        "--max-queue".into(),
+        spec.batching.max_queue.to_string(),
+        "--device".into(),
+        device_arg(spec.device).into(),
+    ];
+
+    let mut mounts = model.mounts.clone();
+    mounts.push(tmp_mount());
+    let mut volumes = model.volumes.clone();
+    volumes.push(Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() });
+
+    let container = Container {
+        name: "node".into(),
+        image: Some(image),
+        image_pull_policy: cfg.image_pull_policy.clone(),
+        args: Some(args),
+        ports: Some(vec![
+            ContainerPort { name: Some("http".into()), container_port: HTTP_PORT, protocol: Some("TCP".into()), ..Default::default() },
+            ContainerPort { name: Some("grpc".into()), container_port: GRPC_PORT, protocol: Some("TCP".into()), ..Default::default() },
+        ]),
+        env: Some(vec![EnvVar { name: "PRISM_NODE_NAME".into(), value: Some(name.clone()), ..Default::default() }]),
+        resources,
+        // /ready turns true only after the model is loaded and warmed, so the pod leaves the
+        // routing table until then; /live fails only when the process is wedged.
+        readiness_probe: Some(http_probe("/ready", 2, 1)),
+        liveness_probe: Some(Probe { initial_delay_seconds: Some(10), ..http_probe("/live", 10, 3) }),
+        security_context: Some(sc),
+        volume_mounts: Some(mounts),
+        ..Default::default()
+    };
+
+    let pod_labels = object_labels(mn);
+    let pod_spec = PodSpec {
+        containers: vec![container],
+        init_containers: model.init.map(|c| vec![c]),
+        volumes: Some(volumes),
+        node_selector: (!spec.resources.node_selector.is_empty()).then(|| spec.resources.node_selector.clone()),
+        tolerations: (!spec.resources.tolerations.is_empty()).then(|| spec.resources.tolerations.clone()),
+        runtime_class_name: spec.resources.runtime_class_name.clone(),
+        security_context: Some(restricted_pod_sc()),
+        // Pods talk to nothing in the API: no token mounted.
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        ..Default::default()
+    };
+
+    let deployment = Deployment {
+        metadata: meta(mn, name.clone())?,
+        spec: Some(DeploymentSpec {
+            replicas: Some(desired_replicas(mn, current_replicas)),
+            selector: LabelSelector { match_labels: Some(selector_labels(&name)), ..Default::default() },
+            // Surge, never drop below the desired count: GPU capacity may allow only one extra.
+            strategy: Some(DeploymentStrategy {
+                type_: Some("RollingUpdate".into()),
+                rolling_update: Some(RollingUpdateDeployment {
+                    max_surge: Some(IntOrString::Int(1)),
+                    max_unavailable: Some(IntOrString::Int(0)),
+                }),
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta { labels: Some(pod_labels), ..Default::default() }),
+                spec: Some(pod_spec),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    };
+
+    let service = Service {
+        metadata: meta(mn, name.clone())?,
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels(&name)),
+            ports: Some(vec![
+                ServicePort { name: Some("http".into()), port: HTTP_PORT, target_port: Some(IntOrString::String("http".into())), protocol: Some("TCP".into()), ..Default::default() },
+                ServicePort { name: Some("grpc".into()), port: GRPC_PORT, target_port: Some(IntOrString::String("grpc".into())), protocol: Some("TCP".into()), app_protocol: Some("kubernetes.io/h2c".into()), ..Default::default() },
+            ]),
+            ..Default::default()
+        }),
+        status: None,
+    };
+
+    let pdb = PodDisruptionBudget {
+        metadata: meta(mn, name.clone())?,
+        spec: Some(PodDisruptionBudgetSpec {
+            // One voluntary eviction at a time keeps a modality served during node drains.
+            max_unavailable: Some(IntOrString::Int(1)),
+            selector: Some(LabelSelector { match_labels: Some(selector_labels(&name)), ..Default::default() }),
+            ..Default::default()
+        }),
+        status: None,
+    };
+
+    Ok(NodeObjects { deployment, service, pdb })
+}
+
+/// Computes the node's status from the observed Deployment (None: not created yet).
+pub fn status(mn: &ModalityNode, deploy: Option<&Deployment>, now: &str) -> ModalityNodeStatus {
+    let name = mn.name_any();
+    let generation = mn.metadata.generation;
+    let desired = deploy.and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas).unwrap_or(0);
+    let ds = deploy.and_then(|d| d.status.clone()).unwrap_or_default();
+    let replicas = ds.replicas.unwrap_or(0);
+    let ready = ds.ready_replicas.unwrap_or(0);
+    let updated = ds.updated_replicas.unwrap_or(0);
+    let available = ds.available_replicas.unwrap_or(0);
+    let deploy_gen_seen = match deploy {
+        Some(d) => ds.observed_generation.unwrap_or(0) >= d.metadata.generation.unwrap_or(0),
+        None => false,
+    };
+    let dcond = |t: &str| ds.conditions.as_ref().and_then(|cs| cs.iter().find(|c| c.type_ == t).cloned());
+    let replica_failure = dcond("ReplicaFailure").filter(|c| c.status == "True");
+    let deadline_exceeded = dcond("Progressing").filter(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
+
+    let mut conds = Vec::new();
+    let rolling = deploy.is_none() || !deploy_gen_seen || updated < desired || replicas > updated;
+    conds.push(if rolling {
+        Condition::new(
+            types::PROGRESSING,
+            ConditionStatus::True,
+            "RollingOut",
+            format!("Deployment {name}: {updated}/{desired} replicas on revision {}", mn.spec.model.revision),
+        )
+    } else {
+        Condition::new(types::PROGRESSING, ConditionStatus::False, "RolloutComplete", format!("Deployment {name} runs revision {}", mn.spec.model.revision))
+    });
+    let avail_ok = available > 0 || desired == 0;
+    conds.push(Condition::new(
+        types::AVAILABLE,
+        ConditionStatus::from_bool(avail_ok),
+        if avail_ok { "ReplicasAvailable" } else { "NoReplicaAvailable" },
+        format!("{available} of {desired} replicas of Deployment {name} available"),
+    ));
+    let ready_ok = deploy.is_some() && ready >= desired && deploy_gen_seen;
+    conds.push(if ready_ok && desired == 0 {
+        Condition::new(types::READY, ConditionStatus::True, "ScaledToZero", format!("Deployment {name} is scaled to zero"))
+    } else if ready_ok {
+        Condition::new(types::READY, ConditionStatus::True, "ReplicasReady", format!("{ready}/{desired} replicas ready"))
+    } else {
+        Condition::new(
+            types::READY,
+            ConditionStatus::False,
+            if deploy.is_none() { "DeploymentMissing" } else { "ReplicasNotReady" },
+            format!(
+                "{ready}/{desired} replicas of Deployment {name} ready; inspect `kubectl describe pods -l {}`",
+                selector_string(&name)
+            ),
+        )
+    });
+    let degraded = if let Some(f) = replica_failure {
+        Some(("ReplicaFailure", format!("Deployment {name} cannot create pods: {}", f.message.unwrap_or_default())))
+    } else if let Some(p) = deadline_exceeded {
+        Some(("ProgressDeadlineExceeded", format!("Deployment {name}: {}", p.message.unwrap_or_default())))
+    } else if !rolling && ready < desired {
+        Some(("ReplicasUnavailable", format!("only {ready}/{desired} replicas of Deployment {name} ready")))
+    } else {
+        None
+    };
+    conds.push(match degraded {
+        Some((reason, msg)) => Condition::new(types::DEGRADED, ConditionStatus::True, reason, msg),
+        None => Condition::new(types::DEGRADED, ConditionStatus::False, "AsExpected", ""),
+    });
+
+    let old = mn.status.clone().unwrap_or_default();
+    let mut conditions = condition::merge(&old.conditions, conds, now, generation);
+    // Conditions of other writers (the autoscaler's ScalingLimited, MetricsUnavailable) survive.
+    for c in &old.conditions {
+        if condition::find(&conditions, &c.type_).is_none() {
+            conditions.push(c.clone());
+        }
+    }
+    conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
+    ModalityNodeStatus {
+        observed_generation: generation,
+        replicas,
+        ready_replicas: ready,
+        // Owned by the autoscaler (issue 9); carried over so our apply never drops it.
+        desired_replicas: old.desired_replicas,
+        selector: Some(selector_string(&name)),
+        current_revision: Some(mn.spec.model.revision.clone()),
+        canary: old.canary.clone(),
+        history: old.history.clone(),
+        p95: old.p95.clone(),
+        last_scale: old.last_scale.clone(),
+        conditions,
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,217 @@
+use super::*;
+use prism_api::node::{GpuSpec, ModalityNodeSpec, ModelSpec};
+
+pub fn mk_node(name: &str, modality: &str, uri: &str) -> ModalityNode {
+    let spec: ModalityNodeSpec = serde_json::from_value(serde_json::json!({
+        "modality": modality,
+        "model": {"uri": uri, "architecture": "bert", "revision": "r2"},
+        "replicas": {"min": 1, "max": 4},
+        "resources": {
+            "gpu": {"count": 1},
+            "nodeSelector": {"nvidia.com/gpu.present": "true"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "runtimeClassName": "nvidia"
+        }
+    }))
+    .unwrap();
+    let mut mn = ModalityNode::new(name, spec);
+    mn.metadata.namespace = Some("ns".into());
+    mn.metadata.uid = Some("uid-1".into());
+    mn.metadata.generation = Some(3);
+    mn
+}
+
+fn cfg() -> OperatorConfig {
+    OperatorConfig { node_image: "prism-node:test".into(), router_image: "prism-router:test".into(), image_pull_policy: None }
+}
+
+fn pod_spec(o: &NodeObjects) -> &PodSpec {
+    o.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap()
+}
+
+fn arg_after<'a>(c: &'a Container, flag: &str) -> &'a str {
+    let args = c.args.as_ref().unwrap();
+    let i = args.iter().position(|a| a == flag).unwrap_or_else(|| panic!("{flag} missing in {args:?}"));
+    &args[i + 1]
+}
+
+#[test]
+fn deployment_carries_args_gpu_placement_and_owner() {
+    let mn = mk_node("text-a", "text", "file:///models/minilm");
+    let o = desired_objects(&mn, &cfg(), None).unwrap();
+    let ps = pod_spec(&o);
+    let c = &ps.containers[0];
+    assert_eq!(c.image.as_deref(), Some("prism-node:test"));
+    for (flag, want) in [
+        ("--listen", "0.0.0.0:8080"),
+        ("--grpc-listen", "0.0.0.0:9090"),
+        ("--node-name", "text-a"),
+        ("--modality", "text"),
+        ("--model-uri", "file:///models/minilm"),
+        ("--architecture", "bert"),
+        ("--revision", "r2"),
+        ("--max-batch", "32"),
+        ("--max-wait-ms", "2"),
+        ("--max-queue", "512"),
+        ("--device", "auto"),
+    ] {
+        assert_eq!(arg_after(c, flag), want, "{flag}");
+    }
+    let res = c.resources.as_ref().unwrap();
+    assert_eq!(res.limits.as_ref().unwrap()["nvidia.com/gpu"], Quantity("1".into()));
+    assert_eq!(res.requests.as_ref().unwrap()["nvidia.com/gpu"], Quantity("1".into()));
+    assert_eq!(ps.node_selector.as_ref().unwrap()["nvidia.com/gpu.present"], "true");
+    assert_eq!(ps.tolerations.as_ref().unwrap()[0].key.as_deref(), Some("nvidia.com/gpu"));
+    assert_eq!(ps.runtime_class_name.as_deref(), Some("nvidia"));
+    assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/ready"));
+    assert_eq!(c.liveness_probe.as_ref().unwrap().http_get.as_ref().unwrap().path.as_deref(), Some("/live"));
+    let owner = &o.deployment.metadata.owner_references.as_ref().unwrap()[0];
+    assert_eq!((owner.kind.as_str(), owner.controller), ("ModalityNode", Some(true)));
+    let tl = o.deployment.spec.as_ref().unwrap().template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
+    assert_eq!(tl[labels::REVISION], "r2");
+    assert_eq!(tl[labels::NODE], "text-a");
+    assert_eq!(tl[labels::MANAGED_BY], "prism");
+    // The selector must not contain the revision: it is immutable and revisions change.
+    let sel = o.deployment.spec.as_ref().unwrap().selector.match_labels.as_ref().unwrap();
+    assert!(!sel.contains_key(labels::REVISION));
+}
+
+#[test]
+fn mig_resource_name_is_used_verbatim() {
+    let mut mn = mk_node("v", "vision", "file:///m");
+    mn.spec.resources.gpu = GpuSpec { count: 2, resource_name: "nvidia.com/mig-1g.10gb".into() };
+    let o = desired_objects(&mn, &cfg(), None).unwrap();
+    let lim = pod_spec(&o).containers[0].resources.as_ref().unwrap().limits.clone().unwrap();
+    assert_eq!(lim["nvidia.com/mig-1g.10gb"], Quantity("2".into()));
+    assert!(!lim.contains_key("nvidia.com/gpu"));
+}
+
+#[test]
+fn pods_meet_the_restricted_pod_security_level() {
+    for uri in ["file:///m", "pvc://weights/bert", "hf://org/m@main", "oci://r/m:1"] {
+        let o = desired_objects(&mk_node("n", "text", uri), &cfg(), None).unwrap();
+        let ps = pod_spec(&o);
+        let psc = ps.security_context.as_ref().unwrap();
+        assert_eq!(psc.run_as_non_root, Some(true));
+        assert_eq!(psc.seccomp_profile.as_ref().unwrap().type_, "RuntimeDefault");
+        for c in ps.containers.iter().chain(ps.init_containers.iter().flatten()) {
+            let sc = c.security_context.as_ref().unwrap();
+            assert_eq!(sc.run_as_non_root, Some(true), "{uri}");
+            assert_eq!(sc.read_only_root_filesystem, Some(true));
+            assert_eq!(sc.allow_privilege_escalation, Some(false));
+            assert_eq!(sc.capabilities.as_ref().unwrap().drop.as_ref().unwrap(), &vec!["ALL".to_string()]);
+        }
+        for v in ps.volumes.iter().flatten() {
+            assert!(v.host_path.is_none(), "restricted forbids hostPath");
+        }
+    }
+}
+
+#[test]
+fn model_uris_map_to_volumes() {
+    let o = desired_objects(&mk_node("n", "text", "pvc://weights/bert/v1"), &cfg(), None).unwrap();
+    let ps = pod_spec(&o);
+    assert_eq!(arg_after(&ps.containers[0], "--model-uri"), "file:///models/bert/v1");
+    let v = ps.volumes.as_ref().unwrap().iter().find(|v| v.name == "model").unwrap();
+    assert_eq!(v.persistent_volume_claim.as_ref().unwrap().claim_name, "weights");
+    assert!(ps.init_containers.is_none());
+
+    let o = desired_objects(&mk_node("n", "text", "hf://org/model@main"), &cfg(), None).unwrap();
+    let ps = pod_spec(&o);
+    let init = &ps.init_containers.as_ref().unwrap()[0];
+    assert!(init.args.as_ref().unwrap().contains(&"hf://org/model@main".to_string()));
+    assert_eq!(arg_after(&ps.containers[0], "--model-uri"), "file:///models");
+
+    assert!(desired_objects(&mk_node("n", "text", "s3://b/k"), &cfg(), None).is_err());
+}
+
+#[test]
+fn service_and_pdb_select_the_pods() {
+    let o = desired_objects(&mk_node("a", "audio", "file:///m"), &cfg(), None).unwrap();
+    let ports: Vec<i32> = o.service.spec.as_ref().unwrap().ports.as_ref().unwrap().iter().map(|p| p.port).collect();
+    assert_eq!(ports, vec![8080, 9090]);
+    assert_eq!(o.service.spec.as_ref().unwrap().selector.as_ref().unwrap(), &selector_labels("a"));
+    assert_eq!(o.pdb.spec.as_ref().unwrap().selector.as_ref().unwrap().match_labels.as_ref().unwrap(), &selector_labels("a"));
+}
+
+#[test]
+fn replicas_follow_mode_and_stay_in_bounds() {
+    let mut mn = mk_node("n", "text", "file:///m");
+    assert_eq!(desired_replicas(&mn, None), 1, "builtin without a decision runs min");
+    mn.status = Some(ModalityNodeStatus { desired_replicas: Some(9), ..Default::default() });
+    assert_eq!(desired_replicas(&mn, None), 4, "clamped to max");
+    mn.spec.autoscaling.mode = AutoscalingMode::External;
+    mn.spec.replicas.desired = Some(3);
+    assert_eq!(desired_replicas(&mn, None), 3, "external follows spec.replicas.desired");
+    mn.spec.autoscaling.paused = true;
+    assert_eq!(desired_replicas(&mn, Some(2)), 2, "paused keeps what runs");
+}
+
+proptest::proptest! {
+    #[test]
+    fn desired_replicas_always_within_min_max(min in 0i32..20, span in 0i32..20, want in -5i32..60, external: bool) {
+        let mut mn = mk_node("n", "text", "file:///m");
+        mn.spec.replicas.min = min;
+        mn.spec.replicas.max = (min + span).max(1);
+        if external {
+            mn.spec.autoscaling.mode = AutoscalingMode::External;
+            mn.spec.replicas.desired = Some(want);
+        } else {
+            mn.status = Some(ModalityNodeStatus { desired_replicas: Some(want), ..Default::default() });
+        }
+        let r = desired_replicas(&mn, None);
+        proptest::prop_assert!(r >= min && r <= mn.spec.replicas.max);
+    }
+}
+
+fn deploy_with(desired: i32, ready: i32, updated: i32, gen_seen: bool) -> Deployment {
+    let mut d = desired_objects(&mk_node("n", "text", "file:///m"), &cfg(), None).unwrap().deployment;
+    d.spec.as_mut().unwrap().replicas = Some(desired);
+    d.metadata.generation = Some(2);
+    d.status = Some(k8s_openapi::api::apps::v1::DeploymentStatus {
+        replicas: Some(updated.max(ready)),
+        ready_replicas: Some(ready),
+        available_replicas: Some(ready),
+        updated_replicas: Some(updated),
+        observed_generation: Some(if gen_seen { 2 } else { 1 }),
+        ..Default::default()
+    });
+    d
+}
+
+#[test]
+fn status_conditions_follow_the_deployment() {
+    let mn = mk_node("n", "text", "file:///m");
+    let s = status(&mn, Some(&deploy_with(2, 2, 2, true)), "T");
+    let c = |t| condition::find(&s.conditions, t).unwrap().clone();
+    assert!(c(types::READY).is_true());
+    assert!(c(types::AVAILABLE).is_true());
+    assert!(!c(types::PROGRESSING).is_true());
+    assert!(!c(types::DEGRADED).is_true());
+    assert_eq!(s.selector.as_deref(), Some("app.kubernetes.io/instance=n,app.kubernetes.io/name=prism-node,prism.dev/node=n"));
+    assert_eq!(s.observed_generation, Some(3));
+
+    let s = status(&mn, Some(&deploy_with(2, 1, 2, true)), "T");
+    let c = |t| condition::find(&s.conditions, t).unwrap().clone();
+    assert_eq!(c(types::READY).reason, "ReplicasNotReady");
+    assert!(c(types::READY).message.contains("1/2 replicas of Deployment n ready"));
+    assert!(c(types::DEGRADED).is_true());
+
+    let s = status(&mn, Some(&deploy_with(2, 2, 1, true)), "T");
+    assert!(condition::find(&s.conditions, types::PROGRESSING).unwrap().is_true());
+    let s = status(&mn, Some(&deploy_with(2, 2, 2, false)), "T");
+    assert!(condition::find(&s.conditions, types::PROGRESSING).unwrap().is_true(), "new generation not yet seen");
+}
+
+#[test]
+fn status_keeps_other_writers_conditions_and_transition_times() {
+    let mut mn = mk_node("n", "text", "file:///m");
+    let first = status(&mn, Some(&deploy_with(1, 1, 1, true)), "T1");
+    let mut prev = first.clone();
+    prev.conditions.push(Condition::new(types::METRICS_UNAVAILABLE, ConditionStatus::True, "PrometheusDown", ""));
+    mn.status = Some(prev);
+    let second = status(&mn, Some(&deploy_with(1, 1, 1, true)), "T2");
+    let ready = condition::find(&second.conditions, types::READY).unwrap();
+    assert_eq!(ready.last_transition_time.as_deref(), Some("T1"));
+    assert!(condition::find(&second.conditions, types::METRICS_UNAVAILABLE).is_some());
+}

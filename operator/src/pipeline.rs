@@ -1,0 +1,288 @@
+//! Pure core of the MultimodalPipeline reconciler: spec + the ModalityNodes it names + the pod
+//! index -> routing table, router Deployment / Service / ConfigMap, and status.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, PodSpec,
+    PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::ResourceExt;
+use prism_api::condition::{self, types, Condition, ConditionStatus};
+use prism_api::labels;
+use prism_api::pipeline::{MultimodalPipeline, MultimodalPipelineStatus, NodeEndpoints};
+use prism_api::routing::{build_table, NodeObservation, RoutingTable, PIPELINE_SPEC_KEY, ROUTING_TABLE_KEY};
+
+use crate::index::PodEndpoint;
+use crate::node::{owner_ref, restricted_container_sc, restricted_pod_sc};
+use crate::{Error, OperatorConfig, Result};
+
+pub const ROUTER_PORT: i32 = 8080;
+pub const CONFIG_DIR: &str = "/etc/prism";
+pub const COMPONENT: &str = "router";
+/// Annotation on the router pod template: a change of the pipeline spec rolls the routers.
+/// The routing table is deliberately not hashed: failover must not restart routers.
+pub const SPEC_HASH_ANNOTATION: &str = "prism.dev/pipeline-spec-hash";
+
+pub fn router_name(p: &str) -> String {
+    format!("{p}-router")
+}
+pub fn config_map_name(p: &str) -> String {
+    format!("{p}-routing-table")
+}
+
+/// What the pipeline reconciler knows about one referenced ModalityNode.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ObservedNode {
+    pub modality: String,
+    /// Its pods as indexed, ordered by pod name.
+    pub endpoints: Vec<PodEndpoint>,
+}
+
+/// Builds the routing table. `observed` maps node name -> node (absent: the ModalityNode does not
+/// exist). `previous` is the table currently published: the generation is kept when the routes
+/// are unchanged and bumped otherwise, never below `floor` (the generation in status), so a lost
+/// ConfigMap never makes routers see a generation go backwards.
+pub fn routing_table(
+    mmp: &MultimodalPipeline,
+    observed: &BTreeMap<String, ObservedNode>,
+    previous: Option<&RoutingTable>,
+    floor: u64,
+) -> RoutingTable {
+    // The shape comes from prism-api's build_table, shared with `prism up`, so both substrates
+    // route identically.
+    let obs: Vec<NodeObservation> = observed
+        .iter()
+        .map(|(name, o)| NodeObservation {
+            node: name.clone(),
+            modality: o.modality.clone(),
+            revision: String::new(),
+            endpoints: o.endpoints.iter().map(|e| (e.endpoint.clone(), e.ready)).collect(),
+        })
+        .collect();
+    let mut table = build_table(&mmp.name_any(), &mmp.spec, &obs, None);
+    // Each pod's own revision (a canary runs a different one than the stable replicas).
+    for eps in table.modalities.values_mut() {
+        for e in eps.iter_mut() {
+            if let Some(pe) = observed.get(&e.node).and_then(|o| o.endpoints.iter().find(|p| p.endpoint == e.endpoint)) {
+                e.revision = pe.revision.clone();
+            }
+        }
+    }
+    let prev_gen = previous.map(|p| p.generation).unwrap_or(0).max(floor);
+    table.generation = match previous {
+        Some(p) if p.same_routes(&table) && p.generation >= floor => p.generation,
+        _ => prev_gen + 1,
+    };
+    table
+}
+
+/// Names referenced by the pipeline that have no ModalityNode (sorted).
+pub fn missing_nodes(mmp: &MultimodalPipeline, observed: &BTreeMap<String, ObservedNode>) -> Vec<String> {
+    let mut v: Vec<String> = mmp.spec.nodes.iter().filter(|n| !observed.contains_key(&n.name)).map(|n| n.name.clone()).collect();
+    v.sort();
+    v
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct PipelineObjects {
+    pub deployment: Deployment,
+    pub service: Service,
+    pub config_map: ConfigMap,
+}
+
+fn labels_for(mmp: &MultimodalPipeline) -> BTreeMap<String, String> {
+    let mut l = selector_labels(&mmp.name_any());
+    l.insert(labels::COMPONENT.to_string(), COMPONENT.to_string());
+    l.insert(labels::MANAGED_BY.to_string(), labels::MANAGED_BY_VALUE.to_string());
+    l
+}
+
+pub fn selector_labels(p: &str) -> BTreeMap<String, String> {
+    BTreeMap::from([
+        (labels::NAME.to_string(), "prism-router".to_string()),
+        (labels::INSTANCE.to_string(), p.to_string()),
+        (labels::PIPELINE.to_string(), p.to_string()),
+    ])
+}
+
+/// FNV-1a: stable across Rust versions (unlike `DefaultHasher`), so an operator upgrade does
+/// not roll every router.
+fn fnv1a(data: &[u8]) -> String {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for b in data {
+        h ^= u64::from(*b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    format!("{h:016x}")
+}
+
+pub fn desired_objects(mmp: &MultimodalPipeline, cfg: &OperatorConfig, table: &RoutingTable) -> Result<PipelineObjects> {
+    let name = mmp.name_any();
+    let ns = mmp.namespace();
+    let meta = |n: String| -> Result<ObjectMeta> {
+        Ok(ObjectMeta { name: Some(n), namespace: ns.clone(), labels: Some(labels_for(mmp)), owner_references: Some(vec![owner_ref(mmp)?]), ..Default::default() })
+    };
+    let spec_json = serde_json::to_string_pretty(&mmp.spec).map_err(|source| Error::Serialize { what: "pipeline spec", source })?;
+    let table_json = serde_json::to_string_pretty(table).map_err(|source| Error::Serialize { what: "routing table", source })?;
+
+    let config_map = ConfigMap {
+        metadata: meta(config_map_name(&name))?,
+        data: Some(BTreeMap::from([(ROUTING_TABLE_KEY.to_string(), table_json), (PIPELINE_SPEC_KEY.to_string(), spec_json.clone())])),
+        ..Default::default()
+    };
+
+    let probe = |path: &str| Probe {
+        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::String("http".into()), ..Default::default() }),
+        period_seconds: Some(5),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    };
+    let container = Container {
+        name: "router".into(),
+        image: Some(mmp.spec.router_image.clone().unwrap_or_else(|| cfg.router_image.clone())),
+        image_pull_policy: cfg.image_pull_policy.clone(),
+        args: Some(vec![
+            "--pipeline".into(),
+            format!("{CONFIG_DIR}/{PIPELINE_SPEC_KEY}"),
+            "--routing-table".into(),
+            format!("{CONFIG_DIR}/{ROUTING_TABLE_KEY}"),
+            "--listen".into(),
+            format!("0.0.0.0:{ROUTER_PORT}"),
+        ]),
+        ports: Some(vec![ContainerPort { name: Some("http".into()), container_port: ROUTER_PORT, protocol: Some("TCP".into()), ..Default::default() }]),
+        readiness_probe: Some(probe("/ready")),
+        liveness_probe: Some(probe("/live")),
+        security_context: Some(restricted_container_sc()),
+        volume_mounts: Some(vec![
+            VolumeMount { name: "config".into(), mount_path: CONFIG_DIR.into(), read_only: Some(true), ..Default::default() },
+            VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
+        ]),
+        ..Default::default()
+    };
+    let deployment = Deployment {
+        metadata: meta(router_name(&name))?,
+        spec: Some(DeploymentSpec {
+            replicas: Some(mmp.spec.router_replicas),
+            selector: LabelSelector { match_labels: Some(selector_labels(&name)), ..Default::default() },
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels_for(mmp)),
+                    annotations: Some(BTreeMap::from([(SPEC_HASH_ANNOTATION.to_string(), fnv1a(spec_json.as_bytes()))])),
+                    ..Default::default()
+                }),
+                spec: Some(PodSpec {
+                    containers: vec![container],
+                    volumes: Some(vec![
+                        Volume {
+                            name: "config".into(),
+                            config_map: Some(ConfigMapVolumeSource { name: config_map_name(&name), ..Default::default() }),
+                            ..Default::default()
+                        },
+                        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+                    ]),
+                    security_context: Some(restricted_pod_sc()),
+                    enable_service_links: Some(false),
+                    ..Default::default()
+                }),
+            },
+            ..Default::default()
+        }),
+        status: None,
+    };
+    let service = Service {
+        metadata: meta(router_name(&name))?,
+        spec: Some(ServiceSpec {
+            selector: Some(selector_labels(&name)),
+            ports: Some(vec![ServicePort { name: Some("http".into()), port: ROUTER_PORT, target_port: Some(IntOrString::String("http".into())), protocol: Some("TCP".into()), ..Default::default() }]),
+            ..Default::default()
+        }),
+        status: None,
+    };
+    Ok(PipelineObjects { deployment, service, config_map })
+}
+
+/// Pipeline status from the table just published, the missing nodes and the router Deployment.
+pub fn status(
+    mmp: &MultimodalPipeline,
+    observed: &BTreeMap<String, ObservedNode>,
+    table: &RoutingTable,
+    router: Option<&Deployment>,
+    now: &str,
+) -> MultimodalPipelineStatus {
+    let name = mmp.name_any();
+    let ns = mmp.namespace().unwrap_or_default();
+    let generation = mmp.metadata.generation;
+    let missing = missing_nodes(mmp, observed);
+    let degraded_modalities = table.missing_modalities();
+
+    let mut endpoints = Vec::new();
+    let mut nodes_ready = 0;
+    let mut down_required = Vec::new();
+    for n in &mmp.spec.nodes {
+        let Some(obs) = observed.get(&n.name) else { continue };
+        let ready: Vec<String> = obs.endpoints.iter().filter(|e| e.ready).map(|e| e.endpoint.trim_start_matches("http://").to_string()).collect();
+        let not_ready = obs.endpoints.iter().filter(|e| !e.ready).count() as u32;
+        if !ready.is_empty() {
+            nodes_ready += 1;
+        } else if n.required {
+            down_required.push(n.name.clone());
+        }
+        endpoints.push(NodeEndpoints { node: n.name.clone(), modality: obs.modality.clone(), ready, not_ready });
+    }
+
+    let router_avail = router.and_then(|d| d.status.as_ref()).and_then(|s| s.available_replicas).unwrap_or(0);
+    let router_name = router_name(&name);
+    let ready = if !missing.is_empty() {
+        Condition::new(
+            types::READY,
+            ConditionStatus::False,
+            "NodeNotFound",
+            format!(
+                "ModalityNode {} not found in namespace {ns}; create it (kubectl apply) or remove it from spec.nodes",
+                missing.join(", ")
+            ),
+        )
+    } else if !down_required.is_empty() {
+        Condition::new(
+            types::READY,
+            ConditionStatus::False,
+            "RequiredNodeUnavailable",
+            format!("required ModalityNode {} has no ready replica; see `kubectl describe mn {}`", down_required.join(", "), down_required[0]),
+        )
+    } else if router_avail == 0 {
+        Condition::new(types::READY, ConditionStatus::False, "RouterUnavailable", format!("no replica of Deployment {router_name} is available yet"))
+    } else if nodes_ready == 0 {
+        Condition::new(types::READY, ConditionStatus::False, "NoReadyNode", "no node of the pipeline has a ready replica")
+    } else {
+        Condition::new(types::READY, ConditionStatus::True, "PipelineReady", format!("router {router_name} available; routing table generation {}", table.generation))
+    };
+    let degraded = if degraded_modalities.is_empty() && missing.is_empty() {
+        Condition::new(types::DEGRADED, ConditionStatus::False, "AllModalitiesServed", "every modality has a ready replica")
+    } else {
+        let mut parts = Vec::new();
+        if !degraded_modalities.is_empty() {
+            parts.push(format!("modalities without a ready replica: {}", degraded_modalities.join(", ")));
+        }
+        if !missing.is_empty() {
+            parts.push(format!("missing ModalityNode: {}", missing.join(", ")));
+        }
+        Condition::new(types::DEGRADED, ConditionStatus::True, if missing.is_empty() { "ModalityUnavailable" } else { "NodeNotFound" }, parts.join("; "))
+    };
+    let old = mmp.status.clone().unwrap_or_default();
+    MultimodalPipelineStatus {
+        observed_generation: generation,
+        conditions: condition::merge(&old.conditions, vec![ready, degraded], now, generation),
+        routing_table_generation: table.generation.max(old.routing_table_generation),
+        endpoints,
+        nodes_ready: Some(format!("{nodes_ready}/{}", mmp.spec.nodes.len())),
+        degraded_modalities,
+        url: Some(format!("http://{router_name}.{ns}.svc:{ROUTER_PORT}")),
+    }
+}
+
+#[cfg(test)]
+mod tests;

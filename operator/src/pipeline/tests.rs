@@ -1,0 +1,154 @@
+use super::*;
+use prism_api::pipeline::MultimodalPipelineSpec;
+
+fn mk_pipeline(nodes: serde_json::Value) -> MultimodalPipeline {
+    let spec: MultimodalPipelineSpec = serde_json::from_value(serde_json::json!({ "nodes": nodes })).unwrap();
+    let mut p = MultimodalPipeline::new("mm", spec);
+    p.metadata.namespace = Some("ns".into());
+    p.metadata.uid = Some("uid-p".into());
+    p.metadata.generation = Some(1);
+    p
+}
+
+fn ep(ip: &str, ready: bool) -> PodEndpoint {
+    PodEndpoint { endpoint: format!("http://{ip}:8080"), revision: "1".into(), ready }
+}
+
+fn observed(entries: &[(&str, &str, Vec<PodEndpoint>)]) -> BTreeMap<String, ObservedNode> {
+    entries.iter().map(|(n, m, eps)| (n.to_string(), ObservedNode { modality: m.to_string(), endpoints: eps.clone() })).collect()
+}
+
+fn three() -> MultimodalPipeline {
+    mk_pipeline(serde_json::json!([
+        {"name": "text-a", "weight": 2.0, "accuracy": 0.8, "required": true},
+        {"name": "vision-a"},
+        {"name": "audio-a"}
+    ]))
+}
+
+#[test]
+fn table_lists_endpoints_per_modality_with_node_fields() {
+    let p = three();
+    let obs = observed(&[
+        ("text-a", "text", vec![ep("10.244.1.2", true), ep("10.244.2.2", false)]),
+        ("vision-a", "vision", vec![ep("10.244.1.3", true)]),
+        ("audio-a", "audio", vec![]),
+    ]);
+    let t = routing_table(&p, &obs, None, 0);
+    assert_eq!(t.pipeline, "mm");
+    assert_eq!(t.generation, 1);
+    let text = &t.modalities["text"];
+    assert_eq!(text.len(), 2);
+    assert_eq!(text[0].endpoint, "http://10.244.1.2:8080");
+    assert_eq!((text[0].node.as_str(), text[0].weight, text[0].accuracy), ("text-a", 2.0, 0.8));
+    assert_eq!(t.missing_modalities(), vec!["audio".to_string()]);
+}
+
+#[test]
+fn generation_bumps_only_on_route_changes_and_never_goes_back() {
+    let p = three();
+    let obs = observed(&[("text-a", "text", vec![ep("10.0.0.1", true)])]);
+    let t1 = routing_table(&p, &obs, None, 0);
+    let t1b = routing_table(&p, &obs, Some(&t1), 0);
+    assert_eq!(t1b.generation, t1.generation, "no change, no bump");
+    let obs2 = observed(&[("text-a", "text", vec![ep("10.0.0.1", false)])]);
+    let t2 = routing_table(&p, &obs2, Some(&t1), 0);
+    assert_eq!(t2.generation, t1.generation + 1);
+    // ConfigMap lost or stale (generation 0) while status says 7: continue above 7.
+    let t3 = routing_table(&p, &obs2, None, 7);
+    assert_eq!(t3.generation, 8);
+    let stale = RoutingTable { generation: 3, ..t2.clone() };
+    assert_eq!(routing_table(&p, &obs2, Some(&stale), 7).generation, 8);
+}
+
+proptest::proptest! {
+    /// Whatever the sequence of observations, generations never decrease and change exactly
+    /// when the routes change.
+    #[test]
+    fn generations_are_monotonic(steps in proptest::collection::vec(proptest::collection::vec(proptest::bool::ANY, 0..4), 1..20)) {
+        let p = three();
+        let mut prev: Option<RoutingTable> = None;
+        for readiness in steps {
+            let eps: Vec<PodEndpoint> = readiness.iter().enumerate().map(|(i, r)| ep(&format!("10.0.0.{i}"), *r)).collect();
+            let obs = observed(&[("text-a", "text", eps)]);
+            let floor = prev.as_ref().map(|t| t.generation).unwrap_or(0);
+            let t = routing_table(&p, &obs, prev.as_ref(), floor);
+            if let Some(old) = &prev {
+                proptest::prop_assert!(t.generation >= old.generation);
+                proptest::prop_assert_eq!(t.generation != old.generation, !t.same_routes(old));
+            }
+            // Never route to an unready replica: ready() only yields ready entries.
+            proptest::prop_assert!(t.ready("text").all(|e| e.ready));
+            prev = Some(t);
+        }
+    }
+}
+
+#[test]
+fn missing_node_gives_node_not_found_naming_it() {
+    let p = three();
+    let obs = observed(&[("text-a", "text", vec![ep("10.0.0.1", true)]), ("vision-a", "vision", vec![ep("10.0.0.2", true)])]);
+    let t = routing_table(&p, &obs, None, 0);
+    let s = status(&p, &obs, &t, None, "T");
+    let ready = condition::find(&s.conditions, types::READY).unwrap();
+    assert_eq!(ready.reason, "NodeNotFound");
+    assert!(ready.message.contains("audio-a"), "{}", ready.message);
+    assert_eq!(s.nodes_ready.as_deref(), Some("2/3"));
+}
+
+fn available_router(p: &MultimodalPipeline) -> Deployment {
+    let mut d = desired_objects(p, &OperatorConfig::default(), &RoutingTable::default()).unwrap().deployment;
+    d.status = Some(k8s_openapi::api::apps::v1::DeploymentStatus { available_replicas: Some(1), ..Default::default() });
+    d
+}
+
+#[test]
+fn degraded_names_modalities_without_ready_replicas() {
+    let p = three();
+    let obs = observed(&[
+        ("text-a", "text", vec![ep("10.0.0.1", true)]),
+        ("vision-a", "vision", vec![ep("10.0.0.2", false)]),
+        ("audio-a", "audio", vec![]),
+    ]);
+    let t = routing_table(&p, &obs, None, 0);
+    let s = status(&p, &obs, &t, Some(&available_router(&p)), "T");
+    let d = condition::find(&s.conditions, types::DEGRADED).unwrap();
+    assert!(d.is_true());
+    assert!(d.message.contains("audio, vision"), "{}", d.message);
+    assert!(condition::find(&s.conditions, types::READY).unwrap().is_true(), "optional modalities down: still Ready");
+    assert_eq!(s.degraded_modalities, vec!["audio".to_string(), "vision".to_string()]);
+    assert_eq!(s.endpoints[0].ready, vec!["10.0.0.1:8080".to_string()]);
+    assert_eq!(s.endpoints[1].not_ready, 1);
+    assert_eq!(s.url.as_deref(), Some("http://mm-router.ns.svc:8080"));
+
+    // The required text node down: not Ready.
+    let obs = observed(&[("text-a", "text", vec![]), ("vision-a", "vision", vec![ep("10.0.0.2", true)]), ("audio-a", "audio", vec![])]);
+    let t = routing_table(&p, &obs, None, 0);
+    let s = status(&p, &obs, &t, Some(&available_router(&p)), "T");
+    let r = condition::find(&s.conditions, types::READY).unwrap();
+    assert_eq!(r.reason, "RequiredNodeUnavailable");
+    assert!(r.message.contains("text-a"));
+}
+
+#[test]
+fn router_objects_mount_the_table_and_pass_args() {
+    let p = three();
+    let obs = observed(&[("text-a", "text", vec![ep("10.0.0.1", true)])]);
+    let t = routing_table(&p, &obs, None, 0);
+    let o = desired_objects(&p, &OperatorConfig::default(), &t).unwrap();
+    let data = o.config_map.data.as_ref().unwrap();
+    let parsed: RoutingTable = serde_json::from_str(&data[ROUTING_TABLE_KEY]).unwrap();
+    assert_eq!(parsed, t);
+    let spec: serde_json::Value = serde_json::from_str(&data[PIPELINE_SPEC_KEY]).unwrap();
+    assert_eq!(spec["nodes"][0]["name"], "text-a");
+    let ps = o.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let args = ps.containers[0].args.clone().unwrap();
+    assert_eq!(args, vec!["--pipeline", "/etc/prism/pipeline.json", "--routing-table", "/etc/prism/routing-table.json", "--listen", "0.0.0.0:8080"]);
+    let vol = ps.volumes.as_ref().unwrap().iter().find(|v| v.name == "config").unwrap();
+    assert_eq!(vol.config_map.as_ref().unwrap().name, "mm-routing-table");
+    assert_eq!(o.config_map.metadata.owner_references.as_ref().unwrap()[0].kind, "MultimodalPipeline");
+    // A failover (new table) must not change the router pod template (no restart).
+    let t2 = routing_table(&p, &observed(&[("text-a", "text", vec![])]), Some(&t), 0);
+    let o2 = desired_objects(&p, &OperatorConfig::default(), &t2).unwrap();
+    assert_eq!(o.deployment, o2.deployment);
+}

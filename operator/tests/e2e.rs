@@ -1,0 +1,483 @@
+//! End-to-end tests against the real local control plane (`make cluster-up`; e2e/README.md).
+//! Ignored in plain `cargo test`; scripts/test-e2e.sh runs them with KUBECONFIG set:
+//!   KUBECONFIG=$(make -s --no-print-directory cluster-kubeconfig) \
+//!     cargo test --release -p prism-operator --test e2e -- --ignored --test-threads=1
+//! Each test gets its own namespace and its own in-process operator watching only that
+//! namespace. Waits poll API objects with a deadline (no fixed sleeps) and dump the
+//! namespace's state on timeout. Pod IPs are fake: we only assert on API objects.
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::runtime::watcher;
+use kube::{Api, Client, ResourceExt};
+use futures::StreamExt;
+use prism_api::condition::{find, types};
+use prism_api::routing::{RoutingTable, ROUTING_TABLE_KEY};
+use prism_api::{ModalityNode, MultimodalPipeline};
+use prism_operator::controller::{self, RunSettings};
+use prism_operator::metrics::Metrics;
+use prism_operator::OperatorConfig;
+
+fn repo() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn kubectl(args: &[&str]) -> std::process::Output {
+    Command::new(repo().join("e2e/bin/kubectl")).args(args).output().expect("running e2e/bin/kubectl")
+}
+
+fn kubectl_ok(args: &[&str]) -> String {
+    let out = kubectl(args);
+    assert!(out.status.success(), "kubectl {args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// A namespace for one test; deleted when dropped (also after a panic).
+struct TestNs {
+    name: String,
+    client: Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    operator: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for TestNs {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.dump();
+        }
+        let _ = kubectl(&["delete", "namespace", &self.name, "--wait=false"]);
+    }
+}
+
+impl TestNs {
+    async fn new(prefix: &str, labels: &[(&str, &str)]) -> Self {
+        install_crds();
+        let client = Client::try_default().await.expect("KUBECONFIG must point at the e2e cluster (make cluster-up)");
+        let suffix = format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 0xffffff);
+        let name = format!("e2e-{prefix}-{suffix}");
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": name, "labels": labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()}
+        }))
+        .unwrap();
+        Api::<Namespace>::all(client.clone()).create(&PostParams::default(), &ns).await.unwrap();
+        Self { name, client, stop: None, operator: None }
+    }
+
+    /// Starts the operator in-process, watching only this namespace.
+    fn start_operator(&mut self) {
+        let settings = RunSettings {
+            cfg: OperatorConfig { node_image: "prism-node:e2e".into(), router_image: "prism-router:e2e".into(), image_pull_policy: Some("IfNotPresent".into()) },
+            namespace: Some(self.name.clone()),
+            instance: format!("e2e-{}", self.name),
+            concurrency: 4,
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let client = self.client.clone();
+        self.operator = Some(tokio::spawn(controller::run(client, settings, Metrics::new().unwrap(), Arc::new(AtomicBool::new(false)), async move {
+            let _ = rx.await;
+        })));
+        self.stop = Some(tx);
+    }
+
+    async fn stop_operator(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(h) = self.operator.take() {
+            let _ = tokio::time::timeout(Duration::from_secs(10), h).await;
+        }
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: kube::Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>,
+    {
+        Api::namespaced(self.client.clone(), &self.name)
+    }
+
+    fn apply_yaml(&self, yaml: &str) {
+        let path = std::env::temp_dir().join(format!("{}-{}.yaml", self.name, rand_suffix()));
+        std::fs::write(&path, yaml).unwrap();
+        kubectl_ok(&["apply", "-n", &self.name, "-f", path.to_str().unwrap()]);
+    }
+
+    fn dump(&self) {
+        eprintln!("==== state of namespace {} ====", self.name);
+        for args in [
+            vec!["get", "mn,mmp,deploy,rs,pods,svc,pdb,cm", "-o", "wide", "-n", &self.name],
+            vec!["get", "mn,mmp", "-o", "yaml", "-n", &self.name],
+            vec!["get", "events", "-n", &self.name, "--sort-by=.lastTimestamp"],
+        ] {
+            let out = kubectl(&args);
+            eprintln!("$ kubectl {}\n{}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+
+    /// Polls `f` until it returns Some, or dumps state and panics after `timeout`.
+    async fn wait<T, F, Fut>(&self, what: &str, timeout: Duration, mut f: F) -> T
+    where
+        F: FnMut() -> Fut,
+        Fut: Future<Output = Option<T>>,
+    {
+        let start = Instant::now();
+        loop {
+            if let Some(v) = f().await {
+                return v;
+            }
+            if start.elapsed() > timeout {
+                panic!("timed out after {timeout:?} waiting for: {what}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn pipeline(&self, name: &str) -> Option<MultimodalPipeline> {
+        self.api::<MultimodalPipeline>().get_opt(name).await.ok().flatten()
+    }
+
+    async fn table(&self, pipeline: &str) -> Option<RoutingTable> {
+        let cm = self.api::<ConfigMap>().get_opt(&format!("{pipeline}-routing-table")).await.ok().flatten()?;
+        serde_json::from_str(cm.data?.get(ROUTING_TABLE_KEY)?).ok()
+    }
+
+    async fn wait_condition(&self, pipeline: &str, type_: &str, status: &str, timeout: Duration) -> MultimodalPipeline {
+        self.wait(&format!("mmp/{pipeline} condition {type_}={status}"), timeout, || async {
+            let p = self.pipeline(pipeline).await?;
+            let c = find(&p.status.as_ref()?.conditions, type_)?;
+            (format!("{:?}", c.status) == status).then_some(p)
+        })
+        .await
+    }
+
+    async fn node_pods(&self, node: &str) -> Vec<Pod> {
+        self.api::<Pod>().list(&ListParams::default().labels(&format!("prism.dev/node={node}"))).await.map(|l| l.items).unwrap_or_default()
+    }
+}
+
+fn rand_suffix() -> String {
+    format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos())
+}
+
+fn install_crds() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let crds = repo().join("crds");
+        kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", crds.to_str().unwrap()]);
+        kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "crd/modalitynodes.prism.dev", "crd/multimodalpipelines.prism.dev"]);
+    });
+}
+
+fn example(name: &str) -> String {
+    std::fs::read_to_string(repo().join("examples").join(name)).unwrap()
+}
+
+fn small_node(name: &str, modality: &str, gpu: bool, extra: &str) -> String {
+    let res = if gpu {
+        "  resources:\n    gpu: {count: 1}\n    nodeSelector: {nvidia.com/gpu.present: \"true\"}\n    tolerations:\n    - {key: nvidia.com/gpu, operator: Exists, effect: NoSchedule}\n"
+    } else {
+        "  device: cpu\n"
+    };
+    format!(
+        "apiVersion: prism.dev/v1alpha1\nkind: ModalityNode\nmetadata:\n  name: {name}\nspec:\n  modality: {modality}\n  model: {{uri: 'file:///models/{name}', architecture: bert, revision: '1'}}\n{res}{extra}"
+    )
+}
+
+fn pipeline_yaml(name: &str, nodes: &[&str]) -> String {
+    let list: String = nodes.iter().map(|n| format!("  - {{name: {n}}}\n")).collect();
+    format!("apiVersion: prism.dev/v1alpha1\nkind: MultimodalPipeline\nmetadata:\n  name: {name}\nspec:\n  nodes:\n{list}")
+}
+
+const T: Duration = Duration::from_secs(60);
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane (KUBECONFIG)"]
+async fn cel_rules_reject_bad_manifests_with_their_message() {
+    let ns = TestNs::new("cel", &[]).await;
+    let cases: &[(&str, serde_json::Value, &str)] = &[
+        (
+            "ModalityNode",
+            serde_json::json!({"modality": "text", "model": {"uri": "file:///m", "architecture": "bert"}, "replicas": {"min": 3, "max": 2}}),
+            "replicas.min must be <= replicas.max",
+        ),
+        (
+            "ModalityNode",
+            serde_json::json!({"modality": "Text!", "model": {"uri": "file:///m", "architecture": "bert"}}),
+            "spec.modality",
+        ),
+        ("MultimodalPipeline", serde_json::json!({"nodes": [{"name": "a"}, {"name": "a"}]}), "node names in a pipeline must be unique"),
+        (
+            "MultimodalPipeline",
+            serde_json::json!({"nodes": [{"name": "a"}], "routing": {"failureThreshold": 1.5}}),
+            "routing.failureThreshold (delta) must lie strictly between 0 and 1",
+        ),
+        (
+            "MultimodalPipeline",
+            serde_json::json!({"nodes": [{"name": "a", "role": "encoder"}], "fusion": {"strategy": "early"}}),
+            "fusion.strategy early needs a node with role fusion",
+        ),
+    ];
+    for (i, (kind, spec, want)) in cases.iter().enumerate() {
+        let obj = serde_json::json!({"apiVersion": "prism.dev/v1alpha1", "kind": kind, "metadata": {"name": format!("bad-{i}")}, "spec": spec});
+        let path = std::env::temp_dir().join(format!("{}-bad-{i}.json", ns.name));
+        std::fs::write(&path, obj.to_string()).unwrap();
+        let out = kubectl(&["create", "-n", &ns.name, "-f", path.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{kind} {spec} was accepted");
+        assert!(err.contains(want), "{kind} {spec}: expected {want:?} in {err}");
+    }
+    // And a good one is accepted (the rules are not just rejecting everything).
+    ns.apply_yaml(&pipeline_yaml("ok", &["a"]));
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane (KUBECONFIG)"]
+async fn multimodal_example_reconciles_to_ready_on_gpu_nodes() {
+    let mut ns = TestNs::new("example", &[]).await;
+    ns.start_operator();
+    let started = Instant::now();
+    ns.apply_yaml(&example("multimodal-pipeline.yaml"));
+    let p = ns.wait_condition("multimodal", types::READY, "True", T).await;
+    eprintln!("multimodal pipeline Ready after {:?}", started.elapsed());
+    // kubectl wait works on the condition too.
+    kubectl_ok(&["wait", "-n", &ns.name, "--for=condition=Ready", "mmp/multimodal", "--timeout=30s"]);
+
+    for node in ["text-minilm", "vision-vit", "audio-whisper", "fusion-perceiver"] {
+        let d = ns.api::<Deployment>().get(node).await.unwrap();
+        let owner = &d.owner_references()[0];
+        assert_eq!((owner.kind.as_str(), owner.name.as_str(), owner.controller), ("ModalityNode", node, Some(true)));
+        let c = &d.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0];
+        assert_eq!(c.resources.as_ref().unwrap().limits.as_ref().unwrap()["nvidia.com/gpu"].0, "1");
+        assert_eq!(ns.api::<Service>().get(node).await.unwrap().owner_references()[0].kind, "ModalityNode");
+        assert_eq!(ns.api::<PodDisruptionBudget>().get(node).await.unwrap().owner_references()[0].kind, "ModalityNode");
+        let mn = ns.api::<ModalityNode>().get(node).await.unwrap();
+        assert!(find(&mn.status.as_ref().unwrap().conditions, types::READY).unwrap().is_true(), "mn/{node} Ready");
+        for pod in ns.node_pods(node).await {
+            let st = pod.status.as_ref().unwrap();
+            assert_eq!(st.phase.as_deref(), Some("Running"));
+            let host = pod.spec.as_ref().unwrap().node_name.clone().unwrap_or_default();
+            assert!(host.starts_with("gpu-node-"), "GPU pod {} landed on {host}", pod.name_any());
+        }
+    }
+    for kind in ["router Deployment", "router Service", "ConfigMap"] {
+        let owner = match kind {
+            "router Deployment" => ns.api::<Deployment>().get("multimodal-router").await.unwrap().owner_references()[0].clone(),
+            "router Service" => ns.api::<Service>().get("multimodal-router").await.unwrap().owner_references()[0].clone(),
+            _ => ns.api::<ConfigMap>().get("multimodal-routing-table").await.unwrap().owner_references()[0].clone(),
+        };
+        assert_eq!(owner.kind, "MultimodalPipeline", "{kind}");
+    }
+
+    // The table lists exactly the ready pods' IPs, per modality.
+    let table = ns.wait("routing table lists every ready pod", T, || async {
+        let t = ns.table("multimodal").await?;
+        let mut want = BTreeMap::new();
+        for (node, modality) in [("text-minilm", "text"), ("vision-vit", "vision"), ("audio-whisper", "audio"), ("fusion-perceiver", "fusion")] {
+            let mut ips: Vec<String> = ns.node_pods(node).await.iter().filter_map(|p| p.status.as_ref()?.pod_ip.clone()).map(|ip| format!("http://{ip}:8080")).collect();
+            ips.sort();
+            want.insert(modality.to_string(), ips);
+        }
+        let mut have = BTreeMap::new();
+        for (m, eps) in &t.modalities {
+            let mut v: Vec<String> = eps.iter().filter(|e| e.ready).map(|e| e.endpoint.clone()).collect();
+            v.sort();
+            have.insert(m.clone(), v);
+        }
+        (have == want && want["text"].len() == 2).then_some(t)
+    })
+    .await;
+    assert!(table.generation >= 1);
+    let st = p.status.unwrap();
+    assert_eq!(st.url.as_deref(), Some(format!("http://multimodal-router.{}.svc:8080", ns.name).as_str()));
+    let p = ns.pipeline("multimodal").await.unwrap();
+    assert_eq!(p.status.as_ref().unwrap().nodes_ready.as_deref(), Some("4/4"));
+    assert!(p.status.as_ref().unwrap().routing_table_generation >= table.generation);
+    ns.stop_operator().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane (KUBECONFIG)"]
+async fn failover_rewrites_the_routing_table_and_marks_degraded() {
+    let mut ns = TestNs::new("failover", &[]).await;
+    ns.start_operator();
+    ns.apply_yaml(&small_node("text", "text", false, "  replicas: {min: 2, max: 2}\n"));
+    ns.apply_yaml(&small_node("audio", "audio", true, ""));
+    ns.apply_yaml(&pipeline_yaml("mm", &["text", "audio"]));
+    ns.wait_condition("mm", types::DEGRADED, "False", T).await;
+    let before = ns
+        .wait("both modalities ready in the table", T, || async {
+            let t = ns.table("mm").await?;
+            (t.ready("text").count() == 2 && t.ready("audio").count() == 1).then_some(t)
+        })
+        .await;
+
+    // Watch the ConfigMap to time the rewrite from the fault.
+    let cms = ns.api::<ConfigMap>();
+    let mut stream = Box::pin(watcher(cms, watcher::Config::default().fields("metadata.name=mm-routing-table")));
+    while let Some(ev) = stream.next().await {
+        if matches!(ev, Ok(watcher::Event::InitDone)) {
+            break;
+        }
+    }
+    let audio_pod = ns.node_pods("audio").await.remove(0);
+    let audio_ep = format!("http://{}:8080", audio_pod.status.as_ref().unwrap().pod_ip.as_ref().unwrap());
+    let t0 = Instant::now();
+    kubectl_ok(&["-n", &ns.name, "label", "pod", &audio_pod.name_any(), "prism.dev/fault=not-ready", "--overwrite"]);
+    let after = tokio::time::timeout(T, async {
+        while let Some(ev) = stream.next().await {
+            if let Ok(watcher::Event::Apply(cm)) = ev {
+                let t: RoutingTable = serde_json::from_str(&cm.data.unwrap_or_default()[ROUTING_TABLE_KEY]).unwrap();
+                if t.ready("audio").count() == 0 {
+                    return t;
+                }
+            }
+        }
+        panic!("watch ended");
+    })
+    .await
+    .unwrap_or_else(|_| {
+        ns.dump();
+        panic!("routing table not rewritten within {T:?}")
+    });
+    let latency = t0.elapsed();
+    eprintln!("failover: label -> routing table rewritten in {latency:?} (includes kwok's reaction to the label)");
+    assert!(after.generation > before.generation, "generation bumped");
+    assert!(after.modalities["audio"].iter().all(|e| !(e.endpoint == audio_ep && e.ready)), "unready endpoint not routable");
+    assert_eq!(after.ready("text").count(), 2, "other modality untouched");
+    let p = ns.wait_condition("mm", types::DEGRADED, "True", T).await;
+    let d = find(&p.status.as_ref().unwrap().conditions, types::DEGRADED).unwrap();
+    assert!(d.message.contains("audio"), "Degraded names the modality: {}", d.message);
+    assert_eq!(p.status.as_ref().unwrap().degraded_modalities, vec!["audio".to_string()]);
+
+    // Recovery restores it, with a still newer generation.
+    kubectl_ok(&["-n", &ns.name, "label", "pod", &audio_pod.name_any(), "prism.dev/fault-"]);
+    let restored = ns
+        .wait("audio endpoint restored", T, || async {
+            let t = ns.table("mm").await?;
+            (t.ready("audio").count() == 1).then_some(t)
+        })
+        .await;
+    assert!(restored.generation > after.generation);
+    ns.wait_condition("mm", types::DEGRADED, "False", T).await;
+    ns.stop_operator().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane (KUBECONFIG)"]
+async fn spec_change_rolls_and_manual_edits_are_reverted_and_delete_cascades() {
+    let mut ns = TestNs::new("lifecycle", &[]).await;
+    ns.start_operator();
+    ns.apply_yaml(&small_node("text", "text", false, ""));
+    let deploys = ns.api::<Deployment>();
+    ns.wait("Deployment text exists", T, || async { deploys.get_opt("text").await.ok().flatten() }).await;
+
+    // Spec change: new revision -> new pod template -> rollout.
+    ns.apply_yaml(&small_node("text", "text", false, "").replace("revision: '1'", "revision: '2'"));
+    ns.wait("pods of revision 2 ready", T, || async {
+        let d = deploys.get("text").await.ok()?;
+        let tl = d.spec.as_ref()?.template.metadata.as_ref()?.labels.clone()?;
+        let st = d.status?;
+        (tl.get("prism.dev/revision").map(String::as_str) == Some("2") && st.updated_replicas == Some(1) && st.ready_replicas == Some(1) && st.replicas == Some(1)).then_some(())
+    })
+    .await;
+    let pods = ns.node_pods("text").await;
+    assert!(pods.iter().any(|p| p.labels().get("prism.dev/revision").map(String::as_str) == Some("2")));
+
+    // A manual edit by another field manager is reverted.
+    let patch = serde_json::json!({"spec": {"replicas": 3, "template": {"spec": {"containers": [{"name": "node", "image": "evil:latest"}]}}}});
+    deploys.patch("text", &PatchParams::default(), &Patch::Strategic(&patch)).await.unwrap();
+    ns.wait("manual edit reverted", T, || async {
+        let d = deploys.get("text").await.ok()?;
+        let s = d.spec?;
+        (s.replicas == Some(1) && s.template.spec?.containers[0].image.as_deref() == Some("prism-node:e2e")).then_some(())
+    })
+    .await;
+
+    // Deleting the ModalityNode garbage-collects its children (owner references).
+    ns.api::<ModalityNode>().delete("text", &DeleteParams::default()).await.unwrap();
+    ns.wait("children garbage-collected", T, || async {
+        let d = deploys.get_opt("text").await.ok()?;
+        let s = ns.api::<Service>().get_opt("text").await.ok()?;
+        let p = ns.api::<PodDisruptionBudget>().get_opt("text").await.ok()?;
+        (d.is_none() && s.is_none() && p.is_none()).then_some(())
+    })
+    .await;
+    ns.stop_operator().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane (KUBECONFIG)"]
+async fn pipeline_waits_for_a_missing_node_then_becomes_ready() {
+    let mut ns = TestNs::new("missing", &[]).await;
+    ns.start_operator();
+    ns.apply_yaml(&pipeline_yaml("p", &["late-node"]));
+    let p = ns.wait_condition("p", types::READY, "False", T).await;
+    let c = find(&p.status.as_ref().unwrap().conditions, types::READY).unwrap();
+    if c.reason != "NodeNotFound" {
+        // The first status may be computed before the router exists; NodeNotFound must win.
+        ns.wait("reason NodeNotFound", T, || async {
+            let p = ns.pipeline("p").await?;
+            (find(&p.status?.conditions, types::READY)?.reason == "NodeNotFound").then_some(())
+        })
+        .await;
+    }
+    let p = ns.pipeline("p").await.unwrap();
+    let c = find(&p.status.as_ref().unwrap().conditions, types::READY).unwrap();
+    assert_eq!(c.reason, "NodeNotFound");
+    assert!(c.message.contains("late-node"), "message names the node: {}", c.message);
+    // Creating the node triggers the pipeline (watches mapper), no requeue timer needed.
+    ns.apply_yaml(&small_node("late-node", "text", false, ""));
+    ns.wait_condition("p", types::READY, "True", T).await;
+    ns.stop_operator().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane (KUBECONFIG)"]
+async fn kubectl_scale_works_in_external_mode() {
+    let mut ns = TestNs::new("scale", &[]).await;
+    ns.start_operator();
+    ns.apply_yaml(&example("text-pipeline.yaml"));
+    ns.wait_condition("text", types::READY, "True", T).await;
+    kubectl_ok(&["-n", &ns.name, "scale", "mn/text", "--replicas=3"]);
+    ns.wait("3 replicas ready and reported", T, || async {
+        let mn = ns.api::<ModalityNode>().get("text").await.ok()?;
+        let st = mn.status?;
+        (st.replicas == 3 && st.ready_replicas == 3 && st.selector.is_some()).then_some(())
+    })
+    .await;
+    let d = ns.api::<Deployment>().get("text").await.unwrap();
+    assert_eq!(d.spec.unwrap().replicas, Some(3));
+    let t = ns.wait("table has 3 text endpoints", T, || async { ns.table("text").await.filter(|t| t.ready("text").count() == 3) }).await;
+    assert_eq!(t.modalities.len(), 1);
+    // The scale subresource reads back through status.selector (what HPA uses).
+    let scale = kubectl_ok(&["-n", &ns.name, "get", "--raw", &format!("/apis/prism.dev/v1alpha1/namespaces/{}/modalitynodes/text/scale", ns.name)]);
+    assert!(scale.contains("prism.dev/node=text"), "{scale}");
+    ns.stop_operator().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane (KUBECONFIG)"]
+async fn generated_pods_are_admitted_under_restricted_pod_security() {
+    let mut ns = TestNs::new("restricted", &[("pod-security.kubernetes.io/enforce", "restricted")]).await;
+    ns.start_operator();
+    // Control: a pod that violates "restricted" is refused in this namespace, so admission is on.
+    let bad = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "privileged"}, "spec": {"containers": [{"name": "c", "image": "x", "securityContext": {"privileged": true}}]}});
+    let err = ns.api::<Pod>().create(&PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap_err();
+    assert!(err.to_string().contains("violates PodSecurity"), "{err}");
+    ns.apply_yaml(&example("multimodal-pipeline.yaml").replace("min: 2, max: 4", "min: 1, max: 4"));
+    ns.wait_condition("multimodal", types::READY, "True", T).await;
+    for d in ns.api::<Deployment>().list(&ListParams::default()).await.unwrap() {
+        let st = d.status.clone().unwrap_or_default();
+        assert_eq!(st.ready_replicas, d.spec.as_ref().unwrap().replicas, "deployment {}", d.name_any());
+    }
+    ns.stop_operator().await;
+}
