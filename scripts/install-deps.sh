@@ -10,7 +10,9 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
-python3 -c 'import numpy, safetensors, tokenizers' 2>/dev/null || {
-  echo "pip: installing numpy safetensors tokenizers"
-  python3 -m pip install -q numpy safetensors tokenizers  # tokenizers: ids for tests/fixtures/reference/minilm.py
+python3 -c 'import numpy, safetensors, tokenizers, sklearn' 2>/dev/null || {
+  echo "pip: installing numpy safetensors tokenizers scikit-learn"
+  # tokenizers: ids for tests/fixtures/reference/minilm.py; scikit-learn: the digits data set that
+  # scripts/make-vision-model.py fits the vit-digits model on.
+  python3 -m pip install -q numpy safetensors tokenizers scikit-learn
 }
