@@ -78,3 +78,33 @@ impl IntoResponse for NodeError {
         (self.http_status(), Json(ErrorBody::new(self.kind(), self.to_string()))).into_response()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one error table: every kind maps to the HTTP status and gRPC code clients and the router
+    /// rely on (429/RESOURCE_EXHAUSTED is what makes a router retry elsewhere).
+    #[test]
+    fn error_table_maps_both_transports() {
+        let cases = [
+            (NodeError::Validation("x".into()), "validation", 400, tonic::Code::InvalidArgument),
+            (NodeError::PayloadTooLarge("x".into()), "payload_too_large", 413, tonic::Code::InvalidArgument),
+            (NodeError::Overloaded("x".into()), "overloaded", 429, tonic::Code::ResourceExhausted),
+            (NodeError::Timeout(5), "timeout", 504, tonic::Code::DeadlineExceeded),
+            (NodeError::Unavailable("x".into()), "unavailable", 503, tonic::Code::Unavailable),
+            (NodeError::Inference("x".into()), "inference", 500, tonic::Code::Internal),
+        ];
+        for (e, kind, http, grpc) in cases {
+            assert_eq!(e.kind(), kind);
+            assert_eq!(e.http_status().as_u16(), http, "{kind}");
+            assert_eq!(e.grpc_status().code(), grpc, "{kind}");
+        }
+    }
+
+    #[test]
+    fn backend_validation_stays_a_client_error() {
+        assert_eq!(NodeError::from(BackendError::Validation("bad".into())).kind(), "validation");
+        assert_eq!(NodeError::from(BackendError::Inference("oops".into())).kind(), "inference");
+    }
+}

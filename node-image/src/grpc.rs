@@ -118,3 +118,34 @@ impl pb::node_server::Node for NodeService {
         }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req(v: &str) -> Request<()> {
+        let mut r = Request::new(());
+        r.metadata_mut().insert("grpc-timeout", v.parse().expect("ascii"));
+        r
+    }
+
+    #[test]
+    fn parses_grpc_timeout_units() {
+        assert_eq!(grpc_timeout(&req("250m")), Some(Duration::from_millis(250)));
+        assert_eq!(grpc_timeout(&req("3S")), Some(Duration::from_secs(3)));
+        assert_eq!(grpc_timeout(&req("2M")), Some(Duration::from_secs(120)));
+        assert_eq!(grpc_timeout(&req("1500u")), Some(Duration::from_micros(1500)));
+        assert_eq!(grpc_timeout(&req("oops")), None);
+        assert_eq!(grpc_timeout(&req("")), None);
+        assert_eq!(grpc_timeout(&Request::new(())), None);
+    }
+
+    #[test]
+    fn proto_inputs_convert_and_empty_oneof_is_rejected() {
+        let t = to_input(0, pb::InputItem { item: Some(pb::input_item::Item::Text("hi".into())) });
+        assert!(matches!(t, Ok(EmbedInput::Text(ref s)) if s == "hi"));
+        let img = to_input(0, pb::InputItem { item: Some(pb::input_item::Item::Image(vec![1, 2, 3])) });
+        assert!(matches!(img, Ok(EmbedInput::Item(ref i)) if i.image_base64.as_deref() == Some("AQID")));
+        assert!(matches!(to_input(3, pb::InputItem { item: None }), Err(NodeError::Validation(m)) if m.contains("inputs[3]")));
+    }
+}
