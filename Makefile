@@ -83,3 +83,13 @@ demo: ## build, fetch models, run a local pipeline with `prism up`, send real re
 	$(CARGO) build --release --workspace --bins && $(MAKE) -s models && python3 scripts/demo.py; \
 	rc=$$?; echo "make demo: total $$(( $$(date +%s) - T ))s"; exit $$rc
 # --- end demo ---
+
+# --- operator ---
+.PHONY: operator-run operator-e2e
+operator-run: cluster-up ## run prism-operator against the local control plane (CRDs applied first)
+	e2e/bin/kubectl --kubeconfig "$$(make -s --no-print-directory cluster-kubeconfig)" apply --server-side -f crds/
+	KUBECONFIG="$$(make -s --no-print-directory cluster-kubeconfig)" $(CARGO) run --release -p prism-operator --bin prism-operator -- --leader-elect=false --metrics-addr 127.0.0.1:18080
+
+operator-e2e: cluster-up ## operator e2e tests against the local control plane
+	KUBECONFIG="$$(make -s --no-print-directory cluster-kubeconfig)" $(CARGO) test --release -p prism-operator --test e2e -- --ignored --test-threads=1
+# --- end operator ---

@@ -1,5 +1,5 @@
 use super::*;
-use prism_api::node::{GpuSpec, ModalityNodeSpec, ModelSpec};
+use prism_api::node::{GpuSpec, ModalityNodeSpec};
 
 pub fn mk_node(name: &str, modality: &str, uri: &str) -> ModalityNode {
     let spec: ModalityNodeSpec = serde_json::from_value(serde_json::json!({
