@@ -291,3 +291,42 @@ async fn full_queue_answers_429_and_recovers() {
     assert_eq!(s, 200);
     // gRPC maps the same condition to RESOURCE_EXHAUSTED; covered by NodeError::grpc_status's table.
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn requests_of_clients_that_left_are_dropped_from_the_queue() {
+    // One input per forward pass, so a few long requests keep the model busy while short-lived
+    // clients queue behind them and give up.
+    let node = start(&["--max-batch", "1", "--max-wait-ms", "0", "--max-queue", "64"]).await;
+    let c = reqwest::Client::new();
+    let long = "Prism batches concurrent requests dynamically to keep the model busy. ".repeat(24);
+    let mut busy = Vec::new();
+    for _ in 0..4 {
+        let (c, url, text) = (c.clone(), node.http.clone(), long.clone());
+        busy.push(tokio::spawn(async move {
+            c.post(format!("{url}/embed")).json(&json!({"inputs": [text]})).send().await.expect("send").status().as_u16()
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let impatient = reqwest::Client::builder().timeout(Duration::from_millis(30)).build().expect("client");
+    let mut gone = Vec::new();
+    for i in 0..5 {
+        let (c, url) = (impatient.clone(), node.http.clone());
+        gone.push(tokio::spawn(async move {
+            c.post(format!("{url}/embed")).json(&json!({"inputs": [format!("gone {i}")]})).send().await.is_err()
+        }));
+    }
+    for g in gone {
+        assert!(g.await.expect("task"), "an impatient client got an answer within 30 ms; the model was not busy");
+    }
+    for b in busy {
+        assert_eq!(b.await.expect("task"), 200);
+    }
+    // The batcher drops closed entries when it next pops the queue; one more request drives it.
+    let (s, _) = post(&c, &node, json!({"inputs": ["after"]}).to_string()).await;
+    assert_eq!(s, 200);
+    let m = metrics(&c, &node).await;
+    let dropped = sample(&m, "prism_node_request_failures_total{err=\"dropped\"");
+    assert!(dropped >= 1.0, "no queued request of a departed client was dropped:\n{m}");
+    assert_eq!(sample(&m, "prism_node_request_duration_seconds_count{modality=\"text\",node=\"test-text\"}"), 5.0, "{m}");
+    assert_eq!(sample(&m, "prism_node_inflight{modality=\"text\",node=\"test-text\"}"), 0.0, "{m}");
+}
