@@ -243,8 +243,12 @@ async fn batcher(queue: Arc<Queue>, batch_tx: mpsc::Sender<Vec<Entry>>, cfg: Inf
             let mut q = queue.lock();
             while let Some(front) = q.front() {
                 if front.reply.is_closed() {
+                    // Past its deadline the handler already answered 504 and counted `timeout`;
+                    // otherwise the client left (connection closed) and this is a `dropped`.
+                    if now < front.deadline {
+                        metrics.fail("dropped");
+                    }
                     q.pop_front();
-                    metrics.fail("dropped");
                     continue;
                 }
                 if now >= front.deadline {

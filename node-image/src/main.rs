@@ -60,10 +60,25 @@ struct Args {
     /// Truncation limit for token-based models (default: the model's, 256 for BERT).
     #[arg(long, env = "PRISM_MAX_INPUT_TOKENS")]
     max_input_tokens: Option<usize>,
+    /// CPU threads for the forward pass (default: all cores, or RAYON_NUM_THREADS). On small CPU
+    /// pods one thread per replica, with more replicas, beats one replica with several threads.
+    #[arg(long, env = "PRISM_THREADS")]
+    threads: Option<usize>,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    if let Some(n) = args.threads {
+        if n == 0 {
+            bail!("--threads must be at least 1");
+        }
+        // candle (and rayon) read this once, on first use; set it before any thread exists.
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+    tokio::runtime::Builder::new_multi_thread().enable_all().build().context("starting tokio")?.block_on(run(args))
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
     // Logs go to stderr: stdout carries only the `listening on` lines a parent process reads.
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
@@ -73,7 +88,6 @@ async fn main() -> anyhow::Result<()> {
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
         .init();
-    let args = Args::parse();
     if args.max_batch == 0 || args.max_queue == 0 || args.max_inputs == 0 {
         bail!("--max-batch, --max-queue and --max-inputs must be at least 1");
     }
