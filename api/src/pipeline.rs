@@ -28,7 +28,8 @@ use crate::condition::Condition;
     cel
 )]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = Rule::new("self.nodes.all(n, self.nodes.exists_one(m, m.name == n.name))").message("node names in a pipeline must be unique").reason(Reason::FieldValueDuplicate))]
+// Reason Invalid, not Duplicate: the apiserver renders Duplicate as a bare "Duplicate value" and drops the message.
+#[x_kube(validation = Rule::new("self.nodes.all(n, self.nodes.exists_one(m, m.name == n.name))").message("node names in a pipeline must be unique").reason(Reason::FieldValueInvalid))]
 #[x_kube(validation = Rule::new("self.nodes.exists(n, double(n.weight) > 0.0)").message("at least one node must have weight > 0").reason(Reason::FieldValueInvalid))]
 #[x_kube(validation = Rule::new("!has(self.fusion) || self.fusion.strategy != 'early' || self.nodes.exists(n, n.role == 'fusion')").message("fusion.strategy early needs a node with role fusion").reason(Reason::FieldValueRequired))]
 pub struct MultimodalPipelineSpec {
