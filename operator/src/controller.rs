@@ -105,7 +105,15 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
         let was_ready = mn.status.as_ref().and_then(|s| find(&s.conditions, types::READY)).map(|c| c.is_true());
         let now_ready = find(&status.conditions, types::READY);
         let api: Api<ModalityNode> = Api::namespaced(ctx.client.clone(), &ns);
-        let body = serde_json::json!({"apiVersion": "prism.dev/v1alpha1", "kind": "ModalityNode", "status": status});
+        let mut st = serde_json::to_value(&status).map_err(|source| Error::Serialize { what: "node status", source })?;
+        // Fields the autoscaler/rollout loops own (issue 9) are left out of our apply: SSA then
+        // never overwrites them with a value we read before their last write.
+        if let Some(o) = st.as_object_mut() {
+            for k in ["desiredReplicas", "canary", "history", "p95", "lastScale"] {
+                o.remove(k);
+            }
+        }
+        let body = serde_json::json!({"apiVersion": "prism.dev/v1alpha1", "kind": "ModalityNode", "status": st});
         api.patch_status(&name, &apply_params(), &Patch::Apply(&body)).await?;
         if let Some(c) = now_ready {
             if was_ready != Some(c.is_true()) {
