@@ -8,7 +8,7 @@
 //! - L_i = EWMA latency (ms) x (1 + in-flight): the expected wait if we add one more request;
 //! - P_fail = 1 - (1 - p_err)(1 - p_heartbeat): p_err from time-decayed failure/success counts,
 //!   p_heartbeat from the age of the last successful health probe;
-//! - among near-ties (scores within a tolerance of the best) power-of-two-choices by weight,
+//! - among near-ties (within 1% of alpha and 25% + 1 ms of the best unloaded latency) power-of-two-choices by weight,
 //!   the lower in-flight wins, so equal replicas share load instead of herding on one.
 //! Outlier ejection: `consecutiveErrors` failures in a row eject a replica for
 //! `baseEjectionMs * 2^k` (k = earlier ejections), never more than `maxEjectedPercent` of a
@@ -219,12 +219,14 @@ impl Balancer {
                 (policy.alpha * s.endpoint.accuracy - policy.beta * l, l, *s)
             })
             .collect();
-        let (best, best_l) = scored
-            .iter()
-            .fold((f64::NEG_INFINITY, 0.0), |acc, (sc, l, _)| if *sc > acc.0 { (*sc, *l) } else { acc });
-        // Near-tie: within 1% of accuracy and 25% (+1 ms) of the best replica's expected
-        // latency, in score units. Below that resolution the estimates are noise.
-        let tol = 0.01 * policy.alpha.abs() + policy.beta.abs() * (1.0 + 0.25 * best_l);
+        let (best, best_ewma) = scored.iter().fold((f64::NEG_INFINITY, 0.0), |acc, (sc, _, s)| {
+            if *sc > acc.0 { (*sc, s.ewma_ms.unwrap_or(default_ewma)) } else { acc }
+        });
+        // Near-tie: within 1% of accuracy and 25% (+1 ms) of the best replica's unloaded
+        // latency, in score units: below that resolution the estimates are noise. Scaling by
+        // the unloaded EWMA (not L) keeps one extra in-flight request distinguishable, so
+        // in-flight counts stay even under load.
+        let tol = 0.01 * policy.alpha.abs() + policy.beta.abs() * (1.0 + 0.25 * best_ewma);
         let ties: Vec<&ReplicaStats> =
             scored.iter().filter(|(sc, _, _)| *sc >= best - tol).map(|(_, _, s)| *s).collect();
         let pick = match ties.len() {

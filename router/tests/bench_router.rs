@@ -1,0 +1,82 @@
+//! Router overhead and fan-out benchmark over real nodes (run by `make bench-router`;
+//! `#[ignore]`d in the test suite because it measures, it does not check).
+//!
+//! Prints `router: overhead_p50_ms=... overhead_p99_ms=... fanout_vs_slowest=... rps=...`.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::*;
+use serde_json::{json, Value};
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+async fn run(url: &str, body: Value, clients: usize, per_client: usize) -> (Vec<f64>, f64) {
+    let t0 = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (url, body) = (url.to_string(), body.clone());
+        tasks.push(tokio::spawn(async move {
+            let c = reqwest::Client::new();
+            let mut lat = Vec::with_capacity(per_client);
+            for _ in 0..per_client {
+                let t = Instant::now();
+                let r = c.post(&url).json(&body).send().await.expect("send");
+                assert!(r.status().is_success(), "{}", r.status());
+                let _ = r.bytes().await;
+                lat.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("client"));
+    }
+    let rps = all.len() as f64 / t0.elapsed().as_secs_f64();
+    (all, rps)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+#[ignore]
+async fn bench_router_overhead_and_fanout() {
+    let clients: usize = std::env::var("BENCH_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
+    let per: usize = std::env::var("BENCH_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
+    let nodes: Vec<Proc> = ["text", "caption", "audio"].iter().map(|m| spawn_node(&format!("n-{m}"), m, "127.0.0.1:0")).collect();
+    let dir = tempfile::tempdir().expect("tmp");
+    let tpath = dir.path().join("table.json");
+    let mods: serde_json::Map<String, Value> = ["text", "caption", "audio"].iter().zip(&nodes).map(|(m, n)| (m.to_string(), json!([endpoint(n, 1.0)]))).collect();
+    write_json(&tpath, &json!({"pipeline": "bench", "generation": 1, "modalities": mods}));
+    let router = spawn_router(&["--routing-table", tpath.to_str().unwrap()]);
+    wait_ready(&router.url, Duration::from_secs(10));
+    let text = "the quick brown fox jumps over the lazy dog";
+    // Warm up both paths.
+    run(&format!("{}/embed", nodes[0].url), json!({"inputs": [text]}), 4, 10).await;
+    run(&format!("{}/v1/infer", router.url), json!({"inputs": {"text": text}}), 4, 10).await;
+
+    let (mut direct, _) = run(&format!("{}/embed", nodes[0].url), json!({"inputs": [text]}), clients, per).await;
+    let (mut via, rps) = run(&format!("{}/v1/infer", router.url), json!({"inputs": {"text": text}}), clients, per).await;
+    let (d50, d99, v50, v99) = (pct(&mut direct, 0.5), pct(&mut direct, 0.99), pct(&mut via, 0.5), pct(&mut via, 0.99));
+    // Fan-out: one request with three modalities vs the slowest single modality alone (sequential clients).
+    let mut slowest = 0f64;
+    for m in ["text", "caption", "audio"] {
+        let mut inputs = serde_json::Map::new();
+        inputs.insert(m.to_string(), json!(text));
+        let (mut l, _) = run(&format!("{}/v1/infer", router.url), json!({ "inputs": inputs }), 1, 30).await;
+        slowest = slowest.max(pct(&mut l, 0.5));
+    }
+    let (mut fan, _) = run(&format!("{}/v1/infer", router.url), json!({"inputs": {"text": text, "caption": text, "audio": text}}), 1, 30).await;
+    let fan50 = pct(&mut fan, 0.5);
+    eprintln!("direct p50={d50:.2} p99={d99:.2} ms; via router p50={v50:.2} p99={v99:.2} ms; {clients} clients x {per}");
+    println!(
+        "router: overhead_p50_ms={:.2} overhead_p99_ms={:.2} fanout_vs_slowest={:.2} rps={:.0}",
+        v50 - d50,
+        v99 - d99,
+        fan50 / slowest,
+        rps
+    );
+}
