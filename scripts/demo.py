@@ -153,17 +153,83 @@ def text_search(url):
     print(f"  p50 {pct(lat, 50):.1f} ms   p95 {pct(lat, 95):.1f} ms   max {max(lat):.1f} ms (client-side, HTTP included)")
 
 
+def modality_vector(url, modality, item):
+    status, body, dt = call(f"{url}/v1/infer", {"inputs": {modality: item}}, timeout=60)
+    if status != 200:
+        fail(f"/v1/infer ({modality}) answered {status}: {body}")
+    return body["modalities"][modality]["embedding"], dt
+
+
+def b64file(path):
+    return base64.b64encode(open(path, "rb").read()).decode()
+
+
+def vision_digits(url):
+    imgs = sorted(glob.glob(os.path.join(MODELS, "vit-digits", "samples", "*.png")))
+    if not imgs:
+        print("  (no digit samples; run `make models`)")
+        return
+    step(f"vision: embed {len(imgs)} handwritten digits (PNG) with the ViT node; nearest neighbour of each")
+    vecs, lat = [], []
+    for path in imgs:
+        v, dt = modality_vector(url, "vision", {"image_base64": b64file(path)})
+        vecs.append(v)
+        lat.append(dt * 1000)
+    labels = [os.path.basename(p).split("_")[0] for p in imgs]
+    hits = 0
+    for i, v in enumerate(vecs):
+        j = max((k for k in range(len(vecs)) if k != i), key=lambda k: cos(v, vecs[k]))
+        hits += labels[i] == labels[j]
+        if i % 10 == 0:
+            print(f"  {os.path.basename(imgs[i]):<12} nearest {os.path.basename(imgs[j]):<12} cosine {cos(v, vecs[j]):.3f}")
+    print(f"  nearest neighbour has the same digit for {hits}/{len(vecs)} images; p50 {pct(lat, 50):.1f} ms per image")
+
+
+def audio_speech(url):
+    import wave
+
+    def rate(w):
+        with wave.open(w) as f:
+            return f.getframerate()
+
+    every = sorted(glob.glob(os.path.join(MODELS, "speech-samples", "*.wav")))
+    wavs = [w for w in every if rate(w) == 16000]
+    other = [w for w in every if rate(w) != 16000]
+    if not wavs:
+        print("  (no speech samples; run `make models`)")
+        return
+    step(f"audio: embed {len(wavs)} real speech recordings (16 kHz WAV) with the Whisper-base encoder node")
+    names = [os.path.basename(w) for w in wavs]
+    vecs = []
+    for w in wavs:
+        try:
+            v, dt = modality_vector(url, "audio", {"audio_base64": b64file(w)})
+        except SystemExit:
+            raise
+        vecs.append(v)
+        print(f"  {os.path.basename(w):<24} {len(v)}-d in {dt * 1000:.0f} ms")
+    if len(vecs) > 1:
+        print("  cosine similarity between recordings:")
+        for i in range(len(vecs)):
+            print("   " + " ".join(f"{cos(vecs[i], vecs[j]):.3f}" for j in range(len(vecs))) + f"   {names[i]}")
+    for w in other[:1]:
+        status, body, _ = call(f"{url}/v1/infer", {"inputs": {"audio": {"audio_base64": b64file(w)}}})
+        print(f"  {os.path.basename(w)} ({rate(w)} Hz) is refused with a reason: HTTP {status} {json.dumps(body)[:200]}")
+    status, body, _ = call(f"{url}/v1/infer", {"inputs": {"audio": {"audio_base64": base64.b64encode(b"RIFF0000WAVEjunk").decode()}}})
+    print(f"  a corrupt WAV is refused: HTTP {status} {json.dumps(body)[:200]}")
+
+
 def sample_inputs(modalities):
     """One real input per modality the pipeline serves, from files `make models` produced."""
     inputs = {}
     if "text" in modalities:
-        inputs["text"] = "a person saying the number three"
+        inputs["text"] = "a handwritten number three"
     if "vision" in modalities:
-        imgs = sorted(glob.glob(os.path.join(MODELS, "*", "samples", "*.png")))
+        imgs = sorted(glob.glob(os.path.join(MODELS, "vit-digits", "samples", "digit3_*.png")))
         if imgs:
             inputs["vision"] = {"image_base64": base64.b64encode(open(imgs[0], "rb").read()).decode()}
     if "audio" in modalities:
-        wavs = sorted(glob.glob(os.path.join(MODELS, "speech-samples", "*.wav")))
+        wavs = sorted(glob.glob(os.path.join(MODELS, "speech-samples", "clone-test.wav")))
         if wavs:
             inputs["audio"] = {"audio_base64": base64.b64encode(open(wavs[0], "rb").read()).decode()}
     return inputs
@@ -253,6 +319,10 @@ def main():
         print(f"  routing table generation {table['generation']}: modalities {', '.join(modalities)}")
         if "text" in modalities:
             text_search(url)
+        if "vision" in modalities:
+            vision_digits(url)
+        if "audio" in modalities:
+            audio_speech(url)
         inputs = sample_inputs(modalities)
         if len(inputs) > 1:
             multimodal(url, inputs)

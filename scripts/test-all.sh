@@ -21,6 +21,9 @@ cargo build --release --workspace --bins
 section "unit and integration tests (cargo, release)"
 cargo test --release --workspace --no-fail-fast
 
+section "demo (prism up with real models, requests, failover; same script as make demo)"
+python3 scripts/demo.py
+
 section "control plane tests (real kube-apiserver)"
 bash scripts/test-e2e.sh
 

@@ -100,10 +100,18 @@ pub fn terminate(pid: u32) {
     }
 }
 
-/// Whether a process id is alive.
+/// Whether a process id is alive. A zombie (exited, not yet reaped by its parent) counts as
+/// gone: it no longer serves anything, and `prism down` must not wait for its parent to reap it.
 pub fn alive(pid: u32) -> bool {
     // SAFETY: signal 0 only checks for existence and permission.
-    unsafe { libc::kill(pid as libc::pid_t, 0) == 0 }
+    if unsafe { libc::kill(pid as libc::pid_t, 0) } != 0 {
+        return false;
+    }
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // The state is the first field after the parenthesised command name.
+        Ok(stat) => stat.rsplit_once(") ").map(|(_, rest)| !rest.starts_with('Z')).unwrap_or(true),
+        Err(_) => true,
+    }
 }
 
 /// GET `{url}{path}` with a short timeout; true on 2xx.
