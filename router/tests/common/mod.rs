@@ -121,11 +121,13 @@ pub fn wait_ready(url: &str, timeout: Duration) {
     }
 }
 
-/// Start a real text node registered under `modality` (the modality set is open: two text
-/// models under different names are a real multi-modality fan-out).
-pub fn spawn_node(name: &str, modality: &str, listen: &str) -> Proc {
+/// Start a real text node that the test registers under `_modality` in the routing table.
+/// The modality set is open: two text models under different table keys (`text`, `caption`)
+/// are a real multi-modality fan-out. The node itself serves `text` (prism-node refuses a
+/// modality its architecture does not serve); the router only routes by table key.
+pub fn spawn_node(name: &str, _modality: &str, listen: &str) -> Proc {
     let mut cmd = Command::new(node_bin());
-    cmd.args(["--listen", listen, "--node-name", name, "--modality", modality, "--architecture", "bert"])
+    cmd.args(["--listen", listen, "--node-name", name, "--architecture", "bert"])
         .arg("--model-uri")
         .arg(model_dir());
     let p = start(cmd, name, Duration::from_secs(120));
