@@ -136,7 +136,9 @@ fn manifest_set_checks_references_and_roles() {
 fn schema_errors_name_the_document_and_object() {
     let bad = NODE.replace("architecture: bert", "architecture: 7, extra: 1");
     let err = parse(&format!("---\n{PIPELINE}\n---\n{bad}")).unwrap_err().to_string();
-    assert!(err.starts_with("document 2: ModalityNode text:"), "{err}");
+    assert!(err.starts_with("ModalityNode text (document 2): 2 schema error(s)"), "{err}");
+    assert!(err.contains("spec.model.architecture: expected string, got number"), "{err}");
+    assert!(err.contains("spec.model.extra: unknown field"), "{err}");
     let other = parse("apiVersion: v1\nkind: ConfigMap\nmetadata: {name: x}\n").unwrap_err().to_string();
     assert!(other.contains("unsupported apiVersion/kind v1/ConfigMap"), "{other}");
 }
