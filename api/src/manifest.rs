@@ -177,7 +177,10 @@ fn invalid(kind: &str, name: &str, message: &str) -> ManifestError {
 /// Checks a resource against its CRD's OpenAPI v3 schema (the structural subset the API server
 /// enforces: types, required, enum, pattern, min/max, lengths, item counts, unknown fields),
 /// returning each violation as `path: problem`. CEL rules are checked separately.
-pub fn schema_errors(value: &serde_json::Value, crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition) -> Vec<String> {
+pub fn schema_errors(
+    value: &serde_json::Value,
+    crd: &k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition,
+) -> Vec<String> {
     let mut errors = Vec::new();
     let schema = crd
         .spec

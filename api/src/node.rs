@@ -39,7 +39,12 @@ pub mod modality {
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
     printcolumn(name = "Modality", type_ = "string", json_path = ".spec.modality"),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".status.replicas"),
-    printcolumn(name = "P95", type_ = "string", json_path = ".status.p95", description = "p95 request latency observed by the autoscaler"),
+    printcolumn(
+        name = "P95",
+        type_ = "string",
+        json_path = ".status.p95",
+        description = "p95 request latency observed by the autoscaler"
+    ),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     cel
 )]

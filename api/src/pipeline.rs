@@ -21,7 +21,12 @@ use crate::condition::Condition;
     derive = "PartialEq",
     doc = "A multimodal request graph: which ModalityNodes answer which part of a request, how their answers are fused, and how the pipeline degrades when a modality is down.",
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.conditions[?(@.type==\"Ready\")].status"),
-    printcolumn(name = "Nodes", type_ = "string", json_path = ".status.nodesReady", description = "nodes with at least one ready replica / nodes"),
+    printcolumn(
+        name = "Nodes",
+        type_ = "string",
+        json_path = ".status.nodesReady",
+        description = "nodes with at least one ready replica / nodes"
+    ),
     printcolumn(name = "Degraded", type_ = "string", json_path = ".status.conditions[?(@.type==\"Degraded\")].status"),
     printcolumn(name = "URL", type_ = "string", json_path = ".status.url", priority = 1),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),

@@ -48,11 +48,7 @@ impl RoutingTable {
 
     /// Modalities with no ready replica (sorted, for stable messages).
     pub fn missing_modalities(&self) -> Vec<String> {
-        self.modalities
-            .iter()
-            .filter(|(_, eps)| !eps.iter().any(|e| e.ready))
-            .map(|(m, _)| m.clone())
-            .collect()
+        self.modalities.iter().filter(|(_, eps)| !eps.iter().any(|e| e.ready)).map(|(m, _)| m.clone()).collect()
     }
 
     /// Whether `self` should replace `current`: only strictly newer generations do.
@@ -188,7 +184,8 @@ mod build_tests {
 
     #[test]
     fn generation_bumps_only_when_routes_change() {
-        let o = vec![obs("t", "text", &[("http://127.0.0.1:1", true)]), obs("a", "audio", &[("http://127.0.0.1:2", true)])];
+        let o =
+            vec![obs("t", "text", &[("http://127.0.0.1:1", true)]), obs("a", "audio", &[("http://127.0.0.1:2", true)])];
         let t1 = build_table("p", &spec(), &o, None);
         assert_eq!(t1.generation, 1);
         assert_eq!(t1.modalities["audio"][0].accuracy, 0.7);
@@ -204,7 +201,10 @@ mod build_tests {
 
     #[test]
     fn nodes_outside_the_pipeline_are_ignored() {
-        let o = vec![obs("t", "text", &[("http://127.0.0.1:1", true)]), obs("x", "vision", &[("http://127.0.0.1:3", true)])];
+        let o = vec![
+            obs("t", "text", &[("http://127.0.0.1:1", true)]),
+            obs("x", "vision", &[("http://127.0.0.1:3", true)]),
+        ];
         let t = build_table("p", &spec(), &o, None);
         assert!(!t.modalities.contains_key("vision"));
     }

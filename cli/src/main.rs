@@ -9,7 +9,11 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "prism", version, about = "Prism: cluster-aware multimodal inference. Run pipelines locally or validate manifests for a cluster.")]
+#[command(
+    name = "prism",
+    version,
+    about = "Prism: cluster-aware multimodal inference. Run pipelines locally or validate manifests for a cluster."
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -53,7 +57,11 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().context("starting the async runtime")
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")
 }
 
 fn validate(files: &[PathBuf]) -> anyhow::Result<()> {

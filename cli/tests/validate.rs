@@ -38,7 +38,11 @@ fn invalid_manifests_are_rejected_for_their_stated_reason() {
     let mut failures = Vec::new();
     for f in &files {
         let text = std::fs::read_to_string(f).unwrap();
-        let expect = text.lines().next().and_then(|l| l.strip_prefix("# expect: ")).unwrap_or_else(|| panic!("{} lacks a `# expect:` first line", f.display()));
+        let expect = text
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("# expect: "))
+            .unwrap_or_else(|| panic!("{} lacks a `# expect:` first line", f.display()));
         let (code, out) = validate(f);
         if code != 1 || !out.contains(expect) {
             failures.push(format!("{}: exit {code}, wanted {expect:?} in:\n{out}", f.display()));

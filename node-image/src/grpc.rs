@@ -146,6 +146,8 @@ mod tests {
         assert!(matches!(t, Ok(EmbedInput::Text(ref s)) if s == "hi"));
         let img = to_input(0, pb::InputItem { item: Some(pb::input_item::Item::Image(vec![1, 2, 3])) });
         assert!(matches!(img, Ok(EmbedInput::Item(ref i)) if i.image_base64.as_deref() == Some("AQID")));
-        assert!(matches!(to_input(3, pb::InputItem { item: None }), Err(NodeError::Validation(m)) if m.contains("inputs[3]")));
+        assert!(
+            matches!(to_input(3, pb::InputItem { item: None }), Err(NodeError::Validation(m)) if m.contains("inputs[3]"))
+        );
     }
 }

@@ -96,7 +96,11 @@ async fn embed(State(st): State<AppState>, headers: HeaderMap, body: Body) -> Re
             let mut resp = Json(r).into_response();
             // Per-stage times as headers too (TEI's x-*-time), so callers need not parse the body.
             let h = resp.headers_mut();
-            for (k, v) in [("x-queue-time", t.queue_ms), ("x-preprocess-time", t.preprocess_ms), ("x-inference-time", t.inference_ms)] {
+            for (k, v) in [
+                ("x-queue-time", t.queue_ms),
+                ("x-preprocess-time", t.preprocess_ms),
+                ("x-inference-time", t.inference_ms),
+            ] {
                 if let Ok(v) = HeaderValue::from_str(&format!("{v:.3}")) {
                     h.insert(k, v);
                 }
@@ -152,7 +156,8 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
             "request body larger than {limit} bytes (--max-body-bytes); split the inputs over several requests"
         ))
     };
-    let declared = headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+    let declared =
+        headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > limit as u64) {
         return Err(too_large());
     }

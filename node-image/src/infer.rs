@@ -361,4 +361,3 @@ fn run_encoder(encoder: &mut dyn Encoder, batch: &[Prepared]) -> Result<Vec<Vec<
 pub fn request_span(request_id: &str, transport: &'static str) -> tracing::Span {
     tracing::info_span!("embed", request_id = %request_id, transport)
 }
-

@@ -84,9 +84,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         // Colour codes only on a terminal; in pods and test logs they are noise.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
     if args.max_batch == 0 || args.max_queue == 0 || args.max_inputs == 0 {
         bail!("--max-batch, --max-queue and --max-inputs must be at least 1");
@@ -138,9 +136,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
 
     let http_app = http::router(state.clone());
-    let http_task = tokio::spawn(async move {
-        axum::serve(listener, http_app).with_graceful_shutdown(shutdown_signal()).await
-    });
+    let http_task =
+        tokio::spawn(async move { axum::serve(listener, http_app).with_graceful_shutdown(shutdown_signal()).await });
     let grpc_task = grpc_listener.map(|l| {
         let svc = NodeService::server(state.clone());
         tokio::spawn(async move {

@@ -36,8 +36,11 @@ impl Metrics {
             "Time from receipt to answer of successful embed requests",
             duration_buckets(),
         )?;
-        let queue_duration =
-            hist("prism_node_queue_duration_seconds", "Time a request waited in the batching queue", duration_buckets())?;
+        let queue_duration = hist(
+            "prism_node_queue_duration_seconds",
+            "Time a request waited in the batching queue",
+            duration_buckets(),
+        )?;
         let preprocess_duration =
             hist("prism_node_preprocess_duration_seconds", "Tokenising/decoding time per request", duration_buckets())?;
         let inference_duration =
@@ -49,7 +52,8 @@ impl Metrics {
         )?;
         let inflight = IntGaugeVec::new(Opts::new("prism_node_inflight", "Requests received and not yet answered"), l)?;
         registry.register(Box::new(inflight.clone()))?;
-        let queue_size = IntGaugeVec::new(Opts::new("prism_node_queue_size", "Requests waiting in the batching queue"), l)?;
+        let queue_size =
+            IntGaugeVec::new(Opts::new("prism_node_queue_size", "Requests waiting in the batching queue"), l)?;
         registry.register(Box::new(queue_size.clone()))?;
         let failures = IntCounterVec::new(
             Opts::new(
@@ -73,7 +77,8 @@ impl Metrics {
         };
         // Create the labelled children up front so a scrape sees zeros rather than no series
         // (the autoscaler treats an empty result as "metrics unavailable").
-        for h in [&m.request_duration, &m.queue_duration, &m.preprocess_duration, &m.inference_duration, &m.batch_size] {
+        for h in [&m.request_duration, &m.queue_duration, &m.preprocess_duration, &m.inference_duration, &m.batch_size]
+        {
             h.with_label_values(&m.label_values());
         }
         m.inflight.with_label_values(&m.label_values());

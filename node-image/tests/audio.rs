@@ -25,7 +25,8 @@ fn model_dir() -> PathBuf {
 
 fn wav(name: &str) -> Vec<u8> {
     let p = models().join("speech-samples").join(name);
-    std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}: run `make models` (speech WAVs from PyPI moonshine-voice)", p.display()))
+    std::fs::read(&p)
+        .unwrap_or_else(|e| panic!("{}: {e}: run `make models` (speech WAVs from PyPI moonshine-voice)", p.display()))
 }
 
 fn audio_input(bytes: &[u8]) -> EmbedInput {
@@ -89,8 +90,11 @@ fn real_speech_matches_reference_and_sentences_differ() {
     let mut model = load();
     assert_eq!(model.info.dim, 512);
     assert_eq!(model.info.modality, "audio");
-    let prepared: Vec<_> =
-        reference.items.iter().map(|it| model.preprocessor.preprocess(&audio_input(&wav(&it.wav))).expect("preprocess")).collect();
+    let prepared: Vec<_> = reference
+        .items
+        .iter()
+        .map(|it| model.preprocessor.preprocess(&audio_input(&wav(&it.wav))).expect("preprocess"))
+        .collect();
     let out = model.encoder.encode_batch(&prepared).expect("encode");
     for (v, it) in out.iter().zip(&reference.items) {
         let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();

@@ -47,12 +47,16 @@ fn cos(a: &[f32], b: &[f64]) -> f64 {
 
 fn check_reference(arch: &str) {
     let reference: Reference =
-        serde_json::from_str(&std::fs::read_to_string(model_dir(arch).join("reference.json")).expect("reference.json")).expect("parse");
+        serde_json::from_str(&std::fs::read_to_string(model_dir(arch).join("reference.json")).expect("reference.json"))
+            .expect("parse");
     let mut model = load(arch);
     assert_eq!(model.info.modality, "fusion");
     assert_eq!(model.info.dim, 128);
-    let prepared: Vec<_> =
-        reference.items.iter().map(|it| model.preprocessor.preprocess(&input(it.embeddings.clone())).expect("preprocess")).collect();
+    let prepared: Vec<_> = reference
+        .items
+        .iter()
+        .map(|it| model.preprocessor.preprocess(&input(it.embeddings.clone())).expect("preprocess"))
+        .collect();
     // Mixed subsets in one batch (3, 2, 1, 1, 3 modalities) must each match on their own.
     let out = model.encoder.encode_batch(&prepared).expect("encode");
     assert_eq!(out.len(), reference.items.len());

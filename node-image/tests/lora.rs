@@ -23,7 +23,11 @@ fn with_adapter(tag: &str, r: usize, alpha: f64, a: Tensor, b: Tensor) -> PathBu
     for f in ["config.json", "preprocessor_config.json", "model.safetensors"] {
         std::fs::copy(vit_dir().join(f), dir.join(f)).expect("copy model file");
     }
-    std::fs::write(dir.join("adapter_config.json"), format!(r#"{{"r": {r}, "lora_alpha": {alpha}, "peft_type": "LORA"}}"#)).expect("write");
+    std::fs::write(
+        dir.join("adapter_config.json"),
+        format!(r#"{{"r": {r}, "lora_alpha": {alpha}, "peft_type": "LORA"}}"#),
+    )
+    .expect("write");
     let t = HashMap::from([
         ("base_model.model.pooler.dense.lora_A.weight".to_string(), a),
         ("base_model.model.pooler.dense.lora_B.weight".to_string(), b),
@@ -33,7 +37,8 @@ fn with_adapter(tag: &str, r: usize, alpha: f64, a: Tensor, b: Tensor) -> PathBu
 }
 
 fn embed_samples(dir: &Path) -> Result<Vec<Vec<f32>>, BackendError> {
-    let mut model = backend::load("vit", &LoadSpec { dir: dir.to_path_buf(), device: DeviceChoice::Cpu, max_input_tokens: None })?;
+    let mut model =
+        backend::load("vit", &LoadSpec { dir: dir.to_path_buf(), device: DeviceChoice::Cpu, max_input_tokens: None })?;
     let prepared = ["digit0_1.png", "digit3_1.png", "digit7_1.png"]
         .iter()
         .map(|f| {
@@ -58,7 +63,8 @@ fn zero_b_is_a_no_op_and_cancelling_adapter_collapses_the_pooler() {
     let d = 64;
     let (r, alpha) = (4usize, 8.0);
     let a = Tensor::randn(0f32, 1.0, (r, d), &Device::Cpu).expect("randn");
-    let zero = with_adapter("zero", r, alpha, a, Tensor::zeros((d, r), candle_core::DType::F32, &Device::Cpu).expect("zeros"));
+    let zero =
+        with_adapter("zero", r, alpha, a, Tensor::zeros((d, r), candle_core::DType::F32, &Device::Cpu).expect("zeros"));
     assert_eq!(embed_samples(&zero).expect("zero adapter"), base, "B = 0 must leave the model unchanged");
 
     // Full rank: A = I, B = -(r / alpha) W  =>  W + (alpha / r) B A = 0.
@@ -86,8 +92,14 @@ fn adapter_for_a_missing_layer_is_a_load_error() {
     }
     std::fs::write(dir.join("adapter_config.json"), r#"{"r": 2, "lora_alpha": 4}"#).expect("write");
     let t = HashMap::from([
-        ("no.such.layer.lora_A.weight".to_string(), Tensor::zeros((2, 64), candle_core::DType::F32, &Device::Cpu).expect("z")),
-        ("no.such.layer.lora_B.weight".to_string(), Tensor::zeros((64, 2), candle_core::DType::F32, &Device::Cpu).expect("z")),
+        (
+            "no.such.layer.lora_A.weight".to_string(),
+            Tensor::zeros((2, 64), candle_core::DType::F32, &Device::Cpu).expect("z"),
+        ),
+        (
+            "no.such.layer.lora_B.weight".to_string(),
+            Tensor::zeros((64, 2), candle_core::DType::F32, &Device::Cpu).expect("z"),
+        ),
     ]);
     candle_core::safetensors::save(&t, dir.join("adapter_model.safetensors")).expect("save");
     match embed_samples(&dir) {

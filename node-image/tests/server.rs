@@ -135,7 +135,8 @@ fn sample(text: &str, prefix: &str) -> f64 {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn serves_real_embeddings_batches_and_rejects_bad_input() {
     let reference = common::minilm_reference();
-    let node = start(&["--max-batch", "16", "--max-wait-ms", "5", "--max-inputs", "64", "--max-body-bytes", "1048576"]).await;
+    let node =
+        start(&["--max-batch", "16", "--max-wait-ms", "5", "--max-inputs", "64", "--max-body-bytes", "1048576"]).await;
     let c = reqwest::Client::new();
 
     let info: Value = c.get(format!("{}/info", node.http)).send().await.expect("info").json().await.expect("json");
@@ -303,7 +304,13 @@ async fn requests_of_clients_that_left_are_dropped_from_the_queue() {
     for _ in 0..4 {
         let (c, url, text) = (c.clone(), node.http.clone(), long.clone());
         busy.push(tokio::spawn(async move {
-            c.post(format!("{url}/embed")).json(&json!({"inputs": [text]})).send().await.expect("send").status().as_u16()
+            c.post(format!("{url}/embed"))
+                .json(&json!({"inputs": [text]}))
+                .send()
+                .await
+                .expect("send")
+                .status()
+                .as_u16()
         }));
     }
     tokio::time::sleep(Duration::from_millis(20)).await;
@@ -327,6 +334,10 @@ async fn requests_of_clients_that_left_are_dropped_from_the_queue() {
     let m = metrics(&c, &node).await;
     let dropped = sample(&m, "prism_node_request_failures_total{err=\"dropped\"");
     assert!(dropped >= 1.0, "no queued request of a departed client was dropped:\n{m}");
-    assert_eq!(sample(&m, "prism_node_request_duration_seconds_count{modality=\"text\",node=\"test-text\"}"), 5.0, "{m}");
+    assert_eq!(
+        sample(&m, "prism_node_request_duration_seconds_count{modality=\"text\",node=\"test-text\"}"),
+        5.0,
+        "{m}"
+    );
     assert_eq!(sample(&m, "prism_node_inflight{modality=\"text\",node=\"test-text\"}"), 0.0, "{m}");
 }

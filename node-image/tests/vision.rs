@@ -19,7 +19,10 @@ fn model_dir() -> PathBuf {
 }
 
 fn image_input(bytes: &[u8]) -> EmbedInput {
-    EmbedInput::Item(InputItem { image_base64: Some(base64::engine::general_purpose::STANDARD.encode(bytes)), ..Default::default() })
+    EmbedInput::Item(InputItem {
+        image_base64: Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+        ..Default::default()
+    })
 }
 
 fn load() -> backend::LoadedModel {
@@ -130,7 +133,8 @@ fn resizes_other_sizes_and_decodes_jpeg() {
     let mut png64 = std::io::Cursor::new(Vec::new());
     big.write_to(&mut png64, image::ImageFormat::Png).expect("png");
     let items = [png, png64.into_inner(), jpeg.into_inner()];
-    let prepared: Vec<_> = items.iter().map(|b| model.preprocessor.preprocess(&image_input(b)).expect("preprocess")).collect();
+    let prepared: Vec<_> =
+        items.iter().map(|b| model.preprocessor.preprocess(&image_input(b)).expect("preprocess")).collect();
     let out = model.encoder.encode_batch(&prepared).expect("encode");
     let (c_png, c_jpeg) = (cos(&out[0], &out[1]), cos(&out[0], &out[2]));
     eprintln!("cosine to the original: 64x64 PNG {c_png:.4}, 64x64 JPEG {c_jpeg:.4}");

@@ -56,14 +56,25 @@ fn apply_params() -> PatchParams {
 
 async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<K>
 where
-    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope> + Clone + DeserializeOwned + Serialize + std::fmt::Debug,
+    K: Resource<DynamicType = (), Scope = k8s_openapi::NamespaceResourceScope>
+        + Clone
+        + DeserializeOwned
+        + Serialize
+        + std::fmt::Debug,
 {
     let api: Api<K> = Api::namespaced(client.clone(), ns);
     let name = obj.meta().name.clone().unwrap_or_default();
     Ok(api.patch(&name, &apply_params(), &Patch::Apply(obj)).await?)
 }
 
-async fn publish(ctx: &Context, obj_ref: &k8s_openapi::api::core::v1::ObjectReference, type_: EventType, reason: &str, action: &str, note: String) {
+async fn publish(
+    ctx: &Context,
+    obj_ref: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    action: &str,
+    note: String,
+) {
     let ev = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
     // An event that cannot be written must not fail the reconcile it describes.
     if let Err(e) = ctx.recorder.publish(&ev, obj_ref).await {
@@ -90,12 +101,32 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
     match &existing {
         None => {
             info!("created Deployment, Service, PodDisruptionBudget");
-            publish(&ctx, &oref, EventType::Normal, "Created", "Create", format!("created Deployment, Service and PodDisruptionBudget {name}")).await;
+            publish(
+                &ctx,
+                &oref,
+                EventType::Normal,
+                "Created",
+                "Create",
+                format!("created Deployment, Service and PodDisruptionBudget {name}"),
+            )
+            .await;
         }
         Some(old) if old.metadata.generation != deploy.metadata.generation => {
             // A generation bump after our apply is either a spec change or a manual edit reverted.
             info!(generation = ?deploy.metadata.generation, "updated Deployment");
-            publish(&ctx, &oref, EventType::Normal, "Updated", "Update", format!("applied Deployment {name} (revision {}, {} replicas)", mn.spec.model.revision, node::desired_replicas(&mn, current))).await;
+            publish(
+                &ctx,
+                &oref,
+                EventType::Normal,
+                "Updated",
+                "Update",
+                format!(
+                    "applied Deployment {name} (revision {}, {} replicas)",
+                    mn.spec.model.revision,
+                    node::desired_replicas(&mn, current)
+                ),
+            )
+            .await;
         }
         _ => {}
     }
@@ -105,7 +136,8 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
         let was_ready = mn.status.as_ref().and_then(|s| find(&s.conditions, types::READY)).map(|c| c.is_true());
         let now_ready = find(&status.conditions, types::READY);
         let api: Api<ModalityNode> = Api::namespaced(ctx.client.clone(), &ns);
-        let mut st = serde_json::to_value(&status).map_err(|source| Error::Serialize { what: "node status", source })?;
+        let mut st =
+            serde_json::to_value(&status).map_err(|source| Error::Serialize { what: "node status", source })?;
         // Fields the autoscaler/rollout loops own (issue 9) are left out of our apply: SSA then
         // never overwrites them with a value we read before their last write.
         if let Some(o) = st.as_object_mut() {
@@ -168,21 +200,42 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
     if previous.as_ref().map(|p| p.generation) != Some(table.generation) {
         let ready: usize = table.modalities.values().map(|v| v.iter().filter(|e| e.ready).count()).sum();
         info!(generation = table.generation, ready_endpoints = ready, "published routing table");
-        publish(&ctx, &oref, EventType::Normal, "RoutingTableUpdated", "PublishRoutingTable", format!("ConfigMap {} generation {} with {ready} ready endpoints", pipeline::config_map_name(&name), table.generation)).await;
+        publish(
+            &ctx,
+            &oref,
+            EventType::Normal,
+            "RoutingTableUpdated",
+            "PublishRoutingTable",
+            format!(
+                "ConfigMap {} generation {} with {ready} ready endpoints",
+                pipeline::config_map_name(&name),
+                table.generation
+            ),
+        )
+        .await;
     }
 
     let status = pipeline::status(&mmp, &observed, &table, Some(&router), &now_rfc3339());
     if mmp.status.as_ref() != Some(&status) {
         let old = mmp.status.clone().unwrap_or_default();
         let api: Api<MultimodalPipeline> = Api::namespaced(ctx.client.clone(), &ns);
-        let body = serde_json::json!({"apiVersion": "prism.dev/v1alpha1", "kind": "MultimodalPipeline", "status": status});
+        let body =
+            serde_json::json!({"apiVersion": "prism.dev/v1alpha1", "kind": "MultimodalPipeline", "status": status});
         api.patch_status(&name, &apply_params(), &Patch::Apply(&body)).await?;
         for t in [types::READY, types::DEGRADED] {
             let before = find(&old.conditions, t).map(|c| (c.status, c.reason.clone()));
             if let Some(c) = find(&status.conditions, t) {
                 if before != Some((c.status, c.reason.clone())) {
                     let bad = (t == types::READY) != c.is_true();
-                    publish(&ctx, &oref, if bad { EventType::Warning } else { EventType::Normal }, &c.reason, "UpdateStatus", c.message.clone()).await;
+                    publish(
+                        &ctx,
+                        &oref,
+                        if bad { EventType::Warning } else { EventType::Normal },
+                        &c.reason,
+                        "UpdateStatus",
+                        c.message.clone(),
+                    )
+                    .await;
                 }
             }
         }
@@ -190,14 +243,19 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
     Ok(Action::requeue(Duration::from_secs(300)))
 }
 
-fn error_policy<K: Resource<DynamicType = ()>>(controller: &'static str) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
+fn error_policy<K: Resource<DynamicType = ()>>(
+    controller: &'static str,
+) -> impl Fn(Arc<K>, &Error, Arc<Context>) -> Action {
     move |obj, err, ctx| {
         warn!(controller, name = %obj.meta().name.clone().unwrap_or_default(), error = %err, "reconcile failed");
         ctx.metrics.reconcile_errors.with_label_values(&[controller, err.metric_label()]).inc();
         let oref = obj.object_ref(&());
         let note = err.to_string();
         let ctx2 = ctx.clone();
-        tokio::spawn(async move { publish(&ctx2, &oref, EventType::Warning, "ReconcileFailed", "Reconcile", note).await }.in_current_span());
+        tokio::spawn(
+            async move { publish(&ctx2, &oref, EventType::Warning, "ReconcileFailed", "Reconcile", note).await }
+                .in_current_span(),
+        );
         Action::requeue(Duration::from_secs(5))
     }
 }
@@ -232,7 +290,9 @@ pub async fn check_crds(client: &Client) -> std::result::Result<(), String> {
         ("MultimodalPipeline", Api::<MultimodalPipeline>::all(client.clone()).list(&lp).await.map(|_| ())),
     ] {
         if let Err(e) = res {
-            return Err(format!("cannot list {kind} ({e}); are the Prism CRDs installed? run `kubectl apply -f crds/`"));
+            return Err(format!(
+                "cannot list {kind} ({e}); are the Prism CRDs installed? run `kubectl apply -f crds/`"
+            ));
         }
     }
     Ok(())
@@ -302,7 +362,13 @@ fn with_index<T>(index: &SharedIndex, f: impl FnOnce(&mut Index) -> T) -> T {
 }
 
 /// Runs both controllers until `shutdown` resolves.
-pub async fn run(client: Client, settings: RunSettings, metrics: Metrics, ready: Arc<AtomicBool>, shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static) {
+pub async fn run(
+    client: Client,
+    settings: RunSettings,
+    metrics: Metrics,
+    ready: Arc<AtomicBool>,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
     let reporter = Reporter { controller: labels::FIELD_MANAGER.into(), instance: Some(settings.instance.clone()) };
     let ctx = Arc::new(Context {
         client: client.clone(),
@@ -320,7 +386,10 @@ pub async fn run(client: Client, settings: RunSettings, metrics: Metrics, ready:
     let mut rx2 = shutdown_tx.subscribe();
 
     let nodes = Controller::new(api_for::<ModalityNode>(&client, ns), watcher::Config::default())
-        .owns(api_for::<Deployment>(&client, ns), managed.clone().labels(&format!("{}={}", labels::COMPONENT, node::COMPONENT)))
+        .owns(
+            api_for::<Deployment>(&client, ns),
+            managed.clone().labels(&format!("{}={}", labels::COMPONENT, node::COMPONENT)),
+        )
         .owns(api_for::<Service>(&client, ns), managed.clone())
         .owns(api_for::<PodDisruptionBudget>(&client, ns), managed.clone())
         .with_config(ctrl_cfg.clone())
@@ -333,10 +402,19 @@ pub async fn run(client: Client, settings: RunSettings, metrics: Metrics, ready:
     let pipelines = Controller::new(api_for::<MultimodalPipeline>(&client, ns), watcher::Config::default());
     let store = pipelines.store();
     let (tx, rx) = mpsc::channel(1024);
-    let index_task = tokio::spawn(run_index(api_for::<Pod>(&client, ns), ctx.index.clone(), ctx.index_synced.clone(), store.clone(), tx));
+    let index_task = tokio::spawn(run_index(
+        api_for::<Pod>(&client, ns),
+        ctx.index.clone(),
+        ctx.index_synced.clone(),
+        store.clone(),
+        tx,
+    ));
     let store2 = store.clone();
     let pipelines = pipelines
-        .owns(api_for::<Deployment>(&client, ns), managed.clone().labels(&format!("{}={}", labels::COMPONENT, pipeline::COMPONENT)))
+        .owns(
+            api_for::<Deployment>(&client, ns),
+            managed.clone().labels(&format!("{}={}", labels::COMPONENT, pipeline::COMPONENT)),
+        )
         .owns(api_for::<Service>(&client, ns), managed.clone())
         .owns(api_for::<ConfigMap>(&client, ns), managed.clone())
         // A pipeline waiting for a missing ModalityNode (NodeNotFound) is retried when it appears;

@@ -166,7 +166,10 @@ mod tests {
         assert_eq!(idx.apply(&p), Some(("ns".into(), "text".into())));
         assert_eq!(idx.apply(&p), None, "same pod again is no change");
         let eps = idx.endpoints("ns", "text");
-        assert_eq!(eps, vec![PodEndpoint { endpoint: "http://10.244.1.5:8080".into(), revision: "7".into(), ready: true }]);
+        assert_eq!(
+            eps,
+            vec![PodEndpoint { endpoint: "http://10.244.1.5:8080".into(), revision: "7".into(), ready: true }]
+        );
         let unready = mk_pod("ns", "t-1", "text", "10.244.1.5", false);
         assert!(idx.apply(&unready).is_some());
         assert!(!idx.endpoints("ns", "text")[0].ready);
@@ -193,7 +196,8 @@ mod tests {
         assert_eq!(idx.delete("ns", "t-1"), None);
         assert!(idx.endpoints("ns", "text").is_empty());
         // After a relist: audio unchanged, vision new.
-        let changed = idx.reset(&[mk_pod("ns", "a-1", "audio", "10.0.0.2", true), mk_pod("ns", "v-1", "vision", "10.0.0.3", true)]);
+        let changed = idx
+            .reset(&[mk_pod("ns", "a-1", "audio", "10.0.0.2", true), mk_pod("ns", "v-1", "vision", "10.0.0.3", true)]);
         assert_eq!(changed, vec![("ns".to_string(), "vision".to_string())]);
     }
 

@@ -57,7 +57,11 @@ pub async fn try_acquire(api: &Api<Lease>, cfg: &LeaseConfig) -> Result<Attempt,
     match api.get_opt(&cfg.name).await? {
         None => {
             let lease = Lease {
-                metadata: ObjectMeta { name: Some(cfg.name.clone()), namespace: Some(cfg.namespace.clone()), ..Default::default() },
+                metadata: ObjectMeta {
+                    name: Some(cfg.name.clone()),
+                    namespace: Some(cfg.namespace.clone()),
+                    ..Default::default()
+                },
                 spec: Some(fresh(0, None)),
             };
             match api.create(&PostParams::default(), &lease).await {

@@ -67,6 +67,9 @@ pub struct Measure {
 impl Drop for Measure {
     fn drop(&mut self) {
         self.metrics.reconcile_inflight.with_label_values(&[self.controller]).dec();
-        self.metrics.reconcile_duration.with_label_values(&[self.controller]).observe(self.start.elapsed().as_secs_f64());
+        self.metrics
+            .reconcile_duration
+            .with_label_values(&[self.controller])
+            .observe(self.start.elapsed().as_secs_f64());
     }
 }

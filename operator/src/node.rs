@@ -8,18 +8,17 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
-    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
+    PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use kube::{Resource, ResourceExt};
 use prism_api::condition::{self, types, Condition, ConditionStatus};
 use prism_api::labels;
 use prism_api::node::{AutoscalingMode, Device, ModalityNode, ModalityNodeStatus};
-use kube::{Resource, ResourceExt};
 
 use crate::{Error, OperatorConfig, Result};
 
@@ -153,7 +152,11 @@ fn model_source(mn: &ModalityNode, image: &str, sc: &SecurityContext) -> Result<
         };
         return Ok(ModelSource {
             uri: format!("file://{MODEL_DIR}"),
-            volumes: vec![Volume { name: "model".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() }],
+            volumes: vec![Volume {
+                name: "model".into(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Default::default()
+            }],
             mounts: vec![model_mount(true)],
             init: Some(init),
         });
@@ -192,7 +195,11 @@ pub fn restricted_pod_sc() -> PodSecurityContext {
 
 fn http_probe(path: &str, period: i32, failure: i32) -> Probe {
     Probe {
-        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::String("http".into()), ..Default::default() }),
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
         period_seconds: Some(period),
         failure_threshold: Some(failure),
         timeout_seconds: Some(2),
@@ -271,8 +278,18 @@ pub fn desired_objects(mn: &ModalityNode, cfg: &OperatorConfig, current_replicas
         image_pull_policy: cfg.image_pull_policy.clone(),
         args: Some(args),
         ports: Some(vec![
-            ContainerPort { name: Some("http".into()), container_port: HTTP_PORT, protocol: Some("TCP".into()), ..Default::default() },
-            ContainerPort { name: Some("grpc".into()), container_port: GRPC_PORT, protocol: Some("TCP".into()), ..Default::default() },
+            ContainerPort {
+                name: Some("http".into()),
+                container_port: HTTP_PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
+            ContainerPort {
+                name: Some("grpc".into()),
+                container_port: GRPC_PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            },
         ]),
         env: Some(vec![EnvVar { name: "PRISM_NODE_NAME".into(), value: Some(name.clone()), ..Default::default() }]),
         resources,
@@ -327,8 +344,21 @@ pub fn desired_objects(mn: &ModalityNode, cfg: &OperatorConfig, current_replicas
         spec: Some(ServiceSpec {
             selector: Some(selector_labels(&name)),
             ports: Some(vec![
-                ServicePort { name: Some("http".into()), port: HTTP_PORT, target_port: Some(IntOrString::String("http".into())), protocol: Some("TCP".into()), ..Default::default() },
-                ServicePort { name: Some("grpc".into()), port: GRPC_PORT, target_port: Some(IntOrString::String("grpc".into())), protocol: Some("TCP".into()), app_protocol: Some("kubernetes.io/h2c".into()), ..Default::default() },
+                ServicePort {
+                    name: Some("http".into()),
+                    port: HTTP_PORT,
+                    target_port: Some(IntOrString::String("http".into())),
+                    protocol: Some("TCP".into()),
+                    ..Default::default()
+                },
+                ServicePort {
+                    name: Some("grpc".into()),
+                    port: GRPC_PORT,
+                    target_port: Some(IntOrString::String("grpc".into())),
+                    protocol: Some("TCP".into()),
+                    app_protocol: Some("kubernetes.io/h2c".into()),
+                    ..Default::default()
+                },
             ]),
             ..Default::default()
         }),
@@ -377,7 +407,12 @@ pub fn status(mn: &ModalityNode, deploy: Option<&Deployment>, now: &str) -> Moda
             format!("Deployment {name}: {updated}/{desired} replicas on revision {}", mn.spec.model.revision),
         )
     } else {
-        Condition::new(types::PROGRESSING, ConditionStatus::False, "RolloutComplete", format!("Deployment {name} runs revision {}", mn.spec.model.revision))
+        Condition::new(
+            types::PROGRESSING,
+            ConditionStatus::False,
+            "RolloutComplete",
+            format!("Deployment {name} runs revision {}", mn.spec.model.revision),
+        )
     });
     let avail_ok = available > 0 || desired == 0;
     conds.push(Condition::new(
@@ -388,9 +423,19 @@ pub fn status(mn: &ModalityNode, deploy: Option<&Deployment>, now: &str) -> Moda
     ));
     let ready_ok = deploy.is_some() && ready >= desired && deploy_gen_seen;
     conds.push(if ready_ok && desired == 0 {
-        Condition::new(types::READY, ConditionStatus::True, "ScaledToZero", format!("Deployment {name} is scaled to zero"))
+        Condition::new(
+            types::READY,
+            ConditionStatus::True,
+            "ScaledToZero",
+            format!("Deployment {name} is scaled to zero"),
+        )
     } else if ready_ok {
-        Condition::new(types::READY, ConditionStatus::True, "ReplicasReady", format!("{ready}/{desired} replicas ready"))
+        Condition::new(
+            types::READY,
+            ConditionStatus::True,
+            "ReplicasReady",
+            format!("{ready}/{desired} replicas ready"),
+        )
     } else {
         Condition::new(
             types::READY,

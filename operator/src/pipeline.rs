@@ -67,7 +67,8 @@ pub fn routing_table(
     // Each pod's own revision (a canary runs a different one than the stable replicas).
     for eps in table.modalities.values_mut() {
         for e in eps.iter_mut() {
-            if let Some(pe) = observed.get(&e.node).and_then(|o| o.endpoints.iter().find(|p| p.endpoint == e.endpoint)) {
+            if let Some(pe) = observed.get(&e.node).and_then(|o| o.endpoints.iter().find(|p| p.endpoint == e.endpoint))
+            {
                 e.revision = pe.revision.clone();
             }
         }
@@ -82,7 +83,8 @@ pub fn routing_table(
 
 /// Names referenced by the pipeline that have no ModalityNode (sorted).
 pub fn missing_nodes(mmp: &MultimodalPipeline, observed: &BTreeMap<String, ObservedNode>) -> Vec<String> {
-    let mut v: Vec<String> = mmp.spec.nodes.iter().filter(|n| !observed.contains_key(&n.name)).map(|n| n.name.clone()).collect();
+    let mut v: Vec<String> =
+        mmp.spec.nodes.iter().filter(|n| !observed.contains_key(&n.name)).map(|n| n.name.clone()).collect();
     v.sort();
     v
 }
@@ -120,23 +122,42 @@ fn fnv1a(data: &[u8]) -> String {
     format!("{h:016x}")
 }
 
-pub fn desired_objects(mmp: &MultimodalPipeline, cfg: &OperatorConfig, table: &RoutingTable) -> Result<PipelineObjects> {
+pub fn desired_objects(
+    mmp: &MultimodalPipeline,
+    cfg: &OperatorConfig,
+    table: &RoutingTable,
+) -> Result<PipelineObjects> {
     let name = mmp.name_any();
     let ns = mmp.namespace();
     let meta = |n: String| -> Result<ObjectMeta> {
-        Ok(ObjectMeta { name: Some(n), namespace: ns.clone(), labels: Some(labels_for(mmp)), owner_references: Some(vec![owner_ref(mmp)?]), ..Default::default() })
+        Ok(ObjectMeta {
+            name: Some(n),
+            namespace: ns.clone(),
+            labels: Some(labels_for(mmp)),
+            owner_references: Some(vec![owner_ref(mmp)?]),
+            ..Default::default()
+        })
     };
-    let spec_json = serde_json::to_string_pretty(&mmp.spec).map_err(|source| Error::Serialize { what: "pipeline spec", source })?;
-    let table_json = serde_json::to_string_pretty(table).map_err(|source| Error::Serialize { what: "routing table", source })?;
+    let spec_json =
+        serde_json::to_string_pretty(&mmp.spec).map_err(|source| Error::Serialize { what: "pipeline spec", source })?;
+    let table_json =
+        serde_json::to_string_pretty(table).map_err(|source| Error::Serialize { what: "routing table", source })?;
 
     let config_map = ConfigMap {
         metadata: meta(config_map_name(&name))?,
-        data: Some(BTreeMap::from([(ROUTING_TABLE_KEY.to_string(), table_json), (PIPELINE_SPEC_KEY.to_string(), spec_json.clone())])),
+        data: Some(BTreeMap::from([
+            (ROUTING_TABLE_KEY.to_string(), table_json),
+            (PIPELINE_SPEC_KEY.to_string(), spec_json.clone()),
+        ])),
         ..Default::default()
     };
 
     let probe = |path: &str| Probe {
-        http_get: Some(HTTPGetAction { path: Some(path.into()), port: IntOrString::String("http".into()), ..Default::default() }),
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
         period_seconds: Some(5),
         timeout_seconds: Some(2),
         ..Default::default()
@@ -153,12 +174,22 @@ pub fn desired_objects(mmp: &MultimodalPipeline, cfg: &OperatorConfig, table: &R
             "--listen".into(),
             format!("0.0.0.0:{ROUTER_PORT}"),
         ]),
-        ports: Some(vec![ContainerPort { name: Some("http".into()), container_port: ROUTER_PORT, protocol: Some("TCP".into()), ..Default::default() }]),
+        ports: Some(vec![ContainerPort {
+            name: Some("http".into()),
+            container_port: ROUTER_PORT,
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
         readiness_probe: Some(probe("/ready")),
         liveness_probe: Some(probe("/live")),
         security_context: Some(restricted_container_sc()),
         volume_mounts: Some(vec![
-            VolumeMount { name: "config".into(), mount_path: CONFIG_DIR.into(), read_only: Some(true), ..Default::default() },
+            VolumeMount {
+                name: "config".into(),
+                mount_path: CONFIG_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            },
             VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
         ]),
         ..Default::default()
@@ -171,7 +202,10 @@ pub fn desired_objects(mmp: &MultimodalPipeline, cfg: &OperatorConfig, table: &R
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
                     labels: Some(labels_for(mmp)),
-                    annotations: Some(BTreeMap::from([(SPEC_HASH_ANNOTATION.to_string(), fnv1a(spec_json.as_bytes()))])),
+                    annotations: Some(BTreeMap::from([(
+                        SPEC_HASH_ANNOTATION.to_string(),
+                        fnv1a(spec_json.as_bytes()),
+                    )])),
                     ..Default::default()
                 }),
                 spec: Some(PodSpec {
@@ -179,10 +213,17 @@ pub fn desired_objects(mmp: &MultimodalPipeline, cfg: &OperatorConfig, table: &R
                     volumes: Some(vec![
                         Volume {
                             name: "config".into(),
-                            config_map: Some(ConfigMapVolumeSource { name: config_map_name(&name), ..Default::default() }),
+                            config_map: Some(ConfigMapVolumeSource {
+                                name: config_map_name(&name),
+                                ..Default::default()
+                            }),
                             ..Default::default()
                         },
-                        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+                        Volume {
+                            name: "tmp".into(),
+                            empty_dir: Some(EmptyDirVolumeSource::default()),
+                            ..Default::default()
+                        },
                     ]),
                     security_context: Some(restricted_pod_sc()),
                     enable_service_links: Some(false),
@@ -197,7 +238,13 @@ pub fn desired_objects(mmp: &MultimodalPipeline, cfg: &OperatorConfig, table: &R
         metadata: meta(router_name(&name))?,
         spec: Some(ServiceSpec {
             selector: Some(selector_labels(&name)),
-            ports: Some(vec![ServicePort { name: Some("http".into()), port: ROUTER_PORT, target_port: Some(IntOrString::String("http".into())), protocol: Some("TCP".into()), ..Default::default() }]),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: ROUTER_PORT,
+                target_port: Some(IntOrString::String("http".into())),
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
             ..Default::default()
         }),
         status: None,
@@ -224,7 +271,12 @@ pub fn status(
     let mut down_required = Vec::new();
     for n in &mmp.spec.nodes {
         let Some(obs) = observed.get(&n.name) else { continue };
-        let ready: Vec<String> = obs.endpoints.iter().filter(|e| e.ready).map(|e| e.endpoint.trim_start_matches("http://").to_string()).collect();
+        let ready: Vec<String> = obs
+            .endpoints
+            .iter()
+            .filter(|e| e.ready)
+            .map(|e| e.endpoint.trim_start_matches("http://").to_string())
+            .collect();
         let not_ready = obs.endpoints.iter().filter(|e| !e.ready).count() as u32;
         if !ready.is_empty() {
             nodes_ready += 1;
@@ -251,17 +303,41 @@ pub fn status(
             types::READY,
             ConditionStatus::False,
             "RequiredNodeUnavailable",
-            format!("required ModalityNode {} has no ready replica; see `kubectl describe mn {}`", down_required.join(", "), down_required[0]),
+            format!(
+                "required ModalityNode {} has no ready replica; see `kubectl describe mn {}`",
+                down_required.join(", "),
+                down_required[0]
+            ),
         )
     } else if router_avail == 0 {
-        Condition::new(types::READY, ConditionStatus::False, "RouterUnavailable", format!("no replica of Deployment {router_name} is available yet"))
+        Condition::new(
+            types::READY,
+            ConditionStatus::False,
+            "RouterUnavailable",
+            format!("no replica of Deployment {router_name} is available yet"),
+        )
     } else if nodes_ready == 0 {
-        Condition::new(types::READY, ConditionStatus::False, "NoReadyNode", "no node of the pipeline has a ready replica")
+        Condition::new(
+            types::READY,
+            ConditionStatus::False,
+            "NoReadyNode",
+            "no node of the pipeline has a ready replica",
+        )
     } else {
-        Condition::new(types::READY, ConditionStatus::True, "PipelineReady", format!("router {router_name} available; routing table generation {}", table.generation))
+        Condition::new(
+            types::READY,
+            ConditionStatus::True,
+            "PipelineReady",
+            format!("router {router_name} available; routing table generation {}", table.generation),
+        )
     };
     let degraded = if degraded_modalities.is_empty() && missing.is_empty() {
-        Condition::new(types::DEGRADED, ConditionStatus::False, "AllModalitiesServed", "every modality has a ready replica")
+        Condition::new(
+            types::DEGRADED,
+            ConditionStatus::False,
+            "AllModalitiesServed",
+            "every modality has a ready replica",
+        )
     } else {
         let mut parts = Vec::new();
         if !degraded_modalities.is_empty() {
@@ -270,7 +346,12 @@ pub fn status(
         if !missing.is_empty() {
             parts.push(format!("missing ModalityNode: {}", missing.join(", ")));
         }
-        Condition::new(types::DEGRADED, ConditionStatus::True, if missing.is_empty() { "ModalityUnavailable" } else { "NodeNotFound" }, parts.join("; "))
+        Condition::new(
+            types::DEGRADED,
+            ConditionStatus::True,
+            if missing.is_empty() { "ModalityUnavailable" } else { "NodeNotFound" },
+            parts.join("; "),
+        )
     };
     let old = mmp.status.clone().unwrap_or_default();
     MultimodalPipelineStatus {

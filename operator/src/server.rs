@@ -36,7 +36,11 @@ pub fn router(h: Health) -> Router {
         .with_state(h)
 }
 
-pub async fn serve(addr: SocketAddr, h: Health, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> std::io::Result<()> {
+pub async fn serve(
+    addr: SocketAddr,
+    h: Health,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     let listener = tokio::net::TcpListener::bind(addr).await?;
     axum::serve(listener, router(h)).with_graceful_shutdown(shutdown).await
 }

@@ -14,13 +14,13 @@ use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures::StreamExt;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::watcher;
 use kube::{Api, Client, ResourceExt};
-use futures::StreamExt;
 use prism_api::condition::{find, types};
 use prism_api::routing::{RoutingTable, ROUTING_TABLE_KEY};
 use prism_api::{ModalityNode, MultimodalPipeline};
@@ -63,7 +63,10 @@ impl TestNs {
     async fn new(prefix: &str, labels: &[(&str, &str)]) -> Self {
         install_crds();
         let client = Client::try_default().await.expect("KUBECONFIG must point at the e2e cluster (make cluster-up)");
-        let suffix = format!("{:x}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 0xffffff);
+        let suffix = format!(
+            "{:x}",
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() % 0xffffff
+        );
         let name = format!("e2e-{prefix}-{suffix}");
         let ns: Namespace = serde_json::from_value(serde_json::json!({
             "metadata": {"name": name, "labels": labels.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<BTreeMap<_, _>>()}
@@ -76,16 +79,26 @@ impl TestNs {
     /// Starts the operator in-process, watching only this namespace.
     fn start_operator(&mut self) {
         let settings = RunSettings {
-            cfg: OperatorConfig { node_image: "prism-node:e2e".into(), router_image: "prism-router:e2e".into(), image_pull_policy: Some("IfNotPresent".into()) },
+            cfg: OperatorConfig {
+                node_image: "prism-node:e2e".into(),
+                router_image: "prism-router:e2e".into(),
+                image_pull_policy: Some("IfNotPresent".into()),
+            },
             namespace: Some(self.name.clone()),
             instance: format!("e2e-{}", self.name),
             concurrency: 4,
         };
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let client = self.client.clone();
-        self.operator = Some(tokio::spawn(controller::run(client, settings, Metrics::new().unwrap(), Arc::new(AtomicBool::new(false)), async move {
-            let _ = rx.await;
-        })));
+        self.operator = Some(tokio::spawn(controller::run(
+            client,
+            settings,
+            Metrics::new().unwrap(),
+            Arc::new(AtomicBool::new(false)),
+            async move {
+                let _ = rx.await;
+            },
+        )));
         self.stop = Some(tx);
     }
 
@@ -119,7 +132,12 @@ impl TestNs {
             vec!["get", "events", "-n", &self.name, "--sort-by=.lastTimestamp"],
         ] {
             let out = kubectl(&args);
-            eprintln!("$ kubectl {}\n{}{}", args.join(" "), String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+            eprintln!(
+                "$ kubectl {}\n{}{}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
     }
 
@@ -160,7 +178,11 @@ impl TestNs {
     }
 
     async fn node_pods(&self, node: &str) -> Vec<Pod> {
-        self.api::<Pod>().list(&ListParams::default().labels(&format!("prism.dev/node={node}"))).await.map(|l| l.items).unwrap_or_default()
+        self.api::<Pod>()
+            .list(&ListParams::default().labels(&format!("prism.dev/node={node}")))
+            .await
+            .map(|l| l.items)
+            .unwrap_or_default()
     }
 }
 
@@ -173,7 +195,13 @@ fn install_crds() {
     ONCE.call_once(|| {
         let crds = repo().join("crds");
         kubectl_ok(&["apply", "--server-side", "--force-conflicts", "-f", crds.to_str().unwrap()]);
-        kubectl_ok(&["wait", "--for=condition=Established", "--timeout=60s", "crd/modalitynodes.prism.dev", "crd/multimodalpipelines.prism.dev"]);
+        kubectl_ok(&[
+            "wait",
+            "--for=condition=Established",
+            "--timeout=60s",
+            "crd/modalitynodes.prism.dev",
+            "crd/multimodalpipelines.prism.dev",
+        ]);
     });
 }
 
@@ -194,7 +222,9 @@ fn small_node(name: &str, modality: &str, gpu: bool, extra: &str) -> String {
 
 fn pipeline_yaml(name: &str, nodes: &[&str]) -> String {
     let list: String = nodes.iter().map(|n| format!("  - {{name: {n}}}\n")).collect();
-    format!("apiVersion: prism.dev/v1alpha1\nkind: MultimodalPipeline\nmetadata:\n  name: {name}\nspec:\n  nodes:\n{list}")
+    format!(
+        "apiVersion: prism.dev/v1alpha1\nkind: MultimodalPipeline\nmetadata:\n  name: {name}\nspec:\n  nodes:\n{list}"
+    )
 }
 
 const T: Duration = Duration::from_secs(60);
@@ -214,7 +244,11 @@ async fn cel_rules_reject_bad_manifests_with_their_message() {
             serde_json::json!({"modality": "Text!", "model": {"uri": "file:///m", "architecture": "bert"}}),
             "spec.modality",
         ),
-        ("MultimodalPipeline", serde_json::json!({"nodes": [{"name": "a"}, {"name": "a"}]}), "node names in a pipeline must be unique"),
+        (
+            "MultimodalPipeline",
+            serde_json::json!({"nodes": [{"name": "a"}, {"name": "a"}]}),
+            "node names in a pipeline must be unique",
+        ),
         (
             "MultimodalPipeline",
             serde_json::json!({"nodes": [{"name": "a"}], "routing": {"failureThreshold": 1.5}}),
@@ -270,31 +304,47 @@ async fn multimodal_example_reconciles_to_ready_on_gpu_nodes() {
     }
     for kind in ["router Deployment", "router Service", "ConfigMap"] {
         let owner = match kind {
-            "router Deployment" => ns.api::<Deployment>().get("multimodal-router").await.unwrap().owner_references()[0].clone(),
-            "router Service" => ns.api::<Service>().get("multimodal-router").await.unwrap().owner_references()[0].clone(),
+            "router Deployment" => {
+                ns.api::<Deployment>().get("multimodal-router").await.unwrap().owner_references()[0].clone()
+            }
+            "router Service" => {
+                ns.api::<Service>().get("multimodal-router").await.unwrap().owner_references()[0].clone()
+            }
             _ => ns.api::<ConfigMap>().get("multimodal-routing-table").await.unwrap().owner_references()[0].clone(),
         };
         assert_eq!(owner.kind, "MultimodalPipeline", "{kind}");
     }
 
     // The table lists exactly the ready pods' IPs, per modality.
-    let table = ns.wait("routing table lists every ready pod", T, || async {
-        let t = ns.table("multimodal").await?;
-        let mut want = BTreeMap::new();
-        for (node, modality) in [("text-minilm", "text"), ("vision-vit", "vision"), ("audio-whisper", "audio"), ("fusion-perceiver", "fusion")] {
-            let mut ips: Vec<String> = ns.node_pods(node).await.iter().filter_map(|p| p.status.as_ref()?.pod_ip.clone()).map(|ip| format!("http://{ip}:8080")).collect();
-            ips.sort();
-            want.insert(modality.to_string(), ips);
-        }
-        let mut have = BTreeMap::new();
-        for (m, eps) in &t.modalities {
-            let mut v: Vec<String> = eps.iter().filter(|e| e.ready).map(|e| e.endpoint.clone()).collect();
-            v.sort();
-            have.insert(m.clone(), v);
-        }
-        (have == want && want["text"].len() == 2).then_some(t)
-    })
-    .await;
+    let table = ns
+        .wait("routing table lists every ready pod", T, || async {
+            let t = ns.table("multimodal").await?;
+            let mut want = BTreeMap::new();
+            for (node, modality) in [
+                ("text-minilm", "text"),
+                ("vision-vit", "vision"),
+                ("audio-whisper", "audio"),
+                ("fusion-perceiver", "fusion"),
+            ] {
+                let mut ips: Vec<String> = ns
+                    .node_pods(node)
+                    .await
+                    .iter()
+                    .filter_map(|p| p.status.as_ref()?.pod_ip.clone())
+                    .map(|ip| format!("http://{ip}:8080"))
+                    .collect();
+                ips.sort();
+                want.insert(modality.to_string(), ips);
+            }
+            let mut have = BTreeMap::new();
+            for (m, eps) in &t.modalities {
+                let mut v: Vec<String> = eps.iter().filter(|e| e.ready).map(|e| e.endpoint.clone()).collect();
+                v.sort();
+                have.insert(m.clone(), v);
+            }
+            (have == want && want["text"].len() == 2).then_some(t)
+        })
+        .await;
     assert!(table.generation >= 1);
     let st = p.status.unwrap();
     assert_eq!(st.url.as_deref(), Some(format!("http://multimodal-router.{}.svc:8080", ns.name).as_str()));
@@ -351,7 +401,10 @@ async fn failover_rewrites_the_routing_table_and_marks_degraded() {
     let latency = t0.elapsed();
     eprintln!("failover: label -> routing table rewritten in {latency:?} (includes kwok's reaction to the label)");
     assert!(after.generation > before.generation, "generation bumped");
-    assert!(after.modalities["audio"].iter().all(|e| !(e.endpoint == audio_ep && e.ready)), "unready endpoint not routable");
+    assert!(
+        after.modalities["audio"].iter().all(|e| !(e.endpoint == audio_ep && e.ready)),
+        "unready endpoint not routable"
+    );
     assert_eq!(after.ready("text").count(), 2, "other modality untouched");
     let p = ns.wait_condition("mm", types::DEGRADED, "True", T).await;
     let d = find(&p.status.as_ref().unwrap().conditions, types::DEGRADED).unwrap();
@@ -386,7 +439,11 @@ async fn spec_change_rolls_and_manual_edits_are_reverted_and_delete_cascades() {
         let d = deploys.get("text").await.ok()?;
         let tl = d.spec.as_ref()?.template.metadata.as_ref()?.labels.clone()?;
         let st = d.status?;
-        (tl.get("prism.dev/revision").map(String::as_str) == Some("2") && st.updated_replicas == Some(1) && st.ready_replicas == Some(1) && st.replicas == Some(1)).then_some(())
+        (tl.get("prism.dev/revision").map(String::as_str) == Some("2")
+            && st.updated_replicas == Some(1)
+            && st.ready_replicas == Some(1)
+            && st.replicas == Some(1))
+        .then_some(())
     })
     .await;
     let pods = ns.node_pods("text").await;
@@ -398,7 +455,8 @@ async fn spec_change_rolls_and_manual_edits_are_reverted_and_delete_cascades() {
     ns.wait("manual edit reverted", T, || async {
         let d = deploys.get("text").await.ok()?;
         let s = d.spec?;
-        (s.replicas == Some(1) && s.template.spec?.containers[0].image.as_deref() == Some("prism-node:e2e")).then_some(())
+        (s.replicas == Some(1) && s.template.spec?.containers[0].image.as_deref() == Some("prism-node:e2e"))
+            .then_some(())
     })
     .await;
 
@@ -456,10 +514,20 @@ async fn kubectl_scale_works_in_external_mode() {
     .await;
     let d = ns.api::<Deployment>().get("text").await.unwrap();
     assert_eq!(d.spec.unwrap().replicas, Some(3));
-    let t = ns.wait("table has 3 text endpoints", T, || async { ns.table("text").await.filter(|t| t.ready("text").count() == 3) }).await;
+    let t = ns
+        .wait("table has 3 text endpoints", T, || async {
+            ns.table("text").await.filter(|t| t.ready("text").count() == 3)
+        })
+        .await;
     assert_eq!(t.modalities.len(), 1);
     // The scale subresource reads back through status.selector (what HPA uses).
-    let scale = kubectl_ok(&["-n", &ns.name, "get", "--raw", &format!("/apis/prism.dev/v1alpha1/namespaces/{}/modalitynodes/text/scale", ns.name)]);
+    let scale = kubectl_ok(&[
+        "-n",
+        &ns.name,
+        "get",
+        "--raw",
+        &format!("/apis/prism.dev/v1alpha1/namespaces/{}/modalitynodes/text/scale", ns.name),
+    ]);
     assert!(scale.contains("prism.dev/node=text"), "{scale}");
     ns.stop_operator().await;
 }
@@ -494,7 +562,14 @@ impl OperatorProc {
         let file = std::fs::File::create(&log).unwrap();
         let child = Command::new(env!("CARGO_BIN_EXE_prism-operator"))
             .args(["--namespace", ns, "--lease-namespace", ns, "--identity", identity, "--lease-duration-s", "3"])
-            .args(["--metrics-addr", &format!("127.0.0.1:{port}"), "--node-image", "prism-node:e2e", "--router-image", "prism-router:e2e"])
+            .args([
+                "--metrics-addr",
+                &format!("127.0.0.1:{port}"),
+                "--node-image",
+                "prism-node:e2e",
+                "--router-image",
+                "prism-router:e2e",
+            ])
             .stdout(file.try_clone().unwrap())
             .stderr(file)
             .spawn()
@@ -522,13 +597,12 @@ async fn two_replicas_only_the_leader_reconciles_and_the_standby_takes_over() {
     let ns = TestNs::new("leader", &[]).await;
     let a = OperatorProc::start(&ns.name, "replica-a", 18181);
     let leases = ns.api::<k8s_openapi::api::coordination::v1::Lease>();
-    let holder = || async {
-        leases.get_opt("prism-operator-leader").await.ok().flatten()?.spec?.holder_identity
-    };
+    let holder = || async { leases.get_opt("prism-operator-leader").await.ok().flatten()?.spec?.holder_identity };
     ns.wait("replica-a holds the lease", T, || async { holder().await.filter(|h| h == "replica-a") }).await;
     let b = OperatorProc::start(&ns.name, "replica-b", 18182);
     // /metrics answers on both; readiness of the standby is true (it can take over).
-    ns.wait("standby waiting for leadership", T, || async { b.log().contains("waiting for leadership").then_some(()) }).await;
+    ns.wait("standby waiting for leadership", T, || async { b.log().contains("waiting for leadership").then_some(()) })
+        .await;
     ns.apply_yaml(&small_node("n1", "text", false, ""));
     ns.wait("leader reconciled n1", T, || async { ns.api::<Deployment>().get_opt("n1").await.ok().flatten() }).await;
     assert_eq!(holder().await.as_deref(), Some("replica-a"));
@@ -540,7 +614,8 @@ async fn two_replicas_only_the_leader_reconciles_and_the_standby_takes_over() {
     ns.wait("replica-b takes the lease", T, || async { holder().await.filter(|h| h == "replica-b") }).await;
     eprintln!("leader failover: lease taken over {:?} after the leader was killed", t0.elapsed());
     ns.apply_yaml(&small_node("n2", "text", false, ""));
-    ns.wait("new leader reconciled n2", T, || async { ns.api::<Deployment>().get_opt("n2").await.ok().flatten() }).await;
+    ns.wait("new leader reconciled n2", T, || async { ns.api::<Deployment>().get_opt("n2").await.ok().flatten() })
+        .await;
     // Nothing duplicated across the handover: one Deployment per node.
     let deploys = ns.api::<Deployment>().list(&ListParams::default()).await.unwrap();
     let mut names: Vec<String> = deploys.iter().map(|d| d.name_any()).collect();
@@ -558,13 +633,20 @@ async fn metrics_and_health_endpoints_answer() {
     ns.apply_yaml(&pipeline_yaml("mp", &["m"]));
     ns.wait_condition("mp", types::READY, "True", T).await;
     let get = |path: &str| {
-        let out = Command::new("curl").args(["-s", "-o", "-", "-w", "\n%{http_code}", &format!("http://127.0.0.1:18183{path}")]).output().unwrap();
+        let out = Command::new("curl")
+            .args(["-s", "-o", "-", "-w", "\n%{http_code}", &format!("http://127.0.0.1:18183{path}")])
+            .output()
+            .unwrap();
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
     assert!(get("/healthz").ends_with("200"));
     assert!(get("/readyz").ends_with("200"));
     let m = get("/metrics");
-    for name in ["prism_operator_reconcile_duration_seconds_bucket{controller=\"modalitynode\"", "prism_routing_table_generation{namespace=", "prism_operator_reconcile_inflight"] {
+    for name in [
+        "prism_operator_reconcile_duration_seconds_bucket{controller=\"modalitynode\"",
+        "prism_routing_table_generation{namespace=",
+        "prism_operator_reconcile_inflight",
+    ] {
         assert!(m.contains(name), "{name} missing in:\n{m}");
     }
     drop(p);

@@ -184,9 +184,9 @@ impl Balancer {
     /// Whether any replica of `modality` could take a request now.
     pub fn has_candidate(&self, modality: &str, policy: &RoutingPolicy, now_ms: f64) -> bool {
         let none = BTreeSet::new();
-        self.modalities.get(modality).is_some_and(|reps| {
-            reps.values().any(|s| self.exclusion(s, policy, &none, now_ms).is_none())
-        })
+        self.modalities
+            .get(modality)
+            .is_some_and(|reps| reps.values().any(|s| self.exclusion(s, policy, &none, now_ms).is_none()))
     }
 
     /// Pick a replica for one call (see the module doc). `tried` holds endpoints already used
@@ -201,10 +201,8 @@ impl Balancer {
         rng: &mut R,
     ) -> Option<RouteEndpoint> {
         let reps = self.modalities.get(modality)?;
-        let eligible: Vec<&ReplicaStats> = reps
-            .values()
-            .filter(|s| self.exclusion(s, policy, tried, now_ms).is_none())
-            .collect();
+        let eligible: Vec<&ReplicaStats> =
+            reps.values().filter(|s| self.exclusion(s, policy, tried, now_ms).is_none()).collect();
         if eligible.is_empty() {
             return None;
         }
@@ -220,7 +218,11 @@ impl Balancer {
             })
             .collect();
         let (best, best_ewma) = scored.iter().fold((f64::NEG_INFINITY, 0.0), |acc, (sc, _, s)| {
-            if *sc > acc.0 { (*sc, s.ewma_ms.unwrap_or(default_ewma)) } else { acc }
+            if *sc > acc.0 {
+                (*sc, s.ewma_ms.unwrap_or(default_ewma))
+            } else {
+                acc
+            }
         });
         // Near-tie: within 1% of accuracy and 25% (+1 ms) of the best replica's unloaded
         // latency, in score units: below that resolution the estimates are noise. Scaling by
@@ -238,7 +240,11 @@ impl Balancer {
                 let (a, b) = (ties[a], ties[b]);
                 let la = a.expected_latency(default_ewma);
                 let lb = b.expected_latency(default_ewma);
-                if (b.inflight, lb) < (a.inflight, la) || (b.inflight == a.inflight && lb < la) { b } else { a }
+                if (b.inflight, lb) < (a.inflight, la) || (b.inflight == a.inflight && lb < la) {
+                    b
+                } else {
+                    a
+                }
             }
         };
         Some(pick.endpoint.clone())
@@ -390,15 +396,16 @@ mod tests {
     }
 
     fn rep() -> impl Strategy<Value = Rep> {
-        (any::<bool>(), prop_oneof![Just(0.0), 0.1f64..10.0], 0.0f64..1.0, 0u32..6, 0.1f64..500.0, 0u32..20)
-            .prop_map(|(ready, weight, accuracy, failures, ewma, inflight)| Rep {
+        (any::<bool>(), prop_oneof![Just(0.0), 0.1f64..10.0], 0.0f64..1.0, 0u32..6, 0.1f64..500.0, 0u32..20).prop_map(
+            |(ready, weight, accuracy, failures, ewma, inflight)| Rep {
                 ready,
                 weight,
                 accuracy,
                 failures,
                 ewma,
                 inflight,
-            })
+            },
+        )
     }
 
     proptest! {
@@ -534,7 +541,12 @@ mod tests {
     fn ejection_backs_off_exponentially_and_expires() {
         let eps = vec![ep(0, true, 1.0, 0.9), ep(1, true, 1.0, 0.9)];
         let mut b = balancer(eps.clone());
-        let policy = RoutingPolicy { consecutive_errors: 2, base_ejection_ms: 1000, max_ejected_percent: 50, ..Default::default() };
+        let policy = RoutingPolicy {
+            consecutive_errors: 2,
+            base_ejection_ms: 1000,
+            max_ejected_percent: 50,
+            ..Default::default()
+        };
         let e0 = &eps[0].endpoint;
         assert!(!b.on_failure("text", e0, &policy, 0.0, false).ejected);
         assert!(b.on_failure("text", e0, &policy, 0.0, false).ejected);
@@ -565,7 +577,11 @@ mod tests {
         for i in 0..4 {
             b.on_heartbeat("text", e, 5_000.0 + 500.0 * i as f64);
         }
-        assert!(b.has_candidate("text", &policy, 6_500.0), "p_fail={}", b.stats("text", e).unwrap().p_fail(6_500.0, Some(500.0)));
+        assert!(
+            b.has_candidate("text", &policy, 6_500.0),
+            "p_fail={}",
+            b.stats("text", e).unwrap().p_fail(6_500.0, Some(500.0))
+        );
     }
 
     #[test]

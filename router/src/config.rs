@@ -127,7 +127,8 @@ spec:
         let (name, spec) = parse_pipeline(r#"{"nodes":[{"name":"a"}]}"#, Path::new("p.json")).unwrap();
         assert!(name.is_none());
         assert_eq!(spec.routing.retries, 1);
-        let bad = parse_pipeline(r#"{"nodes":[{"name":"a"}],"routing":{"failureThreshold":1.5}}"#, Path::new("x")).unwrap_err();
+        let bad = parse_pipeline(r#"{"nodes":[{"name":"a"}],"routing":{"failureThreshold":1.5}}"#, Path::new("x"))
+            .unwrap_err();
         assert!(bad.to_string().contains("failureThreshold"), "{bad}");
         assert!(parse_pipeline("nodes: 5", Path::new("x")).is_err());
     }

@@ -267,19 +267,24 @@ impl Router {
             && self.with_balancer(|b| snap.table.modalities.keys().any(|m| b.has_candidate(m, &snap.spec.routing, now)))
     }
 
-    async fn send(&self, ep: &RouteEndpoint, inputs: &[EmbedInput], timeout: Duration) -> Result<EmbedResponse, SendError> {
+    async fn send(
+        &self,
+        ep: &RouteEndpoint,
+        inputs: &[EmbedInput],
+        timeout: Duration,
+    ) -> Result<EmbedResponse, SendError> {
         let url = format!("{}/embed", ep.endpoint.trim_end_matches('/'));
         let body = EmbedRequest { inputs: inputs.to_vec(), deadline_ms: Some(timeout.as_millis().max(1) as u64) };
-        let resp = self
-            .client
-            .post(&url)
-            .timeout(timeout)
-            .json(&body)
-            .send()
-            .await
-            .map_err(|e| SendError::Failed(if e.is_timeout() { format!("timed out after {} ms", timeout.as_millis()) } else { format!("{url}: {}", error_chain(&e)) }))?;
+        let resp = self.client.post(&url).timeout(timeout).json(&body).send().await.map_err(|e| {
+            SendError::Failed(if e.is_timeout() {
+                format!("timed out after {} ms", timeout.as_millis())
+            } else {
+                format!("{url}: {}", error_chain(&e))
+            })
+        })?;
         let status = resp.status();
-        let bytes = resp.bytes().await.map_err(|e| SendError::Failed(format!("{url}: reading body: {}", error_chain(&e))))?;
+        let bytes =
+            resp.bytes().await.map_err(|e| SendError::Failed(format!("{url}: reading body: {}", error_chain(&e))))?;
         if status.is_success() {
             let r: EmbedResponse = serde_json::from_slice(&bytes)
                 .map_err(|e| SendError::Failed(format!("{url}: unparseable answer: {e}")))?;
@@ -361,7 +366,11 @@ impl Router {
                     let replica = ReplicaRef {
                         node: ep.node.clone(),
                         endpoint: ep.endpoint.clone(),
-                        revision: if response.revision.is_empty() { ep.revision.clone() } else { response.revision.clone() },
+                        revision: if response.revision.is_empty() {
+                            ep.revision.clone()
+                        } else {
+                            response.revision.clone()
+                        },
                     };
                     return Ok(Served { response, replica, attempts: attempt + 1, latency_ms });
                 }
@@ -397,10 +406,7 @@ impl Router {
             Ok(_) => "ok",
             Err(e) => e.kind(),
         };
-        self.metrics
-            .request_duration
-            .with_label_values(&[&snap.pipeline, outcome])
-            .observe(t0.elapsed().as_secs_f64());
+        self.metrics.request_duration.with_label_values(&[&snap.pipeline, outcome]).observe(t0.elapsed().as_secs_f64());
         res
     }
 
@@ -436,7 +442,9 @@ impl Router {
                 Ok(s) => {
                     served.insert(m, s);
                 }
-                Err(CallError::Rejected(message)) => return Err(RouterError::UpstreamRejected { modality: m, message }),
+                Err(CallError::Rejected(message)) => {
+                    return Err(RouterError::UpstreamRejected { modality: m, message })
+                }
                 Err(CallError::Unavailable(why)) => {
                     missing.insert(m, why);
                 }
@@ -471,20 +479,19 @@ impl Router {
                         self.count_degraded(snap, past.degraded.as_ref());
                         Ok(past)
                     }
-                    None => Err(RouterError::Unavailable(format!(
-                        "{reason}; no cached answer with similarity >= {min}"
-                    ))),
+                    None => {
+                        Err(RouterError::Unavailable(format!("{reason}; no cached answer with similarity >= {min}")))
+                    }
                 };
             }
         };
 
         // Fuse.
         let t_fuse = Instant::now();
-        let vectors: BTreeMap<String, Vec<f32>> = served
-            .iter()
-            .filter_map(|(m, s)| s.response.embeddings.first().map(|v| (m.clone(), v.clone())))
-            .collect();
-        let prior: BTreeMap<String, f64> = vectors.keys().map(|m| (m.clone(), snap.configs.get(m).map_or(1.0, |c| c.weight))).collect();
+        let vectors: BTreeMap<String, Vec<f32>> =
+            served.iter().filter_map(|(m, s)| s.response.embeddings.first().map(|v| (m.clone(), v.clone()))).collect();
+        let prior: BTreeMap<String, f64> =
+            vectors.keys().map(|m| (m.clone(), snap.configs.get(m).map_or(1.0, |c| c.weight))).collect();
         let de_fusion = req.de_fusion.unwrap_or(snap.spec.fusion.de_fusion);
         let mut strategy = snap.spec.fusion.strategy;
         let mut fusion_replica = None;
@@ -513,10 +520,13 @@ impl Router {
                         // The fusion node is down: a weighted answer beats none, flagged degraded.
                         strategy = FusionStrategy::Weighted;
                         let f = fusion::weighted(&vectors, &prior)?;
-                        let d = degraded.get_or_insert(Degraded { missing: vec![], reason: String::new(), cached: false });
+                        let d =
+                            degraded.get_or_insert(Degraded { missing: vec![], reason: String::new(), cached: false });
                         d.missing.push(fusion_modality.clone());
                         d.missing.sort();
-                        let extra = format!("fusion node '{fusion_modality}' unavailable, fell back to weighted fusion ({why})");
+                        let extra = format!(
+                            "fusion node '{fusion_modality}' unavailable, fell back to weighted fusion ({why})"
+                        );
                         d.reason = if d.reason.is_empty() { extra } else { format!("{}; {extra}", d.reason) };
                         (Some(f.vector), f.weights, Some(f.contributions))
                     }
@@ -530,7 +540,16 @@ impl Router {
             .map(|(m, s)| {
                 let weight = weights.get(&m).copied().unwrap_or(0.0);
                 let embedding = s.response.embeddings.into_iter().next().unwrap_or_default();
-                (m, ModalityResult { embedding, replica: s.replica, weight, attempts: s.attempts, latency_ms: s.latency_ms })
+                (
+                    m,
+                    ModalityResult {
+                        embedding,
+                        replica: s.replica,
+                        weight,
+                        attempts: s.attempts,
+                        latency_ms: s.latency_ms,
+                    },
+                )
             })
             .collect();
         self.count_degraded(snap, degraded.as_ref());
@@ -600,7 +619,9 @@ impl Router {
             let inputs: Vec<EmbedInput> = texts.into_iter().map(EmbedInput::Text).collect();
             match self.call_modality(&snap, modality, &inputs, deadline).await {
                 Ok(s) => Ok(s),
-                Err(CallError::Rejected(message)) => Err(RouterError::UpstreamRejected { modality: modality.into(), message }),
+                Err(CallError::Rejected(message)) => {
+                    Err(RouterError::UpstreamRejected { modality: modality.into(), message })
+                }
                 Err(CallError::Unavailable(why)) => {
                     Err(RouterError::Unavailable(format!("modality '{modality}' has no healthy replica ({why})")))
                 }

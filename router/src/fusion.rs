@@ -139,10 +139,8 @@ pub fn attention(vectors: &BTreeMap<String, Vec<f32>>, weights: &BTreeMap<String
         })
         .collect();
     let max = logits.values().cloned().fold(f64::NEG_INFINITY, f64::max);
-    let exps: BTreeMap<String, f64> = logits
-        .iter()
-        .map(|(m, l)| (m.clone(), if max.is_finite() { (l - max).exp() } else { 1.0 }))
-        .collect();
+    let exps: BTreeMap<String, f64> =
+        logits.iter().map(|(m, l)| (m.clone(), if max.is_finite() { (l - max).exp() } else { 1.0 })).collect();
     let z: f64 = exps.values().sum();
     let alphas = exps.into_iter().map(|(m, e)| (m, e / z)).collect();
     Ok(combine(&units, alphas))
@@ -162,10 +160,8 @@ pub fn contributions_towards(
     let f = normalised("fused", fused).ok()?;
     let present: Vec<&String> = units.keys().collect();
     let w = renormalise(&present, weights);
-    let raw: BTreeMap<String, f64> = units
-        .iter()
-        .map(|(m, v)| (m.clone(), w[m] * v.iter().zip(&f).map(|(a, b)| a * b).sum::<f64>()))
-        .collect();
+    let raw: BTreeMap<String, f64> =
+        units.iter().map(|(m, v)| (m.clone(), w[m] * v.iter().zip(&f).map(|(a, b)| a * b).sum::<f64>())).collect();
     let total: f64 = raw.values().sum();
     if total.abs() < 1e-12 {
         return None;
@@ -245,7 +241,10 @@ mod tests {
     #[test]
     fn zero_and_nan_vectors_are_rejected() {
         assert!(matches!(weighted(&map(&[("t", vec![0.0, 0.0])]), &BTreeMap::new()), Err(FusionError::Invalid(_))));
-        assert!(matches!(weighted(&map(&[("t", vec![f32::NAN, 1.0])]), &BTreeMap::new()), Err(FusionError::Invalid(_))));
+        assert!(matches!(
+            weighted(&map(&[("t", vec![f32::NAN, 1.0])]), &BTreeMap::new()),
+            Err(FusionError::Invalid(_))
+        ));
         assert!(matches!(weighted(&BTreeMap::new(), &BTreeMap::new()), Err(FusionError::Empty)));
     }
 

@@ -18,9 +18,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put, MethodRouter};
 use axum::{Json, Router as AxumRouter};
-use prism_api::wire::router::{
-    EmbeddingData, EmbeddingsRequest, EmbeddingsResponse, EmbeddingsUsage, InferRequest,
-};
+use prism_api::wire::router::{EmbeddingData, EmbeddingsRequest, EmbeddingsResponse, EmbeddingsUsage, InferRequest};
 use prism_api::RoutingTable;
 use subtle::ConstantTimeEq;
 
@@ -105,15 +103,17 @@ fn open_routes(seen: &mut Vec<(&'static str, &'static str)>) -> AxumRouter<AppSt
 pub fn app(router: Arc<Router>, options: HttpOptions) -> AxumRouter {
     let state = AppState { router, options: Arc::new(options), limiter: Arc::new(Mutex::new(HashMap::new())) };
     let mut seen = Vec::new();
-    let api = api_routes(&mut seen)
-        .layer(middleware::from_fn_with_state(state.clone(), guard));
+    let api = api_routes(&mut seen).layer(middleware::from_fn_with_state(state.clone(), guard));
     open_routes(&mut seen)
         .merge(api)
         .fallback(|| async { RouterError::NotFound("no such route; see GET /openapi.json".into()) })
         .method_not_allowed_fallback(|| async {
             (
                 StatusCode::METHOD_NOT_ALLOWED,
-                Json(prism_api::wire::ErrorBody::new("method_not_allowed", "method not allowed on this route; see GET /openapi.json")),
+                Json(prism_api::wire::ErrorBody::new(
+                    "method_not_allowed",
+                    "method not allowed on this route; see GET /openapi.json",
+                )),
             )
         })
         .layer(middleware::from_fn(request_id))
@@ -233,16 +233,14 @@ async fn embeddings(State(st): State<AppState>, req: Request) -> Result<Response
         return Err(RouterError::Validation("`input` is an empty list".into()));
     }
     if texts.len() > MAX_EMBEDDINGS_INPUTS {
-        return Err(RouterError::Validation(format!("`input` has {} items; at most {MAX_EMBEDDINGS_INPUTS}", texts.len())));
+        return Err(RouterError::Validation(format!(
+            "`input` has {} items; at most {MAX_EMBEDDINGS_INPUTS}",
+            texts.len()
+        )));
     }
     // `model` picks a modality when it names one (e.g. "caption"); otherwise `text` serves.
     let snap = st.router.snapshot();
-    let modality = parsed
-        .model
-        .as_deref()
-        .filter(|m| snap.configs.contains_key(*m))
-        .unwrap_or("text")
-        .to_string();
+    let modality = parsed.model.as_deref().filter(|m| snap.configs.contains_key(*m)).unwrap_or("text").to_string();
     let words: u64 = texts.iter().map(|t| t.split_whitespace().count() as u64).sum();
     let (served, snap) = st.router.embed_texts(&modality, texts, &id).await?;
     if let Some(d) = parsed.dimensions {
@@ -296,4 +294,3 @@ async fn ready(State(st): State<AppState>) -> Response {
 async fn metrics(State(st): State<AppState>) -> Response {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.router.metrics.render()).into_response()
 }
-

@@ -57,13 +57,10 @@ struct Args {
 }
 
 fn read_tokens(path: &PathBuf) -> anyhow::Result<Vec<String>> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading --auth-token-file {}", path.display()))?;
-    let tokens: Vec<String> = text
-        .lines()
-        .map(str::trim)
-        .filter(|l| !l.is_empty() && !l.starts_with('#'))
-        .map(str::to_string)
-        .collect();
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading --auth-token-file {}", path.display()))?;
+    let tokens: Vec<String> =
+        text.lines().map(str::trim).filter(|l| !l.is_empty() && !l.starts_with('#')).map(str::to_string).collect();
     if tokens.is_empty() {
         bail!("--auth-token-file {} holds no token (one per line)", path.display());
     }
@@ -102,7 +99,8 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let probe = (args.probe_interval_ms > 0).then(|| Duration::from_millis(args.probe_interval_ms));
-    let router = Router::new(name.unwrap_or(args.pipeline_name.clone()), spec, table, EngineOptions { probe_interval: probe })?;
+    let router =
+        Router::new(name.unwrap_or(args.pipeline_name.clone()), spec, table, EngineOptions { probe_interval: probe })?;
 
     tokio::spawn(router.clone().probe_loop());
     if args.routing_table.is_some() || args.pipeline.is_some() {
@@ -131,7 +129,9 @@ async fn main() -> anyhow::Result<()> {
         rate_limit_burst: args.rate_limit_burst.unwrap_or(args.rate_limit_rps * 2.0),
     };
     let app = http::app(router.clone(), opts);
-    let listener = tokio::net::TcpListener::bind(args.listen).await.with_context(|| format!("binding --listen {}", args.listen))?;
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .with_context(|| format!("binding --listen {}", args.listen))?;
     let local = listener.local_addr()?;
     // Printed on stdout, flushed: `prism up` and the tests read the port from it.
     println!("listening on http://{local}");

@@ -31,7 +31,10 @@ impl Metrics {
             &["pipeline", "outcome"],
         )?;
         let degraded_total = IntCounterVec::new(
-            Opts::new("prism_router_degraded_total", "Answers served without a requested modality, per missing modality"),
+            Opts::new(
+                "prism_router_degraded_total",
+                "Answers served without a requested modality, per missing modality",
+            ),
             &["pipeline", "missing"],
         )?;
         let ejections_total = IntCounterVec::new(
@@ -51,8 +54,10 @@ impl Metrics {
             Opts::new("prism_router_upstream_failures_total", "Failed node calls (connect, timeout, 5xx)"),
             &["modality", "node"],
         )?;
-        let retries_total =
-            CounterVec::new(Opts::new("prism_router_retries_total", "Node calls retried on another replica"), &["modality"])?;
+        let retries_total = CounterVec::new(
+            Opts::new("prism_router_retries_total", "Node calls retried on another replica"),
+            &["modality"],
+        )?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(degraded_total.clone()))?;
         registry.register(Box::new(ejections_total.clone()))?;

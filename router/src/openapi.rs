@@ -86,11 +86,17 @@ mod tests {
         let routes = crate::http::routes();
         assert!(routes.len() >= 8);
         for (method, path) in &routes {
-            assert!(paths.get(*path).and_then(|p| p.get(*method)).is_some(), "{method} {path} is served but not in openapi.json");
+            assert!(
+                paths.get(*path).and_then(|p| p.get(*method)).is_some(),
+                "{method} {path} is served but not in openapi.json"
+            );
         }
         for (path, ops) in paths {
             for method in ops.as_object().expect("ops").keys() {
-                assert!(routes.iter().any(|(m, p)| p == path && m == method), "{method} {path} is documented but not served");
+                assert!(
+                    routes.iter().any(|(m, p)| p == path && m == method),
+                    "{method} {path} is documented but not served"
+                );
             }
         }
     }

@@ -29,11 +29,8 @@ pub fn modality_configs(spec: &MultimodalPipelineSpec, table: &RoutingTable) -> 
         .modalities
         .iter()
         .map(|(m, eps)| {
-            let node = eps
-                .iter()
-                .find_map(|e| by_name.get(e.node.as_str()))
-                .or_else(|| by_name.get(m.as_str()))
-                .copied();
+            let node =
+                eps.iter().find_map(|e| by_name.get(e.node.as_str())).or_else(|| by_name.get(m.as_str())).copied();
             let cfg = match node {
                 Some(n) => ModalityConfig { role: n.role, weight: n.weight, required: n.required },
                 None => ModalityConfig { role: NodeRole::Encoder, weight: 1.0, required: false },
@@ -60,11 +57,8 @@ pub fn validate_modalities<'a>(
                 )))
             }
             None => {
-                let known: Vec<&str> = configs
-                    .iter()
-                    .filter(|(_, c)| c.role == NodeRole::Encoder)
-                    .map(|(k, _)| k.as_str())
-                    .collect();
+                let known: Vec<&str> =
+                    configs.iter().filter(|(_, c)| c.role == NodeRole::Encoder).map(|(k, _)| k.as_str()).collect();
                 return Err(RouterError::UnknownModality {
                     modality: m.clone(),
                     known: if known.is_empty() { "(none: no routing table loaded)".into() } else { known.join(", ") },
@@ -121,9 +115,9 @@ pub fn decide(
             missing: names,
             reason: format!("optional modality unavailable, answered from the rest ({why})"),
         },
-        MissingOptional::Fail => Decision::Fail(format!(
-            "modality unavailable and degradation.onMissingOptional is fail ({why})"
-        )),
+        MissingOptional::Fail => {
+            Decision::Fail(format!("modality unavailable and degradation.onMissingOptional is fail ({why})"))
+        }
     }
 }
 

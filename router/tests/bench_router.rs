@@ -46,10 +46,15 @@ async fn run(url: &str, body: Value, clients: usize, per_client: usize) -> (Vec<
 async fn bench_router_overhead_and_fanout() {
     let clients: usize = std::env::var("BENCH_CLIENTS").ok().and_then(|v| v.parse().ok()).unwrap_or(16);
     let per: usize = std::env::var("BENCH_REQUESTS").ok().and_then(|v| v.parse().ok()).unwrap_or(50);
-    let nodes: Vec<Proc> = ["text", "caption", "audio"].iter().map(|m| spawn_node(&format!("n-{m}"), m, "127.0.0.1:0")).collect();
+    let nodes: Vec<Proc> =
+        ["text", "caption", "audio"].iter().map(|m| spawn_node(&format!("n-{m}"), m, "127.0.0.1:0")).collect();
     let dir = tempfile::tempdir().expect("tmp");
     let tpath = dir.path().join("table.json");
-    let mods: serde_json::Map<String, Value> = ["text", "caption", "audio"].iter().zip(&nodes).map(|(m, n)| (m.to_string(), json!([endpoint(n, 1.0)]))).collect();
+    let mods: serde_json::Map<String, Value> = ["text", "caption", "audio"]
+        .iter()
+        .zip(&nodes)
+        .map(|(m, n)| (m.to_string(), json!([endpoint(n, 1.0)])))
+        .collect();
     write_json(&tpath, &json!({"pipeline": "bench", "generation": 1, "modalities": mods}));
     let router = spawn_router(&["--routing-table", tpath.to_str().unwrap()]);
     wait_ready(&router.url, Duration::from_secs(10));
@@ -59,7 +64,8 @@ async fn bench_router_overhead_and_fanout() {
     run(&format!("{}/v1/infer", router.url), json!({"inputs": {"text": text}}), 4, 10).await;
 
     let (mut direct, _) = run(&format!("{}/embed", nodes[0].url), json!({"inputs": [text]}), clients, per).await;
-    let (mut via, rps) = run(&format!("{}/v1/infer", router.url), json!({"inputs": {"text": text}}), clients, per).await;
+    let (mut via, rps) =
+        run(&format!("{}/v1/infer", router.url), json!({"inputs": {"text": text}}), clients, per).await;
     let (d50, d99, v50, v99) = (pct(&mut direct, 0.5), pct(&mut direct, 0.99), pct(&mut via, 0.5), pct(&mut via, 0.99));
     // Fan-out: one request with three modalities vs the slowest single modality alone (sequential clients).
     let mut slowest = 0f64;
@@ -69,9 +75,17 @@ async fn bench_router_overhead_and_fanout() {
         let (mut l, _) = run(&format!("{}/v1/infer", router.url), json!({ "inputs": inputs }), 1, 30).await;
         slowest = slowest.max(pct(&mut l, 0.5));
     }
-    let (mut fan, _) = run(&format!("{}/v1/infer", router.url), json!({"inputs": {"text": text, "caption": text, "audio": text}}), 1, 30).await;
+    let (mut fan, _) = run(
+        &format!("{}/v1/infer", router.url),
+        json!({"inputs": {"text": text, "caption": text, "audio": text}}),
+        1,
+        30,
+    )
+    .await;
     let fan50 = pct(&mut fan, 0.5);
-    eprintln!("direct p50={d50:.2} p99={d99:.2} ms; via router p50={v50:.2} p99={v99:.2} ms; {clients} clients x {per}");
+    eprintln!(
+        "direct p50={d50:.2} p99={d99:.2} ms; via router p50={v50:.2} p99={v99:.2} ms; {clients} clients x {per}"
+    );
     println!(
         "router: overhead_p50_ms={:.2} overhead_p99_ms={:.2} fanout_vs_slowest={:.2} rps={:.0}",
         v50 - d50,

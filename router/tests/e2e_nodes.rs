@@ -66,7 +66,11 @@ async fn fans_out_to_two_modalities_and_fuses() {
     )
     .await;
     assert_eq!(s, 200, "{v}");
-    assert_eq!(h.get("x-request-id").and_then(|x| x.to_str().ok()), v["id"].as_str(), "x-request-id must equal body id");
+    assert_eq!(
+        h.get("x-request-id").and_then(|x| x.to_str().ok()),
+        v["id"].as_str(),
+        "x-request-id must equal body id"
+    );
     assert_eq!(v["pipeline"], "search");
     assert_eq!(v["generation"], 1);
     assert!(v.get("degraded").is_none(), "{v}");
@@ -82,15 +86,25 @@ async fn fans_out_to_two_modalities_and_fuses() {
     let t = node_embed(&c, &text, "a red bicycle leaning on a wall").await;
     let cap = node_embed(&c, &caption, "photo of a bike").await;
     let (nt, nc) = (l2(&t), l2(&cap));
-    let expect: Vec<f32> = t.iter().zip(&cap).map(|(a, b)| (0.75 * *a as f64 / nt + 0.25 * *b as f64 / nc) as f32).collect();
-    assert!(cosine(&fused, &expect) > 0.9999, "fused differs from the weighted combination: cos={}", cosine(&fused, &expect));
+    let expect: Vec<f32> =
+        t.iter().zip(&cap).map(|(a, b)| (0.75 * *a as f64 / nt + 0.25 * *b as f64 / nc) as f32).collect();
+    assert!(
+        cosine(&fused, &expect) > 0.9999,
+        "fused differs from the weighted combination: cos={}",
+        cosine(&fused, &expect)
+    );
     let contrib = &v["contributions"];
     let sum = contrib["text"].as_f64().unwrap() + contrib["caption"].as_f64().unwrap();
     assert!((sum - 1.0).abs() < 1e-6, "{contrib}");
     assert!(contrib["text"].as_f64().unwrap() > contrib["caption"].as_f64().unwrap());
 
     // OpenAI-compatible endpoint: same vector as the node's own.
-    let (s, e, _) = post(&c, &format!("{}/v1/embeddings", router.url), &json!({"input": ["a red bicycle leaning on a wall", "x"], "model": "minilm"})).await;
+    let (s, e, _) = post(
+        &c,
+        &format!("{}/v1/embeddings", router.url),
+        &json!({"input": ["a red bicycle leaning on a wall", "x"], "model": "minilm"}),
+    )
+    .await;
     assert_eq!(s, 200, "{e}");
     assert_eq!(e["object"], "list");
     assert_eq!(e["data"].as_array().unwrap().len(), 2);
@@ -98,12 +112,17 @@ async fn fans_out_to_two_modalities_and_fuses() {
     assert_eq!(e["model"], "minilm");
     assert!(cosine(&floats(&e["data"][0]["embedding"]), &t) > 0.99999);
     // `model` naming a modality routes there.
-    let (s, e2, _) = post(&c, &format!("{}/v1/embeddings", router.url), &json!({"input": "photo of a bike", "model": "caption"})).await;
+    let (s, e2, _) =
+        post(&c, &format!("{}/v1/embeddings", router.url), &json!({"input": "photo of a bike", "model": "caption"}))
+            .await;
     assert_eq!(s, 200, "{e2}");
     assert!(cosine(&floats(&e2["data"][0]["embedding"]), &cap) > 0.99999);
 
     let m = c.get(format!("{}/metrics", router.url)).send().await.unwrap().text().await.unwrap();
-    assert!(metric(&m, "prism_router_request_duration_seconds_count", &[("pipeline", "search"), ("outcome", "ok")]) >= 3.0, "{m}");
+    assert!(
+        metric(&m, "prism_router_request_duration_seconds_count", &[("pipeline", "search"), ("outcome", "ok")]) >= 3.0,
+        "{m}"
+    );
     assert_eq!(metric(&m, "prism_routing_table_generation", &[("pipeline", "search")]), 1.0);
 }
 
@@ -127,7 +146,8 @@ async fn kill_one_of_three_replicas_under_load_no_request_fails() {
     let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut tasks = Vec::new();
     for w in 0..8 {
-        let (ok, failed, after_kill, killed, url) = (ok.clone(), failed.clone(), after_kill.clone(), killed.clone(), router.url.clone());
+        let (ok, failed, after_kill, killed, url) =
+            (ok.clone(), failed.clone(), after_kill.clone(), killed.clone(), router.url.clone());
         tasks.push(tokio::spawn(async move {
             let c = client();
             for i in 0..60 {
@@ -169,11 +189,18 @@ async fn kill_one_of_three_replicas_under_load_no_request_fails() {
     let failed = failed.lock().unwrap().clone();
     assert!(failed.is_empty(), "{} of 480 requests failed, first: {:?}", failed.len(), failed.first());
     assert_eq!(ok.load(Ordering::SeqCst), 480);
-    assert!(after_kill.load(Ordering::SeqCst) >= 100, "too little load after the kill: {}", after_kill.load(Ordering::SeqCst));
+    assert!(
+        after_kill.load(Ordering::SeqCst) >= 100,
+        "too little load after the kill: {}",
+        after_kill.load(Ordering::SeqCst)
+    );
     let m = client().get(format!("{}/metrics", router.url)).send().await.unwrap().text().await.unwrap();
     let failures = metric(&m, "prism_router_upstream_failures_total", &[("node", "text-1")]);
     let ejections = metric(&m, "prism_router_ejections_total", &[("node", "text-1")]);
-    eprintln!("kill-9 under load: 480/480 ok, {} after the kill; text-1 failures={failures} ejections={ejections}", after_kill.load(Ordering::SeqCst));
+    eprintln!(
+        "kill-9 under load: 480/480 ok, {} after the kill; text-1 failures={failures} ejections={ejections}",
+        after_kill.load(Ordering::SeqCst)
+    );
     assert!(ejections >= 1.0, "the dead replica should have been ejected: {m}");
 }
 
@@ -189,7 +216,10 @@ async fn only_replica_dies_degraded_then_whole_after_restart() {
     let tpath = dir.path().join("table.json");
     write_json(&tpath, &table(1, json!({"text": [endpoint(&text, 1.0)], "audio": [endpoint(&audio, 1.0)]})));
     let ppath = dir.path().join("pipeline.json");
-    write_json(&ppath, &json!({"nodes": [{"name": "minilm-text", "required": true}, {"name": "minilm-audio"}], "routing": {"timeoutMs": 2000}}));
+    write_json(
+        &ppath,
+        &json!({"nodes": [{"name": "minilm-text", "required": true}, {"name": "minilm-audio"}], "routing": {"timeoutMs": 2000}}),
+    );
     let router = spawn_router(&["--routing-table", tpath.to_str().unwrap(), "--pipeline", ppath.to_str().unwrap()]);
     wait_ready(&router.url, Duration::from_secs(10));
     let c = client();
@@ -265,7 +295,11 @@ async fn routing_table_hot_reload() {
                     break;
                 }
                 let (s, v, _) = post(&c, &url, &body).await;
-                if s == 200 { ok += 1 } else { bad.push(format!("{s} {v}")) }
+                if s == 200 {
+                    ok += 1
+                } else {
+                    bad.push(format!("{s} {v}"))
+                }
             }
             (ok, bad)
         })
@@ -328,7 +362,14 @@ async fn bad_inputs_get_4xx_json() {
     write_json(&tpath, &table(1, json!({"text": [endpoint(&text, 1.0)], "fused": [fusion_ep]})));
     let ppath = dir.path().join("pipeline.json");
     write_json(&ppath, &json!({"nodes": [{"name": "fuser", "role": "fusion"}]}));
-    let router = spawn_router(&["--routing-table", tpath.to_str().unwrap(), "--pipeline", ppath.to_str().unwrap(), "--max-body-bytes", "65536"]);
+    let router = spawn_router(&[
+        "--routing-table",
+        tpath.to_str().unwrap(),
+        "--pipeline",
+        ppath.to_str().unwrap(),
+        "--max-body-bytes",
+        "65536",
+    ]);
     wait_ready(&router.url, Duration::from_secs(10));
     let c = client();
     let infer = format!("{}/v1/infer", router.url);
@@ -382,9 +423,14 @@ async fn auth_and_rate_limit() {
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "# router tokens\ns3cret-one\ns3cret-two\n").unwrap();
     let router = spawn_router(&[
-        "--routing-table", tpath.to_str().unwrap(),
-        "--auth-token-file", tokens.to_str().unwrap(),
-        "--rate-limit-rps", "1", "--rate-limit-burst", "3",
+        "--routing-table",
+        tpath.to_str().unwrap(),
+        "--auth-token-file",
+        tokens.to_str().unwrap(),
+        "--rate-limit-rps",
+        "1",
+        "--rate-limit-burst",
+        "3",
     ]);
     wait_ready(&router.url, Duration::from_secs(10));
     let c = client();

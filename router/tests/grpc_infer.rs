@@ -14,7 +14,10 @@ async fn grpc_infer_fans_out_and_maps_errors() {
     let caption = spawn_node("minilm-caption", "caption", "127.0.0.1:0");
     let dir = tempfile::tempdir().expect("tmp");
     let tpath = dir.path().join("table.json");
-    write_json(&tpath, &json!({"pipeline": "g", "generation": 4, "modalities": {"text": [endpoint(&text, 1.0)], "caption": [endpoint(&caption, 1.0)]}}));
+    write_json(
+        &tpath,
+        &json!({"pipeline": "g", "generation": 4, "modalities": {"text": [endpoint(&text, 1.0)], "caption": [endpoint(&caption, 1.0)]}}),
+    );
     let router = spawn_router(&["--routing-table", tpath.to_str().unwrap(), "--grpc-listen", "127.0.0.1:0"]);
     wait_ready(&router.url, Duration::from_secs(10));
     let addr = router

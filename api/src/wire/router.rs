@@ -175,10 +175,9 @@ mod tests {
 
     #[test]
     fn infer_request_accepts_strings_and_objects() {
-        let r: InferRequest = serde_json::from_str(
-            r#"{"inputs":{"text":"hi","image":{"image_base64":"AAAA"}},"timeout_ms":50}"#,
-        )
-        .unwrap();
+        let r: InferRequest =
+            serde_json::from_str(r#"{"inputs":{"text":"hi","image":{"image_base64":"AAAA"}},"timeout_ms":50}"#)
+                .unwrap();
         assert_eq!(r.inputs.len(), 2);
         assert!(matches!(r.inputs["text"], EmbedInput::Text(_)));
         assert!(matches!(r.inputs["image"], EmbedInput::Item(_)));

@@ -175,7 +175,11 @@ fn pick_pipeline(set: &ManifestSet, wanted: Option<&str>) -> anyhow::Result<Mult
             let names: Vec<String> = many.iter().map(|p| p.name_any()).collect();
             bail!("the manifests hold several pipelines ({}); choose one with --pipeline", names.join(", "))
         }
-        (Some(w), all) => all.iter().find(|p| p.name_any() == w).cloned().with_context(|| format!("no pipeline named {w:?} in the manifests")),
+        (Some(w), all) => all
+            .iter()
+            .find(|p| p.name_any() == w)
+            .cloned()
+            .with_context(|| format!("no pipeline named {w:?} in the manifests")),
     }
 }
 
@@ -198,7 +202,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let pname = pipeline.name_any();
     let dir = args.state.state_dir.clone();
     if let Ok(existing) = State::load(&dir) {
-        bail!("pipeline {} is already running from {} (pid {}); stop it with `prism down`", existing.pipeline, dir.display(), existing.pid);
+        bail!(
+            "pipeline {} is already running from {} (pid {}); stop it with `prism down`",
+            existing.pipeline,
+            dir.display(),
+            existing.pid
+        );
     }
     let logs_dir = dir.join("logs");
     std::fs::create_dir_all(&logs_dir).with_context(|| format!("creating {}", logs_dir.display()))?;
@@ -211,11 +220,23 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         let n = set.node(&pn.name).context("validated above")?.clone();
         let model_path = resolve_model_path(&n.spec.model.uri, &args.models_dir)?;
         if !model_path.exists() {
-            bail!("node {}: model folder {} does not exist (from {}); run `make models` or fix model.uri", pn.name, model_path.display(), n.spec.model.uri);
+            bail!(
+                "node {}: model folder {} does not exist (from {}); run `make models` or fix model.uri",
+                pn.name,
+                model_path.display(),
+                n.spec.model.uri
+            );
         }
         let count = n.spec.initial_replicas().max(1) as usize;
         let replicas = (0..count)
-            .map(|i| Replica { proc: None, url: None, ready: false, restarts: 0, restart_at: Some(Instant::now()), log: logs_dir.join(format!("{}-{i}.log", pn.name)) })
+            .map(|i| Replica {
+                proc: None,
+                url: None,
+                ready: false,
+                restarts: 0,
+                restart_at: Some(Instant::now()),
+                log: logs_dir.join(format!("{}-{i}.log", pn.name)),
+            })
             .collect();
         let args = node_args(&n, &model_path);
         nodes.push(LocalNode { spec: n, args, replicas });
@@ -227,7 +248,15 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
 
     println!("prism up: pipeline {pname} with {} node(s)", nodes.len());
-    let mut sup = Supervisor { nodes, http: http.clone(), node_bin, spec: pipeline.spec.clone(), table: None, router_url: None, pipeline: pname.clone() };
+    let mut sup = Supervisor {
+        nodes,
+        http: http.clone(),
+        node_bin,
+        spec: pipeline.spec.clone(),
+        table: None,
+        router_url: None,
+        pipeline: pname.clone(),
+    };
     sup.start_due_replicas()?;
 
     // Wait for every replica to load its model, with progress.
@@ -238,7 +267,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         for n in &sup.nodes {
             for (i, r) in n.replicas.iter().enumerate() {
                 if r.ready && reported.insert((n.name(), i)) {
-                    println!("  ready  {:<12} {:<8} replica {i} at {} ({:.1}s)", n.name(), n.spec.spec.modality, r.url.as_deref().unwrap_or("?"), started.elapsed().as_secs_f64());
+                    println!(
+                        "  ready  {:<12} {:<8} replica {i} at {} ({:.1}s)",
+                        n.name(),
+                        n.spec.spec.modality,
+                        r.url.as_deref().unwrap_or("?"),
+                        started.elapsed().as_secs_f64()
+                    );
                 }
             }
         }
@@ -250,7 +285,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             bail!("{msg}");
         }
         if Instant::now() > deadline {
-            let waiting: Vec<String> = sup.nodes.iter().filter(|n| n.replicas.iter().any(|r| !r.ready)).map(|n| n.name()).collect();
+            let waiting: Vec<String> =
+                sup.nodes.iter().filter(|n| n.replicas.iter().any(|r| !r.ready)).map(|n| n.name()).collect();
             sup.stop_all().await;
             bail!("nodes {} were not ready within {}s; see `.prism/logs/`", waiting.join(", "), args.ready_timeout);
         }
@@ -321,11 +357,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             let missing = sup.table.as_ref().map(|t| t.missing_modalities()).unwrap_or_default();
             println!(
                 "routing table gen {before} -> {after} ({})",
-                if missing.is_empty() { "all modalities served".to_string() } else { format!("degraded: no ready replica for {}", missing.join(", ")) }
+                if missing.is_empty() {
+                    "all modalities served".to_string()
+                } else {
+                    format!("degraded: no ready replica for {}", missing.join(", "))
+                }
             );
         }
         let new_state = sup.state(&router_log);
-        if serde_json::to_value(&new_state.nodes).ok() != serde_json::to_value(&state.nodes).ok() || new_state.routing_table_generation != state.routing_table_generation {
+        if serde_json::to_value(&new_state.nodes).ok() != serde_json::to_value(&state.nodes).ok()
+            || new_state.routing_table_generation != state.routing_table_generation
+        {
             state = new_state;
             state.save(&dir)?;
         }
@@ -389,7 +431,11 @@ impl Supervisor {
             for (i, r) in n.replicas.iter_mut().enumerate() {
                 if let Some(p) = r.proc.as_mut() {
                     if let Some(why) = p.exited() {
-                        return Some(format!("node {} replica {i} failed to start ({why}); last log lines:\n{}", n.spec.name_any(), p.log_tail(20)));
+                        return Some(format!(
+                            "node {} replica {i} failed to start ({why}); last log lines:\n{}",
+                            n.spec.name_any(),
+                            p.log_tail(20)
+                        ));
                     }
                 }
             }
@@ -440,7 +486,13 @@ impl Supervisor {
             }
         }
         if let Some(url) = &self.router_url {
-            let res = self.http.put(format!("{url}/admin/routing-table")).json(&table).timeout(Duration::from_secs(2)).send().await;
+            let res = self
+                .http
+                .put(format!("{url}/admin/routing-table"))
+                .json(&table)
+                .timeout(Duration::from_secs(2))
+                .send()
+                .await;
             match res {
                 Ok(r) if r.status().is_success() => {}
                 Ok(r) => eprintln!("router refused routing table gen {}: HTTP {}", table.generation, r.status()),
@@ -468,7 +520,13 @@ impl Supervisor {
                     replicas: n
                         .replicas
                         .iter()
-                        .map(|r| ReplicaState { pid: r.proc.as_ref().and_then(Proc::pid), url: r.url.clone(), ready: r.ready, restarts: r.restarts, log: r.log.clone() })
+                        .map(|r| ReplicaState {
+                            pid: r.proc.as_ref().and_then(Proc::pid),
+                            url: r.url.clone(),
+                            ready: r.ready,
+                            restarts: r.restarts,
+                            log: r.log.clone(),
+                        })
                         .collect(),
                 })
                 .collect(),
@@ -501,7 +559,10 @@ mod tests {
     #[test]
     fn model_uris_map_to_local_folders() {
         let m = Path::new("/models");
-        assert_eq!(resolve_model_path("pvc://models/all-minilm-l6-v2", m).unwrap(), PathBuf::from("/models/all-minilm-l6-v2"));
+        assert_eq!(
+            resolve_model_path("pvc://models/all-minilm-l6-v2", m).unwrap(),
+            PathBuf::from("/models/all-minilm-l6-v2")
+        );
         assert_eq!(resolve_model_path("file:///opt/m", m).unwrap(), PathBuf::from("/opt/m"));
         assert!(resolve_model_path("pvc://models/../etc", m).is_err());
         assert!(resolve_model_path("pvc://models", m).is_err());

@@ -20,7 +20,11 @@ pub struct Proc {
 
 impl Proc {
     pub fn spawn(bin: &Path, args: &[String], log: &Path) -> anyhow::Result<Self> {
-        let out = OpenOptions::new().create(true).append(true).open(log).with_context(|| format!("opening log {}", log.display()))?;
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .with_context(|| format!("opening log {}", log.display()))?;
         let log_offset = out.metadata().map(|m| m.len()).unwrap_or(0);
         let err = out.try_clone()?;
         let child = Command::new(bin)

@@ -51,10 +51,20 @@ impl State {
 
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
         let p = path(dir);
-        let text = std::fs::read(&p).with_context(|| format!("no pipeline is running from {} (no {}); start one with `prism up -f <manifest>`", dir.display(), p.display()))?;
+        let text = std::fs::read(&p).with_context(|| {
+            format!(
+                "no pipeline is running from {} (no {}); start one with `prism up -f <manifest>`",
+                dir.display(),
+                p.display()
+            )
+        })?;
         let state: State = serde_json::from_slice(&text).with_context(|| format!("reading {}", p.display()))?;
         if !process::alive(state.pid) {
-            anyhow::bail!("the `prism up` that wrote {} (pid {}) is no longer running; remove the file or run `prism up` again", p.display(), state.pid);
+            anyhow::bail!(
+                "the `prism up` that wrote {} (pid {}) is no longer running; remove the file or run `prism up` again",
+                p.display(),
+                state.pid
+            );
         }
         Ok(state)
     }
@@ -70,9 +80,16 @@ impl State {
             ready_nodes,
             self.nodes.len(),
             self.routing_table_generation,
-            if self.missing_modalities.is_empty() { String::new() } else { format!("  DEGRADED: missing {}", self.missing_modalities.join(", ")) }
+            if self.missing_modalities.is_empty() {
+                String::new()
+            } else {
+                format!("  DEGRADED: missing {}", self.missing_modalities.join(", "))
+            }
         ));
-        out.push_str(&format!("  {:<14} {:<9} {:<18} {:<8} {:<6} {:<9} {}\n", "NODE", "MODALITY", "ARCHITECTURE", "REPLICA", "READY", "RESTARTS", "URL"));
+        out.push_str(&format!(
+            "  {:<14} {:<9} {:<18} {:<8} {:<6} {:<9} {}\n",
+            "NODE", "MODALITY", "ARCHITECTURE", "REPLICA", "READY", "RESTARTS", "URL"
+        ));
         for n in &self.nodes {
             for (i, r) in n.replicas.iter().enumerate() {
                 out.push_str(&format!(

@@ -53,10 +53,8 @@ pub fn input_text(input: &EmbedInput) -> Result<&str, BackendError> {
 impl Preprocessor for BertPreprocessor {
     fn preprocess(&self, input: &EmbedInput) -> Result<Prepared, BackendError> {
         let text = input_text(input)?;
-        let enc = self
-            .tokenizer
-            .encode(text, true)
-            .map_err(|e| BackendError::Validation(format!("tokenizing: {e}")))?;
+        let enc =
+            self.tokenizer.encode(text, true).map_err(|e| BackendError::Validation(format!("tokenizing: {e}")))?;
         let ids = enc.get_ids().to_vec();
         Ok(Prepared::new(ids.len(), TextTokens { ids }))
     }
@@ -97,7 +95,7 @@ impl Encoder for BertEncoder {
         // The stock model builds its additive mask as (1 - m) * f32::MIN; that is exact in f32 (the
         // NaN problem only appears in bf16/f16), so the model runs in f32 here.
         let hidden = self.model.forward(&ids, &type_ids, Some(&mask))?; // (b, l, h)
-        // Mean pooling over real tokens only; padded positions must not dilute the mean.
+                                                                        // Mean pooling over real tokens only; padded positions must not dilute the mean.
         let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (b, l, 1)
         let summed = hidden.broadcast_mul(&maskf)?.sum(1)?; // (b, h)
         let counts = maskf.sum(1)?; // (b, 1), >= 1 since every input has [CLS] [SEP]
@@ -111,7 +109,10 @@ impl Encoder for BertEncoder {
 fn read(dir: &Path, name: &str) -> Result<Vec<u8>, BackendError> {
     let p = dir.join(name);
     std::fs::read(&p).map_err(|e| {
-        BackendError::Load(format!("{}: {e}; an HF-layout folder needs config.json, tokenizer.json and model.safetensors", p.display()))
+        BackendError::Load(format!(
+            "{}: {e}; an HF-layout folder needs config.json, tokenizer.json and model.safetensors",
+            p.display()
+        ))
     })
 }
 

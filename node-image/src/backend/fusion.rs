@@ -71,7 +71,9 @@ impl Preprocessor for FusionPreprocessor {
             "this is a fusion node: each input must be {{\"embeddings\": {{\"<modality>\": [..]}}}} with modalities among {}",
             self.known()
         );
-        let EmbedInput::Item(InputItem { embeddings: Some(map), text: None, image_base64: None, audio_base64: None }) = input else {
+        let EmbedInput::Item(InputItem { embeddings: Some(map), text: None, image_base64: None, audio_base64: None }) =
+            input
+        else {
             return Err(bad(shape));
         };
         if map.is_empty() {
@@ -194,7 +196,8 @@ impl MotEncoder {
         let mut xs = item.0.iter().map(|(m, v)| self.tok.token(m, v, &self.device)).collect::<Result<Vec<_>, _>>()?;
         let missing = |m: &&str| BackendError::Inference(format!("no weights for modality {m}"));
         for layer in &self.layers {
-            let experts = mods.iter().map(|m| layer.get(*m).ok_or_else(|| missing(m))).collect::<Result<Vec<_>, _>>()?;
+            let experts =
+                mods.iter().map(|m| layer.get(*m).ok_or_else(|| missing(m))).collect::<Result<Vec<_>, _>>()?;
             // Modality-specific norms and projections, one token each...
             let mut q = Vec::with_capacity(xs.len());
             let mut k = Vec::with_capacity(xs.len());
@@ -282,7 +285,17 @@ pub fn load_perceiver(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
         cross_fc1: candle_nn::linear(h, cfg.intermediate_size, c.pp("mlp.fc1")).map_err(&e)?,
         cross_fc2: candle_nn::linear(cfg.intermediate_size, h, c.pp("mlp.fc2")).map_err(&e)?,
         blocks: (0..cfg.num_layers)
-            .map(|i| Block::load(h, cfg.num_heads, cfg.intermediate_size, eps, act, &FUSION_NAMES, vb.pp(format!("layers.{i}"))))
+            .map(|i| {
+                Block::load(
+                    h,
+                    cfg.num_heads,
+                    cfg.intermediate_size,
+                    eps,
+                    act,
+                    &FUSION_NAMES,
+                    vb.pp(format!("layers.{i}")),
+                )
+            })
             .collect::<candle_core::Result<_>>()
             .map_err(&e)?,
         final_ln: candle_nn::layer_norm(h, eps, vb.pp("final_ln")).map_err(&e)?,
@@ -326,6 +339,13 @@ pub fn load_mot(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
     for m in cfg.modalities.keys() {
         final_ln.insert(m.clone(), candle_nn::layer_norm(h, eps, vb.pp(format!("final_ln.{m}"))).map_err(&e)?);
     }
-    let enc = MotEncoder { tok: Tokenizer::load(&cfg, &vb).map_err(&e)?, layers, final_ln, heads: cfg.num_heads, act, device: device.clone() };
+    let enc = MotEncoder {
+        tok: Tokenizer::load(&cfg, &vb).map_err(&e)?,
+        layers,
+        final_ln,
+        heads: cfg.num_heads,
+        act,
+        device: device.clone(),
+    };
     Ok(model(&cfg, &device, "mot-fusion", Box::new(enc)))
 }

@@ -14,7 +14,10 @@ use super::BackendError;
 pub fn read_model_file(dir: &std::path::Path, name: &str) -> Result<String, BackendError> {
     let p = dir.join(name);
     std::fs::read_to_string(&p).map_err(|e| {
-        BackendError::Load(format!("{}: {e}; run `make models` or point --model-uri at a complete model folder", p.display()))
+        BackendError::Load(format!(
+            "{}: {e}; run `make models` or point --model-uri at a complete model folder",
+            p.display()
+        ))
     })
 }
 
@@ -25,7 +28,8 @@ pub fn var_builder(dir: &std::path::Path, device: &Device) -> Result<VarBuilder<
     if !p.is_file() {
         return Err(BackendError::Load(format!("{} is missing; run `make models`", p.display())));
     }
-    let mut tensors = candle_core::safetensors::load(&p, device).map_err(|e| BackendError::Load(format!("{}: {e}", p.display())))?;
+    let mut tensors =
+        candle_core::safetensors::load(&p, device).map_err(|e| BackendError::Load(format!("{}: {e}", p.display())))?;
     merge_lora(dir, &mut tensors)?;
     Ok(VarBuilder::from_tensors(tensors, DType::F32, device))
 }
@@ -44,7 +48,10 @@ struct LoraConfig {
 /// W' = W + (lora_alpha / r) * B A. A merged adapter costs nothing per request, which is what a
 /// serving node wants; one adapter per node process (a different adapter = a different model
 /// folder), so nothing needs unmerging.
-pub fn merge_lora(dir: &std::path::Path, tensors: &mut std::collections::HashMap<String, Tensor>) -> Result<usize, BackendError> {
+pub fn merge_lora(
+    dir: &std::path::Path,
+    tensors: &mut std::collections::HashMap<String, Tensor>,
+) -> Result<usize, BackendError> {
     let (cfg_path, ad_path) = (dir.join("adapter_config.json"), dir.join("adapter_model.safetensors"));
     if !ad_path.is_file() {
         return Ok(0);
@@ -56,12 +63,14 @@ pub fn merge_lora(dir: &std::path::Path, tensors: &mut std::collections::HashMap
     }
     let scale = cfg.lora_alpha / cfg.r as f64;
     let device = tensors.values().next().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
-    let adapter = candle_core::safetensors::load(&ad_path, &device).map_err(|e| BackendError::Load(format!("{}: {e}", ad_path.display())))?;
+    let adapter = candle_core::safetensors::load(&ad_path, &device)
+        .map_err(|e| BackendError::Load(format!("{}: {e}", ad_path.display())))?;
     let mut merged = 0;
     for (name, a) in &adapter {
         let Some(layer) = name.strip_suffix(".lora_A.weight") else { continue };
         let b_name = format!("{layer}.lora_B.weight");
-        let b = adapter.get(&b_name).ok_or_else(|| BackendError::Load(format!("adapter has {name} but no {b_name}")))?;
+        let b =
+            adapter.get(&b_name).ok_or_else(|| BackendError::Load(format!("adapter has {name} but no {b_name}")))?;
         let base = layer.strip_prefix("base_model.model.").unwrap_or(layer);
         let w_name = format!("{base}.weight");
         let w = tensors
@@ -69,7 +78,11 @@ pub fn merge_lora(dir: &std::path::Path, tensors: &mut std::collections::HashMap
             .ok_or_else(|| BackendError::Load(format!("adapter targets {w_name}, which the model does not have")))?;
         let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
         if delta.dims() != w.dims() {
-            return Err(BackendError::Load(format!("adapter for {w_name}: B A is {:?}, weight is {:?}", delta.dims(), w.dims())));
+            return Err(BackendError::Load(format!(
+                "adapter for {w_name}: B A is {:?}, weight is {:?}",
+                delta.dims(),
+                w.dims()
+            )));
         }
         let new = (w.to_dtype(DType::F32)? + delta)?;
         tensors.insert(w_name, new);
@@ -106,7 +119,9 @@ impl Act {
             "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Act::GeluTanh),
             "quick_gelu" => Ok(Act::QuickGelu),
             "relu" => Ok(Act::Relu),
-            other => Err(BackendError::Load(format!("unsupported activation {other:?} (gelu, gelu_new, quick_gelu, relu)"))),
+            other => {
+                Err(BackendError::Load(format!("unsupported activation {other:?} (gelu, gelu_new, quick_gelu, relu)")))
+            }
         }
     }
 
@@ -238,7 +253,9 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Te
     let (b, n, d) = q.dims3()?;
     let m = k.dim(1)?;
     let hd = d / heads;
-    let split = |t: &Tensor, len: usize| -> candle_core::Result<Tensor> { t.reshape((b, len, heads, hd))?.transpose(1, 2)?.contiguous() };
+    let split = |t: &Tensor, len: usize| -> candle_core::Result<Tensor> {
+        t.reshape((b, len, heads, hd))?.transpose(1, 2)?.contiguous()
+    };
     let (q, k, v) = (split(q, n)?, split(k, m)?, split(v, m)?);
     let mut scores = (q.matmul(&k.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
     if let Some(mask) = mask {
@@ -321,15 +338,36 @@ mod tests {
         let full = att.forward(&x, None, None).expect("full");
         att.window = Some(10);
         let wide = att.forward(&x, None, None).expect("wide");
-        let d = (&full - &wide).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
+        let d = (&full - &wide)
+            .expect("sub")
+            .abs()
+            .expect("abs")
+            .max_all()
+            .expect("max")
+            .to_scalar::<f32>()
+            .expect("scalar");
         assert!(d < 1e-6, "a window wider than the sequence must equal full attention ({d})");
         // Window 0: softmax over one key is 1, so each output is o(v(x_i)) of its own token.
         att.window = Some(0);
         let local = att.forward(&x, None, None).expect("local");
         let own = att.o.forward(&att.v.forward(&x).expect("v")).expect("o");
-        let d = (&local - &own).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
+        let d = (&local - &own)
+            .expect("sub")
+            .abs()
+            .expect("abs")
+            .max_all()
+            .expect("max")
+            .to_scalar::<f32>()
+            .expect("scalar");
         assert!(d < 1e-5, "window 0 must attend to the token itself only ({d})");
-        let d = (&local - &full).expect("sub").abs().expect("abs").max_all().expect("max").to_scalar::<f32>().expect("scalar");
+        let d = (&local - &full)
+            .expect("sub")
+            .abs()
+            .expect("abs")
+            .max_all()
+            .expect("max")
+            .to_scalar::<f32>()
+            .expect("scalar");
         assert!(d > 1e-4, "window 0 must differ from full attention");
     }
 

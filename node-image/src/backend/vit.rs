@@ -23,7 +23,9 @@ use prism_api::wire::node::EmbedInput;
 use serde::Deserialize;
 
 use super::transformer::{self as core, Act, Block, BlockNames, CLIP_NAMES, VIT_NAMES};
-use super::{device_name, l2_normalize, BackendError, Encoder, LoadSpec, LoadedModel, ModelInfo, Prepared, Preprocessor};
+use super::{
+    device_name, l2_normalize, BackendError, Encoder, LoadSpec, LoadedModel, ModelInfo, Prepared, Preprocessor,
+};
 
 /// Largest accepted image side: decoding is bounded before allocation, so a tiny compressed file
 /// claiming a huge canvas cannot exhaust memory.
@@ -149,7 +151,8 @@ impl ImagePipeline {
             Some([a]) => [*a; 3],
             _ => [d; 3],
         };
-        let (mean, std) = if p.do_normalize { (three(&p.image_mean, 0.5), three(&p.image_std, 0.5)) } else { ([0.0; 3], [1.0; 3]) };
+        let (mean, std) =
+            if p.do_normalize { (three(&p.image_mean, 0.5), three(&p.image_std, 0.5)) } else { ([0.0; 3], [1.0; 3]) };
         Self { resize, crop, rescale: if p.do_rescale { p.rescale_factor } else { 1.0 }, mean, std, out: image_size }
     }
 
@@ -179,7 +182,8 @@ impl ImagePipeline {
             }
             Some(Resize::Shortest(s)) => {
                 let (w0, h0) = (img.width() as usize, img.height() as usize);
-                let (w, h) = if w0 <= h0 { (s, (h0 * s).div_ceil(w0).max(1)) } else { ((w0 * s).div_ceil(h0).max(1), s) };
+                let (w, h) =
+                    if w0 <= h0 { (s, (h0 * s).div_ceil(w0).max(1)) } else { ((w0 * s).div_ceil(h0).max(1), s) };
                 if (w, h) != (w0, h0) {
                     img = image::imageops::resize(&img, w as u32, h as u32, filter);
                 }
@@ -243,7 +247,11 @@ impl Preprocessor for VitPreprocessor {
 
     fn warmup_input(&self) -> EmbedInput {
         // A mid-grey square PNG at the model's size.
-        let img = image::RgbImage::from_pixel(self.pipeline.out as u32, self.pipeline.out as u32, image::Rgb([128, 128, 128]));
+        let img = image::RgbImage::from_pixel(
+            self.pipeline.out as u32,
+            self.pipeline.out as u32,
+            image::Rgb([128, 128, 128]),
+        );
         let mut png = std::io::Cursor::new(Vec::new());
         // Encoding a small in-memory image cannot fail; if it did, the warm-up would report a
         // validation error at startup, which is the right place to see it.
@@ -334,7 +342,13 @@ struct Layout {
     clip: bool,
 }
 
-fn build(spec: &LoadSpec, cfg: VitConfig, projection_dim: Option<usize>, layout: Layout, vb: VarBuilder) -> Result<LoadedModel, BackendError> {
+fn build(
+    spec: &LoadSpec,
+    cfg: VitConfig,
+    projection_dim: Option<usize>,
+    layout: Layout,
+    vb: VarBuilder,
+) -> Result<LoadedModel, BackendError> {
     let device = spec.device.resolve()?;
     if cfg.image_size % cfg.patch_size != 0 || cfg.num_channels != 3 {
         return Err(BackendError::Load(format!(
@@ -370,7 +384,15 @@ fn build(spec: &LoadSpec, cfg: VitConfig, projection_dim: Option<usize>, layout:
     };
     let blocks = (0..cfg.num_hidden_layers)
         .map(|i| {
-            Block::load(d, cfg.num_attention_heads, cfg.intermediate_size, cfg.layer_norm_eps, act, &layout.names, enc.pp(format!("{blocks_prefix}.{i}")))
+            Block::load(
+                d,
+                cfg.num_attention_heads,
+                cfg.intermediate_size,
+                cfg.layer_norm_eps,
+                act,
+                &layout.names,
+                enc.pp(format!("{blocks_prefix}.{i}")),
+            )
         })
         .collect::<candle_core::Result<Vec<_>>>()
         .map_err(&e)?;
@@ -390,9 +412,25 @@ fn build(spec: &LoadSpec, cfg: VitConfig, projection_dim: Option<usize>, layout:
         };
         (None, candle_nn::layer_norm(d, cfg.layer_norm_eps, vb.pp("layernorm")).map_err(&e)?, head, d)
     };
-    let encoder = VitEncoder { patch, cls, positions, pre_ln, blocks, final_ln, head, image_size: cfg.image_size, device: device.clone() };
+    let encoder = VitEncoder {
+        patch,
+        cls,
+        positions,
+        pre_ln,
+        blocks,
+        final_ln,
+        head,
+        image_size: cfg.image_size,
+        device: device.clone(),
+    };
     Ok(LoadedModel {
-        info: ModelInfo { modality: "vision".into(), architecture: arch.into(), dim, device: device_name(&device), max_input_tokens: None },
+        info: ModelInfo {
+            modality: "vision".into(),
+            architecture: arch.into(),
+            dim,
+            device: device_name(&device),
+            max_input_tokens: None,
+        },
         preprocessor: Arc::new(VitPreprocessor { pipeline }),
         encoder: Box::new(encoder),
     })
@@ -423,7 +461,8 @@ pub fn load_clip(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
             (c, p)
         }
     };
-    let cfg = VitConfig { layer_norm_eps: if text.contains("layer_norm_eps") { cfg.layer_norm_eps } else { 1e-5 }, ..cfg };
+    let cfg =
+        VitConfig { layer_norm_eps: if text.contains("layer_norm_eps") { cfg.layer_norm_eps } else { 1e-5 }, ..cfg };
     let device = spec.device.resolve()?;
     let vb = core::var_builder(&spec.dir, &device)?;
     let vb = vb.pp("vision_model");

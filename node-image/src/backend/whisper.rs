@@ -75,8 +75,7 @@ pub fn decode_wav(bytes: &[u8]) -> Result<Vec<f32>, BackendError> {
                 .map_err(|e| bad(format!("reading WAV samples: {e}")))?
         }
     };
-    let mono: Vec<f32> =
-        interleaved.chunks(channels).map(|c| c.iter().sum::<f32>() / c.len() as f32).collect();
+    let mono: Vec<f32> = interleaved.chunks(channels).map(|c| c.iter().sum::<f32>() / c.len() as f32).collect();
     if mono.is_empty() {
         return Err(bad("audio has no samples".into()));
     }
@@ -97,17 +96,24 @@ pub fn decode_wav(bytes: &[u8]) -> Result<Vec<f32>, BackendError> {
 pub fn mel_filters(sr: f64, n_fft: usize, n_mels: usize) -> Vec<f32> {
     let hz_to_mel = |f: f64| {
         let (f_sp, min_log_hz, min_log_mel, logstep) = (200.0 / 3.0, 1000.0, 15.0, (6.4f64).ln() / 27.0);
-        if f >= min_log_hz { min_log_mel + (f / min_log_hz).ln() / logstep } else { f / f_sp }
+        if f >= min_log_hz {
+            min_log_mel + (f / min_log_hz).ln() / logstep
+        } else {
+            f / f_sp
+        }
     };
     let mel_to_hz = |m: f64| {
         let (f_sp, min_log_hz, min_log_mel, logstep) = (200.0 / 3.0, 1000.0, 15.0, (6.4f64).ln() / 27.0);
-        if m >= min_log_mel { min_log_hz * (logstep * (m - min_log_mel)).exp() } else { f_sp * m }
+        if m >= min_log_mel {
+            min_log_hz * (logstep * (m - min_log_mel)).exp()
+        } else {
+            f_sp * m
+        }
     };
     let n_bins = 1 + n_fft / 2;
     let fft_freqs: Vec<f64> = (0..n_bins).map(|k| k as f64 * sr / n_fft as f64).collect();
     let (lo, hi) = (hz_to_mel(0.0), hz_to_mel(sr / 2.0));
-    let mel_f: Vec<f64> =
-        (0..n_mels + 2).map(|i| mel_to_hz(lo + (hi - lo) * i as f64 / (n_mels + 1) as f64)).collect();
+    let mel_f: Vec<f64> = (0..n_mels + 2).map(|i| mel_to_hz(lo + (hi - lo) * i as f64 / (n_mels + 1) as f64)).collect();
     let mut w = vec![0f32; n_mels * n_bins];
     for i in 0..n_mels {
         let enorm = 2.0 / (mel_f[i + 2] - mel_f[i]);
@@ -131,8 +137,9 @@ pub struct LogMel {
 impl LogMel {
     pub fn new(n_mels: usize) -> Self {
         // Periodic Hann (torch.hann_window default), as in whisper's STFT.
-        let window =
-            (0..N_FFT).map(|i| (0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / N_FFT as f64).cos()) as f32).collect();
+        let window = (0..N_FFT)
+            .map(|i| (0.5 - 0.5 * (2.0 * std::f64::consts::PI * i as f64 / N_FFT as f64).cos()) as f32)
+            .collect();
         let fft = rustfft::FftPlanner::<f32>::new().plan_fft_forward(N_FFT);
         Self { n_mels, filters: mel_filters(SAMPLE_RATE as f64, N_FFT, n_mels), window, fft }
     }
@@ -218,8 +225,9 @@ impl Preprocessor for WhisperPreprocessor {
 
     fn warmup_input(&self) -> EmbedInput {
         // One second of a 440 Hz tone: exercises the whole path with a valid WAV.
-        let samples: Vec<f32> =
-            (0..SAMPLE_RATE).map(|i| 0.3 * (2.0 * std::f32::consts::PI * 440.0 * i as f32 / SAMPLE_RATE as f32).sin()).collect();
+        let samples: Vec<f32> = (0..SAMPLE_RATE)
+            .map(|i| 0.3 * (2.0 * std::f32::consts::PI * 440.0 * i as f32 / SAMPLE_RATE as f32).sin())
+            .collect();
         EmbedInput::Item(prism_api::wire::node::InputItem {
             audio_base64: Some(base64::engine::general_purpose::STANDARD.encode(wav_bytes(&samples))),
             ..Default::default()
@@ -229,7 +237,12 @@ impl Preprocessor for WhisperPreprocessor {
 
 /// Encodes mono f32 samples as a 16 kHz PCM16 WAV (warm-up input, tests).
 pub fn wav_bytes(samples: &[f32]) -> Vec<u8> {
-    let spec = hound::WavSpec { channels: 1, sample_rate: SAMPLE_RATE, bits_per_sample: 16, sample_format: hound::SampleFormat::Int };
+    let spec = hound::WavSpec {
+        channels: 1,
+        sample_rate: SAMPLE_RATE,
+        bits_per_sample: 16,
+        sample_format: hound::SampleFormat::Int,
+    };
     let mut out = Cursor::new(Vec::new());
     // Writing to memory cannot fail for I/O reasons; a failure would only leave the buffer short,
     // which the preprocessor then rejects as an invalid WAV rather than panicking.
@@ -272,7 +285,8 @@ impl Encoder for WhisperEncoder {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let items: Vec<&AudioFeatures> = batch.iter().map(|p| p.payload::<AudioFeatures>()).collect::<Result<_, _>>()?;
+        let items: Vec<&AudioFeatures> =
+            batch.iter().map(|p| p.payload::<AudioFeatures>()).collect::<Result<_, _>>()?;
         let mut flat = Vec::with_capacity(items.len() * self.n_mels * N_FRAMES);
         for it in &items {
             flat.extend_from_slice(&it.mel);
@@ -306,7 +320,15 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
         positions: vb.get((cfg.max_source_positions, d), "embed_positions.weight").map_err(&e)?,
         blocks: (0..cfg.encoder_layers)
             .map(|i| {
-                Block::load(d, cfg.encoder_attention_heads, cfg.encoder_ffn_dim, 1e-5, act, &WHISPER_NAMES, vb.pp(format!("layers.{i}")))
+                Block::load(
+                    d,
+                    cfg.encoder_attention_heads,
+                    cfg.encoder_ffn_dim,
+                    1e-5,
+                    act,
+                    &WHISPER_NAMES,
+                    vb.pp(format!("layers.{i}")),
+                )
             })
             .collect::<candle_core::Result<_>>()
             .map_err(&e)?,

@@ -22,7 +22,11 @@ pub fn mk_node(name: &str, modality: &str, uri: &str) -> ModalityNode {
 }
 
 fn cfg() -> OperatorConfig {
-    OperatorConfig { node_image: "prism-node:test".into(), router_image: "prism-router:test".into(), image_pull_policy: None }
+    OperatorConfig {
+        node_image: "prism-node:test".into(),
+        router_image: "prism-router:test".into(),
+        image_pull_policy: None,
+    }
 }
 
 fn pod_spec(o: &NodeObjects) -> &PodSpec {
@@ -131,7 +135,10 @@ fn service_and_pdb_select_the_pods() {
     let ports: Vec<i32> = o.service.spec.as_ref().unwrap().ports.as_ref().unwrap().iter().map(|p| p.port).collect();
     assert_eq!(ports, vec![8080, 9090]);
     assert_eq!(o.service.spec.as_ref().unwrap().selector.as_ref().unwrap(), &selector_labels("a"));
-    assert_eq!(o.pdb.spec.as_ref().unwrap().selector.as_ref().unwrap().match_labels.as_ref().unwrap(), &selector_labels("a"));
+    assert_eq!(
+        o.pdb.spec.as_ref().unwrap().selector.as_ref().unwrap().match_labels.as_ref().unwrap(),
+        &selector_labels("a")
+    );
 }
 
 #[test]
@@ -188,7 +195,10 @@ fn status_conditions_follow_the_deployment() {
     assert!(c(types::AVAILABLE).is_true());
     assert!(!c(types::PROGRESSING).is_true());
     assert!(!c(types::DEGRADED).is_true());
-    assert_eq!(s.selector.as_deref(), Some("app.kubernetes.io/instance=n,app.kubernetes.io/name=prism-node,prism.dev/node=n"));
+    assert_eq!(
+        s.selector.as_deref(),
+        Some("app.kubernetes.io/instance=n,app.kubernetes.io/name=prism-node,prism.dev/node=n")
+    );
     assert_eq!(s.observed_generation, Some(3));
 
     let s = status(&mn, Some(&deploy_with(2, 1, 2, true)), "T");

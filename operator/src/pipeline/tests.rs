@@ -15,7 +15,10 @@ fn ep(ip: &str, ready: bool) -> PodEndpoint {
 }
 
 fn observed(entries: &[(&str, &str, Vec<PodEndpoint>)]) -> BTreeMap<String, ObservedNode> {
-    entries.iter().map(|(n, m, eps)| (n.to_string(), ObservedNode { modality: m.to_string(), endpoints: eps.clone() })).collect()
+    entries
+        .iter()
+        .map(|(n, m, eps)| (n.to_string(), ObservedNode { modality: m.to_string(), endpoints: eps.clone() }))
+        .collect()
 }
 
 fn three() -> MultimodalPipeline {
@@ -87,7 +90,8 @@ proptest::proptest! {
 #[test]
 fn missing_node_gives_node_not_found_naming_it() {
     let p = three();
-    let obs = observed(&[("text-a", "text", vec![ep("10.0.0.1", true)]), ("vision-a", "vision", vec![ep("10.0.0.2", true)])]);
+    let obs =
+        observed(&[("text-a", "text", vec![ep("10.0.0.1", true)]), ("vision-a", "vision", vec![ep("10.0.0.2", true)])]);
     let t = routing_table(&p, &obs, None, 0);
     let s = status(&p, &obs, &t, None, "T");
     let ready = condition::find(&s.conditions, types::READY).unwrap();
@@ -122,7 +126,11 @@ fn degraded_names_modalities_without_ready_replicas() {
     assert_eq!(s.url.as_deref(), Some("http://mm-router.ns.svc:8080"));
 
     // The required text node down: not Ready.
-    let obs = observed(&[("text-a", "text", vec![]), ("vision-a", "vision", vec![ep("10.0.0.2", true)]), ("audio-a", "audio", vec![])]);
+    let obs = observed(&[
+        ("text-a", "text", vec![]),
+        ("vision-a", "vision", vec![ep("10.0.0.2", true)]),
+        ("audio-a", "audio", vec![]),
+    ]);
     let t = routing_table(&p, &obs, None, 0);
     let s = status(&p, &obs, &t, Some(&available_router(&p)), "T");
     let r = condition::find(&s.conditions, types::READY).unwrap();
@@ -143,7 +151,17 @@ fn router_objects_mount_the_table_and_pass_args() {
     assert_eq!(spec["nodes"][0]["name"], "text-a");
     let ps = o.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
     let args = ps.containers[0].args.clone().unwrap();
-    assert_eq!(args, vec!["--pipeline", "/etc/prism/pipeline.json", "--routing-table", "/etc/prism/routing-table.json", "--listen", "0.0.0.0:8080"]);
+    assert_eq!(
+        args,
+        vec![
+            "--pipeline",
+            "/etc/prism/pipeline.json",
+            "--routing-table",
+            "/etc/prism/routing-table.json",
+            "--listen",
+            "0.0.0.0:8080"
+        ]
+    );
     let vol = ps.volumes.as_ref().unwrap().iter().find(|v| v.name == "config").unwrap();
     assert_eq!(vol.config_map.as_ref().unwrap().name, "mm-routing-table");
     assert_eq!(o.config_map.metadata.owner_references.as_ref().unwrap()[0].kind, "MultimodalPipeline");

@@ -127,9 +127,7 @@ pub fn wait_ready(url: &str, timeout: Duration) {
 /// modality its architecture does not serve); the router only routes by table key.
 pub fn spawn_node(name: &str, _modality: &str, listen: &str) -> Proc {
     let mut cmd = Command::new(node_bin());
-    cmd.args(["--listen", listen, "--node-name", name, "--architecture", "bert"])
-        .arg("--model-uri")
-        .arg(model_dir());
+    cmd.args(["--listen", listen, "--node-name", name, "--architecture", "bert"]).arg("--model-uri").arg(model_dir());
     let p = start(cmd, name, Duration::from_secs(120));
     wait_ready(&p.url, Duration::from_secs(120));
     p
