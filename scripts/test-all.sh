@@ -15,8 +15,14 @@ bash scripts/install-deps.sh
 section "models"
 make -s models
 
+section "format (cargo fmt --check)"
+cargo fmt --all --check
+
 section "build (release, once)"
 cargo build --release --workspace --bins
+
+section "lint (cargo clippy -D warnings)"
+cargo clippy --release --workspace --all-targets -- -D warnings
 
 section "unit and integration tests (cargo, release)"
 cargo test --release --workspace --no-fail-fast

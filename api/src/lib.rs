@@ -5,6 +5,9 @@
 //! Nothing here talks to a cluster or runs a model: every other crate depends on this one,
 //! so it stays small and dependency-light (kube's derive only, no client).
 
+// kube's derive takes repeated `printcolumn(...)` / `validation` attributes by design.
+#![allow(clippy::duplicated_attributes)]
+
 pub mod condition;
 pub mod labels;
 pub mod manifest;

@@ -502,7 +502,44 @@ pub struct ScaleEvent {
     pub reason: String,
 }
 
+impl Device {
+    /// The `--device` value of `prism-node`.
+    pub fn as_arg(self) -> &'static str {
+        match self {
+            Device::Auto => "auto",
+            Device::Cuda => "cuda",
+            Device::Cpu => "cpu",
+        }
+    }
+}
+
 impl ModalityNodeSpec {
+    /// Command-line flags of the `prism-node` process serving this spec. One place for both
+    /// substrates (the operator's container args and `prism up`'s child processes), so a new
+    /// spec field reaches the server the same way everywhere.
+    pub fn server_args(&self, name: &str, listen: &str, grpc_listen: Option<&str>, model_path: &str) -> Vec<String> {
+        let mut args = vec!["--listen".to_string(), listen.to_string()];
+        if let Some(g) = grpc_listen {
+            args.extend(["--grpc-listen".to_string(), g.to_string()]);
+        }
+        let flags: [(&str, String); 9] = [
+            ("--node-name", name.to_string()),
+            ("--modality", self.modality.clone()),
+            ("--model-uri", model_path.to_string()),
+            ("--architecture", self.model.architecture.clone()),
+            ("--revision", self.model.revision.clone()),
+            ("--max-batch", self.batching.max_batch.to_string()),
+            ("--max-wait-ms", self.batching.max_wait_ms.to_string()),
+            ("--max-queue", self.batching.max_queue.to_string()),
+            ("--device", self.device.as_arg().to_string()),
+        ];
+        for (flag, value) in flags {
+            args.push(flag.to_string());
+            args.push(value);
+        }
+        args
+    }
+
     /// Replica count to run when nothing else has decided yet: `desired` if set, else `min`
     /// (but never 0 for a node nobody scaled to zero on purpose), clamped to [min, max].
     pub fn initial_replicas(&self) -> i32 {

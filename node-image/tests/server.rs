@@ -244,7 +244,10 @@ async fn serves_real_embeddings_batches_and_rejects_bad_input() {
         .into_inner();
     let cs = common::cosine(&resp.embeddings[0].values, &reference.items[1].embedding);
     assert!(cs >= 0.9999, "grpc cosine {cs}");
-    let err = client.embed(prism_node::pb::EmbedRequest { inputs: vec![], deadline_ms: 0 }).await.err().expect("error");
+    let err = client
+        .embed(prism_node::pb::EmbedRequest { inputs: vec![], deadline_ms: 0 })
+        .await
+        .expect_err("empty inputs must be refused");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     let info = client.info(prism_node::pb::InfoRequest {}).await.expect("info").into_inner();
     assert_eq!(info.dim, 384);

@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use prism_api::condition::{self, types, Condition, ConditionStatus};
 use prism_api::labels;
-use prism_api::node::{AutoscalingMode, Device, ModalityNode, ModalityNodeStatus};
+use prism_api::node::{AutoscalingMode, ModalityNode, ModalityNodeStatus};
 
 use crate::{Error, OperatorConfig, Result};
 
@@ -207,14 +207,6 @@ fn http_probe(path: &str, period: i32, failure: i32) -> Probe {
     }
 }
 
-fn device_arg(d: Device) -> &'static str {
-    match d {
-        Device::Auto => "auto",
-        Device::Cuda => "cuda",
-        Device::Cpu => "cpu",
-    }
-}
-
 /// Desired children of a ModalityNode. `current_replicas` is the replica count of the existing
 /// Deployment (used only while autoscaling is paused).
 pub fn desired_objects(mn: &ModalityNode, cfg: &OperatorConfig, current_replicas: Option<i32>) -> Result<NodeObjects> {
@@ -242,30 +234,8 @@ pub fn desired_objects(mn: &ModalityNode, cfg: &OperatorConfig, current_replicas
         ..Default::default()
     });
 
-    let args: Vec<String> = vec![
-        "--listen".into(),
-        format!("0.0.0.0:{HTTP_PORT}"),
-        "--grpc-listen".into(),
-        format!("0.0.0.0:{GRPC_PORT}"),
-        "--node-name".into(),
-        name.clone(),
-        "--modality".into(),
-        spec.modality.clone(),
-        "--model-uri".into(),
-        model.uri.clone(),
-        "--architecture".into(),
-        spec.model.architecture.clone(),
-        "--revision".into(),
-        spec.model.revision.clone(),
-        "--max-batch".into(),
-        spec.batching.max_batch.to_string(),
-        "--max-wait-ms".into(),
-        spec.batching.max_wait_ms.to_string(),
-        "--max-queue".into(),
-        spec.batching.max_queue.to_string(),
-        "--device".into(),
-        device_arg(spec.device).into(),
-    ];
+    let args =
+        spec.server_args(&name, &format!("0.0.0.0:{HTTP_PORT}"), Some(&format!("0.0.0.0:{GRPC_PORT}")), &model.uri);
 
     let mut mounts = model.mounts.clone();
     mounts.push(tmp_mount());

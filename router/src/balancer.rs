@@ -10,6 +10,7 @@
 //!   p_heartbeat from the age of the last successful health probe;
 //! - among near-ties (within 1% of alpha and 25% + 1 ms of the best unloaded latency) power-of-two-choices by weight,
 //!   the lower in-flight wins, so equal replicas share load instead of herding on one.
+//!
 //! Outlier ejection: `consecutiveErrors` failures in a row eject a replica for
 //! `baseEjectionMs * 2^k` (k = earlier ejections), never more than `maxEjectedPercent` of a
 //! modality's replicas at once.
@@ -346,7 +347,8 @@ impl Balancer {
 /// Index into `ties`, sampled by route weight (canary split).
 fn weighted_pick<R: Rng + ?Sized>(ties: &[&ReplicaStats], rng: &mut R) -> usize {
     let total: f64 = ties.iter().map(|s| s.endpoint.weight.max(0.0)).sum();
-    if !(total > 0.0) || !total.is_finite() {
+    // Also catches NaN: a NaN total is neither > 0 nor finite.
+    if total.is_nan() || total <= 0.0 || !total.is_finite() {
         return rng.random_range(0..ties.len());
     }
     let mut x = rng.random_range(0.0..total);

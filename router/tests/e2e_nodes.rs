@@ -1,4 +1,7 @@
 //! Router + real prism-node processes (all-MiniLM-L6-v2) on loopback.
+// The tests hold a process-wide lock across awaits on purpose: they share CPU-heavy node
+// processes and must not run concurrently.
+#![allow(clippy::await_holding_lock)]
 //!
 //! Two text models registered under different modality names (`text`, `caption`) make a real
 //! multi-modality fan-out with the one public model we have.

@@ -137,34 +137,7 @@ impl LocalNode {
 }
 
 fn node_args(n: &ModalityNode, model_path: &Path) -> Vec<String> {
-    let s = &n.spec;
-    let device = match s.device {
-        prism_api::node::Device::Auto => "auto",
-        prism_api::node::Device::Cuda => "cuda",
-        prism_api::node::Device::Cpu => "cpu",
-    };
-    vec![
-        "--listen".into(),
-        "127.0.0.1:0".into(),
-        "--node-name".into(),
-        n.name_any(),
-        "--modality".into(),
-        s.modality.clone(),
-        "--model-uri".into(),
-        model_path.display().to_string(),
-        "--architecture".into(),
-        s.model.architecture.clone(),
-        "--revision".into(),
-        s.model.revision.clone(),
-        "--max-batch".into(),
-        s.batching.max_batch.to_string(),
-        "--max-wait-ms".into(),
-        s.batching.max_wait_ms.to_string(),
-        "--max-queue".into(),
-        s.batching.max_queue.to_string(),
-        "--device".into(),
-        device.into(),
-    ]
+    n.spec.server_args(&n.name_any(), "127.0.0.1:0", None, &model_path.display().to_string())
 }
 
 fn pick_pipeline(set: &ManifestSet, wanted: Option<&str>) -> anyhow::Result<MultimodalPipeline> {

@@ -216,7 +216,7 @@ pub struct Attention {
 
 impl Attention {
     pub fn load(dim: usize, heads: usize, names: &BlockNames, vb: &VarBuilder) -> candle_core::Result<Self> {
-        if heads == 0 || dim % heads != 0 {
+        if heads == 0 || !dim.is_multiple_of(heads) {
             candle_core::bail!("hidden size {dim} is not divisible by {heads} heads");
         }
         Ok(Self {

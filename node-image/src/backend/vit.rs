@@ -350,7 +350,7 @@ fn build(
     vb: VarBuilder,
 ) -> Result<LoadedModel, BackendError> {
     let device = spec.device.resolve()?;
-    if cfg.image_size % cfg.patch_size != 0 || cfg.num_channels != 3 {
+    if !cfg.image_size.is_multiple_of(cfg.patch_size) || cfg.num_channels != 3 {
         return Err(BackendError::Load(format!(
             "image_size {} must be a multiple of patch_size {} with 3 channels (got {})",
             cfg.image_size, cfg.patch_size, cfg.num_channels
