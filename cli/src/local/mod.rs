@@ -5,6 +5,7 @@
 //! routing table through its admin API the moment readiness changes — with the same
 //! `build_table` the operator uses.
 
+mod metrics;
 mod process;
 mod state;
 
@@ -229,6 +230,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         table: None,
         router_url: None,
         pipeline: pname.clone(),
+        p95_ms: Default::default(),
+        last_scrape: Instant::now(),
     };
     sup.start_due_replicas()?;
 
@@ -323,6 +326,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
         sup.reap_and_restart()?;
         sup.observe().await;
+        if sup.last_scrape.elapsed() >= Duration::from_secs(2) {
+            sup.scrape_p95().await;
+        }
         let before = sup.table.as_ref().map(|t| t.generation).unwrap_or(0);
         sup.publish_table(&table_path).await;
         let after = sup.table.as_ref().map(|t| t.generation).unwrap_or(0);
@@ -361,6 +367,9 @@ struct Supervisor {
     table: Option<RoutingTable>,
     router_url: Option<String>,
     pipeline: String,
+    /// p95 request latency per node in ms, from the replicas' own histograms (since start).
+    p95_ms: std::collections::BTreeMap<String, f64>,
+    last_scrape: Instant,
 }
 
 impl Supervisor {
@@ -490,6 +499,7 @@ impl Supervisor {
                     name: n.name(),
                     modality: n.spec.spec.modality.clone(),
                     architecture: n.spec.spec.model.architecture.clone(),
+                    p95_ms: self.p95_ms.get(&n.name()).copied(),
                     replicas: n
                         .replicas
                         .iter()
@@ -503,6 +513,24 @@ impl Supervisor {
                         .collect(),
                 })
                 .collect(),
+        }
+    }
+
+    /// Reads every ready replica's `/metrics` and keeps each node's p95 for the status table.
+    async fn scrape_p95(&mut self) {
+        self.last_scrape = Instant::now();
+        for n in &self.nodes {
+            let mut text = String::new();
+            for r in n.replicas.iter().filter(|r| r.ready) {
+                let Some(url) = &r.url else { continue };
+                let res = self.http.get(format!("{url}/metrics")).timeout(Duration::from_millis(500)).send().await;
+                if let Ok(body) = res.and_then(|r| r.error_for_status()) {
+                    text.push_str(&body.text().await.unwrap_or_default());
+                }
+            }
+            if let Some(s) = metrics::histogram_quantile(&text, "prism_node_request_duration_seconds", 0.95) {
+                self.p95_ms.insert(n.name(), s * 1000.0);
+            }
         }
     }
 

@@ -25,6 +25,9 @@ pub struct NodeState {
     pub name: String,
     pub modality: String,
     pub architecture: String,
+    /// p95 request latency in ms over the node's replicas since start.
+    #[serde(default)]
+    pub p95_ms: Option<f64>,
     pub replicas: Vec<ReplicaState>,
 }
 
@@ -87,19 +90,20 @@ impl State {
             }
         ));
         out.push_str(&format!(
-            "  {:<14} {:<9} {:<18} {:<8} {:<6} {:<9} {}\n",
-            "NODE", "MODALITY", "ARCHITECTURE", "REPLICA", "READY", "RESTARTS", "URL"
+            "  {:<14} {:<9} {:<18} {:<8} {:<6} {:<9} {:<9} {}\n",
+            "NODE", "MODALITY", "ARCHITECTURE", "REPLICA", "READY", "RESTARTS", "P95", "URL"
         ));
         for n in &self.nodes {
             for (i, r) in n.replicas.iter().enumerate() {
                 out.push_str(&format!(
-                    "  {:<14} {:<9} {:<18} {:<8} {:<6} {:<9} {}\n",
+                    "  {:<14} {:<9} {:<18} {:<8} {:<6} {:<9} {:<9} {}\n",
                     n.name,
                     n.modality,
                     n.architecture,
                     i,
                     if r.ready { "yes" } else { "no" },
                     r.restarts,
+                    n.p95_ms.map(|p| format!("{p:.1}ms")).unwrap_or_else(|| "-".into()),
                     r.url.as_deref().unwrap_or("-")
                 ));
             }
