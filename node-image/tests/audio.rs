@@ -3,6 +3,8 @@
 //! checked against the independent float64 numpy reference in tests/fixtures/whisper_reference.json
 //! (scripts/reference-whisper.py).
 
+mod common;
+
 use std::path::PathBuf;
 
 use base64::Engine;
@@ -39,12 +41,6 @@ fn audio_input(bytes: &[u8]) -> EmbedInput {
 fn load() -> backend::LoadedModel {
     let spec = LoadSpec { dir: model_dir(), device: DeviceChoice::Cpu, max_input_tokens: None };
     backend::load("whisper-encoder", &spec).expect("loading whisper-base encoder")
-}
-
-fn cos(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (n(a) * n(b))
 }
 
 #[derive(serde::Deserialize)]
@@ -100,12 +96,12 @@ fn real_speech_matches_reference_and_sentences_differ() {
         let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!((norm - 1.0).abs() < 1e-4, "not L2-normalised: {norm}");
         let want: Vec<f32> = it.embedding.iter().map(|x| *x as f32).collect();
-        let c = cos(v, &want);
+        let c = common::cosine(v, &want);
         eprintln!("{}: cosine vs float64 numpy reference {c:.7}", it.wav);
         assert!(c >= 0.9999, "{}: cosine {c} vs reference", it.wav);
     }
     // Two different spoken sentences must not collapse onto one vector.
-    let between = cos(&out[0], &out[1]);
+    let between = common::cosine(&out[0], &out[1]);
     eprintln!("cosine between the two different sentences: {between:.4}");
     assert!(between < 0.98, "different sentences gave near-identical embeddings (cosine {between})");
 }
@@ -121,7 +117,7 @@ fn same_wav_twice_is_identical_and_batching_does_not_change_it() {
     let out = model.encoder.encode_batch(&batch).expect("encode");
     let single = model.encoder.encode_batch(&alone).expect("encode");
     assert_eq!(out[0], out[1], "the same WAV twice in one batch must give identical vectors");
-    let c = cos(&out[0], &single[0]);
+    let c = common::cosine(&out[0], &single[0]);
     assert!(c > 0.99999, "batched vs alone cosine {c}");
 }
 

@@ -2,6 +2,8 @@
 //! scripts/make-fusion-model.py, against that script's independent float64 numpy forward passes
 //! (every modality present, and modalities missing), plus input validation.
 
+mod common;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
@@ -38,13 +40,6 @@ fn input(map: BTreeMap<String, Vec<f32>>) -> EmbedInput {
     EmbedInput::Item(InputItem { embeddings: Some(map), ..Default::default() })
 }
 
-fn cos(a: &[f32], b: &[f64]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
-    let na = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb = b.iter().map(|y| y.powi(2)).sum::<f64>().sqrt();
-    dot / (na * nb)
-}
-
 fn check_reference(arch: &str) {
     let reference: Reference =
         serde_json::from_str(&std::fs::read_to_string(model_dir(arch).join("reference.json")).expect("reference.json"))
@@ -61,7 +56,7 @@ fn check_reference(arch: &str) {
     let out = model.encoder.encode_batch(&prepared).expect("encode");
     assert_eq!(out.len(), reference.items.len());
     for (i, (v, it)) in out.iter().zip(&reference.items).enumerate() {
-        let c = cos(v, &it.output);
+        let c = common::cosine(v, &it.output);
         let mods: Vec<&String> = it.embeddings.keys().collect();
         eprintln!("{arch} case {i} {mods:?}: cosine vs numpy reference {c:.8}");
         assert!(c >= 0.9999, "{arch} case {i} {mods:?}: cosine {c}");
@@ -69,7 +64,7 @@ fn check_reference(arch: &str) {
         assert!((norm - 1.0).abs() < 1e-4);
     }
     // A missing modality changes the result (it is not silently imputed as the full input).
-    assert!(cos(&out[0], &reference.items[1].output) < 0.9999, "{arch}: dropping audio changed nothing");
+    assert!(common::cosine(&out[0], &reference.items[1].output) < 0.9999, "{arch}: dropping audio changed nothing");
 }
 
 #[test]

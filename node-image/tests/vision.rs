@@ -2,6 +2,8 @@
 //! scripts/make-vision-model.py during `make models`), checked against that script's independent
 //! float64 numpy forward pass, plus digit clustering and input validation.
 
+mod common;
+
 use std::path::PathBuf;
 
 use base64::Engine;
@@ -28,12 +30,6 @@ fn image_input(bytes: &[u8]) -> EmbedInput {
 fn load() -> backend::LoadedModel {
     let spec = LoadSpec { dir: model_dir(), device: DeviceChoice::Cpu, max_input_tokens: None };
     backend::load("vit", &spec).expect("loading vit-digits")
-}
-
-fn cos(a: &[f32], b: &[f32]) -> f64 {
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum();
-    let n = |v: &[f32]| v.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    dot / (n(a) * n(b))
 }
 
 #[derive(serde::Deserialize)]
@@ -76,7 +72,7 @@ fn matches_numpy_reference_forward() {
     let mut worst = f64::MAX;
     for (v, it) in out.iter().zip(&reference.items) {
         let want: Vec<f32> = it.embedding.iter().map(|x| *x as f32).collect();
-        let c = cos(v, &want);
+        let c = common::cosine(v, &want);
         assert!(c >= 0.9999, "{}: cosine {c} vs numpy reference", it.png);
         worst = worst.min(c);
     }
@@ -98,7 +94,7 @@ fn same_digit_embeddings_cluster() {
             if i == j {
                 continue;
             }
-            let c = cos(&out[i], &out[j]);
+            let c = common::cosine(&out[i], &out[j]);
             if c > best.0 {
                 best = (c, j);
             }
@@ -136,7 +132,7 @@ fn resizes_other_sizes_and_decodes_jpeg() {
     let prepared: Vec<_> =
         items.iter().map(|b| model.preprocessor.preprocess(&image_input(b)).expect("preprocess")).collect();
     let out = model.encoder.encode_batch(&prepared).expect("encode");
-    let (c_png, c_jpeg) = (cos(&out[0], &out[1]), cos(&out[0], &out[2]));
+    let (c_png, c_jpeg) = (common::cosine(&out[0], &out[1]), common::cosine(&out[0], &out[2]));
     eprintln!("cosine to the original: 64x64 PNG {c_png:.4}, 64x64 JPEG {c_jpeg:.4}");
     assert!(c_png > 0.9 && c_jpeg > 0.8, "resized/JPEG copies drifted: {c_png} {c_jpeg}");
 }

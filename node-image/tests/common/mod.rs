@@ -19,11 +19,14 @@ pub fn fixture(name: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures").join(name)
 }
 
-pub fn cosine(a: &[f32], b: &[f64]) -> f64 {
+/// Cosine similarity in f64 of two vectors of either precision (server output vs reference, or
+/// two server outputs). Every model test uses this one.
+pub fn cosine<A: Copy + Into<f64>, B: Copy + Into<f64>>(a: &[A], b: &[B]) -> f64 {
     assert_eq!(a.len(), b.len(), "dimension mismatch");
-    let dot: f64 = a.iter().zip(b).map(|(x, y)| *x as f64 * y).sum();
-    let na: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
-    let nb: f64 = b.iter().map(|y| y.powi(2)).sum::<f64>().sqrt();
+    let dot: f64 = a.iter().zip(b).map(|(x, y)| (*x).into() * (*y).into()).sum();
+    let norm = |v: &[f64]| v.iter().map(|x| x.powi(2)).sum::<f64>().sqrt();
+    let na = norm(&a.iter().map(|x| (*x).into()).collect::<Vec<f64>>());
+    let nb = norm(&b.iter().map(|x| (*x).into()).collect::<Vec<f64>>());
     dot / (na * nb)
 }
 
