@@ -331,6 +331,11 @@ mod tests {
         (a, vm)
     }
 
+    /// Largest element-wise difference of two tensors of the same shape.
+    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b).and_then(|d| d.abs()).and_then(|d| d.max_all()).and_then(|d| d.to_scalar::<f32>()).expect("max |a - b|")
+    }
+
     #[test]
     fn sliding_window_zero_attends_to_self_only_and_wide_window_is_full_attention() {
         let (mut att, _vm) = attention(None);
@@ -338,36 +343,15 @@ mod tests {
         let full = att.forward(&x, None, None).expect("full");
         att.window = Some(10);
         let wide = att.forward(&x, None, None).expect("wide");
-        let d = (&full - &wide)
-            .expect("sub")
-            .abs()
-            .expect("abs")
-            .max_all()
-            .expect("max")
-            .to_scalar::<f32>()
-            .expect("scalar");
+        let d = max_abs_diff(&full, &wide);
         assert!(d < 1e-6, "a window wider than the sequence must equal full attention ({d})");
         // Window 0: softmax over one key is 1, so each output is o(v(x_i)) of its own token.
         att.window = Some(0);
         let local = att.forward(&x, None, None).expect("local");
         let own = att.o.forward(&att.v.forward(&x).expect("v")).expect("o");
-        let d = (&local - &own)
-            .expect("sub")
-            .abs()
-            .expect("abs")
-            .max_all()
-            .expect("max")
-            .to_scalar::<f32>()
-            .expect("scalar");
+        let d = max_abs_diff(&local, &own);
         assert!(d < 1e-5, "window 0 must attend to the token itself only ({d})");
-        let d = (&local - &full)
-            .expect("sub")
-            .abs()
-            .expect("abs")
-            .max_all()
-            .expect("max")
-            .to_scalar::<f32>()
-            .expect("scalar");
+        let d = max_abs_diff(&local, &full);
         assert!(d > 1e-4, "window 0 must differ from full attention");
     }
 
