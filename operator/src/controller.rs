@@ -270,6 +270,8 @@ pub struct RunSettings {
     pub namespace: Option<String>,
     pub instance: String,
     pub concurrency: u16,
+    /// The builtin autoscaler (runs only on the leader, like the controllers).
+    pub autoscaler: crate::autoscale::Settings,
 }
 
 fn api_for<K>(client: &Client, ns: &Option<String>) -> Api<K>
@@ -430,6 +432,21 @@ pub async fn run(
         .run(reconcile_pipeline, error_policy::<MultimodalPipeline>(PIPELINE_CONTROLLER), ctx.clone())
         .for_each(|_| futures::future::ready(()));
 
+    let mut rx3 = shutdown_tx.subscribe();
+    let autoscaler = tokio::spawn(crate::autoscale::run(
+        api_for::<ModalityNode>(&client, ns),
+        client.clone(),
+        settings.autoscaler.clone(),
+        ctx.metrics.clone(),
+        Recorder::new(
+            client.clone(),
+            Reporter { controller: crate::autoscale::FIELD_MANAGER.into(), instance: Some(settings.instance.clone()) },
+        ),
+        async move {
+            let _ = rx3.recv().await;
+        },
+    ));
+
     ready.store(true, Ordering::Release);
     info!(namespace = ?ns, "controllers running");
     let both = futures::future::join(nodes, pipelines);
@@ -443,4 +460,5 @@ pub async fn run(
         }
     }
     index_task.abort();
+    autoscaler.abort();
 }

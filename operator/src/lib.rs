@@ -5,9 +5,12 @@
 //!   no client, unit-tested without a cluster and reusable by `prism up`.
 //! - [`index`]: linkerd-style in-memory index of node pods (namespace -> node -> pod -> endpoint),
 //!   fed by one pod watch; it decides which pipelines must republish their routing table.
+//! - [`autoscale`]: the builtin autoscaler (pure decision, Prometheus reader, cluster loop);
+//!   `prism up` drives the same decision locally.
 //! - [`controller`]: the kube-rs Controllers (thin adapters: read, call the core, apply).
 //! - [`lease`], [`metrics`], [`server`]: leader election, Prometheus metrics, health endpoints.
 
+pub mod autoscale;
 pub mod controller;
 pub mod crds;
 pub mod index;

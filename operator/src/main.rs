@@ -48,6 +48,14 @@ struct Args {
     identity: Option<String>,
     #[arg(long, default_value_t = 15)]
     lease_duration_s: u64,
+    /// Prometheus the builtin autoscaler reads (PromQL over HTTP), e.g. http://prometheus:9090.
+    /// Without it, builtin-mode nodes hold their replicas and report MetricsUnavailable.
+    #[arg(long, env = "PRISM_PROMETHEUS_URL")]
+    prometheus_url: Option<String>,
+    /// Also match `namespace="<node's namespace>"` in PromQL (Prometheus' Kubernetes discovery
+    /// adds that label; turn off when your scrape config does not).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    prometheus_match_namespace: bool,
     /// Concurrent reconciles per controller.
     #[arg(long, default_value_t = 8)]
     concurrency: u16,
@@ -112,7 +120,17 @@ async fn main() -> anyhow::Result<()> {
         lead_tx.send_replace(true);
     }
 
-    let settings = RunSettings { cfg, namespace: args.namespace, instance: identity, concurrency: args.concurrency };
+    let prometheus = match &args.prometheus_url {
+        Some(u) => Some(prism_operator::autoscale::PromClient::new(u).context("--prometheus-url")?),
+        None => {
+            tracing::warn!("no --prometheus-url: builtin autoscaling holds replicas (MetricsUnavailable)");
+            None
+        }
+    };
+    let autoscaler =
+        prism_operator::autoscale::Settings { prometheus, match_namespace: args.prometheus_match_namespace };
+    let settings =
+        RunSettings { cfg, namespace: args.namespace, instance: identity, concurrency: args.concurrency, autoscaler };
     let mut lost = lead_rx.clone();
     let leadership_lost = async move {
         let _ = lost.wait_for(|l| !*l).await;

@@ -12,6 +12,8 @@ pub struct Metrics {
     pub routing_table_generation: IntGaugeVec,
     /// Reconciles in flight per controller: a proxy for queue depth.
     pub reconcile_inflight: IntGaugeVec,
+    /// The builtin autoscaler's latest decision per node.
+    pub autoscaler_desired_replicas: IntGaugeVec,
 }
 
 impl Metrics {
@@ -34,11 +36,23 @@ impl Metrics {
             Opts::new("prism_operator_reconcile_inflight", "Reconciles running now"),
             &["controller"],
         )?;
+        let autoscaler_desired_replicas = IntGaugeVec::new(
+            Opts::new("prism_autoscaler_desired_replicas", "Replicas the builtin autoscaler last decided on"),
+            &["namespace", "node"],
+        )?;
+        registry.register(Box::new(autoscaler_desired_replicas.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(routing_table_generation.clone()))?;
         registry.register(Box::new(reconcile_inflight.clone()))?;
-        Ok(Self { registry, reconcile_duration, reconcile_errors, routing_table_generation, reconcile_inflight })
+        Ok(Self {
+            registry,
+            reconcile_duration,
+            reconcile_errors,
+            routing_table_generation,
+            reconcile_inflight,
+            autoscaler_desired_replicas,
+        })
     }
 
     /// Starts timing a reconcile; the measurement is recorded when the guard drops, so early

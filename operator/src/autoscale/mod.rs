@@ -1,0 +1,252 @@
+//! Prism's builtin autoscaler: one pure decision ([`decide`]) fed by Prometheus
+//! ([`prometheus`]), with two thin adapters — [`run`] here for the cluster (writes
+//! `status.desiredReplicas`, which the node controller applies to the Deployment) and the local
+//! substrate of `prism up` (starts and stops node processes).
+
+pub mod decide;
+pub mod prometheus;
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use kube::api::{Patch, PatchParams};
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::{Api, Client, Resource, ResourceExt};
+use prism_api::condition::{self, types, Condition, ConditionStatus};
+use prism_api::node::{AutoscalingMode, ModalityNodeSpec, ScaleEvent};
+use prism_api::{ModalityNode, ModalityNodeStatus};
+use tracing::{info, warn};
+
+pub use decide::{decide, Decision, Load, Reading, Replicas, ScalerState, WindowLoad};
+pub use prometheus::{node_selector, PromClient};
+
+use crate::metrics::Metrics;
+
+/// Field manager of the autoscaler's status writes (distinct from the node controller's, so
+/// neither overwrites the other's fields).
+pub const FIELD_MANAGER: &str = "prism-autoscaler";
+
+/// Whether the builtin autoscaler has anything to decide for this spec.
+pub fn is_autoscaled(spec: &ModalityNodeSpec) -> bool {
+    let a = &spec.autoscaling;
+    a.mode == AutoscalingMode::Builtin
+        && spec.replicas.max > spec.replicas.min
+        && (a.target_inflight.is_some() || a.target_latency_p95_ms.is_some())
+}
+
+/// The conditions a decision implies (MetricsUnavailable, ScalingLimited).
+pub fn conditions(d: &Decision) -> Vec<Condition> {
+    vec![
+        match &d.metrics_unavailable {
+            Some(why) => Condition::new(
+                types::METRICS_UNAVAILABLE,
+                ConditionStatus::True,
+                "PrometheusQueryFailed",
+                format!("replicas held at {}: {why}", d.from),
+            ),
+            None => Condition::new(types::METRICS_UNAVAILABLE, ConditionStatus::False, "MetricsRead", ""),
+        },
+        match &d.limited {
+            Some(why) => Condition::new(types::SCALING_LIMITED, ConditionStatus::True, "ReplicaLimit", why.clone()),
+            None => Condition::new(types::SCALING_LIMITED, ConditionStatus::False, "WithinLimits", ""),
+        },
+    ]
+}
+
+/// `12ms` style, as the P95 printer column shows it.
+pub fn format_p95(ms: f64) -> String {
+    if ms >= 10.0 {
+        format!("{ms:.0}ms")
+    } else {
+        format!("{ms:.1}ms")
+    }
+}
+
+/// The status fields the autoscaler owns after decision `d`, or `None` when none changed (so a
+/// quiet node costs no API write).
+pub fn status_patch(
+    old: &ModalityNodeStatus,
+    d: &Decision,
+    now: &str,
+    generation: Option<i64>,
+) -> Option<serde_json::Value> {
+    let mine = [types::METRICS_UNAVAILABLE, types::SCALING_LIMITED];
+    let merged = condition::merge(&old.conditions, conditions(d), now, generation);
+    let mut all: Vec<Condition> =
+        old.conditions.iter().filter(|c| !mine.contains(&c.type_.as_str())).cloned().collect();
+    all.extend(merged);
+    all.sort_by(|a, b| a.type_.cmp(&b.type_));
+    let cond_changed = mine.iter().any(|t| {
+        let (a, b) = (condition::find(&old.conditions, t), condition::find(&all, t));
+        a.map(|c| (&c.status, &c.reason, &c.message)) != b.map(|c| (&c.status, &c.reason, &c.message))
+    });
+    let p95 = d.p95_ms.map(format_p95).or_else(|| old.p95.clone());
+    let desired_changed = old.desired_replicas != Some(d.to);
+    if !(d.changed() || desired_changed || cond_changed || p95 != old.p95) {
+        return None;
+    }
+    let mut st = serde_json::json!({ "desiredReplicas": d.to, "conditions": all });
+    if let Some(p) = p95 {
+        st["p95"] = p.into();
+    }
+    if d.changed() {
+        let ev = ScaleEvent { time: now.to_string(), from: d.from, to: d.to, reason: d.reason.clone() };
+        st["lastScale"] = serde_json::to_value(ev).unwrap_or_default();
+    }
+    Some(st)
+}
+
+/// Settings of the cluster autoscaler loop (operator flags).
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// None: builtin-mode nodes report MetricsUnavailable and keep their replicas.
+    pub prometheus: Option<PromClient>,
+    /// Match `namespace="<ns>"` too (Prometheus' Kubernetes discovery adds that label).
+    pub match_namespace: bool,
+}
+
+/// Runs the cluster autoscaler until `shutdown` resolves: every node's `interval`, read
+/// Prometheus, decide, write status (+ Event, + `prism_autoscaler_desired_replicas`).
+pub async fn run(
+    api: Api<ModalityNode>,
+    client: Client,
+    settings: Settings,
+    metrics: Metrics,
+    recorder: Recorder,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    let (reader, writer) = reflector::store();
+    let watch = reflector(writer, watcher(api, watcher::Config::default())).default_backoff().touched_objects();
+    let drive = tokio::spawn(watch.for_each(|_| futures::future::ready(())));
+    let mut scalers: HashMap<(String, String), (ScalerState, Instant)> = HashMap::new();
+    let started = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(250));
+    tokio::pin!(shutdown);
+    loop {
+        tokio::select! {
+            _ = &mut shutdown => break,
+            _ = tick.tick() => {}
+        }
+        for mn in reader.state() {
+            if mn.meta().deletion_timestamp.is_some() || !is_autoscaled(&mn.spec) {
+                continue;
+            }
+            let (ns, name) = (mn.namespace().unwrap_or_default(), mn.name_any());
+            let interval = Duration::from_secs(mn.spec.autoscaling.interval_seconds.max(1).into());
+            let entry = scalers.entry((ns.clone(), name.clone())).or_insert_with(|| (ScalerState::default(), started));
+            if entry.1 > Instant::now() {
+                continue;
+            }
+            entry.1 = Instant::now() + interval;
+            let reading = match &settings.prometheus {
+                Some(p) => {
+                    let sel = node_selector(&name, settings.match_namespace.then_some(ns.as_str()));
+                    p.read_load(&sel, &mn.spec.autoscaling).await
+                }
+                None => Reading::Unavailable(
+                    "the operator runs without --prometheus-url; set it, or use autoscaling.mode: external".into(),
+                ),
+            };
+            let old = mn.status.clone().unwrap_or_default();
+            let current = crate::node::desired_replicas(&mn, None);
+            let replicas = Replicas { current, ready: old.ready_replicas.min(current) };
+            let d = decide(
+                &mn.spec.autoscaling,
+                &mn.spec.replicas,
+                &mut entry.0,
+                started.elapsed().as_secs_f64(),
+                replicas,
+                &reading,
+            );
+            metrics.autoscaler_desired_replicas.with_label_values(&[&ns, &name]).set(i64::from(d.to));
+            let Some(st) = status_patch(&old, &d, &crate::now_rfc3339(), mn.metadata.generation) else { continue };
+            let nodes: Api<ModalityNode> = Api::namespaced(client.clone(), &ns);
+            let body = serde_json::json!({ "status": st });
+            if let Err(e) = nodes.patch_status(&name, &merge_params(), &Patch::Merge(&body)).await {
+                warn!(namespace = %ns, node = %name, error = %e, "writing the autoscaler's status failed");
+                continue;
+            }
+            let oref = mn.object_ref(&());
+            if d.changed() {
+                info!(namespace = %ns, node = %name, from = d.from, to = d.to, reason = %d.reason, "scaled");
+                let note = format!("scaled from {} to {} replicas: {}", d.from, d.to, d.reason);
+                publish(&recorder, &oref, EventType::Normal, "Scaled", note).await;
+            }
+            let was = |t| condition::find(&old.conditions, t).map(Condition::is_true).unwrap_or(false);
+            if let Some(why) = d.metrics_unavailable.as_ref().filter(|_| !was(types::METRICS_UNAVAILABLE)) {
+                let note = format!("holding {} replicas: {why}", d.from);
+                publish(&recorder, &oref, EventType::Warning, "MetricsUnavailable", note).await;
+            }
+            if let Some(why) = d.limited.as_ref().filter(|_| !was(types::SCALING_LIMITED)) {
+                publish(&recorder, &oref, EventType::Normal, "ScalingLimited", why.clone()).await;
+            }
+        }
+    }
+    drive.abort();
+}
+
+fn merge_params() -> PatchParams {
+    PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }
+}
+
+async fn publish(
+    recorder: &Recorder,
+    oref: &k8s_openapi::api::core::v1::ObjectReference,
+    type_: EventType,
+    reason: &str,
+    note: String,
+) {
+    let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Scale".into(), secondary: None };
+    if let Err(e) = recorder.publish(&ev, oref).await {
+        warn!(error = %e, reason, "publishing event failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn decision(from: i32, to: i32) -> Decision {
+        Decision {
+            from,
+            to,
+            reason: "in-flight 4.0 per replica vs target 2 over 60s".into(),
+            panic: false,
+            metrics_unavailable: None,
+            limited: None,
+            p95_ms: Some(12.4),
+        }
+    }
+
+    #[test]
+    fn a_scale_writes_desired_last_scale_and_p95() {
+        let st = status_patch(&ModalityNodeStatus::default(), &decision(1, 3), "2026-12-01T00:00:00Z", Some(2))
+            .expect("a change is written");
+        assert_eq!(st["desiredReplicas"], 3);
+        assert_eq!(st["lastScale"]["from"], 1);
+        assert_eq!(st["lastScale"]["to"], 3);
+        assert_eq!(st["p95"], "12ms");
+        let conds: Vec<Condition> = serde_json::from_value(st["conditions"].clone()).unwrap();
+        assert!(!condition::find(&conds, types::METRICS_UNAVAILABLE).unwrap().is_true());
+    }
+
+    #[test]
+    fn a_quiet_node_costs_no_write_and_other_conditions_survive() {
+        let mut old = ModalityNodeStatus::default();
+        let first = status_patch(&old, &decision(2, 2), "t0", Some(1)).unwrap();
+        old.desired_replicas = Some(2);
+        old.p95 = Some("12ms".into());
+        old.conditions = serde_json::from_value(first["conditions"].clone()).unwrap();
+        old.conditions.push(Condition::new(types::READY, ConditionStatus::True, "ReplicasReady", "2/2"));
+        assert_eq!(status_patch(&old, &decision(2, 2), "t1", Some(1)), None);
+        let mut out = decision(2, 2);
+        out.metrics_unavailable = Some("prometheus down".into());
+        let st = status_patch(&old, &out, "t2", Some(1)).expect("condition flip is written");
+        let conds: Vec<Condition> = serde_json::from_value(st["conditions"].clone()).unwrap();
+        assert!(condition::find(&conds, types::METRICS_UNAVAILABLE).unwrap().is_true());
+        assert!(condition::find(&conds, types::READY).is_some(), "the node controller's conditions stay");
+        assert!(st.get("lastScale").is_none());
+    }
+}

@@ -1,0 +1,177 @@
+//! Reading a node's load from Prometheus over its HTTP API (instant PromQL queries).
+//!
+//! Prometheus does the window averaging (`avg_over_time`, `rate`), so the autoscaler keeps no
+//! sample history of its own and a restarted operator decides from the same numbers.
+
+use std::time::Duration;
+
+use prism_api::node::AutoscalingSpec;
+use serde::Deserialize;
+
+use super::decide::{Load, Reading, WindowLoad};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PromError {
+    #[error("prometheus at {url} unreachable: {source}")]
+    Unreachable {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("prometheus at {url} answered HTTP {status}: {body}")]
+    Status { url: String, status: u16, body: String },
+    #[error("prometheus at {url} answered something that is not a query result: {detail}")]
+    Malformed { url: String, detail: String },
+}
+
+#[derive(Deserialize)]
+struct QueryResponse {
+    status: String,
+    #[serde(default)]
+    error: Option<String>,
+    #[serde(default)]
+    data: Option<QueryData>,
+}
+
+#[derive(Deserialize)]
+struct QueryData {
+    #[serde(rename = "resultType")]
+    result_type: String,
+    result: Vec<Sample>,
+}
+
+#[derive(Deserialize)]
+struct Sample {
+    /// `[unix time, "value"]`; the value is a string so that NaN and ±Inf survive JSON.
+    value: (f64, String),
+}
+
+/// A Prometheus HTTP API client for the autoscaler's few queries.
+#[derive(Clone, Debug)]
+pub struct PromClient {
+    base: String,
+    http: reqwest::Client,
+}
+
+impl PromClient {
+    pub fn new(base: &str) -> Result<Self, PromError> {
+        let base = base.trim_end_matches('/').to_string();
+        let http = reqwest::Client::builder()
+            .no_proxy()
+            .timeout(Duration::from_secs(3))
+            .build()
+            .map_err(|source| PromError::Unreachable { url: base.clone(), source })?;
+        Ok(Self { base, http })
+    }
+
+    pub fn url(&self) -> &str {
+        &self.base
+    }
+
+    /// The values of an instant-vector query (empty when no series matched).
+    pub async fn query(&self, promql: &str) -> Result<Vec<f64>, PromError> {
+        let url = format!("{}/api/v1/query", self.base);
+        let res = self
+            .http
+            .get(&url)
+            .query(&[("query", promql)])
+            .send()
+            .await
+            .map_err(|source| PromError::Unreachable { url: self.base.clone(), source })?;
+        let status = res.status();
+        let body = res.text().await.map_err(|source| PromError::Unreachable { url: self.base.clone(), source })?;
+        if !status.is_success() {
+            return Err(PromError::Status { url: self.base.clone(), status: status.as_u16(), body: truncate(&body) });
+        }
+        let parsed: QueryResponse = serde_json::from_str(&body)
+            .map_err(|e| PromError::Malformed { url: self.base.clone(), detail: e.to_string() })?;
+        if parsed.status != "success" {
+            let detail = parsed.error.unwrap_or_else(|| format!("status {}", parsed.status));
+            return Err(PromError::Malformed { url: self.base.clone(), detail });
+        }
+        let data =
+            parsed.data.ok_or_else(|| PromError::Malformed { url: self.base.clone(), detail: "no data".into() })?;
+        if data.result_type != "vector" {
+            let detail = format!("expected a vector, got {}", data.result_type);
+            return Err(PromError::Malformed { url: self.base.clone(), detail });
+        }
+        data.result
+            .into_iter()
+            .map(|s| {
+                s.value.1.parse::<f64>().map_err(|e| PromError::Malformed {
+                    url: self.base.clone(),
+                    detail: format!("value {:?}: {e}", s.value.1),
+                })
+            })
+            .collect()
+    }
+
+    /// Both windows of one node's load. `selector` is the label matcher body, e.g.
+    /// `node="text",namespace="prod"`. An unreachable Prometheus or a node it has no series for
+    /// reads as [`Reading::Unavailable`], never as zero load.
+    pub async fn read_load(&self, selector: &str, spec: &AutoscalingSpec) -> Reading {
+        let stable = self.window(selector, spec.stable_window_seconds).await;
+        let panic = self.window(selector, spec.panic_window_seconds).await;
+        match (stable, panic) {
+            (Ok(stable), Ok(panic)) => Reading::Load(Load { stable, panic }),
+            (Err(why), _) | (_, Err(why)) => Reading::Unavailable(why),
+        }
+    }
+
+    async fn window(&self, selector: &str, seconds: u32) -> Result<WindowLoad, String> {
+        let inflight_q = format!("sum(avg_over_time(prism_node_inflight{{{selector}}}[{seconds}s]))");
+        // `sum()` over nothing is an empty vector, so a missing series stays distinguishable from 0.
+        let inflight = match self.query(&inflight_q).await.map_err(|e| e.to_string())?.first() {
+            Some(v) if v.is_finite() => *v,
+            _ => {
+                return Err(format!(
+                    "no prism_node_inflight series for {{{selector}}} in the last {seconds}s (is Prometheus scraping the node?)"
+                ))
+            }
+        };
+        let p95_q = format!(
+            "histogram_quantile(0.95, sum by (le) (rate(prism_node_request_duration_seconds_bucket{{{selector}}}[{seconds}s])))"
+        );
+        // NaN: no request finished in the window (rate 0), which is real idleness, not an outage.
+        let p95_ms = self.query(&p95_q).await.map_err(|e| e.to_string())?.first().copied().filter(|v| v.is_finite());
+        Ok(WindowLoad { p95_ms: p95_ms.map(|s| s * 1000.0), inflight })
+    }
+}
+
+fn truncate(s: &str) -> String {
+    let s = s.trim();
+    match s.char_indices().nth(200) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// PromQL label-matcher body for a node (label values escaped as PromQL strings).
+pub fn node_selector(node: &str, namespace: Option<&str>) -> String {
+    let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
+    match namespace {
+        Some(ns) => format!("node=\"{}\",namespace=\"{}\"", esc(node), esc(ns)),
+        None => format!("node=\"{}\"", esc(node)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn selectors_escape_label_values() {
+        assert_eq!(node_selector("text", None), r#"node="text""#);
+        assert_eq!(node_selector("a\"b", Some("ns")), r#"node="a\"b",namespace="ns""#);
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_prometheus_reads_as_unavailable_not_zero() {
+        // Port 9 (discard) on loopback: nothing listens, the connection is refused at once.
+        let c = PromClient::new("http://127.0.0.1:9").unwrap();
+        match c.read_load(&node_selector("text", None), &AutoscalingSpec::default()).await {
+            Reading::Unavailable(why) => assert!(why.contains("unreachable"), "{why}"),
+            other => panic!("expected Unavailable, got {other:?}"),
+        }
+    }
+}
