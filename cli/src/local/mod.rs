@@ -3,10 +3,12 @@
 //! `prism-router` fronts them. A supervisor loop plays the parts of kubelet and operator:
 //! it restarts replicas that die (with backoff), probes `/ready`, and rewrites the router's
 //! routing table through its admin API the moment readiness changes — with the same
-//! `build_table` the operator uses.
+//! `build_table` the operator uses. Nodes with builtin autoscaling are scaled by the operator's
+//! own decision code, reading a Prometheus that `prism up` starts and points at the replicas.
 
 mod metrics;
 mod process;
+mod prometheus;
 mod state;
 
 use std::path::{Path, PathBuf};
@@ -15,12 +17,15 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use clap::Args;
 use kube::ResourceExt;
+use prism_api::node::ScaleEvent;
 use prism_api::routing::{build_table, NodeObservation, RoutingTable};
 use prism_api::{ManifestSet, ModalityNode, MultimodalPipeline};
+use prism_operator::autoscale::{self, Decision, PromClient, Replicas, ScalerState};
 
 use process::{probe, Proc};
+use prometheus::LocalPrometheus;
 pub use state::{down, logs, status};
-use state::{NodeState, ReplicaState, State};
+use state::{AutoscalerState, NodeState, ReplicaState, State};
 
 #[derive(Args, Clone, Debug)]
 pub struct StateArgs {
@@ -60,6 +65,13 @@ pub struct UpArgs {
     /// The prism-router binary (default: next to this `prism`, then PATH).
     #[arg(long, env = "PRISM_ROUTER_BIN")]
     pub router_bin: Option<PathBuf>,
+    /// Metrics for builtin autoscaling: `auto` starts a local Prometheus when a node autoscales
+    /// (and the binary is found), `off` disables autoscaling, or the URL of a running Prometheus.
+    #[arg(long, env = "PRISM_PROMETHEUS", default_value = "auto")]
+    pub prometheus: String,
+    /// The prometheus binary `--prometheus auto` starts.
+    #[arg(long, env = "PRISM_PROMETHEUS_BIN", default_value = "prometheus")]
+    pub prometheus_bin: PathBuf,
     /// Seconds to wait for every node to load its model and become ready.
     #[arg(long, default_value_t = 180)]
     pub ready_timeout: u64,
@@ -116,15 +128,46 @@ struct Replica {
     log: PathBuf,
 }
 
+impl Replica {
+    fn new(log: PathBuf) -> Self {
+        Self { proc: None, url: None, ready: false, restarts: 0, restart_at: Some(Instant::now()), log }
+    }
+}
+
 struct LocalNode {
     spec: ModalityNode,
     args: Vec<String>,
     replicas: Vec<Replica>,
+    logs_dir: PathBuf,
+    scaler: ScalerState,
+    next_decision: Instant,
+    last_decision: Option<Decision>,
+    last_scale: Option<ScaleEvent>,
 }
 
 impl LocalNode {
     fn name(&self) -> String {
         self.spec.name_any()
+    }
+
+    /// Grows or shrinks to `n` replicas. New ones start on the next supervisor pass; removed ones
+    /// leave the routing table on this pass and are stopped a moment later, once the router has
+    /// the table without them, so no request is sent to a stopping replica.
+    fn scale_to(&mut self, n: usize) {
+        let name = self.name();
+        while self.replicas.len() < n {
+            let i = self.replicas.len();
+            self.replicas.push(Replica::new(replica_log(&self.logs_dir, &name, i)));
+        }
+        while self.replicas.len() > n {
+            let Some(mut r) = self.replicas.pop() else { break };
+            if let Some(mut p) = r.proc.take() {
+                tokio::spawn(async move {
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    p.stop(Duration::from_secs(5)).await;
+                });
+            }
+        }
     }
 
     fn observation(&self) -> NodeObservation {
@@ -202,18 +245,18 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             );
         }
         let count = n.spec.initial_replicas().max(1) as usize;
-        let replicas = (0..count)
-            .map(|i| Replica {
-                proc: None,
-                url: None,
-                ready: false,
-                restarts: 0,
-                restart_at: Some(Instant::now()),
-                log: logs_dir.join(format!("{}-{i}.log", pn.name)),
-            })
-            .collect();
+        let replicas = (0..count).map(|i| Replica::new(replica_log(&logs_dir, &pn.name, i))).collect();
         let args = node_args(&n, &model_path);
-        nodes.push(LocalNode { spec: n, args, replicas });
+        nodes.push(LocalNode {
+            spec: n,
+            args,
+            replicas,
+            logs_dir: logs_dir.clone(),
+            scaler: ScalerState::default(),
+            next_decision: Instant::now(),
+            last_decision: None,
+            last_scale: None,
+        });
     }
     for n in &nodes {
         for r in &n.replicas {
@@ -222,6 +265,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
 
     println!("prism up: pipeline {pname} with {} node(s)", nodes.len());
+    let autoscaled: Vec<String> =
+        nodes.iter().filter(|n| autoscale::is_autoscaled(&n.spec.spec)).map(LocalNode::name).collect();
+    let prom = metrics_source(&args, &dir, &http, &autoscaled).await?;
     let mut sup = Supervisor {
         nodes,
         http: http.clone(),
@@ -232,6 +278,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         pipeline: pname.clone(),
         p95_ms: Default::default(),
         last_scrape: Instant::now(),
+        prom,
+        started,
     };
     sup.start_due_replicas()?;
 
@@ -258,12 +306,14 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
         if let Some(msg) = sup.crashed_during_start() {
             sup.stop_all().await;
+            sup.stop_prometheus().await;
             bail!("{msg}");
         }
         if Instant::now() > deadline {
             let waiting: Vec<String> =
                 sup.nodes.iter().filter(|n| n.replicas.iter().any(|r| !r.ready)).map(|n| n.name()).collect();
             sup.stop_all().await;
+            sup.stop_prometheus().await;
             bail!("nodes {} were not ready within {}s; see `.prism/logs/`", waiting.join(", "), args.ready_timeout);
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -326,6 +376,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         }
         sup.reap_and_restart()?;
         sup.observe().await;
+        sup.autoscale().await;
         if sup.last_scrape.elapsed() >= Duration::from_secs(2) {
             sup.scrape_p95().await;
         }
@@ -344,9 +395,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             );
         }
         let new_state = sup.state(&router_log);
-        if serde_json::to_value(&new_state.nodes).ok() != serde_json::to_value(&state.nodes).ok()
-            || new_state.routing_table_generation != state.routing_table_generation
-        {
+        if serde_json::to_value(&new_state).ok() != serde_json::to_value(&state).ok() {
             state = new_state;
             state.save(&dir)?;
         }
@@ -354,6 +403,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     println!("stopping pipeline {pname}...");
     router.stop(Duration::from_secs(3)).await;
     sup.stop_all().await;
+    sup.stop_prometheus().await;
     let _ = std::fs::remove_file(state::path(&dir));
     println!("stopped");
     Ok(())
@@ -370,6 +420,63 @@ struct Supervisor {
     /// p95 request latency per node in ms, from the replicas' own histograms (since start).
     p95_ms: std::collections::BTreeMap<String, f64>,
     last_scrape: Instant,
+    /// Where the autoscaler reads load (None: autoscaling off).
+    prom: Option<MetricsSource>,
+    started: Instant,
+}
+
+/// The Prometheus behind local autoscaling: one `prism up` started, or one the user runs.
+enum MetricsSource {
+    Local(Box<LocalPrometheus>, PromClient),
+    External(PromClient),
+}
+
+impl MetricsSource {
+    fn client(&self) -> &PromClient {
+        match self {
+            MetricsSource::Local(_, c) | MetricsSource::External(c) => c,
+        }
+    }
+}
+
+fn replica_log(dir: &Path, node: &str, i: usize) -> PathBuf {
+    dir.join(format!("{node}-{i}.log"))
+}
+
+/// Chooses the metrics source for `--prometheus`, explaining what autoscaling will do.
+async fn metrics_source(
+    args: &UpArgs,
+    dir: &Path,
+    http: &reqwest::Client,
+    autoscaled: &[String],
+) -> anyhow::Result<Option<MetricsSource>> {
+    if autoscaled.is_empty() || args.prometheus == "off" {
+        if !autoscaled.is_empty() {
+            println!("autoscaling off (--prometheus off): {} keep their initial replicas", autoscaled.join(", "));
+        }
+        return Ok(None);
+    }
+    if args.prometheus.starts_with("http://") || args.prometheus.starts_with("https://") {
+        println!("autoscaling {} from {}", autoscaled.join(", "), args.prometheus);
+        return Ok(Some(MetricsSource::External(PromClient::new(&args.prometheus)?)));
+    }
+    if args.prometheus != "auto" {
+        bail!("--prometheus {:?}: expected auto, off or an http(s):// URL", args.prometheus);
+    }
+    match LocalPrometheus::start(&args.prometheus_bin, &dir.join("prometheus"), http).await {
+        Ok(p) => {
+            println!("autoscaling {} from a local Prometheus at {}", autoscaled.join(", "), p.url);
+            let client = PromClient::new(&p.url)?;
+            Ok(Some(MetricsSource::Local(Box::new(p), client)))
+        }
+        Err(e) => {
+            println!(
+                "autoscaling off: could not start {} ({e:#}); install it (apt install prometheus) or pass --prometheus URL",
+                args.prometheus_bin.display()
+            );
+            Ok(None)
+        }
+    }
 }
 
 impl Supervisor {
@@ -492,6 +599,11 @@ impl Supervisor {
             router_log: router_log.to_path_buf(),
             routing_table_generation: self.table.as_ref().map(|t| t.generation).unwrap_or(0),
             missing_modalities: self.table.as_ref().map(|t| t.missing_modalities()).unwrap_or_default(),
+            prometheus_url: self.prom.as_ref().map(|p| p.client().url().to_string()),
+            prometheus_pid: match &self.prom {
+                Some(MetricsSource::Local(p, _)) => p.pid(),
+                _ => None,
+            },
             nodes: self
                 .nodes
                 .iter()
@@ -500,6 +612,18 @@ impl Supervisor {
                     modality: n.spec.spec.modality.clone(),
                     architecture: n.spec.spec.model.architecture.clone(),
                     p95_ms: self.p95_ms.get(&n.name()).copied(),
+                    autoscaler: (self.prom.is_some() && autoscale::is_autoscaled(&n.spec.spec)).then(|| {
+                        let d = n.last_decision.as_ref();
+                        AutoscalerState {
+                            min: n.spec.spec.replicas.min,
+                            max: n.spec.spec.replicas.max,
+                            desired: d.map(|d| d.to),
+                            reason: d.map(|d| d.reason.clone()),
+                            last_scale: n.last_scale.clone(),
+                            metrics_unavailable: d.and_then(|d| d.metrics_unavailable.clone()),
+                            scaling_limited: d.and_then(|d| d.limited.clone()),
+                        }
+                    }),
                     replicas: n
                         .replicas
                         .iter()
@@ -531,6 +655,63 @@ impl Supervisor {
             if let Some(s) = metrics::histogram_quantile(&text, "prism_node_request_duration_seconds", 0.95) {
                 self.p95_ms.insert(n.name(), s * 1000.0);
             }
+        }
+    }
+
+    async fn stop_prometheus(&mut self) {
+        if let Some(MetricsSource::Local(p, _)) = self.prom.as_mut() {
+            p.stop().await;
+        }
+    }
+
+    /// Runs each autoscaled node's decision when its interval is due and applies it: new
+    /// replicas start like any other (and join the table once ready); removed ones leave the
+    /// table first and are stopped after the router has the new table.
+    async fn autoscale(&mut self) {
+        let Some(src) = self.prom.as_mut() else { return };
+        if let MetricsSource::Local(p, _) = src {
+            p.supervise();
+            let targets: Vec<String> = self
+                .nodes
+                .iter()
+                .flat_map(|n| n.replicas.iter())
+                .filter_map(|r| r.url.as_deref().map(|u| u.trim_start_matches("http://").to_string()))
+                .collect();
+            p.set_targets(&targets);
+        }
+        let client = src.client().clone();
+        let now = self.started.elapsed().as_secs_f64();
+        for n in &mut self.nodes {
+            if !autoscale::is_autoscaled(&n.spec.spec) || Instant::now() < n.next_decision {
+                continue;
+            }
+            let a = &n.spec.spec.autoscaling;
+            n.next_decision = Instant::now() + Duration::from_secs(a.interval_seconds.max(1).into());
+            let name = n.spec.name_any();
+            let reading = client.read_load(&autoscale::node_selector(&name, None), a).await;
+            let current = n.replicas.len() as i32;
+            let ready = n.replicas.iter().filter(|r| r.ready).count() as i32;
+            let d =
+                autoscale::decide(a, &n.spec.spec.replicas, &mut n.scaler, now, Replicas { current, ready }, &reading);
+            let was_unavailable = n.last_decision.as_ref().is_some_and(|l| l.metrics_unavailable.is_some());
+            match (&d.metrics_unavailable, was_unavailable) {
+                (Some(why), false) => {
+                    println!("autoscale {name}: metrics unavailable, holding {current} replicas: {why}")
+                }
+                (None, true) => println!("autoscale {name}: metrics back"),
+                _ => {}
+            }
+            if d.changed() {
+                println!("autoscale {name}: {} -> {} replicas ({})", d.from, d.to, d.reason);
+                n.last_scale = Some(ScaleEvent {
+                    time: prism_operator::now_rfc3339(),
+                    from: d.from,
+                    to: d.to,
+                    reason: d.reason.clone(),
+                });
+                n.scale_to(d.to as usize);
+            }
+            n.last_decision = Some(d);
         }
     }
 

@@ -18,6 +18,12 @@ pub struct State {
     pub routing_table_generation: u64,
     pub missing_modalities: Vec<String>,
     pub nodes: Vec<NodeState>,
+    /// The Prometheus the autoscaler reads, when autoscaling is on.
+    #[serde(default)]
+    pub prometheus_url: Option<String>,
+    /// Its pid when `prism up` started it.
+    #[serde(default)]
+    pub prometheus_pid: Option<u32>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -29,6 +35,24 @@ pub struct NodeState {
     #[serde(default)]
     pub p95_ms: Option<f64>,
     pub replicas: Vec<ReplicaState>,
+    /// Present for nodes the builtin autoscaler scales.
+    #[serde(default)]
+    pub autoscaler: Option<AutoscalerState>,
+}
+
+/// The autoscaler's view of one node, as `status` would show it in a cluster.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct AutoscalerState {
+    pub min: i32,
+    pub max: i32,
+    /// The last decision's replica count and reason.
+    pub desired: Option<i32>,
+    pub reason: Option<String>,
+    pub last_scale: Option<prism_api::node::ScaleEvent>,
+    /// Why the last read had no metrics (replicas held), if it had none.
+    pub metrics_unavailable: Option<String>,
+    /// Why min/max/maxStep limited the last decision, if they did.
+    pub scaling_limited: Option<String>,
 }
 
 #[derive(Serialize, Deserialize, Clone, Debug)]
@@ -107,6 +131,20 @@ impl State {
                     r.url.as_deref().unwrap_or("-")
                 ));
             }
+        }
+        for n in &self.nodes {
+            let Some(a) = &n.autoscaler else { continue };
+            out.push_str(&format!("  autoscale {}: {} replicas in [{}, {}]", n.name, n.replicas.len(), a.min, a.max));
+            if let Some(s) = &a.last_scale {
+                out.push_str(&format!("; last scale {} -> {} at {} ({})", s.from, s.to, s.time, s.reason));
+            }
+            if let Some(why) = &a.metrics_unavailable {
+                out.push_str(&format!("; METRICS UNAVAILABLE, holding: {why}"));
+            }
+            if let Some(why) = &a.scaling_limited {
+                out.push_str(&format!("; limited: {why}"));
+            }
+            out.push('\n');
         }
         out
     }
