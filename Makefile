@@ -93,3 +93,17 @@ operator-run: cluster-up ## run prism-operator against the local control plane (
 operator-e2e: cluster-up ## operator e2e tests against the local control plane
 	KUBECONFIG="$$(make -s --no-print-directory cluster-kubeconfig)" $(CARGO) test --release -p prism-operator --test e2e -- --ignored --test-threads=1
 # --- end operator ---
+
+# --- bench (failover, autoscale) ---
+# `prism up` benchmarks; pass options with BENCH_ARGS, e.g. make bench-autoscale BENCH_ARGS='--steady-s 20'.
+.PHONY: bench-failover bench-autoscale
+bench-failover: ## kill -9 one of 2 text replicas under load: routing table rewrite ms, failed/degraded requests
+	$(CARGO) build --release --workspace --bins
+	@$(MAKE) -s models
+	python3 bench/failover/run.py --bin $(RELEASE_BIN)/prism $(BENCH_ARGS)
+
+bench-autoscale: ## load step on an autoscaled text node (1..3): decision intervals, ready s, flapping, Prometheus outage
+	$(CARGO) build --release --workspace --bins
+	@$(MAKE) -s models
+	python3 bench/autoscale/run.py --bin $(RELEASE_BIN)/prism $(BENCH_ARGS)
+# --- end bench (failover, autoscale) ---

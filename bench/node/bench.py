@@ -10,7 +10,6 @@ and appends that line (with date and machine) to bench/RESULTS.md.
 Usage: python3 bench/node/bench.py [--bin target/release/prism-node] [--threads 2] [--torch-python PY]
 """
 import argparse
-import datetime
 import http.client
 import json
 import os
@@ -160,8 +159,10 @@ def main():
     # Load average shows whether other processes shared the CPUs during the run.
     machine = (f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus, threads={a.threads}, "
                f"loadavg {load_before:.1f}->{load_after:.1f}")
-    with open(ROOT / "bench/RESULTS.md", "a") as f:
-        f.write(f"- {datetime.date.today()} ({machine}): `{line}`\n")
+    # Under the `## node` section (other sections may follow it), same helper as the other benches.
+    sys.path.insert(0, str(ROOT / "bench/common"))
+    from prism_up import append_result
+    append_result("node", "node", "", line, machine)
     print(line)
 
 
