@@ -769,7 +769,11 @@ async fn builtin_autoscaler_scales_the_deployment_from_prometheus_and_holds_duri
     let last = st.last_scale.expect("lastScale written");
     assert_eq!((last.from, last.to), (1, 3));
     assert!(last.reason.contains("in-flight"), "{}", last.reason);
-    assert!(st.p95.is_some(), "p95 column filled");
+    // The P95 column follows once the stable window holds finished requests.
+    ns.wait("status.p95 filled from Prometheus", T, || async {
+        ns.api::<ModalityNode>().get("text").await.ok()?.status?.p95.filter(|p| p.ends_with("ms"))
+    })
+    .await;
     let limited = find(&st.conditions, types::SCALING_LIMITED).expect("ScalingLimited condition");
     assert!(limited.is_true() && limited.message.contains("replicas.max 3"), "{limited:?}");
     let events = kubectl_ok(&["-n", &ns.name, "get", "events", "--field-selector", "reason=Scaled", "-o", "name"]);
