@@ -459,7 +459,10 @@ pub struct ModalityNodeStatus {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale: Option<ScaleEvent>,
     /// Ready, Available, Progressing, Degraded, ScalingLimited, MetricsUnavailable.
+    // A map keyed by type: the node controller and the autoscaler each server-side apply only
+    // their own conditions, so neither can overwrite the other's with a stale copy.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
 }
 

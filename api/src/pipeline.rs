@@ -348,6 +348,7 @@ pub struct MultimodalPipelineStatus {
     pub observed_generation: Option<i64>,
     /// Ready and Degraded (its message names the modalities with no ready replica).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
     /// Generation of the routing table last written; routers never apply an older one.
     #[serde(default)]

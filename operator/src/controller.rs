@@ -17,7 +17,7 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
-use prism_api::condition::{find, types};
+use prism_api::condition::{find, types, Condition};
 use prism_api::labels;
 use prism_api::routing::{RoutingTable, ROUTING_TABLE_KEY};
 use prism_api::{ModalityNode, MultimodalPipeline};
@@ -144,6 +144,10 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
             for k in ["desiredReplicas", "canary", "history", "p95", "lastScale"] {
                 o.remove(k);
             }
+            // Conditions are a map keyed by type: apply only ours (the autoscaler owns the rest).
+            let own: Vec<&Condition> =
+                status.conditions.iter().filter(|c| node::OWN_CONDITIONS.contains(&c.type_.as_str())).collect();
+            o.insert("conditions".into(), serde_json::to_value(own).unwrap_or_default());
         }
         let body = serde_json::json!({"apiVersion": "prism.dev/v1alpha1", "kind": "ModalityNode", "status": st});
         api.patch_status(&name, &apply_params(), &Patch::Apply(&body)).await?;

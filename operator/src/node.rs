@@ -349,6 +349,10 @@ pub fn desired_objects(mn: &ModalityNode, cfg: &OperatorConfig, current_replicas
     Ok(NodeObjects { deployment, service, pdb })
 }
 
+/// Condition types the node controller writes; the autoscaler owns MetricsUnavailable and
+/// ScalingLimited.
+pub const OWN_CONDITIONS: [&str; 4] = [types::AVAILABLE, types::DEGRADED, types::PROGRESSING, types::READY];
+
 /// Computes the node's status from the observed Deployment (None: not created yet).
 pub fn status(mn: &ModalityNode, deploy: Option<&Deployment>, now: &str) -> ModalityNodeStatus {
     let name = mn.name_any();

@@ -64,35 +64,36 @@ pub fn format_p95(ms: f64) -> String {
     }
 }
 
-/// The status fields the autoscaler owns after decision `d`, or `None` when none changed (so a
-/// quiet node costs no API write).
+/// The status fields the autoscaler owns after decision `d` (its server-side apply body), or
+/// `None` when none changed (so a quiet node costs no API write). Only its own conditions go in:
+/// `conditions` is a map keyed by type, so the node controller's entries are left alone.
 pub fn status_patch(
     old: &ModalityNodeStatus,
     d: &Decision,
     now: &str,
     generation: Option<i64>,
 ) -> Option<serde_json::Value> {
-    let mine = [types::METRICS_UNAVAILABLE, types::SCALING_LIMITED];
     let merged = condition::merge(&old.conditions, conditions(d), now, generation);
-    let mut all: Vec<Condition> =
-        old.conditions.iter().filter(|c| !mine.contains(&c.type_.as_str())).cloned().collect();
-    all.extend(merged);
-    all.sort_by(|a, b| a.type_.cmp(&b.type_));
-    let cond_changed = mine.iter().any(|t| {
-        let (a, b) = (condition::find(&old.conditions, t), condition::find(&all, t));
-        a.map(|c| (&c.status, &c.reason, &c.message)) != b.map(|c| (&c.status, &c.reason, &c.message))
+    let cond_changed = merged.iter().any(|c| {
+        condition::find(&old.conditions, &c.type_).map(|o| (&o.status, &o.reason, &o.message))
+            != Some((&c.status, &c.reason, &c.message))
     });
     let p95 = d.p95_ms.map(format_p95).or_else(|| old.p95.clone());
     let desired_changed = old.desired_replicas != Some(d.to);
     if !(d.changed() || desired_changed || cond_changed || p95 != old.p95) {
         return None;
     }
-    let mut st = serde_json::json!({ "desiredReplicas": d.to, "conditions": all });
+    let mut st = serde_json::json!({ "desiredReplicas": d.to, "conditions": merged });
     if let Some(p) = p95 {
         st["p95"] = p.into();
     }
-    if d.changed() {
-        let ev = ScaleEvent { time: now.to_string(), from: d.from, to: d.to, reason: d.reason.clone() };
+    // Every apply carries the whole owned set: a field left out of an apply is deleted.
+    let last = if d.changed() {
+        Some(ScaleEvent { time: now.to_string(), from: d.from, to: d.to, reason: d.reason.clone() })
+    } else {
+        old.last_scale.clone()
+    };
+    if let Some(ev) = last {
         st["lastScale"] = serde_json::to_value(ev).unwrap_or_default();
     }
     Some(st)
@@ -161,10 +162,12 @@ pub async fn run(
                 &reading,
             );
             metrics.autoscaler_desired_replicas.with_label_values(&[&ns, &name]).set(i64::from(d.to));
+            metrics.autoscaler_max_replicas.with_label_values(&[&ns, &name]).set(i64::from(mn.spec.replicas.max));
             let Some(st) = status_patch(&old, &d, &crate::now_rfc3339(), mn.metadata.generation) else { continue };
             let nodes: Api<ModalityNode> = Api::namespaced(client.clone(), &ns);
-            let body = serde_json::json!({ "status": st });
-            if let Err(e) = nodes.patch_status(&name, &merge_params(), &Patch::Merge(&body)).await {
+            let body = serde_json::json!({ "apiVersion": "prism.dev/v1alpha1", "kind": "ModalityNode", "status": st });
+            let params = PatchParams::apply(FIELD_MANAGER).force();
+            if let Err(e) = nodes.patch_status(&name, &params, &Patch::Apply(&body)).await {
                 warn!(namespace = %ns, node = %name, error = %e, "writing the autoscaler's status failed");
                 continue;
             }
@@ -185,10 +188,6 @@ pub async fn run(
         }
     }
     drive.abort();
-}
-
-fn merge_params() -> PatchParams {
-    PatchParams { field_manager: Some(FIELD_MANAGER.into()), ..Default::default() }
 }
 
 async fn publish(
@@ -246,7 +245,7 @@ mod tests {
         let st = status_patch(&old, &out, "t2", Some(1)).expect("condition flip is written");
         let conds: Vec<Condition> = serde_json::from_value(st["conditions"].clone()).unwrap();
         assert!(condition::find(&conds, types::METRICS_UNAVAILABLE).unwrap().is_true());
-        assert!(condition::find(&conds, types::READY).is_some(), "the node controller's conditions stay");
-        assert!(st.get("lastScale").is_none());
+        assert!(condition::find(&conds, types::READY).is_none(), "only the autoscaler's own conditions are applied");
+        assert!(st.get("lastScale").is_none(), "no scale happened");
     }
 }
