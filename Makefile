@@ -14,8 +14,9 @@ help: ## list targets
 build: ## build every binary in release mode (one target dir, reused by tests)
 	$(CARGO) build --release --workspace --bins
 
-crds: ## regenerate crds/*.yaml from api/
+crds: ## regenerate crds/*.yaml (and the chart's copy) from api/
 	$(CARGO) run --release -q -p prism-operator --bin crdgen -- --out crds
+	$(CARGO) run --release -q -p prism-operator --bin crdgen -- --out charts/prism/crds
 
 check-crds: ## fail when crds/ differs from what api/ generates
 	$(CARGO) test --release -q -p prism-operator --test crds_up_to_date

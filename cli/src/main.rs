@@ -35,20 +35,39 @@ enum Cmd {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
     },
-    /// Print Prism's CustomResourceDefinitions (pipe into `kubectl apply --server-side -f -`).
-    Crds,
+    /// Print Prism's CustomResourceDefinitions, or `apply` them to the cluster (the upgrade path
+    /// Helm lacks: it installs CRDs once and never updates them).
+    Crds {
+        #[command(subcommand)]
+        action: Option<CrdsAction>,
+    },
+}
+
+#[derive(Subcommand)]
+enum CrdsAction {
+    /// Server-side apply the CRDs to the cluster in KUBECONFIG and wait until they are Established.
+    Apply,
 }
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Validate { files } => validate(&files),
-        Cmd::Crds => {
+        Cmd::Crds { action: None } => {
             for (_, crd) in prism_operator::crds::all() {
                 print!("---\n{}", prism_operator::crds::render(&crd)?);
             }
             Ok(())
         }
+        Cmd::Crds { action: Some(CrdsAction::Apply) } => runtime()?.block_on(async {
+            let client = kube::Client::try_default()
+                .await
+                .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster config)")?;
+            for name in prism_operator::crds::apply_all(&client).await? {
+                println!("customresourcedefinition.apiextensions.k8s.io/{name} applied and established");
+            }
+            Ok(())
+        }),
         Cmd::Up(args) => runtime()?.block_on(local::up(args)),
         Cmd::Status(args) => local::status(&args),
         Cmd::Down(args) => local::down(&args),

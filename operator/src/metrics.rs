@@ -14,6 +14,8 @@ pub struct Metrics {
     pub reconcile_inflight: IntGaugeVec,
     /// The builtin autoscaler's latest decision per node.
     pub autoscaler_desired_replicas: IntGaugeVec,
+    /// `spec.replicas.max` of autoscaled nodes, so alerts can compare the two.
+    pub autoscaler_max_replicas: IntGaugeVec,
 }
 
 impl Metrics {
@@ -41,6 +43,11 @@ impl Metrics {
             &["namespace", "node"],
         )?;
         registry.register(Box::new(autoscaler_desired_replicas.clone()))?;
+        let autoscaler_max_replicas = IntGaugeVec::new(
+            Opts::new("prism_autoscaler_max_replicas", "spec.replicas.max of nodes the builtin autoscaler scales"),
+            &["namespace", "node"],
+        )?;
+        registry.register(Box::new(autoscaler_max_replicas.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(routing_table_generation.clone()))?;
@@ -52,6 +59,7 @@ impl Metrics {
             routing_table_generation,
             reconcile_inflight,
             autoscaler_desired_replicas,
+            autoscaler_max_replicas,
         })
     }
 
