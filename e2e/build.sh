@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Build the e2e control-plane binaries from the Go module proxy into e2e/bin/:
-#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok
+#   etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kubectl, kwok, helm
 # plus e2e/bin/kwok.yaml (kwok's stage config, taken from the pinned kwok module).
 #
-# Versions are pinned by the harness modules in e2e/go/{k8s,etcd,kwok} (go.mod + go.sum).
+# Versions are pinned by the harness modules in e2e/go/{k8s,etcd,kwok,helm} (go.mod + go.sum).
 # GOCACHE/GOMODCACHE live under <repo>/.cache/go, so rebuilds reuse compiled packages.
 # A stamp per module (hash of go.mod, go.sum, go version, this script) skips the build
 # entirely when the binaries are already up to date.
@@ -135,6 +135,15 @@ KWOK
   } > "$BIN/kwok.yaml.tmp"
   mv "$BIN/kwok.yaml.tmp" "$BIN/kwok.yaml"
   stamp_write kwok
+fi
+
+# --- helm (chart tests) -------------------------------------------------------------------
+if stamp_ok helm helm; then
+  echo "build.sh: helm up to date"
+else
+  echo "build.sh: building helm $(cd "$E2E/go/helm" && "$GO" list -m -f '{{.Version}}' helm.sh/helm/v3)"
+  (cd "$E2E/go/helm" && "$GO" build -p "$JOBS" -trimpath -ldflags "-s -w" -o "$BIN/helm" helm.sh/helm/v3/cmd/helm)
+  stamp_write helm
 fi
 
 echo "build.sh: done in $(( $(date +%s) - t0 ))s -> $BIN"
