@@ -108,3 +108,11 @@ bench-autoscale: ## load step on an autoscaled text node (1..3): decision interv
 	@$(MAKE) -s models
 	python3 bench/autoscale/run.py --bin $(RELEASE_BIN)/prism $(BENCH_ARGS)
 # --- end bench (failover, autoscale) ---
+
+# --- bench (operator scale) ---
+.PHONY: bench-operator-scale
+bench-operator-scale: ## 1000 ModalityNodes against the real API server: all reconciled s, operator peak RSS, reconcile p99
+	$(CARGO) build --release -p prism-operator --bin prism-operator
+	@$(MAKE) -s cluster-up
+	KUBECONFIG="$$($(MAKE) -s --no-print-directory cluster-kubeconfig)" python3 bench/operator_scale/run.py $(BENCH_ARGS)
+# --- end bench (operator scale) ---
