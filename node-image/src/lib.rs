@@ -3,10 +3,12 @@
 //! Layers (TEI style): [`backend`] holds the models behind the [`backend::Preprocessor`] /
 //! [`backend::Encoder`] traits and the architecture registry; [`infer`] owns the batching queue and
 //! the model thread; [`http`] and [`grpc`] are thin transports over [`infer::Infer`]; [`error`]
-//! maps one error type to both transports; [`metrics`] holds the Prometheus series.
+//! maps one error type to both transports; [`metrics`] holds the Prometheus series; [`fetch`] is
+//! `prism-node fetch`, which downloads hf:// and oci:// models for the operator's init container.
 
 pub mod backend;
 pub mod error;
+pub mod fetch;
 pub mod grpc;
 pub mod http;
 pub mod infer;

@@ -1,4 +1,7 @@
 //! `prism-node`: serves one model over HTTP (and optionally gRPC). Wiring only; logic is in the lib.
+//!
+//! `prism-node [SERVE FLAGS]` serves (the form the operator and `prism up` use); `prism-node fetch
+//! --model-uri hf://...|oci://... --out DIR` downloads a model folder (the operator's init container).
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -6,15 +9,67 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::{bail, Context as _};
-use clap::Parser;
+use clap::{CommandFactory as _, Parser};
 use prism_node::backend::{self, DeviceChoice, LoadSpec};
+use prism_node::fetch::{self, FetchOptions, ModelUri};
 use prism_node::grpc::NodeService;
 use prism_node::http::{self, AppState, NodeIdentity};
 use prism_node::infer::{Infer, InferConfig};
 use prism_node::metrics::Metrics;
 
+/// Without a subcommand the flags are the server's: `prism-node --listen ... --model-uri ...`.
 #[derive(Parser, Debug)]
-#[command(name = "prism-node", about = "Prism node: serves one embedding model over HTTP and gRPC")]
+#[command(
+    name = "prism-node",
+    about = "Prism node: serves one embedding model over HTTP and gRPC",
+    subcommand_negates_reqs = true,
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    serve: Args,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum Command {
+    /// Download an hf:// or oci:// model into a folder to serve (the operator's init container).
+    /// Tokens come from the environment: HF_TOKEN (Hugging Face), OCI_TOKEN (registry Bearer token).
+    Fetch(FetchArgs),
+}
+
+#[derive(clap::Args, Debug)]
+struct FetchArgs {
+    /// hf://ORG/NAME[@REVISION] (revision `main` by default) or
+    /// oci://HOST[:PORT]/REPOSITORY[:TAG|@sha256:DIGEST] (an `oras push`ed artifact).
+    #[arg(long)]
+    model_uri: String,
+    /// Folder to write the files into; created if missing.
+    #[arg(long)]
+    out: std::path::PathBuf,
+    /// Architecture that will serve the folder: the files it needs (e.g. tokenizer.json for bert)
+    /// become required, not optional.
+    #[arg(long, env = "PRISM_ARCHITECTURE")]
+    architecture: Option<String>,
+    /// After the download, load the model once on the CPU as the server would (needs --architecture).
+    #[arg(long)]
+    verify_load: bool,
+    /// Hugging Face endpoint (a mirror or proxy of the Hub).
+    #[arg(long, env = "HF_ENDPOINT", default_value = fetch::HF_DEFAULT_ENDPOINT)]
+    hf_endpoint: String,
+    /// Plain http to the registry (loopback registries always use http).
+    #[arg(long, env = "OCI_INSECURE", value_parser = clap::builder::BoolishValueParser::new())]
+    insecure_http: bool,
+    /// Tries per request on connection errors, 408, 429 and 5xx.
+    #[arg(long, default_value_t = 3)]
+    attempts: u32,
+    /// Wait before the second try, in milliseconds; doubled for each further one.
+    #[arg(long, default_value_t = 1000)]
+    retry_backoff_ms: u64,
+}
+
+#[derive(clap::Args, Debug)]
 struct Args {
     /// HTTP address; port 0 picks a free port (printed as `listening on http://ADDR`).
     #[arg(long, env = "PRISM_LISTEN", default_value = "127.0.0.1:8080")]
@@ -28,9 +83,10 @@ struct Args {
     /// Modality served; defaults to the architecture's. A mismatch is a startup error.
     #[arg(long, env = "PRISM_MODALITY")]
     modality: Option<String>,
-    /// Model folder: file:///path or a plain path (HF layout).
+    /// Model folder: file:///path or a plain path (HF layout). Required.
+    // An Option only so that `fetch` parses without it; `main` reports it missing when serving.
     #[arg(long, env = "PRISM_MODEL_URI")]
-    model_uri: String,
+    model_uri: Option<String>,
     /// Architecture from the registry (e.g. bert).
     #[arg(long, env = "PRISM_ARCHITECTURE", default_value = "bert")]
     architecture: String,
@@ -67,7 +123,25 @@ struct Args {
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let cli = Cli::parse();
+    if let Some(Command::Fetch(f)) = cli.command {
+        // Plain `error: ...` lines and exit code 1: this runs as an init container whose log is
+        // read by people (kubectl logs -c fetch-model).
+        if let Err(e) = run_fetch(f) {
+            eprintln!("prism-node fetch: error: {e:#}");
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
+    let args = cli.serve;
+    if args.model_uri.is_none() {
+        Cli::command()
+            .error(
+                clap::error::ErrorKind::MissingRequiredArgument,
+                "the following required argument was not provided: --model-uri <MODEL_URI>",
+            )
+            .exit();
+    }
     if let Some(n) = args.threads {
         if n == 0 {
             bail!("--threads must be at least 1");
@@ -98,7 +172,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             arch.modality
         );
     }
-    let dir = backend::resolve_model_uri(&args.model_uri)?;
+    let dir = backend::resolve_model_uri(args.model_uri.as_deref().unwrap_or_default())?;
 
     let metrics = Metrics::new(&args.node_name, &modality).context("registering metrics")?;
     let state = AppState {
@@ -178,6 +252,38 @@ async fn run(args: Args) -> anyhow::Result<()> {
     http_task.await.context("http server task")?.context("http server")?;
     if let Some(t) = grpc_task {
         t.await.context("grpc server task")?.context("grpc server")?;
+    }
+    Ok(())
+}
+
+fn run_fetch(f: FetchArgs) -> anyhow::Result<()> {
+    let uri = ModelUri::parse(&f.model_uri)?;
+    let arch = f.architecture.as_deref().map(backend::lookup).transpose()?;
+    if f.verify_load && arch.is_none() {
+        bail!("--verify-load needs --architecture");
+    }
+    let opts = FetchOptions {
+        hf_endpoint: f.hf_endpoint,
+        insecure_http: f.insecure_http,
+        architecture: arch,
+        attempts: f.attempts,
+        backoff: Duration::from_millis(f.retry_backoff_ms),
+        ..FetchOptions::new(&f.out)
+    }
+    .with_env_tokens();
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().context("starting tokio")?;
+    rt.block_on(fetch::fetch(&uri, &opts))?;
+    if let Some(a) = arch.filter(|_| f.verify_load) {
+        let started = std::time::Instant::now();
+        let spec = LoadSpec { dir: f.out.clone(), device: DeviceChoice::Cpu, max_input_tokens: None };
+        let model = (a.load)(&spec).with_context(|| format!("loading the fetched folder as {}", a.name))?;
+        eprintln!(
+            "verified: {} loads as {} (dim {}) in {:.1}s",
+            f.out.display(),
+            a.name,
+            model.info.dim,
+            started.elapsed().as_secs_f64()
+        );
     }
     Ok(())
 }

@@ -188,17 +188,26 @@ pub struct Architecture {
     pub name: &'static str,
     /// The modality this architecture serves (checked against `--modality`).
     pub modality: &'static str,
+    /// Files the loader needs besides `config.json` and `model.safetensors` (which all need).
+    /// `prism-node fetch --architecture` makes these required rather than optional downloads.
+    pub needs: &'static [&'static str],
     pub load: fn(&LoadSpec) -> Result<LoadedModel, BackendError>,
 }
 
-/// Every architecture this binary can serve. Add a line here for a new model file.
+/// Every architecture this binary can serve. Add a line here for a new model file (and list in
+/// `needs` any file it reads besides config.json and model.safetensors, so `fetch` downloads it).
 pub static REGISTRY: &[Architecture] = &[
-    Architecture { name: "bert", modality: "text", load: bert::load },
-    Architecture { name: "whisper-encoder", modality: "audio", load: whisper::load },
-    Architecture { name: "vit", modality: "vision", load: vit::load },
-    Architecture { name: "clip-vision", modality: "vision", load: vit::load_clip },
-    Architecture { name: "perceiver-fusion", modality: "fusion", load: fusion::load_perceiver },
-    Architecture { name: "mot-fusion", modality: "fusion", load: fusion::load_mot },
+    Architecture { name: "bert", modality: "text", needs: &["tokenizer.json"], load: bert::load },
+    Architecture { name: "whisper-encoder", modality: "audio", needs: &[], load: whisper::load },
+    Architecture { name: "vit", modality: "vision", needs: &["preprocessor_config.json"], load: vit::load },
+    Architecture {
+        name: "clip-vision",
+        modality: "vision",
+        needs: &["preprocessor_config.json"],
+        load: vit::load_clip,
+    },
+    Architecture { name: "perceiver-fusion", modality: "fusion", needs: &[], load: fusion::load_perceiver },
+    Architecture { name: "mot-fusion", modality: "fusion", needs: &[], load: fusion::load_mot },
 ];
 
 /// Finds an architecture by name (case-insensitive).
@@ -223,7 +232,8 @@ pub fn resolve_model_uri(uri: &str) -> Result<PathBuf, BackendError> {
     } else if uri.contains("://") {
         return Err(BackendError::Load(format!(
             "--model-uri {uri:?}: only file:// URIs or plain paths are served by prism-node; \
-             pvc://, hf:// and oci:// models are mounted into the pod as a folder by the operator"
+             pvc://, hf:// and oci:// models are mounted into the pod as a folder by the operator \
+             (to download one yourself: prism-node fetch --model-uri URI --out DIR)"
         )));
     } else {
         PathBuf::from(uri)
