@@ -145,7 +145,17 @@ fn model_source(mn: &ModalityNode, image: &str, sc: &SecurityContext) -> Result<
             name: "fetch-model".into(),
             image: Some(image.to_string()),
             command: Some(vec!["prism-node".into()]),
-            args: Some(vec!["fetch".into(), "--model-uri".into(), uri.to_string(), "--out".into(), MODEL_DIR.into()]),
+            // --architecture makes the files that architecture reads required, so a repository
+            // without them fails here with a clear 404 instead of crash-looping the server.
+            args: Some(vec![
+                "fetch".into(),
+                "--model-uri".into(),
+                uri.to_string(),
+                "--out".into(),
+                MODEL_DIR.into(),
+                "--architecture".into(),
+                mn.spec.model.architecture.clone(),
+            ]),
             volume_mounts: Some(vec![model_mount(false), tmp_mount()]),
             security_context: Some(sc.clone()),
             ..Default::default()

@@ -123,7 +123,10 @@ fn model_uris_map_to_volumes() {
     let o = desired_objects(&mk_node("n", "text", "hf://org/model@main"), &cfg(), None).unwrap();
     let ps = pod_spec(&o);
     let init = &ps.init_containers.as_ref().unwrap()[0];
-    assert!(init.args.as_ref().unwrap().contains(&"hf://org/model@main".to_string()));
+    assert_eq!(init.args.as_ref().unwrap()[0], "fetch", "the init container runs `prism-node fetch`");
+    assert_eq!(arg_after(init, "--model-uri"), "hf://org/model@main");
+    assert_eq!(arg_after(init, "--out"), "/models");
+    assert_eq!(arg_after(init, "--architecture"), "bert", "the architecture's files become required");
     assert_eq!(arg_after(&ps.containers[0], "--model-uri"), "file:///models");
 
     assert!(desired_objects(&mk_node("n", "text", "s3://b/k"), &cfg(), None).is_err());
