@@ -8,11 +8,10 @@
 mod common;
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
@@ -230,47 +229,18 @@ fn host_of(base: &str) -> &str {
 }
 
 /// The real server on a folder: waits for /ready and embeds one reference text.
-struct Node(Child);
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 async fn serve_and_embed(dir: &Path) {
-    let mut child = Command::new(env!("CARGO_BIN_EXE_prism-node"))
-        .args(["--model-uri", &dir.display().to_string(), "--architecture", "bert", "--listen", "127.0.0.1:0"])
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn prism-node");
-    let stdout = child.stdout.take().expect("stdout");
-    let node = Node(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let http = loop {
-        let line = rx.recv_timeout(Duration::from_secs(30)).expect("prism-node printed no listening line within 30 s");
-        if let Some(a) = line.strip_prefix("listening on ") {
-            break a.to_string();
-        }
-    };
-    let c = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let r = c.get(format!("{http}/ready")).send().await.expect("ready");
-        if r.status() == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "node on the fetched folder not ready within 120 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let args: Vec<String> = vec![
+        "--model-uri".into(),
+        dir.display().to_string(),
+        "--architecture".into(),
+        "bert".into(),
+        "--listen".into(),
+        "127.0.0.1:0".into(),
+    ];
+    let node = common::spawn_node(&args, false);
+    node.wait_ready().await;
+    let (c, http) = (reqwest::Client::new(), node.http.clone());
     let reference = common::minilm_reference();
     let item = &reference.items[0];
     let r = c.post(format!("{http}/embed")).json(&json!({"inputs": [item.text]})).send().await.expect("embed");

@@ -4,70 +4,29 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
+use common::NodeProc;
 use serde_json::{json, Value};
 
-struct Node {
-    child: Child,
-    http: String,
-    grpc: Option<String>,
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Starts the binary, reads the bound ports from stdout and waits (bounded) for /ready.
-async fn start(extra: &[&str]) -> Node {
+/// Starts the binary on the real text model, reads the bound ports and waits (bounded) for /ready.
+async fn start(extra: &[&str]) -> NodeProc {
     let dir = common::minilm_dir();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_prism-node"))
-        .args(["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0", "--node-name", "test-text"])
-        .args(["--model-uri", &format!("file://{}", dir.display()), "--architecture", "bert", "--revision", "r1"])
-        .args(extra)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn prism-node");
-    let stdout = child.stdout.take().expect("stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let (mut http, mut grpc) = (None, None);
-    while http.is_none() || grpc.is_none() {
-        let line = rx.recv_timeout(Duration::from_secs(30)).expect("prism-node printed no listening line within 30 s");
-        if let Some(a) = line.strip_prefix("listening on ") {
-            http = Some(a.to_string());
-        } else if let Some(a) = line.strip_prefix("grpc listening on ") {
-            grpc = Some(format!("http://{a}"));
-        }
-    }
-    let node = Node { child, http: http.unwrap_or_default(), grpc };
+    let mut args: Vec<String> = ["--listen", "127.0.0.1:0", "--grpc-listen", "127.0.0.1:0", "--node-name", "test-text"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    args.extend(["--model-uri".into(), format!("file://{}", dir.display())]);
+    args.extend(["--architecture", "bert", "--revision", "r1"].iter().map(|s| s.to_string()));
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let node = common::spawn_node(&args, true);
     let c = reqwest::Client::new();
     assert_eq!(c.get(format!("{}/live", node.http)).send().await.expect("live").status(), 200);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let r = c.get(format!("{}/ready", node.http)).send().await.expect("ready");
-        if r.status() == 200 {
-            break;
-        }
-        assert_eq!(r.status(), 503, "/ready before load must be 503");
-        assert!(Instant::now() < deadline, "node not ready within 120 s");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    node.wait_ready().await;
     node
 }
 
-async fn post(c: &reqwest::Client, node: &Node, body: String) -> (u16, Value) {
+async fn post(c: &reqwest::Client, node: &NodeProc, body: String) -> (u16, Value) {
     let r = c
         .post(format!("{}/embed", node.http))
         .header("content-type", "application/json")
@@ -82,7 +41,7 @@ async fn post(c: &reqwest::Client, node: &Node, body: String) -> (u16, Value) {
 }
 
 /// Sends only the headers of a POST declaring `len` body bytes and reads the answer.
-async fn raw_post_declared_len(node: &Node, len: usize) -> (u16, Value) {
+async fn raw_post_declared_len(node: &NodeProc, len: usize) -> (u16, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let addr = node.http.trim_start_matches("http://");
     let mut sock = tokio::net::TcpStream::connect(addr).await.expect("connect");
@@ -119,7 +78,7 @@ fn vecs(v: &Value) -> Vec<Vec<f32>> {
     serde_json::from_value(v["embeddings"].clone()).expect("embeddings")
 }
 
-async fn metrics(c: &reqwest::Client, node: &Node) -> String {
+async fn metrics(c: &reqwest::Client, node: &NodeProc) -> String {
     c.get(format!("{}/metrics", node.http)).send().await.expect("metrics").text().await.expect("text")
 }
 

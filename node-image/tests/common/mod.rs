@@ -1,7 +1,70 @@
 //! Shared helpers for prism-node integration tests.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// A `prism-node` server process started by a test (killed on drop).
+pub struct NodeProc {
+    child: Child,
+    pub http: String,
+    pub grpc: Option<String>,
+}
+
+impl Drop for NodeProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the binary with `args` and reads the bound addresses from its stdout (`listening on
+/// http://...`, plus `grpc listening on ...` when `grpc` is expected). Does not wait for /ready.
+pub fn spawn_node(args: &[String], grpc: bool) -> NodeProc {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_prism-node"))
+        .args(args)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("spawn prism-node");
+    let stdout = child.stdout.take().expect("stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut http, mut grpc_addr) = (None, None);
+    while http.is_none() || (grpc && grpc_addr.is_none()) {
+        let line = rx.recv_timeout(Duration::from_secs(30)).expect("prism-node printed no listening line within 30 s");
+        if let Some(a) = line.strip_prefix("listening on ") {
+            http = Some(a.to_string());
+        } else if let Some(a) = line.strip_prefix("grpc listening on ") {
+            grpc_addr = Some(format!("http://{a}"));
+        }
+    }
+    NodeProc { child, http: http.unwrap_or_default(), grpc: grpc_addr }
+}
+
+impl NodeProc {
+    /// Waits (bounded) until /ready answers 200; before that it must answer 503.
+    pub async fn wait_ready(&self) {
+        let c = reqwest::Client::new();
+        let deadline = Instant::now() + Duration::from_secs(120);
+        loop {
+            let r = c.get(format!("{}/ready", self.http)).send().await.expect("ready");
+            if r.status() == 200 {
+                return;
+            }
+            assert_eq!(r.status(), 503, "/ready before the model is loaded must be 503");
+            assert!(Instant::now() < deadline, "node not ready within 120 s");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
 
 /// The all-MiniLM-L6-v2 folder `make models` creates. CI always fetches it, so a missing folder is
 /// a failure with the fix, never a silent skip.
