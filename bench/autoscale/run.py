@@ -35,8 +35,8 @@ import sys
 import threading
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
-from prism_up import (DEFAULT_PRISM, Load, PrismUp, append_result, check_prereqs, fail, kill9, log,  # noqa: E402
-                      machine, now, pct, sigterm_exits)
+from prism_up import (headline, DEFAULT_PRISM, Load, PrismUp, check_prereqs, fail, kill9, log,  # noqa: E402
+                      now, pct, sigterm_exits)
 
 INTERVAL_S = 1
 MANIFEST = f"""\
@@ -273,12 +273,7 @@ def main():
         f"(model load of the new replicas included)")
     line = (f"autoscale: scaleout_intervals={intervals} ready_s={ready_s:.1f} steady_scale_changes={steady_n} "
             f"metrics_outage_changes={outage_n}")
-    if not a.no_append:
-        load_after = os.getloadavg()[0]
-        append_result("autoscale", TITLE, INTRO, line,
-                      machine(f"clients={a.clients}, steady {a.steady_s:.0f} s, loadavg {load_before:.1f}->{load_after:.1f}"),
-                      suffix=f" decision {decision_s:.2f} s / KEDA 30 s polling = {ratio:.3f}")
-    print(line, flush=True)
+    headline(a, "autoscale", TITLE, INTRO, line, f"clients={a.clients}, steady {a.steady_s:.0f} s", load_before, suffix=f" decision {decision_s:.2f} s / KEDA 30 s polling = {ratio:.3f}")
 
 
 if __name__ == "__main__":

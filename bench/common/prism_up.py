@@ -333,3 +333,12 @@ def append_result(key, title, intro, line, machine_desc, suffix=""):
     with open(RESULTS, "w") as f:
         f.write(text)
     log(f"appended to {os.path.relpath(RESULTS, ROOT)} under `## {key}`")
+
+
+def headline(args, key, title, intro, line, note, load_before, suffix=""):
+    """Prints the benchmark's last line (`NAME: key=value ...`) and, unless --no-append, records it
+    in bench/RESULTS.md with the machine, `note` and the load average before and after."""
+    if not args.no_append:
+        load = f"loadavg {load_before:.1f}->{os.getloadavg()[0]:.1f}"
+        append_result(key, title, intro, line, machine(f"{note}, {load}"), suffix=suffix)
+    print(line, flush=True)

@@ -32,8 +32,8 @@ import sys
 import threading
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
-from prism_up import (DEFAULT_PRISM, KeepAlive, Load, PrismUp, append_result, check_prereqs, fail,  # noqa: E402
-                      kill9, log, machine, now, pct, sigterm_exits)
+from prism_up import (headline, DEFAULT_PRISM, KeepAlive, Load, PrismUp, check_prereqs, fail,  # noqa: E402
+                      kill9, log, now, pct, sigterm_exits)
 
 MANIFEST = """\
 apiVersion: prism.dev/v1alpha1
@@ -228,12 +228,7 @@ def main():
         f"failed requests {total['failed']} vs Envoy's {ENVOY_CONSECUTIVE_5XX} consecutive 5xx before ejection (no retries)")
     line = (f"failover: rewrite_ms={rewrite_s * 1000:.0f} failed_requests={total['failed']} "
             f"degraded_requests={total['degraded']} requests={total['requests']}")
-    if not a.no_append:
-        load_after = os.getloadavg()[0]
-        append_result("failover", TITLE, INTRO, line,
-                      machine(f"clients={a.clients}, warm {a.warm_s:.0f} s + {a.after_s:.0f} s, loadavg {load_before:.1f}->{load_after:.1f}"),
-                      suffix=f" rewrite/Envoy 10 s interval = {ratio:.4f}")
-    print(line, flush=True)
+    headline(a, "failover", TITLE, INTRO, line, f"clients={a.clients}, warm {a.warm_s:.0f} s + {a.after_s:.0f} s", load_before, suffix=f" rewrite/Envoy 10 s interval = {ratio:.4f}")
 
 
 if __name__ == "__main__":
