@@ -126,11 +126,20 @@ pub fn wait_ready(url: &str, timeout: Duration) {
 /// are a real multi-modality fan-out. The node itself serves `text` (prism-node refuses a
 /// modality its architecture does not serve); the router only routes by table key.
 pub fn spawn_node(name: &str, _modality: &str, listen: &str) -> Proc {
-    let mut cmd = Command::new(node_bin());
-    cmd.args(["--listen", listen, "--node-name", name, "--architecture", "bert"]).arg("--model-uri").arg(model_dir());
-    let p = start(cmd, name, Duration::from_secs(120));
+    let p = spawn_node_with(name, &["--listen", listen, "--node-name", name, "--architecture", "bert"], &model_dir());
     wait_ready(&p.url, Duration::from_secs(120));
     p
+}
+
+/// Start a real node with `args` (any architecture) serving `model`; does not wait for /ready.
+/// Listens on a free loopback port unless `args` names `--listen`.
+pub fn spawn_node_with(name: &str, args: &[&str], model: &Path) -> Proc {
+    let mut cmd = Command::new(node_bin());
+    if !args.contains(&"--listen") {
+        cmd.args(["--listen", "127.0.0.1:0"]);
+    }
+    cmd.args(args).arg("--model-uri").arg(model).env("RUST_LOG", "warn");
+    start(cmd, name, Duration::from_secs(180))
 }
 
 pub fn spawn_router(args: &[&str]) -> Proc {
