@@ -308,8 +308,9 @@ async fn multimodal_example_reconciles_to_ready_on_gpu_nodes() {
         assert_eq!(c.resources.as_ref().unwrap().limits.as_ref().unwrap()["nvidia.com/gpu"].0, "1");
         assert_eq!(ns.api::<Service>().get(node).await.unwrap().owner_references()[0].kind, "ModalityNode");
         assert_eq!(ns.api::<PodDisruptionBudget>().get(node).await.unwrap().owner_references()[0].kind, "ModalityNode");
-        let mn = ns.api::<ModalityNode>().get(node).await.unwrap();
-        assert!(find(&mn.status.as_ref().unwrap().conditions, types::READY).unwrap().is_true(), "mn/{node} Ready");
+        // The pipeline is Ready from pod readiness; a node's own status follows its Deployment's
+        // status (written by kube-controller-manager a moment later), so wait for it.
+        ns.wait_node_condition(node, types::READY, "True", T).await;
         for pod in ns.node_pods(node).await {
             let st = pod.status.as_ref().unwrap();
             assert_eq!(st.phase.as_deref(), Some("Running"));
@@ -461,8 +462,12 @@ async fn spec_change_rolls_and_manual_edits_are_reverted_and_delete_cascades() {
         .then_some(())
     })
     .await;
-    let pods = ns.node_pods("text").await;
-    assert!(pods.iter().any(|p| p.labels().get("prism.dev/revision").map(String::as_str) == Some("2")));
+    // Deployment status can count the new ReplicaSet before its pod is listed: wait for the pod.
+    ns.wait("a pod of revision 2", T, || async {
+        let pods = ns.node_pods("text").await;
+        pods.iter().any(|p| p.labels().get("prism.dev/revision").map(String::as_str) == Some("2")).then_some(())
+    })
+    .await;
 
     // A manual edit by another field manager is reverted.
     let patch = serde_json::json!({"spec": {"replicas": 3, "template": {"spec": {"containers": [{"name": "node", "image": "evil:latest"}]}}}});
