@@ -116,3 +116,9 @@ bench-operator-scale: ## 1000 ModalityNodes against the real API server: all rec
 	@$(MAKE) -s cluster-up
 	KUBECONFIG="$$($(MAKE) -s --no-print-directory cluster-kubeconfig)" python3 bench/operator_scale/run.py $(BENCH_ARGS)
 # --- end bench (operator scale) ---
+
+# --- fuzz ---
+.PHONY: fuzz
+fuzz: ## libFuzzer runs of the router-request, manifest and media-decode targets (FUZZ_SECONDS each, default 60)
+	bash scripts/fuzz.sh $${FUZZ_SECONDS:-60}
+# --- end fuzz ---

@@ -33,4 +33,7 @@ python3 scripts/demo.py
 section "control plane tests (real kube-apiserver)"
 bash scripts/test-e2e.sh
 
+section "fuzz (20 s per target; a crash fails the run)"
+bash scripts/fuzz.sh 20
+
 section "done in $(( $(date +%s) - T0 ))s"

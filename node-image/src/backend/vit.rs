@@ -156,6 +156,14 @@ impl ImagePipeline {
         Self { resize, crop, rescale: if p.do_rescale { p.rescale_factor } else { 1.0 }, mean, std, out: image_size }
     }
 
+    /// The recipe of a `preprocessor_config.json` (text) for a model of `image_size`; the fuzz
+    /// target drives the decoder through this, exactly as a loaded model would.
+    pub fn from_preprocessor_json(json: &str, image_size: usize) -> Result<Self, BackendError> {
+        let p: PreprocessorConfig =
+            serde_json::from_str(json).map_err(|e| BackendError::Load(format!("preprocessor_config.json: {e}")))?;
+        Ok(Self::from_config(&p, image_size))
+    }
+
     /// Decodes and preprocesses an image into CHW f32 of `out x out`.
     pub fn run(&self, bytes: &[u8]) -> Result<Vec<f32>, BackendError> {
         let bad = |m: String| BackendError::Validation(m);
