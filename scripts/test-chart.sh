@@ -29,6 +29,9 @@ T0=$(date +%s)
 say() { echo "[$(( $(date +%s) - T0 ))s] chart: $*"; }
 fail() { echo "chart: FAIL: $*" >&2; [ -f "$TMP/operator.log" ] && tail -30 "$TMP/operator.log" >&2; exit 1; }
 
+# A previous run's namespaces may still be terminating (cleanup does not wait): wait them out.
+"$K" wait --for=delete namespace/"$NS" namespace/prism-apps namespace/prism-batch --timeout=120s >/dev/null 2>&1 || true
+
 KUBE_VERSION="$("$K" version -o json | python3 -c 'import json,sys; v=json.load(sys.stdin)["serverVersion"]; print(v["gitVersion"])')"
 
 say "helm lint (strict) with every ci/ values file"
@@ -144,11 +147,13 @@ say "helm upgrade to the HA values (2 replicas, namespaced watch)"
 "$H" upgrade prism "$CHART" -n "$NS" -f "$CHART/ci/ha-values.yaml" --set image.tag=e2e --set image.pullPolicy=Never \
   --wait --timeout 120s >"$TMP/upgrade.txt" 2>&1 || { cat "$TMP/upgrade.txt"; fail "helm upgrade"; }
 [ "$("$K" -n "$NS" get deploy prism -o jsonpath='{.status.readyReplicas}')" = 2 ] || fail "2 ready replicas after upgrade"
-"$K" -n "$NS" get deploy prism -o jsonpath='{.spec.template.spec.containers[0].args}' | grep -q -- "--namespace=prism-apps" \
-  || fail "upgrade did not pass watchNamespace"
+args="$("$K" -n "$NS" get deploy prism -o jsonpath='{.spec.template.spec.containers[0].args}')"
+grep -q -- "--namespace=prism-apps" <<<"$args" || fail "upgrade did not pass watchNamespace: $args"
 
 say "prism crds apply (the CRD upgrade path Helm lacks)"
-"$CARGO_TARGET_DIR/release/prism" crds apply | grep -q "modalitynodes.prism.dev applied and established" || fail "prism crds apply"
+# Output captured first: `grep -q` closing the pipe early would fail the command under pipefail.
+out="$("$CARGO_TARGET_DIR/release/prism" crds apply)" || fail "prism crds apply exited non-zero"
+grep -q "modalitynodes.prism.dev applied and established" <<<"$out" || fail "prism crds apply: $out"
 
 say "helm uninstall leaves no orphans; CRDs and user resources stay"
 "$H" uninstall prism -n "$NS" --wait --timeout 60s >/dev/null
