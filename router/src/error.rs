@@ -117,6 +117,11 @@ impl IntoResponse for RouterError {
             resp.headers_mut()
                 .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
         }
+        if let RouterError::PayloadTooLarge { .. } = &self {
+            // The rest of the body was not read, so this connection cannot carry another request;
+            // saying so stops keep-alive clients from reusing it (they would see a reset instead).
+            resp.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
+        }
         resp
     }
 }
@@ -158,6 +163,14 @@ mod tests {
         for e in [RouterError::Unavailable("x".into()), RouterError::Timeout(5), RouterError::Internal("x".into())] {
             assert!(e.status().is_server_error(), "{e:?}");
         }
+    }
+
+    #[test]
+    fn a_413_closes_the_connection_whose_body_was_left_unread() {
+        let resp = RouterError::PayloadTooLarge { limit: 1 }.into_response();
+        assert_eq!(resp.headers().get(axum::http::header::CONNECTION).map(|v| v.as_bytes()), Some(&b"close"[..]));
+        let other = RouterError::Validation("x".into()).into_response();
+        assert!(other.headers().get(axum::http::header::CONNECTION).is_none(), "keep-alive for the rest");
     }
 
     #[test]
