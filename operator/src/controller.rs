@@ -67,8 +67,10 @@ where
     Ok(api.patch(&name, &apply_params(), &Patch::Apply(obj)).await?)
 }
 
-async fn publish(
-    ctx: &Context,
+/// Records an Event; one that cannot be written is logged, never an error of the decision it
+/// describes. Shared by the controllers and the autoscaler.
+pub(crate) async fn publish(
+    recorder: &Recorder,
     obj_ref: &k8s_openapi::api::core::v1::ObjectReference,
     type_: EventType,
     reason: &str,
@@ -76,8 +78,7 @@ async fn publish(
     note: String,
 ) {
     let ev = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
-    // An event that cannot be written must not fail the reconcile it describes.
-    if let Err(e) = ctx.recorder.publish(&ev, obj_ref).await {
+    if let Err(e) = recorder.publish(&ev, obj_ref).await {
         warn!(error = %e, reason, "publishing event failed");
     }
 }
@@ -102,7 +103,7 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
         None => {
             info!("created Deployment, Service, PodDisruptionBudget");
             publish(
-                &ctx,
+                &ctx.recorder,
                 &oref,
                 EventType::Normal,
                 "Created",
@@ -115,7 +116,7 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
             // A generation bump after our apply is either a spec change or a manual edit reverted.
             info!(generation = ?deploy.metadata.generation, "updated Deployment");
             publish(
-                &ctx,
+                &ctx.recorder,
                 &oref,
                 EventType::Normal,
                 "Updated",
@@ -154,7 +155,7 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
         if let Some(c) = now_ready {
             if was_ready != Some(c.is_true()) {
                 let t = if c.is_true() { EventType::Normal } else { EventType::Warning };
-                publish(&ctx, &oref, t, &c.reason, "UpdateStatus", c.message.clone()).await;
+                publish(&ctx.recorder, &oref, t, &c.reason, "UpdateStatus", c.message.clone()).await;
             }
         }
     }
@@ -205,7 +206,7 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
         let ready: usize = table.modalities.values().map(|v| v.iter().filter(|e| e.ready).count()).sum();
         info!(generation = table.generation, ready_endpoints = ready, "published routing table");
         publish(
-            &ctx,
+            &ctx.recorder,
             &oref,
             EventType::Normal,
             "RoutingTableUpdated",
@@ -232,7 +233,7 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
                 if before != Some((c.status, c.reason.clone())) {
                     let bad = (t == types::READY) != c.is_true();
                     publish(
-                        &ctx,
+                        &ctx.recorder,
                         &oref,
                         if bad { EventType::Warning } else { EventType::Normal },
                         &c.reason,
@@ -257,7 +258,7 @@ fn error_policy<K: Resource<DynamicType = ()>>(
         let note = err.to_string();
         let ctx2 = ctx.clone();
         tokio::spawn(
-            async move { publish(&ctx2, &oref, EventType::Warning, "ReconcileFailed", "Reconcile", note).await }
+            async move { publish(&ctx2.recorder, &oref, EventType::Warning, "ReconcileFailed", "Reconcile", note).await }
                 .in_current_span(),
         );
         Action::requeue(Duration::from_secs(5))

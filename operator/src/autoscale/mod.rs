@@ -6,12 +6,12 @@
 pub mod decide;
 pub mod prometheus;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
-use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::events::{EventType, Recorder};
 use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use prism_api::condition::{self, types, Condition, ConditionStatus};
@@ -22,6 +22,7 @@ use tracing::{info, warn};
 pub use decide::{decide, Decision, Load, Reading, Replicas, ScalerState, WindowLoad};
 pub use prometheus::{node_selector, PromClient};
 
+use crate::controller::publish;
 use crate::metrics::Metrics;
 
 /// Field manager of the autoscaler's status writes (distinct from the node controller's, so
@@ -130,7 +131,24 @@ pub async fn run(
             _ = &mut shutdown => break,
             _ = tick.tick() => {}
         }
-        for mn in reader.state() {
+        let nodes = reader.state();
+        // Forget nodes that are gone or no longer autoscaled: their state must not carry over to
+        // a namesake, and their gauges must not keep an at-max alert firing.
+        let live: HashSet<(String, String)> = nodes
+            .iter()
+            .filter(|mn| is_autoscaled(&mn.spec))
+            .map(|mn| (mn.namespace().unwrap_or_default(), mn.name_any()))
+            .collect();
+        scalers.retain(|key, _| {
+            let keep = live.contains(key);
+            if !keep {
+                let labels = [key.0.as_str(), key.1.as_str()];
+                let _ = metrics.autoscaler_desired_replicas.remove_label_values(&labels);
+                let _ = metrics.autoscaler_max_replicas.remove_label_values(&labels);
+            }
+            keep
+        });
+        for mn in nodes {
             if mn.meta().deletion_timestamp.is_some() || !is_autoscaled(&mn.spec) {
                 continue;
             }
@@ -175,32 +193,19 @@ pub async fn run(
             if d.changed() {
                 info!(namespace = %ns, node = %name, from = d.from, to = d.to, reason = %d.reason, "scaled");
                 let note = format!("scaled from {} to {} replicas: {}", d.from, d.to, d.reason);
-                publish(&recorder, &oref, EventType::Normal, "Scaled", note).await;
+                publish(&recorder, &oref, EventType::Normal, "Scaled", "Scale", note).await;
             }
             let was = |t| condition::find(&old.conditions, t).map(Condition::is_true).unwrap_or(false);
             if let Some(why) = d.metrics_unavailable.as_ref().filter(|_| !was(types::METRICS_UNAVAILABLE)) {
                 let note = format!("holding {} replicas: {why}", d.from);
-                publish(&recorder, &oref, EventType::Warning, "MetricsUnavailable", note).await;
+                publish(&recorder, &oref, EventType::Warning, "MetricsUnavailable", "Scale", note).await;
             }
             if let Some(why) = d.limited.as_ref().filter(|_| !was(types::SCALING_LIMITED)) {
-                publish(&recorder, &oref, EventType::Normal, "ScalingLimited", why.clone()).await;
+                publish(&recorder, &oref, EventType::Normal, "ScalingLimited", "Scale", why.clone()).await;
             }
         }
     }
     drive.abort();
-}
-
-async fn publish(
-    recorder: &Recorder,
-    oref: &k8s_openapi::api::core::v1::ObjectReference,
-    type_: EventType,
-    reason: &str,
-    note: String,
-) {
-    let ev = Event { type_, reason: reason.into(), note: Some(note), action: "Scale".into(), secondary: None };
-    if let Err(e) = recorder.publish(&ev, oref).await {
-        warn!(error = %e, reason, "publishing event failed");
-    }
 }
 
 #[cfg(test)]
