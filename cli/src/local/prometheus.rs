@@ -87,9 +87,8 @@ impl LocalPrometheus {
         if self.written.as_deref() == Some(body.as_str()) {
             return;
         }
-        let tmp = self.targets.with_extension("tmp");
-        // Rename, so Prometheus never reads a half-written file.
-        if std::fs::write(&tmp, &body).and_then(|_| std::fs::rename(&tmp, &self.targets)).is_ok() {
+        // Atomic, so Prometheus never reads a half-written file.
+        if super::write_atomic(&self.targets, body.as_bytes()).is_ok() {
             self.written = Some(body);
         }
     }

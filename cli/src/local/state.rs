@@ -70,10 +70,7 @@ pub fn path(dir: &Path) -> PathBuf {
 
 impl State {
     pub fn save(&self, dir: &Path) -> anyhow::Result<()> {
-        let tmp = dir.join("state.json.tmp");
-        std::fs::write(&tmp, serde_json::to_vec_pretty(self)?)?;
-        std::fs::rename(&tmp, path(dir))?;
-        Ok(())
+        super::write_atomic(&path(dir), &serde_json::to_vec_pretty(self)?)
     }
 
     pub fn load(dir: &Path) -> anyhow::Result<Self> {
