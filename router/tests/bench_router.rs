@@ -5,7 +5,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use common::*;
 use serde_json::{json, Value};
@@ -49,15 +49,12 @@ async fn bench_router_overhead_and_fanout() {
     let nodes: Vec<Proc> =
         ["text", "caption", "audio"].iter().map(|m| spawn_node(&format!("n-{m}"), m, "127.0.0.1:0")).collect();
     let dir = tempfile::tempdir().expect("tmp");
-    let tpath = dir.path().join("table.json");
     let mods: serde_json::Map<String, Value> = ["text", "caption", "audio"]
         .iter()
         .zip(&nodes)
         .map(|(m, n)| (m.to_string(), json!([endpoint(n, 1.0)])))
         .collect();
-    write_json(&tpath, &json!({"pipeline": "bench", "generation": 1, "modalities": mods}));
-    let router = spawn_router(&["--routing-table", tpath.to_str().unwrap()]);
-    wait_ready(&router.url, Duration::from_secs(10));
+    let router = router_on(dir.path(), &json!({"pipeline": "bench", "generation": 1, "modalities": mods}), None, &[]);
     let text = "the quick brown fox jumps over the lazy dog";
     // Warm up both paths.
     run(&format!("{}/embed", nodes[0].url), json!({"inputs": [text]}), 4, 10).await;

@@ -135,13 +135,9 @@ async fn kill_one_of_three_replicas_under_load_no_request_fails() {
     let _g = serial();
     let nodes: Vec<Proc> = (0..3).map(|i| spawn_node(&format!("text-{i}"), "text", "127.0.0.1:0")).collect();
     let dir = tempfile::tempdir().expect("tmp");
-    let tpath = dir.path().join("table.json");
     let eps: Vec<Value> = nodes.iter().map(|n| endpoint(n, 1.0)).collect();
-    write_json(&tpath, &table(1, json!({ "text": eps })));
-    let ppath = dir.path().join("pipeline.json");
-    write_json(&ppath, &json!({"nodes": [], "routing": {"retries": 2, "consecutiveErrors": 2, "timeoutMs": 5000}}));
-    let router = spawn_router(&["--routing-table", tpath.to_str().unwrap(), "--pipeline", ppath.to_str().unwrap()]);
-    wait_ready(&router.url, Duration::from_secs(10));
+    let pipeline = json!({"nodes": [], "routing": {"retries": 2, "consecutiveErrors": 2, "timeoutMs": 5000}});
+    let router = router_on(dir.path(), &table(1, json!({ "text": eps })), Some(&pipeline), &[]);
 
     let ok = Arc::new(AtomicUsize::new(0));
     let failed = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
@@ -216,15 +212,9 @@ async fn only_replica_dies_degraded_then_whole_after_restart() {
     let mut audio = spawn_node("minilm-audio", "audio", "127.0.0.1:0");
     let audio_port = audio.port();
     let dir = tempfile::tempdir().expect("tmp");
-    let tpath = dir.path().join("table.json");
-    write_json(&tpath, &table(1, json!({"text": [endpoint(&text, 1.0)], "audio": [endpoint(&audio, 1.0)]})));
-    let ppath = dir.path().join("pipeline.json");
-    write_json(
-        &ppath,
-        &json!({"nodes": [{"name": "minilm-text", "required": true}, {"name": "minilm-audio"}], "routing": {"timeoutMs": 2000}}),
-    );
-    let router = spawn_router(&["--routing-table", tpath.to_str().unwrap(), "--pipeline", ppath.to_str().unwrap()]);
-    wait_ready(&router.url, Duration::from_secs(10));
+    let pipeline = json!({"nodes": [{"name": "minilm-text", "required": true}, {"name": "minilm-audio"}], "routing": {"timeoutMs": 2000}});
+    let routes = table(1, json!({"text": [endpoint(&text, 1.0)], "audio": [endpoint(&audio, 1.0)]}));
+    let router = router_on(dir.path(), &routes, Some(&pipeline), &[]);
     let c = client();
     let url = format!("{}/v1/infer", router.url);
     let body = json!({"inputs": {"text": "hello", "audio": "hello world"}});
@@ -359,21 +349,11 @@ async fn bad_inputs_get_4xx_json() {
     let _g = serial();
     let text = spawn_node("minilm-text", "text", "127.0.0.1:0");
     let dir = tempfile::tempdir().expect("tmp");
-    let tpath = dir.path().join("table.json");
     let mut fusion_ep = endpoint(&text, 1.0);
     fusion_ep["node"] = json!("fuser");
-    write_json(&tpath, &table(1, json!({"text": [endpoint(&text, 1.0)], "fused": [fusion_ep]})));
-    let ppath = dir.path().join("pipeline.json");
-    write_json(&ppath, &json!({"nodes": [{"name": "fuser", "role": "fusion"}]}));
-    let router = spawn_router(&[
-        "--routing-table",
-        tpath.to_str().unwrap(),
-        "--pipeline",
-        ppath.to_str().unwrap(),
-        "--max-body-bytes",
-        "65536",
-    ]);
-    wait_ready(&router.url, Duration::from_secs(10));
+    let routes = table(1, json!({"text": [endpoint(&text, 1.0)], "fused": [fusion_ep]}));
+    let pipeline = json!({"nodes": [{"name": "fuser", "role": "fusion"}]});
+    let router = router_on(dir.path(), &routes, Some(&pipeline), &["--max-body-bytes", "65536"]);
     let c = client();
     let infer = format!("{}/v1/infer", router.url);
     let emb = format!("{}/v1/embeddings", router.url);
@@ -421,21 +401,10 @@ async fn auth_and_rate_limit() {
     let _g = serial();
     let text = spawn_node("minilm-text", "text", "127.0.0.1:0");
     let dir = tempfile::tempdir().expect("tmp");
-    let tpath = dir.path().join("table.json");
-    write_json(&tpath, &table(1, json!({"text": [endpoint(&text, 1.0)]})));
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "# router tokens\ns3cret-one\ns3cret-two\n").unwrap();
-    let router = spawn_router(&[
-        "--routing-table",
-        tpath.to_str().unwrap(),
-        "--auth-token-file",
-        tokens.to_str().unwrap(),
-        "--rate-limit-rps",
-        "1",
-        "--rate-limit-burst",
-        "3",
-    ]);
-    wait_ready(&router.url, Duration::from_secs(10));
+    let flags = ["--auth-token-file", tokens.to_str().unwrap(), "--rate-limit-rps", "1", "--rate-limit-burst", "3"];
+    let router = router_on(dir.path(), &table(1, json!({"text": [endpoint(&text, 1.0)]})), None, &flags);
     let c = client();
     let url = format!("{}/v1/infer", router.url);
     let body = json!({"inputs": {"text": "auth"}});

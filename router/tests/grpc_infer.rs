@@ -2,8 +2,6 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use prism_router::grpc::pb;
 use serde_json::json;
@@ -13,13 +11,8 @@ async fn grpc_infer_fans_out_and_maps_errors() {
     let text = spawn_node("minilm-text", "text", "127.0.0.1:0");
     let caption = spawn_node("minilm-caption", "caption", "127.0.0.1:0");
     let dir = tempfile::tempdir().expect("tmp");
-    let tpath = dir.path().join("table.json");
-    write_json(
-        &tpath,
-        &json!({"pipeline": "g", "generation": 4, "modalities": {"text": [endpoint(&text, 1.0)], "caption": [endpoint(&caption, 1.0)]}}),
-    );
-    let router = spawn_router(&["--routing-table", tpath.to_str().unwrap(), "--grpc-listen", "127.0.0.1:0"]);
-    wait_ready(&router.url, Duration::from_secs(10));
+    let routes = json!({"pipeline": "g", "generation": 4, "modalities": {"text": [endpoint(&text, 1.0)], "caption": [endpoint(&caption, 1.0)]}});
+    let router = router_on(dir.path(), &routes, None, &["--grpc-listen", "127.0.0.1:0"]);
     let addr = router
         .banner
         .iter()

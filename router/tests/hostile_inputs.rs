@@ -54,27 +54,11 @@ async fn every_hostile_request_gets_a_4xx_json_error_and_nothing_falls_over() {
     let vision = spawn_arch("vision-n", "vit", "vit-digits");
     let audio = spawn_arch("audio-n", "whisper-encoder", "whisper-base-encoder");
     let dir = tempfile::tempdir().expect("tmp");
-    let tpath = dir.path().join("table.json");
-    write_json(
-        &tpath,
-        &json!({"pipeline": "hostile", "generation": 1, "modalities": {
-            "text": [endpoint(&text, 1.0)], "vision": [endpoint(&vision, 1.0)], "audio": [endpoint(&audio, 1.0)],
-        }}),
-    );
-    let ppath = dir.path().join("pipeline.json");
-    write_json(
-        &ppath,
-        &json!({"nodes": [{"name": "text-n"}, {"name": "vision-n"}, {"name": "audio-n"}], "fusion": {"strategy": "late"}}),
-    );
-    let router = spawn_router(&[
-        "--routing-table",
-        tpath.to_str().unwrap(),
-        "--pipeline",
-        ppath.to_str().unwrap(),
-        "--max-body-bytes",
-        "1048576",
-    ]);
-    wait_ready(&router.url, Duration::from_secs(10));
+    let table = json!({"pipeline": "hostile", "generation": 1, "modalities": {
+        "text": [endpoint(&text, 1.0)], "vision": [endpoint(&vision, 1.0)], "audio": [endpoint(&audio, 1.0)],
+    }});
+    let pipeline = json!({"nodes": [{"name": "text-n"}, {"name": "vision-n"}, {"name": "audio-n"}], "fusion": {"strategy": "late"}});
+    let router = router_on(dir.path(), &table, Some(&pipeline), &["--max-body-bytes", "1048576"]);
     let c = reqwest::Client::builder().timeout(Duration::from_secs(30)).build().expect("client");
 
     let mut failures = Vec::new();

@@ -148,6 +148,24 @@ pub fn spawn_router(args: &[&str]) -> Proc {
     start(cmd, "prism-router", Duration::from_secs(30))
 }
 
+/// Writes `table` (and `pipeline`, when given) as JSON files in `dir`, starts a router on them with
+/// `extra` flags and waits until it is ready.
+pub fn router_on(dir: &Path, table: &Value, pipeline: Option<&Value>, extra: &[&str]) -> Proc {
+    let tpath = dir.join("table.json");
+    write_json(&tpath, table);
+    let mut args = vec!["--routing-table".to_string(), tpath.display().to_string()];
+    if let Some(p) = pipeline {
+        let ppath = dir.join("pipeline.json");
+        write_json(&ppath, p);
+        args.extend(["--pipeline".to_string(), ppath.display().to_string()]);
+    }
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let router = spawn_router(&args);
+    wait_ready(&router.url, Duration::from_secs(10));
+    router
+}
+
 pub fn endpoint(node: &Proc, modality_weight: f64) -> Value {
     json!({"endpoint": node.url, "node": node.name, "revision": "r1", "weight": modality_weight, "accuracy": 0.9, "ready": true})
 }
