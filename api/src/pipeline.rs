@@ -60,6 +60,34 @@ pub struct MultimodalPipelineSpec {
     /// Container image of the router; defaults to the operator's `--router-image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub router_image: Option<String>,
+    /// Bearer-token auth of the router's API (on unless `insecureNoAuth`).
+    #[serde(default)]
+    pub auth: RouterAuth,
+}
+
+/// Bearer-token auth of the router. The tokens live in a Secret the user creates (the
+/// operator never reads Secrets; the router pods mount it):
+/// `kubectl create secret generic <pipeline>-router-tokens --from-literal=tokens=$(openssl rand -hex 32)`.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RouterAuth {
+    /// Secret with the accepted tokens, one per line, under the key `tokens`; default
+    /// `<pipeline>-router-tokens`. Router pods wait in ContainerCreating until it exists.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret_name: Option<String>,
+    /// Accept anonymous requests (only behind a gateway that authenticates).
+    #[serde(default)]
+    pub insecure_no_auth: bool,
+}
+
+impl RouterAuth {
+    pub const TOKENS_KEY: &'static str = "tokens";
+
+    /// The Secret the router mounts, or None when auth is off.
+    pub fn secret_for(&self, pipeline: &str) -> Option<String> {
+        (!self.insecure_no_auth)
+            .then(|| self.secret_name.clone().unwrap_or_else(|| format!("{pipeline}-router-tokens")))
+    }
 }
 
 fn default_router_replicas() -> i32 {

@@ -199,6 +199,9 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
 
     // The table first: failover latency is measured to this write.
     apply(&ctx.client, &ns, &objs.config_map).await?;
+    apply(&ctx.client, &ns, &objs.service_account).await?;
+    apply(&ctx.client, &ns, &objs.role).await?;
+    apply(&ctx.client, &ns, &objs.role_binding).await?;
     let router = apply(&ctx.client, &ns, &objs.deployment).await?;
     apply(&ctx.client, &ns, &objs.service).await?;
     ctx.metrics.routing_table_generation.with_label_values(&[&ns, &name]).set(table.generation as i64);

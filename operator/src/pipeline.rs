@@ -5,15 +5,17 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, PodSpec,
-    PodTemplateSpec, Probe, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, KeyToPath,
+    PodSpec, PodTemplateSpec, Probe, SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
+    VolumeMount,
 };
+use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use prism_api::condition::{self, types, Condition, ConditionStatus};
 use prism_api::labels;
-use prism_api::pipeline::{MultimodalPipeline, MultimodalPipelineStatus, NodeEndpoints};
+use prism_api::pipeline::{MultimodalPipeline, MultimodalPipelineStatus, NodeEndpoints, RouterAuth};
 use prism_api::routing::{build_table, NodeObservation, RoutingTable, PIPELINE_SPEC_KEY, ROUTING_TABLE_KEY};
 
 use crate::index::PodEndpoint;
@@ -22,6 +24,8 @@ use crate::{Error, OperatorConfig, Result};
 
 pub const ROUTER_PORT: i32 = 8080;
 pub const CONFIG_DIR: &str = "/etc/prism";
+/// Where the router pods mount the token Secret.
+pub const AUTH_DIR: &str = "/etc/prism-auth";
 pub const COMPONENT: &str = "router";
 /// Annotation on the router pod template: a change of the pipeline spec rolls the routers.
 /// The routing table is deliberately not hashed: failover must not restart routers.
@@ -94,6 +98,10 @@ pub struct PipelineObjects {
     pub deployment: Deployment,
     pub service: Service,
     pub config_map: ConfigMap,
+    /// The routers' identity: it may read its own routing ConfigMap and nothing else.
+    pub service_account: ServiceAccount,
+    pub role: Role,
+    pub role_binding: RoleBinding,
 }
 
 fn labels_for(mmp: &MultimodalPipeline) -> BTreeMap<String, String> {
@@ -162,18 +170,63 @@ pub fn desired_objects(
         timeout_seconds: Some(2),
         ..Default::default()
     };
+    // The mounted file gives a starting table even when the API is unreachable; the watch
+    // brings rewrites within milliseconds instead of the kubelet's next sync (up to a minute).
+    let mut args = vec![
+        "--pipeline".to_string(),
+        format!("{CONFIG_DIR}/{PIPELINE_SPEC_KEY}"),
+        "--routing-table".into(),
+        format!("{CONFIG_DIR}/{ROUTING_TABLE_KEY}"),
+        "--routing-configmap".into(),
+        config_map_name(&name),
+        "--listen".into(),
+        format!("0.0.0.0:{ROUTER_PORT}"),
+    ];
+    let mut mounts = vec![
+        VolumeMount {
+            name: "config".into(),
+            mount_path: CONFIG_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        },
+        VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
+    ];
+    let mut volumes = vec![
+        Volume {
+            name: "config".into(),
+            config_map: Some(ConfigMapVolumeSource { name: config_map_name(&name), ..Default::default() }),
+            ..Default::default()
+        },
+        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+    ];
+    match mmp.spec.auth.secret_for(&name) {
+        Some(secret) => {
+            let key = RouterAuth::TOKENS_KEY;
+            args.extend(["--auth-token-file".into(), format!("{AUTH_DIR}/{key}")]);
+            mounts.push(VolumeMount {
+                name: "auth".into(),
+                mount_path: AUTH_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            });
+            volumes.push(Volume {
+                name: "auth".into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret),
+                    items: Some(vec![KeyToPath { key: key.into(), path: key.into(), mode: None }]),
+                    default_mode: Some(0o440),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+        None => args.push("--insecure-no-auth".into()),
+    }
     let container = Container {
         name: "router".into(),
         image: Some(mmp.spec.router_image.clone().unwrap_or_else(|| cfg.router_image.clone())),
         image_pull_policy: cfg.image_pull_policy.clone(),
-        args: Some(vec![
-            "--pipeline".into(),
-            format!("{CONFIG_DIR}/{PIPELINE_SPEC_KEY}"),
-            "--routing-table".into(),
-            format!("{CONFIG_DIR}/{ROUTING_TABLE_KEY}"),
-            "--listen".into(),
-            format!("0.0.0.0:{ROUTER_PORT}"),
-        ]),
+        args: Some(args),
         ports: Some(vec![ContainerPort {
             name: Some("http".into()),
             container_port: ROUTER_PORT,
@@ -183,15 +236,7 @@ pub fn desired_objects(
         readiness_probe: Some(probe("/ready")),
         liveness_probe: Some(probe("/live")),
         security_context: Some(restricted_container_sc()),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "config".into(),
-                mount_path: CONFIG_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            },
-            VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
-        ]),
+        volume_mounts: Some(mounts),
         ..Default::default()
     };
     let deployment = Deployment {
@@ -210,21 +255,9 @@ pub fn desired_objects(
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
-                    volumes: Some(vec![
-                        Volume {
-                            name: "config".into(),
-                            config_map: Some(ConfigMapVolumeSource {
-                                name: config_map_name(&name),
-                                ..Default::default()
-                            }),
-                            ..Default::default()
-                        },
-                        Volume {
-                            name: "tmp".into(),
-                            empty_dir: Some(EmptyDirVolumeSource::default()),
-                            ..Default::default()
-                        },
-                    ]),
+                    volumes: Some(volumes),
+                    service_account_name: Some(router_name(&name)),
+                    automount_service_account_token: Some(true),
                     security_context: Some(restricted_pod_sc()),
                     enable_service_links: Some(false),
                     ..Default::default()
@@ -249,7 +282,34 @@ pub fn desired_objects(
         }),
         status: None,
     };
-    Ok(PipelineObjects { deployment, service, config_map })
+    let service_account = ServiceAccount { metadata: meta(router_name(&name))?, ..Default::default() };
+    // Field-selected get/list/watch of one named ConfigMap: the API server authorizes a watch
+    // with `fieldSelector=metadata.name=X` against resourceNames [X].
+    let role = Role {
+        metadata: meta(router_name(&name))?,
+        rules: Some(vec![PolicyRule {
+            api_groups: Some(vec![String::new()]),
+            resources: Some(vec!["configmaps".into()]),
+            resource_names: Some(vec![config_map_name(&name)]),
+            verbs: vec!["get".into(), "list".into(), "watch".into()],
+            ..Default::default()
+        }]),
+    };
+    let role_binding = RoleBinding {
+        metadata: meta(router_name(&name))?,
+        role_ref: RoleRef {
+            api_group: Some("rbac.authorization.k8s.io".into()),
+            kind: "Role".into(),
+            name: router_name(&name),
+        },
+        subjects: Some(vec![Subject {
+            kind: "ServiceAccount".into(),
+            name: router_name(&name),
+            namespace: ns.clone(),
+            ..Default::default()
+        }]),
+    };
+    Ok(PipelineObjects { deployment, service, config_map, service_account, role, role_binding })
 }
 
 /// Pipeline status from the table just published, the missing nodes and the router Deployment.
@@ -314,7 +374,15 @@ pub fn status(
             types::READY,
             ConditionStatus::False,
             "RouterUnavailable",
-            format!("no replica of Deployment {router_name} is available yet"),
+            match mmp.spec.auth.secret_for(&mmp.name_any()) {
+                // The most common first-install stall: the token Secret does not exist yet.
+                Some(secret) => format!(
+                    "no replica of Deployment {router_name} is available yet; its pods mount Secret {secret} \
+                     (key `tokens`); create it if missing: kubectl create secret generic {secret} \
+                     --from-literal=tokens=$(openssl rand -hex 32)"
+                ),
+                None => format!("no replica of Deployment {router_name} is available yet"),
+            },
         )
     } else if nodes_ready == 0 {
         Condition::new(

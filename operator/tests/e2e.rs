@@ -849,3 +849,113 @@ async fn operator_killed_mid_reconcile_restarts_without_duplicates_or_rollouts()
     assert_eq!(t.ready("text").count(), 12, "every node's pod in the table once");
     drop(b);
 }
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane (KUBECONFIG) and target/release/prism-router"]
+async fn router_follows_its_configmap_through_the_api_with_only_its_own_service_account() {
+    let mut ns = TestNs::new("routerwatch", &[]).await;
+    ns.start_operator();
+    ns.apply_yaml(&small_node("text", "text", false, "  replicas: {min: 2, max: 2}\n"));
+    ns.apply_yaml(&small_node("audio", "audio", true, ""));
+    ns.apply_yaml(&pipeline_yaml("mm", &["text", "audio"]));
+    let before = ns
+        .wait("both modalities ready in the table", T, || async {
+            let t = ns.table("mm").await?;
+            (t.ready("text").count() == 2 && t.ready("audio").count() == 1).then_some(t)
+        })
+        .await;
+    ns.wait("the routers' RoleBinding", T, || async {
+        ns.api::<k8s_openapi::api::rbac::v1::RoleBinding>().get_opt("mm-router").await.ok().flatten()
+    })
+    .await;
+
+    // The routers' identity may read its own ConfigMap and nothing else.
+    let sa = format!("system:serviceaccount:{}:mm-router", ns.name);
+    let can = |what: &[&str]| {
+        let mut args = vec!["auth", "can-i"];
+        args.extend_from_slice(what);
+        args.extend_from_slice(&["-n", &ns.name, "--as", &sa]);
+        String::from_utf8_lossy(&kubectl(&args).stdout).trim().to_string()
+    };
+    assert_eq!(can(&["watch", "configmaps/mm-routing-table"]), "yes");
+    assert_eq!(can(&["get", "configmaps/mm-routing-table"]), "yes");
+    assert_eq!(can(&["get", "configmaps/other"]), "no");
+    assert_eq!(can(&["list", "configmaps"]), "no", "an unnamed list would expose every ConfigMap");
+    assert_eq!(can(&["get", "secrets"]), "no");
+    assert_eq!(can(&["patch", "configmaps/mm-routing-table"]), "no");
+
+    // Run the real router binary as that ServiceAccount (a TokenRequest token), with no table
+    // file: everything it knows comes from the watch. No probes: the pod IPs are fake.
+    let tmp = std::env::temp_dir().join(format!("{}-routerwatch", ns.name));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let token = kubectl_ok(&["-n", &ns.name, "create", "token", "mm-router", "--duration=10m"]);
+    let raw = kubectl_ok(&["config", "view", "--raw", "--minify", "-o", "json"]);
+    let mut cfg: serde_json::Value = serde_json::from_str(&raw).unwrap();
+    cfg["users"] = serde_json::json!([{"name": "mm-router", "user": {"token": token.trim()}}]);
+    cfg["contexts"][0]["context"]["user"] = "mm-router".into();
+    cfg["contexts"][0]["context"]["namespace"] = ns.name.clone().into();
+    let kubeconfig = tmp.join("kubeconfig.json");
+    std::fs::write(&kubeconfig, serde_json::to_vec(&cfg).unwrap()).unwrap();
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| repo().join("target"));
+    let mut cmd = Command::new(target.join("release/prism-router"));
+    cmd.args(["--listen", "127.0.0.1:0", "--routing-configmap", "mm-routing-table", "--probe-interval-ms", "0"])
+        .env("KUBECONFIG", &kubeconfig)
+        .env("RUST_LOG", "info");
+    let (_router, line) = spawn_until(cmd, &tmp.join("router.log"), "listening on http://", Duration::from_secs(30));
+    let url = line.split("listening on ").nth(1).unwrap().trim().to_string();
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let router_table = || async {
+        let r = http.get(format!("{url}/v1/routing-table")).send().await.ok()?;
+        r.json::<RoutingTable>().await.ok()
+    };
+    let got = ns
+        .wait("the router has the operator's table from the watch", T, || async {
+            router_table().await.filter(|t| t.generation >= before.generation)
+        })
+        .await;
+    assert_eq!(got.ready("audio").count(), 1);
+
+    // A failover rewrite reaches the router from the watch, not from a kubelet file sync.
+    let cms = ns.api::<ConfigMap>();
+    let mut stream = Box::pin(watcher(cms, watcher::Config::default().fields("metadata.name=mm-routing-table")));
+    while let Some(ev) = stream.next().await {
+        if matches!(ev, Ok(watcher::Event::InitDone)) {
+            break;
+        }
+    }
+    let audio_pod = ns.node_pods("audio").await.remove(0);
+    kubectl_ok(&["-n", &ns.name, "label", "pod", &audio_pod.name_any(), "prism.dev/fault=not-ready", "--overwrite"]);
+    let rewritten = tokio::time::timeout(T, async {
+        while let Some(ev) = stream.next().await {
+            if let Ok(watcher::Event::Apply(cm)) = ev {
+                let t: RoutingTable = serde_json::from_str(&cm.data.unwrap_or_default()[ROUTING_TABLE_KEY]).unwrap();
+                if t.ready("audio").count() == 0 {
+                    return t;
+                }
+            }
+        }
+        panic!("watch ended");
+    })
+    .await
+    .expect("routing table rewritten");
+    let t_cm = Instant::now();
+    let seen = ns
+        .wait("the router applies the rewrite", Duration::from_secs(10), || async {
+            router_table().await.filter(|t| t.generation >= rewritten.generation)
+        })
+        .await;
+    let lag = t_cm.elapsed();
+    eprintln!("router: ConfigMap write -> router table in {lag:?} (a mounted file lags up to ~60 s)");
+    assert_eq!(seen.ready("audio").count(), 0, "the router no longer routes to the failed pod");
+    assert!(lag < Duration::from_secs(5), "the watch delivered the rewrite in {lag:?}");
+
+    // Generations never go backwards: an older table written by hand is ignored.
+    let mut stale = before.clone();
+    stale.generation = 1;
+    let patch = serde_json::json!({"data": {ROUTING_TABLE_KEY: serde_json::to_string(&stale).unwrap()}});
+    ns.api::<ConfigMap>().patch("mm-routing-table", &PatchParams::default(), &Patch::Merge(&patch)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = router_table().await.expect("router answers");
+    assert!(after.generation >= rewritten.generation, "stale generation {} applied", after.generation);
+    ns.stop_operator().await;
+}

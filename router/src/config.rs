@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime};
 
 use prism_api::{MultimodalPipelineSpec, RoutingTable};
 use thiserror::Error;
-use tracing::{debug, warn};
+use tracing::{debug, info, warn};
 
 use crate::engine::Router;
 use crate::error::RouterError;
@@ -54,6 +54,18 @@ pub fn load_pipeline(path: &Path) -> Result<(Option<String>, MultimodalPipelineS
     parse_pipeline(&text, path)
 }
 
+/// Apply `table` read from `source` (a file, a ConfigMap) if it is newer; older generations are
+/// logged and ignored, so sources racing each other can never move the router backwards.
+pub fn offer_table(router: &Router, table: RoutingTable, source: &str) {
+    match router.apply_table(table) {
+        Ok(r) => debug!(generation = r.generation, applied = r.applied, source, "routing table read"),
+        Err(RouterError::StaleGeneration { offered, current }) => {
+            info!(offered, current, source, "routing table not newer than the one in use; ignored")
+        }
+        Err(e) => warn!(error = %e, source, "ignoring routing table"),
+    }
+}
+
 fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     let m = std::fs::metadata(path).ok()?;
     Some((m.modified().ok()?, m.len()))
@@ -76,13 +88,7 @@ pub async fn watch_files(router: Arc<Router>, table: Option<PathBuf>, pipeline: 
                 match load_table(p) {
                     Ok(t) => {
                         table_stamp = s;
-                        match router.apply_table(t) {
-                            Ok(r) => debug!(generation = r.generation, applied = r.applied, "routing table file read"),
-                            Err(RouterError::StaleGeneration { offered, current }) => {
-                                warn!(offered, current, file = %p.display(), "ignoring routing table file: generation not newer")
-                            }
-                            Err(e) => warn!(error = %e, file = %p.display(), "ignoring routing table file"),
-                        }
+                        offer_table(&router, t, &p.display().to_string());
                     }
                     Err(e) => warn!(error = %e, "routing table file unreadable; keeping the current table"),
                 }

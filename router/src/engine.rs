@@ -49,6 +49,7 @@ pub fn default_spec() -> MultimodalPipelineSpec {
         memory: Default::default(),
         router_replicas: 1,
         router_image: None,
+        auth: Default::default(),
     }
 }
 

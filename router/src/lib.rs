@@ -7,9 +7,11 @@
 //!   settings, request validation, degradation decision.
 //! - [`engine`]: routing-table state, node calls with retries, parallel fan-out.
 //! - [`http`] (axum) and [`grpc`] (tonic) front doors over one [`error::RouterError`] table.
+//! - [`config`] (files) and [`cluster`] (the ConfigMap, watched through the API): hot reload.
 //! - [`memory`]: the seam prism-memory plugs into (request log, cached answers).
 
 pub mod balancer;
+pub mod cluster;
 pub mod config;
 pub mod engine;
 pub mod error;

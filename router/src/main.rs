@@ -24,12 +24,18 @@ struct Args {
     /// Pipeline spec: a MultimodalPipeline manifest or its bare spec, JSON or YAML. Re-read when it changes.
     #[arg(long, env = "PRISM_ROUTER_PIPELINE")]
     pipeline: Option<PathBuf>,
-    /// Pipeline name when neither the pipeline manifest nor the routing table names one.
-    #[arg(long, default_value = "default")]
-    pipeline_name: String,
+    /// Pipeline name when the pipeline manifest does not name one; otherwise the first routing
+    /// table names it (`default` when there is no table source at all).
+    #[arg(long)]
+    pipeline_name: Option<String>,
     /// Routing table JSON ({pipeline, generation, modalities}); polled and applied when its generation grows.
     #[arg(long, env = "PRISM_ROUTER_ROUTING_TABLE")]
     routing_table: Option<PathBuf>,
+    /// Watch the routing table and pipeline spec in this ConfigMap ([NAMESPACE/]NAME; default
+    /// namespace: the pod's) through the Kubernetes API. Used in clusters: a mounted ConfigMap
+    /// file lags up to a minute. Combines with --routing-table (newest generation wins).
+    #[arg(long, env = "PRISM_ROUTER_ROUTING_CONFIGMAP")]
+    routing_configmap: Option<String>,
     /// How often the routing-table and pipeline files are checked for changes.
     #[arg(long, default_value_t = 250)]
     reload_interval_ms: u64,
@@ -99,8 +105,17 @@ async fn main() -> anyhow::Result<()> {
         None => None,
     };
     let probe = (args.probe_interval_ms > 0).then(|| Duration::from_millis(args.probe_interval_ms));
-    let router =
-        Router::new(name.unwrap_or(args.pipeline_name.clone()), spec, table, EngineOptions { probe_interval: probe })?;
+    // An empty name is taken from the first table applied (a table for another pipeline is
+    // refused once the name is known).
+    let has_table_source = args.routing_table.is_some() || args.routing_configmap.is_some();
+    let name = name.or(args.pipeline_name.clone()).unwrap_or_else(|| {
+        if has_table_source {
+            String::new()
+        } else {
+            "default".to_string()
+        }
+    });
+    let router = Router::new(name, spec, table, EngineOptions { probe_interval: probe })?;
 
     tokio::spawn(router.clone().probe_loop());
     if args.routing_table.is_some() || args.pipeline.is_some() {
@@ -110,6 +125,12 @@ async fn main() -> anyhow::Result<()> {
             args.pipeline.clone(),
             Duration::from_millis(args.reload_interval_ms.max(10)),
         ));
+    }
+
+    if let Some(cm) = &args.routing_configmap {
+        let client = prism_router::cluster::client().await?;
+        let (ns, name) = prism_router::cluster::parse_ref(cm, client.default_namespace())?;
+        tokio::spawn(prism_router::cluster::watch_configmap(router.clone(), client, ns, name));
     }
 
     if let Some(addr) = args.grpc_listen {

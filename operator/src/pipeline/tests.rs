@@ -158,15 +158,48 @@ fn router_objects_mount_the_table_and_pass_args() {
             "/etc/prism/pipeline.json",
             "--routing-table",
             "/etc/prism/routing-table.json",
+            "--routing-configmap",
+            "mm-routing-table",
             "--listen",
-            "0.0.0.0:8080"
+            "0.0.0.0:8080",
+            "--auth-token-file",
+            "/etc/prism-auth/tokens"
         ]
     );
     let vol = ps.volumes.as_ref().unwrap().iter().find(|v| v.name == "config").unwrap();
     assert_eq!(vol.config_map.as_ref().unwrap().name, "mm-routing-table");
+    // Auth on by default, from the Secret the user creates (the operator never reads Secrets).
+    let auth = ps.volumes.as_ref().unwrap().iter().find(|v| v.name == "auth").unwrap();
+    assert_eq!(auth.secret.as_ref().unwrap().secret_name.as_deref(), Some("mm-router-tokens"));
+    // The routers' identity reads exactly their ConfigMap.
+    assert_eq!(ps.service_account_name.as_deref(), Some("mm-router"));
+    let rule = &o.role.rules.as_ref().unwrap()[0];
+    assert_eq!(rule.resource_names.as_deref(), Some(&["mm-routing-table".to_string()][..]));
+    assert_eq!(rule.verbs, vec!["get", "list", "watch"]);
+    assert_eq!(o.role_binding.subjects.as_ref().unwrap()[0].name, "mm-router");
+    assert_eq!(o.role_binding.role_ref.name, "mm-router");
     assert_eq!(o.config_map.metadata.owner_references.as_ref().unwrap()[0].kind, "MultimodalPipeline");
     // A failover (new table) must not change the router pod template (no restart).
     let t2 = routing_table(&p, &observed(&[("text-a", "text", vec![])]), Some(&t), 0);
     let o2 = desired_objects(&p, &OperatorConfig::default(), &t2).unwrap();
     assert_eq!(o.deployment, o2.deployment);
+}
+
+#[test]
+fn router_auth_secret_is_configurable_and_can_be_turned_off() {
+    let args_of = |auth: serde_json::Value| {
+        let mut p = three();
+        p.spec.auth = serde_json::from_value(auth).unwrap();
+        let t = routing_table(&p, &BTreeMap::new(), None, 0);
+        let o = desired_objects(&p, &OperatorConfig::default(), &t).unwrap();
+        let ps = o.deployment.spec.unwrap().template.spec.unwrap();
+        let secret = ps.volumes.unwrap().into_iter().find_map(|v| v.secret).and_then(|s| s.secret_name);
+        (ps.containers[0].args.clone().unwrap(), secret)
+    };
+    let (args, secret) = args_of(serde_json::json!({"secretName": "team-tokens"}));
+    assert_eq!(secret.as_deref(), Some("team-tokens"));
+    assert!(args.contains(&"--auth-token-file".to_string()));
+    let (args, secret) = args_of(serde_json::json!({"insecureNoAuth": true}));
+    assert_eq!(secret, None);
+    assert!(args.contains(&"--insecure-no-auth".to_string()) && !args.contains(&"--auth-token-file".to_string()));
 }
