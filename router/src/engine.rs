@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use prism_api::pipeline::{FusionStrategy, NodeRole};
+use prism_api::pipeline::{FusionStrategy, MissingRequired, NodeRole};
 use prism_api::wire::node::{EmbedInput, EmbedRequest, EmbedResponse, InputItem};
 use prism_api::wire::router::{
     Degraded, InferRequest, InferResponse, ModalityResult, ReloadResponse, ReplicaRef, RouterTimings,
@@ -474,8 +474,12 @@ impl Router {
                 };
                 let min = snap.spec.degradation.cache.min_similarity;
                 return match cache.nearest(&snap.pipeline, &vectors, min) {
-                    Some(mut past) => {
+                    Some((mut past, similarity)) => {
+                        let answered = past.id.clone();
                         past.id = request_id.to_string();
+                        let reason = format!(
+                            "{reason}; served the cached answer of request {answered} (similarity {similarity:.4})"
+                        );
                         past.degraded = Some(Degraded { missing, reason, cached: true });
                         self.count_degraded(snap, past.degraded.as_ref());
                         Ok(past)
@@ -569,6 +573,12 @@ impl Router {
         let sink = self.memory.read().ok().and_then(|m| m.clone());
         if let Some(sink) = sink {
             sink.record(&snap.pipeline, &req.inputs, &resp);
+        }
+        // Only pipelines that may serve cached answers pay for remembering them.
+        if snap.spec.degradation.on_missing_required == MissingRequired::Cached && resp.degraded.is_none() {
+            if let Some(cache) = self.cache.read().ok().and_then(|c| c.clone()) {
+                cache.remember(&snap.pipeline, &resp);
+            }
         }
         Ok(resp)
     }

@@ -57,6 +57,11 @@ struct Args {
     /// Interval of active /ready probes of every replica; 0 = passive health only.
     #[arg(long, default_value_t = 500)]
     probe_interval_ms: u64,
+    /// Whole answers kept per pipeline for `degradation.onMissingRequired: cached` (the nearest
+    /// one above `cache.minSimilarity` answers when a required modality is down); 0 = off.
+    /// Only pipelines with that policy remember answers.
+    #[arg(long, default_value_t = 10_000)]
+    answer_cache_entries: usize,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -117,6 +122,9 @@ async fn main() -> anyhow::Result<()> {
     });
     let router = Router::new(name, spec, table, EngineOptions { probe_interval: probe })?;
 
+    if args.answer_cache_entries > 0 {
+        router.set_answer_cache(std::sync::Arc::new(prism_memory::RecentAnswers::new(args.answer_cache_entries)));
+    }
     tokio::spawn(router.clone().probe_loop());
     if args.routing_table.is_some() || args.pipeline.is_some() {
         tokio::spawn(config::watch_files(

@@ -1,9 +1,11 @@
-//! Seams for the memory loop (prism-memory plugs in here later; the router builds without it).
+//! Seams for the memory loop: the request log (a durable store plugs in here) and the answer
+//! cache behind `degradation.onMissingRequired: cached` (prism-memory's [`RecentAnswers`]).
 
 use std::collections::BTreeMap;
 
 use prism_api::wire::node::EmbedInput;
 use prism_api::wire::router::InferResponse;
+use prism_memory::RecentAnswers;
 
 /// Receives every answered request, after the response is built. Implementations must not
 /// block: the router calls `record` inline on the request path, so a durable store should hand
@@ -15,12 +17,29 @@ pub trait MemorySink: Send + Sync + 'static {
 /// Serves a past answer when a required modality is down and the pipeline says
 /// `degradation.onMissingRequired: cached`.
 pub trait AnswerCache: Send + Sync + 'static {
-    /// Nearest past answer to a request of which only `served` modality vectors are known,
-    /// if its cosine similarity is at least `min_similarity`.
+    /// Called with every whole answer of a pipeline whose policy is `cached`.
+    fn remember(&self, pipeline: &str, answer: &InferResponse);
+    /// Nearest past answer, with its similarity, to a request of which only the `served`
+    /// modality vectors are known, if the similarity is at least `min_similarity`.
     fn nearest(
         &self,
         pipeline: &str,
         served: &BTreeMap<String, Vec<f32>>,
         min_similarity: f64,
-    ) -> Option<InferResponse>;
+    ) -> Option<(InferResponse, f64)>;
+}
+
+impl AnswerCache for RecentAnswers {
+    fn remember(&self, pipeline: &str, answer: &InferResponse) {
+        RecentAnswers::remember(self, pipeline, answer)
+    }
+
+    fn nearest(
+        &self,
+        pipeline: &str,
+        served: &BTreeMap<String, Vec<f32>>,
+        min_similarity: f64,
+    ) -> Option<(InferResponse, f64)> {
+        RecentAnswers::nearest(self, pipeline, served, min_similarity)
+    }
 }

@@ -260,6 +260,54 @@ async fn only_replica_dies_degraded_then_whole_after_restart() {
     assert!(metric(&m, "prism_router_degraded_total", &[("pipeline", "search"), ("missing", "audio")]) >= 1.0, "{m}");
 }
 
+/// `onMissingRequired: cached`: with a required modality down, a request like an earlier one
+/// gets that earlier whole answer, marked cached; an unlike one gets the 503 naming the modality.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn required_modality_down_serves_the_nearest_cached_answer() {
+    let _g = serial();
+    let text = spawn_node("minilm-text", "text", "127.0.0.1:0");
+    let mut audio = spawn_node("minilm-audio", "audio", "127.0.0.1:0");
+    let dir = tempfile::tempdir().expect("tmp");
+    let pipeline = json!({
+        "nodes": [{"name": "minilm-text", "required": true}, {"name": "minilm-audio", "required": true}],
+        "routing": {"timeoutMs": 2000},
+        "degradation": {"onMissingRequired": "cached", "cache": {"minSimilarity": 0.9}}
+    });
+    let routes = table(1, json!({"text": [endpoint(&text, 1.0)], "audio": [endpoint(&audio, 1.0)]}));
+    let router = router_on(dir.path(), &routes, Some(&pipeline), &[]);
+    let c = client();
+    let url = format!("{}/v1/infer", router.url);
+    let dog = json!({"inputs": {"text": "a dog running in the snow", "audio": "barking"}});
+    let (s, whole, _) = post(&c, &url, &dog).await;
+    assert_eq!(s, 200, "{whole}");
+    assert!(whole.get("degraded").is_none(), "{whole}");
+    let (s, _, _) =
+        post(&c, &url, &json!({"inputs": {"text": "quarterly tax report for the board", "audio": "typing"}})).await;
+    assert_eq!(s, 200);
+
+    audio.kill9();
+    // Same wording with different punctuation: nearest is the dog answer, served whole from memory.
+    let (s, v, h) =
+        post(&c, &url, &json!({"inputs": {"text": "A dog running in the snow!", "audio": "barking"}})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["degraded"]["cached"], json!(true), "{v}");
+    assert_eq!(v["degraded"]["missing"], json!(["audio"]), "{v}");
+    let reason = v["degraded"]["reason"].as_str().unwrap();
+    assert!(reason.contains(whole["id"].as_str().unwrap()), "names the request it reused: {reason}");
+    assert_eq!(floats(&v["embedding"]), floats(&whole["embedding"]), "the remembered fused answer");
+    assert_ne!(v["id"], whole["id"], "a new request id");
+    assert_eq!(h["x-request-id"].to_str().unwrap(), v["id"].as_str().unwrap());
+
+    // Nothing similar enough: the 503 names the missing modality.
+    let (s, v, _) = post(&c, &url, &json!({"inputs": {"text": "how do volcanoes form", "audio": "rumble"}})).await;
+    assert_eq!(s, 503, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("audio"), "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("no cached answer"), "{v}");
+    let m = c.get(format!("{}/metrics", router.url)).send().await.unwrap().text().await.unwrap();
+    assert!(metric(&m, "prism_router_request_duration_seconds_count", &[("outcome", "cached")]) >= 1.0, "{m}");
+    drop(text);
+}
+
 /// Hot reload from the file and the admin API, under load, without dropping a request;
 /// generations never go backwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
