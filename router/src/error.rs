@@ -34,6 +34,9 @@ pub enum RouterError {
     Unavailable(String),
     #[error("deadline of {0} ms exceeded")]
     Timeout(u64),
+    /// The client did not finish sending its body in time (slow or stalled upload).
+    #[error("request body not received within {secs} s (router flag --body-timeout-s)")]
+    BodyTimeout { secs: u64 },
     #[error("routing table generation {offered} is not newer than the current generation {current}")]
     StaleGeneration { offered: u64, current: u64 },
     #[error(transparent)]
@@ -56,6 +59,7 @@ impl RouterError {
             RouterError::RateLimited { .. } => "rate_limited",
             RouterError::Unavailable(_) => "unavailable",
             RouterError::Timeout(_) => "timeout",
+            RouterError::BodyTimeout { .. } => "request_timeout",
             RouterError::StaleGeneration { .. } => "conflict",
             RouterError::Fusion(FusionError::DimensionMismatch { .. }) => "fusion",
             RouterError::Fusion(_) => "fusion",
@@ -75,6 +79,7 @@ impl RouterError {
             RouterError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,
             RouterError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             RouterError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            RouterError::BodyTimeout { .. } => StatusCode::REQUEST_TIMEOUT,
             RouterError::StaleGeneration { .. } => StatusCode::CONFLICT,
             // Encoders disagreeing on dimension is a deployment fault, not the client's.
             RouterError::Fusion(_) => StatusCode::FAILED_DEPENDENCY,
@@ -92,7 +97,7 @@ impl RouterError {
             RouterError::PayloadTooLarge { .. } | RouterError::RateLimited { .. } => tonic::Code::ResourceExhausted,
             RouterError::Unauthorized => tonic::Code::Unauthenticated,
             RouterError::Unavailable(_) => tonic::Code::Unavailable,
-            RouterError::Timeout(_) => tonic::Code::DeadlineExceeded,
+            RouterError::Timeout(_) | RouterError::BodyTimeout { .. } => tonic::Code::DeadlineExceeded,
             RouterError::StaleGeneration { .. } => tonic::Code::Aborted,
             RouterError::Fusion(_) => tonic::Code::FailedPrecondition,
             RouterError::NotFound(_) => tonic::Code::NotFound,

@@ -151,6 +151,11 @@ pub async fn serve(
     let bound = listener.local_addr()?;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let svc = RouterServer::new(GrpcRouter::new(router, tokens));
-    let fut = tonic::transport::Server::builder().add_service(svc).serve_with_incoming(incoming);
+    // Dead peers are found by HTTP/2 pings instead of holding streams for ever.
+    let fut = tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
+        .add_service(svc)
+        .serve_with_incoming(incoming);
     Ok((bound, fut))
 }

@@ -3,13 +3,14 @@
 //! Security defaults: bearer-token auth on `/v1/*` and `/admin/*` (tokens from
 //! `--auth-token-file`, compared in constant time); probes, `/metrics` and `/openapi.json` stay
 //! open so kubelets and Prometheus need no secret. Per-client token-bucket rate limit (client =
-//! bearer token, else peer IP), a body-size limit answered with a JSON 413, and a deadline on
-//! every request.
+//! bearer token, else peer IP), a body-size limit answered with a JSON 413, a body-read
+//! deadline answered with a JSON 408, and [`serve`]'s connection timeouts (slowloris).
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
 use axum::extract::{ConnectInfo, Request, State};
@@ -38,11 +39,19 @@ pub struct HttpOptions {
     /// Requests per second per client; 0 = unlimited.
     pub rate_limit_rps: f64,
     pub rate_limit_burst: f64,
+    /// Longest a client may take to send a request body (408 after it).
+    pub body_timeout: Duration,
 }
 
 impl Default for HttpOptions {
     fn default() -> Self {
-        Self { tokens: Vec::new(), max_body_bytes: 16 * 1024 * 1024, rate_limit_rps: 0.0, rate_limit_burst: 0.0 }
+        Self {
+            tokens: Vec::new(),
+            max_body_bytes: 16 * 1024 * 1024,
+            rate_limit_rps: 0.0,
+            rate_limit_burst: 0.0,
+            body_timeout: Duration::from_secs(30),
+        }
     }
 }
 
@@ -193,9 +202,14 @@ impl AppState {
     }
 }
 
-/// Read the body up to `limit` bytes; over the limit is a JSON 413 (axum's own is plain text).
-async fn read_body(req: Request, limit: usize) -> Result<Bytes, RouterError> {
-    axum::body::to_bytes(req.into_body(), limit).await.map_err(|e| {
+/// Read the body up to `limit` bytes within `timeout`; over the limit is a JSON 413 (axum's own
+/// is plain text), too slow a JSON 408.
+async fn read_body(req: Request, opts: &HttpOptions) -> Result<Bytes, RouterError> {
+    let (limit, timeout) = (opts.max_body_bytes, opts.body_timeout);
+    let read = tokio::time::timeout(timeout, axum::body::to_bytes(req.into_body(), limit))
+        .await
+        .map_err(|_| RouterError::BodyTimeout { secs: timeout.as_secs() })?;
+    read.map_err(|e| {
         let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
         while let Some(c) = cur {
             if c.is::<http_body_util::LengthLimitError>() {
@@ -213,7 +227,7 @@ fn rid(headers: &axum::http::Extensions) -> String {
 
 async fn infer(State(st): State<AppState>, req: Request) -> Result<Response, RouterError> {
     let id = rid(req.extensions());
-    let body = read_body(req, st.options.max_body_bytes).await?;
+    let body = read_body(req, &st.options).await?;
     let parsed: InferRequest = serde_json::from_slice(&body).map_err(from_json_error)?;
     let resp = st.router.infer(parsed, &id).await?;
     Ok(Json(resp).into_response())
@@ -221,7 +235,7 @@ async fn infer(State(st): State<AppState>, req: Request) -> Result<Response, Rou
 
 async fn embeddings(State(st): State<AppState>, req: Request) -> Result<Response, RouterError> {
     let id = rid(req.extensions());
-    let body = read_body(req, st.options.max_body_bytes).await?;
+    let body = read_body(req, &st.options).await?;
     let parsed: EmbeddingsRequest = serde_json::from_slice(&body).map_err(from_json_error)?;
     if let Some(f) = parsed.encoding_format.as_deref() {
         if f != "float" {
@@ -277,7 +291,7 @@ async fn get_table(State(st): State<AppState>) -> Json<RoutingTable> {
 }
 
 async fn put_table(State(st): State<AppState>, req: Request) -> Result<Response, RouterError> {
-    let body = read_body(req, st.options.max_body_bytes).await?;
+    let body = read_body(req, &st.options).await?;
     let table: RoutingTable = serde_json::from_slice(&body).map_err(from_json_error)?;
     let r = st.router.apply_table(table)?;
     Ok(Json(r).into_response())
@@ -293,4 +307,91 @@ async fn ready(State(st): State<AppState>) -> Response {
 
 async fn metrics(State(st): State<AppState>) -> Response {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.router.metrics.render()).into_response()
+}
+
+/// Connection timeouts of [`serve`]. Without them a client holds a connection, and its buffers,
+/// for ever by sending its headers a byte at a time or by opening connections and staying silent.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnLimits {
+    /// A request's headers must arrive within this time of the connection being ready for the
+    /// next request (also bounds a silent new or idle keep-alive connection).
+    pub header_read_timeout: Duration,
+    /// HTTP/2: ping after this much silence, close when the ping is not answered in as long.
+    pub h2_keepalive: Duration,
+    /// On shutdown, in-flight requests get this long to finish.
+    pub drain: Duration,
+}
+
+impl Default for ConnLimits {
+    fn default() -> Self {
+        Self {
+            // nginx's client_header_timeout; also the keep-alive idle limit, kept above common
+            // client pool idle times' lower end so idle-close races stay rare.
+            header_read_timeout: Duration::from_secs(60),
+            h2_keepalive: Duration::from_secs(20),
+            drain: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Serve `app` on `listener` (HTTP/1.1 and h2c) with [`ConnLimits`], until `shutdown` resolves;
+/// then stop accepting and let in-flight requests finish for `limits.drain`. Each request gets
+/// the peer address as `ConnectInfo<SocketAddr>` (the rate limiter keys anonymous clients by it).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    app: AxumRouter,
+    limits: ConnLimits,
+    shutdown: impl Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use tower::ServiceExt;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(limits.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(Some(limits.h2_keepalive))
+        .keep_alive_timeout(limits.h2_keepalive);
+    let builder = Arc::new(builder);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let app = app.clone();
+        let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+            req.extensions_mut().insert(ConnectInfo(peer));
+            app.clone().oneshot(req.map(axum::body::Body::new))
+        });
+        let builder = builder.clone();
+        let watcher = graceful.watcher();
+        let first_byte = limits.header_read_timeout;
+        tokio::spawn(async move {
+            // The protocol sniffing (HTTP/1 vs the h2 preface) reads before hyper's header
+            // timer starts: a connection that never sends a byte is closed here.
+            match tokio::time::timeout(first_byte, stream.peek(&mut [0u8; 1])).await {
+                Ok(Ok(n)) if n > 0 => {}
+                _ => return,
+            }
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            // Errors here are the client's (reset, timed out, bad framing): nothing to report.
+            let _ = watcher.watch(conn).await;
+        });
+    }
+    if tokio::time::timeout(limits.drain, graceful.shutdown()).await.is_err() {
+        tracing::warn!(drain = ?limits.drain, "in-flight requests still running at shutdown; closing them");
+    }
 }

@@ -45,6 +45,13 @@ struct Args {
     /// Serve /v1 and /admin without auth on a non-loopback address (loopback never needs this).
     #[arg(long)]
     insecure_no_auth: bool,
+    /// A request's headers must arrive within this many seconds (closes silent and slowloris
+    /// connections, idle keep-alive ones included).
+    #[arg(long, default_value_t = 60.0)]
+    header_timeout_s: f64,
+    /// A request's body must arrive within this many seconds (408 after it).
+    #[arg(long, default_value_t = 30.0)]
+    body_timeout_s: f64,
     /// Largest request body in bytes (413 above it).
     #[arg(long, default_value_t = 16 * 1024 * 1024)]
     max_body_bytes: usize,
@@ -76,6 +83,30 @@ fn read_tokens(path: &PathBuf) -> anyhow::Result<Vec<String>> {
         bail!("--auth-token-file {} holds no token (one per line)", path.display());
     }
     Ok(tokens)
+}
+
+/// SIGTERM (the kubelet stopping the pod) or Ctrl-C: stop accepting, drain in-flight requests.
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+    info!("shutting down: draining in-flight requests");
+}
+
+fn seconds(flag: &str, v: f64) -> anyhow::Result<Duration> {
+    if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+        bail!("{flag} must be a number of seconds in (0, 86400], got {v}");
+    }
+    Ok(Duration::from_secs_f64(v))
 }
 
 #[tokio::main]
@@ -156,6 +187,11 @@ async fn main() -> anyhow::Result<()> {
         max_body_bytes: args.max_body_bytes,
         rate_limit_rps: args.rate_limit_rps,
         rate_limit_burst: args.rate_limit_burst.unwrap_or(args.rate_limit_rps * 2.0),
+        body_timeout: seconds("--body-timeout-s", args.body_timeout_s)?,
+    };
+    let limits = http::ConnLimits {
+        header_read_timeout: seconds("--header-timeout-s", args.header_timeout_s)?,
+        ..Default::default()
     };
     let app = http::app(router.clone(), opts);
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -165,10 +201,7 @@ async fn main() -> anyhow::Result<()> {
     // Printed on stdout, flushed: `prism up` and the tests read the port from it.
     println!("listening on http://{local}");
     info!(addr = %local, pipeline = %router.snapshot().pipeline, "router listening");
-    axum::serve(listener, app.into_make_service_with_connect_info::<SocketAddr>())
-        .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
-        })
-        .await?;
+    http::serve(listener, app, limits, shutdown_signal()).await;
+    info!("router stopped");
     Ok(())
 }

@@ -475,6 +475,50 @@ async fn auth_and_rate_limit() {
     assert_eq!(c.get(format!("{}/openapi.json", router.url)).send().await.unwrap().status().as_u16(), 200);
 }
 
+/// Slow and silent clients are cut off (slowloris): a connection that sends nothing, headers
+/// that never finish, a body that stalls (JSON 408); the router keeps serving everyone else.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slow_and_silent_connections_are_closed() {
+    use std::io::{Read, Write};
+    let _g = serial();
+    let text = spawn_node("minilm-text", "text", "127.0.0.1:0");
+    let dir = tempfile::tempdir().expect("tmp");
+    let flags = ["--header-timeout-s", "0.5", "--body-timeout-s", "1"];
+    let router = router_on(dir.path(), &table(1, json!({"text": [endpoint(&text, 1.0)]})), None, &flags);
+    let addr = router.url.trim_start_matches("http://").to_string();
+    // What the server sends before it closes, and how long that took.
+    let exchange = |send: &[u8]| {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.write_all(send).unwrap();
+        let t0 = Instant::now();
+        let mut got = Vec::new();
+        let r = s.read_to_end(&mut got);
+        assert!(r.is_ok() || !got.is_empty(), "still open after 10 s: {r:?}");
+        (String::from_utf8_lossy(&got).into_owned(), t0.elapsed())
+    };
+    let (_, took) = exchange(b"");
+    assert!(took < Duration::from_secs(5), "a silent connection stayed open {took:?}");
+    let (_, took) = exchange(b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Ty");
+    assert!(took < Duration::from_secs(5), "unfinished headers held the connection {took:?}");
+    let (resp, took) = exchange(
+        b"POST /v1/infer HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\nConnection: close\r\n\r\n{\"inputs\":",
+    );
+    assert!(resp.starts_with("HTTP/1.1 408"), "{resp}");
+    assert!(resp.contains("\"request_timeout\""), "JSON error body: {resp}");
+    assert!(took < Duration::from_secs(5), "{took:?}");
+    // A kept-alive connection that goes quiet after its request is closed too.
+    let (resp, took) = exchange(b"GET /live HTTP/1.1\r\nHost: x\r\n\r\n");
+    assert!(resp.starts_with("HTTP/1.1 200"), "{resp}");
+    assert!(took < Duration::from_secs(5), "an idle keep-alive connection stayed open {took:?}");
+    // Everyone else is still served, on fresh and on kept-alive connections.
+    let c = client();
+    for _ in 0..3 {
+        let (s, v, _) = post(&c, &format!("{}/v1/infer", router.url), &json!({"inputs": {"text": "still here"}})).await;
+        assert_eq!(s, 200, "{v}");
+    }
+}
+
 /// The router refuses to start open on a non-loopback address.
 #[test]
 fn refuses_open_non_loopback_bind() {
