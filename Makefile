@@ -72,9 +72,11 @@ test-router: models ## router unit/property tests + integration tests with real 
 	$(CARGO) test --release -p prism-router
 
 .PHONY: bench-router
-bench-router: models ## router overhead vs calling the node directly, and 3-modality fan-out vs the slowest modality
+bench-router: models ## router overhead vs the node (200 clients) and 3-modality fan-out, vs Ray Serve doing the same fan-out
 	$(CARGO) build --release -p prism-node -p prism-router --bins
-	$(CARGO) test --release -q -p prism-router --test bench_router -- --ignored --nocapture
+	test -x bench/.venv/bin/python || python3 -m venv bench/.venv
+	bench/.venv/bin/python -c 'import ray.serve, aiohttp' 2>/dev/null || bench/.venv/bin/pip install -q "ray[serve]"
+	python3 bench/router/run.py --ray-python bench/.venv/bin/python $(BENCH_ARGS)
 # --- end router ---
 
 # --- demo ---

@@ -1,7 +1,9 @@
 //! Router overhead and fan-out benchmark over real nodes (run by `make bench-router`;
 //! `#[ignore]`d in the test suite because it measures, it does not check).
 //!
-//! Prints `router: overhead_p50_ms=... overhead_p99_ms=... fanout_vs_slowest=... rps=...`.
+//! Prints `router: overhead_p50_ms=... overhead_p99_ms=... fanout_vs_slowest=...
+//! ray_fanout_vs_slowest=... rps=...`. The peer, Ray Serve, does the same fan-out over the same
+//! three nodes in the same run (bench/router/ray_fanout.py, run with `BENCH_RAY_PYTHON`).
 
 mod common;
 
@@ -80,14 +82,36 @@ async fn bench_router_overhead_and_fanout() {
     )
     .await;
     let fan50 = pct(&mut fan, 0.5);
+    let ray = ray_serve_fanout(&nodes, text);
     eprintln!(
         "direct p50={d50:.2} p99={d99:.2} ms; via router p50={v50:.2} p99={v99:.2} ms; {clients} clients x {per}"
     );
+    let ray_field = |k: &str| ray.as_ref().and_then(|r| r[k].as_f64()).map_or("nan".to_string(), |v| format!("{v:.2}"));
+    eprintln!("prism fan-out p50={fan50:.2} ms, slowest single modality p50={slowest:.2} ms");
     println!(
-        "router: overhead_p50_ms={:.2} overhead_p99_ms={:.2} fanout_vs_slowest={:.2} rps={:.0}",
+        "router: overhead_p50_ms={:.2} overhead_p99_ms={:.2} fanout_vs_slowest={:.2} ray_fanout_vs_slowest={} rps={:.0} clients={clients} fanout_p50_ms={fan50:.2} ray_fanout_p50_ms={}",
         v50 - d50,
         v99 - d99,
         fan50 / slowest,
-        rps
+        ray_field("ray_fanout_vs_slowest"),
+        rps,
+        ray_field("ray_fanout_p50_ms"),
     );
+}
+
+/// Ray Serve doing the same fan-out + fusion over the same nodes: its JSON summary, or None
+/// (printed as nan) when `BENCH_RAY_PYTHON` is unset. A failing peer run fails the benchmark.
+fn ray_serve_fanout(nodes: &[Proc], text: &str) -> Option<Value> {
+    let python = std::env::var("BENCH_RAY_PYTHON").ok()?;
+    let script = workspace_root().join("bench/router/ray_fanout.py");
+    let mut cmd = std::process::Command::new(python);
+    cmd.arg(script).args(["--text", text, "--requests", "30", "--timeout-s", "600"]);
+    for (m, n) in ["text", "caption", "audio"].iter().zip(nodes) {
+        cmd.args(["--node", &format!("{m}={}", n.url)]);
+    }
+    let out = cmd.stderr(std::process::Stdio::inherit()).output().expect("running bench/router/ray_fanout.py");
+    assert!(out.status.success(), "Ray Serve peer failed ({})", out.status);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().last().expect("ray_fanout.py printed nothing");
+    Some(serde_json::from_str(last).expect("ray_fanout.py's last line is JSON"))
 }
