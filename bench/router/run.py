@@ -49,7 +49,7 @@ def main():
     if out.returncode != 0 or line is None:
         fail(f"the router benchmark failed (exit {out.returncode})")
     headline(args, "router", "router: overhead vs the node, 3-modality fan-out, Ray Serve as the peer",
-             INTRO, line, f"{args.clients} clients")
+             INTRO, line, f"{args.clients} clients", load_before)
 
 
 if __name__ == "__main__":

@@ -58,9 +58,14 @@ async fn bench_router_overhead_and_fanout() {
         .collect();
     let router = router_on(dir.path(), &json!({"pipeline": "bench", "generation": 1, "modalities": mods}), None, &[]);
     let text = "the quick brown fox jumps over the lazy dog";
-    // Warm up both paths.
-    run(&format!("{}/embed", nodes[0].url), json!({"inputs": [text]}), 4, 10).await;
-    run(&format!("{}/v1/infer", router.url), json!({"inputs": {"text": text}}), 4, 10).await;
+    // Warm up both paths at full concurrency, so the router's connection pool to the node is as
+    // warm as the direct clients' connections (else the first wave pays 200 connects).
+    run(&format!("{}/embed", nodes[0].url), json!({"inputs": [text]}), clients, 2).await;
+    run(&format!("{}/v1/infer", router.url), json!({"inputs": {"text": text}}), clients, 2).await;
+    // Pure added latency: one client, nothing queued.
+    let (mut d1, _) = run(&format!("{}/embed", nodes[0].url), json!({"inputs": [text]}), 1, 100).await;
+    let (mut v1, _) = run(&format!("{}/v1/infer", router.url), json!({"inputs": {"text": text}}), 1, 100).await;
+    let idle_overhead = pct(&mut v1, 0.5) - pct(&mut d1, 0.5);
 
     let (mut direct, _) = run(&format!("{}/embed", nodes[0].url), json!({"inputs": [text]}), clients, per).await;
     let (mut via, rps) =
@@ -89,7 +94,7 @@ async fn bench_router_overhead_and_fanout() {
     let ray_field = |k: &str| ray.as_ref().and_then(|r| r[k].as_f64()).map_or("nan".to_string(), |v| format!("{v:.2}"));
     eprintln!("prism fan-out p50={fan50:.2} ms, slowest single modality p50={slowest:.2} ms");
     println!(
-        "router: overhead_p50_ms={:.2} overhead_p99_ms={:.2} fanout_vs_slowest={:.2} ray_fanout_vs_slowest={} rps={:.0} clients={clients} fanout_p50_ms={fan50:.2} ray_fanout_p50_ms={}",
+        "router: overhead_p50_ms={:.2} overhead_p99_ms={:.2} fanout_vs_slowest={:.2} ray_fanout_vs_slowest={} rps={:.0} clients={clients} overhead_1client_p50_ms={idle_overhead:.2} fanout_p50_ms={fan50:.2} ray_fanout_p50_ms={}",
         v50 - d50,
         v99 - d99,
         fan50 / slowest,
