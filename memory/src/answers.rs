@@ -141,6 +141,7 @@ mod tests {
             fusion_replica: None,
             timings: RouterTimings::default(),
             degraded: None,
+            recorded: None,
         }
     }
 

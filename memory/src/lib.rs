@@ -1,9 +1,14 @@
 //! prism-memory: the memory loop's store.
 //!
-//! Built so far: [`RecentAnswers`], the bounded in-process set of recent whole answers behind
-//! `degradation.onMissingRequired: cached`. The durable request log, ANN search and
-//! corrections (DESIGN.md, memory loop) build on the same similarity rule.
+//! - [`Memory`] (`store.rs`): the durable request log in one SQLite file (WAL,
+//!   `synchronous=FULL`, group commit: a write is acknowledged only once it is on disk), exact
+//!   cosine search over every logged vector, corrections aggregated per model revision, the
+//!   corrections exported as a training set, retention by age.
+//! - [`RecentAnswers`] (`answers.rs`): the bounded in-process set of recent whole answers behind
+//!   `degradation.onMissingRequired: cached`.
 
 mod answers;
+mod store;
 
 pub use answers::{similarity, RecentAnswers};
+pub use store::{logged_inputs, Correction, Hit, Memory, MemoryError, Record, RevisionFeedback, StoredRecord, FUSED};

@@ -48,6 +48,9 @@ pub struct ReplicaStats {
     pub ejections: u32,
     /// Last successful heartbeat (health probe or served request).
     pub last_heartbeat_ms: f64,
+    /// The model revision this replica reports in its answers (corrections are recorded against
+    /// it); until the first answer, the routing table's.
+    pub served_revision: Option<String>,
 }
 
 impl ReplicaStats {
@@ -63,6 +66,7 @@ impl ReplicaStats {
             ejected_until_ms: None,
             ejections: 0,
             last_heartbeat_ms: now_ms,
+            served_revision: None,
         }
     }
 
@@ -128,9 +132,33 @@ pub struct Balancer {
     pub modalities: BTreeMap<String, BTreeMap<String, ReplicaStats>>,
     /// Interval of active health probes, when they run (feeds the heartbeat term of P_fail).
     pub heartbeat_interval_ms: Option<f64>,
+    /// User corrections per (node, revision): (sum of ratings, count). Keyed by revision, not
+    /// endpoint, so a bad model revision loses traffic on every replica and a restarted pod
+    /// keeps its record.
+    pub feedback: BTreeMap<(String, String), (f64, u64)>,
 }
 
+/// How many corrections the routing table's accuracy counts for: A_i moves halfway to the
+/// observed mean rating after this many.
+pub const FEEDBACK_PRIOR: f64 = 10.0;
+
 impl Balancer {
+    /// Fold `count` corrections with ratings summing to `rating_sum` into a revision's record.
+    pub fn add_feedback(&mut self, node: &str, revision: &str, rating_sum: f64, count: u64) {
+        let e = self.feedback.entry((node.to_string(), revision.to_string())).or_default();
+        e.0 += rating_sum;
+        e.1 += count;
+    }
+
+    /// A_i: the table's accuracy (the prior, worth [`FEEDBACK_PRIOR`] ratings) blended with the
+    /// corrections of that revision.
+    pub fn accuracy_of(&self, node: &str, revision: &str, prior: f64) -> f64 {
+        match self.feedback.get(&(node.to_string(), revision.to_string())) {
+            Some((sum, n)) if *n > 0 => (prior * FEEDBACK_PRIOR + sum) / (FEEDBACK_PRIOR + *n as f64),
+            _ => prior,
+        }
+    }
+
     /// Apply a routing table: keep the stats of replicas that remain (same modality and
     /// endpoint), add new ones, drop the rest. In-flight counts of kept replicas survive so a
     /// reload mid-traffic does not forget the load.
@@ -215,7 +243,9 @@ impl Balancer {
             .iter()
             .map(|s| {
                 let l = s.expected_latency(default_ewma);
-                (policy.alpha * s.endpoint.accuracy - policy.beta * l, l, *s)
+                let revision = s.served_revision.as_deref().unwrap_or(&s.endpoint.revision);
+                let a = self.accuracy_of(&s.endpoint.node, revision, s.endpoint.accuracy);
+                (policy.alpha * a - policy.beta * l, l, *s)
             })
             .collect();
         let (best, best_ewma) = scored.iter().fold((f64::NEG_INFINITY, 0.0), |acc, (sc, _, s)| {
@@ -249,6 +279,15 @@ impl Balancer {
             }
         };
         Some(pick.endpoint.clone())
+    }
+
+    /// The revision a replica reported in an answer.
+    pub fn note_revision(&mut self, modality: &str, endpoint: &str, revision: &str) {
+        if let Some(s) = self.stats_mut(modality, endpoint) {
+            if s.served_revision.as_deref() != Some(revision) {
+                s.served_revision = Some(revision.to_string());
+            }
+        }
     }
 
     /// A call is about to be sent.
@@ -537,6 +576,28 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let e = b.choose("text", &RoutingPolicy::default(), &BTreeSet::new(), 0.0, &mut rng).unwrap();
         assert_eq!(e.endpoint, eps[1].endpoint);
+    }
+
+    #[test]
+    fn corrections_move_accuracy_per_revision_and_steer_traffic() {
+        // Equal table accuracy: n1 wins on nothing yet. Bad ratings for n0's revision flip it.
+        let eps = vec![ep(0, true, 1.0, 0.9), ep(1, true, 1.0, 0.9)];
+        let mut b = balancer(eps.clone());
+        assert_eq!(b.accuracy_of("n0", "r1", 0.9), 0.9, "no corrections: the table's value");
+        b.add_feedback("n0", "r1", 0.0, 10);
+        assert!((b.accuracy_of("n0", "r1", 0.9) - 0.45).abs() < 1e-12, "halfway after FEEDBACK_PRIOR ratings");
+        assert_eq!(b.accuracy_of("n0", "r2", 0.9), 0.9, "another revision keeps its own record");
+        let policy = RoutingPolicy { alpha: 10.0, ..Default::default() };
+        let mut rng = StdRng::seed_from_u64(7);
+        for _ in 0..50 {
+            let e = b.choose("text", &policy, &BTreeSet::new(), 0.0, &mut rng).unwrap();
+            assert_eq!(e.endpoint, eps[1].endpoint);
+        }
+        // A new table (failover, rollout) keeps the corrections.
+        let mut t = BTreeMap::new();
+        t.insert("text".to_string(), eps);
+        b.apply_table(&t, 1.0);
+        assert!(b.accuracy_of("n0", "r1", 0.9) < 0.5);
     }
 
     #[test]

@@ -18,9 +18,10 @@ use tracing::{debug, info, warn, Instrument};
 use crate::balancer::Balancer;
 use crate::error::RouterError;
 use crate::fusion;
-use crate::memory::{AnswerCache, MemorySink};
+use crate::memory::AnswerCache;
 use crate::metrics::Metrics;
 use crate::plan::{self, Decision, ModalityConfig};
+use prism_memory::{logged_inputs, Memory, MemoryError, Record};
 
 /// Everything a request reads, swapped atomically on reload so a request sees one consistent
 /// table + spec even if a reload lands mid-flight.
@@ -147,7 +148,7 @@ pub struct Router {
     clock: Instant,
     client: reqwest::Client,
     pub metrics: Arc<Metrics>,
-    memory: RwLock<Option<Arc<dyn MemorySink>>>,
+    memory: RwLock<Option<Arc<Memory>>>,
     cache: RwLock<Option<Arc<dyn AnswerCache>>>,
     pub options: EngineOptions,
 }
@@ -187,10 +188,52 @@ impl Router {
         }))
     }
 
-    pub fn set_memory_sink(&self, sink: Arc<dyn MemorySink>) {
+    /// Log every answered request to `memory` (acknowledged only once durable) and start the
+    /// accuracy estimates from the corrections it already holds.
+    pub fn set_memory(&self, memory: Arc<Memory>) -> Result<(), MemoryError> {
+        let feedback = memory.feedback()?;
+        self.with_balancer(|b| {
+            for f in &feedback {
+                b.add_feedback(&f.node, &f.revision, f.rating_sum, f.count);
+            }
+        });
         if let Ok(mut m) = self.memory.write() {
-            *m = Some(sink);
+            *m = Some(memory);
         }
+        Ok(())
+    }
+
+    pub fn memory(&self) -> Option<Arc<Memory>> {
+        self.memory.read().ok().and_then(|m| m.clone())
+    }
+
+    /// A correction of a past request: stored durably, then folded into the accuracy estimate
+    /// A_i of every replica revision that served it. Returns those revisions with their new A_i.
+    pub async fn correct(
+        &self,
+        correction: prism_memory::Correction,
+    ) -> Result<Vec<(prism_api::wire::router::ReplicaRef, f64)>, RouterError> {
+        let memory = self.memory().ok_or_else(memory_off)?;
+        let rating = correction.rating;
+        let replicas = memory.correct(correction).await.map_err(memory_error)?;
+        let snap = self.snapshot();
+        Ok(self.with_balancer(|b| {
+            replicas
+                .into_iter()
+                .map(|r| {
+                    b.add_feedback(&r.node, &r.revision, rating, 1);
+                    let prior = snap
+                        .table
+                        .modalities
+                        .values()
+                        .flatten()
+                        .find(|e| e.endpoint == r.endpoint)
+                        .map_or(1.0, |e| e.accuracy);
+                    let a = b.accuracy_of(&r.node, &r.revision, prior);
+                    (r, a)
+                })
+                .collect()
+        }))
     }
 
     pub fn set_answer_cache(&self, cache: Arc<dyn AnswerCache>) {
@@ -359,7 +402,12 @@ impl Router {
             let now = self.now_ms();
             match res {
                 Ok(response) => {
-                    self.with_balancer(|b| b.on_success(modality, &ep.endpoint, latency_ms, now));
+                    self.with_balancer(|b| {
+                        b.on_success(modality, &ep.endpoint, latency_ms, now);
+                        if !response.revision.is_empty() {
+                            b.note_revision(modality, &ep.endpoint, &response.revision);
+                        }
+                    });
                     self.metrics
                         .upstream_duration
                         .with_label_values(&[modality, &ep.node])
@@ -558,7 +606,7 @@ impl Router {
             })
             .collect();
         self.count_degraded(snap, degraded.as_ref());
-        let resp = InferResponse {
+        let mut resp = InferResponse {
             id: request_id.to_string(),
             pipeline: snap.pipeline.clone(),
             generation: snap.table.generation,
@@ -567,12 +615,31 @@ impl Router {
             modalities,
             contributions: if de_fusion { contributions } else { None },
             fusion_replica,
-            timings: RouterTimings { route_ms, fanout_ms, fuse_ms, total_ms: ms(t0.elapsed()) },
+            timings: RouterTimings { route_ms, fanout_ms, fuse_ms, memory_ms: None, total_ms: ms(t0.elapsed()) },
             degraded,
+            recorded: None,
         };
-        let sink = self.memory.read().ok().and_then(|m| m.clone());
-        if let Some(sink) = sink {
-            sink.record(&snap.pipeline, &req.inputs, &resp);
+        if let Some(memory) = self.memory() {
+            let t_log = Instant::now();
+            let record = Record {
+                id: resp.id.clone(),
+                pipeline: snap.pipeline.clone(),
+                at_ms: unix_ms(),
+                inputs: logged_inputs(&req.inputs, snap.spec.memory.inputs),
+                response: resp.clone(),
+            };
+            // The answer is served even when the log write fails; `recorded: false` says so.
+            let ok = match memory.record(record).await {
+                Ok(()) => true,
+                Err(e) => {
+                    warn!(error = %e, request_id, "request not recorded in memory");
+                    self.metrics.memory_write_errors_total.inc();
+                    false
+                }
+            };
+            resp.recorded = Some(ok);
+            resp.timings.memory_ms = Some(ms(t_log.elapsed()));
+            resp.timings.total_ms = ms(t0.elapsed());
         }
         // Only pipelines that may serve cached answers pay for remembering them.
         if snap.spec.degradation.on_missing_required == MissingRequired::Cached && resp.degraded.is_none() {
@@ -618,6 +685,32 @@ impl Router {
         texts: Vec<String>,
         request_id: &str,
     ) -> Result<(Served, Arc<Snapshot>), RouterError> {
+        self.embed_inputs(modality, texts.into_iter().map(EmbedInput::Text).collect(), request_id).await
+    }
+
+    /// One input embedded by `modality`'s node (memory search by text, image or audio).
+    pub async fn embed_one(
+        &self,
+        modality: &str,
+        input: EmbedInput,
+        request_id: &str,
+    ) -> Result<Vec<f32>, RouterError> {
+        let (served, _) = self.embed_inputs(modality, vec![input], request_id).await?;
+        served
+            .response
+            .embeddings
+            .into_iter()
+            .next()
+            .ok_or_else(|| RouterError::Unavailable(format!("modality '{modality}' returned no embedding")))
+    }
+
+    /// Inputs of one modality through its best replica, with the pipeline's deadline and retries.
+    pub async fn embed_inputs(
+        &self,
+        modality: &str,
+        inputs: Vec<EmbedInput>,
+        request_id: &str,
+    ) -> Result<(Served, Arc<Snapshot>), RouterError> {
         let snap = self.snapshot();
         let span = tracing::info_span!("embeddings", pipeline = %snap.pipeline, request_id = %request_id);
         let t0 = Instant::now();
@@ -627,7 +720,6 @@ impl Router {
                 b.deposit();
             }
             let deadline = t0 + Duration::from_millis(snap.spec.routing.timeout_ms.max(1));
-            let inputs: Vec<EmbedInput> = texts.into_iter().map(EmbedInput::Text).collect();
             match self.call_modality(&snap, modality, &inputs, deadline).await {
                 Ok(s) => Ok(s),
                 Err(CallError::Rejected(message)) => {
@@ -719,4 +811,23 @@ fn error_chain(e: &dyn std::error::Error) -> String {
         cur = c.source();
     }
     s
+}
+
+fn unix_ms() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as i64)
+}
+
+pub(crate) fn memory_off() -> RouterError {
+    RouterError::NotFound(
+        "memory is not enabled on this router (start prism-router with --memory-path FILE; memory.enabled in the pipeline)"
+            .into(),
+    )
+}
+
+pub(crate) fn memory_error(e: MemoryError) -> RouterError {
+    match e {
+        MemoryError::UnknownRequest(_) => RouterError::NotFound(e.to_string()),
+        MemoryError::Invalid(m) => RouterError::Validation(m),
+        other => RouterError::Unavailable(other.to_string()),
+    }
 }

@@ -96,6 +96,10 @@ fn api_routes(seen: &mut Vec<(&'static str, &'static str)>) -> AxumRouter<AppSta
     let r = add(r, seen, "post", "/v1/infer", post(infer));
     let r = add(r, seen, "post", "/v1/embeddings", post(embeddings));
     let r = add(r, seen, "get", "/v1/routing-table", get(get_table));
+    let r = add(r, seen, "post", "/v1/memory/search", post(memory_search));
+    let r = add(r, seen, "post", "/v1/memory/corrections", post(memory_correct));
+    let r = add(r, seen, "get", "/v1/memory/corrections", get(memory_training_set));
+    let r = add(r, seen, "get", "/v1/memory/records/{id}", get(memory_record));
     add(r, seen, "put", "/admin/routing-table", put(put_table))
 }
 
@@ -393,5 +397,112 @@ pub async fn serve(
     }
     if tokio::time::timeout(limits.drain, graceful.shutdown()).await.is_err() {
         tracing::warn!(drain = ?limits.drain, "in-flight requests still running at shutdown; closing them");
+    }
+}
+
+/// `POST /v1/memory/search`: by a vector, or by an input that the named modality's node embeds.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct SearchRequest {
+    /// Which vectors to search: a modality name, or `fused` (default with `vector`).
+    #[serde(default)]
+    modality: Option<String>,
+    #[serde(default)]
+    input: Option<prism_api::wire::node::EmbedInput>,
+    #[serde(default)]
+    vector: Option<Vec<f32>>,
+    #[serde(default)]
+    k: Option<usize>,
+}
+
+/// Most hits one search returns.
+pub const MAX_SEARCH_K: usize = 100;
+
+async fn memory_search(State(st): State<AppState>, req: Request) -> Result<Response, RouterError> {
+    let id = rid(req.extensions());
+    let body = read_body(req, &st.options).await?;
+    let q: SearchRequest = serde_json::from_slice(&body).map_err(from_json_error)?;
+    let memory = st.router.memory().ok_or_else(crate::engine::memory_off)?;
+    let k = q.k.unwrap_or(10);
+    if k == 0 || k > MAX_SEARCH_K {
+        return Err(RouterError::Validation(format!("k must lie in 1..={MAX_SEARCH_K}, got {k}")));
+    }
+    let snap = st.router.snapshot();
+    let (key, vector) = match (q.vector, q.input) {
+        (Some(_), Some(_)) => {
+            return Err(RouterError::Validation("give either `vector` or `input`, not both".into()));
+        }
+        (None, None) => return Err(RouterError::Validation("give `vector` or `input` (with `modality`)".into())),
+        (Some(v), None) => {
+            if v.is_empty() || v.iter().any(|x| !x.is_finite()) {
+                return Err(RouterError::Validation("`vector` must be non-empty and finite".into()));
+            }
+            (q.modality.unwrap_or_else(|| prism_memory::FUSED.to_string()), v)
+        }
+        (None, Some(input)) => {
+            let Some(m) = q.modality else {
+                return Err(RouterError::Validation("`input` needs `modality` (which node embeds it)".into()));
+            };
+            let v = st.router.embed_one(&m, input, &id).await?;
+            (m, v)
+        }
+    };
+    let hits = memory.search(Some(&snap.pipeline), &key, &vector, k);
+    Ok(Json(serde_json::json!({ "key": key, "exact": true, "hits": hits })).into_response())
+}
+
+/// `POST /v1/memory/corrections`: `{"requestId", "rating": 0..1 | "correct": bool, "answer"?}`.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct CorrectionRequest {
+    request_id: String,
+    #[serde(default)]
+    rating: Option<f64>,
+    #[serde(default)]
+    correct: Option<bool>,
+    #[serde(default)]
+    answer: Option<serde_json::Value>,
+}
+
+async fn memory_correct(State(st): State<AppState>, req: Request) -> Result<Response, RouterError> {
+    let body = read_body(req, &st.options).await?;
+    let c: CorrectionRequest = serde_json::from_slice(&body).map_err(from_json_error)?;
+    let rating = match (c.rating, c.correct) {
+        (Some(r), None) => r,
+        (None, Some(ok)) => f64::from(u8::from(ok)),
+        _ => return Err(RouterError::Validation("give exactly one of `rating` (0..1) or `correct` (bool)".into())),
+    };
+    if c.request_id.is_empty() || c.request_id.len() > 128 {
+        return Err(RouterError::Validation("`requestId` must be 1..128 characters".into()));
+    }
+    let replicas = st
+        .router
+        .correct(prism_memory::Correction { request_id: c.request_id.clone(), rating, answer: c.answer, at_ms: 0 })
+        .await?;
+    let replicas: Vec<serde_json::Value> = replicas
+        .into_iter()
+        .map(|(r, a)| serde_json::json!({"node": r.node, "revision": r.revision, "accuracy": a}))
+        .collect();
+    Ok((
+        StatusCode::CREATED,
+        Json(serde_json::json!({"requestId": c.request_id, "rating": rating, "replicas": replicas})),
+    )
+        .into_response())
+}
+
+async fn memory_training_set(State(st): State<AppState>) -> Result<Response, RouterError> {
+    let memory = st.router.memory().ok_or_else(crate::engine::memory_off)?;
+    let set = memory.training_set().map_err(crate::engine::memory_error)?;
+    Ok(Json(serde_json::json!({ "corrections": set })).into_response())
+}
+
+async fn memory_record(
+    State(st): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, RouterError> {
+    let memory = st.router.memory().ok_or_else(crate::engine::memory_off)?;
+    match memory.get(&id).map_err(crate::engine::memory_error)? {
+        Some(r) => Ok(Json(r).into_response()),
+        None => Err(RouterError::NotFound(format!("no request with id '{id}' in memory"))),
     }
 }

@@ -69,6 +69,11 @@ struct Args {
     /// Only pipelines with that policy remember answers.
     #[arg(long, default_value_t = 10_000)]
     answer_cache_entries: usize,
+    /// Memory log (SQLite file, created if missing): every answered request is recorded before
+    /// its answer is sent (`recorded: true`), searchable at /v1/memory/search, correctable at
+    /// /v1/memory/corrections. Off when not given.
+    #[arg(long, env = "PRISM_ROUTER_MEMORY_PATH")]
+    memory_path: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -83,6 +88,40 @@ fn read_tokens(path: &PathBuf) -> anyhow::Result<Vec<String>> {
         bail!("--auth-token-file {} holds no token (one per line)", path.display());
     }
     Ok(tokens)
+}
+
+/// Prune memory records older than the pipeline's `memory.retention`, every 10 minutes.
+async fn retention_loop(router: std::sync::Arc<prism_router::Router>, memory: std::sync::Arc<prism_memory::Memory>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(600));
+    loop {
+        tick.tick().await;
+        let retention = router.snapshot().spec.memory.retention.clone();
+        let Some(keep) = parse_retention(&retention) else {
+            tracing::warn!(%retention, "memory.retention is not N(s|m|h|d); nothing pruned");
+            continue;
+        };
+        let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        let cutoff = now.saturating_sub(keep).as_millis() as i64;
+        match memory.prune_before(cutoff) {
+            Ok(0) => {}
+            Ok(n) => info!(pruned = n, %retention, "memory retention"),
+            Err(e) => tracing::warn!(error = %e, "memory retention failed"),
+        }
+    }
+}
+
+/// `30d`, `12h`, `90m`, `45s` (the CRD's pattern).
+fn parse_retention(s: &str) -> Option<Duration> {
+    let (num, unit) = s.split_at(s.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    Some(Duration::from_secs(n.checked_mul(secs)?))
 }
 
 /// SIGTERM (the kubelet stopping the pod) or Ctrl-C: stop accepting, drain in-flight requests.
@@ -153,6 +192,11 @@ async fn main() -> anyhow::Result<()> {
     });
     let router = Router::new(name, spec, table, EngineOptions { probe_interval: probe })?;
 
+    if let Some(path) = &args.memory_path {
+        let memory = prism_memory::Memory::open(path)?;
+        router.set_memory(memory.clone())?;
+        tokio::spawn(retention_loop(router.clone(), memory));
+    }
     if args.answer_cache_entries > 0 {
         router.set_answer_cache(std::sync::Arc::new(prism_memory::RecentAnswers::new(args.answer_cache_entries)));
     }

@@ -1,18 +1,11 @@
-//! Seams for the memory loop: the request log (a durable store plugs in here) and the answer
-//! cache behind `degradation.onMissingRequired: cached` (prism-memory's [`RecentAnswers`]).
+//! The answer cache seam behind `degradation.onMissingRequired: cached` (prism-memory's
+//! [`RecentAnswers`]). The durable request log is `prism_memory::Memory`, used by the engine
+//! directly.
 
 use std::collections::BTreeMap;
 
-use prism_api::wire::node::EmbedInput;
 use prism_api::wire::router::InferResponse;
 use prism_memory::RecentAnswers;
-
-/// Receives every answered request, after the response is built. Implementations must not
-/// block: the router calls `record` inline on the request path, so a durable store should hand
-/// the record to its own writer task.
-pub trait MemorySink: Send + Sync + 'static {
-    fn record(&self, pipeline: &str, inputs: &BTreeMap<String, EmbedInput>, response: &InferResponse);
-}
 
 /// Serves a past answer when a required modality is down and the pipeline says
 /// `degradation.onMissingRequired: cached`.

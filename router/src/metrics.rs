@@ -2,7 +2,7 @@
 //! dashboards and `prism up` read them).
 
 use prometheus::{
-    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounterVec, Opts, Registry, TextEncoder,
+    CounterVec, Encoder, GaugeVec, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
 };
 
 /// One geometric bucket series for every duration (TEI style), 0.5 ms .. ~33 s.
@@ -20,6 +20,8 @@ pub struct Metrics {
     pub upstream_duration: HistogramVec,
     pub upstream_failures: IntCounterVec,
     pub retries_total: CounterVec,
+    /// Answers served but not recorded in the memory log (its write failed).
+    pub memory_write_errors_total: IntCounter,
 }
 
 impl Metrics {
@@ -58,6 +60,11 @@ impl Metrics {
             Opts::new("prism_router_retries_total", "Node calls retried on another replica"),
             &["modality"],
         )?;
+        let memory_write_errors_total = IntCounter::new(
+            "prism_router_memory_write_errors_total",
+            "Answers served with recorded=false: the memory log write failed (disk full, I/O error)",
+        )?;
+        registry.register(Box::new(memory_write_errors_total.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(degraded_total.clone()))?;
         registry.register(Box::new(ejections_total.clone()))?;
@@ -74,6 +81,7 @@ impl Metrics {
             upstream_duration,
             upstream_failures,
             retries_total,
+            memory_write_errors_total,
         })
     }
 

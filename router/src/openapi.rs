@@ -13,7 +13,7 @@ pub fn document() -> Value {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["type", "message"], "properties": {
-                    "type": {"type": "string", "enum": ["invalid_json", "validation", "unknown_modality", "payload_too_large", "unauthorized", "rate_limited", "unavailable", "timeout", "conflict", "fusion", "not_found", "method_not_allowed", "internal"]},
+                    "type": {"type": "string", "enum": ["invalid_json", "validation", "unknown_modality", "payload_too_large", "unauthorized", "rate_limited", "unavailable", "timeout", "request_timeout", "conflict", "fusion", "not_found", "method_not_allowed", "internal"]},
                     "message": {"type": "string"}}}}},
                 "Input": {"description": "A bare string (text-like modalities) or an object with exactly one field.",
                     "oneOf": [{"type": "string"}, {"type": "object", "additionalProperties": false, "properties": {
@@ -34,7 +34,8 @@ pub fn document() -> Value {
                         "weight": {"type": "number"}, "attempts": {"type": "integer"}, "latency_ms": {"type": "number"}}}},
                     "contributions": {"type": "object", "additionalProperties": {"type": "number"}},
                     "fusion_replica": {"$ref": "#/components/schemas/Replica"},
-                    "timings": {"type": "object", "properties": {"route_ms": {"type": "number"}, "fanout_ms": {"type": "number"}, "fuse_ms": {"type": "number"}, "total_ms": {"type": "number"}}},
+                    "timings": {"type": "object", "properties": {"route_ms": {"type": "number"}, "fanout_ms": {"type": "number"}, "fuse_ms": {"type": "number"}, "memory_ms": {"type": "number"}, "total_ms": {"type": "number"}}},
+                    "recorded": {"type": "boolean", "description": "memory on: true once this request is durably in the memory log; false if that write failed"},
                     "degraded": {"type": "object", "required": ["missing", "reason"], "properties": {"missing": {"type": "array", "items": {"type": "string"}}, "reason": {"type": "string"}, "cached": {"type": "boolean"}}}}},
                 "EmbeddingsRequest": {"type": "object", "required": ["input"], "properties": {
                     "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 2048}]},
@@ -49,14 +50,22 @@ pub fn document() -> Value {
                     "pipeline": {"type": "string"}, "generation": {"type": "integer", "minimum": 0},
                     "modalities": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "object", "required": ["endpoint", "node", "revision", "weight", "accuracy", "ready"], "properties": {
                         "endpoint": {"type": "string"}, "node": {"type": "string"}, "revision": {"type": "string"}, "weight": {"type": "number"}, "accuracy": {"type": "number"}, "ready": {"type": "boolean"}}}}}}},
-                "ReloadResponse": {"type": "object", "properties": {"applied": {"type": "boolean"}, "generation": {"type": "integer"}}}
+                "ReloadResponse": {"type": "object", "properties": {"applied": {"type": "boolean"}, "generation": {"type": "integer"}}},
+                "SearchRequest": {"type": "object", "additionalProperties": false, "description": "`vector` (searched against `modality`'s vectors, default the fused ones) or `input` embedded by `modality`'s node",
+                    "properties": {"modality": {"type": "string"}, "input": {"$ref": "#/components/schemas/Input"}, "vector": {"type": "array", "items": {"type": "number"}}, "k": {"type": "integer", "minimum": 1, "maximum": 100, "default": 10}}},
+                "SearchResponse": {"type": "object", "required": ["key", "exact", "hits"], "properties": {"key": {"type": "string"}, "exact": {"type": "boolean"},
+                    "hits": {"type": "array", "items": {"type": "object", "required": ["id", "pipeline", "similarity", "atMs"], "properties": {"id": {"type": "string"}, "pipeline": {"type": "string"}, "similarity": {"type": "number"}, "atMs": {"type": "integer"}}}}}},
+                "CorrectionRequest": {"type": "object", "required": ["requestId"], "additionalProperties": false, "description": "exactly one of `rating` and `correct`",
+                    "properties": {"requestId": {"type": "string"}, "rating": {"type": "number", "minimum": 0, "maximum": 1}, "correct": {"type": "boolean"}, "answer": {"description": "the right answer, exported with the training set"}}},
+                "CorrectionResponse": {"type": "object", "properties": {"requestId": {"type": "string"}, "rating": {"type": "number"},
+                    "replicas": {"type": "array", "items": {"type": "object", "properties": {"node": {"type": "string"}, "revision": {"type": "string"}, "accuracy": {"type": "number", "description": "A_i of that revision after this correction"}}}}}}
             }
         },
         "paths": {
             "/v1/infer": {"post": {"summary": "Embed one multimodal item: fan out, fuse, degrade", "security": [{"bearer": []}],
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}}},
                 "responses": {"200": {"description": "answer (check `degraded`)", "headers": {"x-request-id": {"schema": {"type": "string"}}}, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferResponse"}}}},
-                              "400": err, "401": err, "413": err, "422": err, "429": err, "503": err, "504": err}}},
+                              "400": err, "401": err, "408": err, "413": err, "422": err, "429": err, "503": err, "504": err}}},
             "/v1/embeddings": {"post": {"summary": "OpenAI-compatible text embeddings", "security": [{"bearer": []}],
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingsRequest"}}}},
                 "responses": {"200": {"description": "embeddings", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingsResponse"}}}},
@@ -67,6 +76,20 @@ pub fn document() -> Value {
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RoutingTable"}}}},
                 "responses": {"200": {"description": "applied, or the same table again (applied=false)", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ReloadResponse"}}}},
                               "400": err, "401": err, "409": err, "422": err}}},
+            "/v1/memory/search": {"post": {"summary": "Past requests nearest by meaning (exact cosine)", "security": [{"bearer": []}],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}}}},
+                "responses": {"200": {"description": "hits, best first", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SearchResponse"}}}},
+                              "400": err, "401": err, "404": err, "408": err, "413": err, "422": err, "503": err}}},
+            "/v1/memory/corrections": {
+                "post": {"summary": "Correct a past answer: stored durably, updates the serving revisions' accuracy", "security": [{"bearer": []}],
+                    "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CorrectionRequest"}}}},
+                    "responses": {"201": {"description": "stored", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/CorrectionResponse"}}}},
+                                  "400": err, "401": err, "404": err, "408": err, "422": err, "503": err}},
+                "get": {"summary": "The corrections as a training set (inputs as logged, per-modality vectors, replicas)", "security": [{"bearer": []}],
+                    "responses": {"200": {"description": "{corrections: [...]}, oldest first"}, "401": err, "404": err}}},
+            "/v1/memory/records/{id}": {"get": {"summary": "One logged request with its corrections", "security": [{"bearer": []}],
+                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "record"}, "401": err, "404": err}}},
             "/live": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
             "/ready": {"get": {"summary": "Readiness: a routing table with a routable replica is loaded", "responses": {"200": {"description": "ready"}, "503": err}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},

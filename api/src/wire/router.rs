@@ -54,6 +54,10 @@ pub struct InferResponse {
     /// Present when the answer is partial or cached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub degraded: Option<Degraded>,
+    /// With memory on: true once this request and answer are durably in the memory log (it then
+    /// survives a router crash), false when the log write failed. Absent with memory off.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub recorded: Option<bool>,
 }
 
 /// One modality's answer.
@@ -87,6 +91,9 @@ pub struct RouterTimings {
     pub fanout_ms: f64,
     /// Fusion (including the fusion node call for `early`).
     pub fuse_ms: f64,
+    /// The durable memory-log write (with memory on): the answer waits for it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_ms: Option<f64>,
     pub total_ms: f64,
 }
 

@@ -328,7 +328,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     sup.table = Some(table);
     let router_log = logs_dir.join("router.log");
     let _ = std::fs::remove_file(&router_log);
-    let router_args = vec![
+    let mut router_args = vec![
         "--pipeline".to_string(),
         spec_path.display().to_string(),
         "--routing-table".into(),
@@ -336,6 +336,12 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         "--listen".into(),
         format!("127.0.0.1:{}", args.port),
     ];
+    // memory.enabled: the request log lives with the rest of the local state (or at
+    // memory.store.path), and survives `prism down` / `prism up`.
+    if pipeline.spec.memory.enabled {
+        let path = pipeline.spec.memory.store.path.clone().map_or_else(|| dir.join("memory.db"), PathBuf::from);
+        router_args.extend(["--memory-path".into(), path.display().to_string()]);
+    }
     let mut router = Proc::spawn(&router_bin, &router_args, &router_log)?;
     let router_url = loop {
         if let Some(why) = router.exited() {
