@@ -111,6 +111,16 @@ bench-autoscale: ## load step on an autoscaled text node (1..3): decision interv
 	python3 bench/autoscale/run.py --bin $(RELEASE_BIN)/prism $(BENCH_ARGS)
 # --- end bench (failover, autoscale) ---
 
+# --- bench (memory) ---
+.PHONY: bench-memory
+bench-memory: ## memory search (100k vectors) vs FAISS, durable write rate, acknowledged writes across router kill -9
+	$(CARGO) build --release -p prism-node -p prism-router --bins
+	@$(MAKE) -s models
+	test -x bench/.venv/bin/python || python3 -m venv bench/.venv
+	bench/.venv/bin/python -c 'import numpy, faiss' 2>/dev/null || bench/.venv/bin/pip install -q numpy faiss-cpu
+	bench/.venv/bin/python bench/memory/run.py $(BENCH_ARGS)
+# --- end bench (memory) ---
+
 # --- bench (operator scale) ---
 .PHONY: bench-operator-scale
 bench-operator-scale: ## 1000 ModalityNodes against the real API server: all reconciled s, operator peak RSS, reconcile p99

@@ -11,4 +11,7 @@ mod answers;
 mod store;
 
 pub use answers::{similarity, RecentAnswers};
-pub use store::{logged_inputs, Correction, Hit, Memory, MemoryError, Record, RevisionFeedback, StoredRecord, FUSED};
+pub use store::{
+    logged_inputs, Correction, Hit, Memory, MemoryError, Record, RevisionFeedback, StoredRecord, VectorIndex,
+    ANN_MIN_VECTORS, FUSED,
+};

@@ -137,44 +137,268 @@ fn normalised(v: &[f32]) -> Option<Vec<f32>> {
 /// One indexed vector: record id, its time, the L2-normalised vector.
 type Entry = (Arc<str>, i64, Vec<f32>);
 
+/// Below this many vectors per key, exact search is about as fast as the graph and never wrong.
+pub const ANN_MIN_VECTORS: usize = 2048;
+/// HNSW parameters: M = 16 links per node, ef_construction = 200 (the paper's defaults for
+/// high recall); a search explores ef = max(96, 4k) candidates.
+const HNSW_M: usize = 16;
+const HNSW_EF_CONSTRUCTION: usize = 200;
+
+/// 1 - cosine of L2-normalised vectors, clamped (rounding can push a dot product past 1).
+#[derive(Clone, Copy, Default)]
+struct UnitDot;
+
+impl hnsw_rs::anndists::dist::Distance<f32> for UnitDot {
+    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
+        (1.0 - dot(a, b)).max(0.0)
+    }
+}
+
+/// Dot product in 16 independent lanes: a plain `zip().sum()` is one serial chain of adds
+/// (float addition is not reassociated by the compiler), which made every distance ~8x slower
+/// than the SIMD the CPU has. Distances are nearly all of HNSW's build and search time.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU supports AVX2 (checked just above; the result is cached by std).
+        return unsafe { dot_avx2(a, b) };
+    }
+    dot_lanes(a, b)
+}
+
+/// The same loop compiled for AVX2 (8 f32 per instruction instead of SSE2's 4), chosen at run
+/// time so one binary runs on any x86-64.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
+    dot_lanes(a, b)
+}
+
+#[inline(always)]
+fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
+    const L: usize = 16;
+    let mut acc = [0f32; L];
+    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
+    let (ra, rb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for i in 0..L {
+            acc[i] += x[i] * y[i];
+        }
+    }
+    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
+    acc.iter().sum::<f32>() + tail
+}
+
+type Graph = hnsw_rs::hnsw::Hnsw<'static, f32, UnitDot>;
+
+fn new_graph(capacity: usize) -> Graph {
+    Graph::new(HNSW_M, capacity.max(1024) * 2, 16, HNSW_EF_CONSTRUCTION, UnitDot)
+}
+
+/// Insert `entries` (data ids from `first`) into `g`, on all cores.
+fn insert_into(g: &Graph, entries: &[Entry], first: usize) {
+    let data: Vec<(&[f32], usize)> = entries.iter().enumerate().map(|(i, e)| (e.2.as_slice(), first + i)).collect();
+    g.parallel_insert_slice(&data);
+}
+
+/// The vectors of one (pipeline, key). Always held exactly; past [`ANN_MIN_VECTORS`] also in an
+/// HNSW graph whose data ids are positions in `entries`. Graph insertion is slow (milliseconds
+/// per vector), so it never happens on the write path: the indexer catches `indexed` up in
+/// batches while searches combine the graph with an exact scan of the not-yet-indexed tail.
 #[derive(Default)]
-struct VectorIndex {
-    /// (pipeline, modality or FUSED) -> vectors.
-    by_key: HashMap<(String, String), Vec<Entry>>,
+struct KeyIndex {
+    entries: Vec<Entry>,
+    graph: Option<Arc<Graph>>,
+    /// `entries[..indexed]` are in the graph.
+    indexed: usize,
+    /// Bumped when entries are removed (positions change): an indexer batch computed against an
+    /// older epoch is discarded.
+    epoch: u64,
+}
+
+/// Work for the indexer: what to insert into which graph, as of which epoch.
+struct IndexJob {
+    key: (String, String),
+    epoch: u64,
+    graph: Option<Arc<Graph>>,
+    first: usize,
+    pending: Vec<Entry>,
+}
+
+impl KeyIndex {
+    fn hits(&self, pipeline: &str, q: &[f32], k: usize, exact: bool, out: &mut Vec<Hit>) {
+        let hit = |e: &Entry, similarity: f64| Hit {
+            id: e.0.to_string(),
+            pipeline: pipeline.to_string(),
+            similarity,
+            at_ms: e.1,
+        };
+        let scan = |from: usize, out: &mut Vec<Hit>| {
+            for e in &self.entries[from.min(self.entries.len())..] {
+                if e.2.len() == q.len() {
+                    out.push(hit(e, f64::from(dot(&e.2, q))));
+                }
+            }
+        };
+        match (&self.graph, exact) {
+            (Some(g), false) => {
+                for n in g.search(q, k, (4 * k).max(96)) {
+                    // Ids past `indexed` (a batch in flight) are also in the exact tail below.
+                    if n.d_id < self.indexed {
+                        if let Some(e) = self.entries.get(n.d_id) {
+                            out.push(hit(e, 1.0 - f64::from(n.distance)));
+                        }
+                    }
+                }
+                scan(self.indexed, out);
+            }
+            _ => scan(0, out),
+        }
+    }
+}
+
+/// Cosine search over every stored vector, per (pipeline, key): exact while small, HNSW past
+/// [`ANN_MIN_VECTORS`]. Rebuilt from the file at open; appended after each commit. Public for
+/// the benchmark (`make bench-memory`), which measures it without a SQLite file around it.
+#[derive(Default)]
+pub struct VectorIndex {
+    by_key: HashMap<(String, String), KeyIndex>,
 }
 
 impl VectorIndex {
+    /// Index one vector (normalised here; a zero or non-finite vector is skipped). It is
+    /// searchable at once (exactly) and joins the graph at the next [`Self::catch_up`].
+    pub fn insert(&mut self, pipeline: &str, key: &str, id: &str, at_ms: i64, v: &[f32]) {
+        if let Some(n) = normalised(v) {
+            self.by_key.entry((pipeline.to_string(), key.to_string())).or_default().entries.push((
+                Arc::from(id),
+                at_ms,
+                n,
+            ));
+        }
+    }
+
     fn add(&mut self, rec: &Record) {
         let id: Arc<str> = Arc::from(rec.id.as_str());
         for (key, v) in vectors_of(&rec.response) {
             if let Some(n) = normalised(v) {
-                self.by_key.entry((rec.pipeline.clone(), key)).or_default().push((id.clone(), rec.at_ms, n));
+                self.by_key.entry((rec.pipeline.clone(), key)).or_default().entries.push((id.clone(), rec.at_ms, n));
             }
         }
     }
 
-    fn search(&self, pipeline: Option<&str>, key: &str, query: &[f32], k: usize) -> Vec<Hit> {
-        let Some(q) = normalised(query) else { return Vec::new() };
+    /// Graph work due: keys past the threshold with vectors not yet in their graph.
+    fn jobs(&self, max_batch: usize) -> Vec<IndexJob> {
+        self.by_key
+            .iter()
+            .filter(|(_, i)| i.entries.len() >= ANN_MIN_VECTORS && i.indexed < i.entries.len())
+            .map(|(key, i)| {
+                let end = if i.graph.is_some() {
+                    i.indexed.saturating_add(max_batch).min(i.entries.len())
+                } else {
+                    i.entries.len()
+                };
+                IndexJob {
+                    key: key.clone(),
+                    epoch: i.epoch,
+                    graph: i.graph.clone(),
+                    first: i.indexed,
+                    pending: i.entries[i.indexed..end].to_vec(),
+                }
+            })
+            .collect()
+    }
+
+    /// Run `job` without holding any lock; returns the graph to publish.
+    fn run_job(job: &IndexJob) -> Arc<Graph> {
+        let g = job.graph.clone().unwrap_or_else(|| Arc::new(new_graph(job.pending.len())));
+        insert_into(&g, &job.pending, job.first);
+        g
+    }
+
+    fn publish(&mut self, job: &IndexJob, graph: Arc<Graph>) {
+        if let Some(i) = self.by_key.get_mut(&job.key) {
+            if i.epoch == job.epoch && i.indexed == job.first {
+                i.graph = Some(graph);
+                i.indexed = job.first + job.pending.len();
+            }
+        }
+    }
+
+    /// Bring every graph up to date now, on all cores (open, the benchmark). The store's
+    /// indexer thread does the same in the background, in batches.
+    pub fn catch_up(&mut self) {
+        loop {
+            let jobs = self.jobs(usize::MAX);
+            if jobs.is_empty() {
+                return;
+            }
+            for job in jobs {
+                let g = Self::run_job(&job);
+                self.publish(&job, g);
+            }
+        }
+    }
+
+    /// Hits best first, and whether the search was exact.
+    pub fn search(&self, pipeline: Option<&str>, key: &str, query: &[f32], k: usize, exact: bool) -> (Vec<Hit>, bool) {
+        let Some(q) = normalised(query) else { return (Vec::new(), true) };
         let mut hits: Vec<Hit> = Vec::new();
-        for ((p, kk), entries) in &self.by_key {
+        let mut was_exact = true;
+        for ((p, kk), idx) in &self.by_key {
             if kk != key || pipeline.is_some_and(|want| want != p) {
                 continue;
             }
-            for (id, at_ms, v) in entries {
-                if v.len() != q.len() {
-                    continue;
-                }
-                let s: f64 = v.iter().zip(&q).map(|(a, b)| f64::from(*a) * f64::from(*b)).sum();
-                hits.push(Hit { id: id.to_string(), pipeline: p.clone(), similarity: s, at_ms: *at_ms });
-            }
+            // The graph only holds one dimension: a mismatched query is answered exactly (empty).
+            let dim_ok = idx.entries.first().is_some_and(|e| e.2.len() == q.len());
+            let use_graph = !exact && dim_ok && idx.graph.is_some();
+            was_exact &= !use_graph;
+            idx.hits(p, &q, k, !use_graph, &mut hits);
         }
         hits.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then(b.at_ms.cmp(&a.at_ms)));
         hits.truncate(k);
-        hits
+        (hits, was_exact)
     }
 
-    fn len(&self) -> usize {
-        self.by_key.values().map(Vec::len).sum()
+    pub fn len(&self) -> usize {
+        self.by_key.values().map(|i| i.entries.len()).sum()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn retain_since(&mut self, cutoff_ms: i64) {
+        for idx in self.by_key.values_mut() {
+            let before = idx.entries.len();
+            idx.entries.retain(|(_, at, _)| *at >= cutoff_ms);
+            if idx.entries.len() != before {
+                // Graph ids are positions: start the graph over (retention runs rarely).
+                idx.graph = None;
+                idx.indexed = 0;
+                idx.epoch += 1;
+            }
+        }
+    }
+}
+
+/// Most vectors one background indexing batch inserts before publishing (searches see progress).
+const INDEX_BATCH: usize = 4096;
+
+/// The store's indexer: keeps graphs up to date off the write path; ends with the store.
+fn indexer_loop(index: std::sync::Weak<RwLock<VectorIndex>>) {
+    loop {
+        let Some(idx) = index.upgrade() else { return };
+        let jobs = idx.read().unwrap_or_else(|p| p.into_inner()).jobs(INDEX_BATCH);
+        if jobs.is_empty() {
+            drop(idx);
+            std::thread::sleep(std::time::Duration::from_millis(100));
+            continue;
+        }
+        for job in jobs {
+            let g = VectorIndex::run_job(&job);
+            idx.write().unwrap_or_else(|p| p.into_inner()).publish(&job, g);
+        }
     }
 }
 
@@ -238,17 +462,25 @@ impl Memory {
         let writer = connect(path)?;
         writer.execute_batch(SCHEMA).map_err(|source| MemoryError::Open { path: path.to_path_buf(), source })?;
         let reader = connect(path)?;
-        let mut index = VectorIndex::default();
-        {
+        let index = {
             let mut stmt = reader.prepare("SELECT id, pipeline, at_ms, inputs, response FROM records")?;
             let rows = stmt.query_map([], row_to_record)?;
+            // Exact at once; the indexer thread builds the graphs in the background, so a big
+            // store opens in seconds and searches are exact (slower, never wrong) meanwhile.
+            let mut loading = VectorIndex::default();
             for r in rows {
-                index.add(&r?);
+                loading.add(&r?);
             }
-        }
+            loading
+        };
         info!(path = %path.display(), vectors = index.len(), "memory store open");
         let index = Arc::new(RwLock::new(index));
         let (tx, rx) = mpsc::channel(4096);
+        let weak = Arc::downgrade(&index);
+        std::thread::Builder::new()
+            .name("prism-memory-indexer".into())
+            .spawn(move || indexer_loop(weak))
+            .map_err(|e| MemoryError::Write(format!("cannot start the indexer thread: {e}")))?;
         let widx = index.clone();
         std::thread::Builder::new()
             .name("prism-memory-writer".into())
@@ -308,9 +540,15 @@ impl Memory {
         })
     }
 
-    /// Records whose `key` vector (a modality name, or [`FUSED`]) is nearest to `query`.
-    pub fn search(&self, pipeline: Option<&str>, key: &str, query: &[f32], k: usize) -> Vec<Hit> {
-        self.index.read().unwrap_or_else(|p| p.into_inner()).search(pipeline, key, query, k)
+    /// Records whose `key` vector (a modality name, or [`FUSED`]) is nearest to `query`, best
+    /// first, and whether the search was exact (HNSW past [`ANN_MIN_VECTORS`] per key).
+    pub fn search(&self, pipeline: Option<&str>, key: &str, query: &[f32], k: usize) -> (Vec<Hit>, bool) {
+        self.index.read().unwrap_or_else(|p| p.into_inner()).search(pipeline, key, query, k, false)
+    }
+
+    /// The same search, always exact (the ANN's reference).
+    pub fn search_exact(&self, pipeline: Option<&str>, key: &str, query: &[f32], k: usize) -> Vec<Hit> {
+        self.index.read().unwrap_or_else(|p| p.into_inner()).search(pipeline, key, query, k, true).0
     }
 
     /// Number of stored records.
@@ -377,10 +615,7 @@ impl Memory {
         // with the writer thread's commits.
         let n = self.read(|c| c.execute("DELETE FROM records WHERE at_ms < ?1", [cutoff_ms]))?;
         if n > 0 {
-            let mut idx = self.index.write().unwrap_or_else(|p| p.into_inner());
-            for entries in idx.by_key.values_mut() {
-                entries.retain(|(_, at, _)| *at >= cutoff_ms);
-            }
+            self.index.write().unwrap_or_else(|p| p.into_inner()).retain_since(cutoff_ms);
         }
         Ok(n as u64)
     }
@@ -577,14 +812,15 @@ mod tests {
             let m = Memory::open(&path).unwrap();
             m.record(record("a", vec![1.0, 0.0], "1", 10)).await.unwrap();
             m.record(record("b", vec![0.0, 1.0], "1", 20)).await.unwrap();
-            assert_eq!(m.search(Some("p"), "text", &[0.9, 0.1], 1)[0].id, "a");
+            assert_eq!(m.search(Some("p"), "text", &[0.9, 0.1], 1).0[0].id, "a");
         }
         let m = Memory::open(&path).unwrap();
         assert_eq!(m.count().unwrap(), 2);
-        let hits = m.search(None, FUSED, &[0.1, 0.9], 10);
+        let (hits, exact) = m.search(None, FUSED, &[0.1, 0.9], 10);
+        assert!(exact, "two records: exact search");
         assert_eq!(hits.iter().map(|h| h.id.as_str()).collect::<Vec<_>>(), ["b", "a"]);
         assert!((hits[0].similarity - 0.9 / 0.82f64.sqrt()).abs() < 1e-6);
-        assert!(m.search(Some("other"), "text", &[1.0, 0.0], 5).is_empty());
+        assert!(m.search(Some("other"), "text", &[1.0, 0.0], 5).0.is_empty());
         let got = m.get("a").unwrap().unwrap();
         assert_eq!(got.record.response.modalities["text"].embedding, vec![1.0, 0.0]);
         assert!(m.get("zzz").unwrap().is_none());
@@ -635,7 +871,7 @@ mod tests {
         assert_eq!(m.count().unwrap(), 200);
         assert_eq!(m.prune_before(100).unwrap(), 100);
         assert_eq!(m.count().unwrap(), 100);
-        assert_eq!(m.search(None, "text", &[1.0, 0.0], 1000).len(), 100);
+        assert_eq!(m.search(None, "text", &[1.0, 0.0], 1000).0.len(), 100);
     }
 
     #[test]
@@ -655,5 +891,63 @@ mod tests {
             Ok(_) => panic!("opened"),
         };
         assert!(e.contains("/proc/prism-no"), "{e}");
+    }
+}
+
+#[cfg(test)]
+mod ann_tests {
+    use super::*;
+
+    /// Clustered unit vectors (like real embeddings: topics, not uniform noise), seeded.
+    fn clustered(n: usize, dim: usize, clusters: usize, seed: u64) -> Vec<Vec<f32>> {
+        let mut state = seed;
+        let mut next = move || {
+            // xorshift64*: enough for test data, no extra dependency.
+            state ^= state >> 12;
+            state ^= state << 25;
+            state ^= state >> 27;
+            (state.wrapping_mul(0x2545F4914F6CDD1D) >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
+        };
+        let centers: Vec<Vec<f64>> = (0..clusters).map(|_| (0..dim).map(|_| next()).collect()).collect();
+        (0..n).map(|i| centers[i % clusters].iter().map(|c| (c + 0.6 * next()) as f32).collect()).collect()
+    }
+
+    #[test]
+    fn graph_search_agrees_with_exact_search_and_survives_rebuilds() {
+        let mut idx = VectorIndex::default();
+        let vs = clustered(5000, 64, 50, 7);
+        for (i, v) in vs.iter().enumerate().take(4000) {
+            idx.insert("p", "text", &format!("r{i}"), i as i64, v);
+        }
+        assert!(idx.search(Some("p"), "text", &vs[0], 10, false).1, "exact until the graph is built");
+        idx.catch_up();
+        // 1000 more after the graph: searchable at once through the exact tail.
+        for (i, v) in vs.iter().enumerate().skip(4000) {
+            idx.insert("p", "text", &format!("r{i}"), i as i64, v);
+        }
+        let (hits, exact) = idx.search(Some("p"), "text", &vs[4999], 1, false);
+        assert!(!exact);
+        assert_eq!(hits[0].id, "r4999", "a vector not yet in the graph is found");
+        idx.catch_up();
+        let queries = clustered(100, 64, 50, 99);
+        let recall = |idx: &VectorIndex| {
+            let mut found = 0;
+            for q in &queries {
+                let (ann, exact) = idx.search(Some("p"), "text", q, 10, false);
+                assert!(!exact);
+                let truth = idx.search(Some("p"), "text", q, 10, true).0;
+                found += ann.iter().filter(|h| truth.iter().any(|t| t.id == h.id)).count();
+            }
+            found as f64 / (queries.len() * 10) as f64
+        };
+        let r = recall(&idx);
+        assert!(r >= 0.95, "recall@10 {r}");
+        // Retention drops the oldest half: ids stay right after the rebuild.
+        idx.retain_since(2500);
+        idx.catch_up();
+        assert_eq!(idx.len(), 2500);
+        let (hits, _) = idx.search(Some("p"), "text", &queries[0], 10, false);
+        assert!(hits.iter().all(|h| h.at_ms >= 2500 && h.id == format!("r{}", h.at_ms)), "{hits:?}");
+        assert!(recall(&idx) >= 0.95);
     }
 }

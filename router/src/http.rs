@@ -447,8 +447,8 @@ async fn memory_search(State(st): State<AppState>, req: Request) -> Result<Respo
             (m, v)
         }
     };
-    let hits = memory.search(Some(&snap.pipeline), &key, &vector, k);
-    Ok(Json(serde_json::json!({ "key": key, "exact": true, "hits": hits })).into_response())
+    let (hits, exact) = memory.search(Some(&snap.pipeline), &key, &vector, k);
+    Ok(Json(serde_json::json!({ "key": key, "exact": exact, "hits": hits })).into_response())
 }
 
 /// `POST /v1/memory/corrections`: `{"requestId", "rating": 0..1 | "correct": bool, "answer"?}`.

@@ -76,7 +76,7 @@ pub fn document() -> Value {
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RoutingTable"}}}},
                 "responses": {"200": {"description": "applied, or the same table again (applied=false)", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/ReloadResponse"}}}},
                               "400": err, "401": err, "409": err, "422": err}}},
-            "/v1/memory/search": {"post": {"summary": "Past requests nearest by meaning (exact cosine)", "security": [{"bearer": []}],
+            "/v1/memory/search": {"post": {"summary": "Past requests nearest by meaning (cosine; HNSW once a pipeline holds 2048+ vectors, `exact` says which)", "security": [{"bearer": []}],
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SearchRequest"}}}},
                 "responses": {"200": {"description": "hits, best first", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/SearchResponse"}}}},
                               "400": err, "401": err, "404": err, "408": err, "413": err, "422": err, "503": err}}},

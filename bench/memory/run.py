@@ -1,0 +1,224 @@
+#!/usr/bin/env python3
+"""`make bench-memory`: the memory store against FAISS, and acknowledged writes across kill -9.
+
+1. Data: 100k 384-d unit vectors in 1000 topics (seeded numpy; real embeddings cluster by topic,
+   uniform noise would not), 1000 queries from the same topics, exact top-10 by numpy.
+2. Prism: memory/tests/bench_memory.rs builds prism-memory's index (HNSW, M=16,
+   ef_construction=200, ef_search=max(96, 4k)) and answers each query one at a time; it also
+   measures durable writes (64 concurrent writers, each acknowledged after its fsync'd commit).
+3. Peer: FAISS IndexHNSWFlat (PyPI faiss-cpu) with the same M / efConstruction / efSearch on the
+   same vectors, one query at a time, one thread.
+4. Crash rounds: a real prism-node + prism-router with --memory-path under 8 closed-loop clients,
+   router killed with SIGKILL mid-load, restarted on the same file; every answer that said
+   `recorded: true` must be readable again. lost_acked_writes counts those that are not.
+
+Last line: `memory: recall_at_10=... search_p99_ms=... lost_acked_writes=... correction_gain=...
+bad_revision_rolled_back=... faiss_recall_at_10=... faiss_search_p99_ms=... write_rps=...`.
+correction_gain and bad_revision_rolled_back stay `nan`/`0` until `prism train
+--from-corrections` and canary rollouts exist (issue 12).
+"""
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
+from prism_up import ROOT, fail, headline, log  # noqa: E402
+
+INTRO = """
+`make bench-memory` (bench/memory/run.py + memory/tests/bench_memory.rs): 100k 384-d unit
+vectors in 1000 topics (seeded), 1000 queries, exact top-10 by numpy. Prism's index (HNSW via
+the hnsw_rs crate, M=16, ef_construction=200, ef_search=max(96, 4k)) vs FAISS IndexHNSWFlat with
+the same parameters on the same data, one query at a time. Durable writes: 64 concurrent
+writers into the SQLite store (WAL, synchronous=FULL, group commit). Crash rounds: real node +
+router under 8 clients, router SIGKILLed mid-load and restarted; lost_acked_writes counts answers
+that said `recorded: true` but are missing afterwards (must be 0).
+"""
+
+
+def make_data(dirpath, n, dim, nq, topics, seed):
+    import numpy as np
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((topics, dim)).astype(np.float32)
+    def sample(count):
+        t = rng.integers(0, topics, count)
+        x = centers[t] + 0.7 * rng.standard_normal((count, dim)).astype(np.float32)
+        return x / np.linalg.norm(x, axis=1, keepdims=True)
+    base, queries = sample(n), sample(nq)
+    truth = np.empty((nq, 10), dtype=np.uint32)
+    for s in range(0, nq, 100):
+        sims = queries[s:s + 100] @ base.T
+        truth[s:s + 100] = np.argsort(-sims, axis=1)[:, :10]
+    base.astype("<f4").tofile(os.path.join(dirpath, "base.f32"))
+    queries.astype("<f4").tofile(os.path.join(dirpath, "queries.f32"))
+    truth.astype("<u4").tofile(os.path.join(dirpath, "truth.u32"))
+    with open(os.path.join(dirpath, "meta.json"), "w") as f:
+        json.dump({"n": n, "dim": dim, "queries": nq}, f)
+    return base, queries, truth
+
+
+def faiss_run(base, queries, truth):
+    try:
+        import faiss
+    except ImportError:
+        log("faiss-cpu not importable; peer skipped (pip install faiss-cpu)")
+        return None
+    import numpy as np
+    faiss.omp_set_num_threads(1)
+    t0 = time.perf_counter()
+    index = faiss.IndexHNSWFlat(base.shape[1], 16, faiss.METRIC_INNER_PRODUCT)
+    index.hnsw.efConstruction = 200
+    faiss.omp_set_num_threads(2)
+    index.add(base)
+    build_s = time.perf_counter() - t0
+    faiss.omp_set_num_threads(1)
+    index.hnsw.efSearch = 96
+    lat, found = [], 0
+    for i in range(queries.shape[0]):
+        t = time.perf_counter()
+        _, ids = index.search(queries[i:i + 1], 10)
+        lat.append((time.perf_counter() - t) * 1000)
+        found += len(set(ids[0].tolist()) & set(truth[i].tolist()))
+    lat.sort()
+    return {"recall_at_10": found / (queries.shape[0] * 10), "search_p99_ms": lat[int(round((len(lat) - 1) * 0.99))],
+            "build_s": build_s}
+
+
+def http(method, url, body=None, timeout=10):
+    data = None if body is None else json.dumps(body).encode()
+    req = urllib.request.Request(url, data=data, method=method, headers={"content-type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        raw = r.read()
+        try:
+            return r.status, json.loads(raw or b"null")
+        except ValueError:
+            return r.status, raw.decode(errors="replace")
+
+
+def start(cmd, log_path):
+    f = open(log_path, "w")
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=f, text=True, env=dict(os.environ, RUST_LOG="warn"))
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        line = p.stdout.readline()
+        if line.startswith("listening on "):
+            return p, line.split("listening on ", 1)[1].strip()
+        if not line and p.poll() is not None:
+            break
+    fail(f"{cmd[0]} did not start; see {log_path}")
+
+
+def wait_ready(url):
+    for _ in range(600):
+        try:
+            if http("GET", url + "/ready", timeout=2)[0] == 200:
+                return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.1)
+    fail(f"{url} never became ready")
+
+
+def crash_rounds(rounds, tmp):
+    release = os.path.join(os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target")), "release")
+    model = os.path.join(ROOT, ".cache", "models", "all-minilm-l6-v2")
+    node, node_url = start([os.path.join(release, "prism-node"), "--listen", "127.0.0.1:0", "--node-name", "minilm",
+                            "--architecture", "bert", "--revision", "r1", "--model-uri", model],
+                           os.path.join(tmp, "node.log"))
+    try:
+        wait_ready(node_url)
+        table = os.path.join(tmp, "table.json")
+        with open(table, "w") as f:
+            json.dump({"pipeline": "bench", "generation": 1, "modalities": {"text": [
+                {"endpoint": node_url, "node": "minilm", "revision": "r1", "weight": 1.0, "accuracy": 0.9, "ready": True}]}}, f)
+        db = os.path.join(tmp, "memory.db")
+        router_cmd = [os.path.join(release, "prism-router"), "--listen", "127.0.0.1:0", "--routing-table", table,
+                      "--memory-path", db]
+        lost, acked_total = 0, 0
+        for r in range(rounds):
+            router, url = start(router_cmd, os.path.join(tmp, f"router-{r}.log"))
+            wait_ready(url)
+            acked, stop = [], threading.Event()
+            lock = threading.Lock()
+
+            def client(w):
+                i = 0
+                while not stop.is_set() and i < 10_000:
+                    i += 1
+                    try:
+                        s, v = http("POST", url + "/v1/infer", {"inputs": {"text": f"round {r} client {w} request {i}"}}, 5)
+                    except (urllib.error.URLError, OSError, ValueError):
+                        return
+                    if s == 200 and v.get("recorded") is True:
+                        with lock:
+                            acked.append(v["id"])
+            threads = [threading.Thread(target=client, args=(w,)) for w in range(8)]
+            for t in threads:
+                t.start()
+            time.sleep(1.5)
+            router.send_signal(signal.SIGKILL)
+            router.wait()
+            stop.set()
+            for t in threads:
+                t.join(10)
+            router, url = start(router_cmd, os.path.join(tmp, f"router-{r}-after.log"))
+            wait_ready(url)
+            missing = 0
+            for rid in acked:
+                try:
+                    http("GET", f"{url}/v1/memory/records/{rid}")
+                except urllib.error.HTTPError:
+                    missing += 1
+            router.send_signal(signal.SIGKILL)
+            router.wait()
+            log(f"crash round {r + 1}: {len(acked)} acknowledged, {missing} lost")
+            lost += missing
+            acked_total += len(acked)
+        return lost, acked_total
+    finally:
+        node.send_signal(signal.SIGKILL)
+        node.wait()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--vectors", type=int, default=100_000)
+    ap.add_argument("--queries", type=int, default=1000)
+    ap.add_argument("--crash-rounds", type=int, default=3)
+    ap.add_argument("--no-append", action="store_true")
+    args = ap.parse_args()
+    load_before = os.getloadavg()[0]
+    with tempfile.TemporaryDirectory(prefix="prism-bench-memory-") as tmp:
+        log(f"generating {args.vectors} x 384 vectors, {args.queries} queries, exact top-10 (numpy)")
+        base, queries, truth = make_data(tmp, args.vectors, 384, args.queries, 1000, 7)
+        cmd = ["cargo", "test", "--release", "-q", "-p", "prism-memory", "--test", "bench_memory", "--",
+               "--ignored", "--nocapture"]
+        log(" ".join(cmd))
+        out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, BENCH_MEMORY_DATA=tmp), stdout=subprocess.PIPE, text=True)
+        line = next((l for l in out.stdout.splitlines() if l.startswith("{")), None)
+        if out.returncode != 0 or line is None:
+            fail(f"memory benchmark failed (exit {out.returncode})")
+        prism = json.loads(line)
+        log(f"prism: {prism}")
+        peer = faiss_run(base, queries, truth)
+        log(f"faiss: {peer}")
+        lost, acked = crash_rounds(args.crash_rounds, tmp)
+    nan = float("nan")
+    line = (f"memory: recall_at_10={prism['recall_at_10']:.4f} search_p99_ms={prism['search_p99_ms']:.3f} "
+            f"lost_acked_writes={lost} correction_gain=nan bad_revision_rolled_back=0 "
+            f"faiss_recall_at_10={(peer or {}).get('recall_at_10', nan):.4f} "
+            f"faiss_search_p99_ms={(peer or {}).get('search_p99_ms', nan):.3f} "
+            f"write_rps={prism['write_rps']:.0f} acked_in_crash_rounds={acked} build_s={prism['build_s']:.1f}")
+    headline(args, "memory", "memory: ANN search vs FAISS, durable writes, kill -9 rounds", INTRO, line,
+             f"{args.vectors} vectors", load_before)
+
+
+if __name__ == "__main__":
+    main()
