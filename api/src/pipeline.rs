@@ -37,6 +37,7 @@ use crate::condition::Condition;
 #[x_kube(validation = Rule::new("self.nodes.all(n, self.nodes.exists_one(m, m.name == n.name))").message("node names in a pipeline must be unique").reason(Reason::FieldValueInvalid))]
 #[x_kube(validation = Rule::new("self.nodes.exists(n, double(n.weight) > 0.0)").message("at least one node must have weight > 0").reason(Reason::FieldValueInvalid))]
 #[x_kube(validation = Rule::new("!has(self.fusion) || self.fusion.strategy != 'early' || self.nodes.exists(n, n.role == 'fusion')").message("fusion.strategy early needs a node with role fusion").reason(Reason::FieldValueRequired))]
+#[x_kube(validation = Rule::new("!has(self.memory) || !has(self.memory.enabled) || !self.memory.enabled || (has(self.memory.store) && has(self.memory.store.kind) && self.memory.store.kind == 'postgres') || !has(self.routerReplicas) || self.routerReplicas <= 1").message("memory.store.kind embedded is one file on one volume: routerReplicas must be 1 (several routers share memory through kind postgres)").reason(Reason::FieldValueInvalid))]
 pub struct MultimodalPipelineSpec {
     /// The ModalityNodes this pipeline routes to (same namespace), each with its role and weight.
     #[schemars(length(min = 1, max = 32))]
@@ -356,6 +357,17 @@ pub struct MemoryStore {
     /// Secret with a `url` key holding the PostgreSQL connection string.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub postgres_secret: Option<String>,
+    /// Size of the PersistentVolumeClaim the operator creates for the embedded store.
+    #[serde(default = "default_store_size")]
+    #[schemars(regex(pattern = r"^[0-9]+(Mi|Gi|Ti)$"))]
+    pub size: String,
+    /// StorageClass of that claim (the cluster default when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+}
+
+fn default_store_size() -> String {
+    "10Gi".to_string()
 }
 
 fn default_store_kind() -> String {
@@ -364,7 +376,13 @@ fn default_store_kind() -> String {
 
 impl Default for MemoryStore {
     fn default() -> Self {
-        Self { kind: default_store_kind(), path: None, postgres_secret: None }
+        Self {
+            kind: default_store_kind(),
+            path: None,
+            postgres_secret: None,
+            size: default_store_size(),
+            storage_class_name: None,
+        }
     }
 }
 

@@ -124,6 +124,17 @@ fn postgres_store_needs_a_secret() {
 }
 
 #[test]
+fn embedded_memory_takes_one_router() {
+    let yaml = PIPELINE.replace("spec:\n", "spec:\n  routerReplicas: 2\n  memory: {enabled: true}\n");
+    rejected_with(pipeline(&yaml).validate_cel(), "routerReplicas must be 1");
+    pipeline(&yaml.replace("routerReplicas: 2", "routerReplicas: 1")).validate_cel().unwrap();
+    pipeline(&yaml.replace("memory: {enabled: true}", "memory: {enabled: false}")).validate_cel().unwrap();
+    let shared =
+        yaml.replace("memory: {enabled: true}", "memory: {enabled: true, store: {kind: postgres, postgresSecret: pg}}");
+    pipeline(&shared).validate_cel().unwrap();
+}
+
+#[test]
 fn manifest_set_checks_references_and_roles() {
     let mut set = ManifestSet::default();
     set.add_yaml(&format!("{NODE}\n---\n{PIPELINE}")).unwrap();

@@ -3,13 +3,15 @@
 
 use std::collections::BTreeMap;
 
-use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec};
+use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, KeyToPath,
-    PodSpec, PodTemplateSpec, Probe, SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec, Volume,
-    VolumeMount,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
+    Probe, SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
@@ -24,6 +26,8 @@ use crate::{Error, OperatorConfig, Result};
 
 pub const ROUTER_PORT: i32 = 8080;
 pub const CONFIG_DIR: &str = "/etc/prism";
+/// Where the router pods mount the embedded memory store's volume.
+pub const MEMORY_DIR: &str = "/var/lib/prism/memory";
 /// Where the router pods mount the token Secret.
 pub const AUTH_DIR: &str = "/etc/prism-auth";
 pub const COMPONENT: &str = "router";
@@ -102,6 +106,12 @@ pub struct PipelineObjects {
     pub service_account: ServiceAccount,
     pub role: Role,
     pub role_binding: RoleBinding,
+    /// The embedded memory store's volume, with `memory.enabled` and `store.kind: embedded`.
+    pub memory_claim: Option<PersistentVolumeClaim>,
+}
+
+pub fn memory_claim_name(p: &str) -> String {
+    format!("{p}-memory")
 }
 
 fn labels_for(mmp: &MultimodalPipeline) -> BTreeMap<String, String> {
@@ -222,6 +232,36 @@ pub fn desired_objects(
         }
         None => args.push("--insecure-no-auth".into()),
     }
+    // Memory, embedded: one SQLite file on a claim the operator creates. Owned by the pipeline
+    // like its other objects: deleting the pipeline deletes its memory.
+    let memory = &mmp.spec.memory;
+    let embedded_memory = memory.enabled && memory.store.kind == "embedded";
+    let mut memory_claim = None;
+    if embedded_memory {
+        args.extend(["--memory-path".into(), format!("{MEMORY_DIR}/memory.db")]);
+        mounts.push(VolumeMount { name: "memory".into(), mount_path: MEMORY_DIR.into(), ..Default::default() });
+        volumes.push(Volume {
+            name: "memory".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: memory_claim_name(&name),
+                read_only: Some(false),
+            }),
+            ..Default::default()
+        });
+        memory_claim = Some(PersistentVolumeClaim {
+            metadata: meta(memory_claim_name(&name))?,
+            spec: Some(PersistentVolumeClaimSpec {
+                access_modes: Some(vec!["ReadWriteOnce".into()]),
+                storage_class_name: memory.store.storage_class_name.clone(),
+                resources: Some(VolumeResourceRequirements {
+                    requests: Some(BTreeMap::from([("storage".to_string(), Quantity(memory.store.size.clone()))])),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            status: None,
+        });
+    }
     let container = Container {
         name: "router".into(),
         image: Some(mmp.spec.router_image.clone().unwrap_or_else(|| cfg.router_image.clone())),
@@ -243,6 +283,9 @@ pub fn desired_objects(
         metadata: meta(router_name(&name))?,
         spec: Some(DeploymentSpec {
             replicas: Some(mmp.spec.router_replicas),
+            // A ReadWriteOnce claim and a SQLite file take one writer: the old pod goes first.
+            strategy: embedded_memory
+                .then(|| DeploymentStrategy { type_: Some("Recreate".into()), ..Default::default() }),
             selector: LabelSelector { match_labels: Some(selector_labels(&name)), ..Default::default() },
             template: PodTemplateSpec {
                 metadata: Some(ObjectMeta {
@@ -309,7 +352,7 @@ pub fn desired_objects(
             ..Default::default()
         }]),
     };
-    Ok(PipelineObjects { deployment, service, config_map, service_account, role, role_binding })
+    Ok(PipelineObjects { deployment, service, config_map, service_account, role, role_binding, memory_claim })
 }
 
 /// Pipeline status from the table just published, the missing nodes and the router Deployment.

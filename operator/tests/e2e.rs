@@ -959,3 +959,35 @@ async fn router_follows_its_configmap_through_the_api_with_only_its_own_service_
     assert!(after.generation >= rewritten.generation, "stale generation {} applied", after.generation);
     ns.stop_operator().await;
 }
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane (KUBECONFIG)"]
+async fn embedded_memory_gets_an_owned_claim_and_the_api_refuses_two_routers_on_it() {
+    let mut ns = TestNs::new("memory", &[]).await;
+    ns.start_operator();
+    ns.apply_yaml(&small_node("text", "text", false, ""));
+    let mem = "  memory: {enabled: true, store: {size: 2Gi}}\n";
+    ns.apply_yaml(&format!("{}{mem}", pipeline_yaml("mm", &["text"])));
+    let claim = ns
+        .wait("the memory claim", T, || async {
+            ns.api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>().get_opt("mm-memory").await.ok().flatten()
+        })
+        .await;
+    assert_eq!(claim.owner_references()[0].kind, "MultimodalPipeline", "deleted with the pipeline");
+    let size = claim.spec.as_ref().unwrap().resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0.clone();
+    assert_eq!(size, "2Gi");
+    let d = ns.wait("the router Deployment", T, || async { ns.api::<Deployment>().get_opt("mm-router").await.ok().flatten() }).await;
+    let spec = d.spec.unwrap();
+    assert_eq!(spec.strategy.unwrap().type_.as_deref(), Some("Recreate"));
+    let args = spec.template.spec.unwrap().containers[0].args.clone().unwrap();
+    assert!(args.windows(2).any(|w| w[0] == "--memory-path" && w[1] == "/var/lib/prism/memory/memory.db"), "{args:?}");
+
+    // Two routers cannot share one SQLite file: the API server says why.
+    let path = std::env::temp_dir().join(format!("{}-two.yaml", ns.name));
+    std::fs::write(&path, format!("{}  routerReplicas: 2\n{mem}", pipeline_yaml("mm", &["text"]))).unwrap();
+    let out = kubectl(&["apply", "-n", &ns.name, "-f", path.to_str().unwrap()]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("routerReplicas must be 1"), "{err}");
+    ns.stop_operator().await;
+}

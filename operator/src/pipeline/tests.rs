@@ -203,3 +203,35 @@ fn router_auth_secret_is_configurable_and_can_be_turned_off() {
     assert_eq!(secret, None);
     assert!(args.contains(&"--insecure-no-auth".to_string()) && !args.contains(&"--auth-token-file".to_string()));
 }
+
+#[test]
+fn embedded_memory_gets_a_claim_a_path_and_one_writer_at_a_time() {
+    let mut p = three();
+    let t = routing_table(&p, &BTreeMap::new(), None, 0);
+    let o = desired_objects(&p, &OperatorConfig::default(), &t).unwrap();
+    assert!(o.memory_claim.is_none(), "memory off: no claim");
+    assert!(!o.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
+        .args
+        .as_ref()
+        .unwrap()
+        .contains(&"--memory-path".to_string()));
+
+    p.spec.memory = serde_json::from_value(
+        serde_json::json!({"enabled": true, "store": {"size": "5Gi", "storageClassName": "fast"}}),
+    )
+    .unwrap();
+    let o = desired_objects(&p, &OperatorConfig::default(), &t).unwrap();
+    let claim = o.memory_claim.expect("claim");
+    assert_eq!(claim.metadata.name.as_deref(), Some("mm-memory"));
+    let cs = claim.spec.unwrap();
+    assert_eq!(cs.storage_class_name.as_deref(), Some("fast"));
+    assert_eq!(cs.resources.unwrap().requests.unwrap()["storage"].0, "5Gi");
+    let d = o.deployment.spec.unwrap();
+    assert_eq!(d.strategy.unwrap().type_.as_deref(), Some("Recreate"));
+    let ps = d.template.spec.unwrap();
+    let args = ps.containers[0].args.clone().unwrap();
+    let at = args.iter().position(|a| a == "--memory-path").unwrap();
+    assert_eq!(args[at + 1], "/var/lib/prism/memory/memory.db");
+    let vol = ps.volumes.unwrap().into_iter().find(|v| v.name == "memory").unwrap();
+    assert_eq!(vol.persistent_volume_claim.unwrap().claim_name, "mm-memory");
+}
