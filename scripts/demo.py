@@ -248,6 +248,39 @@ def multimodal(url, inputs):
     return body
 
 
+def memory_loop(url):
+    """The memory loop: answers are logged durably, found again by meaning, and corrected."""
+    step("memory: past requests, found by meaning (POST /v1/memory/search), and a correction")
+    said = ["two dogs playing in the snow", "the quarterly tax return is due", "a recipe for tomato soup"]
+    ids = {}
+    for text in said:
+        status, body, _ = call(f"{url}/v1/infer", {"inputs": {"text": text}})
+        if status != 200:
+            fail(f"/v1/infer answered {status}: {body}")
+        if body.get("recorded") is not True:
+            fail(f"memory is on in the demo pipeline but the answer was not recorded: {body.get('recorded')}")
+        ids[body["id"]] = text
+    print(f"  {len(said)} requests answered with recorded=true (committed to .prism/memory.db first)")
+    query = "puppies running around in snowfall"
+    status, body, dt = call(f"{url}/v1/memory/search", {"modality": "text", "input": query, "k": 3})
+    if status != 200:
+        fail(f"/v1/memory/search answered {status}: {body}")
+    print(f"  search {query!r} ({'exact' if body['exact'] else 'HNSW'}, {dt * 1000:.1f} ms):")
+    for h in body["hits"]:
+        print(f"      {h['similarity']:.3f}  {ids.get(h['id'], '(an earlier request)')}")
+    # Earlier demo runs left the same sentences in .prism/memory.db; of this run's three, the
+    # dogs must rank first.
+    mine = [ids[h["id"]] for h in body["hits"] if h["id"] in ids]
+    if not mine or mine[0] != said[0]:
+        fail(f"the nearest of this run's requests should be {said[0]!r}, got {mine}")
+    top = next(h["id"] for h in body["hits"] if h["id"] in ids)
+    status, body, _ = call(f"{url}/v1/memory/corrections", {"requestId": top, "correct": True})
+    if status != 201:
+        fail(f"/v1/memory/corrections answered {status}: {body}")
+    r = body["replicas"][0]
+    print(f"  correction stored; {r['node']} revision {r['revision']} accuracy estimate now {r['accuracy']:.3f}")
+
+
 def degrade_and_recover(url, inputs):
     st = state()
     victim = None
@@ -326,6 +359,8 @@ def main():
         inputs = sample_inputs(modalities)
         if len(inputs) > 1:
             multimodal(url, inputs)
+        if "text" in modalities:
+            memory_loop(url)
         replicated_failover(url)
         degrade_and_recover(url, inputs)
         step("prism status")
