@@ -976,7 +976,9 @@ async fn embedded_memory_gets_an_owned_claim_and_the_api_refuses_two_routers_on_
     assert_eq!(claim.owner_references()[0].kind, "MultimodalPipeline", "deleted with the pipeline");
     let size = claim.spec.as_ref().unwrap().resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0.clone();
     assert_eq!(size, "2Gi");
-    let d = ns.wait("the router Deployment", T, || async { ns.api::<Deployment>().get_opt("mm-router").await.ok().flatten() }).await;
+    let d = ns
+        .wait("the router Deployment", T, || async { ns.api::<Deployment>().get_opt("mm-router").await.ok().flatten() })
+        .await;
     let spec = d.spec.unwrap();
     assert_eq!(spec.strategy.unwrap().type_.as_deref(), Some("Recreate"));
     let args = spec.template.spec.unwrap().containers[0].args.clone().unwrap();
