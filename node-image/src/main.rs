@@ -155,6 +155,7 @@ fn main() -> anyhow::Result<()> {
 async fn run(args: Args) -> anyhow::Result<()> {
     // Logs go to stderr: stdout carries only the `listening on` lines a parent process reads.
     tracing_subscriber::fmt()
+        .log_internal_errors(false)
         .with_writer(std::io::stderr)
         // Colour codes only on a terminal; in pods and test logs they are noise.
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))

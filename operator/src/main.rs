@@ -66,9 +66,14 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,kube=warn"));
     if args.log_json {
-        tracing_subscriber::fmt().json().with_env_filter(filter).with_current_span(true).init();
+        tracing_subscriber::fmt()
+            .log_internal_errors(false)
+            .json()
+            .with_env_filter(filter)
+            .with_current_span(true)
+            .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).init();
+        tracing_subscriber::fmt().log_internal_errors(false).with_env_filter(filter).init();
     }
 
     let client = kube::Client::try_default()

@@ -218,6 +218,19 @@ impl Balancer {
             .is_some_and(|reps| reps.values().any(|s| self.exclusion(s, policy, &none, now_ms).is_none()))
     }
 
+    /// Whether a replica other than those in `tried` could take a retry now.
+    pub fn has_alternative(
+        &self,
+        modality: &str,
+        policy: &RoutingPolicy,
+        tried: &BTreeSet<String>,
+        now_ms: f64,
+    ) -> bool {
+        self.modalities
+            .get(modality)
+            .is_some_and(|reps| reps.values().any(|s| self.exclusion(s, policy, tried, now_ms).is_none()))
+    }
+
     /// Pick a replica for one call (see the module doc). `tried` holds endpoints already used
     /// by this request, so a retry goes elsewhere. Returns the endpoint, or None when no
     /// replica is eligible.

@@ -375,15 +375,22 @@ impl Router {
                 self.metrics.retries_total.with_label_values(&[modality]).inc();
             }
             let now = self.now_ms();
+            let attempts_left = max_attempts - attempt;
             let chosen = self.with_balancer(|b| {
                 let mut rng = rand::rng();
                 let ep = b.choose(modality, policy, &tried, now, &mut rng);
+                let mut others = false;
                 if let Some(e) = &ep {
                     b.on_start(modality, &e.endpoint);
+                    if attempts_left > 1 {
+                        let mut t = tried.clone();
+                        t.insert(e.endpoint.clone());
+                        others = b.has_alternative(modality, policy, &t, now);
+                    }
                 }
-                ep
+                ep.map(|e| (e, others))
             });
-            let Some(ep) = chosen else {
+            let Some((ep, retry_possible)) = chosen else {
                 if last_err.is_none() {
                     last_err = Some("no healthy replica (unready, ejected or failing)".into());
                 }
@@ -395,8 +402,13 @@ impl Router {
             if remaining.is_zero() {
                 return Err(CallError::Unavailable(format!("deadline exceeded ({})", last_err.unwrap_or_default())));
             }
+            // Per-try timeout: when a retry could go to another replica, this try gets its share
+            // of what is left, so a replica that hangs (partitioned, stopped) costs a fraction of
+            // the deadline and the retry still has time (Envoy's per_try_timeout). A lone
+            // replica gets all of it.
+            let budget = if retry_possible { remaining / attempts_left } else { remaining };
             let t0 = Instant::now();
-            let res = self.send(&ep, inputs, remaining).await;
+            let res = self.send(&ep, inputs, budget).await;
             let latency_ms = t0.elapsed().as_secs_f64() * 1000.0;
             guard.armed = false;
             let now = self.now_ms();

@@ -152,10 +152,22 @@ fn seconds(flag: &str, v: f64) -> anyhow::Result<Duration> {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    // log_internal_errors(false): when the log can't be written (disk full), tracing would
+    // eprintln! the error, and eprintln! panics when stderr fails, dropping the request's
+    // connection. A full disk must cost log lines, not requests (tests/chaos disk-full).
     if args.log_format == "json" {
-        tracing_subscriber::fmt().json().with_env_filter(filter).with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .log_internal_errors(false)
+            .json()
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
     } else {
-        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+        tracing_subscriber::fmt()
+            .log_internal_errors(false)
+            .with_env_filter(filter)
+            .with_writer(std::io::stderr)
+            .init();
     }
 
     let tokens = match &args.auth_token_file {
@@ -193,6 +205,13 @@ async fn main() -> anyhow::Result<()> {
     let router = Router::new(name, spec, table, EngineOptions { probe_interval: probe })?;
 
     if let Some(path) = &args.memory_path {
+        // A file-size limit (RLIMIT_FSIZE) must fail the memory write, not kill the router: with a
+        // handler installed, the kernel's SIGXFSZ becomes an EFBIG the store reports as a failed
+        // write (answers then say recorded: false).
+        const SIGXFSZ: i32 = 25;
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(SIGXFSZ)) {
+            tokio::spawn(async move { while s.recv().await.is_some() {} });
+        }
         let memory = prism_memory::Memory::open(path)?;
         router.set_memory(memory.clone())?;
         tokio::spawn(retention_loop(router.clone(), memory));
