@@ -111,6 +111,14 @@ bench-autoscale: ## load step on an autoscaled text node (1..3): decision interv
 	python3 bench/autoscale/run.py --bin $(RELEASE_BIN)/prism $(BENCH_ARGS)
 # --- end bench (failover, autoscale) ---
 
+# --- chaos ---
+.PHONY: chaos
+chaos: ## fault scenarios over real processes under load (kill -9, partition, slow node, router kill, disk full, Prometheus down)
+	$(CARGO) build --release --workspace --bins
+	@$(MAKE) -s models
+	python3 tests/chaos/run.py --bin $(RELEASE_BIN)/prism $(CHAOS_ARGS)
+# --- end chaos ---
+
 # --- bench (memory) ---
 .PHONY: bench-memory
 bench-memory: ## memory search (100k vectors) vs FAISS, durable write rate, acknowledged writes across router kill -9

@@ -109,7 +109,7 @@ class PrismUp:
     """`prism up -f MANIFEST --port 0 --state-dir DIR/state --models-dir .cache/models`, as a
     context manager that always stops it (SIGTERM, then SIGKILL and its recorded children)."""
 
-    def __init__(self, prism, manifest_text, name, extra_args=(), ready_timeout=300, echo=True):
+    def __init__(self, prism, manifest_text, name, extra_args=(), ready_timeout=300, echo=True, port=0):
         self.prism = prism
         self.tmp = tempfile.mkdtemp(prefix=f"prism-bench-{name}-")
         self.state_dir = os.path.join(self.tmp, "state")
@@ -117,6 +117,7 @@ class PrismUp:
         with open(self.manifest, "w") as f:
             f.write(manifest_text)
         self.extra_args = list(extra_args)
+        self.port = port
         self.ready_timeout = ready_timeout
         self.echo = echo
         self.proc = None
@@ -139,7 +140,7 @@ class PrismUp:
         return False
 
     def start(self):
-        args = [self.prism, "up", "-f", self.manifest, "--port", "0", "--state-dir", self.state_dir,
+        args = [self.prism, "up", "-f", self.manifest, "--port", str(self.port), "--state-dir", self.state_dir,
                 "--models-dir", MODELS_DIR, *self.extra_args]
         log(f"$ {' '.join(args)}")
         self.out = open(os.path.join(self.tmp, "prism-up.out"), "w")
