@@ -201,6 +201,65 @@ impl TestNs {
     }
 }
 
+impl TestNs {
+    /// Text (2 CPU replicas) + audio (1 GPU replica) nodes and pipeline `mm` over them; returns
+    /// the first routing table with every replica ready.
+    async fn text_audio_pipeline(&self) -> RoutingTable {
+        self.apply_yaml(&small_node("text", "text", false, "  replicas: {min: 2, max: 2}\n"));
+        self.apply_yaml(&small_node("audio", "audio", true, ""));
+        self.apply_yaml(&pipeline_yaml("mm", &["text", "audio"]));
+        self.wait("both modalities ready in the table", T, || async {
+            let t = self.table("mm").await?;
+            (t.ready("text").count() == 2 && t.ready("audio").count() == 1).then_some(t)
+        })
+        .await
+    }
+
+    /// Marks the audio pod not-ready and waits, on a watch started before the fault, for the
+    /// first routing table without a ready audio endpoint. Returns the pod, that table and the
+    /// time from the label to the rewrite.
+    async fn fail_audio(&self) -> (Pod, RoutingTable, Duration) {
+        let mut stream = Box::pin(watcher(
+            self.api::<ConfigMap>(),
+            watcher::Config::default().fields("metadata.name=mm-routing-table"),
+        ));
+        while let Some(ev) = stream.next().await {
+            if matches!(ev, Ok(watcher::Event::InitDone)) {
+                break;
+            }
+        }
+        let audio_pod = self.node_pods("audio").await.remove(0);
+        let t0 = Instant::now();
+        kubectl_ok(&[
+            "-n",
+            &self.name,
+            "label",
+            "pod",
+            &audio_pod.name_any(),
+            "prism.dev/fault=not-ready",
+            "--overwrite",
+        ]);
+        let rewritten = tokio::time::timeout(T, async {
+            while let Some(ev) = stream.next().await {
+                if let Ok(watcher::Event::Apply(cm)) = ev {
+                    let t: RoutingTable =
+                        serde_json::from_str(&cm.data.unwrap_or_default()[ROUTING_TABLE_KEY]).unwrap();
+                    if t.ready("audio").count() == 0 {
+                        return t;
+                    }
+                }
+            }
+            panic!("watch ended");
+        })
+        .await
+        .unwrap_or_else(|_| {
+            self.dump();
+            panic!("routing table not rewritten within {T:?}")
+        });
+        (audio_pod, rewritten, t0.elapsed())
+    }
+}
+
 fn rand_suffix() -> String {
     format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos())
 }
@@ -375,46 +434,10 @@ async fn multimodal_example_reconciles_to_ready_on_gpu_nodes() {
 async fn failover_rewrites_the_routing_table_and_marks_degraded() {
     let mut ns = TestNs::new("failover", &[]).await;
     ns.start_operator();
-    ns.apply_yaml(&small_node("text", "text", false, "  replicas: {min: 2, max: 2}\n"));
-    ns.apply_yaml(&small_node("audio", "audio", true, ""));
-    ns.apply_yaml(&pipeline_yaml("mm", &["text", "audio"]));
+    let before = ns.text_audio_pipeline().await;
     ns.wait_condition("mm", types::DEGRADED, "False", T).await;
-    let before = ns
-        .wait("both modalities ready in the table", T, || async {
-            let t = ns.table("mm").await?;
-            (t.ready("text").count() == 2 && t.ready("audio").count() == 1).then_some(t)
-        })
-        .await;
-
-    // Watch the ConfigMap to time the rewrite from the fault.
-    let cms = ns.api::<ConfigMap>();
-    let mut stream = Box::pin(watcher(cms, watcher::Config::default().fields("metadata.name=mm-routing-table")));
-    while let Some(ev) = stream.next().await {
-        if matches!(ev, Ok(watcher::Event::InitDone)) {
-            break;
-        }
-    }
-    let audio_pod = ns.node_pods("audio").await.remove(0);
+    let (audio_pod, after, latency) = ns.fail_audio().await;
     let audio_ep = format!("http://{}:8080", audio_pod.status.as_ref().unwrap().pod_ip.as_ref().unwrap());
-    let t0 = Instant::now();
-    kubectl_ok(&["-n", &ns.name, "label", "pod", &audio_pod.name_any(), "prism.dev/fault=not-ready", "--overwrite"]);
-    let after = tokio::time::timeout(T, async {
-        while let Some(ev) = stream.next().await {
-            if let Ok(watcher::Event::Apply(cm)) = ev {
-                let t: RoutingTable = serde_json::from_str(&cm.data.unwrap_or_default()[ROUTING_TABLE_KEY]).unwrap();
-                if t.ready("audio").count() == 0 {
-                    return t;
-                }
-            }
-        }
-        panic!("watch ended");
-    })
-    .await
-    .unwrap_or_else(|_| {
-        ns.dump();
-        panic!("routing table not rewritten within {T:?}")
-    });
-    let latency = t0.elapsed();
     eprintln!("failover: label -> routing table rewritten in {latency:?} (includes kwok's reaction to the label)");
     assert!(after.generation > before.generation, "generation bumped");
     assert!(
@@ -855,15 +878,7 @@ async fn operator_killed_mid_reconcile_restarts_without_duplicates_or_rollouts()
 async fn router_follows_its_configmap_through_the_api_with_only_its_own_service_account() {
     let mut ns = TestNs::new("routerwatch", &[]).await;
     ns.start_operator();
-    ns.apply_yaml(&small_node("text", "text", false, "  replicas: {min: 2, max: 2}\n"));
-    ns.apply_yaml(&small_node("audio", "audio", true, ""));
-    ns.apply_yaml(&pipeline_yaml("mm", &["text", "audio"]));
-    let before = ns
-        .wait("both modalities ready in the table", T, || async {
-            let t = ns.table("mm").await?;
-            (t.ready("text").count() == 2 && t.ready("audio").count() == 1).then_some(t)
-        })
-        .await;
+    let before = ns.text_audio_pipeline().await;
     ns.wait("the routers' RoleBinding", T, || async {
         ns.api::<k8s_openapi::api::rbac::v1::RoleBinding>().get_opt("mm-router").await.ok().flatten()
     })
@@ -916,28 +931,7 @@ async fn router_follows_its_configmap_through_the_api_with_only_its_own_service_
     assert_eq!(got.ready("audio").count(), 1);
 
     // A failover rewrite reaches the router from the watch, not from a kubelet file sync.
-    let cms = ns.api::<ConfigMap>();
-    let mut stream = Box::pin(watcher(cms, watcher::Config::default().fields("metadata.name=mm-routing-table")));
-    while let Some(ev) = stream.next().await {
-        if matches!(ev, Ok(watcher::Event::InitDone)) {
-            break;
-        }
-    }
-    let audio_pod = ns.node_pods("audio").await.remove(0);
-    kubectl_ok(&["-n", &ns.name, "label", "pod", &audio_pod.name_any(), "prism.dev/fault=not-ready", "--overwrite"]);
-    let rewritten = tokio::time::timeout(T, async {
-        while let Some(ev) = stream.next().await {
-            if let Ok(watcher::Event::Apply(cm)) = ev {
-                let t: RoutingTable = serde_json::from_str(&cm.data.unwrap_or_default()[ROUTING_TABLE_KEY]).unwrap();
-                if t.ready("audio").count() == 0 {
-                    return t;
-                }
-            }
-        }
-        panic!("watch ended");
-    })
-    .await
-    .expect("routing table rewritten");
+    let (_, rewritten, _) = ns.fail_audio().await;
     let t_cm = Instant::now();
     let seen = ns
         .wait("the router applies the rewrite", Duration::from_secs(10), || async {

@@ -35,48 +35,39 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "bench", "common"))
 from prism_up import DEFAULT_PRISM, KeepAlive, PrismUp, check_prereqs, fail, log, now, process_name  # noqa: E402
 
-MANIFEST = """\
+def manifest(node_extra, pipeline, pipeline_extra=""):
+    """One text node (all-MiniLM-L6-v2 on CPU) and a pipeline over it."""
+    return f"""\
 apiVersion: prism.dev/v1alpha1
 kind: ModalityNode
 metadata:
   name: text
 spec:
   modality: text
-  model: {uri: pvc://models/all-minilm-l6-v2, architecture: bert, revision: "1"}
-  replicas: {min: 2, max: 2}
+  model: {{uri: pvc://models/all-minilm-l6-v2, architecture: bert, revision: "1"}}
   device: cpu
----
+{node_extra}---
 apiVersion: prism.dev/v1alpha1
 kind: MultimodalPipeline
 metadata:
-  name: chaos
+  name: {pipeline}
 spec:
   nodes:
-  - {name: text, required: true}
-  routing: {timeoutMs: 1000, consecutiveErrors: 2, baseEjectionMs: 1000, retries: 1}
-  memory: {enabled: true, inputs: hash}
-"""
+  - {{name: text, required: true}}
+{pipeline_extra}"""
 
-AUTOSCALED = """\
-apiVersion: prism.dev/v1alpha1
-kind: ModalityNode
-metadata:
-  name: text
-spec:
-  modality: text
-  model: {uri: pvc://models/all-minilm-l6-v2, architecture: bert, revision: "1"}
-  replicas: {min: 1, max: 3}
-  autoscaling: {targetInflight: 2, intervalSeconds: 1, stableWindowSeconds: 10, panicWindowSeconds: 3}
-  device: cpu
----
-apiVersion: prism.dev/v1alpha1
-kind: MultimodalPipeline
-metadata:
-  name: chaos-scaled
-spec:
-  nodes:
-  - {name: text, required: true}
-"""
+
+MANIFEST = manifest(
+    "  replicas: {min: 2, max: 2}\n",
+    "chaos",
+    "  routing: {timeoutMs: 1000, consecutiveErrors: 2, baseEjectionMs: 1000, retries: 1}\n"
+    "  memory: {enabled: true, inputs: hash}\n",
+)
+AUTOSCALED = manifest(
+    "  replicas: {min: 1, max: 3}\n"
+    "  autoscaling: {targetInflight: 2, intervalSeconds: 1, stableWindowSeconds: 10, panicWindowSeconds: 3}\n",
+    "chaos-scaled",
+)
 
 # What each scenario promises (checked; a broken promise fails the run).
 PROMISES = {
