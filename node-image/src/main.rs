@@ -5,6 +5,7 @@
 
 use std::io::Write as _;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -93,6 +94,13 @@ struct Args {
     /// Model revision reported in answers (spec.model.revision).
     #[arg(long, env = "PRISM_REVISION", default_value = "unversioned")]
     revision: String,
+    /// Serve HTTPS with this PEM certificate chain (with --tls-key); the router trusts its CA
+    /// with --node-ca. Plain HTTP when not given.
+    #[arg(long, env = "PRISM_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// PEM private key of --tls-cert.
+    #[arg(long, env = "PRISM_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
     #[arg(long, env = "PRISM_DEVICE", value_enum, default_value = "auto")]
     device: DeviceChoice,
     /// Most inputs per forward pass.
@@ -197,9 +205,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         Some(a) => Some(tokio::net::TcpListener::bind(a).await.with_context(|| format!("binding --grpc-listen {a}"))?),
         None => None,
     };
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some(tls_acceptor(c, k)?),
+        _ => None,
+    };
     {
         let mut out = std::io::stdout().lock();
-        writeln!(out, "listening on http://{addr}")?;
+        writeln!(out, "listening on {}://{addr}", if tls.is_some() { "https" } else { "http" })?;
         if let Some(l) = &grpc_listener {
             writeln!(out, "grpc listening on {}", l.local_addr()?)?;
         }
@@ -211,8 +223,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
 
     let http_app = http::router(state.clone());
-    let http_task =
-        tokio::spawn(async move { axum::serve(listener, http_app).with_graceful_shutdown(shutdown_signal()).await });
+    let http_task = tokio::spawn(async move {
+        match tls {
+            Some(acceptor) => {
+                serve_tls(listener, http_app, acceptor, shutdown_signal()).await;
+                Ok(())
+            }
+            None => axum::serve(listener, http_app).with_graceful_shutdown(shutdown_signal()).await,
+        }
+    });
     let grpc_task = grpc_listener.map(|l| {
         let svc = NodeService::server(state.clone());
         tokio::spawn(async move {
@@ -287,6 +306,73 @@ fn run_fetch(f: FetchArgs) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+/// A TLS acceptor from PEM files, with a clear error for each way they can be wrong.
+fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .with_context(|| format!("reading --tls-cert {}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("--tls-cert {} is not a PEM certificate chain", cert.display()))?;
+    if certs.is_empty() {
+        bail!("--tls-cert {} holds no certificate", cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("--tls-key {} holds no PEM private key", key.display()))?;
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::ring::default_provider());
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("--tls-cert and --tls-key do not match")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(tokio_rustls::TlsAcceptor::from(std::sync::Arc::new(config)))
+}
+
+/// HTTPS: TLS handshake (bounded, so a silent client cannot hold a task), then HTTP/1.1 or h2.
+async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    acceptor: tokio_rustls::TlsAcceptor,
+    shutdown: impl std::future::Future<Output = ()>,
+) {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use tower::ServiceExt;
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    builder.http1().timer(TokioTimer::new()).header_read_timeout(std::time::Duration::from_secs(60));
+    let builder = std::sync::Arc::new(builder);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    tokio::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            r = listener.accept() => match r {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let (acceptor, app, builder, watcher) = (acceptor.clone(), app.clone(), builder.clone(), graceful.watcher());
+        tokio::spawn(async move {
+            let tls = match tokio::time::timeout(std::time::Duration::from_secs(10), acceptor.accept(stream)).await {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => return,
+            };
+            let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                app.clone().oneshot(req.map(axum::body::Body::new))
+            });
+            let _ = watcher.watch(builder.serve_connection_with_upgrades(TokioIo::new(tls), svc)).await;
+        });
+    }
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(10), graceful.shutdown()).await;
 }
 
 fn tokio_stream_from(

@@ -133,11 +133,13 @@ impl Drop for InflightGuard<'_> {
 pub struct EngineOptions {
     /// Interval of active `/ready` probes of every replica (None: passive health only).
     pub probe_interval: Option<Duration>,
+    /// PEM CA certificates trusted for `https://` node endpoints, besides the system roots.
+    pub node_ca_pem: Option<Vec<u8>>,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { probe_interval: Some(Duration::from_millis(500)) }
+        Self { probe_interval: Some(Duration::from_millis(500)), node_ca_pem: None }
     }
 }
 
@@ -161,12 +163,21 @@ impl Router {
         options: EngineOptions,
     ) -> Result<Arc<Self>, RouterError> {
         let metrics = Arc::new(Metrics::new().map_err(|e| RouterError::Internal(format!("metrics: {e}")))?);
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .pool_max_idle_per_host(256)
             .tcp_nodelay(true)
-            .connect_timeout(Duration::from_secs(2))
-            .build()
-            .map_err(|e| RouterError::Internal(format!("http client: {e}")))?;
+            .connect_timeout(Duration::from_secs(2));
+        if let Some(pem) = &options.node_ca_pem {
+            let certs = reqwest::Certificate::from_pem_bundle(pem)
+                .map_err(|e| RouterError::Validation(format!("--node-ca is not PEM certificates: {e}")))?;
+            if certs.is_empty() {
+                return Err(RouterError::Validation("--node-ca holds no certificate".into()));
+            }
+            for c in certs {
+                builder = builder.add_root_certificate(c);
+            }
+        }
+        let client = builder.build().map_err(|e| RouterError::Internal(format!("http client: {e}")))?;
         let table = table.unwrap_or_else(|| RoutingTable { pipeline: pipeline.clone(), ..Default::default() });
         let pipeline = if table.pipeline.is_empty() { pipeline } else { table.pipeline.clone() };
         let mut balancer = Balancer {

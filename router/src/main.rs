@@ -74,6 +74,10 @@ struct Args {
     /// /v1/memory/corrections. Off when not given.
     #[arg(long, env = "PRISM_ROUTER_MEMORY_PATH")]
     memory_path: Option<PathBuf>,
+    /// PEM CA certificate(s) to trust for `https://` node endpoints (nodes started with
+    /// --tls-cert/--tls-key).
+    #[arg(long, env = "PRISM_ROUTER_NODE_CA")]
+    node_ca: Option<PathBuf>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -202,7 +206,11 @@ async fn main() -> anyhow::Result<()> {
             "default".to_string()
         }
     });
-    let router = Router::new(name, spec, table, EngineOptions { probe_interval: probe })?;
+    let node_ca_pem = match &args.node_ca {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading --node-ca {}", p.display()))?),
+        None => None,
+    };
+    let router = Router::new(name, spec, table, EngineOptions { probe_interval: probe, node_ca_pem })?;
 
     if let Some(path) = &args.memory_path {
         // A file-size limit (RLIMIT_FSIZE) must fail the memory write, not kill the router: with a
