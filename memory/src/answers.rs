@@ -5,6 +5,8 @@ use std::sync::{Arc, Mutex};
 
 use prism_api::wire::router::InferResponse;
 
+use crate::vector::normalised;
+
 /// One remembered answer: its per-modality vectors (L2-normalised, for cosine by dot product)
 /// and the answer itself.
 struct Entry {
@@ -18,11 +20,6 @@ struct Entry {
 pub struct RecentAnswers {
     capacity: usize,
     by_pipeline: Mutex<HashMap<String, VecDeque<Entry>>>,
-}
-
-fn normalised(v: &[f32]) -> Option<Vec<f32>> {
-    let norm = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
-    (norm.is_finite() && norm > 0.0).then(|| v.iter().map(|x| (f64::from(*x) / norm) as f32).collect())
 }
 
 /// Similarity of a request (the modalities that were served) to a past answer: the mean

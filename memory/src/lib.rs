@@ -9,6 +9,7 @@
 
 mod answers;
 mod store;
+mod vector;
 
 pub use answers::{similarity, RecentAnswers};
 pub use store::{

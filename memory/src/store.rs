@@ -18,6 +18,8 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info};
 
+use crate::vector::{dot, normalised};
+
 /// Index key of a record's fused vector (modality names are the other keys).
 pub const FUSED: &str = "fused";
 /// Most operations one commit carries (group commit under load).
@@ -127,13 +129,6 @@ fn vectors_of(r: &InferResponse) -> Vec<(String, &[f32])> {
     v
 }
 
-fn normalised(v: &[f32]) -> Option<Vec<f32>> {
-    let n = v.iter().map(|x| f64::from(*x) * f64::from(*x)).sum::<f64>().sqrt();
-    (n.is_finite() && n > 0.0).then(|| v.iter().map(|x| (f64::from(*x) / n) as f32).collect())
-}
-
-/// Exact cosine search over every stored vector, per (pipeline, key). Rebuilt from the file at
-/// open; appended after each commit.
 /// One indexed vector: record id, its time, the L2-normalised vector.
 type Entry = (Arc<str>, i64, Vec<f32>);
 
@@ -152,41 +147,6 @@ impl hnsw_rs::anndists::dist::Distance<f32> for UnitDot {
     fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
         (1.0 - dot(a, b)).max(0.0)
     }
-}
-
-/// Dot product in 16 independent lanes: a plain `zip().sum()` is one serial chain of adds
-/// (float addition is not reassociated by the compiler), which made every distance ~8x slower
-/// than the SIMD the CPU has. Distances are nearly all of HNSW's build and search time.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU supports AVX2 (checked just above; the result is cached by std).
-        return unsafe { dot_avx2(a, b) };
-    }
-    dot_lanes(a, b)
-}
-
-/// The same loop compiled for AVX2 (8 f32 per instruction instead of SSE2's 4), chosen at run
-/// time so one binary runs on any x86-64.
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn dot_avx2(a: &[f32], b: &[f32]) -> f32 {
-    dot_lanes(a, b)
-}
-
-#[inline(always)]
-fn dot_lanes(a: &[f32], b: &[f32]) -> f32 {
-    const L: usize = 16;
-    let mut acc = [0f32; L];
-    let (ca, cb) = (a.chunks_exact(L), b.chunks_exact(L));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..L {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    let tail: f32 = ra.iter().zip(rb).map(|(x, y)| x * y).sum();
-    acc.iter().sum::<f32>() + tail
 }
 
 type Graph = hnsw_rs::hnsw::Hnsw<'static, f32, UnitDot>;
@@ -269,21 +229,20 @@ impl VectorIndex {
     /// Index one vector (normalised here; a zero or non-finite vector is skipped). It is
     /// searchable at once (exactly) and joins the graph at the next [`Self::catch_up`].
     pub fn insert(&mut self, pipeline: &str, key: &str, id: &str, at_ms: i64, v: &[f32]) {
+        self.push(pipeline, key.to_string(), Arc::from(id), at_ms, v);
+    }
+
+    fn push(&mut self, pipeline: &str, key: String, id: Arc<str>, at_ms: i64, v: &[f32]) {
         if let Some(n) = normalised(v) {
-            self.by_key.entry((pipeline.to_string(), key.to_string())).or_default().entries.push((
-                Arc::from(id),
-                at_ms,
-                n,
-            ));
+            self.by_key.entry((pipeline.to_string(), key)).or_default().entries.push((id, at_ms, n));
         }
     }
 
+    /// Every vector of a record (its modalities' and the fused one), sharing one id.
     fn add(&mut self, rec: &Record) {
         let id: Arc<str> = Arc::from(rec.id.as_str());
         for (key, v) in vectors_of(&rec.response) {
-            if let Some(n) = normalised(v) {
-                self.by_key.entry((rec.pipeline.clone(), key)).or_default().entries.push((id.clone(), rec.at_ms, n));
-            }
+            self.push(&rec.pipeline, key, id.clone(), rec.at_ms, v);
         }
     }
 
@@ -402,9 +361,12 @@ fn indexer_loop(index: std::sync::Weak<RwLock<VectorIndex>>) {
     }
 }
 
+/// Where a writer-thread operation's result goes.
+type Reply<T> = oneshot::Sender<Result<T, MemoryError>>;
+
 enum Op {
-    Record(Box<Record>, oneshot::Sender<Result<(), MemoryError>>),
-    Correct(Correction, oneshot::Sender<Result<Vec<ReplicaRef>, MemoryError>>),
+    Record(Box<Record>, Reply<()>),
+    Correct(Correction, Reply<Vec<ReplicaRef>>),
 }
 
 /// The memory store. Cheap to share (`Arc`); writes go through the writer thread.
@@ -665,95 +627,33 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, index: Arc<RwLo
     }
 }
 
-/// One transaction for the whole batch. Per-operation failures (an unknown request id) leave
-/// the others in; a failed commit (disk full, I/O error) fails them all, and nothing of the
-/// batch is acknowledged.
-fn commit_batch(conn: &mut Connection, batch: Vec<Op>, index: &RwLock<VectorIndex>) {
-    enum Done {
-        Record(Box<Record>, oneshot::Sender<Result<(), MemoryError>>, Result<(), MemoryError>),
-        Correct(oneshot::Sender<Result<Vec<ReplicaRef>, MemoryError>>, Result<Vec<ReplicaRef>, MemoryError>),
-    }
-    let fail_all = |batch: Vec<Op>, why: String| {
-        error!(error = %why, ops = batch.len(), "memory store commit failed");
-        for op in batch {
-            match op {
-                Op::Record(_, tx) => {
-                    let _ = tx.send(Err(MemoryError::Write(why.clone())));
-                }
-                Op::Correct(_, tx) => {
-                    let _ = tx.send(Err(MemoryError::Write(why.clone())));
-                }
-            }
-        }
-    };
-    let txn = match conn.transaction() {
-        Ok(t) => t,
-        Err(e) => return fail_all(batch, e.to_string()),
-    };
-    let mut done = Vec::with_capacity(batch.len());
-    for op in batch {
+/// An operation's outcome inside a batch, answered only once the batch's fate is known.
+enum Done {
+    Record(Box<Record>, Reply<()>, Result<(), MemoryError>),
+    Correct(Reply<Vec<ReplicaRef>>, Result<Vec<ReplicaRef>, MemoryError>),
+}
+
+impl Done {
+    /// An operation that never ran (the transaction could not begin).
+    fn unapplied(op: Op) -> Self {
         match op {
-            Op::Record(rec, tx) => {
-                let r = (|| -> Result<(), MemoryError> {
-                    let inputs = serde_json::to_string(&rec.inputs).map_err(|e| MemoryError::Write(e.to_string()))?;
-                    let response =
-                        serde_json::to_string(&rec.response).map_err(|e| MemoryError::Write(e.to_string()))?;
-                    txn.execute(
-                        "INSERT OR REPLACE INTO records (id, pipeline, at_ms, inputs, response) VALUES (?1, ?2, ?3, ?4, ?5)",
-                        params![rec.id, rec.pipeline, rec.at_ms, inputs, response],
-                    )
-                    .map_err(|e| MemoryError::Write(e.to_string()))?;
-                    Ok(())
-                })();
-                done.push(Done::Record(rec, tx, r));
-            }
-            Op::Correct(c, tx) => {
-                let r = (|| -> Result<Vec<ReplicaRef>, MemoryError> {
-                    let response: Option<String> = txn
-                        .query_row("SELECT response FROM records WHERE id = ?1", [&c.request_id], |r| r.get(0))
-                        .optional()
-                        .map_err(|e| MemoryError::Write(e.to_string()))?;
-                    let Some(response) = response else {
-                        return Err(MemoryError::UnknownRequest(c.request_id.clone()));
-                    };
-                    let answer = c.answer.as_ref().map(|a| a.to_string());
-                    txn.execute(
-                        "INSERT INTO corrections (request_id, at_ms, rating, answer) VALUES (?1, ?2, ?3, ?4)",
-                        params![c.request_id, c.at_ms, c.rating, answer],
-                    )
-                    .map_err(|e| MemoryError::Write(e.to_string()))?;
-                    Ok(serde_json::from_str::<InferResponse>(&response).map(|r| replicas_of(&r)).unwrap_or_default())
-                })();
-                done.push(Done::Correct(tx, r));
-            }
+            Op::Record(rec, tx) => Done::Record(rec, tx, Ok(())),
+            Op::Correct(_, tx) => Done::Correct(tx, Ok(Vec::new())),
         }
     }
-    if let Err(e) = txn.commit() {
-        let why = e.to_string();
-        error!(error = %why, ops = done.len(), "memory store commit failed");
-        for d in done {
-            match d {
-                Done::Record(_, tx, _) => {
-                    let _ = tx.send(Err(MemoryError::Write(why.clone())));
-                }
-                Done::Correct(tx, _) => {
-                    let _ = tx.send(Err(MemoryError::Write(why.clone())));
-                }
-            }
-        }
-        return;
-    }
-    // Committed: make the records searchable, then acknowledge.
-    {
-        let mut idx = index.write().unwrap_or_else(|p| p.into_inner());
-        for d in &done {
-            if let Done::Record(rec, _, Ok(())) = d {
-                idx.add(rec);
-            }
+
+    /// Nothing of the batch was kept: whatever this operation did, it failed.
+    fn failed(self, why: &str) -> Self {
+        let err = || MemoryError::Write(why.to_string());
+        match self {
+            Done::Record(rec, tx, _) => Done::Record(rec, tx, Err(err())),
+            Done::Correct(tx, _) => Done::Correct(tx, Err(err())),
         }
     }
-    for d in done {
-        match d {
+
+    fn reply(self) {
+        // A caller that went away (its request was cancelled) needs no answer.
+        match self {
             Done::Record(_, tx, r) => {
                 let _ = tx.send(r);
             }
@@ -761,6 +661,80 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Op>, index: &RwLock<VectorInde
                 let _ = tx.send(r);
             }
         }
+    }
+}
+
+/// One operation inside the open transaction.
+fn apply(txn: &rusqlite::Transaction<'_>, op: Op) -> Done {
+    let write = |e: &dyn std::fmt::Display| MemoryError::Write(e.to_string());
+    match op {
+        Op::Record(rec, tx) => {
+            let r = (|| -> Result<(), MemoryError> {
+                let inputs = serde_json::to_string(&rec.inputs).map_err(|e| write(&e))?;
+                let response = serde_json::to_string(&rec.response).map_err(|e| write(&e))?;
+                txn.execute(
+                    "INSERT OR REPLACE INTO records (id, pipeline, at_ms, inputs, response) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    params![rec.id, rec.pipeline, rec.at_ms, inputs, response],
+                )
+                .map_err(|e| write(&e))?;
+                Ok(())
+            })();
+            Done::Record(rec, tx, r)
+        }
+        Op::Correct(c, tx) => {
+            let r = (|| -> Result<Vec<ReplicaRef>, MemoryError> {
+                let response: Option<String> = txn
+                    .query_row("SELECT response FROM records WHERE id = ?1", [&c.request_id], |r| r.get(0))
+                    .optional()
+                    .map_err(|e| write(&e))?;
+                let Some(response) = response else {
+                    return Err(MemoryError::UnknownRequest(c.request_id.clone()));
+                };
+                let answer = c.answer.as_ref().map(|a| a.to_string());
+                txn.execute(
+                    "INSERT INTO corrections (request_id, at_ms, rating, answer) VALUES (?1, ?2, ?3, ?4)",
+                    params![c.request_id, c.at_ms, c.rating, answer],
+                )
+                .map_err(|e| write(&e))?;
+                Ok(serde_json::from_str::<InferResponse>(&response).map(|r| replicas_of(&r)).unwrap_or_default())
+            })();
+            Done::Correct(tx, r)
+        }
+    }
+}
+
+/// All of a batch failed with `e`.
+fn failed_batch(done: Vec<Done>, e: rusqlite::Error) -> Vec<Done> {
+    let why = e.to_string();
+    error!(error = %why, ops = done.len(), "memory store commit failed");
+    done.into_iter().map(|d| d.failed(&why)).collect()
+}
+
+/// One transaction for the whole batch. Per-operation failures (an unknown request id) leave
+/// the others in; a failed begin or commit (disk full, I/O error) fails them all, and nothing of
+/// the batch is acknowledged.
+fn commit_batch(conn: &mut Connection, batch: Vec<Op>, index: &RwLock<VectorIndex>) {
+    let done = match conn.transaction() {
+        Ok(txn) => {
+            let done: Vec<Done> = batch.into_iter().map(|op| apply(&txn, op)).collect();
+            match txn.commit() {
+                Ok(()) => {
+                    // Committed: make the records searchable, then acknowledge.
+                    let mut idx = index.write().unwrap_or_else(|p| p.into_inner());
+                    for d in &done {
+                        if let Done::Record(rec, _, Ok(())) = d {
+                            idx.add(rec);
+                        }
+                    }
+                    done
+                }
+                Err(e) => failed_batch(done, e),
+            }
+        }
+        Err(e) => failed_batch(batch.into_iter().map(Done::unapplied).collect(), e),
+    };
+    for d in done {
+        d.reply();
     }
 }
 
