@@ -60,6 +60,16 @@ bench-node: ## prism-node vs sentence-transformers/PyTorch on CPU (pip-installs 
 	test -x bench/.venv/bin/python || python3 -m venv bench/.venv
 	bench/.venv/bin/python -c 'import sentence_transformers' 2>/dev/null || bench/.venv/bin/pip install -q sentence-transformers
 	python3 bench/node/bench.py --bin $(RELEASE_BIN)/prism-node --torch-python bench/.venv/bin/python
+
+.PHONY: train-space bench-models
+train-space: models ## prism train shared-space: text/audio heads into vit-digits' space (.cache/models/digits-space)
+	$(CARGO) build --release -p prism --bin prism
+	$(RELEASE_BIN)/prism train shared-space
+
+bench-models: models ## shared-space retrieval, per-modality throughput, parallel nodes vs one monolithic process
+	$(CARGO) build --release -p prism -p prism-node -p prism-router --bins
+	$(CARGO) build --release -p prism-node --example monolithic
+	python3 bench/models/run.py $(BENCH_ARGS)
 # --- end node ---
 
 # --- router ---

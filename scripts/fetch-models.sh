@@ -69,3 +69,11 @@ if [ ! -f "$MODELS/perceiver-fusion/reference.json" ] || [ ! -f "$MODELS/mot-fus
 else
   echo "models: perceiver-fusion, mot-fusion present"
 fi
+
+# digits-pairs: the paired data `prism train shared-space` learns from (scikit-learn digits as PNGs,
+# digit names as text, the names spoken by espeak-ng at 16 kHz); scripts/make-digits-pairs.py (~5 s).
+if [ ! -f "$ROOT/.cache/data/digits-pairs/manifest.json" ]; then
+  python3 "$ROOT/scripts/make-digits-pairs.py" "$ROOT/.cache/data/digits-pairs"
+else
+  echo "models: digits-pairs data present"
+fi

@@ -5,6 +5,8 @@ need_apt=()
 command -v prometheus >/dev/null || need_apt+=(prometheus)
 command -v openssl >/dev/null || need_apt+=(openssl)
 command -v curl >/dev/null || need_apt+=(curl)
+# espeak-ng: the spoken digit names of the paired data set (scripts/make-digits-pairs.py).
+command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "apt: installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -2,6 +2,7 @@
 //! substrate behind `prism up`) and in the library crates.
 
 mod local;
+mod train;
 
 use std::path::PathBuf;
 
@@ -34,6 +35,11 @@ enum Cmd {
         /// Manifest files (multi-document YAML).
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
+    },
+    /// Train model updates with candle on this machine (see `prism train shared-space --help`).
+    Train {
+        #[command(subcommand)]
+        what: train::TrainCmd,
     },
     /// Print Prism's CustomResourceDefinitions, or `apply` them to the cluster (the upgrade path
     /// Helm lacks: it installs CRDs once and never updates them).
@@ -72,6 +78,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Status(args) => local::status(&args),
         Cmd::Down(args) => local::down(&args),
         Cmd::Logs(args) => local::logs(&args),
+        Cmd::Train { what } => train::run(what),
     }
 }
 

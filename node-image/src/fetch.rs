@@ -43,7 +43,8 @@ const ORAS_UNPACK_ANNOTATION: &str = "io.deis.oras.content.unpack";
 
 /// Files of a Hugging Face repository that the backends read, in download order, and whether every
 /// model needs them. `bert` also needs tokenizer.json, `vit` / `clip-vision` preprocessor_config.json
-/// (see `Architecture::needs`); the adapter pair is a LoRA merged at load (`transformer::merge_lora`).
+/// (see `Architecture::needs`); the adapter pair is a LoRA merged at load (`transformer::merge_lora`);
+/// `projection.safetensors` is a shared-space head applied after the encoder (`backend::projection`).
 /// Small files first, so a wrong name, revision or token fails before the large download.
 pub const HF_FILES: &[(&str, bool)] = &[
     ("config.json", true),
@@ -51,6 +52,7 @@ pub const HF_FILES: &[(&str, bool)] = &[
     ("preprocessor_config.json", false),
     ("adapter_config.json", false),
     ("adapter_model.safetensors", false),
+    ("projection.safetensors", false),
     ("model.safetensors", true),
 ];
 
@@ -698,6 +700,10 @@ pub fn verify_folder(dir: &Path, arch: Option<&Architecture>) -> Result<(), Fetc
             return Err(bad("adapter_model.safetensors without adapter_config.json".into()));
         }
         check_safetensors(&adapter).map_err(|m| bad(format!("adapter_model.safetensors: {m}")))?;
+    }
+    let head = dir.join("projection.safetensors");
+    if head.is_file() {
+        check_safetensors(&head).map_err(|m| bad(format!("projection.safetensors: {m}")))?;
     }
     Ok(())
 }

@@ -246,9 +246,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     // Load + warm up. A failure exits the process: a pod that can never become ready should crash
     // visibly (CrashLoopBackOff with this message) rather than sit unready.
     let spec = LoadSpec { dir: dir.clone(), device: args.device, max_input_tokens: args.max_input_tokens };
-    let load = arch.load;
     let started = std::time::Instant::now();
-    let model = tokio::task::spawn_blocking(move || load(&spec))
+    let model = tokio::task::spawn_blocking(move || arch.load_model(&spec))
         .await
         .context("model loader panicked")?
         .with_context(|| format!("loading {} model from {}", arch.name, dir.display()))?;
@@ -296,7 +295,7 @@ fn run_fetch(f: FetchArgs) -> anyhow::Result<()> {
     if let Some(a) = arch.filter(|_| f.verify_load) {
         let started = std::time::Instant::now();
         let spec = LoadSpec { dir: f.out.clone(), device: DeviceChoice::Cpu, max_input_tokens: None };
-        let model = (a.load)(&spec).with_context(|| format!("loading the fetched folder as {}", a.name))?;
+        let model = a.load_model(&spec).with_context(|| format!("loading the fetched folder as {}", a.name))?;
         eprintln!(
             "verified: {} loads as {} (dim {}) in {:.1}s",
             f.out.display(),

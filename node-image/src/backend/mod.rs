@@ -25,6 +25,7 @@
 
 pub mod bert;
 pub mod fusion;
+pub mod projection;
 pub mod transformer;
 pub mod vit;
 pub mod whisper;
@@ -194,6 +195,14 @@ pub struct Architecture {
     pub load: fn(&LoadSpec) -> Result<LoadedModel, BackendError>,
 }
 
+impl Architecture {
+    /// Loads a folder as this architecture, with the folder's projection head (if any) after it.
+    /// Every load goes through here, so a head can never be silently skipped.
+    pub fn load_model(&self, spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
+        projection::attach((self.load)(spec)?, &spec.dir)
+    }
+}
+
 /// Every architecture this binary can serve. Add a line here for a new model file (and list in
 /// `needs` any file it reads besides config.json and model.safetensors, so `fetch` downloads it).
 pub static REGISTRY: &[Architecture] = &[
@@ -220,7 +229,7 @@ pub fn lookup(name: &str) -> Result<&'static Architecture, BackendError> {
 
 /// Loads `architecture` from `spec`.
 pub fn load(architecture: &str, spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
-    (lookup(architecture)?.load)(spec)
+    lookup(architecture)?.load_model(spec)
 }
 
 /// Resolves `--model-uri` to a local folder: `file:///abs/path`, `file://rel/path` or a plain

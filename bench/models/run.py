@@ -1,0 +1,243 @@
+#!/usr/bin/env python3
+"""`make bench-models`: the shared space Prism trains, per-modality throughput, and the seed's
+headline comparison (separate modality nodes in parallel vs one monolithic model, sequential).
+
+1. `prism train shared-space` on the digits pairs (scikit-learn digits, MiniLM text, espeak-ng
+   speech through whisper-base): held-out text->image and audio->image top-1 vs chance.
+2. `prism up` a pipeline of the three trained nodes (64-d shared space, weighted fusion) and:
+   - per-modality throughput: items/s straight to each node's /embed (batched requests);
+   - parallel: one client, the same multimodal requests through the router's /v1/infer;
+     peak memory = the sum of every process's VmHWM (three nodes + router).
+3. monolithic: node-image/examples/monolithic.rs holds the same three encoders and heads in one
+   process and runs them one after another per request (no network hop at all): latency and
+   VmHWM of that process.
+
+Last line: `models: text_to_image_top1=... audio_to_image_top1=... chance=0.1 parallel_ms=...
+monolithic_ms=... parallel_peak_mb=... monolithic_peak_mb=...`
+"""
+import argparse
+import base64
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common"))
+from prism_up import MODELS_DIR, ROOT, TARGET, PrismUp, call, check_prereqs, fail, headline, log  # noqa: E402
+
+DATA = os.path.join(ROOT, ".cache", "data", "digits-pairs")
+SPACE = os.path.join(MODELS_DIR, "digits-space")
+INTRO = """
+`make bench-models` (bench/models/run.py). Shared space: `prism train shared-space` learns MLP
+projection heads (candle autograd, supervised InfoNCE) that map all-MiniLM-L6-v2 text vectors and
+whisper-base speech vectors into vit-digits' 64-d image space, from scikit-learn's handwritten digits
+paired with their names (text) and the names spoken by espeak-ng. Top-1 = the nearest of 500
+held-out images has the query's digit; queries are held-out phrasings and speech in two accents
+never heard in training; chance is 0.1. Parallel vs monolithic: the same requests (text + image +
+speech, fused by weighted mean) through Prism's router over three node processes, against one
+process holding the same three encoders and heads running them one after another with no network
+hop (node-image/examples/monolithic.rs). Peak memory: the sum of the processes' VmHWM (nodes +
+router) vs the monolith's VmHWM. The seed claims 71 ms vs 120 ms and 21 GB vs 36 GB at its scale.
+"""
+
+PIPELINE = """
+apiVersion: prism.dev/v1alpha1
+kind: ModalityNode
+metadata: {name: text}
+spec:
+  modality: text
+  model: {uri: pvc://models/digits-space/text, architecture: bert, revision: "1"}
+  replicas: {min: 1, max: 1}
+  batching: {maxBatch: 32, maxWaitMs: 1}
+  device: cpu
+---
+apiVersion: prism.dev/v1alpha1
+kind: ModalityNode
+metadata: {name: vision}
+spec:
+  modality: vision
+  model: {uri: pvc://models/digits-space/vision, architecture: vit, revision: "1"}
+  replicas: {min: 1, max: 1}
+  batching: {maxBatch: 32, maxWaitMs: 1}
+  device: cpu
+---
+apiVersion: prism.dev/v1alpha1
+kind: ModalityNode
+metadata: {name: audio}
+spec:
+  modality: audio
+  model: {uri: pvc://models/digits-space/audio, architecture: whisper-encoder, revision: "1"}
+  replicas: {min: 1, max: 1}
+  batching: {maxBatch: 4, maxWaitMs: 1}
+  device: cpu
+---
+apiVersion: prism.dev/v1alpha1
+kind: MultimodalPipeline
+metadata: {name: digits}
+spec:
+  nodes:
+  - {name: text, required: true, weight: 1.0}
+  - {name: vision, weight: 1.0}
+  - {name: audio, weight: 1.0}
+  routing: {timeoutMs: 30000}
+  fusion: {strategy: weighted, deFusion: true}
+  degradation: {onMissingOptional: partial, onMissingRequired: fail}
+"""
+
+
+def b64(path):
+    with open(path, "rb") as f:
+        return base64.b64encode(f.read()).decode()
+
+
+def vmhwm_mb(pid):
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def children(pid):
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                out += [int(p) for p in f.read().split()]
+        except OSError:
+            pass
+    return out
+
+
+def comm(pid):
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()
+    except OSError:
+        return None
+
+
+def pct(xs, p):
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
+
+
+def train(prism):
+    log("== shared space: prism train shared-space")
+    r = subprocess.run([prism, "train", "shared-space", "--data", DATA, "--out", SPACE], cwd=ROOT,
+                       capture_output=True, text=True)
+    sys.stdout.write("".join(f"  | {l}\n" for l in r.stderr.splitlines()))
+    if r.returncode != 0:
+        fail(f"prism train failed ({r.returncode})")
+    line = next(l for l in r.stdout.splitlines() if l.startswith("train: "))
+    log("  " + line)
+    return json.load(open(os.path.join(SPACE, "metrics.json")))
+
+
+def requests_set(n):
+    """n held-out triples: a held-out phrasing, image and unseen-accent clip of the same digit."""
+    m = json.load(open(os.path.join(DATA, "manifest.json")))
+    out = []
+    for i in range(n):
+        label = i % 10
+        text = [t for t in m["texts"] if t["split"] == "test" and t["label"] == label][i // 10 % 4]["text"]
+        imgs = [x for x in m["images"] if x["split"] == "test" and x["label"] == label]
+        clips = [x for x in m["audio"] if x["split"] == "test" and x["label"] == label]
+        out.append({"label": label, "text": text, "image": os.path.join(DATA, imgs[i // 10 % len(imgs)]["file"]),
+                    "audio": os.path.join(DATA, clips[i // 10 % len(clips)]["file"])})
+    return out
+
+
+def throughput(url, make_inputs, batch, rounds):
+    call(url + "/embed", {"inputs": make_inputs(batch)}, timeout=120)  # warm
+    t = time.monotonic()
+    for _ in range(rounds):
+        status, body, _ = call(url + "/embed", {"inputs": make_inputs(batch)}, timeout=120)
+        if status != 200:
+            fail(f"{url}/embed answered {status}: {body}")
+    return batch * rounds / (time.monotonic() - t)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prism", default=os.path.join(TARGET, "release", "prism"))
+    ap.add_argument("--monolithic", default=os.path.join(TARGET, "release", "examples", "monolithic"))
+    ap.add_argument("--requests", type=int, default=20)
+    ap.add_argument("--no-append", action="store_true", help="do not record the run in bench/RESULTS.md")
+    args = ap.parse_args()
+    check_prereqs(args.prism, models=("all-minilm-l6-v2", "vit-digits", "whisper-base-encoder"))
+    if not os.path.exists(os.path.join(DATA, "manifest.json")):
+        fail(f"{DATA}/manifest.json is missing: run `make models`")
+    load_before = os.getloadavg()[0]
+    metrics = train(args.prism)
+    reqs = requests_set(args.requests)
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(reqs, f)
+        reqs_file = f.name
+
+    log("== monolithic: one process, three encoders in sequence")
+    r = subprocess.run([args.monolithic, os.path.join(SPACE, "text"), os.path.join(SPACE, "vision"),
+                        os.path.join(SPACE, "audio"), reqs_file], capture_output=True, text=True)
+    if r.returncode != 0:
+        fail(f"monolithic failed: {r.stderr}")
+    mono = json.loads(r.stdout)
+    mono_ms = statistics.median(mono["latencies_ms"])
+    log(f"  p50 {mono_ms:.1f} ms p99 {pct(mono['latencies_ms'], 99):.1f} ms, peak RSS {mono['peak_rss_mb']:.0f} MB")
+
+    log("== parallel: prism up, three nodes + router")
+    with PrismUp(args.prism, PIPELINE, "models", echo=False) as up:
+        st = up.state()
+        urls = {n["name"]: n["replicas"][0]["url"] for n in st["nodes"]}
+        body = lambda r: {"inputs": {"text": r["text"], "vision": {"image_base64": b64(r["image"])},
+                                     "audio": {"audio_base64": b64(r["audio"])}}}
+        status, resp, _ = call(up.url + "/v1/infer", body(reqs[0]), timeout=60)  # warm the whole path
+        if status != 200:
+            fail(f"/v1/infer answered {status}: {resp}")
+        lat, correct = [], 0
+        for r in reqs:
+            status, resp, secs = call(up.url + "/v1/infer", body(r), timeout=60)
+            if status != 200 or resp.get("degraded"):
+                fail(f"/v1/infer answered {status}: {resp}")
+            lat.append(secs * 1000)
+        par_ms = statistics.median(lat)
+        pids = [rep["pid"] for n in st["nodes"] for rep in n["replicas"] if rep.get("pid")]
+        pids += [p for p in children(st["pid"]) if comm(p) == "prism-router"]
+        peaks = [vmhwm_mb(p) for p in pids]
+        if len(pids) != 4 or any(p is None for p in peaks):
+            fail(f"could not read VmHWM of the three nodes and the router: pids {pids}, peaks {peaks}")
+        par_peak = sum(peaks)
+        log(f"  p50 {par_ms:.1f} ms p99 {pct(lat, 99):.1f} ms, peak RSS {par_peak:.0f} MB (nodes + router: "
+            + ", ".join(f"{p:.0f}" for p in peaks) + ")")
+
+        log("== per-modality throughput (items/s, batched /embed straight to each node)")
+        tput = {
+            "text": throughput(urls["text"], lambda n: [reqs[i % len(reqs)]["text"] for i in range(n)], 32, 8),
+            "vision": throughput(urls["vision"], lambda n: [{"image_base64": b64(reqs[i % len(reqs)]["image"])}
+                                                            for i in range(n)], 32, 8),
+            "audio": throughput(urls["audio"], lambda n: [{"audio_base64": b64(reqs[i % len(reqs)]["audio"])}
+                                                          for i in range(n)], 4, 3),
+        }
+        log("  " + ", ".join(f"{k} {v:.1f}/s" for k, v in tput.items()))
+        up.ok = True
+
+    line = (f"models: text_to_image_top1={metrics['text_to_image_top1']:.3f} "
+            f"audio_to_image_top1={metrics['audio_to_image_top1']:.3f} chance={metrics['chance']:.1f} "
+            f"parallel_ms={par_ms:.1f} monolithic_ms={mono_ms:.1f} parallel_peak_mb={par_peak:.0f} "
+            f"monolithic_peak_mb={mono['peak_rss_mb']:.0f}")
+    suffix = (f" throughput/s text={tput['text']:.0f} vision={tput['vision']:.0f} audio={tput['audio']:.1f};"
+              f" p99 parallel {pct(lat, 99):.1f} ms, monolithic {pct(mono['latencies_ms'], 99):.1f} ms;"
+              f" untrained top-1 text {metrics['text_to_image_top1_untrained']:.2f} audio "
+              f"{metrics['audio_to_image_top1_untrained']:.2f}")
+    headline(args, "models", "models: shared space, per-modality throughput, parallel nodes vs monolithic",
+             INTRO, line, f"{args.requests} requests", load_before, suffix=suffix)
+
+
+if __name__ == "__main__":
+    main()
