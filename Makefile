@@ -123,7 +123,7 @@ bench-autoscale: ## load step on an autoscaled text node (1..3): decision interv
 
 # --- chaos ---
 .PHONY: chaos
-chaos: ## fault scenarios over real processes under load (kill -9, partition, slow node, router kill, disk full, Prometheus down)
+chaos: cluster-up ## fault scenarios under load (kill -9, partition, slow node, router kill, disk full, Prometheus down, operator kill, API server restart)
 	$(CARGO) build --release --workspace --bins
 	@$(MAKE) -s models
 	python3 tests/chaos/run.py --bin $(RELEASE_BIN)/prism $(CHAOS_ARGS)

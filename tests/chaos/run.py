@@ -12,6 +12,7 @@ A `prism up` pipeline (one text node, all-MiniLM-L6-v2, 2 replicas; memory on; r
   disk-full        the router's file-size limit (RLIMIT_FSIZE) set to the memory file's size for
                    3 s, then lifted
   prometheus-down  (separate prism up with an autoscaled node) SIGKILL Prometheus for 6 s
+  operator-kill, apiserver-restart: against the real control plane (tests/chaos/control_plane.py)
 
 Each prints requests, failed, degraded, lost acknowledged writes, and recovery time. `lost` is
 checked for every answer that said `recorded: true`: after the scenario it must be readable at
@@ -26,14 +27,14 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-import urllib.error
-import urllib.request
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.join(HERE, "..", "..", "bench", "common"))
+sys.path.insert(0, HERE)
 from prism_up import DEFAULT_PRISM, KeepAlive, PrismUp, check_prereqs, fail, log, now, process_name  # noqa: E402
+from common import Clients, get, signal_checked, wait_until  # noqa: E402
+import control_plane  # noqa: E402
 
 def manifest(node_extra, pipeline, pipeline_extra=""):
     """One text node (all-MiniLM-L6-v2 on CPU) and a pipeline over it."""
@@ -78,70 +79,7 @@ PROMISES = {
     "disk-full": "no failed request (answers say recorded: false) and no acknowledged write lost",
     "prometheus-down": "replicas held, no failed request",
 }
-
-
-class Clients:
-    """Closed-loop clients on POST /v1/infer; keeps (start, end, outcome, id, recorded)."""
-
-    def __init__(self, url, n, tag):
-        self.url, self.n, self.tag = url, n, tag
-        self.records = []
-        self.stop_ev = threading.Event()
-        self.threads = [threading.Thread(target=self.run, args=(i,), daemon=True) for i in range(n)]
-
-    def start(self):
-        for t in self.threads:
-            t.start()
-        return self
-
-    def run(self, i):
-        c = KeepAlive(self.url, 10)
-        k = 0
-        while not self.stop_ev.is_set() and k < 100_000:
-            k += 1
-            body = json.dumps({"inputs": {"text": f"{self.tag} client {i} request {k}: a dog runs in the snow"}})
-            t0 = now()
-            try:
-                status, raw = c.request("POST", "/v1/infer", body)
-                v = json.loads(raw) if 200 <= status < 300 else {}
-                if 200 <= status < 300:
-                    outcome = "degraded" if v.get("degraded") else "ok"
-                else:
-                    outcome = "failed"
-                self.records.append((t0, now(), outcome, v.get("id"), v.get("recorded")))
-            except Exception:  # noqa: BLE001 - any client-side error is a failed request
-                c.close()
-                c = KeepAlive(self.url, 10)
-                self.records.append((t0, now(), "failed", None, None))
-                time.sleep(0.02)  # a refused connection returns at once: do not spin
-        c.close()
-
-    def stop(self):
-        self.stop_ev.set()
-        for t in self.threads:
-            t.join(15)
-
-    def counts(self):
-        out = {"requests": len(self.records), "failed": 0, "degraded": 0, "unrecorded": 0}
-        for r in self.records:
-            if r[2] in ("failed", "degraded"):
-                out[r[2]] += 1
-            if r[4] is False:
-                out["unrecorded"] += 1
-        return out
-
-    def acked(self):
-        return [r[3] for r in self.records if r[4] is True and r[3]]
-
-
-def get(url, timeout=5):
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status
-    except urllib.error.HTTPError as e:
-        return e.code
-    except (urllib.error.URLError, OSError):
-        return None
+PROMISES.update(control_plane.PROMISES)
 
 
 def lost_writes(url, ids):
@@ -172,21 +110,6 @@ def router_pid(up):
     fail("no prism-router process for this prism up")
 
 
-def wait_until(cond, timeout):
-    t0 = now()
-    while now() - t0 < timeout:
-        if cond():
-            return (now() - t0) * 1000
-        time.sleep(0.02)
-    return None
-
-
-def signal_checked(pid, sig, expect):
-    if process_name(pid) != expect:
-        fail(f"pid {pid} is {process_name(pid)!r}, expected {expect!r}; not signalling it")
-    os.kill(pid, sig)
-
-
 def scenario(name, up, url, fault, settle_s=2.0):
     """Load for 1 s, inject `fault` (returns recovery ms or None), load 1 s more, then count."""
     log(f"--- {name}: {PROMISES[name]}")
@@ -207,6 +130,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--bin", default=DEFAULT_PRISM, help="the prism CLI (target/release/prism)")
     ap.add_argument("--skip-prometheus", action="store_true", help="skip prometheus-down (needs `prometheus`)")
+    ap.add_argument("--skip-control-plane", action="store_true",
+                    help="skip operator-kill and apiserver-restart (they need `make cluster-up`)")
     args = ap.parse_args()
     check_prereqs(args.bin)
     results = []
@@ -287,11 +212,15 @@ def main():
             results.append(scenario("prometheus-down", up, up.url, prom_down))
             up.ok = True
 
+    if not args.skip_control_plane:
+        results += control_plane.run_all()
+
     broken = []
     for r in results:
         if r["lost"]:
             broken.append(f"{r['scenario']}: {r['lost']} acknowledged writes lost")
-        if r["scenario"] in ("node-kill", "node-partition", "slow-node", "disk-full", "prometheus-down") and r["failed"]:
+        if r["scenario"] in ("node-kill", "node-partition", "slow-node", "disk-full", "prometheus-down",
+                             "operator-kill", "apiserver-restart") and r["failed"]:
             broken.append(f"{r['scenario']}: {r['failed']} failed requests ({PROMISES[r['scenario']]})")
         if r["scenario"] == "disk-full" and not r["unrecorded"]:
             broken.append("disk-full: no answer said recorded: false, so the fault did not bite")
