@@ -9,5 +9,7 @@ pub const MANAGED_BY_VALUE: &str = "prism";
 pub const NODE: &str = "prism.dev/node";
 pub const PIPELINE: &str = "prism.dev/pipeline";
 pub const REVISION: &str = "prism.dev/revision";
+/// Pod annotation: the scheme routers use to reach this pod (`https` for nodes with `spec.tls`).
+pub const SCHEME: &str = "prism.dev/scheme";
 /// Field manager used for every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "prism-operator";

@@ -79,6 +79,21 @@ pub struct ModalityNodeSpec {
     /// Container image of the node server; defaults to the operator's `--node-image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub image: Option<String>,
+    /// Serve routers over HTTPS (rustls) with a certificate from a Secret; routers of pipelines
+    /// using this node trust the Secret's `ca.crt`. Off: plain HTTP inside the cluster network.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<NodeTlsSpec>,
+}
+
+/// TLS of a node's HTTP endpoint.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeTlsSpec {
+    /// A Secret in the node's namespace with `tls.crt`, `tls.key` and `ca.crt` (the layout of
+    /// cert-manager's Certificate and of `kubernetes.io/tls` Secrets with a CA added). The
+    /// certificate must name the pod IPs or be issued for them; routers verify it against `ca.crt`.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
 }
 
 /// Which model a node serves and how to load it.

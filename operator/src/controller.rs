@@ -182,7 +182,14 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
                 Ok(idx) => idx.endpoints(&ns, &n.name),
                 Err(p) => p.into_inner().endpoints(&ns, &n.name),
             };
-            observed.insert(n.name.clone(), ObservedNode { modality: mn.spec.modality.clone(), endpoints });
+            observed.insert(
+                n.name.clone(),
+                ObservedNode {
+                    modality: mn.spec.modality.clone(),
+                    tls_secret: mn.spec.tls.as_ref().map(|t| t.secret_name.clone()),
+                    endpoints,
+                },
+            );
         }
     }
 
@@ -195,7 +202,8 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
         .and_then(|s| serde_json::from_str(&s).ok());
     let floor = mmp.status.as_ref().map(|s| s.routing_table_generation).unwrap_or(0);
     let table = pipeline::routing_table(&mmp, &observed, previous.as_ref(), floor);
-    let objs = pipeline::desired_objects(&mmp, &ctx.cfg, &table)?;
+    let node_cas = observed.iter().filter_map(|(n, o)| Some((n.clone(), o.tls_secret.clone()?))).collect();
+    let objs = pipeline::desired_objects(&mmp, &ctx.cfg, &table, &node_cas)?;
 
     // The table first: failover latency is measured to this write.
     apply(&ctx.client, &ns, &objs.config_map).await?;

@@ -23,7 +23,7 @@ use crate::node::HTTP_PORT;
 /// One replica as the routing table sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PodEndpoint {
-    /// `http://IP:8080`
+    /// `http://IP:8080`, or `https://` for a pod annotated `prism.dev/scheme: https`
     pub endpoint: String,
     pub revision: String,
     pub ready: bool,
@@ -54,10 +54,11 @@ pub fn pod_endpoint(pod: &Pod) -> Option<(String, PodEndpoint)> {
         .and_then(|cs| cs.iter().find(|c| c.type_ == "Ready"))
         .is_some_and(|c| c.status == "True");
     let host = if ip.contains(':') { format!("[{ip}]") } else { ip.clone() };
+    let https = pod.annotations().get(labels::SCHEME).is_some_and(|s| s == "https");
     Some((
         node,
         PodEndpoint {
-            endpoint: format!("http://{host}:{HTTP_PORT}"),
+            endpoint: format!("{}://{host}:{HTTP_PORT}", if https { "https" } else { "http" }),
             revision: pod.labels().get(labels::REVISION).cloned().unwrap_or_default(),
             ready: ready_cond && phase_running && !terminating,
         },

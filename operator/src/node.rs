@@ -9,7 +9,7 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy,
 use k8s_openapi::api::core::v1::{
     Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction,
     PersistentVolumeClaimVolumeSource, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SeccompProfile, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    SeccompProfile, SecretVolumeSource, SecurityContext, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -203,11 +203,16 @@ pub fn restricted_pod_sc() -> PodSecurityContext {
     }
 }
 
-fn http_probe(path: &str, period: i32, failure: i32) -> Probe {
+/// Where a TLS node's certificate is mounted, and the files prism-node reads from it.
+pub const TLS_DIR: &str = "/etc/prism/tls";
+
+fn http_probe(path: &str, period: i32, failure: i32, tls: bool) -> Probe {
     Probe {
         http_get: Some(HTTPGetAction {
             path: Some(path.into()),
             port: IntOrString::String("http".into()),
+            // The kubelet does not verify certificates, so HTTPS probes need no CA.
+            scheme: tls.then(|| "HTTPS".to_string()),
             ..Default::default()
         }),
         period_seconds: Some(period),
@@ -244,13 +249,38 @@ pub fn desired_objects(mn: &ModalityNode, cfg: &OperatorConfig, current_replicas
         ..Default::default()
     });
 
-    let args =
+    let mut args =
         spec.server_args(&name, &format!("0.0.0.0:{HTTP_PORT}"), Some(&format!("0.0.0.0:{GRPC_PORT}")), &model.uri);
 
     let mut mounts = model.mounts.clone();
     mounts.push(tmp_mount());
     let mut volumes = model.volumes.clone();
     volumes.push(Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() });
+    let tls = spec.tls.is_some();
+    if let Some(t) = &spec.tls {
+        args.extend([
+            "--tls-cert".into(),
+            format!("{TLS_DIR}/tls.crt"),
+            "--tls-key".into(),
+            format!("{TLS_DIR}/tls.key"),
+        ]);
+        volumes.push(Volume {
+            name: "tls".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(t.secret_name.clone()),
+                // Readable by the node's fixed non-root group only.
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        mounts.push(VolumeMount {
+            name: "tls".into(),
+            mount_path: TLS_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+    }
 
     let container = Container {
         name: "node".into(),
@@ -275,8 +305,8 @@ pub fn desired_objects(mn: &ModalityNode, cfg: &OperatorConfig, current_replicas
         resources,
         // /ready turns true only after the model is loaded and warmed, so the pod leaves the
         // routing table until then; /live fails only when the process is wedged.
-        readiness_probe: Some(http_probe("/ready", 2, 1)),
-        liveness_probe: Some(Probe { initial_delay_seconds: Some(10), ..http_probe("/live", 10, 3) }),
+        readiness_probe: Some(http_probe("/ready", 2, 1, tls)),
+        liveness_probe: Some(Probe { initial_delay_seconds: Some(10), ..http_probe("/live", 10, 3, tls) }),
         security_context: Some(sc),
         volume_mounts: Some(mounts),
         ..Default::default()
@@ -311,7 +341,12 @@ pub fn desired_objects(mn: &ModalityNode, cfg: &OperatorConfig, current_replicas
                 }),
             }),
             template: PodTemplateSpec {
-                metadata: Some(ObjectMeta { labels: Some(pod_labels), ..Default::default() }),
+                metadata: Some(ObjectMeta {
+                    labels: Some(pod_labels),
+                    // How routers reach the pod; the operator's pod index reads it back.
+                    annotations: tls.then(|| BTreeMap::from([(labels::SCHEME.to_string(), "https".to_string())])),
+                    ..Default::default()
+                }),
                 spec: Some(pod_spec),
             },
             ..Default::default()

@@ -7,8 +7,8 @@ use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy}
 use k8s_openapi::api::core::v1::{
     ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, KeyToPath,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
-    Probe, SecretVolumeSource, Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    Probe, ProjectedVolumeSource, SecretProjection, SecretVolumeSource, Service, ServiceAccount, ServicePort,
+    ServiceSpec, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -30,6 +30,8 @@ pub const CONFIG_DIR: &str = "/etc/prism";
 pub const MEMORY_DIR: &str = "/var/lib/prism/memory";
 /// Where the router pods mount the token Secret.
 pub const AUTH_DIR: &str = "/etc/prism-auth";
+/// Where routers find the CA of each HTTPS node (`<node>.crt`).
+pub const NODE_CA_DIR: &str = "/etc/prism-node-ca";
 pub const COMPONENT: &str = "router";
 /// Annotation on the router pod template: a change of the pipeline spec rolls the routers.
 /// The routing table is deliberately not hashed: failover must not restart routers.
@@ -46,6 +48,8 @@ pub fn config_map_name(p: &str) -> String {
 #[derive(Clone, Debug, PartialEq)]
 pub struct ObservedNode {
     pub modality: String,
+    /// `spec.tls.secretName` of an HTTPS node.
+    pub tls_secret: Option<String>,
     /// Its pods as indexed, ordered by pod name.
     pub endpoints: Vec<PodEndpoint>,
 }
@@ -140,10 +144,12 @@ fn fnv1a(data: &[u8]) -> String {
     format!("{h:016x}")
 }
 
+/// `node_cas` maps each referenced node with `spec.tls` to its Secret: routers trust its `ca.crt`.
 pub fn desired_objects(
     mmp: &MultimodalPipeline,
     cfg: &OperatorConfig,
     table: &RoutingTable,
+    node_cas: &BTreeMap<String, String>,
 ) -> Result<PipelineObjects> {
     let name = mmp.name_any();
     let ns = mmp.namespace();
@@ -231,6 +237,35 @@ pub fn desired_objects(
             });
         }
         None => args.push("--insecure-no-auth".into()),
+    }
+    // HTTPS nodes: each one's CA from its own Secret (only the `ca.crt` key is projected, never
+    // the node's private key), all passed as --node-ca.
+    if !node_cas.is_empty() {
+        mounts.push(VolumeMount {
+            name: "node-ca".into(),
+            mount_path: NODE_CA_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        let sources = node_cas
+            .iter()
+            .map(|(node, secret)| {
+                args.extend(["--node-ca".into(), format!("{NODE_CA_DIR}/{node}.crt")]);
+                VolumeProjection {
+                    secret: Some(SecretProjection {
+                        name: secret.clone(),
+                        items: Some(vec![KeyToPath { key: "ca.crt".into(), path: format!("{node}.crt"), mode: None }]),
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                }
+            })
+            .collect();
+        volumes.push(Volume {
+            name: "node-ca".into(),
+            projected: Some(ProjectedVolumeSource { sources: Some(sources), default_mode: Some(0o444) }),
+            ..Default::default()
+        });
     }
     // Memory, embedded: one SQLite file on a claim the operator creates. Owned by the pipeline
     // like its other objects: deleting the pipeline deletes its memory.

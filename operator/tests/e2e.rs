@@ -584,8 +584,21 @@ async fn generated_pods_are_admitted_under_restricted_pod_security() {
     let bad = serde_json::json!({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "privileged"}, "spec": {"containers": [{"name": "c", "image": "x", "securityContext": {"privileged": true}}]}});
     let err = ns.api::<Pod>().create(&PostParams::default(), &serde_json::from_value(bad).unwrap()).await.unwrap_err();
     assert!(err.to_string().contains("violates PodSecurity"), "{err}");
-    ns.apply_yaml(&example("multimodal-pipeline.yaml").replace("min: 2, max: 4", "min: 1, max: 4"));
+    // The text node serves HTTPS (spec.tls): its pods mount the Secret and the routers its CA,
+    // which restricted admission must accept too.
+    ns.apply_yaml(
+        &example("multimodal-pipeline.yaml")
+            .replace("min: 2, max: 4", "min: 1, max: 4")
+            .replace("  modality: text\n", "  modality: text\n  tls: {secretName: text-minilm-tls}\n"),
+    );
     ns.wait_condition("multimodal", types::READY, "True", T).await;
+    let table = ns.table("multimodal").await.expect("routing table");
+    let text: Vec<_> = table.modalities["text"].iter().map(|e| e.endpoint.clone()).collect();
+    assert!(!text.is_empty() && text.iter().all(|e| e.starts_with("https://")), "text endpoints {text:?}");
+    assert!(table.modalities["vision"].iter().all(|e| e.endpoint.starts_with("http://")));
+    let router = ns.api::<Deployment>().get("multimodal-router").await.unwrap();
+    let args = router.spec.unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
+    assert!(args.windows(2).any(|w| w[0] == "--node-ca" && w[1] == "/etc/prism-node-ca/text-minilm.crt"), "{args:?}");
     // Deployment status lags the pods the pipeline already routes to, so wait for it rather than
     // reading it once: the point is that every generated pod was admitted and became ready.
     ns.wait("every generated Deployment fully ready", T, || async {

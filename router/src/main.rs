@@ -75,9 +75,9 @@ struct Args {
     #[arg(long, env = "PRISM_ROUTER_MEMORY_PATH")]
     memory_path: Option<PathBuf>,
     /// PEM CA certificate(s) to trust for `https://` node endpoints (nodes started with
-    /// --tls-cert/--tls-key).
-    #[arg(long, env = "PRISM_ROUTER_NODE_CA")]
-    node_ca: Option<PathBuf>,
+    /// --tls-cert/--tls-key). Repeat for nodes with different CAs.
+    #[arg(long, env = "PRISM_ROUTER_NODE_CA", value_delimiter = ',')]
+    node_ca: Vec<PathBuf>,
     /// Log format: text or json.
     #[arg(long, default_value = "text")]
     log_format: String,
@@ -206,10 +206,13 @@ async fn main() -> anyhow::Result<()> {
             "default".to_string()
         }
     });
-    let node_ca_pem = match &args.node_ca {
-        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading --node-ca {}", p.display()))?),
-        None => None,
-    };
+    let mut node_ca_pem: Option<Vec<u8>> = None;
+    for p in &args.node_ca {
+        let pem = std::fs::read(p).with_context(|| format!("reading --node-ca {}", p.display()))?;
+        let bundle = node_ca_pem.get_or_insert_with(Vec::new);
+        bundle.extend_from_slice(&pem);
+        bundle.push(b'\n');
+    }
     let router = Router::new(name, spec, table, EngineOptions { probe_interval: probe, node_ca_pem })?;
 
     if let Some(path) = &args.memory_path {

@@ -100,7 +100,23 @@ async fn router_calls_a_tls_node_only_when_it_trusts_the_ca() {
     assert!(r.map(|r| !r.status().is_success()).unwrap_or(true), "plain HTTP must not be served");
 
     let routes = json!({"pipeline": "tls", "generation": 1, "modalities": {"text": [endpoint(&node, 1.0)]}});
-    let router = router_on(dir.path(), &routes, None, &["--node-ca", ca.to_str().unwrap()]);
+    // As the operator passes it: one --node-ca per HTTPS node, here an unrelated CA first.
+    let other = dir.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    openssl(
+        &other,
+        &["req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes", "-keyout", "ca.key"]
+            .into_iter()
+            .chain(["-out", "ca.crt", "-days", "1", "-subj", "/CN=another node's CA"])
+            .collect::<Vec<_>>(),
+    );
+    let other_ca = other.join("ca.crt");
+    let router = router_on(
+        dir.path(),
+        &routes,
+        None,
+        &["--node-ca", other_ca.to_str().unwrap(), "--node-ca", ca.to_str().unwrap()],
+    );
     let r = plain
         .post(format!("{}/v1/infer", router.url))
         .json(&json!({"inputs": {"text": "over TLS"}}))

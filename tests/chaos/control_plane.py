@@ -16,6 +16,7 @@ import os
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import urllib.request
 
@@ -70,24 +71,47 @@ class Cluster:
 
 
 class Operator:
-    """prism-operator as a local process (the cluster's Deployment of it, minus the pod)."""
+    """prism-operator as a local process, restarted when it exits the way its Deployment's pod
+    would be (an operator that loses its lease exits on purpose and relies on that restart)."""
 
-    def __init__(self, cluster, identity):
+    def __init__(self, cluster, identity, lease_s=3):
+        self.cluster, self.identity, self.lease_s = cluster, identity, lease_s
         self.log_path = os.path.join(tempfile.gettempdir(), f"{cluster.ns}-{identity}.log")
+        open(self.log_path, "w").close()
+        self.restarts = -1
+        self.stopping = False
+        self.proc = None
+        self._spawn()
+        self.supervisor = threading.Thread(target=self._supervise, daemon=True)
+        self.supervisor.start()
+
+    def _spawn(self):
+        self.restarts += 1
         self.proc = subprocess.Popen(
-            [os.path.join(TARGET, "release", "prism-operator"), "--namespace", cluster.ns, "--lease-namespace",
-             cluster.ns, "--identity", identity, "--lease-duration-s", "3", "--metrics-addr", "127.0.0.1:0",
-             "--node-image", "prism-node:chaos", "--router-image", "prism-router:chaos"],
-            stdout=open(self.log_path, "w"), stderr=subprocess.STDOUT, env=cluster.env)
+            [os.path.join(TARGET, "release", "prism-operator"), "--namespace", self.cluster.ns, "--lease-namespace",
+             self.cluster.ns, "--identity", self.identity, "--lease-duration-s", str(self.lease_s), "--metrics-addr",
+             "127.0.0.1:0", "--node-image", "prism-node:chaos", "--router-image", "prism-router:chaos"],
+            stdout=open(self.log_path, "a"), stderr=subprocess.STDOUT, env=self.cluster.env)
+
+    def _supervise(self):
+        while not self.stopping:
+            if self.proc.poll() is not None and not self.stopping:
+                time.sleep(1)  # kubelet's first restart back-off is longer; 1 s keeps the run short
+                if not self.stopping:
+                    self._spawn()
+            time.sleep(0.1)
 
     def leading(self):
         return "controllers running" in open(self.log_path).read()
 
     def kill9(self):
+        """SIGKILL with no restart (the scenario starts the replacement itself)."""
+        self.stopping = True
         signal_checked(self.proc.pid, signal.SIGKILL, "prism-operator")
         self.proc.wait()
 
     def stop(self):
+        self.stopping = True
         if self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -234,7 +258,7 @@ def apiserver_restart(cluster):
         c = load.counts()
         log(f"apiserver-restart: requests={c['requests']} failed={c['failed']} degraded={c['degraded']} lost=0 "
             f"recovery_ms={recovery_ms if recovery_ms is None else round(recovery_ms)} (API back -> router table and "
-            f"Deployment updated)")
+            f"Deployment updated; operator restarts: {op.restarts})")
         return {"scenario": "apiserver-restart", **c, "acked": 0, "lost": 0, "recovery_ms": recovery_ms}
     finally:
         op.stop()

@@ -265,6 +265,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     }
 
     println!("prism up: pipeline {pname} with {} node(s)", nodes.len());
+    for n in nodes.iter().filter(|n| n.spec.spec.tls.is_some()) {
+        // The certificate lives in a cluster Secret; on loopback there is no network to protect.
+        println!(
+            "note: node {}: spec.tls applies in a cluster; prism up serves it over plain HTTP on loopback",
+            n.name()
+        );
+    }
     let autoscaled: Vec<String> =
         nodes.iter().filter(|n| autoscale::is_autoscaled(&n.spec.spec)).map(LocalNode::name).collect();
     let prom = metrics_source(&args, &dir, &http, &autoscaled).await?;

@@ -228,3 +228,42 @@ fn status_keeps_other_writers_conditions_and_transition_times() {
     assert_eq!(ready.last_transition_time.as_deref(), Some("T1"));
     assert!(condition::find(&second.conditions, types::METRICS_UNAVAILABLE).is_some());
 }
+
+#[test]
+fn tls_nodes_serve_https_with_their_secret_and_are_routed_as_https() {
+    let mut mn = mk_node("text-a", "text", "file:///models/minilm");
+    mn.spec.tls = Some(prism_api::node::NodeTlsSpec { secret_name: "text-a-tls".into() });
+    let o = desired_objects(&mn, &cfg(), None).unwrap();
+    let ps = pod_spec(&o);
+    let c = &ps.containers[0];
+    assert_eq!(arg_after(c, "--tls-cert"), "/etc/prism/tls/tls.crt");
+    assert_eq!(arg_after(c, "--tls-key"), "/etc/prism/tls/tls.key");
+    let vol = ps.volumes.as_ref().unwrap().iter().find(|v| v.name == "tls").expect("tls volume");
+    assert_eq!(vol.secret.as_ref().unwrap().secret_name.as_deref(), Some("text-a-tls"));
+    let mount = c.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "tls").unwrap();
+    assert_eq!((mount.mount_path.as_str(), mount.read_only), ("/etc/prism/tls", Some(true)));
+    // The kubelet probes over HTTPS, or a TLS-only server would never turn ready.
+    for p in [&c.readiness_probe, &c.liveness_probe] {
+        assert_eq!(p.as_ref().unwrap().http_get.as_ref().unwrap().scheme.as_deref(), Some("HTTPS"));
+    }
+    // The pod says how to reach it; the index turns that into an https:// endpoint.
+    let template = &o.deployment.spec.as_ref().unwrap().template;
+    let mut pod = k8s_openapi::api::core::v1::Pod {
+        metadata: template.metadata.clone().unwrap(),
+        spec: template.spec.clone(),
+        status: Some(k8s_openapi::api::core::v1::PodStatus {
+            pod_ip: Some("10.1.2.3".into()),
+            phase: Some("Running".into()),
+            ..Default::default()
+        }),
+    };
+    pod.metadata.namespace = Some("ns".into());
+    let (_, ep) = crate::index::pod_endpoint(&pod).unwrap();
+    assert_eq!(ep.endpoint, "https://10.1.2.3:8080");
+
+    // Without tls: plain HTTP everywhere, no TLS volume.
+    let plain = desired_objects(&mk_node("text-b", "text", "file:///models/minilm"), &cfg(), None).unwrap();
+    let c = &pod_spec(&plain).containers[0];
+    assert!(!c.args.as_ref().unwrap().iter().any(|a| a.starts_with("--tls")));
+    assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().scheme, None);
+}

@@ -17,7 +17,9 @@ fn ep(ip: &str, ready: bool) -> PodEndpoint {
 fn observed(entries: &[(&str, &str, Vec<PodEndpoint>)]) -> BTreeMap<String, ObservedNode> {
     entries
         .iter()
-        .map(|(n, m, eps)| (n.to_string(), ObservedNode { modality: m.to_string(), endpoints: eps.clone() }))
+        .map(|(n, m, eps)| {
+            (n.to_string(), ObservedNode { modality: m.to_string(), tls_secret: None, endpoints: eps.clone() })
+        })
         .collect()
 }
 
@@ -101,7 +103,8 @@ fn missing_node_gives_node_not_found_naming_it() {
 }
 
 fn available_router(p: &MultimodalPipeline) -> Deployment {
-    let mut d = desired_objects(p, &OperatorConfig::default(), &RoutingTable::default()).unwrap().deployment;
+    let mut d =
+        desired_objects(p, &OperatorConfig::default(), &RoutingTable::default(), &BTreeMap::new()).unwrap().deployment;
     d.status = Some(k8s_openapi::api::apps::v1::DeploymentStatus { available_replicas: Some(1), ..Default::default() });
     d
 }
@@ -143,7 +146,7 @@ fn router_objects_mount_the_table_and_pass_args() {
     let p = three();
     let obs = observed(&[("text-a", "text", vec![ep("10.0.0.1", true)])]);
     let t = routing_table(&p, &obs, None, 0);
-    let o = desired_objects(&p, &OperatorConfig::default(), &t).unwrap();
+    let o = desired_objects(&p, &OperatorConfig::default(), &t, &BTreeMap::new()).unwrap();
     let data = o.config_map.data.as_ref().unwrap();
     let parsed: RoutingTable = serde_json::from_str(&data[ROUTING_TABLE_KEY]).unwrap();
     assert_eq!(parsed, t);
@@ -181,7 +184,7 @@ fn router_objects_mount_the_table_and_pass_args() {
     assert_eq!(o.config_map.metadata.owner_references.as_ref().unwrap()[0].kind, "MultimodalPipeline");
     // A failover (new table) must not change the router pod template (no restart).
     let t2 = routing_table(&p, &observed(&[("text-a", "text", vec![])]), Some(&t), 0);
-    let o2 = desired_objects(&p, &OperatorConfig::default(), &t2).unwrap();
+    let o2 = desired_objects(&p, &OperatorConfig::default(), &t2, &BTreeMap::new()).unwrap();
     assert_eq!(o.deployment, o2.deployment);
 }
 
@@ -191,7 +194,7 @@ fn router_auth_secret_is_configurable_and_can_be_turned_off() {
         let mut p = three();
         p.spec.auth = serde_json::from_value(auth).unwrap();
         let t = routing_table(&p, &BTreeMap::new(), None, 0);
-        let o = desired_objects(&p, &OperatorConfig::default(), &t).unwrap();
+        let o = desired_objects(&p, &OperatorConfig::default(), &t, &BTreeMap::new()).unwrap();
         let ps = o.deployment.spec.unwrap().template.spec.unwrap();
         let secret = ps.volumes.unwrap().into_iter().find_map(|v| v.secret).and_then(|s| s.secret_name);
         (ps.containers[0].args.clone().unwrap(), secret)
@@ -208,7 +211,7 @@ fn router_auth_secret_is_configurable_and_can_be_turned_off() {
 fn embedded_memory_gets_a_claim_a_path_and_one_writer_at_a_time() {
     let mut p = three();
     let t = routing_table(&p, &BTreeMap::new(), None, 0);
-    let o = desired_objects(&p, &OperatorConfig::default(), &t).unwrap();
+    let o = desired_objects(&p, &OperatorConfig::default(), &t, &BTreeMap::new()).unwrap();
     assert!(o.memory_claim.is_none(), "memory off: no claim");
     assert!(!o.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap().containers[0]
         .args
@@ -220,7 +223,7 @@ fn embedded_memory_gets_a_claim_a_path_and_one_writer_at_a_time() {
         serde_json::json!({"enabled": true, "store": {"size": "5Gi", "storageClassName": "fast"}}),
     )
     .unwrap();
-    let o = desired_objects(&p, &OperatorConfig::default(), &t).unwrap();
+    let o = desired_objects(&p, &OperatorConfig::default(), &t, &BTreeMap::new()).unwrap();
     let claim = o.memory_claim.expect("claim");
     assert_eq!(claim.metadata.name.as_deref(), Some("mm-memory"));
     let cs = claim.spec.unwrap();
@@ -234,4 +237,35 @@ fn embedded_memory_gets_a_claim_a_path_and_one_writer_at_a_time() {
     assert_eq!(args[at + 1], "/var/lib/prism/memory/memory.db");
     let vol = ps.volumes.unwrap().into_iter().find(|v| v.name == "memory").unwrap();
     assert_eq!(vol.persistent_volume_claim.unwrap().claim_name, "mm-memory");
+}
+
+#[test]
+fn routers_trust_the_ca_of_each_https_node_and_nothing_else_of_its_secret() {
+    let p = three();
+    let t = routing_table(&p, &BTreeMap::new(), None, 0);
+    let cas = BTreeMap::from([
+        ("audio-a".to_string(), "audio-tls".to_string()),
+        ("text-a".to_string(), "text-tls".to_string()),
+    ]);
+    let o = desired_objects(&p, &OperatorConfig::default(), &t, &cas).unwrap();
+    let ps = o.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    let args = ps.containers[0].args.clone().unwrap();
+    let cas_passed: Vec<&str> =
+        args.iter().enumerate().filter(|(_, a)| *a == "--node-ca").map(|(i, _)| args[i + 1].as_str()).collect();
+    assert_eq!(cas_passed, vec!["/etc/prism-node-ca/audio-a.crt", "/etc/prism-node-ca/text-a.crt"]);
+    let vol = ps.volumes.as_ref().unwrap().iter().find(|v| v.name == "node-ca").expect("node-ca volume");
+    let sources = vol.projected.as_ref().unwrap().sources.as_ref().unwrap();
+    for (src, (node, secret)) in sources.iter().zip(&cas) {
+        let s = src.secret.as_ref().unwrap();
+        assert_eq!(&s.name, secret);
+        // Only ca.crt is projected: the router never sees a node's private key.
+        let items = s.items.as_ref().unwrap();
+        assert_eq!(items.len(), 1);
+        assert_eq!((items[0].key.as_str(), items[0].path.clone()), ("ca.crt", format!("{node}.crt")));
+    }
+    // No HTTPS node: no CA volume, no flag.
+    let o = desired_objects(&p, &OperatorConfig::default(), &t, &BTreeMap::new()).unwrap();
+    let ps = o.deployment.spec.as_ref().unwrap().template.spec.as_ref().unwrap();
+    assert!(!ps.containers[0].args.as_ref().unwrap().contains(&"--node-ca".to_string()));
+    assert!(!ps.volumes.as_ref().unwrap().iter().any(|v| v.name == "node-ca"));
 }
