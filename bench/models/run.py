@@ -27,7 +27,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common"))
-from prism_up import MODELS_DIR, ROOT, TARGET, PrismUp, call, check_prereqs, fail, headline, log  # noqa: E402
+from prism_up import MODELS_DIR, ROOT, TARGET, PrismUp, call, check_prereqs, fail, headline, log, process_name  # noqa: E402
 
 DATA = os.path.join(ROOT, ".cache", "data", "digits-pairs")
 SPACE = os.path.join(MODELS_DIR, "digits-space")
@@ -44,37 +44,22 @@ hop (node-image/examples/monolithic.rs). Peak memory: the sum of the processes' 
 router) vs the monolith's VmHWM. The seed claims 71 ms vs 120 ms and 21 GB vs 36 GB at its scale.
 """
 
-PIPELINE = """
-apiVersion: prism.dev/v1alpha1
+def node_yaml(name, architecture, max_batch):
+    """One node of the trained space (pvc://models/... is .cache/models/... under prism up)."""
+    return f"""apiVersion: prism.dev/v1alpha1
 kind: ModalityNode
-metadata: {name: text}
+metadata: {{name: {name}}}
 spec:
-  modality: text
-  model: {uri: pvc://models/digits-space/text, architecture: bert, revision: "1"}
-  replicas: {min: 1, max: 1}
-  batching: {maxBatch: 32, maxWaitMs: 1}
+  modality: {name}
+  model: {{uri: pvc://models/digits-space/{name}, architecture: {architecture}, revision: "1"}}
+  replicas: {{min: 1, max: 1}}
+  batching: {{maxBatch: {max_batch}, maxWaitMs: 1}}
   device: cpu
 ---
-apiVersion: prism.dev/v1alpha1
-kind: ModalityNode
-metadata: {name: vision}
-spec:
-  modality: vision
-  model: {uri: pvc://models/digits-space/vision, architecture: vit, revision: "1"}
-  replicas: {min: 1, max: 1}
-  batching: {maxBatch: 32, maxWaitMs: 1}
-  device: cpu
----
-apiVersion: prism.dev/v1alpha1
-kind: ModalityNode
-metadata: {name: audio}
-spec:
-  modality: audio
-  model: {uri: pvc://models/digits-space/audio, architecture: whisper-encoder, revision: "1"}
-  replicas: {min: 1, max: 1}
-  batching: {maxBatch: 4, maxWaitMs: 1}
-  device: cpu
----
+"""
+
+
+PIPELINE = node_yaml("text", "bert", 32) + node_yaml("vision", "vit", 32) + node_yaml("audio", "whisper-encoder", 4) + """\
 apiVersion: prism.dev/v1alpha1
 kind: MultimodalPipeline
 metadata: {name: digits}
@@ -114,14 +99,6 @@ def children(pid):
         except OSError:
             pass
     return out
-
-
-def comm(pid):
-    try:
-        with open(f"/proc/{pid}/comm") as f:
-            return f.read().strip()
-    except OSError:
-        return None
 
 
 def pct(xs, p):
@@ -208,7 +185,7 @@ def main():
             lat.append(secs * 1000)
         par_ms = statistics.median(lat)
         pids = [rep["pid"] for n in st["nodes"] for rep in n["replicas"] if rep.get("pid")]
-        pids += [p for p in children(st["pid"]) if comm(p) == "prism-router"]
+        pids += [p for p in children(st["pid"]) if process_name(p) == "prism-router"]
         peaks = [vmhwm_mb(p) for p in pids]
         if len(pids) != 4 or any(p is None for p in peaks):
             fail(f"could not read VmHWM of the three nodes and the router: pids {pids}, peaks {peaks}")
