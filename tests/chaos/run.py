@@ -7,6 +7,7 @@ A `prism up` pipeline (one text node, all-MiniLM-L6-v2, 2 replicas; memory on; r
 
   node-kill        SIGKILL one replica
   node-partition   SIGSTOP one replica for 4 s (a partition without root: it accepts nothing)
+  node-partition-netns (root) a replica in its own network namespace, its veth down for 4 s
   slow-node        one replica alternately stopped and running (0.15 s each) for 4 s
   router-kill      SIGKILL the router; prism up restarts it on the same port
   disk-full        the router's file-size limit (RLIMIT_FSIZE) set to the memory file's size for
@@ -35,6 +36,7 @@ sys.path.insert(0, HERE)
 from prism_up import DEFAULT_PRISM, KeepAlive, PrismUp, check_prereqs, fail, log, now, process_name  # noqa: E402
 from common import Clients, get, signal_checked, wait_until  # noqa: E402
 import control_plane  # noqa: E402
+import netns  # noqa: E402
 
 def manifest(node_extra, pipeline, pipeline_extra=""):
     """One text node (all-MiniLM-L6-v2 on CPU) and a pipeline over it."""
@@ -80,6 +82,7 @@ PROMISES = {
     "prometheus-down": "replicas held, no failed request",
 }
 PROMISES.update(control_plane.PROMISES)
+PROMISES["node-partition-netns"] = netns.PROMISE
 
 
 def lost_writes(url, ids):
@@ -212,6 +215,10 @@ def main():
             results.append(scenario("prometheus-down", up, up.url, prom_down))
             up.ok = True
 
+    partitioned = netns.run()
+    if partitioned:
+        results.append(partitioned)
+
     if not args.skip_control_plane:
         results += control_plane.run_all()
 
@@ -219,8 +226,8 @@ def main():
     for r in results:
         if r["lost"]:
             broken.append(f"{r['scenario']}: {r['lost']} acknowledged writes lost")
-        if r["scenario"] in ("node-kill", "node-partition", "slow-node", "disk-full", "prometheus-down",
-                             "operator-kill", "apiserver-restart") and r["failed"]:
+        if r["scenario"] in ("node-kill", "node-partition", "node-partition-netns", "slow-node", "disk-full",
+                             "prometheus-down", "operator-kill", "apiserver-restart") and r["failed"]:
             broken.append(f"{r['scenario']}: {r['failed']} failed requests ({PROMISES[r['scenario']]})")
         if r["scenario"] == "disk-full" and not r["unrecorded"]:
             broken.append("disk-full: no answer said recorded: false, so the fault did not bite")
