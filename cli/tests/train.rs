@@ -160,4 +160,134 @@ fn trained_heads_put_text_and_speech_next_to_the_right_digit_images() {
         .err()
         .expect("a 512-d head on a 384-d model must not load");
     assert!(err.to_string().contains("trained for another model"), "{err}");
+
+    corrections_through_the_router_improve_the_space(tmp.path(), &out, &sub);
+}
+
+/// One blocking HTTP/1.1 exchange with a JSON body; (status, parsed body).
+fn http(method: &str, url: &str, body: Option<&Value>) -> (u16, Value) {
+    use std::io::{Read, Write};
+    let rest = url.strip_prefix("http://").unwrap();
+    let (addr, path) = rest.split_once('/').map(|(a, p)| (a, format!("/{p}"))).unwrap_or((rest, "/".into()));
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30))).unwrap();
+    let body = body.map(|b| b.to_string()).unwrap_or_default();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut raw = String::new();
+    s.read_to_string(&mut raw).unwrap();
+    let status = raw.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let json = raw.split_once("\r\n\r\n").and_then(|(_, b)| serde_json::from_str(b).ok()).unwrap_or(Value::Null);
+    (status, json)
+}
+
+/// The memory loop as a user runs it: `prism up` serves the trained text head with memory on
+/// (inputs logged verbatim), users query in German, which the English-trained head has never
+/// seen, and correct the answers with the right digit; the router's training set feeds `prism
+/// train from-corrections`, whose new revision must find the right digit for German phrasings
+/// held out of training far more often, and keep what it knew (English held-out split).
+fn corrections_through_the_router_improve_the_space(tmp: &Path, space: &Path, data: &Path) {
+    use std::io::{BufRead, BufReader};
+    const GERMAN: [&str; 10] = ["null", "eins", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun"];
+    const NAMES: [&str; 10] = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"];
+    const PHRASES: [&str; 10] = [
+        "{w}",
+        "die Zahl {w}",
+        "die Ziffer {w}",
+        "eine handgeschriebene {w}",
+        "Nummer {w}",
+        "ein Bild der Zahl {w}",
+        "eine {w} von Hand geschrieben",
+        "das ist eine {w}",
+        "zeig mir eine {w}",
+        "ich suche die {w}",
+    ];
+    let manifest = tmp.join("digits.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: prism.dev/v1alpha1\nkind: ModalityNode\nmetadata: {{name: text}}\nspec:\n  modality: text\n  model: {{uri: 'file://{}', architecture: bert, revision: '1'}}\n  device: cpu\n---\napiVersion: prism.dev/v1alpha1\nkind: MultimodalPipeline\nmetadata: {{name: digits}}\nspec:\n  nodes:\n  - {{name: text, required: true}}\n  memory: {{enabled: true, inputs: full}}\n",
+            space.join("text").display()
+        ),
+    )
+    .unwrap();
+    let mut up = Command::new(env!("CARGO_BIN_EXE_prism"))
+        .args(["up", "-f", manifest.to_str().unwrap(), "--port", "0", "--prometheus", "off"])
+        .arg("--state-dir")
+        .arg(tmp.join("state"))
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let stdout = up.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(u) = line.strip_prefix("router: ") {
+                let _ = tx.send(u.trim().to_string());
+            }
+        }
+    });
+    let router = rx.recv_timeout(std::time::Duration::from_secs(180)).expect("prism up printed `router: URL`");
+    let exported = {
+        let t0 = std::time::Instant::now();
+        while http("GET", &format!("{router}/ready"), None).0 != 200 {
+            assert!(t0.elapsed().as_secs() < 120, "router not ready");
+            std::thread::sleep(std::time::Duration::from_millis(200));
+        }
+        for (label, word) in GERMAN.iter().enumerate() {
+            for p in PHRASES {
+                let q = p.replace("{w}", word);
+                let (status, v) = http("POST", &format!("{router}/v1/infer"), Some(&json!({"inputs": {"text": q}})));
+                assert_eq!((status, &v["recorded"]), (200, &json!(true)), "{v}");
+                let correction = json!({"requestId": v["id"], "correct": false, "answer": {"label": NAMES[label]}});
+                let (status, v) = http("POST", &format!("{router}/v1/memory/corrections"), Some(&correction));
+                assert_eq!(status, 201, "{v}");
+            }
+        }
+        let (status, v) = http("GET", &format!("{router}/v1/memory/corrections"), None);
+        assert_eq!(status, 200);
+        v
+    };
+    // SAFETY: SIGTERM to the prism up this test started; it stops its node and router.
+    unsafe {
+        libc::kill(up.id() as libc::pid_t, libc::SIGTERM);
+    }
+    let _ = up.wait();
+    assert_eq!(exported["corrections"].as_array().map(Vec::len), Some(100));
+    let corrections = tmp.join("corrections.json");
+    std::fs::write(&corrections, exported.to_string()).unwrap();
+
+    let parent_head = std::fs::read(space.join("text/projection.safetensors")).unwrap();
+    let rev2 = tmp.join("text-rev2");
+    let run = Command::new(env!("CARGO_BIN_EXE_prism"))
+        .args(["train", "from-corrections", "--modality", "text"])
+        .arg("--corrections")
+        .arg(&corrections)
+        .arg("--model")
+        .arg(space.join("text"))
+        .arg("--vision-model")
+        .arg(space.join("vision"))
+        .arg("--data")
+        .arg(data)
+        .arg("--out")
+        .arg(&rev2)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&run.stdout);
+    assert!(run.status.success(), "from-corrections failed:\n{}", String::from_utf8_lossy(&run.stderr));
+    let line = stdout.lines().find(|l| l.starts_with("train: ")).expect("summary line");
+    eprintln!("{line}");
+    let gain = metric(line, "correction_gain");
+    assert!(gain >= 0.3, "corrections must measurably help on held-out German phrasings: {line}");
+    assert!(metric(line, "after_top1") >= 0.8, "{line}");
+    assert!(metric(line, "data_after_top1") >= metric(line, "data_before_top1") - 0.05, "English forgotten: {line}");
+    // The parent revision is untouched (the new folder links its weights, never its head).
+    assert_eq!(std::fs::read(space.join("text/projection.safetensors")).unwrap(), parent_head);
+    let mut served = load("bert", &rev2);
+    assert_eq!(served.info.dim, 64);
+    let _ = embed(&mut served, EmbedInput::Text("die Ziffer sieben".into()));
 }

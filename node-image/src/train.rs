@@ -25,6 +25,8 @@ use serde::{Deserialize, Serialize};
 use crate::backend::projection::{self, ProjectionHead};
 use crate::backend::{self, BackendError, DeviceChoice, LoadSpec};
 
+pub mod corrections;
+
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
     #[error("{path}: {source}")]
@@ -143,14 +145,7 @@ pub fn train_shared_space(
         return Err(TrainError::Data(format!("{}: needs at least two labels", manifest_path.display())));
     }
     let started = Instant::now();
-    let file_input = |kind: &str, file: &str| -> Result<EmbedInput, TrainError> {
-        let path = cfg.data.join(file);
-        let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&path).map_err(io(&path))?);
-        Ok(EmbedInput::Item(match kind {
-            "image" => InputItem { image_base64: Some(b64), ..Default::default() },
-            _ => InputItem { audio_base64: Some(b64), ..Default::default() },
-        }))
-    };
+    let file_input = |kind: &str, file: &str| file_input(&cfg.data, kind, file);
     let images = embed_split(
         "vit",
         &cfg.vision_model,
@@ -186,8 +181,8 @@ pub fn train_shared_space(
     let dim = images.train.dims()[1];
     let (text_head, text_vars) = init_head(texts.train.dims()[1], cfg.hidden, dim, &mut rng)?;
     let (audio_head, audio_vars) = init_head(audio.train.dims()[1], cfg.hidden, dim, &mut rng)?;
-    let text_untrained = retrieval_top1(&text_head, &texts, &images)?;
-    let audio_untrained = retrieval_top1(&audio_head, &audio, &images)?;
+    let text_untrained = retrieval_top1(&text_head, &texts.test, &texts.test_labels, &images)?;
+    let audio_untrained = retrieval_top1(&audio_head, &audio.test, &audio.test_labels, &images)?;
 
     // Indexes of every train item per label, to draw same-label text/audio for each image.
     let by_label = |labels: &[usize]| {
@@ -232,8 +227,8 @@ pub fn train_shared_space(
     }
     let train_seconds = train_started.elapsed().as_secs_f64();
     let report = SharedSpaceReport {
-        text_to_image_top1: retrieval_top1(&text_head, &texts, &images)?,
-        audio_to_image_top1: retrieval_top1(&audio_head, &audio, &images)?,
+        text_to_image_top1: retrieval_top1(&text_head, &texts.test, &texts.test_labels, &images)?,
+        audio_to_image_top1: retrieval_top1(&audio_head, &audio.test, &audio.test_labels, &images)?,
         text_to_image_top1_untrained: text_untrained,
         audio_to_image_top1_untrained: audio_untrained,
         chance: 1.0 / classes as f64,
@@ -249,6 +244,16 @@ pub fn train_shared_space(
     };
     write_outputs(cfg, &text_head, &audio_head, &report)?;
     Ok(report)
+}
+
+/// A file of the data folder as an embed input (`image` or `audio`).
+fn file_input(data: &Path, kind: &str, file: &str) -> Result<EmbedInput, TrainError> {
+    let path = data.join(file);
+    let b64 = base64::engine::general_purpose::STANDARD.encode(std::fs::read(&path).map_err(io(&path))?);
+    Ok(EmbedInput::Item(match kind {
+        "image" => InputItem { image_base64: Some(b64), ..Default::default() },
+        _ => InputItem { audio_base64: Some(b64), ..Default::default() },
+    }))
 }
 
 /// Embeds every item with the raw encoder (no head: a folder produced by an earlier run would
@@ -387,13 +392,18 @@ fn contrastive_loss(z: &Tensor, v: &Tensor, target: &Tensor, temperature: f64) -
 }
 
 /// Top-1 accuracy of retrieving a held-out image of the right label for each held-out query.
-fn retrieval_top1(head: &ProjectionHead, queries: &Embedded, images: &Embedded) -> Result<f64, TrainError> {
-    let d = queries.test.first().map(Vec::len).unwrap_or(0);
-    let q = Tensor::from_vec(queries.test.concat(), (queries.test.len(), d), &Device::Cpu)?;
+fn retrieval_top1(
+    head: &ProjectionHead,
+    queries: &[Vec<f32>],
+    labels: &[usize],
+    images: &Embedded,
+) -> Result<f64, TrainError> {
+    let d = queries.first().map(Vec::len).unwrap_or(0);
+    let q = Tensor::from_vec(queries.concat(), (queries.len(), d), &Device::Cpu)?;
     let z = head.forward(&q)?.to_vec2::<f32>()?;
     let hits = z
         .iter()
-        .zip(&queries.test_labels)
+        .zip(labels)
         .filter(|(zq, label)| {
             let best = images
                 .test
@@ -422,19 +432,7 @@ fn write_outputs(
         ("vision", &cfg.vision_model, None),
     ] {
         let dir = cfg.out.join(name);
-        std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-        for entry in std::fs::read_dir(base).map_err(io(base))? {
-            let src = entry.map_err(io(base))?.path();
-            let file = src.file_name().map(PathBuf::from).unwrap_or_default();
-            if !src.is_file() || file.as_os_str() == projection::FILE {
-                continue;
-            }
-            let dst = dir.join(&file);
-            let _ = std::fs::remove_file(&dst);
-            if std::fs::hard_link(&src, &dst).is_err() {
-                std::fs::copy(&src, &dst).map_err(io(&dst))?;
-            }
-        }
+        link_model_folder(base, &dir)?;
         if let Some(head) = head {
             head.save(&dir.join(projection::FILE))?;
         }
@@ -477,7 +475,29 @@ fn write_outputs(
         ts = report.train_seconds,
     );
     let card_path = cfg.out.join("model_card.md");
+    let _ = std::fs::remove_file(&card_path);
     std::fs::write(&card_path, card).map_err(io(&card_path))?;
+    Ok(())
+}
+
+/// Makes `dir` a servable copy of the model folder `base`: its files hard-linked (copied across
+/// file systems), except the head and the card/metrics, which belong to each revision: those are
+/// written afresh, never through a link that would change the parent revision too.
+fn link_model_folder(base: &Path, dir: &Path) -> Result<(), TrainError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    for entry in std::fs::read_dir(base).map_err(io(base))? {
+        let src = entry.map_err(io(base))?.path();
+        let file = src.file_name().map(PathBuf::from).unwrap_or_default();
+        let own = [projection::FILE, "model_card.md", "metrics.json"].iter().any(|f| file.as_os_str() == *f);
+        let dst = dir.join(&file);
+        let _ = std::fs::remove_file(&dst);
+        if !src.is_file() || own {
+            continue;
+        }
+        if std::fs::hard_link(&src, &dst).is_err() {
+            std::fs::copy(&src, &dst).map_err(io(&dst))?;
+        }
+    }
     Ok(())
 }
 
