@@ -131,8 +131,8 @@ chaos: cluster-up ## fault scenarios under load (kill -9, partition, slow node, 
 
 # --- bench (memory) ---
 .PHONY: bench-memory
-bench-memory: ## memory search (100k vectors) vs FAISS, durable write rate, acknowledged writes across router kill -9
-	$(CARGO) build --release -p prism-node -p prism-router --bins
+bench-memory: ## memory search (100k vectors) vs FAISS, durable writes across router kill -9, correction gain
+	$(CARGO) build --release -p prism -p prism-node -p prism-router --bins
 	@$(MAKE) -s models
 	test -x bench/.venv/bin/python || python3 -m venv bench/.venv
 	bench/.venv/bin/python -c 'import numpy, faiss' 2>/dev/null || bench/.venv/bin/pip install -q numpy faiss-cpu

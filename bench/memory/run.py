@@ -14,8 +14,12 @@
 
 Last line: `memory: recall_at_10=... search_p99_ms=... lost_acked_writes=... correction_gain=...
 bad_revision_rolled_back=... faiss_recall_at_10=... faiss_search_p99_ms=... write_rps=...`.
-correction_gain and bad_revision_rolled_back stay `nan`/`0` until `prism train
---from-corrections` and canary rollouts exist (issue 12).
+5. Corrections: `prism up` serves the trained shared space's text head (`prism train
+   shared-space`, cached) with memory on and inputs logged verbatim; 100 queries in German, which
+   the English-trained head never saw, are corrected with the right digit through
+   POST /v1/memory/corrections; the router's export (GET /v1/memory/corrections) goes to `prism
+   train from-corrections`. correction_gain = top-1 on the corrections it held out, after minus
+   before. bad_revision_rolled_back stays 0 until canary rollouts exist (issue 12).
 """
 import argparse
 import json
@@ -30,7 +34,7 @@ import urllib.error
 import urllib.request
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "common"))
-from prism_up import ROOT, fail, headline, log  # noqa: E402
+from prism_up import DEFAULT_PRISM, ROOT, PrismUp, call, fail, headline, log  # noqa: E402
 
 INTRO = """
 `make bench-memory` (bench/memory/run.py + memory/tests/bench_memory.rs): 100k 384-d unit
@@ -187,12 +191,68 @@ def crash_rounds(rounds, tmp):
         node.wait()
 
 
+GERMAN = ["null", "eins", "zwei", "drei", "vier", "fünf", "sechs", "sieben", "acht", "neun"]
+NAMES = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine"]
+PHRASES = ["{w}", "die Zahl {w}", "die Ziffer {w}", "eine handgeschriebene {w}", "Nummer {w}", "ein Bild der Zahl {w}",
+           "eine {w} von Hand geschrieben", "das ist eine {w}", "zeig mir eine {w}", "ich suche die {w}"]
+
+
+def correction_round(prism, tmp):
+    """The memory loop end to end; returns the `train: ...` summary as a dict."""
+    log("corrections: prism train shared-space (cached after the first run)")
+    r = subprocess.run([prism, "train", "shared-space"], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        fail(f"prism train shared-space failed: {r.stderr[-2000:]}")
+    space = os.path.join(ROOT, ".cache", "models", "digits-space")
+    manifest = f"""apiVersion: prism.dev/v1alpha1
+kind: ModalityNode
+metadata: {{name: text}}
+spec:
+  modality: text
+  model: {{uri: 'file://{space}/text', architecture: bert, revision: '1'}}
+  device: cpu
+---
+apiVersion: prism.dev/v1alpha1
+kind: MultimodalPipeline
+metadata: {{name: digits}}
+spec:
+  nodes:
+  - {{name: text, required: true}}
+  memory: {{enabled: true, inputs: full}}
+"""
+    with PrismUp(prism, manifest, "corrections", extra_args=["--prometheus", "off"], echo=False) as up:
+        for label, word in enumerate(GERMAN):
+            for p in PHRASES:
+                status, v, _ = call(up.url + "/v1/infer", {"inputs": {"text": p.format(w=word)}})
+                if status != 200 or v.get("recorded") is not True:
+                    fail(f"/v1/infer: {status} {v}")
+                status, v, _ = call(up.url + "/v1/memory/corrections",
+                                    {"requestId": v["id"], "correct": False, "answer": {"label": NAMES[label]}})
+                if status != 201:
+                    fail(f"/v1/memory/corrections: {status} {v}")
+        status, export, _ = call(up.url + "/v1/memory/corrections")
+        if status != 200:
+            fail(f"GET /v1/memory/corrections: {status}")
+        up.ok = True
+    path = os.path.join(tmp, "corrections.json")
+    with open(path, "w") as f:
+        json.dump(export, f)
+    r = subprocess.run([prism, "train", "from-corrections", "--corrections", path, "--out", os.path.join(tmp, "rev2")],
+                       cwd=ROOT, capture_output=True, text=True)
+    line = next((l for l in r.stdout.splitlines() if l.startswith("train: ")), None)
+    if r.returncode != 0 or line is None:
+        fail(f"prism train from-corrections failed: {r.stderr[-2000:]}")
+    log("  " + line)
+    return {k: v for k, v in (kv.split("=", 1) for kv in line.split()[1:])}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vectors", type=int, default=100_000)
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--crash-rounds", type=int, default=3)
     ap.add_argument("--no-append", action="store_true")
+    ap.add_argument("--prism", default=DEFAULT_PRISM)
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory(prefix="prism-bench-memory-") as tmp:
@@ -210,12 +270,15 @@ def main():
         peer = faiss_run(base, queries, truth)
         log(f"faiss: {peer}")
         lost, acked = crash_rounds(args.crash_rounds, tmp)
+        corr = correction_round(args.prism, tmp)
     nan = float("nan")
     line = (f"memory: recall_at_10={prism['recall_at_10']:.4f} search_p99_ms={prism['search_p99_ms']:.3f} "
-            f"lost_acked_writes={lost} correction_gain=nan bad_revision_rolled_back=0 "
+            f"lost_acked_writes={lost} correction_gain={float(corr['correction_gain']):.3f} bad_revision_rolled_back=0 "
             f"faiss_recall_at_10={(peer or {}).get('recall_at_10', nan):.4f} "
             f"faiss_search_p99_ms={(peer or {}).get('search_p99_ms', nan):.3f} "
-            f"write_rps={prism['write_rps']:.0f} acked_in_crash_rounds={acked} build_s={prism['build_s']:.1f}")
+            f"write_rps={prism['write_rps']:.0f} acked_in_crash_rounds={acked} build_s={prism['build_s']:.1f} "
+            f"corrections_top1={corr['before_top1']}->{corr['after_top1']} "
+            f"english_top1={corr['data_before_top1']}->{corr['data_after_top1']}")
     headline(args, "memory", "memory: ANN search vs FAISS, durable writes, kill -9 rounds", INTRO, line,
              f"{args.vectors} vectors", load_before)
 
