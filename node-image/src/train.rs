@@ -109,6 +109,51 @@ struct Manifest {
     audio: Vec<Item>,
 }
 
+impl Manifest {
+    /// `<data>/manifest.json`.
+    fn read(data: &Path) -> Result<Self, TrainError> {
+        let path = data.join("manifest.json");
+        serde_json::from_slice(&std::fs::read(&path).map_err(io(&path))?)
+            .map_err(|e| TrainError::Data(format!("{}: {e}", path.display())))
+    }
+
+    /// The raw-encoder vectors of one modality's items (`vision`, `text` or `audio`), split;
+    /// `dir` is the encoder's folder (read as `architecture`, head ignored).
+    fn embed(
+        &self,
+        modality: &str,
+        architecture: &str,
+        dir: &Path,
+        data: &Path,
+        progress: &mut dyn FnMut(String),
+    ) -> Result<Embedded, TrainError> {
+        match modality {
+            "vision" => embed_split(
+                architecture,
+                dir,
+                data,
+                self.images.iter().map(|i| Ok((file_input(data, "image", &i.file)?, i.label, i.split.as_str()))),
+                progress,
+            ),
+            "text" => embed_split(
+                architecture,
+                dir,
+                data,
+                self.texts.iter().map(|t| Ok((EmbedInput::Text(t.text.clone()), t.label, t.split.as_str()))),
+                progress,
+            ),
+            "audio" => embed_split(
+                architecture,
+                dir,
+                data,
+                self.audio.iter().map(|a| Ok((file_input(data, "audio", &a.file)?, a.label, a.split.as_str()))),
+                progress,
+            ),
+            other => Err(TrainError::Data(format!("modality {other}: the paired data has vision, text and audio"))),
+        }
+    }
+}
+
 #[derive(Deserialize)]
 struct Item {
     file: String,
@@ -137,36 +182,18 @@ pub fn train_shared_space(
     cfg: &SharedSpaceConfig,
     progress: &mut dyn FnMut(String),
 ) -> Result<SharedSpaceReport, TrainError> {
-    let manifest_path = cfg.data.join("manifest.json");
-    let manifest: Manifest = serde_json::from_slice(&std::fs::read(&manifest_path).map_err(io(&manifest_path))?)
-        .map_err(|e| TrainError::Data(format!("{}: {e}", manifest_path.display())))?;
+    let manifest = Manifest::read(&cfg.data)?;
     let classes = manifest.labels.len();
     if classes < 2 {
-        return Err(TrainError::Data(format!("{}: needs at least two labels", manifest_path.display())));
+        return Err(TrainError::Data(format!(
+            "{}: needs at least two labels",
+            cfg.data.join("manifest.json").display()
+        )));
     }
     let started = Instant::now();
-    let file_input = |kind: &str, file: &str| file_input(&cfg.data, kind, file);
-    let images = embed_split(
-        "vit",
-        &cfg.vision_model,
-        &cfg.data,
-        manifest.images.iter().map(|i| Ok((file_input("image", &i.file)?, i.label, i.split.as_str()))),
-        progress,
-    )?;
-    let texts = embed_split(
-        "bert",
-        &cfg.text_model,
-        &cfg.data,
-        manifest.texts.iter().map(|t| Ok((EmbedInput::Text(t.text.clone()), t.label, t.split.as_str()))),
-        progress,
-    )?;
-    let audio = embed_split(
-        "whisper-encoder",
-        &cfg.audio_model,
-        &cfg.data,
-        manifest.audio.iter().map(|a| Ok((file_input("audio", &a.file)?, a.label, a.split.as_str()))),
-        progress,
-    )?;
+    let images = manifest.embed("vision", "vit", &cfg.vision_model, &cfg.data, progress)?;
+    let texts = manifest.embed("text", "bert", &cfg.text_model, &cfg.data, progress)?;
+    let audio = manifest.embed("audio", "whisper-encoder", &cfg.audio_model, &cfg.data, progress)?;
     let embed_seconds = started.elapsed().as_secs_f64();
     for (name, e) in [("images", &images), ("texts", &texts), ("audio", &audio)] {
         if e.train_labels.is_empty() || e.test_labels.is_empty() {
@@ -211,12 +238,10 @@ pub fn train_shared_space(
             aud_idx.push(audio_by_label[l][rng.below(audio_by_label[l].len())]);
             labels.push(l);
         }
-        let b = cfg.batch;
-        let pick = |t: &Tensor, idx: Vec<u32>| t.index_select(&Tensor::from_vec(idx, b, &Device::Cpu)?, 0);
-        let v = pick(&images.train, img_idx)?;
+        let v = rows(&images.train, img_idx)?;
         let target = same_label_targets(&labels)?;
-        let zt = text_head.forward(&pick(&texts.train, txt_idx)?)?;
-        let za = audio_head.forward(&pick(&audio.train, aud_idx)?)?;
+        let zt = text_head.forward(&rows(&texts.train, txt_idx)?)?;
+        let za = audio_head.forward(&rows(&audio.train, aud_idx)?)?;
         let loss = (contrastive_loss(&zt, &v, &target, cfg.temperature)?
             + contrastive_loss(&za, &v, &target, cfg.temperature)?)?;
         opt.backward_step(&loss)?;
@@ -347,6 +372,12 @@ fn cache_key(model_dir: &Path, items: &[(EmbedInput, usize, &str)]) -> Result<St
         h.update(serde_json::to_vec(input).unwrap_or_default());
     }
     Ok(h.finalize().iter().take(8).map(|b| format!("{b:02x}")).collect())
+}
+
+/// The rows `idx` of `t` (a training batch drawn from a pool of vectors).
+fn rows(t: &Tensor, idx: Vec<u32>) -> candle_core::Result<Tensor> {
+    let n = idx.len();
+    t.index_select(&Tensor::from_vec(idx, n, &Device::Cpu)?, 0)
 }
 
 /// A head with PyTorch's `nn.Linear` initialisation (uniform in ±1/sqrt(in)), seeded.

@@ -21,8 +21,7 @@ use prism_api::wire::node::EmbedInput;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    contrastive_loss, embed_split, io, link_model_folder, retrieval_top1, same_label_targets, Manifest, SplitMix64,
-    TrainError,
+    contrastive_loss, io, link_model_folder, retrieval_top1, rows, same_label_targets, Manifest, SplitMix64, TrainError,
 };
 use crate::backend::projection::{self, ProjectionHead};
 use crate::backend::{self, BackendError, DeviceChoice, LoadSpec};
@@ -134,9 +133,7 @@ pub fn train_from_corrections(
     cfg: &CorrectionsConfig,
     progress: &mut dyn FnMut(String),
 ) -> Result<CorrectionsReport, TrainError> {
-    let manifest_path = cfg.data.join("manifest.json");
-    let manifest: Manifest = serde_json::from_slice(&std::fs::read(&manifest_path).map_err(io(&manifest_path))?)
-        .map_err(|e| TrainError::Data(format!("{}: {e}", manifest_path.display())))?;
+    let manifest = Manifest::read(&cfg.data)?;
     let (examples, skipped) = examples(cfg, &manifest.labels)?;
     let (train_ex, held_ex): (Vec<&Example>, Vec<&Example>) = examples.iter().partition(|e| !e.held_out);
     progress(format!("corrections: {} to train on, {} held out, skipped {:?}", train_ex.len(), held_ex.len(), skipped));
@@ -158,34 +155,11 @@ pub fn train_from_corrections(
     let parent = ProjectionHead::load(&head_path, &Device::Cpu)?;
 
     // The anchors and the replay set come from the paired data (cached vectors).
-    let file_input = |file: &str| super::file_input(&cfg.data, "image", file);
-    let images = embed_split(
-        "vit",
-        &cfg.vision_model,
-        &cfg.data,
-        manifest.images.iter().map(|i| Ok((file_input(&i.file)?, i.label, i.split.as_str()))),
-        progress,
-    )?;
-    let replay = match cfg.modality.as_str() {
-        "text" => embed_split(
-            &cfg.architecture,
-            &cfg.model,
-            &cfg.data,
-            manifest.texts.iter().map(|t| Ok((EmbedInput::Text(t.text.clone()), t.label, t.split.as_str()))),
-            progress,
-        )?,
-        "audio" => embed_split(
-            &cfg.architecture,
-            &cfg.model,
-            &cfg.data,
-            manifest
-                .audio
-                .iter()
-                .map(|a| Ok((super::file_input(&cfg.data, "audio", &a.file)?, a.label, a.split.as_str()))),
-            progress,
-        )?,
-        other => return Err(TrainError::Data(format!("--modality {other}: heads exist for text and audio"))),
-    };
+    if cfg.modality != "text" && cfg.modality != "audio" {
+        return Err(TrainError::Data(format!("--modality {}: heads exist for text and audio", cfg.modality)));
+    }
+    let images = manifest.embed("vision", "vit", &cfg.vision_model, &cfg.data, progress)?;
+    let replay = manifest.embed(&cfg.modality, &cfg.architecture, &cfg.model, &cfg.data, progress)?;
     let raw = embed_inputs(cfg, examples.iter().map(|e| &e.input))?;
     let (mut corr_train, mut corr_train_labels, mut corr_held, mut corr_held_labels) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
@@ -227,7 +201,7 @@ pub fn train_from_corrections(
     // original pairs (what must not).
     let half = (cfg.batch / 2).max(1);
     for step in 1..=cfg.steps {
-        let (mut rows, mut labels) = (Vec::new(), Vec::new());
+        let mut labels = Vec::new();
         let mut from_corrections = Vec::new();
         let mut from_replay = Vec::new();
         for k in 0..cfg.batch {
@@ -241,18 +215,14 @@ pub fn train_from_corrections(
                 labels.push(replay.train_labels[i]);
             }
         }
-        let pick = |t: &Tensor, idx: Vec<u32>| {
-            let n = idx.len();
-            t.index_select(&Tensor::from_vec(idx, n, &Device::Cpu)?, 0)
-        };
-        rows.push(pick(&corr_train, from_corrections)?);
+        let mut parts = vec![rows(&corr_train, from_corrections)?];
         if !from_replay.is_empty() {
-            rows.push(pick(&replay.train, from_replay)?);
+            parts.push(rows(&replay.train, from_replay)?);
         }
-        let x = Tensor::cat(&rows, 0)?;
+        let x = Tensor::cat(&parts, 0)?;
         let anchors: Vec<u32> =
             labels.iter().map(|l| images_by_label[*l][rng.below(images_by_label[*l].len())]).collect();
-        let v = pick(&images.train, anchors)?;
+        let v = rows(&images.train, anchors)?;
         let loss = contrastive_loss(&head.forward(&x)?, &v, &same_label_targets(&labels)?, cfg.temperature)?;
         opt.backward_step(&loss)?;
         if step % 50 == 0 || step == cfg.steps {
