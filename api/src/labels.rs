@@ -9,6 +9,9 @@ pub const MANAGED_BY_VALUE: &str = "prism";
 pub const NODE: &str = "prism.dev/node";
 pub const PIPELINE: &str = "prism.dev/pipeline";
 pub const REVISION: &str = "prism.dev/revision";
+/// Pod label of a canary's pods (value `canary`); the canary Deployment selects on it.
+pub const TRACK: &str = "prism.dev/track";
+pub const TRACK_CANARY: &str = "canary";
 /// Pod annotation: the scheme routers use to reach this pod (`https` for nodes with `spec.tls`).
 pub const SCHEME: &str = "prism.dev/scheme";
 /// Field manager used for every server-side apply the operator makes.

@@ -417,6 +417,15 @@ pub struct RolloutAnalysis {
     #[serde(default = "default_max_accuracy_drop")]
     #[schemars(range(min = 0.0, max = 1.0))]
     pub max_accuracy_drop: f64,
+    /// Calls the canary must have served in a step before it is judged; until then the step
+    /// waits (a canary nobody calls is neither promoted nor rolled back).
+    #[serde(default = "default_min_calls")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub min_calls: u32,
+    /// Corrections each revision needs before accuracy is compared (fewer: that check is skipped).
+    #[serde(default = "default_min_corrections")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub min_corrections: u32,
 }
 
 fn default_max_error_rate_increase() -> f64 {
@@ -428,6 +437,12 @@ fn default_max_latency_ratio() -> f64 {
 fn default_max_accuracy_drop() -> f64 {
     0.02
 }
+fn default_min_calls() -> u32 {
+    20
+}
+fn default_min_corrections() -> u32 {
+    10
+}
 
 impl Default for RolloutAnalysis {
     fn default() -> Self {
@@ -435,6 +450,8 @@ impl Default for RolloutAnalysis {
             max_error_rate_increase: default_max_error_rate_increase(),
             max_latency_ratio: default_max_latency_ratio(),
             max_accuracy_drop: default_max_accuracy_drop(),
+            min_calls: default_min_calls(),
+            min_corrections: default_min_corrections(),
         }
     }
 }
@@ -499,8 +516,11 @@ pub struct CanaryStatus {
 #[serde(rename_all = "camelCase")]
 pub struct RevisionRecord {
     pub revision: String,
-    /// `Promoted`, `RolledBack` or `Superseded`.
+    /// `Deployed` (the first revision), `Promoted`, `RolledBack` or `Superseded`.
     pub outcome: String,
+    /// The model of that revision: what `prism rollback --to-revision` puts back into the spec.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelSpec>,
     /// Why, in words (e.g. the failed analysis check).
     #[serde(default)]
     pub reason: String,

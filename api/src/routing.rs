@@ -118,10 +118,33 @@ pub struct NodeObservation {
     /// ModalityNode name.
     pub node: String,
     pub modality: String,
-    /// Revision each endpoint serves is the node's current revision.
+    /// Revision of the node's stable replicas.
     pub revision: String,
     /// `(base URL, ready)` per replica.
     pub endpoints: Vec<(String, bool)>,
+    /// Base URL -> revision for replicas that serve another revision than `revision` (a canary,
+    /// or pods of a rolling update).
+    pub revisions: BTreeMap<String, String>,
+    /// The canary in flight: its revision's replicas share `weight`% of the node's traffic.
+    pub canary: Option<crate::node::CanaryStatus>,
+}
+
+/// Routing-table weight multiplier of one replica of `revision` while `canary` is in flight: the
+/// canary revision's replicas share `weight`% of the node's traffic and the others the rest,
+/// scaled so the node's weights still sum to its replica count (its share against other nodes
+/// of the modality does not change during a rollout).
+pub fn traffic_share(
+    canary: Option<&crate::node::CanaryStatus>,
+    revision: &str,
+    replicas_of_revision: usize,
+    replicas: usize,
+) -> f64 {
+    let per = replicas as f64 / replicas_of_revision.max(1) as f64;
+    match canary {
+        None => 1.0,
+        Some(c) if c.revision == revision => f64::from(c.weight.min(100)) / 100.0 * per,
+        Some(c) => f64::from(100 - c.weight.min(100)) / 100.0 * per,
+    }
 }
 
 /// Builds a pipeline's routing table from observed nodes: the one pure function both the
@@ -143,12 +166,16 @@ pub fn build_table(
         let entry = modalities.entry(obs.modality.clone()).or_default();
         let mut eps: Vec<&(String, bool)> = obs.endpoints.iter().collect();
         eps.sort();
-        for (endpoint, ready) in eps {
+        let revision_of = |e: &str| obs.revisions.get(e).unwrap_or(&obs.revision).clone();
+        for (endpoint, ready) in &eps {
+            let revision = revision_of(endpoint);
+            let same = eps.iter().filter(|(e, _)| revision_of(e) == revision).count();
+            let share = traffic_share(obs.canary.as_ref(), &revision, same, eps.len());
             entry.push(RouteEndpoint {
                 endpoint: endpoint.clone(),
                 node: obs.node.clone(),
-                revision: obs.revision.clone(),
-                weight: pn.weight.max(0.0),
+                revision,
+                weight: pn.weight.max(0.0) * share,
                 accuracy: pn.accuracy,
                 ready: *ready,
             });
@@ -179,7 +206,28 @@ mod build_tests {
             modality: modality.into(),
             revision: "r1".into(),
             endpoints: eps.iter().map(|(e, r)| (e.to_string(), *r)).collect(),
+            revisions: BTreeMap::new(),
+            canary: None,
         }
+    }
+
+    #[test]
+    fn canary_replicas_share_its_weight_of_the_node() {
+        let mut o = obs(
+            "t",
+            "text",
+            &[("http://127.0.0.1:1", true), ("http://127.0.0.1:2", true), ("http://127.0.0.1:3", true)],
+        );
+        o.revisions.insert("http://127.0.0.1:3".into(), "r2".into());
+        o.canary =
+            Some(crate::node::CanaryStatus { revision: "r2".into(), step: 0, weight: 20, step_started: String::new() });
+        let t = build_table("p", &spec(), &[o], None);
+        let eps = &t.modalities["text"];
+        let total: f64 = eps.iter().map(|e| e.weight).sum();
+        assert!((total - 6.0).abs() < 1e-9, "node weight 2 x 3 replicas kept: {total}");
+        let canary: f64 = eps.iter().filter(|e| e.revision == "r2").map(|e| e.weight).sum();
+        assert!((canary / total - 0.2).abs() < 1e-9);
+        assert_eq!(eps.iter().filter(|e| e.revision == "r1").count(), 2);
     }
 
     #[test]

@@ -4,18 +4,13 @@
 //! loses no request; a Prometheus outage holds replicas instead of reading as idle; once
 //! Prometheus is back, real idleness scales in.
 
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+mod common;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::Value;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap().to_path_buf()
-}
+use common::{models, signal, Up};
 
 const MANIFEST: &str = r#"
 apiVersion: prism.dev/v1alpha1
@@ -42,90 +37,6 @@ metadata: {name: scaled}
 spec:
   nodes: [{name: text, required: true}]
 "#;
-
-struct Up {
-    child: Child,
-    dir: PathBuf,
-    router: String,
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        // SIGTERM lets `prism up` stop its nodes and Prometheus; kill if it does not.
-        signal(u64::from(self.child.id()), libc::SIGTERM);
-        for _ in 0..100 {
-            if matches!(self.child.try_wait(), Ok(Some(_))) {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let _ = self.child.kill();
-    }
-}
-
-fn signal(pid: u64, sig: i32) {
-    // SAFETY: kill(2) on a pid this test started (or read from the state file of one it started).
-    unsafe {
-        libc::kill(pid as libc::pid_t, sig);
-    }
-}
-
-impl Up {
-    fn start(dir: &Path) -> Self {
-        let models = repo().join(".cache/models");
-        assert!(models.join("all-minilm-l6-v2").is_dir(), "run `make models` first");
-        let manifest = dir.join("pipeline.yaml");
-        std::fs::write(&manifest, MANIFEST).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_prism"))
-            .args(["up", "-f", manifest.to_str().unwrap(), "--port", "0"])
-            .arg("--state-dir")
-            .arg(dir.join("state"))
-            .arg("--models-dir")
-            .arg(&models)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("starting prism up");
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                println!("[prism up] {line}");
-                if let Some(u) = line.strip_prefix("router: ") {
-                    let _ = tx.send(u.trim().to_string());
-                }
-            }
-        });
-        let router = rx.recv_timeout(Duration::from_secs(180)).expect("prism up printed `router: URL`");
-        Self { child, dir: dir.join("state"), router }
-    }
-
-    fn state(&self) -> Value {
-        let text = std::fs::read_to_string(self.dir.join("state.json")).unwrap_or_default();
-        serde_json::from_str(&text).unwrap_or(Value::Null)
-    }
-
-    fn replicas(&self) -> usize {
-        self.state()["nodes"][0]["replicas"].as_array().map(Vec::len).unwrap_or(0)
-    }
-
-    fn autoscaler(&self) -> Value {
-        self.state()["nodes"][0]["autoscaler"].clone()
-    }
-
-    fn wait_for(&self, what: &str, timeout: Duration, f: impl Fn(&Self) -> bool) -> Duration {
-        let start = Instant::now();
-        while !f(self) {
-            assert!(
-                start.elapsed() < timeout,
-                "timed out after {timeout:?} waiting for {what}; state: {}",
-                self.state()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        start.elapsed()
-    }
-}
 
 /// Closed-loop load: `workers` clients each send the next request when the last one answered.
 struct Load {
@@ -186,7 +97,7 @@ impl Load {
 #[test]
 fn load_scales_out_steady_holds_outage_holds_idle_scales_in() {
     let tmp = tempfile::tempdir().unwrap();
-    let up = Up::start(tmp.path());
+    let up = Up::start(tmp.path(), MANIFEST, &models());
     assert_eq!(up.replicas(), 1, "starts at min");
     assert!(up.state()["prometheus_url"].is_string(), "prism up started a Prometheus: {}", up.state());
 

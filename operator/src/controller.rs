@@ -43,6 +43,9 @@ pub struct Context {
     /// False until the pod index has listed every pod once: publishing a table before that
     /// would drop live endpoints and bump the generation for nothing.
     pub index_synced: Arc<AtomicBool>,
+    /// Where canary analysis reads the routers' per-revision metrics (the autoscaler's Prometheus).
+    pub prometheus: Option<crate::autoscale::PromClient>,
+    pub match_namespace: bool,
 }
 
 fn ns_of<K: Resource>(o: &K) -> Result<String> {
@@ -90,11 +93,34 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
     let _m = ctx.metrics.measure(NODE_CONTROLLER);
     let ns = ns_of(mn.as_ref())?;
     let name = mn.name_any();
+    let oref = mn.object_ref(&());
+
+    // The rollout first: it decides which model the stable Deployment runs and whether a
+    // canary Deployment exists.
+    let (mn, transition) = step_rollout(&mn, &ctx, &ns).await;
+    if let Some((type_, reason, note)) = transition {
+        info!(%reason, %note, "rollout");
+        publish(&ctx.recorder, &oref, type_, reason, "Rollout", note).await;
+    }
+    let mn = Arc::new(mn);
+
     let deploy_api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let existing = deploy_api.get_opt(&name).await?;
     let current = existing.as_ref().and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas);
     let objs = node::desired_objects(&mn, &ctx.cfg, current)?;
-    let oref = mn.object_ref(&());
+    let stable_replicas = objs.deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    match node::canary_deployment(&mn, &ctx.cfg, stable_replicas)? {
+        Some(canary) => {
+            apply(&ctx.client, &ns, &canary).await?;
+        }
+        None => {
+            let canary = node::canary_name(&name);
+            if deploy_api.get_opt(&canary).await?.is_some() {
+                deploy_api.delete(&canary, &Default::default()).await?;
+                info!(deployment = %canary, "deleted canary Deployment");
+            }
+        }
+    }
 
     let deploy = apply(&ctx.client, &ns, &objs.deployment).await?;
     apply(&ctx.client, &ns, &objs.service).await?;
@@ -139,10 +165,11 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
         let api: Api<ModalityNode> = Api::namespaced(ctx.client.clone(), &ns);
         let mut st =
             serde_json::to_value(&status).map_err(|source| Error::Serialize { what: "node status", source })?;
-        // Fields the autoscaler/rollout loops own (issue 9) are left out of our apply: SSA then
-        // never overwrites them with a value we read before their last write.
+        // Fields the autoscaler owns (issue 9) are left out of our apply: SSA then never
+        // overwrites them with a value we read before their last write. The rollout fields
+        // (currentRevision, canary, history) are ours: a canary that ends is dropped by SSA.
         if let Some(o) = st.as_object_mut() {
-            for k in ["desiredReplicas", "canary", "history", "p95", "lastScale"] {
+            for k in ["desiredReplicas", "p95", "lastScale"] {
                 o.remove(k);
             }
             // Conditions are a map keyed by type: apply only ours (the autoscaler owns the rest).
@@ -159,7 +186,56 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
             }
         }
     }
+    if mn.status.as_ref().is_some_and(|s| s.canary.is_some()) {
+        // Pauses end and analysis runs on time, not only when something changes.
+        return Ok(Action::requeue(Duration::from_secs(5)));
+    }
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Moves the node's rollout one step (see [`crate::rollout`]): returns the node with its status
+/// updated (currentRevision, canary, history) and the Event to record, if any. The canary's
+/// figures come from Prometheus when the operator has one; without it a canary waits at the end
+/// of its first pause (`metrics unavailable`) and is never promoted blind.
+async fn step_rollout(
+    mn: &ModalityNode,
+    ctx: &Context,
+    ns: &str,
+) -> (ModalityNode, Option<(EventType, &'static str, String)>) {
+    use crate::rollout::{self, Transition};
+    let mut out = mn.clone();
+    let mut status = mn.status.clone().unwrap_or_default();
+    let now = chrono::Utc::now();
+    let elapsed = status.canary.as_ref().map(|c| {
+        chrono::DateTime::parse_from_rfc3339(&c.step_started)
+            .map(|t| (now - t.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 1000.0)
+            .unwrap_or(0.0)
+    });
+    let mut stats = None;
+    if let (Some(c), Some(prom)) = (&status.canary, &ctx.prometheus) {
+        let sel = crate::autoscale::node_selector(&mn.name_any(), ctx.match_namespace.then_some(ns));
+        let window = elapsed.unwrap_or(0.0).ceil() as u64;
+        let stable = status.current_revision.clone().unwrap_or_default();
+        match (prom.read_revision(&sel, &stable, window).await, prom.read_revision(&sel, &c.revision, window).await) {
+            (Ok(s), Ok(c)) => stats = Some((s, c)),
+            (Err(e), _) | (_, Err(e)) => warn!(error = %e, "canary analysis: Prometheus unavailable"),
+        }
+    }
+    let t = rollout::decide(&mn.spec, &status, elapsed, stats.as_ref().map(|(s, c)| (s, c)));
+    let note = rollout::apply(&mn.spec, &mut status, &t, &now_rfc3339());
+    out.status = Some(status);
+    let event = note.and_then(|note| {
+        let (type_, reason) = match t {
+            Transition::Deploy => return None,
+            Transition::Start { .. } => (EventType::Normal, "CanaryStarted"),
+            Transition::Advance { .. } => (EventType::Normal, "CanaryAdvanced"),
+            Transition::Promote { .. } => (EventType::Normal, "Promoted"),
+            Transition::RollBack { .. } => (EventType::Warning, "RolledBack"),
+            Transition::None | Transition::Hold { .. } => return None,
+        };
+        Some((type_, reason, note))
+    });
+    (out, event)
 }
 
 // ---------------------------------------------------------------- MultimodalPipeline
@@ -187,6 +263,7 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
                 ObservedNode {
                     modality: mn.spec.modality.clone(),
                     tls_secret: mn.spec.tls.as_ref().map(|t| t.secret_name.clone()),
+                    canary: mn.status.as_ref().and_then(|s| s.canary.clone()),
                     endpoints,
                 },
             );
@@ -410,6 +487,8 @@ pub async fn run(
         metrics,
         index: SharedIndex::default(),
         index_synced: Arc::new(AtomicBool::new(false)),
+        prometheus: settings.autoscaler.prometheus.clone(),
+        match_namespace: settings.autoscaler.match_namespace,
     });
     let ns = &settings.namespace;
     let managed = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGED_BY_VALUE));

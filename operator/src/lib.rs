@@ -18,6 +18,7 @@ pub mod lease;
 pub mod metrics;
 pub mod node;
 pub mod pipeline;
+pub mod rollout;
 pub mod server;
 
 /// Errors of the reconcilers. Metric labels use [`Error::metric_label`] (bare variant names only,

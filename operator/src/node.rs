@@ -223,8 +223,36 @@ fn http_probe(path: &str, period: i32, failure: i32, tls: bool) -> Probe {
 }
 
 /// Desired children of a ModalityNode. `current_replicas` is the replica count of the existing
-/// Deployment (used only while autoscaling is paused).
+/// Deployment (used only while autoscaling is paused). During a canary the Deployment keeps the
+/// stable revision's model (from `status.history`); [`canary_deployment`] runs the spec's.
 pub fn desired_objects(mn: &ModalityNode, cfg: &OperatorConfig, current_replicas: Option<i32>) -> Result<NodeObjects> {
+    let serving = crate::rollout::serving_model(&mn.spec, mn.status.as_ref());
+    if serving != &mn.spec.model {
+        let mut stable = mn.clone();
+        stable.spec.model = serving.clone();
+        return build_objects(&stable, cfg, desired_replicas(mn, current_replicas), false);
+    }
+    build_objects(mn, cfg, desired_replicas(mn, current_replicas), false)
+}
+
+/// Name of a node's canary Deployment.
+pub fn canary_name(node: &str) -> String {
+    format!("{node}-canary")
+}
+
+/// The canary Deployment while `status.canary` names the spec's revision: the spec's model,
+/// `weight`% of the stable replica count (at least one), pods labelled `prism.dev/track: canary`
+/// and their own revision, so the pod index routes the canary's share to them.
+pub fn canary_deployment(mn: &ModalityNode, cfg: &OperatorConfig, stable_replicas: i32) -> Result<Option<Deployment>> {
+    let Some(c) = mn.status.as_ref().and_then(|s| s.canary.as_ref()) else { return Ok(None) };
+    if c.revision != mn.spec.model.revision {
+        return Ok(None);
+    }
+    let replicas = ((f64::from(stable_replicas) * f64::from(c.weight) / 100.0).round() as i32).max(1);
+    Ok(Some(build_objects(mn, cfg, replicas, true)?.deployment))
+}
+
+fn build_objects(mn: &ModalityNode, cfg: &OperatorConfig, replicas: i32, canary: bool) -> Result<NodeObjects> {
     let name = mn.name_any();
     let spec = &mn.spec;
     let image = spec.image.clone().unwrap_or_else(|| cfg.node_image.clone());
@@ -312,7 +340,16 @@ pub fn desired_objects(mn: &ModalityNode, cfg: &OperatorConfig, current_replicas
         ..Default::default()
     };
 
-    let pod_labels = object_labels(mn);
+    let mut pod_labels = object_labels(mn);
+    let mut deploy_selector = selector_labels(&name);
+    let deploy_name = if canary {
+        for l in [&mut pod_labels, &mut deploy_selector] {
+            l.insert(labels::TRACK.to_string(), labels::TRACK_CANARY.to_string());
+        }
+        canary_name(&name)
+    } else {
+        name.clone()
+    };
     let pod_spec = PodSpec {
         containers: vec![container],
         init_containers: model.init.map(|c| vec![c]),
@@ -327,11 +364,20 @@ pub fn desired_objects(mn: &ModalityNode, cfg: &OperatorConfig, current_replicas
         ..Default::default()
     };
 
+    let mut deploy_meta = meta(mn, deploy_name)?;
+    if canary {
+        // Not a child the node controller's `.owns()` maps by the stable name; the component
+        // label still selects it for the watch.
+        deploy_meta
+            .labels
+            .get_or_insert_with(Default::default)
+            .insert(labels::TRACK.into(), labels::TRACK_CANARY.into());
+    }
     let deployment = Deployment {
-        metadata: meta(mn, name.clone())?,
+        metadata: deploy_meta,
         spec: Some(DeploymentSpec {
-            replicas: Some(desired_replicas(mn, current_replicas)),
-            selector: LabelSelector { match_labels: Some(selector_labels(&name)), ..Default::default() },
+            replicas: Some(replicas),
+            selector: LabelSelector { match_labels: Some(deploy_selector), ..Default::default() },
             // Surge, never drop below the desired count: GPU capacity may allow only one extra.
             strategy: Some(DeploymentStrategy {
                 type_: Some("RollingUpdate".into()),
@@ -416,6 +462,7 @@ pub fn status(mn: &ModalityNode, deploy: Option<&Deployment>, now: &str) -> Moda
     let replica_failure = dcond("ReplicaFailure").filter(|c| c.status == "True");
     let deadline_exceeded = dcond("Progressing").filter(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
 
+    let serving_rev = crate::rollout::serving_model(&mn.spec, mn.status.as_ref()).revision.clone();
     let mut conds = Vec::new();
     let rolling = deploy.is_none() || !deploy_gen_seen || updated < desired || replicas > updated;
     conds.push(if rolling {
@@ -423,14 +470,14 @@ pub fn status(mn: &ModalityNode, deploy: Option<&Deployment>, now: &str) -> Moda
             types::PROGRESSING,
             ConditionStatus::True,
             "RollingOut",
-            format!("Deployment {name}: {updated}/{desired} replicas on revision {}", mn.spec.model.revision),
+            format!("Deployment {name}: {updated}/{desired} replicas on revision {serving_rev}"),
         )
     } else {
         Condition::new(
             types::PROGRESSING,
             ConditionStatus::False,
             "RolloutComplete",
-            format!("Deployment {name} runs revision {}", mn.spec.model.revision),
+            format!("Deployment {name} runs revision {serving_rev}"),
         )
     });
     let avail_ok = available > 0 || desired == 0;
@@ -481,6 +528,28 @@ pub fn status(mn: &ModalityNode, deploy: Option<&Deployment>, now: &str) -> Moda
     });
 
     let old = mn.status.clone().unwrap_or_default();
+    // A canary or a rolled-back spec says so where users look first.
+    if let Some(c) = &old.canary {
+        if let Some(p) = conds.iter_mut().find(|c| c.type_ == types::PROGRESSING) {
+            *p = Condition::new(
+                types::PROGRESSING,
+                ConditionStatus::True,
+                "CanaryInProgress",
+                format!(
+                    "canary of revision {} takes {}% of traffic (step {}); revision {} serves the rest",
+                    c.revision,
+                    c.weight,
+                    c.step + 1,
+                    old.current_revision.as_deref().unwrap_or("?")
+                ),
+            );
+        }
+    }
+    if let Some(why) = crate::rollout::held_back(&mn.spec, &old) {
+        if let Some(d) = conds.iter_mut().find(|c| c.type_ == types::DEGRADED && c.status == ConditionStatus::False) {
+            *d = Condition::new(types::DEGRADED, ConditionStatus::True, "RolledBack", why);
+        }
+    }
     let mut conditions = condition::merge(&old.conditions, conds, now, generation);
     // Conditions of other writers (the autoscaler's ScalingLimited, MetricsUnavailable) survive.
     for c in &old.conditions {
@@ -496,7 +565,7 @@ pub fn status(mn: &ModalityNode, deploy: Option<&Deployment>, now: &str) -> Moda
         // Owned by the autoscaler (issue 9); carried over so our apply never drops it.
         desired_replicas: old.desired_replicas,
         selector: Some(selector_string(&name)),
-        current_revision: Some(mn.spec.model.revision.clone()),
+        current_revision: old.current_revision.clone().or_else(|| Some(mn.spec.model.revision.clone())),
         canary: old.canary.clone(),
         history: old.history.clone(),
         p95: old.p95.clone(),

@@ -52,6 +52,8 @@ pub struct ObservedNode {
     pub tls_secret: Option<String>,
     /// Its pods as indexed, ordered by pod name.
     pub endpoints: Vec<PodEndpoint>,
+    /// `status.canary`: the canary revision's pods share its weight of the node's traffic.
+    pub canary: Option<prism_api::node::CanaryStatus>,
 }
 
 /// Builds the routing table. `observed` maps node name -> node (absent: the ModalityNode does not
@@ -73,18 +75,12 @@ pub fn routing_table(
             modality: o.modality.clone(),
             revision: String::new(),
             endpoints: o.endpoints.iter().map(|e| (e.endpoint.clone(), e.ready)).collect(),
+            // Each pod's own revision (a canary runs a different one than the stable replicas).
+            revisions: o.endpoints.iter().map(|e| (e.endpoint.clone(), e.revision.clone())).collect(),
+            canary: o.canary.clone(),
         })
         .collect();
     let mut table = build_table(&mmp.name_any(), &mmp.spec, &obs, None);
-    // Each pod's own revision (a canary runs a different one than the stable replicas).
-    for eps in table.modalities.values_mut() {
-        for e in eps.iter_mut() {
-            if let Some(pe) = observed.get(&e.node).and_then(|o| o.endpoints.iter().find(|p| p.endpoint == e.endpoint))
-            {
-                e.revision = pe.revision.clone();
-            }
-        }
-    }
     let prev_gen = previous.map(|p| p.generation).unwrap_or(0).max(floor);
     table.generation = match previous {
         Some(p) if p.same_routes(&table) && p.generation >= floor => p.generation,

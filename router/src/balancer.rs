@@ -248,6 +248,7 @@ impl Balancer {
         if eligible.is_empty() {
             return None;
         }
+        let eligible = split_revisions(eligible, rng);
         // Replicas without samples yet are assumed as fast as the known ones, so a new replica
         // gets traffic (and samples) instead of being starved or flooded.
         let known: Vec<f64> = eligible.iter().filter_map(|s| s.ewma_ms).collect();
@@ -397,6 +398,45 @@ impl Balancer {
 }
 
 /// Index into `ties`, sampled by route weight (canary split).
+/// Canary split: when one node has eligible replicas of several revisions (a canary in flight,
+/// or a rolling update), first draw ONE revision per node with probability proportional to the
+/// summed weights of its replicas, then score only that revision's replicas. The revision's
+/// traffic share is then exactly what the operator wrote into the weights, whatever the
+/// latency/accuracy scores say (the rollout analysis judges the canary; the scores must not
+/// starve or flood it). A revision with no eligible replica takes no draw, so a failing canary
+/// falls back to stable at once.
+fn split_revisions<'a, R: Rng + ?Sized>(eligible: Vec<&'a ReplicaStats>, rng: &mut R) -> Vec<&'a ReplicaStats> {
+    let mut per_node: BTreeMap<&str, BTreeMap<&str, f64>> = BTreeMap::new();
+    for s in &eligible {
+        *per_node.entry(&s.endpoint.node).or_default().entry(&s.endpoint.revision).or_default() +=
+            s.endpoint.weight.max(0.0);
+    }
+    let mut chosen: BTreeMap<&str, &str> = BTreeMap::new();
+    for (node, revs) in &per_node {
+        if revs.len() < 2 {
+            continue;
+        }
+        let total: f64 = revs.values().sum();
+        let mut x = if total > 0.0 && total.is_finite() { rng.random_range(0.0..total) } else { 0.0 };
+        let mut pick = revs.keys().next().copied().unwrap_or_default();
+        for (rev, w) in revs {
+            pick = rev;
+            x -= w;
+            if x < 0.0 {
+                break;
+            }
+        }
+        chosen.insert(node, pick);
+    }
+    if chosen.is_empty() {
+        return eligible;
+    }
+    eligible
+        .into_iter()
+        .filter(|s| chosen.get(s.endpoint.node.as_str()).is_none_or(|r| *r == s.endpoint.revision))
+        .collect()
+}
+
 fn weighted_pick<R: Rng + ?Sized>(ties: &[&ReplicaStats], rng: &mut R) -> usize {
     let total: f64 = ties.iter().map(|s| s.endpoint.weight.max(0.0)).sum();
     // Also catches NaN: a NaN total is neither > 0 nor finite.
@@ -589,6 +629,35 @@ mod tests {
         let mut rng = StdRng::seed_from_u64(1);
         let e = b.choose("text", &RoutingPolicy::default(), &BTreeSet::new(), 0.0, &mut rng).unwrap();
         assert_eq!(e.endpoint, eps[1].endpoint);
+    }
+
+    #[test]
+    fn canary_revision_gets_its_weight_share_whatever_the_scores() {
+        // Two stable replicas (weight 0.45 each) and one canary (0.1) of node n: the canary must
+        // get ~10% of calls even though it is the slowest, and every call when stable is gone.
+        let mk = |i: usize, rev: &str, w: f64| RouteEndpoint {
+            endpoint: format!("http://127.0.0.1:{}", 9000 + i),
+            node: "n".into(),
+            revision: rev.into(),
+            weight: w,
+            accuracy: 0.9,
+            ready: true,
+        };
+        let eps = vec![mk(0, "r1", 0.45), mk(1, "r1", 0.45), mk(2, "r2", 0.1)];
+        let mut b = balancer(eps.clone());
+        b.on_success("text", &eps[0].endpoint, 5.0, 0.0);
+        b.on_success("text", &eps[1].endpoint, 5.0, 0.0);
+        b.on_success("text", &eps[2].endpoint, 50.0, 0.0);
+        let policy = RoutingPolicy::default();
+        let mut rng = StdRng::seed_from_u64(7);
+        let none = BTreeSet::new();
+        let n = 4000;
+        let canary =
+            (0..n).filter(|_| b.choose("text", &policy, &none, 1.0, &mut rng).unwrap().revision == "r2").count();
+        let share = canary as f64 / n as f64;
+        assert!((share - 0.1).abs() < 0.02, "canary share {share}");
+        let tried: BTreeSet<String> = [eps[0].endpoint.clone(), eps[1].endpoint.clone()].into();
+        assert_eq!(b.choose("text", &policy, &tried, 1.0, &mut rng).unwrap().revision, "r2");
     }
 
     #[test]

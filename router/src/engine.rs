@@ -233,6 +233,8 @@ impl Router {
                 .into_iter()
                 .map(|r| {
                     b.add_feedback(&r.node, &r.revision, rating, 1);
+                    self.metrics.corrections_total.with_label_values(&[&r.node, &r.revision]).inc();
+                    self.metrics.correction_rating_sum.with_label_values(&[&r.node, &r.revision]).inc_by(rating);
                     let prior = snap
                         .table
                         .modalities
@@ -431,19 +433,13 @@ impl Router {
                             b.note_revision(modality, &ep.endpoint, &response.revision);
                         }
                     });
+                    let revision =
+                        if response.revision.is_empty() { ep.revision.clone() } else { response.revision.clone() };
                     self.metrics
                         .upstream_duration
-                        .with_label_values(&[modality, &ep.node])
+                        .with_label_values(&[modality, &ep.node, &revision])
                         .observe(latency_ms / 1000.0);
-                    let replica = ReplicaRef {
-                        node: ep.node.clone(),
-                        endpoint: ep.endpoint.clone(),
-                        revision: if response.revision.is_empty() {
-                            ep.revision.clone()
-                        } else {
-                            response.revision.clone()
-                        },
-                    };
+                    let replica = ReplicaRef { node: ep.node.clone(), endpoint: ep.endpoint.clone(), revision };
                     return Ok(Served { response, replica, attempts: attempt + 1, latency_ms });
                 }
                 Err(SendError::Rejected(msg)) => {
@@ -453,7 +449,7 @@ impl Router {
                 }
                 Err(SendError::Failed(msg)) => {
                     let out = self.with_balancer(|b| b.on_failure(modality, &ep.endpoint, policy, now, true));
-                    self.metrics.upstream_failures.with_label_values(&[modality, &ep.node]).inc();
+                    self.metrics.upstream_failures.with_label_values(&[modality, &ep.node, &ep.revision]).inc();
                     if out.ejected {
                         self.metrics.ejections_total.with_label_values(&[&ep.node]).inc();
                         warn!(modality, endpoint = %ep.endpoint, node = %ep.node, "replica ejected after consecutive errors");

@@ -22,6 +22,10 @@ pub struct Metrics {
     pub retries_total: CounterVec,
     /// Answers served but not recorded in the memory log (its write failed).
     pub memory_write_errors_total: IntCounter,
+    /// User corrections per model revision, and the sum of their ratings: a revision's
+    /// correction-derived accuracy is `rating_sum / corrections` (the canary analysis reads it).
+    pub corrections_total: IntCounterVec,
+    pub correction_rating_sum: CounterVec,
 }
 
 impl Metrics {
@@ -50,11 +54,11 @@ impl Metrics {
         let upstream_duration = HistogramVec::new(
             HistogramOpts::new("prism_router_upstream_duration_seconds", "Duration of successful node calls")
                 .buckets(buckets()),
-            &["modality", "node"],
+            &["modality", "node", "revision"],
         )?;
         let upstream_failures = IntCounterVec::new(
             Opts::new("prism_router_upstream_failures_total", "Failed node calls (connect, timeout, 5xx)"),
-            &["modality", "node"],
+            &["modality", "node", "revision"],
         )?;
         let retries_total = CounterVec::new(
             Opts::new("prism_router_retries_total", "Node calls retried on another replica"),
@@ -64,6 +68,19 @@ impl Metrics {
             "prism_router_memory_write_errors_total",
             "Answers served with recorded=false: the memory log write failed (disk full, I/O error)",
         )?;
+        let corrections_total = IntCounterVec::new(
+            Opts::new("prism_router_corrections_total", "User corrections of answers, per node and model revision"),
+            &["node", "revision"],
+        )?;
+        let correction_rating_sum = CounterVec::new(
+            Opts::new(
+                "prism_router_correction_rating_sum",
+                "Sum of correction ratings (1 right, 0 wrong) per node and model revision",
+            ),
+            &["node", "revision"],
+        )?;
+        registry.register(Box::new(corrections_total.clone()))?;
+        registry.register(Box::new(correction_rating_sum.clone()))?;
         registry.register(Box::new(memory_write_errors_total.clone()))?;
         registry.register(Box::new(request_duration.clone()))?;
         registry.register(Box::new(degraded_total.clone()))?;
@@ -82,6 +99,8 @@ impl Metrics {
             upstream_failures,
             retries_total,
             memory_write_errors_total,
+            corrections_total,
+            correction_rating_sum,
         })
     }
 

@@ -9,6 +9,7 @@
 mod metrics;
 mod process;
 mod prometheus;
+mod rollout;
 mod state;
 
 use std::path::{Path, PathBuf};
@@ -126,18 +127,40 @@ struct Replica {
     restarts: u32,
     restart_at: Option<Instant>,
     log: PathBuf,
+    /// Model revision this replica runs.
+    revision: String,
 }
 
 impl Replica {
-    fn new(log: PathBuf) -> Self {
-        Self { proc: None, url: None, ready: false, restarts: 0, restart_at: Some(Instant::now()), log }
+    fn new(log: PathBuf, revision: &str) -> Self {
+        Self {
+            proc: None,
+            url: None,
+            ready: false,
+            restarts: 0,
+            restart_at: Some(Instant::now()),
+            log,
+            revision: revision.to_string(),
+        }
     }
 }
 
 struct LocalNode {
+    /// The node as the manifests say now (reloaded when a file changes).
     spec: ModalityNode,
+    /// Arguments of the stable replicas (the stable revision's model).
     args: Vec<String>,
     replicas: Vec<Replica>,
+    /// Replicas of the canary revision, and their arguments.
+    canary: Vec<Replica>,
+    canary_args: Vec<String>,
+    /// Replicas of a replaced revision, serving until every new stable replica is ready.
+    retiring: Vec<Replica>,
+    /// current revision, canary and history, as `status` holds them in a cluster.
+    status: prism_api::node::ModalityNodeStatus,
+    step_started: Instant,
+    /// Last hold reason printed (printed again only when it changes).
+    hold_reason: Option<String>,
     logs_dir: PathBuf,
     scaler: ScalerState,
     next_decision: Instant,
@@ -150,33 +173,62 @@ impl LocalNode {
         self.spec.name_any()
     }
 
+    fn stable_revision(&self) -> String {
+        self.status.current_revision.clone().unwrap_or_else(|| self.spec.spec.model.revision.clone())
+    }
+
+    /// Every replica list with the arguments its dead replicas restart with (none: retiring
+    /// replicas are not restarted).
+    fn lists_mut(&mut self) -> [(&mut Vec<Replica>, Option<&Vec<String>>); 3] {
+        let LocalNode { replicas, canary, retiring, args, canary_args, .. } = self;
+        [(replicas, Some(args)), (canary, Some(canary_args)), (retiring, None)]
+    }
+
+    fn all_replicas(&self) -> impl Iterator<Item = &Replica> {
+        self.replicas.iter().chain(&self.canary).chain(&self.retiring)
+    }
+
     /// Grows or shrinks to `n` replicas. New ones start on the next supervisor pass; removed ones
     /// leave the routing table on this pass and are stopped a moment later, once the router has
     /// the table without them, so no request is sent to a stopping replica.
     fn scale_to(&mut self, n: usize) {
         let name = self.name();
+        let revision = self.stable_revision();
         while self.replicas.len() < n {
             let i = self.replicas.len();
-            self.replicas.push(Replica::new(replica_log(&self.logs_dir, &name, i)));
+            self.replicas.push(Replica::new(replica_log(&self.logs_dir, &name, i), &revision));
         }
         while self.replicas.len() > n {
-            let Some(mut r) = self.replicas.pop() else { break };
-            if let Some(mut p) = r.proc.take() {
-                tokio::spawn(async move {
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    p.stop(Duration::from_secs(5)).await;
-                });
-            }
+            let Some(r) = self.replicas.pop() else { break };
+            stop_soon(r);
         }
     }
 
     fn observation(&self) -> NodeObservation {
+        let stable = self.stable_revision();
         NodeObservation {
             node: self.name(),
             modality: self.spec.spec.modality.clone(),
-            revision: self.spec.spec.model.revision.clone(),
-            endpoints: self.replicas.iter().filter_map(|r| r.url.clone().map(|u| (u, r.ready))).collect(),
+            revision: stable.clone(),
+            endpoints: self.all_replicas().filter_map(|r| r.url.clone().map(|u| (u, r.ready))).collect(),
+            revisions: self
+                .all_replicas()
+                .filter(|r| r.revision != stable)
+                .filter_map(|r| Some((r.url.clone()?, r.revision.clone())))
+                .collect(),
+            canary: self.status.canary.clone(),
         }
+    }
+}
+
+/// Stops a replica that has just left the routing table, a moment later: once the router has
+/// the table without it, so no request is sent to a stopping replica.
+fn stop_soon(mut r: Replica) {
+    if let Some(mut p) = r.proc.take() {
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            p.stop(Duration::from_secs(5)).await;
+        });
     }
 }
 
@@ -245,12 +297,26 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             );
         }
         let count = n.spec.initial_replicas().max(1) as usize;
-        let replicas = (0..count).map(|i| Replica::new(replica_log(&logs_dir, &pn.name, i))).collect();
+        let revision = n.spec.model.revision.clone();
+        let replicas = (0..count).map(|i| Replica::new(replica_log(&logs_dir, &pn.name, i), &revision)).collect();
         let args = node_args(&n, &model_path);
+        let mut status = prism_api::node::ModalityNodeStatus::default();
+        prism_operator::rollout::apply(
+            &n.spec,
+            &mut status,
+            &prism_operator::rollout::Transition::Deploy,
+            &prism_operator::now_rfc3339(),
+        );
         nodes.push(LocalNode {
             spec: n,
             args,
             replicas,
+            canary: Vec::new(),
+            canary_args: Vec::new(),
+            retiring: Vec::new(),
+            status,
+            step_started: Instant::now(),
+            hold_reason: None,
             logs_dir: logs_dir.clone(),
             scaler: ScalerState::default(),
             next_decision: Instant::now(),
@@ -277,6 +343,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let prom = metrics_source(&args, &dir, &http, &autoscaled).await?;
     let mut sup = Supervisor {
         nodes,
+        manifests: rollout::Manifests::new(&args.files, &pname),
+        models_dir: args.models_dir.clone(),
         http: http.clone(),
         node_bin,
         spec: pipeline.spec.clone(),
@@ -390,6 +458,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         sup.reap_and_restart()?;
         sup.observe().await;
         sup.autoscale().await;
+        sup.rollout().await;
         if sup.last_scrape.elapsed() >= Duration::from_secs(2) {
             sup.scrape_p95().await;
         }
@@ -424,6 +493,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
 
 struct Supervisor {
     nodes: Vec<LocalNode>,
+    /// The manifest files, watched for model changes (which roll out as canaries).
+    manifests: rollout::Manifests,
+    models_dir: PathBuf,
     http: reqwest::Client,
     node_bin: PathBuf,
     spec: prism_api::MultimodalPipelineSpec,
@@ -496,11 +568,14 @@ impl Supervisor {
     fn start_due_replicas(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
         for n in &mut self.nodes {
-            for r in &mut n.replicas {
-                if r.proc.is_none() && r.restart_at.is_some_and(|t| t <= now) {
-                    r.proc = Some(Proc::spawn(&self.node_bin, &n.args, &r.log)?);
-                    r.restart_at = None;
-                    r.url = None;
+            for (list, args) in n.lists_mut() {
+                let Some(args) = args else { continue };
+                for r in list.iter_mut() {
+                    if r.proc.is_none() && r.restart_at.is_some_and(|t| t <= now) {
+                        r.proc = Some(Proc::spawn(&self.node_bin, args, &r.log)?);
+                        r.restart_at = None;
+                        r.url = None;
+                    }
                 }
             }
         }
@@ -512,15 +587,24 @@ impl Supervisor {
     fn reap_and_restart(&mut self) -> anyhow::Result<()> {
         for n in &mut self.nodes {
             let name = n.spec.name_any();
-            for (i, r) in n.replicas.iter_mut().enumerate() {
-                let Some(p) = r.proc.as_mut() else { continue };
-                if let Some(why) = p.exited() {
-                    let delay = restart_delay(r.restarts);
-                    println!("node {name} replica {i} {why}; restarting in {:.1}s", delay.as_secs_f64());
-                    r.proc = None;
-                    r.ready = false;
-                    r.restarts += 1;
-                    r.restart_at = Some(Instant::now() + delay);
+            for (list, args) in n.lists_mut() {
+                for (i, r) in list.iter_mut().enumerate() {
+                    let Some(p) = r.proc.as_mut() else { continue };
+                    if let Some(why) = p.exited() {
+                        r.proc = None;
+                        r.ready = false;
+                        if args.is_none() {
+                            continue;
+                        }
+                        let delay = restart_delay(r.restarts);
+                        println!(
+                            "node {name} replica {i} (revision {}) {why}; restarting in {:.1}s",
+                            r.revision,
+                            delay.as_secs_f64()
+                        );
+                        r.restarts += 1;
+                        r.restart_at = Some(Instant::now() + delay);
+                    }
                 }
             }
         }
@@ -549,23 +633,27 @@ impl Supervisor {
     async fn observe(&mut self) {
         let mut probes = Vec::new();
         for (ni, n) in self.nodes.iter_mut().enumerate() {
-            for (ri, r) in n.replicas.iter_mut().enumerate() {
-                match &r.proc {
-                    None => r.ready = false,
-                    Some(p) => {
-                        if r.url.is_none() {
-                            r.url = p.bound_url();
-                        }
-                        if let Some(u) = r.url.clone() {
-                            let http = self.http.clone();
-                            probes.push(async move { (ni, ri, probe(&http, &u, "/ready").await) });
+            for (li, (list, _)) in n.lists_mut().into_iter().enumerate() {
+                for (ri, r) in list.iter_mut().enumerate() {
+                    match &r.proc {
+                        None => r.ready = false,
+                        Some(p) => {
+                            if r.url.is_none() {
+                                r.url = p.bound_url();
+                            }
+                            if let Some(u) = r.url.clone() {
+                                let http = self.http.clone();
+                                probes.push(async move { (ni, li, ri, probe(&http, &u, "/ready").await) });
+                            }
                         }
                     }
                 }
             }
         }
-        for (ni, ri, ok) in futures::future::join_all(probes).await {
-            if let Some(r) = self.nodes.get_mut(ni).and_then(|n| n.replicas.get_mut(ri)) {
+        for (ni, li, ri, ok) in futures::future::join_all(probes).await {
+            let Some(n) = self.nodes.get_mut(ni) else { continue };
+            let mut lists = n.lists_mut();
+            if let Some(r) = lists.get_mut(li).and_then(|(list, _)| list.get_mut(ri)) {
                 r.ready = ok && r.proc.is_some();
             }
         }
@@ -638,16 +726,19 @@ impl Supervisor {
                         }
                     }),
                     replicas: n
-                        .replicas
-                        .iter()
+                        .all_replicas()
                         .map(|r| ReplicaState {
                             pid: r.proc.as_ref().and_then(Proc::pid),
                             url: r.url.clone(),
                             ready: r.ready,
                             restarts: r.restarts,
                             log: r.log.clone(),
+                            revision: r.revision.clone(),
                         })
                         .collect(),
+                    revision: n.status.current_revision.clone(),
+                    canary: n.status.canary.clone(),
+                    history: n.status.history.clone(),
                 })
                 .collect(),
         }
@@ -658,7 +749,7 @@ impl Supervisor {
         self.last_scrape = Instant::now();
         for n in &self.nodes {
             let mut text = String::new();
-            for r in n.replicas.iter().filter(|r| r.ready) {
+            for r in n.all_replicas().filter(|r| r.ready) {
                 let Some(url) = &r.url else { continue };
                 let res = self.http.get(format!("{url}/metrics")).timeout(Duration::from_millis(500)).send().await;
                 if let Ok(body) = res.and_then(|r| r.error_for_status()) {
@@ -687,7 +778,7 @@ impl Supervisor {
             let targets: Vec<String> = self
                 .nodes
                 .iter()
-                .flat_map(|n| n.replicas.iter())
+                .flat_map(|n| n.all_replicas())
                 .filter_map(|r| r.url.as_deref().map(|u| u.trim_start_matches("http://").to_string()))
                 .collect();
             p.set_targets(&targets);
@@ -730,11 +821,13 @@ impl Supervisor {
 
     async fn stop_all(&mut self) {
         for n in &mut self.nodes {
-            for r in &mut n.replicas {
-                if let Some(p) = r.proc.as_mut() {
-                    p.stop(Duration::from_secs(3)).await;
+            for (list, _) in n.lists_mut() {
+                for r in list.iter_mut() {
+                    if let Some(p) = r.proc.as_mut() {
+                        p.stop(Duration::from_secs(3)).await;
+                    }
+                    r.proc = None;
                 }
-                r.proc = None;
             }
         }
     }

@@ -38,6 +38,14 @@ pub struct NodeState {
     /// Present for nodes the builtin autoscaler scales.
     #[serde(default)]
     pub autoscaler: Option<AutoscalerState>,
+    /// Revision serving stable traffic, the canary in flight and past rollouts (as
+    /// `status.currentRevision`, `status.canary` and `status.history` in a cluster).
+    #[serde(default)]
+    pub revision: Option<String>,
+    #[serde(default)]
+    pub canary: Option<prism_api::node::CanaryStatus>,
+    #[serde(default)]
+    pub history: Vec<prism_api::node::RevisionRecord>,
 }
 
 /// The autoscaler's view of one node, as `status` would show it in a cluster.
@@ -62,6 +70,9 @@ pub struct ReplicaState {
     pub ready: bool,
     pub restarts: u32,
     pub log: PathBuf,
+    /// Model revision the replica runs.
+    #[serde(default)]
+    pub revision: String,
 }
 
 pub fn path(dir: &Path) -> PathBuf {
@@ -128,6 +139,20 @@ impl State {
                     r.url.as_deref().unwrap_or("-")
                 ));
             }
+        }
+        for n in &self.nodes {
+            let Some(rev) = &n.revision else { continue };
+            if n.canary.is_none() && n.history.len() <= 1 {
+                continue;
+            }
+            out.push_str(&format!("  rollout {}: revision {rev} stable", n.name));
+            if let Some(c) = &n.canary {
+                out.push_str(&format!("; canary {} at {}% (step {})", c.revision, c.weight, c.step + 1));
+            }
+            if let Some(h) = n.history.last() {
+                out.push_str(&format!("; last: {} {} ({})", h.revision, h.outcome, h.reason));
+            }
+            out.push('\n');
         }
         for n in &self.nodes {
             let Some(a) = &n.autoscaler else { continue };

@@ -138,6 +138,43 @@ impl PromClient {
     }
 }
 
+impl PromClient {
+    /// One revision's figures for the canary analysis: calls and failures over the last
+    /// `window_s` seconds (the current step), p95 over the same window, corrections over the
+    /// revision's life. `selector`: [`node_selector`].
+    pub async fn read_revision(
+        &self,
+        selector: &str,
+        revision: &str,
+        window_s: u64,
+    ) -> Result<crate::rollout::RevisionStats, PromError> {
+        let rev = revision.replace('\\', "\\\\").replace('"', "\\\"");
+        let sel = format!("{selector},revision=\"{rev}\"");
+        let w = window_s.max(15);
+        let first = |v: Vec<f64>| v.first().copied().filter(|x| x.is_finite());
+        let calls = first(
+            self.query(&format!("sum(increase(prism_router_upstream_duration_seconds_count{{{sel}}}[{w}s]))")).await?,
+        );
+        let failures =
+            first(self.query(&format!("sum(increase(prism_router_upstream_failures_total{{{sel}}}[{w}s]))")).await?);
+        let p95 = first(
+            self.query(&format!(
+                "histogram_quantile(0.95, sum by (le) (rate(prism_router_upstream_duration_seconds_bucket{{{sel}}}[{w}s])))"
+            ))
+            .await?,
+        );
+        let corrections = first(self.query(&format!("sum(prism_router_corrections_total{{{sel}}})")).await?);
+        let rating_sum = first(self.query(&format!("sum(prism_router_correction_rating_sum{{{sel}}})")).await?);
+        Ok(crate::rollout::RevisionStats {
+            calls: calls.unwrap_or(0.0),
+            failures: failures.unwrap_or(0.0),
+            p95_s: p95,
+            corrections: corrections.unwrap_or(0.0),
+            rating_sum: rating_sum.unwrap_or(0.0),
+        })
+    }
+}
+
 fn truncate(s: &str) -> String {
     let s = s.trim();
     match s.char_indices().nth(200) {

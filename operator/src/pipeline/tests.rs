@@ -18,7 +18,10 @@ fn observed(entries: &[(&str, &str, Vec<PodEndpoint>)]) -> BTreeMap<String, Obse
     entries
         .iter()
         .map(|(n, m, eps)| {
-            (n.to_string(), ObservedNode { modality: m.to_string(), tls_secret: None, endpoints: eps.clone() })
+            (
+                n.to_string(),
+                ObservedNode { modality: m.to_string(), tls_secret: None, endpoints: eps.clone(), canary: None },
+            )
         })
         .collect()
 }
