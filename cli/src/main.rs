@@ -2,6 +2,7 @@
 //! substrate behind `prism up`) and in the library crates.
 
 mod local;
+mod rollout;
 mod train;
 
 use std::path::PathBuf;
@@ -41,6 +42,11 @@ enum Cmd {
         #[command(subcommand)]
         what: train::TrainCmd,
     },
+    /// Model revisions of a ModalityNode in the cluster: `history`, or `undo` to a recorded one.
+    Rollout {
+        #[command(subcommand)]
+        what: rollout::RolloutCmd,
+    },
     /// Print Prism's CustomResourceDefinitions, or `apply` them to the cluster (the upgrade path
     /// Helm lacks: it installs CRDs once and never updates them).
     Crds {
@@ -79,6 +85,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Down(args) => local::down(&args),
         Cmd::Logs(args) => local::logs(&args),
         Cmd::Train { what } => train::run(what),
+        Cmd::Rollout { what } => runtime()?.block_on(rollout::run(what)),
     }
 }
 

@@ -254,6 +254,28 @@ pub fn held_back(spec: &ModalityNodeSpec, status: &ModalityNodeStatus) -> Option
     ))
 }
 
+/// The recorded revision `prism rollout undo` puts back into the spec: `to` when given (any
+/// revision of the history that was served: Deployed or Promoted), else the newest served
+/// revision other than the current one.
+pub fn rollback_target<'a>(status: &'a ModalityNodeStatus, to: Option<&str>) -> Result<&'a RevisionRecord, String> {
+    let served =
+        |r: &&RevisionRecord| (r.outcome == outcome::DEPLOYED || r.outcome == outcome::PROMOTED) && r.model.is_some();
+    let current = status.current_revision.as_deref();
+    let found = match to {
+        Some(rev) => status.history.iter().rev().filter(served).find(|r| r.revision == rev),
+        None => status.history.iter().rev().filter(served).find(|r| Some(r.revision.as_str()) != current),
+    };
+    found.ok_or_else(|| {
+        let known: Vec<&str> = status.history.iter().filter(served).map(|r| r.revision.as_str()).collect();
+        match to {
+            Some(rev) => {
+                format!("revision {rev} was never served (served revisions in status.history: {})", known.join(", "))
+            }
+            None => format!("no earlier served revision in status.history (served: {})", known.join(", ")),
+        }
+    })
+}
+
 fn record(
     status: &mut ModalityNodeStatus,
     revision: &str,

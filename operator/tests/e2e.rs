@@ -1007,3 +1007,170 @@ async fn embedded_memory_gets_an_owned_claim_and_the_api_refuses_two_routers_on_
     assert!(err.contains("routerReplicas must be 1"), "{err}");
     ns.stop_operator().await;
 }
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane (KUBECONFIG), the text model, a prometheus binary and target/release/prism"]
+async fn a_worse_canary_is_rolled_back_from_prometheus_and_prism_rollout_undo_restores_the_spec() {
+    use serde_json::Value;
+    let mut ns = TestNs::new("canary", &[]).await;
+    let tmp = std::env::temp_dir().join(format!("{}-canary", ns.name));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| repo().join("target"));
+    // Simulated pod IPs are fake, so local processes stand in for the pods' traffic: a real
+    // prism-router (with memory) in front of two real prism-nodes, one per revision of node
+    // `text` - revision 2 is the same encoder with a random projection head, deliberately worse.
+    let model = repo().join(".cache/models/all-minilm-l6-v2");
+    assert!(model.is_dir(), "run `make models` first");
+    let bad = tmp.join("minilm-random-head");
+    std::fs::create_dir_all(&bad).unwrap();
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::os::unix::fs::symlink(model.join(f), bad.join(f)).unwrap();
+    }
+    let script = "import sys, numpy as np\nfrom safetensors.numpy import save_file\nr = np.random.default_rng(7)\nsave_file({'projection.0.weight': r.standard_normal((384, 384)).astype(np.float32), 'projection.0.bias': np.zeros(384, dtype=np.float32)}, sys.argv[1])\n";
+    let st = Command::new("python3").args(["-c", script]).arg(bad.join("projection.safetensors")).status().unwrap();
+    assert!(st.success(), "writing the random head needs numpy + safetensors");
+    let node = |rev: &str, dir: &std::path::Path| {
+        let mut c = Command::new(target.join("release/prism-node"));
+        c.args(["--listen", "127.0.0.1:0", "--node-name", "text", "--modality", "text", "--architecture", "bert"]);
+        c.args(["--revision", rev]).arg("--model-uri").arg(dir);
+        let (p, line) =
+            spawn_until(c, &tmp.join(format!("node-{rev}.log")), "listening on http://", Duration::from_secs(120));
+        (p, line.split("listening on ").nth(1).unwrap().split_whitespace().next().unwrap().to_string())
+    };
+    let (_n1, url1) = node("1", &model);
+    let (_n2, url2) = node("2", &bad);
+    let table = serde_json::json!({"pipeline": "mm", "generation": 1, "modalities": {"text": [
+        {"endpoint": url1, "node": "text", "revision": "1", "weight": 0.5, "accuracy": 0.9, "ready": true},
+        {"endpoint": url2, "node": "text", "revision": "2", "weight": 0.5, "accuracy": 0.9, "ready": true}]}});
+    std::fs::write(tmp.join("table.json"), table.to_string()).unwrap();
+    let spec = serde_json::json!({"apiVersion": "prism.dev/v1alpha1", "kind": "MultimodalPipeline",
+        "metadata": {"name": "mm"}, "spec": {"nodes": [{"name": "text"}], "memory": {"enabled": true}}});
+    std::fs::write(tmp.join("pipeline.json"), spec.to_string()).unwrap();
+    let mut r = Command::new(target.join("release/prism-router"));
+    r.args(["--listen", "127.0.0.1:0"]).arg("--pipeline").arg(tmp.join("pipeline.json"));
+    r.arg("--routing-table").arg(tmp.join("table.json")).arg("--memory-path").arg(tmp.join("memory.db"));
+    let (_router, line) = spawn_until(r, &tmp.join("router.log"), "listening on http://", Duration::from_secs(30));
+    let router = line.split("listening on ").nth(1).unwrap().trim().to_string();
+    let prom_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::write(
+        tmp.join("prometheus.yml"),
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n- job_name: router\n  static_configs:\n  - targets: ['{}']\n    labels: {{namespace: {}}}\n",
+            router.trim_start_matches("http://"),
+            ns.name
+        ),
+    )
+    .unwrap();
+    let mut prom = Command::new("prometheus");
+    prom.arg(format!("--config.file={}", tmp.join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", tmp.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"));
+    let (_prom, _) = spawn_until(prom, &tmp.join("prometheus.log"), "Server is ready", Duration::from_secs(30));
+    ns.start_operator_with(autoscale::Settings {
+        prometheus: Some(autoscale::PromClient::new(&format!("http://127.0.0.1:{prom_port}")).unwrap()),
+        match_namespace: true,
+    });
+
+    // Revision 1 deployed, then revision 2 as a canary with half the traffic.
+    let rollout = "  replicas: {min: 2, max: 2}\n  rollout:\n    steps: [{weight: 50, pauseSeconds: 600}]\n    analysis: {minCorrections: 10, maxAccuracyDrop: 0.1}\n";
+    ns.apply_yaml(&small_node("text", "text", false, rollout));
+    ns.apply_yaml(&pipeline_yaml("mm", &["text"]));
+    let nodes = ns.api::<ModalityNode>();
+    ns.wait("revision 1 deployed", T, || async {
+        let st = nodes.get("text").await.ok()?.status?;
+        (st.current_revision.as_deref() == Some("1") && st.history.len() == 1).then_some(())
+    })
+    .await;
+    ns.apply_yaml(&small_node("text", "text", false, rollout).replace("revision: '1'", "revision: '2'"));
+    let canary = ns
+        .wait("canary Deployment text-canary", T, || async {
+            ns.api::<Deployment>().get_opt("text-canary").await.ok().flatten()
+        })
+        .await;
+    let labels = canary.spec.unwrap().template.metadata.unwrap().labels.unwrap();
+    assert_eq!(labels.get("prism.dev/revision").map(String::as_str), Some("2"));
+    let stable = ns.api::<Deployment>().get("text").await.unwrap();
+    let args = stable.spec.unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
+    assert!(args.windows(2).any(|w| w == ["--revision", "1"]), "stable keeps revision 1: {args:?}");
+    // The pipeline's table gives the canary's pods half of the node's weight.
+    ns.wait("table with the canary's share", T, || async {
+        let t = ns.table("mm").await?;
+        let eps = t.modalities.get("text")?;
+        let total: f64 = eps.iter().map(|e| e.weight).sum();
+        let canary: f64 = eps.iter().filter(|e| e.revision == "2").map(|e| e.weight).sum();
+        (eps.iter().any(|e| e.revision == "2") && (canary / total - 0.5).abs() < 1e-9).then_some(())
+    })
+    .await;
+
+    // The user's traffic and corrections through the real router: revision 2 answers wrong.
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let texts = ["a dog in the snow", "the car engine overheated", "fresh bread from the oven", "rain tomorrow"];
+    let started = Instant::now();
+    let mut i = 0;
+    let rolled_back = loop {
+        let st = nodes.get("text").await.unwrap().status.unwrap();
+        if st.history.last().is_some_and(|h| h.revision == "2") {
+            break st;
+        }
+        assert!(started.elapsed() < Duration::from_secs(90), "no verdict after 90 s: {st:?}");
+        let text = texts[i % texts.len()];
+        i += 1;
+        let truth: Value = http
+            .post(format!("{url1}/embed"))
+            .json(&serde_json::json!({"inputs": [text]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let ans: Value = http
+            .post(format!("{router}/v1/infer"))
+            .json(&serde_json::json!({"inputs": {"text": text}}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let a: Vec<f64> =
+            ans["modalities"]["text"]["embedding"].as_array().unwrap().iter().filter_map(Value::as_f64).collect();
+        let t: Vec<f64> = truth["embeddings"][0].as_array().unwrap().iter().filter_map(Value::as_f64).collect();
+        let right = a.iter().zip(&t).map(|(x, y)| x * y).sum::<f64>() > 0.99;
+        http.post(format!("{router}/v1/memory/corrections"))
+            .json(&serde_json::json!({"requestId": ans["id"], "correct": right}))
+            .send()
+            .await
+            .unwrap();
+    };
+    let last = rolled_back.history.last().unwrap();
+    assert_eq!(last.outcome, "RolledBack", "{last:?}");
+    assert!(last.reason.contains("accuracy"), "{}", last.reason);
+    assert!(rolled_back.canary.is_none());
+    assert_eq!(rolled_back.current_revision.as_deref(), Some("1"));
+    eprintln!("canary rolled back {:.1}s after traffic started: {}", started.elapsed().as_secs_f64(), last.reason);
+    ns.wait("canary Deployment deleted", T, || async {
+        ns.api::<Deployment>().get_opt("text-canary").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    let n = ns.wait_node_condition("text", types::DEGRADED, "True", T).await;
+    let d = find(&n.status.as_ref().unwrap().conditions, types::DEGRADED).unwrap();
+    assert_eq!(d.reason, "RolledBack", "{}", d.message);
+    let ev = kubectl_ok(&["-n", &ns.name, "get", "events", "--field-selector", "reason=RolledBack", "-o", "name"]);
+    assert!(!ev.trim().is_empty(), "a RolledBack event was recorded");
+
+    // `prism rollout undo` puts revision 1's model back into the spec; history shows it all.
+    let prism = |args: &[&str]| {
+        let out = Command::new(target.join("release/prism")).args(args).args(["-n", &ns.name]).output().unwrap();
+        assert!(out.status.success(), "prism {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let undo = prism(&["rollout", "undo", "text"]);
+    assert!(undo.contains("rolled back to revision 1"), "{undo}");
+    assert_eq!(nodes.get("text").await.unwrap().spec.model.revision, "1");
+    ns.wait_node_condition("text", types::DEGRADED, "False", T).await;
+    let history = prism(&["rollout", "history", "text"]);
+    assert!(history.contains("RolledBack") && history.contains("Deployed"), "{history}");
+    ns.stop_operator().await;
+    let _ = std::fs::remove_dir_all(&tmp);
+}

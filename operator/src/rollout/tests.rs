@@ -149,3 +149,16 @@ fn history_is_bounded() {
     assert_eq!(st.history.len(), HISTORY_LIMIT);
     assert_eq!(st.current_revision.as_deref(), Some((HISTORY_LIMIT + 4).to_string().as_str()));
 }
+
+#[test]
+fn rollback_target_is_the_previous_served_revision_or_the_named_one() {
+    let mut st = ModalityNodeStatus::default();
+    step(&spec("1", true), &mut st, None, None);
+    step(&spec("2", false), &mut st, None, None); // promoted directly
+    step(&spec("3", true), &mut st, None, None); // canary...
+    step(&spec("3", true), &mut st, Some(1.0), Some((&good(500.0, 0.9), &good(60.0, 0.1)))); // ...rolled back
+    assert_eq!(rollback_target(&st, None).unwrap().revision, "1", "newest served revision other than current 2");
+    assert_eq!(rollback_target(&st, Some("2")).unwrap().model.as_ref().unwrap().uri, "pvc://models/minilm-2");
+    let err = rollback_target(&st, Some("3")).unwrap_err();
+    assert!(err.contains("never served") && err.contains("1, 2"), "{err}");
+}
