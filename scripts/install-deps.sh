@@ -7,6 +7,9 @@ command -v openssl >/dev/null || need_apt+=(openssl)
 command -v curl >/dev/null || need_apt+=(curl)
 # espeak-ng: the spoken digit names of the paired data set (scripts/make-digits-pairs.py).
 command -v espeak-ng >/dev/null || need_apt+=(espeak-ng)
+# postgresql: the memory store's PostgreSQL tests (memory/tests/postgres.rs) run initdb + postgres
+# from /usr/lib/postgresql/*/bin (Debian keeps them off PATH).
+compgen -G '/usr/lib/postgresql/*/bin/postgres' >/dev/null || command -v postgres >/dev/null || need_apt+=(postgresql)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "apt: installing ${need_apt[*]}"
   export DEBIAN_FRONTEND=noninteractive

@@ -4,10 +4,13 @@
 //!   `synchronous=FULL`, group commit: a write is acknowledged only once it is on disk), exact
 //!   cosine search over every logged vector, corrections aggregated per model revision, the
 //!   corrections exported as a training set, retention by age.
+//!   The same [`Memory`] on PostgreSQL ([`Memory::open_postgres`], `pg.rs`): one database shared
+//!   by several routers, each one's vector index catching up on what the others commit.
 //! - [`RecentAnswers`] (`answers.rs`): the bounded in-process set of recent whole answers behind
 //!   `degradation.onMissingRequired: cached`.
 
 mod answers;
+mod pg;
 mod store;
 mod vector;
 

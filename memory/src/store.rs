@@ -2,7 +2,9 @@
 //! embeddings, replicas and timings, plus user corrections. Embedded backend: one SQLite file
 //! in WAL mode with `synchronous=FULL`, so a committed transaction survives kill -9 and power
 //! loss. A single writer thread group-commits whatever arrived meanwhile in one transaction, and
-//! answers each caller only after that commit: an acknowledged write is on disk.
+//! answers each caller only after that commit: an acknowledged write is on disk. The PostgreSQL
+//! backend (`pg.rs`, one database shared by several routers) keeps that design; [`Memory`] is the
+//! same type for both.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -23,12 +25,15 @@ use crate::vector::{dot, normalised};
 /// Index key of a record's fused vector (modality names are the other keys).
 pub const FUSED: &str = "fused";
 /// Most operations one commit carries (group commit under load).
-const MAX_BATCH: usize = 512;
+pub(crate) const MAX_BATCH: usize = 512;
 
 #[derive(Debug, Error)]
 pub enum MemoryError {
     #[error("cannot open the memory store {}: {source}", path.display())]
     Open { path: PathBuf, source: rusqlite::Error },
+    /// The PostgreSQL store is unreachable or refused us. `location` never holds the password.
+    #[error("cannot connect to the memory database {location}: {reason}")]
+    Connect { location: String, reason: String },
     #[error("memory store write failed (nothing from this batch was kept): {0}")]
     Write(String),
     #[error("memory store read failed: {0}")]
@@ -239,7 +244,7 @@ impl VectorIndex {
     }
 
     /// Every vector of a record (its modalities' and the fused one), sharing one id.
-    fn add(&mut self, rec: &Record) {
+    pub(crate) fn add(&mut self, rec: &Record) {
         let id: Arc<str> = Arc::from(rec.id.as_str());
         for (key, v) in vectors_of(&rec.response) {
             self.push(&rec.pipeline, key, id.clone(), rec.at_ms, v);
@@ -364,17 +369,46 @@ fn indexer_loop(index: std::sync::Weak<RwLock<VectorIndex>>) {
 /// Where a writer-thread operation's result goes.
 type Reply<T> = oneshot::Sender<Result<T, MemoryError>>;
 
-enum Op {
+pub(crate) enum Op {
     Record(Box<Record>, Reply<()>),
     Correct(Correction, Reply<Vec<ReplicaRef>>),
 }
 
 /// The memory store. Cheap to share (`Arc`); writes go through the writer thread.
 pub struct Memory {
-    path: PathBuf,
+    /// What the store is, for messages: a file path, or a database URL without its password.
+    location: String,
     tx: mpsc::Sender<Op>,
-    reader: Mutex<Connection>,
+    backend: Backend,
     index: Arc<RwLock<VectorIndex>>,
+}
+
+/// Where reads go.
+enum Backend {
+    Sqlite { path: PathBuf, reader: Mutex<Connection> },
+    Postgres(crate::pg::Reader),
+}
+
+/// A record row as stored: id, pipeline, at_ms, inputs JSON, response JSON.
+type RawRecord = (String, String, i64, String, String);
+/// A correction row: request id, rating, answer JSON, at_ms.
+type RawCorrection = (String, f64, Option<String>, i64);
+/// A training-set row: the correction's fields, then the record's pipeline, inputs, response.
+type RawExample = (String, f64, Option<String>, i64, String, String, String);
+
+fn record_from_raw((id, pipeline, at_ms, inputs, response): RawRecord) -> Result<Record, MemoryError> {
+    let bad = |e: serde_json::Error| MemoryError::Read(format!("record {id}: {e}"));
+    Ok(Record {
+        inputs: serde_json::from_str(&inputs).map_err(bad)?,
+        response: serde_json::from_str(&response).map_err(bad)?,
+        id,
+        pipeline,
+        at_ms,
+    })
+}
+
+fn correction_from_raw((request_id, rating, answer, at_ms): RawCorrection) -> Correction {
+    Correction { request_id, rating, answer: answer.and_then(|a| serde_json::from_str(&a).ok()), at_ms }
 }
 
 fn connect(path: &Path) -> Result<Connection, MemoryError> {
@@ -448,11 +482,54 @@ impl Memory {
             .name("prism-memory-writer".into())
             .spawn(move || writer_loop(writer, rx, widx))
             .map_err(|e| MemoryError::Write(format!("cannot start the writer thread: {e}")))?;
-        Ok(Arc::new(Self { path: path.to_path_buf(), tx, reader: Mutex::new(reader), index }))
+        Ok(Arc::new(Self {
+            location: path.display().to_string(),
+            tx,
+            backend: Backend::Sqlite { path: path.to_path_buf(), reader: Mutex::new(reader) },
+            index,
+        }))
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Connect to a PostgreSQL database (`postgres://USER:PASSWORD@HOST:PORT/DB`, or the
+    /// key=value form), create the tables if missing, and load every record into the vector
+    /// index. Several routers may share the database: each one's index also loads what the
+    /// others commit (every 500 ms, and before a search). Blocking; errors name the host and
+    /// database, never the password.
+    pub fn open_postgres(url: &str) -> Result<Arc<Self>, MemoryError> {
+        let index = Arc::new(RwLock::new(VectorIndex::default()));
+        let (reader, tx) = crate::pg::open(url, index.clone())?;
+        let location = reader.location().to_string();
+        info!(location = %location, vectors = index.read().unwrap_or_else(|p| p.into_inner()).len(), "memory store open");
+        let weak = Arc::downgrade(&index);
+        std::thread::Builder::new()
+            .name("prism-memory-indexer".into())
+            .spawn(move || indexer_loop(weak))
+            .map_err(|e| MemoryError::Write(format!("cannot start the indexer thread: {e}")))?;
+        Ok(Arc::new(Self { location, tx, backend: Backend::Postgres(reader), index }))
+    }
+
+    /// The SQLite file, for the embedded store.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.backend {
+            Backend::Sqlite { path, .. } => Some(path),
+            Backend::Postgres(_) => None,
+        }
+    }
+
+    /// What this store is, fit for logs: the file path, or `postgres://user@host:port/db`
+    /// (never the password).
+    pub fn location(&self) -> &str {
+        &self.location
+    }
+
+    /// Load the records other routers committed to a shared database into this one's index
+    /// now (a background poll does it every 500 ms anyway); returns how many. Nothing to do
+    /// for the embedded store.
+    pub fn catch_up(&self) -> Result<usize, MemoryError> {
+        match &self.backend {
+            Backend::Sqlite { .. } => Ok(0),
+            Backend::Postgres(r) => r.catch_up(true),
+        }
     }
 
     /// Append a record; returns once it is committed to disk.
@@ -476,35 +553,76 @@ impl Memory {
         rx.await.map_err(|_| MemoryError::Closed)?
     }
 
-    fn read<T>(&self, f: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>) -> Result<T, MemoryError> {
-        let conn = self.reader.lock().unwrap_or_else(|p| p.into_inner());
-        f(&conn).map_err(MemoryError::from)
+    /// Run `sqlite` on the embedded store's reader connection, or `pg` on the database's.
+    fn read<T: Send + 'static>(
+        &self,
+        sqlite: impl FnOnce(&Connection) -> Result<T, rusqlite::Error>,
+        pg: impl FnOnce(&mut postgres::Client) -> Result<T, postgres::Error> + Send + 'static,
+    ) -> Result<T, MemoryError> {
+        match &self.backend {
+            Backend::Sqlite { reader, .. } => {
+                let conn = reader.lock().unwrap_or_else(|p| p.into_inner());
+                sqlite(&conn).map_err(MemoryError::from)
+            }
+            Backend::Postgres(r) => r.call(pg),
+        }
     }
 
     /// A stored record with its corrections.
     pub fn get(&self, id: &str) -> Result<Option<StoredRecord>, MemoryError> {
-        self.read(|c| {
-            let Some(record) = c
-                .query_row(
-                    "SELECT id, pipeline, at_ms, inputs, response FROM records WHERE id = ?1",
-                    [id],
-                    row_to_record,
-                )
-                .optional()?
-            else {
-                return Ok(None);
-            };
-            let mut stmt = c.prepare(
-                "SELECT request_id, rating, answer, at_ms FROM corrections WHERE request_id = ?1 ORDER BY seq",
-            )?;
-            let corrections = stmt.query_map([id], row_to_correction)?.collect::<Result<Vec<_>, _>>()?;
-            Ok(Some(StoredRecord { record, corrections }))
-        })
+        let owned = id.to_string();
+        let raw = self.read(
+            |c| {
+                let Some(record) = c
+                    .query_row("SELECT id, pipeline, at_ms, inputs, response FROM records WHERE id = ?1", [id], |r| {
+                        Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                    })
+                    .optional()?
+                else {
+                    return Ok(None);
+                };
+                let mut stmt = c.prepare(
+                    "SELECT request_id, rating, answer, at_ms FROM corrections WHERE request_id = ?1 ORDER BY seq",
+                )?;
+                let corrections = stmt
+                    .query_map([id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                    .collect::<Result<Vec<RawCorrection>, _>>()?;
+                Ok(Some((record, corrections)))
+            },
+            move |c| {
+                let id = owned;
+                let Some(r) =
+                    c.query_opt("SELECT id, pipeline, at_ms, inputs, response FROM records WHERE id = $1", &[&id])?
+                else {
+                    return Ok(None);
+                };
+                let record: RawRecord = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?);
+                let corrections = c
+                    .query(
+                        "SELECT request_id, rating, answer, at_ms FROM corrections WHERE request_id = $1 ORDER BY seq",
+                        &[&id],
+                    )?
+                    .iter()
+                    .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+                    .collect::<Result<Vec<RawCorrection>, postgres::Error>>()?;
+                Ok(Some((record, corrections)))
+            },
+        )?;
+        let Some((record, corrections)) = raw else { return Ok(None) };
+        Ok(Some(StoredRecord {
+            record: record_from_raw(record)?,
+            corrections: corrections.into_iter().map(correction_from_raw).collect(),
+        }))
     }
 
     /// Records whose `key` vector (a modality name, or [`FUSED`]) is nearest to `query`, best
     /// first, and whether the search was exact (HNSW past [`ANN_MIN_VECTORS`] per key).
+    /// On a shared database, records other routers committed are loaded first (unless that
+    /// was done in the last 50 ms).
     pub fn search(&self, pipeline: Option<&str>, key: &str, query: &[f32], k: usize) -> (Vec<Hit>, bool) {
+        if let Backend::Postgres(r) = &self.backend {
+            r.catch_up_if_stale();
+        }
         self.index.read().unwrap_or_else(|p| p.into_inner()).search(pipeline, key, query, k, false)
     }
 
@@ -515,19 +633,31 @@ impl Memory {
 
     /// Number of stored records.
     pub fn count(&self) -> Result<u64, MemoryError> {
-        self.read(|c| c.query_row("SELECT COUNT(*) FROM records", [], |r| r.get::<_, i64>(0)).map(|n| n as u64))
+        self.read(
+            |c| c.query_row("SELECT COUNT(*) FROM records", [], |r| r.get::<_, i64>(0)),
+            |c| c.query_one("SELECT COUNT(*) FROM records", &[])?.try_get::<_, i64>(0),
+        )
+        .map(|n| n as u64)
     }
 
     /// Corrections aggregated per (node, revision) of the replicas that served the corrected
     /// requests: what the router's accuracy estimates start from after a restart.
     pub fn feedback(&self) -> Result<Vec<RevisionFeedback>, MemoryError> {
-        let rows = self.read(|c| {
-            let mut stmt = c.prepare(
-                "SELECT c.rating, r.response FROM corrections c JOIN records r ON r.id = c.request_id ORDER BY c.seq",
-            )?;
-            let rows = stmt.query_map([], |row| Ok((row.get::<_, f64>(0)?, row.get::<_, String>(1)?)))?;
-            rows.collect::<Result<Vec<_>, _>>()
-        })?;
+        const SQL: &str =
+            "SELECT c.rating, r.response FROM corrections c JOIN records r ON r.id = c.request_id ORDER BY c.seq";
+        let rows = self.read(
+            |c| {
+                let mut stmt = c.prepare(SQL)?;
+                let rows = stmt.query_map([], |row| Ok((row.get::<_, f64>(0)?, row.get::<_, String>(1)?)))?;
+                rows.collect::<Result<Vec<_>, _>>()
+            },
+            |c| {
+                c.query(SQL, &[])?
+                    .iter()
+                    .map(|r| Ok((r.try_get::<_, f64>(0)?, r.try_get::<_, String>(1)?)))
+                    .collect::<Result<Vec<_>, postgres::Error>>()
+            },
+        )?;
         let mut agg: BTreeMap<(String, String), (f64, u64)> = BTreeMap::new();
         for (rating, response) in rows {
             let Ok(resp) = serde_json::from_str::<InferResponse>(&response) else { continue };
@@ -546,45 +676,69 @@ impl Memory {
     /// The corrections as a training set: each with the corrected request's logged inputs and
     /// per-modality vectors, oldest first.
     pub fn training_set(&self) -> Result<Vec<serde_json::Value>, MemoryError> {
-        self.read(|c| {
-            let mut stmt = c.prepare(
-                "SELECT c.request_id, c.rating, c.answer, c.at_ms, r.pipeline, r.inputs, r.response
-                 FROM corrections c JOIN records r ON r.id = c.request_id ORDER BY c.seq",
-            )?;
-            let rows = stmt.query_map([], |row| {
-                let answer: Option<String> = row.get(2)?;
-                let inputs: String = row.get(5)?;
-                let response: String = row.get(6)?;
+        const SQL: &str = "SELECT c.request_id, c.rating, c.answer, c.at_ms, r.pipeline, r.inputs, r.response
+             FROM corrections c JOIN records r ON r.id = c.request_id ORDER BY c.seq";
+        let rows: Vec<RawExample> = self.read(
+            |c| {
+                let mut stmt = c.prepare(SQL)?;
+                let rows = stmt.query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?))
+                })?;
+                rows.collect::<Result<Vec<_>, _>>()
+            },
+            |c| {
+                c.query(SQL, &[])?
+                    .iter()
+                    .map(|r| {
+                        Ok((
+                            r.try_get(0)?,
+                            r.try_get(1)?,
+                            r.try_get(2)?,
+                            r.try_get(3)?,
+                            r.try_get(4)?,
+                            r.try_get(5)?,
+                            r.try_get(6)?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, postgres::Error>>()
+            },
+        )?;
+        Ok(rows
+            .into_iter()
+            .map(|(request_id, rating, answer, at_ms, pipeline, inputs, response)| {
                 let resp: Option<InferResponse> = serde_json::from_str(&response).ok();
-                Ok(serde_json::json!({
-                    "requestId": row.get::<_, String>(0)?,
-                    "rating": row.get::<_, f64>(1)?,
+                serde_json::json!({
+                    "requestId": request_id,
+                    "rating": rating,
                     "answer": answer.and_then(|a| serde_json::from_str::<serde_json::Value>(&a).ok()),
-                    "atMs": row.get::<_, i64>(3)?,
-                    "pipeline": row.get::<_, String>(4)?,
+                    "atMs": at_ms,
+                    "pipeline": pipeline,
                     "inputs": serde_json::from_str::<serde_json::Value>(&inputs).unwrap_or(serde_json::Value::Null),
                     "embeddings": resp.as_ref().map(|r| r.modalities.iter().map(|(m, x)| (m.clone(), x.embedding.clone())).collect::<BTreeMap<_, _>>()),
                     "replicas": resp.as_ref().map(replicas_of),
-                }))
-            })?;
-            rows.collect::<Result<Vec<_>, _>>()
-        })
+                })
+            })
+            .collect())
     }
 
     /// Delete records (and their corrections) older than `cutoff_ms`; returns how many.
     pub fn prune_before(&self, cutoff_ms: i64) -> Result<u64, MemoryError> {
-        // Through the reader connection: a rare, bounded maintenance write; WAL serialises it
-        // with the writer thread's commits.
-        let n = self.read(|c| c.execute("DELETE FROM records WHERE at_ms < ?1", [cutoff_ms]))?;
+        // Through the reader connection: a rare, bounded maintenance write; WAL (or PostgreSQL)
+        // serialises it with the writer thread's commits. On a shared database every router
+        // prunes (the same rows: idempotent) and so drops them from its own index.
+        let n = self.read(
+            |c| c.execute("DELETE FROM records WHERE at_ms < ?1", [cutoff_ms]).map(|n| n as u64),
+            move |c| c.execute("DELETE FROM records WHERE at_ms < $1", &[&cutoff_ms]),
+        )?;
         if n > 0 {
             self.index.write().unwrap_or_else(|p| p.into_inner()).retain_since(cutoff_ms);
         }
-        Ok(n as u64)
+        Ok(n)
     }
 }
 
 /// The replicas that served a request: each modality's, and the fusion node's.
-fn replicas_of(r: &InferResponse) -> Vec<ReplicaRef> {
+pub(crate) fn replicas_of(r: &InferResponse) -> Vec<ReplicaRef> {
     let mut v: Vec<ReplicaRef> = r.modalities.values().map(|m| m.replica.clone()).collect();
     v.extend(r.fusion_replica.clone());
     v
@@ -604,16 +758,6 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> Result<Record, rusqlite::Error> {
     })
 }
 
-fn row_to_correction(row: &rusqlite::Row<'_>) -> Result<Correction, rusqlite::Error> {
-    let answer: Option<String> = row.get(2)?;
-    Ok(Correction {
-        request_id: row.get(0)?,
-        rating: row.get(1)?,
-        answer: answer.and_then(|a| serde_json::from_str(&a).ok()),
-        at_ms: row.get(3)?,
-    })
-}
-
 fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, index: Arc<RwLock<VectorIndex>>) {
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
@@ -628,14 +772,14 @@ fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, index: Arc<RwLo
 }
 
 /// An operation's outcome inside a batch, answered only once the batch's fate is known.
-enum Done {
+pub(crate) enum Done {
     Record(Box<Record>, Reply<()>, Result<(), MemoryError>),
     Correct(Reply<Vec<ReplicaRef>>, Result<Vec<ReplicaRef>, MemoryError>),
 }
 
 impl Done {
     /// An operation that never ran (the transaction could not begin).
-    fn unapplied(op: Op) -> Self {
+    pub(crate) fn unapplied(op: Op) -> Self {
         match op {
             Op::Record(rec, tx) => Done::Record(rec, tx, Ok(())),
             Op::Correct(_, tx) => Done::Correct(tx, Ok(Vec::new())),
@@ -651,7 +795,7 @@ impl Done {
         }
     }
 
-    fn reply(self) {
+    pub(crate) fn reply(self) {
         // A caller that went away (its request was cancelled) needs no answer.
         match self {
             Done::Record(_, tx, r) => {
@@ -703,11 +847,10 @@ fn apply(txn: &rusqlite::Transaction<'_>, op: Op) -> Done {
     }
 }
 
-/// All of a batch failed with `e`.
-fn failed_batch(done: Vec<Done>, e: rusqlite::Error) -> Vec<Done> {
-    let why = e.to_string();
+/// All of a batch failed, because of `why`.
+pub(crate) fn failed_batch(done: Vec<Done>, why: &str) -> Vec<Done> {
     error!(error = %why, ops = done.len(), "memory store commit failed");
-    done.into_iter().map(|d| d.failed(&why)).collect()
+    done.into_iter().map(|d| d.failed(why)).collect()
 }
 
 /// One transaction for the whole batch. Per-operation failures (an unknown request id) leave
@@ -728,10 +871,10 @@ fn commit_batch(conn: &mut Connection, batch: Vec<Op>, index: &RwLock<VectorInde
                     }
                     done
                 }
-                Err(e) => failed_batch(done, e),
+                Err(e) => failed_batch(done, &e.to_string()),
             }
         }
-        Err(e) => failed_batch(batch.into_iter().map(Done::unapplied).collect(), e),
+        Err(e) => failed_batch(batch.into_iter().map(Done::unapplied).collect(), &e.to_string()),
     };
     for d in done {
         d.reply();

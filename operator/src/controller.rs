@@ -290,18 +290,6 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
     if let Some(claim) = &objs.memory_claim {
         apply(&ctx.client, &ns, claim).await?;
     }
-    if mmp.spec.memory.enabled && mmp.spec.memory.store.kind == "postgres" {
-        // Say so instead of silently running without the memory the user asked for.
-        publish(
-            &ctx.recorder,
-            &oref,
-            EventType::Warning,
-            "MemoryBackendUnsupported",
-            "Reconcile",
-            "memory.store.kind postgres is not supported by this version yet; routers run without a memory log (use kind embedded)".into(),
-        )
-        .await;
-    }
     let router = apply(&ctx.client, &ns, &objs.deployment).await?;
     apply(&ctx.client, &ns, &objs.service).await?;
     ctx.metrics.routing_table_generation.with_label_values(&[&ns, &name]).set(table.generation as i64);

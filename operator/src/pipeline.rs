@@ -5,10 +5,11 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, HTTPGetAction, KeyToPath,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
-    Probe, ProjectedVolumeSource, SecretProjection, SecretVolumeSource, Service, ServiceAccount, ServicePort,
-    ServiceSpec, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    HTTPGetAction, KeyToPath, PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
+    PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SecretKeySelector, SecretProjection, SecretVolumeSource,
+    Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
+    VolumeResourceRequirements,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -28,6 +29,10 @@ pub const ROUTER_PORT: i32 = 8080;
 pub const CONFIG_DIR: &str = "/etc/prism";
 /// Where the router pods mount the embedded memory store's volume.
 pub const MEMORY_DIR: &str = "/var/lib/prism/memory";
+/// The router's env var for the PostgreSQL memory store's URL (`--memory-url`).
+pub const MEMORY_URL_ENV: &str = "PRISM_MEMORY_URL";
+/// The key of `memory.store.postgresSecret` that holds that URL.
+pub const MEMORY_URL_KEY: &str = "url";
 /// Where the router pods mount the token Secret.
 pub const AUTH_DIR: &str = "/etc/prism-auth";
 /// Where routers find the CA of each HTTPS node (`<node>.crt`).
@@ -268,6 +273,26 @@ pub fn desired_objects(
     let memory = &mmp.spec.memory;
     let embedded_memory = memory.enabled && memory.store.kind == "embedded";
     let mut memory_claim = None;
+    // Memory, postgres: the routers (any number of them) share one database; its URL (with the
+    // password) reaches the container only as an env var from the user's Secret, never in the
+    // Deployment's args or the operator's logs.
+    let mut env = Vec::new();
+    if memory.enabled && memory.store.kind == "postgres" {
+        if let Some(secret) = &memory.store.postgres_secret {
+            env.push(EnvVar {
+                name: MEMORY_URL_ENV.into(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret.clone(),
+                        key: MEMORY_URL_KEY.into(),
+                        optional: Some(false),
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            });
+        }
+    }
     if embedded_memory {
         args.extend(["--memory-path".into(), format!("{MEMORY_DIR}/memory.db")]);
         mounts.push(VolumeMount { name: "memory".into(), mount_path: MEMORY_DIR.into(), ..Default::default() });
@@ -308,6 +333,7 @@ pub fn desired_objects(
         liveness_probe: Some(probe("/live")),
         security_context: Some(restricted_container_sc()),
         volume_mounts: Some(mounts),
+        env: (!env.is_empty()).then_some(env),
         ..Default::default()
     };
     let deployment = Deployment {

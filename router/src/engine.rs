@@ -838,7 +838,7 @@ fn unix_ms() -> i64 {
 
 pub(crate) fn memory_off() -> RouterError {
     RouterError::NotFound(
-        "memory is not enabled on this router (start prism-router with --memory-path FILE; memory.enabled in the pipeline)"
+        "memory is not enabled on this router (start prism-router with --memory-path FILE or --memory-url postgres://...; memory.enabled in the pipeline)"
             .into(),
     )
 }

@@ -74,6 +74,11 @@ struct Args {
     /// /v1/memory/corrections. Off when not given.
     #[arg(long, env = "PRISM_ROUTER_MEMORY_PATH")]
     memory_path: Option<PathBuf>,
+    /// Memory log in PostgreSQL (postgres://USER:PASSWORD@HOST:PORT/DB; tables created if
+    /// missing), shared by several routers: each one searches what all of them recorded. Instead
+    /// of --memory-path. Prefer the env var: a flag's value shows in `ps`.
+    #[arg(long, env = "PRISM_MEMORY_URL", hide_env_values = true, conflicts_with = "memory_path")]
+    memory_url: Option<String>,
     /// PEM CA certificate(s) to trust for `https://` node endpoints (nodes started with
     /// --tls-cert/--tls-key). Repeat for nodes with different CAs.
     #[arg(long, env = "PRISM_ROUTER_NODE_CA", value_delimiter = ',')]
@@ -215,15 +220,27 @@ async fn main() -> anyhow::Result<()> {
     }
     let router = Router::new(name, spec, table, EngineOptions { probe_interval: probe, node_ca_pem })?;
 
-    if let Some(path) = &args.memory_path {
-        // A file-size limit (RLIMIT_FSIZE) must fail the memory write, not kill the router: with a
-        // handler installed, the kernel's SIGXFSZ becomes an EFBIG the store reports as a failed
-        // write (answers then say recorded: false).
-        const SIGXFSZ: i32 = 25;
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(SIGXFSZ)) {
-            tokio::spawn(async move { while s.recv().await.is_some() {} });
+    let memory = match (&args.memory_path, &args.memory_url) {
+        (Some(_), Some(_)) => {
+            // clap refuses the pair already; this guards a future change of the flags.
+            bail!("--memory-path (embedded SQLite) and --memory-url / PRISM_MEMORY_URL (PostgreSQL) exclude each other: give one")
         }
-        let memory = prism_memory::Memory::open(path)?;
+        (Some(path), None) => {
+            // A file-size limit (RLIMIT_FSIZE) must fail the memory write, not kill the router: with
+            // a handler installed, the kernel's SIGXFSZ becomes an EFBIG the store reports as a
+            // failed write (answers then say recorded: false).
+            const SIGXFSZ: i32 = 25;
+            if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(SIGXFSZ)) {
+                tokio::spawn(async move { while s.recv().await.is_some() {} });
+            }
+            Some(prism_memory::Memory::open(path)?)
+        }
+        // The error names host and database, never the password.
+        (None, Some(url)) => Some(prism_memory::Memory::open_postgres(url)?),
+        (None, None) => None,
+    };
+    if let Some(memory) = memory {
+        info!(location = %memory.location(), "memory log on");
         router.set_memory(memory.clone())?;
         tokio::spawn(retention_loop(router.clone(), memory));
     }

@@ -272,3 +272,34 @@ fn routers_trust_the_ca_of_each_https_node_and_nothing_else_of_its_secret() {
     assert!(!ps.containers[0].args.as_ref().unwrap().contains(&"--node-ca".to_string()));
     assert!(!ps.volumes.as_ref().unwrap().iter().any(|v| v.name == "node-ca"));
 }
+
+#[test]
+fn postgres_memory_gets_the_url_from_the_secret_and_no_claim_and_may_scale_out() {
+    let mut p = three();
+    p.spec.router_replicas = 3;
+    p.spec.memory = serde_json::from_value(
+        serde_json::json!({"enabled": true, "store": {"kind": "postgres", "postgresSecret": "memory-db"}}),
+    )
+    .unwrap();
+    let t = routing_table(&p, &BTreeMap::new(), None, 0);
+    let o = desired_objects(&p, &OperatorConfig::default(), &t, &BTreeMap::new()).unwrap();
+    assert!(o.memory_claim.is_none(), "postgres: no claim");
+    let d = o.deployment.spec.unwrap();
+    assert_eq!(d.replicas, Some(3), "several routers share the database");
+    assert!(d.strategy.is_none(), "rolling updates: no single-writer file to protect");
+    let ps = d.template.spec.unwrap();
+    let c = &ps.containers[0];
+    let args = c.args.clone().unwrap();
+    assert!(!args.iter().any(|a| a.starts_with("--memory")), "the URL is not an arg: {args:?}");
+    assert!(ps.volumes.unwrap_or_default().iter().all(|v| v.name != "memory"));
+    let env = c.env.clone().unwrap();
+    let url = env.iter().find(|e| e.name == "PRISM_MEMORY_URL").expect("PRISM_MEMORY_URL");
+    assert_eq!(url.value, None, "never inline: only a reference to the Secret");
+    let r = url.value_from.as_ref().unwrap().secret_key_ref.as_ref().unwrap();
+    assert_eq!((r.name.as_str(), r.key.as_str(), r.optional), ("memory-db", "url", Some(false)));
+
+    // Memory off: no env at all.
+    p.spec.memory.enabled = false;
+    let o = desired_objects(&p, &OperatorConfig::default(), &t, &BTreeMap::new()).unwrap();
+    assert!(o.deployment.spec.unwrap().template.spec.unwrap().containers[0].env.is_none());
+}
