@@ -19,7 +19,10 @@ bad_revision_rolled_back=... faiss_recall_at_10=... faiss_search_p99_ms=... writ
    the English-trained head never saw, are corrected with the right digit through
    POST /v1/memory/corrections; the router's export (GET /v1/memory/corrections) goes to `prism
    train from-corrections`. correction_gain = top-1 on the corrections it held out, after minus
-   before. bad_revision_rolled_back stays 0 until canary rollouts exist (issue 12).
+   before.
+6. Rollout: cli/tests/rollout.rs (`prism up`, a canary of a random-head revision judged by user
+   corrections): bad_revision_rolled_back=1 when it is rolled back with nobody acting (and a good
+   revision is then promoted); rollback_verdict_s = seconds of user traffic before the verdict.
 """
 import argparse
 import json
@@ -246,6 +249,26 @@ spec:
     return {k: v for k, v in (kv.split("=", 1) for kv in line.split()[1:])}
 
 
+def rollout_round():
+    """cli/tests/rollout.rs under `prism up`: a random-head revision of the text model goes out as a
+    canary, the user's corrections mark its answers wrong, it must be rolled back with nobody
+    acting; then a good revision must be promoted. Returns (rolled_back 0/1, seconds to the
+    verdict, promoted 0/1)."""
+    cmd = ["cargo", "test", "--release", "-q", "-p", "prism", "--test", "rollout", "--", "--nocapture"]
+    log(" ".join(cmd))
+    out = subprocess.run(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    verdict = next((l for l in out.stdout.splitlines() if l.startswith("rollback of revision 2:")), "")
+    promoted = any(l.startswith("promotion of revision 3:") for l in out.stdout.splitlines())
+    for l in out.stdout.splitlines():
+        if "rollout text:" in l or l.startswith(("rollback of", "promotion of")):
+            log("  " + l)
+    if out.returncode != 0:
+        log(out.stdout[-3000:])
+        return 0, float("nan"), 0
+    secs = float(verdict.rsplit(" in ", 1)[1].rstrip("s")) if " in " in verdict else float("nan")
+    return 1, secs, int(promoted)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vectors", type=int, default=100_000)
@@ -271,14 +294,16 @@ def main():
         log(f"faiss: {peer}")
         lost, acked = crash_rounds(args.crash_rounds, tmp)
         corr = correction_round(args.prism, tmp)
+        rolled_back, rollback_s, promoted = rollout_round()
     nan = float("nan")
     line = (f"memory: recall_at_10={prism['recall_at_10']:.4f} search_p99_ms={prism['search_p99_ms']:.3f} "
-            f"lost_acked_writes={lost} correction_gain={float(corr['correction_gain']):.3f} bad_revision_rolled_back=0 "
+            f"lost_acked_writes={lost} correction_gain={float(corr['correction_gain']):.3f} bad_revision_rolled_back={rolled_back} "
             f"faiss_recall_at_10={(peer or {}).get('recall_at_10', nan):.4f} "
             f"faiss_search_p99_ms={(peer or {}).get('search_p99_ms', nan):.3f} "
             f"write_rps={prism['write_rps']:.0f} acked_in_crash_rounds={acked} build_s={prism['build_s']:.1f} "
             f"corrections_top1={corr['before_top1']}->{corr['after_top1']} "
-            f"english_top1={corr['data_before_top1']}->{corr['data_after_top1']}")
+            f"english_top1={corr['data_before_top1']}->{corr['data_after_top1']} "
+            f"rollback_verdict_s={rollback_s:.1f} good_revision_promoted={promoted}")
     headline(args, "memory", "memory: ANN search vs FAISS, durable writes, kill -9 rounds", INTRO, line,
              f"{args.vectors} vectors", load_before)
 

@@ -69,7 +69,7 @@ pub async fn run(cmd: RolloutCmd) -> anyhow::Result<()> {
             let api = node_api(&target).await?;
             let mn = api.get(&target.node).await.with_context(|| format!("reading modalitynode {}", target.node))?;
             let st = mn.status.clone().unwrap_or_default();
-            let record = prism_operator::rollout::rollback_target(&st, to_revision.as_deref())
+            let record = prism_operator::rollout::rollback_target(&mn.spec, &st, to_revision.as_deref())
                 .map_err(|e| anyhow::anyhow!("modalitynode/{}: {e}", target.node))?;
             let Some(model) = &record.model else { bail!("revision {} has no recorded model", record.revision) };
             if &mn.spec.model == model {

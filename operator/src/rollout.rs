@@ -255,14 +255,23 @@ pub fn held_back(spec: &ModalityNodeSpec, status: &ModalityNodeStatus) -> Option
 }
 
 /// The recorded revision `prism rollout undo` puts back into the spec: `to` when given (any
-/// revision of the history that was served: Deployed or Promoted), else the newest served
-/// revision other than the current one.
-pub fn rollback_target<'a>(status: &'a ModalityNodeStatus, to: Option<&str>) -> Result<&'a RevisionRecord, String> {
+/// revision of the history that was served: Deployed or Promoted); else the stable revision when
+/// the spec names another one (a canary in flight or a rolled-back revision), else the newest
+/// served revision before the current one.
+pub fn rollback_target<'a>(
+    spec: &ModalityNodeSpec,
+    status: &'a ModalityNodeStatus,
+    to: Option<&str>,
+) -> Result<&'a RevisionRecord, String> {
     let served =
         |r: &&RevisionRecord| (r.outcome == outcome::DEPLOYED || r.outcome == outcome::PROMOTED) && r.model.is_some();
     let current = status.current_revision.as_deref();
+    let spec_is_stable = stable_model(status) == Some(&spec.model);
     let found = match to {
         Some(rev) => status.history.iter().rev().filter(served).find(|r| r.revision == rev),
+        None if !spec_is_stable => {
+            status.history.iter().rev().filter(served).find(|r| Some(r.revision.as_str()) == current)
+        }
         None => status.history.iter().rev().filter(served).find(|r| Some(r.revision.as_str()) != current),
     };
     found.ok_or_else(|| {

@@ -157,8 +157,12 @@ fn rollback_target_is_the_previous_served_revision_or_the_named_one() {
     step(&spec("2", false), &mut st, None, None); // promoted directly
     step(&spec("3", true), &mut st, None, None); // canary...
     step(&spec("3", true), &mut st, Some(1.0), Some((&good(500.0, 0.9), &good(60.0, 0.1)))); // ...rolled back
-    assert_eq!(rollback_target(&st, None).unwrap().revision, "1", "newest served revision other than current 2");
-    assert_eq!(rollback_target(&st, Some("2")).unwrap().model.as_ref().unwrap().uri, "pvc://models/minilm-2");
-    let err = rollback_target(&st, Some("3")).unwrap_err();
+                                                                                             // The spec still names rolled-back 3: undo returns it to the stable revision 2.
+    assert_eq!(rollback_target(&spec("3", true), &st, None).unwrap().revision, "2");
+    // The spec names stable 2: undo goes to the served revision before it.
+    assert_eq!(rollback_target(&spec("2", true), &st, None).unwrap().revision, "1");
+    let to2 = rollback_target(&spec("3", true), &st, Some("2")).unwrap();
+    assert_eq!(to2.model.as_ref().unwrap().uri, "pvc://models/minilm-2");
+    let err = rollback_target(&spec("3", true), &st, Some("3")).unwrap_err();
     assert!(err.contains("never served") && err.contains("1, 2"), "{err}");
 }
