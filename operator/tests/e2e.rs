@@ -741,6 +741,26 @@ fn spawn_until(mut cmd: Command, log: &std::path::Path, needle: &str, timeout: D
     }
 }
 
+/// A real Prometheus scraping `target` (a local stand-in for the pods) every second, with the
+/// `namespace` label Prometheus' Kubernetes discovery would add. Returns it and its URL.
+fn start_prometheus(tmp: &std::path::Path, target: &str, namespace: &str) -> (Local, String) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    std::fs::write(
+        tmp.join("prometheus.yml"),
+        format!(
+            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n- job_name: stand-in\n  static_configs:\n  - targets: ['{}']\n    labels: {{namespace: {namespace}}}\n",
+            target.trim_start_matches("http://"),
+        ),
+    )
+    .unwrap();
+    let mut prom = Command::new("prometheus");
+    prom.arg(format!("--config.file={}", tmp.join("prometheus.yml").display()))
+        .arg(format!("--storage.tsdb.path={}", tmp.join("data").display()))
+        .arg(format!("--web.listen-address=127.0.0.1:{port}"));
+    let (p, _) = spawn_until(prom, &tmp.join("prometheus.log"), "Server is ready", Duration::from_secs(30));
+    (p, format!("http://127.0.0.1:{port}"))
+}
+
 #[tokio::test]
 #[ignore = "needs the e2e control plane (KUBECONFIG), the text model and a prometheus binary"]
 async fn builtin_autoscaler_scales_the_deployment_from_prometheus_and_holds_during_an_outage() {
@@ -758,22 +778,7 @@ async fn builtin_autoscaler_scales_the_deployment_from_prometheus_and_holds_duri
     node.arg("--model-uri").arg(&model);
     let (_node, line) = spawn_until(node, &tmp.join("node.log"), "listening on http://", Duration::from_secs(120));
     let node_url = line.split("listening on ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
-    let prom_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    std::fs::write(
-        tmp.join("prometheus.yml"),
-        format!(
-            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n- job_name: stand-in\n  static_configs:\n  - targets: ['{}']\n    labels: {{namespace: {}}}\n",
-            node_url.trim_start_matches("http://"),
-            ns.name
-        ),
-    )
-    .unwrap();
-    let mut prom = Command::new("prometheus");
-    prom.arg(format!("--config.file={}", tmp.join("prometheus.yml").display()))
-        .arg(format!("--storage.tsdb.path={}", tmp.join("data").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"));
-    let (prom, _) = spawn_until(prom, &tmp.join("prometheus.log"), "Server is ready", Duration::from_secs(30));
-    let prom_url = format!("http://127.0.0.1:{prom_port}");
+    let (prom, prom_url) = start_prometheus(&tmp, &node_url, &ns.name);
 
     ns.start_operator_with(autoscale::Settings {
         prometheus: Some(autoscale::PromClient::new(&prom_url).unwrap()),
@@ -1051,23 +1056,9 @@ async fn a_worse_canary_is_rolled_back_from_prometheus_and_prism_rollout_undo_re
     r.arg("--routing-table").arg(tmp.join("table.json")).arg("--memory-path").arg(tmp.join("memory.db"));
     let (_router, line) = spawn_until(r, &tmp.join("router.log"), "listening on http://", Duration::from_secs(30));
     let router = line.split("listening on ").nth(1).unwrap().trim().to_string();
-    let prom_port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-    std::fs::write(
-        tmp.join("prometheus.yml"),
-        format!(
-            "global: {{scrape_interval: 1s, evaluation_interval: 1s}}\nscrape_configs:\n- job_name: router\n  static_configs:\n  - targets: ['{}']\n    labels: {{namespace: {}}}\n",
-            router.trim_start_matches("http://"),
-            ns.name
-        ),
-    )
-    .unwrap();
-    let mut prom = Command::new("prometheus");
-    prom.arg(format!("--config.file={}", tmp.join("prometheus.yml").display()))
-        .arg(format!("--storage.tsdb.path={}", tmp.join("data").display()))
-        .arg(format!("--web.listen-address=127.0.0.1:{prom_port}"));
-    let (_prom, _) = spawn_until(prom, &tmp.join("prometheus.log"), "Server is ready", Duration::from_secs(30));
+    let (_prom, prom_url) = start_prometheus(&tmp, &router, &ns.name);
     ns.start_operator_with(autoscale::Settings {
-        prometheus: Some(autoscale::PromClient::new(&format!("http://127.0.0.1:{prom_port}")).unwrap()),
+        prometheus: Some(autoscale::PromClient::new(&prom_url).unwrap()),
         match_namespace: true,
     });
 
