@@ -6,10 +6,12 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
 VENV="${PRISM_TRAIN_VENV:-$ROOT/.cache/venv-train}"
 PY="$VENV/bin/python"
-CHECK='import torch, torch.distributed, transformers, peft, safetensors, numpy'
+# One interpreter start (importing torch + transformers takes seconds): checks and names the versions.
+CHECK='import torch, torch.distributed, transformers, peft, safetensors, numpy
+print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'
 
-if [ -x "$PY" ] && "$PY" -c "$CHECK" 2>/dev/null; then
-  echo "train deps: ready in $VENV ($("$PY" -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"
+if [ -x "$PY" ] && versions=$("$PY" -c "$CHECK" 2>/dev/null); then
+  echo "train deps: ready in $VENV ($versions)"
   exit 0
 fi
 
@@ -33,5 +35,5 @@ if ! "$PY" -c 'import torch' 2>/dev/null; then
 fi
 echo "train deps: pip install transformers peft safetensors numpy"
 "$PY" -m pip install -q transformers peft safetensors numpy
-"$PY" -c "$CHECK"
-echo "train deps: ready in $VENV ($("$PY" -c 'import torch, transformers, peft; print(f"torch {torch.__version__}, transformers {transformers.__version__}, peft {peft.__version__}")'))"
+versions=$("$PY" -c "$CHECK")
+echo "train deps: ready in $VENV ($versions)"

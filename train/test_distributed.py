@@ -50,7 +50,7 @@ def free_port():
 
 def make_corrections(path, n=64, seed=7):
     """n positive pairs whose link the base model cannot know (a code word -> a city, a fixed random
-    bijection of 32 each, every code asked twice in different words), plus items the trainer must skip:
+    bijection of 32 each; every code asked twice, question and answer wording chosen independently), plus items the trainer must skip:
     no answer, an answer without text, a non-text input."""
     rng = random.Random(seed)
     codes = ["amber", "basalt", "cobalt", "delta", "ember", "fjord", "garnet", "harbor", "indigo", "juniper",
@@ -146,7 +146,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--node-bin", default=default_node_bin())
     ap.add_argument("--model", default=os.environ.get("PRISM_TRAIN_MODEL", os.path.join(ROOT, ".cache/models/all-minilm-l6-v2")))
-    ap.add_argument("--epochs", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=14)
     ap.add_argument("--timeout", type=int, default=400, help="seconds for the torchrun job")
     ap.add_argument("--keep", action="store_true", help="keep the work folder")
     args = ap.parse_args()
@@ -209,7 +209,12 @@ def main():
         to_base = [cos(g, e) for g, e in zip(got, ref["base_embeddings"])]
         for s, c, b in zip(ref["sentences"], to_ref, to_base):
             print(f"  cos(prism-node, torch+adapter)={c:.6f} cos(prism-node, base)={b:.6f}  {s!r}")
-        if len(got) != len(ref["sentences"]) or min(to_ref) < 0.999:
+        if len(got) != len(ref["sentences"]):
+            fail(f"prism-node returned {len(got)} embeddings for {len(ref['sentences'])} sentences")
+        if min(to_ref) < 0.999 and min(to_base) >= 0.9999:
+            fail("prism-node served the base model: it ignored the adapter in the folder "
+                 f"(cosine to PyTorch+adapter {min(to_ref):.4f}, to the base model {min(to_base):.6f})")
+        if min(to_ref) < 0.999:
             fail(f"prism-node does not reproduce PyTorch with the adapter: cosines {to_ref}")
         if min(to_base) >= 0.9999:
             fail(f"the adapter changed nothing in prism-node's output (cosine to base {to_base})")
