@@ -73,6 +73,14 @@ bench-models: models ## shared-space retrieval, per-modality throughput, paralle
 	python3 bench/models/run.py $(BENCH_ARGS)
 # --- end node ---
 
+# --- train (distributed) ---
+.PHONY: train-distributed-test
+train-distributed-test: models ## torchrun LoRA fine-tuning (2 gloo workers, CPU), then prism-node must serve the adapter as PyTorch computes it
+	test -n "$$PRISM_NODE_BIN" || $(CARGO) build --release -p prism-node --bin prism-node
+	bash scripts/install-train-deps.sh
+	.cache/venv-train/bin/python train/test_distributed.py
+# --- end train (distributed) ---
+
 # --- router ---
 .PHONY: router test-router
 router: ## build prism-router (release)

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The full test suite (`make test`, run by .ci/run on a fresh clone).
-# Order: install what tests need -> build once (release) -> unit/integration tests -> control plane tests.
+# Order: install what tests need -> build once (release) -> unit/integration tests -> distributed
+# fine-tuning (train/) -> control plane tests.
 # Each section prints a banner with its elapsed time, so a slow or failing tier is easy to spot.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -26,6 +27,9 @@ cargo clippy --release --workspace --all-targets -- -D warnings
 
 section "unit and integration tests (cargo, release)"
 cargo test --release --workspace --no-fail-fast
+
+section "distributed fine-tuning (torchrun, 2 gloo workers, adapter parity with prism-node)"
+bash scripts/install-train-deps.sh && .cache/venv-train/bin/python train/test_distributed.py
 
 section "demo (prism up with real models, requests, failover; same script as make demo)"
 python3 scripts/demo.py

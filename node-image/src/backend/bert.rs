@@ -5,7 +5,6 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{BertModel, Config};
 use prism_api::wire::node::EmbedInput;
 use tokenizers::{Tokenizer, TruncationParams};
@@ -116,7 +115,7 @@ fn read(dir: &Path, name: &str) -> Result<Vec<u8>, BackendError> {
     })
 }
 
-/// Loads a BERT folder (config.json, tokenizer.json, model.safetensors).
+/// Loads a BERT folder (config.json, tokenizer.json, model.safetensors; optional LoRA adapter).
 pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
     let device = spec.device.resolve()?;
     let config: Config = serde_json::from_slice(&read(&spec.dir, "config.json")?)
@@ -136,9 +135,9 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
         .with_truncation(Some(TruncationParams { max_length: max_tokens, ..Default::default() }))
         .map_err(|e| BackendError::Load(format!("tokenizer truncation: {e}")))?;
 
-    let weights = read(&spec.dir, "model.safetensors")?;
-    let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device)
-        .map_err(|e| BackendError::Load(format!("model.safetensors: {e}")))?;
+    // model.safetensors with the folder's LoRA adapter, if any, merged in (adapter_config.json +
+    // adapter_model.safetensors in PEFT layout, as train/prism_train.py writes them).
+    let vb = super::transformer::var_builder(&spec.dir, &device)?;
     let model = BertModel::load(vb, &config).map_err(|e| BackendError::Load(format!("BERT weights: {e}")))?;
 
     Ok(LoadedModel {
