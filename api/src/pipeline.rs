@@ -310,6 +310,11 @@ pub struct MemorySpec {
     #[serde(default = "default_retention")]
     #[schemars(regex(pattern = r"^[0-9]+(s|m|h|d)$"))]
     pub retention: String,
+    /// Retention by size: keep at most this many records (the newest); unset keeps all within
+    /// `retention`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_records: Option<u64>,
     /// Store inputs verbatim (`full`) or only their SHA-256 (`hash`).
     #[serde(default)]
     pub inputs: InputLogging,
@@ -327,6 +332,7 @@ impl Default for MemorySpec {
         Self {
             enabled: false,
             retention: default_retention(),
+            max_records: None,
             inputs: InputLogging::default(),
             store: MemoryStore::default(),
         }

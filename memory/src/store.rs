@@ -735,6 +735,29 @@ impl Memory {
         }
         Ok(n)
     }
+
+    /// Retention by size: keep the newest `max` records (and any sharing the millisecond of the
+    /// oldest kept one), delete the rest with their corrections. Returns how many went.
+    pub fn prune_to_count(&self, max: u64) -> Result<u64, MemoryError> {
+        if max == 0 {
+            return Err(MemoryError::Invalid("memory.maxRecords must be at least 1".into()));
+        }
+        let offset = i64::try_from(max - 1).unwrap_or(i64::MAX);
+        let oldest_kept: Option<i64> = self.read(
+            |c| {
+                c.query_row("SELECT at_ms FROM records ORDER BY at_ms DESC LIMIT 1 OFFSET ?1", [offset], |r| r.get(0))
+                    .optional()
+            },
+            move |c| {
+                c.query_opt("SELECT at_ms FROM records ORDER BY at_ms DESC LIMIT 1 OFFSET $1", &[&offset])
+                    .map(|row| row.map(|r| r.get(0)))
+            },
+        )?;
+        match oldest_kept {
+            Some(cutoff) => self.prune_before(cutoff),
+            None => Ok(0),
+        }
+    }
 }
 
 /// The replicas that served a request: each modality's, and the fusion node's.
@@ -989,6 +1012,13 @@ mod tests {
         assert_eq!(m.prune_before(100).unwrap(), 100);
         assert_eq!(m.count().unwrap(), 100);
         assert_eq!(m.search(None, "text", &[1.0, 0.0], 1000).0.len(), 100);
+        // Retention by size keeps the newest: r150..r199.
+        assert_eq!(m.prune_to_count(50).unwrap(), 50);
+        assert_eq!(m.count().unwrap(), 50);
+        assert!(m.get("r149").unwrap().is_none() && m.get("r150").unwrap().is_some());
+        assert_eq!(m.search(None, "text", &[1.0, 0.0], 1000).0.len(), 50);
+        assert_eq!(m.prune_to_count(50).unwrap(), 0, "nothing more to prune");
+        assert!(m.prune_to_count(0).is_err());
     }
 
     #[test]

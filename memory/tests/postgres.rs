@@ -118,6 +118,9 @@ async fn two_routers_share_one_database() {
     // A third router starting now loads everything; retention through one prunes for all.
     let c = Memory::open_postgres(&url).expect("router C opens");
     assert_eq!(c.search_exact(None, FUSED, &[1.0, 0.0], 10_000).len(), 202);
+    // Size retention on PostgreSQL: every record shares one millisecond, so keeping the newest
+    // 10 keeps that whole millisecond.
+    assert_eq!(c.prune_to_count(10).unwrap(), 0);
     assert_eq!(c.prune_before(2_000).unwrap(), 202);
     assert_eq!(a.count().unwrap(), 0);
     assert!(b.get("r1").unwrap().is_none());

@@ -99,11 +99,19 @@ fn read_tokens(path: &PathBuf) -> anyhow::Result<Vec<String>> {
     Ok(tokens)
 }
 
-/// Prune memory records older than the pipeline's `memory.retention`, every 10 minutes.
+/// Prune memory records older than the pipeline's `memory.retention`, and beyond its
+/// `memory.maxRecords` newest, every 10 minutes.
 async fn retention_loop(router: std::sync::Arc<prism_router::Router>, memory: std::sync::Arc<prism_memory::Memory>) {
     let mut tick = tokio::time::interval(Duration::from_secs(600));
     loop {
         tick.tick().await;
+        if let Some(max) = router.snapshot().spec.memory.max_records {
+            match memory.prune_to_count(max) {
+                Ok(0) => {}
+                Ok(n) => info!(pruned = n, max_records = max, "memory retention by size"),
+                Err(e) => tracing::warn!(error = %e, "memory retention by size failed"),
+            }
+        }
         let retention = router.snapshot().spec.memory.retention.clone();
         let Some(keep) = parse_retention(&retention) else {
             tracing::warn!(%retention, "memory.retention is not N(s|m|h|d); nothing pruned");
