@@ -108,3 +108,61 @@ fn adapter_for_a_missing_layer_is_a_load_error() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+fn minilm_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models/all-minilm-l6-v2");
+    assert!(dir.join("model.safetensors").is_file(), "model folder {} is missing: run `make models`", dir.display());
+    dir
+}
+
+fn embed_texts(dir: &Path) -> Vec<Vec<f32>> {
+    let mut model =
+        backend::load("bert", &LoadSpec { dir: dir.to_path_buf(), device: DeviceChoice::Cpu, max_input_tokens: None })
+            .expect("load bert");
+    let prepared = ["a dog in the snow", "how do I reset my password?"]
+        .iter()
+        .map(|t| model.preprocessor.preprocess(&EmbedInput::Text(t.to_string())))
+        .collect::<Result<Vec<_>, _>>()
+        .expect("tokenize");
+    model.encoder.encode_batch(&prepared).expect("encode")
+}
+
+/// BERT (the text encoder) merges a folder's adapter too: the served vectors equal those of a
+/// copy whose weight was replaced by W + (alpha / r) B A outside the loader.
+#[test]
+fn bert_serves_its_adapter_like_the_merged_weights() {
+    let layer = "encoder.layer.0.attention.self.value";
+    let (r, alpha, d) = (4usize, 8.0, 384);
+    let a = (Tensor::randn(0f32, 1.0, (r, d), &Device::Cpu).expect("randn") * 0.05).expect("scale");
+    let b = (Tensor::randn(0f32, 1.0, (d, r), &Device::Cpu).expect("randn") * 0.05).expect("scale");
+    let base_dir = minilm_dir();
+    let tmp = std::env::temp_dir().join(format!("prism-lora-bert-{}", std::process::id()));
+    let (with_adapter, merged) = (tmp.join("adapter"), tmp.join("merged"));
+    for d in [&with_adapter, &merged] {
+        std::fs::create_dir_all(d).expect("temp dir");
+        for f in ["config.json", "tokenizer.json"] {
+            std::fs::copy(base_dir.join(f), d.join(f)).expect("copy");
+        }
+    }
+    std::fs::copy(base_dir.join("model.safetensors"), with_adapter.join("model.safetensors")).expect("copy");
+    std::fs::write(with_adapter.join("adapter_config.json"), format!(r#"{{"r": {r}, "lora_alpha": {alpha}}}"#))
+        .expect("write");
+    let t = HashMap::from([
+        (format!("base_model.model.{layer}.lora_A.weight"), a.clone()),
+        (format!("base_model.model.{layer}.lora_B.weight"), b.clone()),
+    ]);
+    candle_core::safetensors::save(&t, with_adapter.join("adapter_model.safetensors")).expect("save adapter");
+    let mut weights = candle_core::safetensors::load(base_dir.join("model.safetensors"), &Device::Cpu).expect("load");
+    let w = weights[&format!("{layer}.weight")].to_dtype(candle_core::DType::F32).expect("f32");
+    let delta = (b.matmul(&a).expect("BA") * (alpha / r as f64)).expect("scale");
+    weights.insert(format!("{layer}.weight"), (w + delta).expect("add"));
+    candle_core::safetensors::save(&weights, merged.join("model.safetensors")).expect("save merged");
+
+    let (base, adapted, expected) = (embed_texts(&base_dir), embed_texts(&with_adapter), embed_texts(&merged));
+    for (x, y) in adapted.iter().zip(&expected) {
+        let diff = x.iter().zip(y).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "adapter folder vs merged weights: max diff {diff}");
+    }
+    assert_ne!(adapted, base, "the adapter was ignored");
+    let _ = std::fs::remove_dir_all(tmp);
+}
