@@ -413,8 +413,17 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     ];
     // memory.enabled: the request log lives with the rest of the local state (or at
     // memory.store.path), and survives `prism down` / `prism up`.
-    if pipeline.spec.memory.enabled {
-        let path = pipeline.spec.memory.store.path.clone().map_or_else(|| dir.join("memory.db"), PathBuf::from);
+    let memory = &pipeline.spec.memory;
+    let shared_url = std::env::var("PRISM_MEMORY_URL").ok().filter(|u| !u.is_empty());
+    if memory.enabled && memory.store.kind == "postgres" && shared_url.is_some() {
+        // The router reads PRISM_MEMORY_URL from the environment it inherits (never from its
+        // arguments, which `ps` shows with the password).
+        println!("memory: PostgreSQL from PRISM_MEMORY_URL (store.kind postgres)");
+    } else if memory.enabled {
+        if memory.store.kind == "postgres" {
+            println!("note: memory.store.kind postgres needs PRISM_MEMORY_URL locally (the cluster reads postgresSecret); using the embedded file");
+        }
+        let path = memory.store.path.clone().map_or_else(|| dir.join("memory.db"), PathBuf::from);
         router_args.extend(["--memory-path".into(), path.display().to_string()]);
     }
     let mut router = Proc::spawn(&router_bin, &router_args, &router_log)?;

@@ -27,7 +27,13 @@ impl Proc {
             .with_context(|| format!("opening log {}", log.display()))?;
         let log_offset = out.metadata().map(|m| m.len()).unwrap_or(0);
         let err = out.try_clone()?;
-        let child = Command::new(bin)
+        let mut cmd = Command::new(bin);
+        if args.iter().any(|a| a == "--memory-path") {
+            // The router refuses a memory path and PRISM_MEMORY_URL together; `prism up` chose the
+            // file, so a URL left in the user's environment must not reach it.
+            cmd.env_remove("PRISM_MEMORY_URL");
+        }
+        let child = cmd
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::from(out))
