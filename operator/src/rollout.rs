@@ -74,14 +74,17 @@ pub enum Verdict {
 pub fn judge(a: &RolloutAnalysis, stable: &RevisionStats, canary: &RevisionStats) -> Verdict {
     let (se, ce) = (stable.error_rate(), canary.error_rate());
     let canary_total = canary.calls + canary.failures;
-    if canary.failures >= 3.0 && ce - se > a.max_error_rate_increase {
-        return Verdict::Fail(format!(
-            "error rate {:.1}% vs stable {:.1}% (more than +{:.1} points) over {} calls",
+    let error_rate_worse = (ce - se > a.max_error_rate_increase).then(|| {
+        format!(
+            "error rate {:.1}% vs stable {:.1}% (more than +{:.1} points) over {canary_total} calls",
             ce * 100.0,
             se * 100.0,
-            a.max_error_rate_increase * 100.0,
-            canary_total
-        ));
+            a.max_error_rate_increase * 100.0
+        )
+    });
+    // Three failures are enough to judge a failing canary before it has served `minCalls`.
+    if let Some(why) = error_rate_worse.clone().filter(|_| canary.failures >= 3.0) {
+        return Verdict::Fail(why);
     }
     if let (Some(sa), Some(ca)) = (stable.accuracy(), canary.accuracy()) {
         let min = f64::from(a.min_corrections);
@@ -95,13 +98,8 @@ pub fn judge(a: &RolloutAnalysis, stable: &RevisionStats, canary: &RevisionStats
     if canary_total < f64::from(a.min_calls) {
         return Verdict::Wait(format!("canary served {canary_total} of the {} calls analysis needs", a.min_calls));
     }
-    if ce - se > a.max_error_rate_increase {
-        return Verdict::Fail(format!(
-            "error rate {:.1}% vs stable {:.1}% (more than +{:.1} points) over {canary_total} calls",
-            ce * 100.0,
-            se * 100.0,
-            a.max_error_rate_increase * 100.0
-        ));
+    if let Some(why) = error_rate_worse {
+        return Verdict::Fail(why);
     }
     if let (Some(sp), Some(cp)) = (stable.p95_s, canary.p95_s) {
         if cp + LATENCY_SLACK_S > a.max_latency_ratio * (sp + LATENCY_SLACK_S) {

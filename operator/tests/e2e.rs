@@ -741,6 +741,13 @@ fn spawn_until(mut cmd: Command, log: &std::path::Path, needle: &str, timeout: D
     }
 }
 
+/// Spawns a prism-node or prism-router and returns it with the URL of its `listening on` line.
+fn spawn_server(cmd: Command, log: &std::path::Path, timeout: Duration) -> (Local, String) {
+    let (p, line) = spawn_until(cmd, log, "listening on http://", timeout);
+    let url = line.split("listening on ").nth(1).and_then(|l| l.split_whitespace().next()).unwrap_or_default();
+    (p, url.to_string())
+}
+
 /// A real Prometheus scraping `target` (a local stand-in for the pods) every second, with the
 /// `namespace` label Prometheus' Kubernetes discovery would add. Returns it and its URL.
 fn start_prometheus(tmp: &std::path::Path, target: &str, namespace: &str) -> (Local, String) {
@@ -776,8 +783,7 @@ async fn builtin_autoscaler_scales_the_deployment_from_prometheus_and_holds_duri
     let mut node = Command::new(target.join("release/prism-node"));
     node.args(["--listen", "127.0.0.1:0", "--node-name", "text", "--modality", "text", "--architecture", "bert"]);
     node.arg("--model-uri").arg(&model);
-    let (_node, line) = spawn_until(node, &tmp.join("node.log"), "listening on http://", Duration::from_secs(120));
-    let node_url = line.split("listening on ").nth(1).unwrap().split_whitespace().next().unwrap().to_string();
+    let (_node, node_url) = spawn_server(node, &tmp.join("node.log"), Duration::from_secs(120));
     let (prom, prom_url) = start_prometheus(&tmp, &node_url, &ns.name);
 
     ns.start_operator_with(autoscale::Settings {
@@ -941,8 +947,7 @@ async fn router_follows_its_configmap_through_the_api_with_only_its_own_service_
     cmd.args(["--listen", "127.0.0.1:0", "--routing-configmap", "mm-routing-table", "--probe-interval-ms", "0"])
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "info");
-    let (_router, line) = spawn_until(cmd, &tmp.join("router.log"), "listening on http://", Duration::from_secs(30));
-    let url = line.split("listening on ").nth(1).unwrap().trim().to_string();
+    let (_router, url) = spawn_server(cmd, &tmp.join("router.log"), Duration::from_secs(30));
     let http = reqwest::Client::builder().no_proxy().build().unwrap();
     let router_table = || async {
         let r = http.get(format!("{url}/v1/routing-table")).send().await.ok()?;
@@ -1038,9 +1043,7 @@ async fn a_worse_canary_is_rolled_back_from_prometheus_and_prism_rollout_undo_re
         let mut c = Command::new(target.join("release/prism-node"));
         c.args(["--listen", "127.0.0.1:0", "--node-name", "text", "--modality", "text", "--architecture", "bert"]);
         c.args(["--revision", rev]).arg("--model-uri").arg(dir);
-        let (p, line) =
-            spawn_until(c, &tmp.join(format!("node-{rev}.log")), "listening on http://", Duration::from_secs(120));
-        (p, line.split("listening on ").nth(1).unwrap().split_whitespace().next().unwrap().to_string())
+        spawn_server(c, &tmp.join(format!("node-{rev}.log")), Duration::from_secs(120))
     };
     let (_n1, url1) = node("1", &model);
     let (_n2, url2) = node("2", &bad);
@@ -1054,8 +1057,7 @@ async fn a_worse_canary_is_rolled_back_from_prometheus_and_prism_rollout_undo_re
     let mut r = Command::new(target.join("release/prism-router"));
     r.args(["--listen", "127.0.0.1:0"]).arg("--pipeline").arg(tmp.join("pipeline.json"));
     r.arg("--routing-table").arg(tmp.join("table.json")).arg("--memory-path").arg(tmp.join("memory.db"));
-    let (_router, line) = spawn_until(r, &tmp.join("router.log"), "listening on http://", Duration::from_secs(30));
-    let router = line.split("listening on ").nth(1).unwrap().trim().to_string();
+    let (_router, router) = spawn_server(r, &tmp.join("router.log"), Duration::from_secs(30));
     let (_prom, prom_url) = start_prometheus(&tmp, &router, &ns.name);
     ns.start_operator_with(autoscale::Settings {
         prometheus: Some(autoscale::PromClient::new(&prom_url).unwrap()),

@@ -64,12 +64,11 @@ impl Manifests {
     }
 }
 
-/// Sum of a Prometheus text series over the lines carrying every `labels` pair.
-fn series_sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
+/// Sum of a Prometheus text series over every label set in `text`.
+fn series_sum(text: &str, metric: &str) -> f64 {
     let prefix = format!("{metric}{{");
     text.lines()
         .filter(|l| l.starts_with(&prefix))
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         // fold from +0.0: an empty f64 sum is -0.0, which prints as "-0.0%".
         .fold(0.0, |a, b| a + b)
@@ -77,18 +76,16 @@ fn series_sum(text: &str, metric: &str, labels: &[(&str, &str)]) -> f64 {
 
 /// One revision's figures from a router's `/metrics` text.
 pub fn revision_stats(text: &str, node: &str, revision: &str) -> RevisionStats {
-    let labels = [("node", node), ("revision", revision)];
-    let mine: String = text
-        .lines()
-        .filter(|l| labels.iter().all(|(k, v)| l.contains(&format!("{k}=\"{v}\""))))
-        .map(|l| format!("{l}\n"))
-        .collect();
+    // The lines of this node's revision, selected once for every series below.
+    let (node, revision) = (format!("node=\"{node}\""), format!("revision=\"{revision}\""));
+    let mine: String =
+        text.lines().filter(|l| l.contains(&node) && l.contains(&revision)).map(|l| format!("{l}\n")).collect();
     RevisionStats {
-        calls: series_sum(text, "prism_router_upstream_duration_seconds_count", &labels),
-        failures: series_sum(text, "prism_router_upstream_failures_total", &labels),
+        calls: series_sum(&mine, "prism_router_upstream_duration_seconds_count"),
+        failures: series_sum(&mine, "prism_router_upstream_failures_total"),
         p95_s: metrics::histogram_quantile(&mine, "prism_router_upstream_duration_seconds", 0.95),
-        corrections: series_sum(text, "prism_router_corrections_total", &labels),
-        rating_sum: series_sum(text, "prism_router_correction_rating_sum", &labels),
+        corrections: series_sum(&mine, "prism_router_corrections_total"),
+        rating_sum: series_sum(&mine, "prism_router_correction_rating_sum"),
     }
 }
 
