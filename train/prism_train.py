@@ -233,10 +233,18 @@ def gather(obj, world):
     return out
 
 
+def emit(obj):
+    """One JSON line in a single write(2): every rank shares torchrun's stdout pipe, and print()
+    writes the text and its newline separately, so two ranks' lines could interleave. A pipe write
+    up to PIPE_BUF (4096 bytes) is atomic."""
+    sys.stdout.flush()
+    os.write(sys.stdout.fileno(), (json.dumps(obj) + "\n").encode())
+
+
 def log(me, **kv):
     """A JSON progress line, printed by rank 0 only (`me` is the caller's rank)."""
     if me == 0:
-        print(json.dumps(kv), flush=True)
+        emit(kv)
 
 
 def wrap(model, args, device, world):
@@ -424,7 +432,7 @@ def main(argv=None):
 
     lora = lora_state(full_named_params(wrapped, args))
     per_rank = gather({"rank": rank, "steps": steps, "examples": seen, "shard": len(sampler)}, world)
-    print(json.dumps({"event": "rank_done", "rank": rank, "steps": steps, "examples": seen, "world_size": world}), flush=True)
+    emit({"event": "rank_done", "rank": rank, "steps": steps, "examples": seen, "world_size": world})
     if rank == 0:
         m = write_output(args, lora, history, len(pairs), skipped, world, per_rank, time.time() - t0)
         log(rank, event="done", output=os.path.abspath(args.output), first_loss=m["first_loss"], last_loss=m["last_loss"])

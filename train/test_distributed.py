@@ -142,6 +142,24 @@ def embed(url, texts):
         return json.load(r)["embeddings"]
 
 
+def json_lines(text):
+    """The JSON objects in torchrun's merged stdout. Each rank writes a line in one write(2), but
+    torchrun or a library may still print around them, so a line can hold more than one object."""
+    dec, out = json.JSONDecoder(), []
+    for line in text.splitlines():
+        i = line.find("{")
+        while i != -1:
+            try:
+                obj, end = dec.raw_decode(line, i)
+            except json.JSONDecodeError:
+                i = line.find("{", i + 1)
+                continue
+            if isinstance(obj, dict):
+                out.append(obj)
+            i = line.find("{", end)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--node-bin", default=default_node_bin())
@@ -179,7 +197,7 @@ def main():
         train_s = time.time() - t0
         if r.returncode != 0:
             fail(f"torchrun exited {r.returncode}:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
-        lines = [json.loads(l) for l in r.stdout.splitlines() if l.startswith("{")]
+        lines = json_lines(r.stdout)
         for l in lines:
             if l.get("event") in ("data", "epoch", "rank_done", "done"):
                 print("  " + json.dumps(l))
