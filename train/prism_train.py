@@ -8,7 +8,10 @@ Meant to run under torchrun, one process per worker (an Indexed Job pod each in 
 
 It also runs as a plain `python train/prism_train.py ...` (one process, world size 1).
 
-Data: the router's export (`GET /v1/memory/corrections`: `{"corrections": [...]}` or a bare array).
+Data: the router's export (`GET /v1/memory/corrections`: `{"corrections": [...]}` or a bare array),
+from a file or straight from the router's URL (`--corrections http://ROUTER:8080/v1/memory/corrections`,
+`--corrections-token-file` for a router with auth): rank 0 downloads it once and broadcasts it, so
+every worker trains on the same snapshot while new corrections keep arriving.
 An item with `inputs.text` (the query) and `answer.text` (the right answer) is a positive pair;
 everything else is skipped and counted by reason. Loss: in-batch contrastive (InfoNCE, symmetric)
 over mean-pooled, L2-normalised embeddings: exactly what prism-node serves.
@@ -50,7 +53,8 @@ REFERENCE_SENTENCES = [
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="HF model folder (config.json, tokenizer.json, model.safetensors)")
-    p.add_argument("--corrections", required=True, help="the router's corrections export (JSON)")
+    p.add_argument("--corrections", required=True, help="the router's corrections export: a JSON file or its http(s) URL")
+    p.add_argument("--corrections-token-file", help="bearer token for --corrections URL (first non-comment line)")
     p.add_argument("--output", required=True, help="output model folder (base files + adapter)")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=1e-4)
@@ -78,10 +82,55 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- data
 
 
-def load_pairs(path):
-    """(pairs, skipped-by-reason) from the corrections export."""
-    with open(path) as f:
-        doc = json.load(f)
+def fetch_export(url, token_file=None, attempts=6):
+    """The router's corrections export from its URL, retried with backoff (the router may still be
+    starting when the Job does)."""
+    import urllib.error
+    import urllib.request
+
+    headers = {"Accept": "application/json"}
+    if token_file:
+        with open(token_file) as f:
+            tokens = [l.strip() for l in f if l.strip() and not l.strip().startswith("#")]
+        if not tokens:
+            raise SystemExit(f"{token_file}: no token in it")
+        headers["Authorization"] = f"Bearer {tokens[0]}"
+    delay = 1.0
+    for i in range(attempts):
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as r:
+                return json.loads(r.read())
+        except urllib.error.HTTPError as e:
+            # 4xx other than 429 will not get better by retrying (auth, memory disabled).
+            if e.code < 500 and e.code != 429:
+                raise SystemExit(f"{url}: HTTP {e.code}: {e.read()[:500].decode(errors='replace')}")
+            err = f"HTTP {e.code}"
+        except (urllib.error.URLError, OSError, json.JSONDecodeError) as e:
+            err = str(e)
+        if i + 1 < attempts:
+            print(f"corrections: {url}: {err}; retrying in {delay:.0f}s", file=sys.stderr, flush=True)
+            time.sleep(delay)
+            delay *= 2
+    raise SystemExit(f"{url}: {err} after {attempts} attempts")
+
+
+def read_export(args, rank, world):
+    """The export document, the same on every rank."""
+    src = args.corrections
+    if not src.startswith(("http://", "https://")):
+        with open(src) as f:
+            return json.load(f)
+    doc = [fetch_export(src, args.corrections_token_file) if rank == 0 else None]
+    if world > 1:
+        dist.broadcast_object_list(doc, src=0)
+    return doc[0]
+
+
+def load_pairs(path, doc=None):
+    """(pairs, skipped-by-reason) from the corrections export (`doc`, else read from `path`)."""
+    if doc is None:
+        with open(path) as f:
+            doc = json.load(f)
     items = doc.get("corrections") if isinstance(doc, dict) else doc
     if not isinstance(items, list):
         raise SystemExit(f"{path}: expected {{\"corrections\": [...]}} or a JSON array")
@@ -388,7 +437,7 @@ def main(argv=None):
     np.random.seed(args.seed)
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(world, 1)))
 
-    pairs, skipped = load_pairs(args.corrections)
+    pairs, skipped = load_pairs(args.corrections, read_export(args, rank, world))
     log(rank, event="data", examples=len(pairs), skipped=skipped, world_size=world)
     if len(pairs) < 2:
         raise SystemExit(f"{args.corrections}: {len(pairs)} usable pairs (inputs.text + answer.text); need >= 2")

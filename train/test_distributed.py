@@ -142,6 +142,38 @@ def embed(url, texts):
         return json.load(r)["embeddings"]
 
 
+def serve_export(path, token):
+    """A loopback stand-in for the router's `GET /v1/memory/corrections` (bearer auth), the way the
+    cluster's Job reads it. Returns (server, url, hits): the trainer must fetch it exactly once
+    (rank 0) and broadcast it to the other ranks."""
+    import http.server
+
+    body = open(path, "rb").read()
+    hits = []
+
+    class Export(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            if self.path != "/v1/memory/corrections":
+                self.send_error(404)
+                return
+            if self.headers.get("Authorization") != f"Bearer {token}":
+                self.send_error(401)
+                return
+            hits.append(self.path)
+            self.send_response(200)
+            self.send_header("content-type", "application/json")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *a):
+            pass
+
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Export)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1/memory/corrections", hits
+
+
 def json_lines(text):
     """The JSON objects in torchrun's merged stdout. Each rank writes a line in one write(2), but
     torchrun or a library may still print around them, so a line can hold more than one object."""
@@ -174,17 +206,22 @@ def main():
             fail(f"{p} missing: {what}")
 
     work = tempfile.mkdtemp(prefix="prism-train-")
-    node = None
+    node = export = None
     try:
         data = os.path.join(work, "corrections.json")
         n_pairs, want_skipped = make_corrections(data)
+        token_file = os.path.join(work, "tokens")
+        with open(token_file, "w") as f:
+            f.write("# router tokens, one per line\ns3cret-token\n")
+        export, export_url, export_hits = serve_export(data, "s3cret-token")
         out, ckpt = os.path.join(work, "out"), os.path.join(work, "ckpt")
         cmd = [
             sys.executable, "-m", "torch.distributed.run",
             "--nnodes", "1", "--nproc_per_node", str(WORKERS),
             "--master_addr", "127.0.0.1", "--master_port", str(free_port()),
             os.path.join(ROOT, "train", "prism_train.py"),
-            "--model", args.model, "--corrections", data, "--output", out, "--checkpoint-dir", ckpt,
+            "--model", args.model, "--corrections", export_url, "--corrections-token-file", token_file,
+            "--output", out, "--checkpoint-dir", ckpt,
             "--epochs", str(args.epochs), "--batch-size", "8", "--lr", "5e-3", "--temperature", "0.05",
             "--lora-r", "8", "--lora-alpha", "16", "--seed", "0",
         ]
@@ -204,6 +241,9 @@ def main():
         done = {l["rank"] for l in lines if l.get("event") == "rank_done" and l.get("world_size") == WORKERS}
         if done != set(range(WORKERS)):
             fail(f"ranks that finished: {sorted(done)}, want {list(range(WORKERS))}")
+
+        if len(export_hits) != 1:
+            fail(f"the corrections export was fetched {len(export_hits)} times, want once (rank 0, then broadcast)")
 
         m = json.load(open(os.path.join(out, "train_metrics.json")))
         if m["world_size"] != WORKERS or len(m["per_rank"]) != WORKERS or any(p["steps"] == 0 for p in m["per_rank"]):
@@ -241,6 +281,8 @@ def main():
               f"skipped={sum(want_skipped.values())} train_s={train_s:.1f}", flush=True)
     finally:
         stop(node)
+        if export:
+            export.shutdown()
         if args.keep:
             print(f"  work folder kept: {work}")
         else:

@@ -15,6 +15,8 @@ pub mod types {
     pub const SCALING_LIMITED: &str = "ScalingLimited";
     pub const METRICS_UNAVAILABLE: &str = "MetricsUnavailable";
     pub const RECONCILIATION_PAUSED: &str = "ReconciliationPaused";
+    /// A ModalityNode's distributed fine-tuning run (`spec.adaptation`) is in progress.
+    pub const TRAINING: &str = "Training";
 }
 
 /// Status of a condition: `True`, `False` or `Unknown`.

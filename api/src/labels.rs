@@ -16,3 +16,8 @@ pub const TRACK_CANARY: &str = "canary";
 pub const SCHEME: &str = "prism.dev/scheme";
 /// Field manager used for every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "prism-operator";
+/// Label of a node's training objects (Job, Service, pods): the ModalityNode they adapt. Not
+/// `prism.dev/node`: the endpoint index routes traffic to pods that carry that one.
+pub const ADAPTS: &str = "prism.dev/adapts";
+/// Pod label of a training run's workers (value: the Job name); its headless Service selects it.
+pub const TRAIN_RUN: &str = "prism.dev/train-run";

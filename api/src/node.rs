@@ -83,6 +83,193 @@ pub struct ModalityNodeSpec {
     /// using this node trust the Secret's `ca.crt`. Off: plain HTTP inside the cluster network.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<NodeTlsSpec>,
+    /// Distributed LoRA fine-tuning of this node's model on its pipeline's corrections: an
+    /// Indexed Job of `torchrun` workers (the `prism-train` image). Its result becomes a new
+    /// model revision that goes out through `rollout` like any other.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptation: Option<AdaptationSpec>,
+}
+
+/// Annotation on a ModalityNode that asks for one adaptation run now: any new value starts a
+/// run (`prism adapt NODE` writes the time), the way `kubectl rollout restart` stamps one.
+pub const ADAPT_REQUEST_ANNOTATION: &str = "prism.dev/adapt-request";
+
+/// A distributed fine-tuning job of the node's model (issue 14): who trains, on what, when.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct AdaptationSpec {
+    /// Pipeline whose router memory holds the corrections (`GET /v1/memory/corrections` on its
+    /// router Service). Default: the only pipeline in the namespace that uses this node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub pipeline: Option<String>,
+    /// Worker pods (torchrun nodes, one per Job index).
+    #[serde(default = "default_workers")]
+    #[schemars(range(min = 1, max = 64))]
+    pub workers: u32,
+    /// GPUs per worker pod = training processes per pod (`--nproc_per_node`, NCCL). 0 trains on
+    /// CPU with one gloo process per pod.
+    #[serde(default = "default_gpus_per_worker")]
+    #[schemars(range(min = 0, max = 16))]
+    pub gpus_per_worker: u32,
+    /// CPU request and limit of each worker pod (e.g. `8`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu: Option<String>,
+    /// Memory request and limit of each worker pod (e.g. `64Gi`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory: Option<String>,
+    /// The LoRA adapter to train.
+    #[serde(default)]
+    pub lora: LoraSpec,
+    /// Passes over the corrections.
+    #[serde(default = "default_epochs")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub epochs: u32,
+    /// Query/answer pairs per process per step (the in-batch negatives of the contrastive loss).
+    #[serde(default = "default_train_batch")]
+    #[schemars(range(min = 2, max = 4096))]
+    pub batch_size: u32,
+    /// AdamW learning rate.
+    #[serde(default = "default_learning_rate")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub learning_rate: f64,
+    /// `ddp` replicates the model on every GPU; `fsdp` shards parameters, gradients and
+    /// optimizer state across them (ZeRO-3 style; GPUs only).
+    #[serde(default)]
+    pub sharding: Sharding,
+    /// Training-time sliding-window attention: each token attends to a band of this many tokens
+    /// (cheaper on long inputs). The node still serves with full attention.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 2, max = 65536))]
+    pub sliding_window: Option<u32>,
+    /// When a run starts on its own (besides the `prism.dev/adapt-request` annotation).
+    #[serde(default)]
+    pub trigger: AdaptationTrigger,
+    /// Where checkpoints and results live: a PersistentVolumeClaim every worker and every
+    /// serving replica mounts.
+    #[serde(default)]
+    pub storage: TrainStorage,
+    /// Image with `torchrun` and `/opt/prism/prism_train.py`; defaults to the operator's
+    /// `--train-image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image: Option<String>,
+    /// Pod failures the Job tolerates before the run fails (a restarted run resumes from the
+    /// last epoch's checkpoint).
+    #[serde(default = "default_backoff_limit")]
+    #[schemars(range(min = 0, max = 100))]
+    pub backoff_limit: i32,
+    /// Wall-clock limit of a run, in seconds; the Job is failed past it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 60))]
+    pub active_deadline_seconds: Option<i64>,
+}
+
+/// LoRA hyper-parameters.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct LoraSpec {
+    /// Rank of the low-rank update.
+    #[serde(default = "default_lora_rank")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub rank: u32,
+    /// Scaling numerator (the update is scaled by alpha / rank).
+    #[serde(default = "default_lora_alpha")]
+    #[schemars(range(min = 0.0))]
+    pub alpha: f64,
+    /// Module names to adapt (BERT attention: `query`, `key`, `value`).
+    #[serde(default = "default_target_modules")]
+    #[schemars(length(min = 1, max = 16))]
+    pub target_modules: Vec<String>,
+}
+
+impl Default for LoraSpec {
+    fn default() -> Self {
+        Self { rank: default_lora_rank(), alpha: default_lora_alpha(), target_modules: default_target_modules() }
+    }
+}
+
+/// Parameter sharding across training processes.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Sharding {
+    #[default]
+    Ddp,
+    Fsdp,
+}
+
+/// Automatic start of a run.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AdaptationTrigger {
+    /// Start a run once this many corrections for this node arrived since the last run
+    /// (`prism_router_corrections_total` in the operator's Prometheus). Unset: only on request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub every_corrections: Option<u32>,
+}
+
+/// The claim behind `/train` in the workers (`checkpoints/`, `out/`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct TrainStorage {
+    /// An existing claim to use; unset: the operator creates `<node>-train`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim_name: Option<String>,
+    /// Size of the claim the operator creates.
+    #[serde(default = "default_train_storage_size")]
+    pub size: String,
+    /// StorageClass of the claim the operator creates (unset: the cluster default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub storage_class_name: Option<String>,
+    /// Access mode of the claim the operator creates. Workers on several machines and serving
+    /// replicas all mount it, so the default is `ReadWriteMany`.
+    #[serde(default = "default_train_access_mode")]
+    pub access_mode: String,
+}
+
+impl Default for TrainStorage {
+    fn default() -> Self {
+        Self {
+            claim_name: None,
+            size: default_train_storage_size(),
+            storage_class_name: None,
+            access_mode: default_train_access_mode(),
+        }
+    }
+}
+
+fn default_workers() -> u32 {
+    1
+}
+fn default_gpus_per_worker() -> u32 {
+    1
+}
+fn default_epochs() -> u32 {
+    3
+}
+fn default_train_batch() -> u32 {
+    16
+}
+fn default_learning_rate() -> f64 {
+    1e-4
+}
+fn default_backoff_limit() -> i32 {
+    3
+}
+fn default_lora_rank() -> u32 {
+    8
+}
+fn default_lora_alpha() -> f64 {
+    16.0
+}
+fn default_target_modules() -> Vec<String> {
+    vec!["query".into(), "value".into()]
+}
+fn default_train_storage_size() -> String {
+    "20Gi".into()
+}
+fn default_train_access_mode() -> String {
+    "ReadWriteMany".into()
 }
 
 /// TLS of a node's HTTP endpoint.
@@ -490,6 +677,9 @@ pub struct ModalityNodeStatus {
     /// The autoscaler's last change of the replica count.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_scale: Option<ScaleEvent>,
+    /// The last distributed fine-tuning run (`spec.adaptation`) and its progress.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub adaptation: Option<AdaptationStatus>,
     /// Ready, Available, Progressing, Degraded, ScalingLimited, MetricsUnavailable.
     // A map keyed by type: the node controller and the autoscaler each server-side apply only
     // their own conditions, so neither can overwrite the other's with a stale copy.
@@ -526,6 +716,56 @@ pub struct RevisionRecord {
     pub reason: String,
     /// RFC 3339 time of the outcome.
     pub time: String,
+}
+
+/// Progress of `spec.adaptation`, read from its Job.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct AdaptationStatus {
+    /// `Running`, `Succeeded`, `Failed`, or `Waiting` (a run is due but cannot start yet).
+    pub phase: String,
+    /// Number of the last run (1, 2, ...); its Job and headless Service are `<node>-train-<run>`.
+    #[serde(default)]
+    pub run: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// Worker pods of the run (Job completions).
+    #[serde(default)]
+    pub workers: u32,
+    /// Worker pods running, ready, finished and failed, from the Job's status.
+    #[serde(default)]
+    pub active: i32,
+    #[serde(default)]
+    pub ready: i32,
+    #[serde(default)]
+    pub succeeded: i32,
+    #[serde(default)]
+    pub failed: i32,
+    /// Why the run started (e.g. `520 corrections since run 2 >= 500`).
+    #[serde(default)]
+    pub trigger: String,
+    /// What is happening, in words (the Job's failure reason when it failed).
+    #[serde(default)]
+    pub message: String,
+    /// RFC 3339 times the run started and ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub start_time: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completion_time: Option<String>,
+    /// `prism_router_corrections_total` for this node when the last run started: the baseline
+    /// of `trigger.everyCorrections`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub corrections_at_start: Option<f64>,
+    /// The `prism.dev/adapt-request` value already acted upon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_request: Option<String>,
+    /// The model runs fine-tune from (the spec's model before any adaptation), so a second run
+    /// does not stack adapters on the first one's output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base_model: Option<ModelSpec>,
+    /// The revision the last successful run produced (written to `spec.model`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub output_revision: Option<String>,
 }
 
 /// One autoscaling decision.

@@ -9,9 +9,10 @@ use std::time::Duration;
 use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Pod, Service};
+use k8s_openapi::api::batch::v1::Job;
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
-use kube::api::{ListParams, Patch, PatchParams};
+use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Config as CtrlConfig};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
@@ -102,7 +103,7 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
         info!(%reason, %note, "rollout");
         publish(&ctx.recorder, &oref, type_, reason, "Rollout", note).await;
     }
-    let mn = Arc::new(mn);
+    let mn = Arc::new(step_adaptation(mn, &ctx, &ns, &oref).await?);
 
     let deploy_api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let existing = deploy_api.get_opt(&name).await?;
@@ -190,7 +191,150 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
         // Pauses end and analysis runs on time, not only when something changes.
         return Ok(Action::requeue(Duration::from_secs(5)));
     }
+    if let Some(spec) = &mn.spec.adaptation {
+        let running = status.adaptation.as_ref().is_some_and(|a| a.phase == crate::adaptation::phase::RUNNING);
+        // The Job's own events wake us too (`.owns`); this bounds a missed one. A corrections
+        // trigger is polled from Prometheus.
+        if running {
+            return Ok(Action::requeue(Duration::from_secs(15)));
+        }
+        if spec.trigger.every_corrections.is_some() {
+            return Ok(Action::requeue(Duration::from_secs(30)));
+        }
+    }
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// Moves `spec.adaptation` one step (see [`crate::adaptation`]): follows a running Job, writes
+/// a finished run's model into `spec.model` (the rollout takes it from there), or starts a run
+/// that is due. Returns the node with `status.adaptation` updated.
+async fn step_adaptation(
+    mut mn: ModalityNode,
+    ctx: &Context,
+    ns: &str,
+    oref: &k8s_openapi::api::core::v1::ObjectReference,
+) -> Result<ModalityNode> {
+    use crate::adaptation::{self as adapt, phase};
+    let Some(spec) = mn.spec.adaptation.clone() else { return Ok(mn) };
+    let name = mn.name_any();
+    let now = now_rfc3339();
+    let mut ad = mn.status.as_ref().and_then(|s| s.adaptation.clone());
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+
+    if let Some(a) = ad.as_mut().filter(|a| a.phase == phase::RUNNING) {
+        let job = match &a.job {
+            Some(j) => jobs.get_opt(j).await?,
+            None => None,
+        };
+        match adapt::track(a, job.as_ref(), &now) {
+            Some(phase::SUCCEEDED) => {
+                let base = a.base_model.clone().unwrap_or_else(|| mn.spec.model.clone());
+                let model = adapt::output_model(&mn, &spec, &base, a.run);
+                // Guarded by resourceVersion: a concurrent edit of the node wins, we retry.
+                let patch = serde_json::json!({
+                    "metadata": {"resourceVersion": mn.resource_version()},
+                    "spec": {"model": model},
+                });
+                let api: Api<ModalityNode> = Api::namespaced(ctx.client.clone(), ns);
+                let patched = api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+                let how = if mn.spec.rollout.is_some() { "as a canary (spec.rollout)" } else { "to every replica" };
+                a.output_revision = Some(model.revision.clone());
+                a.message = format!("{}; revision {} written to spec.model", a.message, model.revision);
+                let note = format!("run {} finished: revision {} ({}) goes out {how}", a.run, model.revision, model.uri);
+                info!(%note, "adaptation");
+                publish(&ctx.recorder, oref, EventType::Normal, "TrainingSucceeded", "Adapt", note).await;
+                mn.metadata = patched.metadata;
+                mn.spec.model = model;
+            }
+            Some(_) => {
+                warn!(message = %a.message, "adaptation run failed");
+                publish(&ctx.recorder, oref, EventType::Warning, "TrainingFailed", "Adapt", a.message.clone()).await;
+            }
+            None => {}
+        }
+    }
+
+    if !ad.as_ref().is_some_and(|a| a.phase == phase::RUNNING) {
+        let request = mn.annotations().get(prism_api::node::ADAPT_REQUEST_ANNOTATION).cloned();
+        let mut total = None;
+        if let (Some(_), Some(prom)) = (spec.trigger.every_corrections, &ctx.prometheus) {
+            let sel = crate::autoscale::node_selector(&name, ctx.match_namespace.then_some(ns));
+            match prom.read_corrections_total(&sel).await {
+                Ok(t) => total = t,
+                Err(e) => warn!(error = %e, "adaptation trigger: Prometheus unavailable"),
+            }
+        }
+        if let Some(trigger) = adapt::due(&spec, request.as_deref(), ad.as_ref(), total) {
+            let base = adapt::base_model(&mn, &spec);
+            let source = match adapt::blocker(&mn, &base) {
+                Some(why) => Err(why),
+                None => {
+                    let pipelines = Api::<MultimodalPipeline>::namespaced(ctx.client.clone(), ns)
+                        .list(&ListParams::default())
+                        .await?
+                        .items;
+                    adapt::corrections_source(&mn, &spec, &pipelines)
+                }
+            };
+            match source {
+                Ok(source) => {
+                    let run = ad.as_ref().map(|a| a.run).unwrap_or(0) + 1;
+                    let objs = adapt::objects(&mn, &ctx.cfg, &spec, run, &base, &source)?;
+                    if let Some(claim) = &objs.claim {
+                        // Created once, never re-applied: most of a claim's spec is immutable.
+                        let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+                        if claims.get_opt(&claim.name_any()).await?.is_none() {
+                            claims.create(&PostParams::default(), claim).await?;
+                            info!(claim = %claim.name_any(), "created training claim");
+                        }
+                    }
+                    apply(&ctx.client, ns, &objs.service).await?;
+                    apply(&ctx.client, ns, &objs.job).await?;
+                    // The previous run's objects stayed for `kubectl logs` until now.
+                    if let Some(prev) = ad.as_ref().and_then(|a| a.job.clone()) {
+                        delete_run(ctx, ns, &prev).await;
+                    }
+                    let next =
+                        adapt::started(ad.as_ref(), &spec, &name, trigger, request.as_deref(), total, base, &now);
+                    let note = format!(
+                        "run {}: Job {} with {} workers x {} GPUs ({})",
+                        next.run,
+                        objs.job.name_any(),
+                        spec.workers,
+                        spec.gpus_per_worker,
+                        next.trigger
+                    );
+                    info!(%note, "adaptation");
+                    publish(&ctx.recorder, oref, EventType::Normal, "TrainingStarted", "Adapt", note).await;
+                    ad = Some(next);
+                }
+                Err(why) => {
+                    let a = ad.get_or_insert_with(Default::default);
+                    if a.phase != phase::WAITING || a.message != why {
+                        publish(&ctx.recorder, oref, EventType::Warning, "TrainingWaiting", "Adapt", why.clone()).await;
+                    }
+                    a.phase = phase::WAITING.into();
+                    a.trigger = trigger;
+                    a.message = why;
+                }
+            }
+        }
+    }
+    mn.status.get_or_insert_with(Default::default).adaptation = ad;
+    Ok(mn)
+}
+
+/// Deletes a finished run's Job (and its pods) and headless Service; failures are logged only.
+async fn delete_run(ctx: &Context, ns: &str, job: &str) {
+    let dp = kube::api::DeleteParams::background();
+    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
+    let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
+    if let Err(e) = jobs.delete(job, &dp).await {
+        warn!(error = %e, job, "deleting the previous training Job failed");
+    }
+    if let Err(e) = services.delete(job, &dp).await {
+        warn!(error = %e, service = job, "deleting the previous training Service failed");
+    }
 }
 
 /// Moves the node's rollout one step (see [`crate::rollout`]): returns the node with its status
@@ -492,6 +636,8 @@ pub async fn run(
         )
         .owns(api_for::<Service>(&client, ns), managed.clone())
         .owns(api_for::<PodDisruptionBudget>(&client, ns), managed.clone())
+        // Adaptation runs: a Job that finishes moves its node on at once.
+        .owns(api_for::<Job>(&client, ns), managed.clone())
         .with_config(ctrl_cfg.clone())
         .graceful_shutdown_on(async move {
             let _ = rx1.recv().await;

@@ -10,6 +10,7 @@
 //! - [`controller`]: the kube-rs Controllers (thin adapters: read, call the core, apply).
 //! - [`lease`], [`metrics`], [`server`]: leader election, Prometheus metrics, health endpoints.
 
+pub mod adaptation;
 pub mod autoscale;
 pub mod controller;
 pub mod crds;
@@ -59,6 +60,8 @@ pub struct OperatorConfig {
     pub node_image: String,
     /// Image of prism-router when `spec.routerImage` is unset.
     pub router_image: String,
+    /// Image of adaptation Jobs (`train/Dockerfile`) when `spec.adaptation.image` is unset.
+    pub train_image: String,
     /// imagePullPolicy for generated pods (None = Kubernetes default).
     pub image_pull_policy: Option<String>,
 }
@@ -68,6 +71,7 @@ impl Default for OperatorConfig {
         Self {
             node_image: format!("ghcr.io/prism-dev/prism-node:{}", env!("CARGO_PKG_VERSION")),
             router_image: format!("ghcr.io/prism-dev/prism-router:{}", env!("CARGO_PKG_VERSION")),
+            train_image: format!("ghcr.io/prism-dev/prism-train:{}", env!("CARGO_PKG_VERSION")),
             image_pull_policy: None,
         }
     }

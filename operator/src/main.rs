@@ -23,6 +23,9 @@ struct Args {
     /// Default prism-router image (MultimodalPipeline spec.routerImage overrides it).
     #[arg(long, env = "PRISM_ROUTER_IMAGE")]
     router_image: Option<String>,
+    /// Default prism-train image of adaptation Jobs (ModalityNode spec.adaptation.image overrides it).
+    #[arg(long, env = "PRISM_TRAIN_IMAGE")]
+    train_image: Option<String>,
     /// imagePullPolicy of generated pods.
     #[arg(long)]
     image_pull_policy: Option<String>,
@@ -87,6 +90,9 @@ async fn main() -> anyhow::Result<()> {
     }
     if let Some(i) = args.router_image {
         cfg.router_image = i;
+    }
+    if let Some(i) = args.train_image {
+        cfg.train_image = i;
     }
     cfg.image_pull_policy = args.image_pull_policy;
     let identity = args.identity.unwrap_or_else(|| {

@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use prism_api::condition::{self, types, Condition, ConditionStatus};
 use prism_api::labels;
-use prism_api::node::{AutoscalingMode, ModalityNode, ModalityNodeStatus};
+use prism_api::node::{AutoscalingMode, ModalityNode, ModalityNodeStatus, ModelSpec};
 
 use crate::{Error, OperatorConfig, Result};
 
@@ -99,19 +99,21 @@ pub fn desired_replicas(mn: &ModalityNode, current: Option<i32>) -> i32 {
 
 /// How the model reaches the container: the URI passed to prism-node, plus volumes and an
 /// optional init container.
-struct ModelSource {
-    uri: String,
-    volumes: Vec<Volume>,
-    mounts: Vec<VolumeMount>,
-    init: Option<Container>,
+pub(crate) struct ModelSource {
+    pub uri: String,
+    pub volumes: Vec<Volume>,
+    pub mounts: Vec<VolumeMount>,
+    pub init: Option<Container>,
 }
 
 /// `file://` is a path inside the image (hostPath is forbidden by the restricted pod security
 /// level, so we never mount node paths). `pvc://claim/path` mounts the claim read-only.
 /// `hf://` and `oci://` are fetched by an init container (`prism-node fetch`, same image) into
 /// an emptyDir, so the serving container starts from local files and its root stays read-only.
-fn model_source(mn: &ModalityNode, image: &str, sc: &SecurityContext) -> Result<ModelSource> {
-    let uri = mn.spec.model.uri.as_str();
+/// Shared by the node's Deployments and its training Job (`image`: the prism-node image that
+/// runs `fetch`).
+pub(crate) fn model_source(model: &ModelSpec, image: &str, sc: &SecurityContext) -> Result<ModelSource> {
+    let uri = model.uri.as_str();
     let model_mount = |read_only: bool| VolumeMount {
         name: "model".into(),
         mount_path: MODEL_DIR.into(),
@@ -154,7 +156,7 @@ fn model_source(mn: &ModalityNode, image: &str, sc: &SecurityContext) -> Result<
                 "--out".into(),
                 MODEL_DIR.into(),
                 "--architecture".into(),
-                mn.spec.model.architecture.clone(),
+                model.architecture.clone(),
             ]),
             volume_mounts: Some(vec![model_mount(false), tmp_mount()]),
             security_context: Some(sc.clone()),
@@ -174,7 +176,7 @@ fn model_source(mn: &ModalityNode, image: &str, sc: &SecurityContext) -> Result<
     Err(Error::InvalidSpec(format!("model.uri {uri}: scheme must be file://, pvc://, hf:// or oci://")))
 }
 
-fn tmp_mount() -> VolumeMount {
+pub(crate) fn tmp_mount() -> VolumeMount {
     VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() }
 }
 
@@ -257,7 +259,7 @@ fn build_objects(mn: &ModalityNode, cfg: &OperatorConfig, replicas: i32, canary:
     let spec = &mn.spec;
     let image = spec.image.clone().unwrap_or_else(|| cfg.node_image.clone());
     let sc = restricted_container_sc();
-    let model = model_source(mn, &image, &sc)?;
+    let model = model_source(&spec.model, &image, &sc)?;
 
     let mut resources: BTreeMap<String, Quantity> = BTreeMap::new();
     if let Some(cpu) = &spec.resources.cpu {
@@ -442,7 +444,8 @@ fn build_objects(mn: &ModalityNode, cfg: &OperatorConfig, replicas: i32, canary:
 
 /// Condition types the node controller writes; the autoscaler owns MetricsUnavailable and
 /// ScalingLimited.
-pub const OWN_CONDITIONS: [&str; 4] = [types::AVAILABLE, types::DEGRADED, types::PROGRESSING, types::READY];
+pub const OWN_CONDITIONS: [&str; 5] =
+    [types::AVAILABLE, types::DEGRADED, types::PROGRESSING, types::READY, types::TRAINING];
 
 /// Computes the node's status from the observed Deployment (None: not created yet).
 pub fn status(mn: &ModalityNode, deploy: Option<&Deployment>, now: &str) -> ModalityNodeStatus {
@@ -550,6 +553,9 @@ pub fn status(mn: &ModalityNode, deploy: Option<&Deployment>, now: &str) -> Moda
             *d = Condition::new(types::DEGRADED, ConditionStatus::True, "RolledBack", why);
         }
     }
+    if mn.spec.adaptation.is_some() {
+        conds.push(crate::adaptation::condition(old.adaptation.as_ref()));
+    }
     let mut conditions = condition::merge(&old.conditions, conds, now, generation);
     // Conditions of other writers (the autoscaler's ScalingLimited, MetricsUnavailable) survive.
     for c in &old.conditions {
@@ -570,9 +576,10 @@ pub fn status(mn: &ModalityNode, deploy: Option<&Deployment>, now: &str) -> Moda
         history: old.history.clone(),
         p95: old.p95.clone(),
         last_scale: old.last_scale.clone(),
+        adaptation: old.adaptation.clone(),
         conditions,
     }
 }
 
 #[cfg(test)]
-mod tests;
+pub(crate) mod tests;

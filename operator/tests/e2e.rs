@@ -87,6 +87,7 @@ impl TestNs {
             cfg: OperatorConfig {
                 node_image: "prism-node:e2e".into(),
                 router_image: "prism-router:e2e".into(),
+                train_image: "prism-train:e2e".into(),
                 image_pull_policy: Some("IfNotPresent".into()),
             },
             namespace: Some(self.name.clone()),

@@ -175,6 +175,15 @@ impl PromClient {
     }
 }
 
+impl PromClient {
+    /// Corrections recorded for a node, summed over every router (None: no series yet). The
+    /// baseline of `adaptation.trigger.everyCorrections`.
+    pub async fn read_corrections_total(&self, selector: &str) -> Result<Option<f64>, PromError> {
+        let v = self.query(&format!("sum(prism_router_corrections_total{{{selector}}})")).await?;
+        Ok(v.first().copied().filter(|x| x.is_finite()))
+    }
+}
+
 fn truncate(s: &str) -> String {
     let s = s.trim();
     match s.char_indices().nth(200) {

@@ -21,10 +21,11 @@ pub fn mk_node(name: &str, modality: &str, uri: &str) -> ModalityNode {
     mn
 }
 
-fn cfg() -> OperatorConfig {
+pub fn cfg() -> OperatorConfig {
     OperatorConfig {
         node_image: "prism-node:test".into(),
         router_image: "prism-router:test".into(),
+        train_image: "prism-train:test".into(),
         image_pull_policy: None,
     }
 }
