@@ -18,9 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::ResourceExt;
 use prism_api::condition::{types, Condition, ConditionStatus};
 use prism_api::labels;
-use prism_api::node::{
-    AdaptationSpec, AdaptationStatus, ModalityNode, ModelSpec, Sharding, ADAPT_REQUEST_ANNOTATION,
-};
+use prism_api::node::{AdaptationSpec, AdaptationStatus, ModalityNode, ModelSpec, Sharding, ADAPT_REQUEST_ANNOTATION};
 use prism_api::MultimodalPipeline;
 
 use crate::node::{model_source, owner_ref, restricted_container_sc, restricted_pod_sc, tmp_mount};
@@ -235,7 +233,9 @@ pub fn condition(st: Option<&AdaptationStatus>) -> Condition {
             types::TRAINING,
             ConditionStatus::False,
             "NoRunYet",
-            format!("no run yet: one starts on trigger.everyCorrections or `prism adapt NODE` ({ADAPT_REQUEST_ANNOTATION})"),
+            format!(
+                "no run yet: one starts on trigger.everyCorrections or `prism adapt NODE` ({ADAPT_REQUEST_ANNOTATION})"
+            ),
         );
     };
     let running = a.phase == phase::RUNNING;
@@ -245,7 +245,11 @@ pub fn condition(st: Option<&AdaptationStatus>) -> Condition {
         phase::FAILED => "Failed",
         _ => "Waiting",
     };
-    let msg = if a.run > 0 && a.phase != phase::WAITING { format!("run {}: {}", a.run, a.message) } else { a.message.clone() };
+    let msg = if a.run > 0 && a.phase != phase::WAITING {
+        format!("run {}: {}", a.run, a.message)
+    } else {
+        a.message.clone()
+    };
     Condition::new(types::TRAINING, ConditionStatus::from_bool(running), reason, msg)
 }
 

@@ -240,7 +240,8 @@ async fn step_adaptation(
                 let how = if mn.spec.rollout.is_some() { "as a canary (spec.rollout)" } else { "to every replica" };
                 a.output_revision = Some(model.revision.clone());
                 a.message = format!("{}; revision {} written to spec.model", a.message, model.revision);
-                let note = format!("run {} finished: revision {} ({}) goes out {how}", a.run, model.revision, model.uri);
+                let note =
+                    format!("run {} finished: revision {} ({}) goes out {how}", a.run, model.revision, model.uri);
                 info!(%note, "adaptation");
                 publish(&ctx.recorder, oref, EventType::Normal, "TrainingSucceeded", "Adapt", note).await;
                 mn.metadata = patched.metadata;

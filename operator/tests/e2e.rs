@@ -1168,3 +1168,138 @@ async fn a_worse_canary_is_rolled_back_from_prometheus_and_prism_rollout_undo_re
     ns.stop_operator().await;
     let _ = std::fs::remove_dir_all(&tmp);
 }
+
+/// A PersistentVolume pre-bound to one claim (no provisioner runs here), deleted on drop.
+struct BoundVolume(String);
+
+impl BoundVolume {
+    fn new(ns: &str, claim: &str) -> Self {
+        let name = format!("{ns}-{claim}");
+        let pv = serde_json::json!({"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": name},
+            "spec": {"capacity": {"storage": "20Gi"}, "accessModes": ["ReadWriteMany"],
+                     "persistentVolumeReclaimPolicy": "Delete", "storageClassName": "",
+                     // Nothing mounts it: kwok plays the kubelets.
+                     "hostPath": {"path": "/nonexistent/prism-e2e"},
+                     "claimRef": {"namespace": ns, "name": claim}}});
+        let path = std::env::temp_dir().join(format!("{name}-pv.json"));
+        std::fs::write(&path, pv.to_string()).unwrap();
+        kubectl_ok(&["apply", "-f", path.to_str().unwrap()]);
+        Self(name)
+    }
+}
+
+impl Drop for BoundVolume {
+    fn drop(&mut self) {
+        let _ = kubectl(&["delete", "pv", &self.0, "--wait=false"]);
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane (KUBECONFIG)"]
+async fn an_adaptation_run_is_an_indexed_torchrun_job_on_gpu_nodes_and_its_result_goes_out_as_a_canary() {
+    use k8s_openapi::api::batch::v1::Job;
+    let mut ns = TestNs::new("adapt", &[]).await;
+    let _pv = BoundVolume::new(&ns.name, "text-train");
+    ns.start_operator();
+    kubectl_ok(&["-n", &ns.name, "create", "secret", "generic", "mm-router-tokens", "--from-literal=tokens=t0k3n"]);
+    let extra = "  rollout:\n    steps: [{weight: 50, pauseSeconds: 3600}]\n  adaptation:\n    workers: 2\n    gpusPerWorker: 2\n    memory: 32Gi\n    lora: {rank: 16, alpha: 32}\n";
+    ns.apply_yaml(&small_node("text", "text", true, extra).replace("file:///models/text", "hf://org/minilm"));
+    ns.apply_yaml(&format!("{}  memory: {{enabled: true}}\n", pipeline_yaml("mm", &["text"])));
+
+    // Before any run, the node says how to start one.
+    let mn = ns.wait_node_condition("text", types::TRAINING, "False", T).await;
+    let c = find(&mn.status.as_ref().unwrap().conditions, types::TRAINING).unwrap();
+    assert_eq!(c.reason, "NoRunYet", "{c:?}");
+
+    kubectl_ok(&["-n", &ns.name, "annotate", "mn", "text", "prism.dev/adapt-request=first"]);
+    let job =
+        ns.wait("the training Job", T, || async { ns.api::<Job>().get_opt("text-train-1").await.ok().flatten() }).await;
+    let js = job.spec.as_ref().unwrap();
+    assert_eq!((js.completion_mode.as_deref(), js.completions, js.parallelism), (Some("Indexed"), Some(2), Some(2)));
+    let svc = ns.api::<Service>().get("text-train-1").await.unwrap();
+    let ss = svc.spec.as_ref().unwrap();
+    assert_eq!(ss.cluster_ip.as_deref(), Some("None"), "headless: workers resolve each other by hostname");
+    assert_eq!(ss.publish_not_ready_addresses, Some(true));
+
+    // The real scheduler places both workers on GPU nodes with their GPUs; the Job controller
+    // gives them their completion index, which torchrun takes as its node rank.
+    let pods = ns
+        .wait("2 scheduled training pods", T, || async {
+            let l =
+                ns.api::<Pod>().list(&ListParams::default().labels("prism.dev/train-run=text-train-1")).await.ok()?;
+            (l.items.len() == 2 && l.items.iter().all(|p| p.spec.as_ref().and_then(|s| s.node_name.clone()).is_some()))
+                .then_some(l.items)
+        })
+        .await;
+    let mut indexes = vec![];
+    for p in &pods {
+        let s = p.spec.as_ref().unwrap();
+        assert!(s.node_name.as_deref().unwrap().starts_with("gpu-node-"), "{:?}", s.node_name);
+        assert_eq!(s.subdomain.as_deref(), Some("text-train-1"));
+        let c = &s.containers[0];
+        let lim = c.resources.as_ref().unwrap().limits.as_ref().unwrap();
+        assert_eq!(lim["nvidia.com/gpu"].0, "2");
+        let args = c.args.as_ref().unwrap();
+        assert!(args.windows(2).any(|w| w[0] == "--master_addr" && w[1] == "text-train-1-0.text-train-1"), "{args:?}");
+        assert!(args.windows(2).any(|w| w[0] == "--corrections" && w[1].contains("mm-router.")), "{args:?}");
+        assert!(!p.labels().contains_key("prism.dev/node"), "training pods must never be routed to");
+        indexes.push(p.annotations()["batch.kubernetes.io/job-completion-index"].clone());
+        assert_eq!(s.hostname.as_deref(), Some(format!("text-train-1-{}", indexes.last().unwrap()).as_str()));
+    }
+    indexes.sort();
+    assert_eq!(indexes, ["0", "1"]);
+
+    // kwok completes the workers; the Job succeeds; the node records it and its result becomes
+    // the new revision, which goes out as a canary.
+    let mn = ns
+        .wait("the run recorded as Succeeded", T, || async {
+            let mn = ns.api::<ModalityNode>().get("text").await.ok()?;
+            let a = mn.status.as_ref()?.adaptation.as_ref()?;
+            (a.phase == "Succeeded").then_some(mn)
+        })
+        .await;
+    let a = mn.status.as_ref().unwrap().adaptation.clone().unwrap();
+    assert_eq!((a.run, a.workers, a.succeeded), (1, 2, 2), "{a:?}");
+    assert!(a.trigger.contains("prism.dev/adapt-request=first"), "{}", a.trigger);
+    assert_eq!(mn.spec.model.uri, "pvc://text-train/out/text/run-1");
+    assert_eq!(mn.spec.model.revision, "1-lora1");
+    assert_eq!(a.base_model.as_ref().unwrap().uri, "hf://org/minilm");
+    let canary = ns
+        .wait("the canary Deployment of the adapted revision", T, || async {
+            ns.api::<Deployment>().get_opt("text-canary").await.ok().flatten()
+        })
+        .await;
+    let ps = canary.spec.unwrap().template.spec.unwrap();
+    let model_vol = ps.volumes.unwrap().into_iter().find(|v| v.name == "model").unwrap();
+    assert_eq!(model_vol.persistent_volume_claim.unwrap().claim_name, "text-train");
+    let stable = ns.api::<Deployment>().get("text").await.unwrap();
+    let args = stable.spec.unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
+    assert!(args.windows(2).any(|w| w[0] == "--revision" && w[1] == "1"), "stable keeps serving revision 1");
+    for reason in ["TrainingStarted", "TrainingSucceeded", "CanaryStarted"] {
+        let ev = kubectl_ok(&[
+            "-n",
+            &ns.name,
+            "get",
+            "events",
+            "--field-selector",
+            &format!("reason={reason}"),
+            "-o",
+            "name",
+        ]);
+        assert!(!ev.trim().is_empty(), "a {reason} event was recorded");
+    }
+
+    // A second request waits for the canary instead of training under it.
+    kubectl_ok(&["-n", &ns.name, "annotate", "--overwrite", "mn", "text", "prism.dev/adapt-request=second"]);
+    let mn = ns
+        .wait("the second run waiting for the canary", T, || async {
+            let mn = ns.api::<ModalityNode>().get("text").await.ok()?;
+            let c = find(&mn.status.as_ref()?.conditions, types::TRAINING)?.clone();
+            (c.reason == "Waiting").then_some(mn)
+        })
+        .await;
+    let c = find(&mn.status.as_ref().unwrap().conditions, types::TRAINING).unwrap();
+    assert!(c.message.contains("canary of revision 1-lora1"), "{}", c.message);
+    assert!(ns.api::<Job>().get_opt("text-train-2").await.unwrap().is_none());
+    ns.stop_operator().await;
+}

@@ -127,7 +127,8 @@ fn cpu_workers_use_gloo_without_gpu_requests_or_the_gpu_pool_and_mount_the_route
 
 #[test]
 fn runs_are_due_on_request_and_every_n_corrections_counted_since_the_last_run() {
-    let spec: AdaptationSpec = serde_json::from_value(serde_json::json!({"trigger": {"everyCorrections": 100}})).unwrap();
+    let spec: AdaptationSpec =
+        serde_json::from_value(serde_json::json!({"trigger": {"everyCorrections": 100}})).unwrap();
     assert_eq!(due(&spec, None, None, None), None, "Prometheus unknown: no automatic run");
     assert_eq!(due(&spec, None, None, Some(99.0)), None);
     assert!(due(&spec, None, None, Some(100.0)).unwrap().contains("100 corrections so far"));
@@ -261,7 +262,8 @@ fn runs_wait_with_a_reason_for_a_canary_an_unreadable_model_or_an_unknown_pipeli
 #[test]
 fn a_started_run_numbers_itself_and_keeps_the_trigger_baselines() {
     let (_, spec) = adapting("pvc://m/x", serde_json::json!({"workers": 2}));
-    let base: ModelSpec = serde_json::from_value(serde_json::json!({"uri": "pvc://m/x", "architecture": "bert"})).unwrap();
+    let base: ModelSpec =
+        serde_json::from_value(serde_json::json!({"uri": "pvc://m/x", "architecture": "bert"})).unwrap();
     let first = started(None, &spec, "text", "requested".into(), Some("r1"), None, base.clone(), "t0");
     assert_eq!((first.run, first.job.as_deref(), first.workers), (1, Some("text-train-1"), 2));
     assert_eq!(first.last_request.as_deref(), Some("r1"));
