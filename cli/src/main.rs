@@ -1,6 +1,7 @@
 //! `prism`: the command a user types. Wiring only; the work lives in `local/` (the local
 //! substrate behind `prism up`) and in the library crates.
 
+mod adapt;
 mod local;
 mod rollout;
 mod train;
@@ -47,6 +48,12 @@ enum Cmd {
         #[command(subcommand)]
         what: rollout::RolloutCmd,
     },
+    /// Distributed fine-tuning of a ModalityNode in the cluster (spec.adaptation): `start` a run
+    /// now, or print the last run's `status`.
+    Adapt {
+        #[command(subcommand)]
+        what: adapt::AdaptCmd,
+    },
     /// Print Prism's CustomResourceDefinitions, or `apply` them to the cluster (the upgrade path
     /// Helm lacks: it installs CRDs once and never updates them).
     Crds {
@@ -86,6 +93,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Logs(args) => local::logs(&args),
         Cmd::Train { what } => train::run(what),
         Cmd::Rollout { what } => runtime()?.block_on(rollout::run(what)),
+        Cmd::Adapt { what } => runtime()?.block_on(adapt::run(what)),
     }
 }
 

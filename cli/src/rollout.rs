@@ -32,7 +32,7 @@ pub struct Target {
     pub namespace: Option<String>,
 }
 
-async fn node_api(t: &Target) -> anyhow::Result<Api<ModalityNode>> {
+pub(crate) async fn node_api(t: &Target) -> anyhow::Result<Api<ModalityNode>> {
     let client = kube::Client::try_default()
         .await
         .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster config)")?;

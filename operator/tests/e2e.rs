@@ -1195,7 +1195,7 @@ impl Drop for BoundVolume {
 }
 
 #[tokio::test]
-#[ignore = "needs the e2e control plane (KUBECONFIG)"]
+#[ignore = "needs the e2e control plane (KUBECONFIG) and target/release/prism"]
 async fn an_adaptation_run_is_an_indexed_torchrun_job_on_gpu_nodes_and_its_result_goes_out_as_a_canary() {
     use k8s_openapi::api::batch::v1::Job;
     let mut ns = TestNs::new("adapt", &[]).await;
@@ -1211,7 +1211,15 @@ async fn an_adaptation_run_is_an_indexed_torchrun_job_on_gpu_nodes_and_its_resul
     let c = find(&mn.status.as_ref().unwrap().conditions, types::TRAINING).unwrap();
     assert_eq!(c.reason, "NoRunYet", "{c:?}");
 
-    kubectl_ok(&["-n", &ns.name, "annotate", "mn", "text", "prism.dev/adapt-request=first"]);
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| repo().join("target"));
+    let prism = |args: &[&str]| {
+        let out = Command::new(target.join("release/prism")).args(args).args(["-n", &ns.name]).output().unwrap();
+        assert!(out.status.success(), "prism {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    assert!(prism(&["adapt", "status", "text"]).contains("no run yet"));
+    let start = prism(&["adapt", "start", "text"]);
+    assert!(start.contains("asked for an adaptation run"), "{start}");
     let job =
         ns.wait("the training Job", T, || async { ns.api::<Job>().get_opt("text-train-1").await.ok().flatten() }).await;
     let js = job.spec.as_ref().unwrap();
@@ -1260,7 +1268,12 @@ async fn an_adaptation_run_is_an_indexed_torchrun_job_on_gpu_nodes_and_its_resul
         .await;
     let a = mn.status.as_ref().unwrap().adaptation.clone().unwrap();
     assert_eq!((a.run, a.workers, a.succeeded), (1, 2, 2), "{a:?}");
-    assert!(a.trigger.contains("prism.dev/adapt-request=first"), "{}", a.trigger);
+    assert!(a.trigger.contains("requested (prism.dev/adapt-request="), "{}", a.trigger);
+    let status = prism(&["adapt", "status", "text"]);
+    assert!(
+        status.contains("run 1: Succeeded") && status.contains("2 succeeded") && status.contains("revision 1-lora1"),
+        "{status}"
+    );
     assert_eq!(mn.spec.model.uri, "pvc://text-train/out/text/run-1");
     assert_eq!(mn.spec.model.revision, "1-lora1");
     assert_eq!(a.base_model.as_ref().unwrap().uri, "hf://org/minilm");
