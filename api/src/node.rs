@@ -383,6 +383,7 @@ impl Default for ReplicaSpec {
 /// Autoscaling policy (Knative KPA style: a stable and a panic window).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.targetGpuUtilization) || (double(self.targetGpuUtilization) > 0.0 && double(self.targetGpuUtilization) <= 1.0)").message("autoscaling.targetGpuUtilization must lie in (0, 1]").reason(Reason::FieldValueInvalid))]
 pub struct AutoscalingSpec {
     /// `builtin`: Prism's autoscaler decides from Prometheus metrics. `external`: the scale subresource (HPA, KEDA, kubectl scale) decides.
     #[serde(default)]
@@ -395,6 +396,14 @@ pub struct AutoscalingSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub target_inflight: Option<u32>,
+    /// Target GPU utilisation per replica, as a fraction in (0, 1] (e.g. 0.7). The autoscaler
+    /// averages `prism_node_gpu_utilization_ratio` over the node's pods and asks for
+    /// ceil(ready x observed / target) replicas, like the latency target. Only CUDA replicas
+    /// export that metric: on CPU nodes, or while no GPU sample exists, this signal is ignored
+    /// and the other targets decide.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    pub target_gpu_utilization: Option<f64>,
     /// How often metrics are read, in seconds.
     #[serde(default = "default_interval")]
     #[schemars(range(min = 1, max = 3600))]
@@ -449,6 +458,7 @@ impl Default for AutoscalingSpec {
             mode: AutoscalingMode::default(),
             target_latency_p95_ms: None,
             target_inflight: None,
+            target_gpu_utilization: None,
             interval_seconds: default_interval(),
             stable_window_seconds: default_stable_window(),
             panic_window_seconds: default_panic_window(),

@@ -79,6 +79,25 @@ fn sliding_window_needs_a_positive_window() {
 }
 
 #[test]
+fn gpu_utilization_target_must_lie_in_0_exclusive_to_1() {
+    for bad in [0.0, -0.5, 1.01] {
+        let mut n = node(NODE);
+        n.spec.autoscaling.target_gpu_utilization = Some(bad);
+        rejected_with(n.validate_cel(), "autoscaling.targetGpuUtilization must lie in (0, 1]");
+    }
+    for good in [0.01, 0.7, 1.0] {
+        let mut n = node(NODE);
+        n.spec.autoscaling.target_gpu_utilization = Some(good);
+        n.validate_cel().unwrap();
+    }
+    // Unset is fine, and an integer 1 in YAML reads as 1.0.
+    node(NODE).validate_cel().unwrap();
+    let yaml = format!("{NODE}  autoscaling: {{targetGpuUtilization: 1}}\n");
+    assert_eq!(node(&yaml).spec.autoscaling.target_gpu_utilization, Some(1.0));
+    node(&yaml).validate_cel().unwrap();
+}
+
+#[test]
 fn duplicate_node_names_are_rejected() {
     let mut p = pipeline(PIPELINE);
     p.spec.nodes[1].name = "text".into();

@@ -5,11 +5,12 @@
 //! the model thread; [`http`] and [`grpc`] are thin transports over [`infer::Infer`]; [`error`]
 //! maps one error type to both transports; [`metrics`] holds the Prometheus series; [`fetch`] is
 //! `prism-node fetch`, which downloads hf:// and oci:// models for the operator's init container;
-//! [`train`] is the candle training behind `prism train`.
+//! [`gpu`] exports NVML telemetry of CUDA nodes; [`train`] is the candle training behind `prism train`.
 
 pub mod backend;
 pub mod error;
 pub mod fetch;
+pub mod gpu;
 pub mod grpc;
 pub mod http;
 pub mod infer;

@@ -260,6 +260,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let info = model.info.clone();
     let infer = Infer::start(model, config, metrics).await.context("warming up the model")?;
+    // After the load, so it follows the device the model actually got (`auto` may mean CPU).
+    let _gpu_telemetry = prism_node::gpu::start(&state.metrics, &info.device);
     let _ = state.infer.set(infer);
     health_reporter.set_serving::<prism_node::pb::node_server::NodeServer<NodeService>>().await;
     health_reporter.set_service_status("", tonic_health::ServingStatus::Serving).await;

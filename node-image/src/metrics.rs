@@ -86,6 +86,11 @@ impl Metrics {
         Ok(m)
     }
 
+    /// The registry `/metrics` renders; optional series (GPU telemetry) register here when enabled.
+    pub fn registry(&self) -> &Registry {
+        &self.registry
+    }
+
     pub fn label_values(&self) -> [&str; 2] {
         [self.labels[0].as_str(), self.labels[1].as_str()]
     }

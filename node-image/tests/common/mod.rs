@@ -23,11 +23,21 @@ impl Drop for NodeProc {
 /// Starts the binary with `args` and reads the bound addresses from its stdout (`listening on
 /// http://...`, plus `grpc listening on ...` when `grpc` is expected). Does not wait for /ready.
 pub fn spawn_node(args: &[String], grpc: bool) -> NodeProc {
+    spawn(args, grpc, "warn", Stdio::inherit())
+}
+
+/// [`spawn_node`] with info-level logs written to `log` (for tests that check what the node says).
+pub fn spawn_node_logged(args: &[String], log: &std::path::Path) -> NodeProc {
+    let file = std::fs::File::create(log).expect("create log file");
+    spawn(args, false, "info", Stdio::from(file))
+}
+
+fn spawn(args: &[String], grpc: bool, rust_log: &str, stderr: Stdio) -> NodeProc {
     let mut child = Command::new(env!("CARGO_BIN_EXE_prism-node"))
         .args(args)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", rust_log)
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
+        .stderr(stderr)
         .spawn()
         .expect("spawn prism-node");
     let stdout = child.stdout.take().expect("stdout");

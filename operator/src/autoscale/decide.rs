@@ -22,6 +22,9 @@ pub struct WindowLoad {
     pub p95_ms: Option<f64>,
     /// Requests in flight, averaged over the window and summed over replicas.
     pub inflight: f64,
+    /// GPU utilisation (0..1) averaged over the window and the replicas; `None` when no replica
+    /// reports one (CPU nodes export no GPU series) or no target asks for it.
+    pub gpu_utilization: Option<f64>,
 }
 
 /// The two windows the decision reads.
@@ -124,6 +127,13 @@ fn recommend(spec: &AutoscalingSpec, load: &WindowLoad, r: Replicas, window_s: u
             None => consider(0, format!("no requests finished in {window_s}s")),
         }
     }
+    // Absent (CPU replicas, or no sample yet) is ignored rather than read as an idle GPU, which
+    // would otherwise pull a latency- or load-driven count down.
+    if let (Some(t), Some(u)) = (spec.target_gpu_utilization.filter(|t| *t > 0.0), load.gpu_utilization) {
+        let ratio = u / t;
+        let n = if (ratio - 1.0).abs() <= TOLERANCE { current } else { (ready_f * ratio).ceil() as i32 };
+        consider(n, format!("GPU utilization {:.0}% vs target {:.0}% over {window_s}s", u * 100.0, t * 100.0));
+    }
     best
 }
 
@@ -153,7 +163,18 @@ pub fn decide(
         return d;
     }
     let Some((stable_n, stable_why)) = recommend(spec, &load.stable, replicas, spec.stable_window_seconds) else {
-        return Decision::hold(replicas, "no target set (targetLatencyP95Ms or targetInflight)");
+        return if spec.target_gpu_utilization.is_some_and(|t| t > 0.0) {
+            // Only a GPU target, and no replica reports GPU utilisation: nothing to scale on.
+            Decision::hold(
+                replicas,
+                format!(
+                    "holding {} replicas: targetGpuUtilization is set but no replica reports prism_node_gpu_utilization_ratio (CPU replicas?)",
+                    replicas.current
+                ),
+            )
+        } else {
+            Decision::hold(replicas, "no target set (targetLatencyP95Ms, targetInflight or targetGpuUtilization)")
+        };
     };
     let (panic_n, panic_why) =
         recommend(spec, &load.panic, replicas, spec.panic_window_seconds).unwrap_or((stable_n, String::new()));
@@ -240,12 +261,20 @@ mod tests {
     }
     fn load(stable_inflight: f64, panic_inflight: f64) -> Reading {
         Reading::Load(Load {
-            stable: WindowLoad { p95_ms: Some(10.0), inflight: stable_inflight },
-            panic: WindowLoad { p95_ms: Some(10.0), inflight: panic_inflight },
+            stable: WindowLoad { p95_ms: Some(10.0), inflight: stable_inflight, gpu_utilization: None },
+            panic: WindowLoad { p95_ms: Some(10.0), inflight: panic_inflight, gpu_utilization: None },
         })
     }
     fn at(current: i32, ready: i32) -> Replicas {
         Replicas { current, ready }
+    }
+    /// Both windows with the same in-flight count and GPU utilisation (`None`: a CPU node).
+    fn gpu_load(inflight: f64, util: Option<f64>) -> Reading {
+        let w = WindowLoad { p95_ms: Some(10.0), inflight, gpu_utilization: util };
+        Reading::Load(Load { stable: w, panic: w })
+    }
+    fn gpu_spec(target: f64) -> AutoscalingSpec {
+        AutoscalingSpec { target_gpu_utilization: Some(target), ..spec() }
     }
 
     #[test]
@@ -326,8 +355,8 @@ mod tests {
         s.target_inflight = None;
         s.target_latency_p95_ms = Some(100);
         let slow = Reading::Load(Load {
-            stable: WindowLoad { p95_ms: Some(250.0), inflight: 1.0 },
-            panic: WindowLoad { p95_ms: Some(250.0), inflight: 1.0 },
+            stable: WindowLoad { p95_ms: Some(250.0), inflight: 1.0, gpu_utilization: None },
+            panic: WindowLoad { p95_ms: Some(250.0), inflight: 1.0, gpu_utilization: None },
         });
         let d = decide(&s, &bounds(1, 10), &mut ScalerState::default(), 0.0, at(2, 2), &slow);
         assert_eq!(d.to, 5, "{d:?}");
@@ -345,6 +374,82 @@ mod tests {
         assert!(!d.changed() && d.reason.contains("no target"));
         let d = decide(&spec(), &bounds(1, 6), &mut ScalerState::default(), 0.0, at(2, 0), &load(9.0, 9.0));
         assert!(!d.changed() && d.reason.contains("waiting for a ready replica"));
+    }
+
+    #[test]
+    fn gpu_target_scales_out_by_the_ratio_and_names_the_signal() {
+        let mut s = gpu_spec(0.6);
+        s.target_inflight = None;
+        // 2 ready replicas at 90% against 60%: ceil(2 x 1.5) = 3.
+        let d = decide(&s, &bounds(1, 10), &mut ScalerState::default(), 0.0, at(2, 2), &gpu_load(1.0, Some(0.9)));
+        assert_eq!((d.from, d.to), (2, 3), "{d:?}");
+        assert!(d.reason.contains("GPU utilization 90% vs target 60%"), "{}", d.reason);
+    }
+
+    #[test]
+    fn gpu_wins_when_it_asks_for_more_than_the_load_signal() {
+        // In-flight sits at its target (6 over 3 = 2 per replica); the GPU is saturated.
+        let d = decide(
+            &gpu_spec(0.5),
+            &bounds(1, 10),
+            &mut ScalerState::default(),
+            0.0,
+            at(3, 3),
+            &gpu_load(6.0, Some(1.0)),
+        );
+        assert_eq!(d.to, 6, "{d:?}");
+        assert!(d.reason.contains("GPU utilization 100%"), "{}", d.reason);
+        // And the load signal wins (and is named) when it asks for more.
+        let d = decide(
+            &gpu_spec(0.5),
+            &bounds(1, 10),
+            &mut ScalerState::default(),
+            0.0,
+            at(3, 3),
+            &gpu_load(18.0, Some(0.5)),
+        );
+        assert_eq!(d.to, 7, "maxStep 4 caps 9: {d:?}");
+        assert!(d.reason.contains("in-flight"), "{}", d.reason);
+    }
+
+    #[test]
+    fn an_absent_gpu_metric_is_ignored_not_read_as_idle() {
+        // CPU node with a GPU target: in-flight at target decides, nothing scales down.
+        let mut st = ScalerState::default();
+        for t in 0..20 {
+            let d = decide(&gpu_spec(0.7), &bounds(1, 10), &mut st, f64::from(t), at(3, 3), &gpu_load(6.0, None));
+            assert!(!d.changed() && d.metrics_unavailable.is_none(), "t={t}: {d:?}");
+            assert!(!d.reason.contains("GPU"), "{}", d.reason);
+        }
+        // Only a GPU target and no GPU series: hold and say why, without claiming an outage.
+        let mut s = gpu_spec(0.7);
+        s.target_inflight = None;
+        let d = decide(&s, &bounds(1, 10), &mut ScalerState::default(), 0.0, at(3, 3), &gpu_load(30.0, None));
+        assert!(!d.changed() && d.metrics_unavailable.is_none(), "{d:?}");
+        assert!(d.reason.contains("no replica reports prism_node_gpu_utilization_ratio"), "{}", d.reason);
+    }
+
+    #[test]
+    fn gpu_signal_keeps_the_scale_down_rules() {
+        let b = bounds(1, 10);
+        // Load gone but the GPU still busy at target: the GPU holds the count.
+        let mut st = ScalerState::default();
+        for t in 0..20 {
+            let d = decide(&gpu_spec(0.6), &b, &mut st, f64::from(t), at(4, 4), &gpu_load(0.0, Some(0.62)));
+            assert_eq!(d.to, 4, "t={t}: {d:?}");
+        }
+        // Load and GPU both idle: scale-down still waits out the 5 s stabilization window.
+        let mut st = ScalerState::default();
+        assert_eq!(decide(&gpu_spec(0.6), &b, &mut st, 0.0, at(4, 4), &gpu_load(8.0, Some(0.6))).to, 4);
+        for t in 1..=5 {
+            let d = decide(&gpu_spec(0.6), &b, &mut st, f64::from(t), at(4, 4), &gpu_load(0.0, Some(0.05)));
+            assert_eq!(d.to, 4, "t={t}: {d:?}");
+        }
+        let d = decide(&gpu_spec(0.6), &b, &mut st, 6.0, at(4, 4), &gpu_load(0.0, Some(0.05)));
+        assert_eq!(d.to, 1, "{d:?}");
+        // A GPU metric that disappears mid-way (replicas moved to CPU) does not stop a scale-down.
+        let d = decide(&gpu_spec(0.6), &b, &mut ScalerState::default(), 0.0, at(4, 4), &gpu_load(0.0, None));
+        assert_eq!(d.to, 1, "{d:?}");
     }
 
     proptest! {

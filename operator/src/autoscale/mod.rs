@@ -34,7 +34,7 @@ pub fn is_autoscaled(spec: &ModalityNodeSpec) -> bool {
     let a = &spec.autoscaling;
     a.mode == AutoscalingMode::Builtin
         && spec.replicas.max > spec.replicas.min
-        && (a.target_inflight.is_some() || a.target_latency_p95_ms.is_some())
+        && (a.target_inflight.is_some() || a.target_latency_p95_ms.is_some() || a.target_gpu_utilization.is_some())
 }
 
 /// The conditions a decision implies (MetricsUnavailable, ScalingLimited).

@@ -110,15 +110,17 @@ impl PromClient {
     /// `node="text",namespace="prod"`. An unreachable Prometheus or a node it has no series for
     /// reads as [`Reading::Unavailable`], never as zero load.
     pub async fn read_load(&self, selector: &str, spec: &AutoscalingSpec) -> Reading {
-        let stable = self.window(selector, spec.stable_window_seconds).await;
-        let panic = self.window(selector, spec.panic_window_seconds).await;
+        // The GPU query runs only for nodes that target it: most nodes are CPU and would pay for it.
+        let gpu = spec.target_gpu_utilization.is_some();
+        let stable = self.window(selector, spec.stable_window_seconds, gpu).await;
+        let panic = self.window(selector, spec.panic_window_seconds, gpu).await;
         match (stable, panic) {
             (Ok(stable), Ok(panic)) => Reading::Load(Load { stable, panic }),
             (Err(why), _) | (_, Err(why)) => Reading::Unavailable(why),
         }
     }
 
-    async fn window(&self, selector: &str, seconds: u32) -> Result<WindowLoad, String> {
+    async fn window(&self, selector: &str, seconds: u32, gpu: bool) -> Result<WindowLoad, String> {
         let inflight_q = format!("sum(avg_over_time(prism_node_inflight{{{selector}}}[{seconds}s]))");
         // `sum()` over nothing is an empty vector, so a missing series stays distinguishable from 0.
         let inflight = match self.query(&inflight_q).await.map_err(|e| e.to_string())?.first() {
@@ -134,7 +136,18 @@ impl PromClient {
         );
         // NaN: no request finished in the window (rate 0), which is real idleness, not an outage.
         let p95_ms = self.query(&p95_q).await.map_err(|e| e.to_string())?.first().copied().filter(|v| v.is_finite());
-        Ok(WindowLoad { p95_ms: p95_ms.map(|s| s * 1000.0), inflight })
+        let gpu_utilization = if gpu {
+            // Empty (CPU replicas export no GPU series) reads as None: the signal is ignored.
+            self.query(&gpu_utilization_query(selector, seconds))
+                .await
+                .map_err(|e| e.to_string())?
+                .first()
+                .copied()
+                .filter(|v| v.is_finite())
+        } else {
+            None
+        };
+        Ok(WindowLoad { p95_ms: p95_ms.map(|s| s * 1000.0), inflight, gpu_utilization })
     }
 }
 
@@ -192,6 +205,12 @@ fn truncate(s: &str) -> String {
     }
 }
 
+/// Mean GPU utilisation (0..1) of a node over a window: averaged over time per device series,
+/// then over the node's pods and their devices.
+pub fn gpu_utilization_query(selector: &str, seconds: u32) -> String {
+    format!("avg(avg_over_time(prism_node_gpu_utilization_ratio{{{selector}}}[{seconds}s]))")
+}
+
 /// PromQL label-matcher body for a node (label values escaped as PromQL strings).
 pub fn node_selector(node: &str, namespace: Option<&str>) -> String {
     let esc = |v: &str| v.replace('\\', "\\\\").replace('"', "\\\"");
@@ -209,6 +228,14 @@ mod tests {
     fn selectors_escape_label_values() {
         assert_eq!(node_selector("text", None), r#"node="text""#);
         assert_eq!(node_selector("a\"b", Some("ns")), r#"node="a\"b",namespace="ns""#);
+    }
+
+    #[test]
+    fn the_gpu_query_averages_over_time_then_over_pods() {
+        assert_eq!(
+            gpu_utilization_query(&node_selector("img", Some("prod")), 60),
+            r#"avg(avg_over_time(prism_node_gpu_utilization_ratio{node="img",namespace="prod"}[60s]))"#
+        );
     }
 
     #[tokio::test]
