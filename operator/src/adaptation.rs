@@ -531,17 +531,23 @@ pub fn objects(
     Ok(TrainObjects { job: job_obj, service, claim: claim_obj })
 }
 
+/// What a run starts from: why, the request and counter it acts on, the model it fine-tunes.
+pub struct RunStart<'a> {
+    pub trigger: String,
+    pub request: Option<&'a str>,
+    pub corrections_total: Option<f64>,
+    pub base: ModelSpec,
+}
+
 /// The status of a run that starts now.
 pub fn started(
     previous: Option<&AdaptationStatus>,
     spec: &AdaptationSpec,
     node: &str,
-    trigger: String,
-    request: Option<&str>,
-    corrections_total: Option<f64>,
-    base: ModelSpec,
+    start: RunStart<'_>,
     now: &str,
 ) -> AdaptationStatus {
+    let RunStart { trigger, request, corrections_total, base } = start;
     let run = previous.map(|p| p.run).unwrap_or(0) + 1;
     AdaptationStatus {
         phase: phase::RUNNING.into(),

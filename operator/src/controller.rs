@@ -255,7 +255,7 @@ async fn step_adaptation(
         }
     }
 
-    if !ad.as_ref().is_some_and(|a| a.phase == phase::RUNNING) {
+    if ad.as_ref().is_none_or(|a| a.phase != phase::RUNNING) {
         let request = mn.annotations().get(prism_api::node::ADAPT_REQUEST_ANNOTATION).cloned();
         let mut total = None;
         if let (Some(_), Some(prom)) = (spec.trigger.every_corrections, &ctx.prometheus) {
@@ -295,8 +295,9 @@ async fn step_adaptation(
                     if let Some(prev) = ad.as_ref().and_then(|a| a.job.clone()) {
                         delete_run(ctx, ns, &prev).await;
                     }
-                    let next =
-                        adapt::started(ad.as_ref(), &spec, &name, trigger, request.as_deref(), total, base, &now);
+                    let start =
+                        adapt::RunStart { trigger, request: request.as_deref(), corrections_total: total, base };
+                    let next = adapt::started(ad.as_ref(), &spec, &name, start, &now);
                     let note = format!(
                         "run {}: Job {} with {} workers x {} GPUs ({})",
                         next.run,

@@ -264,10 +264,16 @@ fn a_started_run_numbers_itself_and_keeps_the_trigger_baselines() {
     let (_, spec) = adapting("pvc://m/x", serde_json::json!({"workers": 2}));
     let base: ModelSpec =
         serde_json::from_value(serde_json::json!({"uri": "pvc://m/x", "architecture": "bert"})).unwrap();
-    let first = started(None, &spec, "text", "requested".into(), Some("r1"), None, base.clone(), "t0");
+    let req = |trigger: &str, request, total, base: &ModelSpec| RunStart {
+        trigger: trigger.into(),
+        request,
+        corrections_total: total,
+        base: base.clone(),
+    };
+    let first = started(None, &spec, "text", req("requested", Some("r1"), None, &base), "t0");
     assert_eq!((first.run, first.job.as_deref(), first.workers), (1, Some("text-train-1"), 2));
     assert_eq!(first.last_request.as_deref(), Some("r1"));
-    let second = started(Some(&first), &spec, "text", "n corrections".into(), None, Some(500.0), base, "t1");
+    let second = started(Some(&first), &spec, "text", req("n corrections", None, Some(500.0), &base), "t1");
     assert_eq!((second.run, second.corrections_at_start), (2, Some(500.0)));
     assert_eq!(second.last_request.as_deref(), Some("r1"), "the acted-upon request is remembered");
 }
