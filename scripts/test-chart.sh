@@ -114,7 +114,10 @@ SA=system:serviceaccount:$NS:prism
 [ "$("$K" auth can-i patch modalitynodes.prism.dev --subresource=status -n default --as "$SA")" = yes ] || fail "cannot write node status"
 [ "$("$K" auth can-i create rolebindings.rbac.authorization.k8s.io -n default --as "$SA")" = yes ] || fail "cannot give routers their Role"
 [ "$("$K" auth can-i create persistentvolumeclaims -n default --as "$SA")" = yes ] || fail "cannot create the memory store claim"
-for denied in "get secrets" "create pods/exec" "delete nodes" "create customresourcedefinitions.apiextensions.k8s.io" "escalate roles.rbac.authorization.k8s.io" "bind clusterroles.rbac.authorization.k8s.io"; do
+[ "$("$K" auth can-i delete deployments.apps -n default --as "$SA")" = yes ] || fail "cannot delete a finished canary Deployment"
+[ "$("$K" auth can-i create jobs.batch -n default --as "$SA")" = yes ] || fail "cannot create adaptation Jobs"
+[ "$("$K" auth can-i patch modalitynodes.prism.dev -n default --as "$SA")" = yes ] || fail "cannot write an adaptation result into spec.model"
+for denied in "get secrets" "delete modalitynodes.prism.dev" "create pods/exec" "delete nodes" "create customresourcedefinitions.apiextensions.k8s.io" "escalate roles.rbac.authorization.k8s.io" "bind clusterroles.rbac.authorization.k8s.io"; do
   # shellcheck disable=SC2086
   [ "$("$K" auth can-i $denied -A --as "$SA" 2>/dev/null || true)" = no ] || fail "ServiceAccount may $denied"
 done

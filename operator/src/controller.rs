@@ -199,7 +199,7 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
             return Ok(Action::requeue(Duration::from_secs(15)));
         }
         if spec.trigger.every_corrections.is_some() {
-            return Ok(Action::requeue(Duration::from_secs(30)));
+            return Ok(Action::requeue(Duration::from_secs(15)));
         }
     }
     Ok(Action::requeue(Duration::from_secs(300)))

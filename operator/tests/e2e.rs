@@ -109,6 +109,14 @@ impl TestNs {
         self.stop = Some(tx);
     }
 
+    /// The operator with the Prometheus at `url` (canary analysis, adaptation triggers).
+    fn start_operator_with_prometheus(&mut self, url: &str) {
+        self.start_operator_with(autoscale::Settings {
+            prometheus: Some(autoscale::PromClient::new(url).unwrap()),
+            match_namespace: true,
+        });
+    }
+
     async fn stop_operator(&mut self) {
         if let Some(tx) = self.stop.take() {
             let _ = tx.send(());
@@ -751,6 +759,30 @@ fn spawn_server(cmd: Command, log: &std::path::Path, timeout: Duration) -> (Loca
 
 /// A real Prometheus scraping `target` (a local stand-in for the pods) every second, with the
 /// `namespace` label Prometheus' Kubernetes discovery would add. Returns it and its URL.
+/// A real prism-router with memory for pipeline `mm`, in front of local prism-nodes of node `text`
+/// given as (url, revision, weight): it stands in for the router pods, whose IPs are fake.
+fn spawn_memory_router(
+    tmp: &std::path::Path,
+    target: &std::path::Path,
+    nodes: &[(&str, &str, f64)],
+) -> (Local, String) {
+    let eps: Vec<serde_json::Value> = nodes
+        .iter()
+        .map(|(url, rev, w)| {
+            serde_json::json!({"endpoint": url, "node": "text", "revision": rev, "weight": w, "accuracy": 0.9, "ready": true})
+        })
+        .collect();
+    let table = serde_json::json!({"pipeline": "mm", "generation": 1, "modalities": {"text": eps}});
+    std::fs::write(tmp.join("table.json"), table.to_string()).unwrap();
+    let spec = serde_json::json!({"apiVersion": "prism.dev/v1alpha1", "kind": "MultimodalPipeline",
+        "metadata": {"name": "mm"}, "spec": {"nodes": [{"name": "text"}], "memory": {"enabled": true}}});
+    std::fs::write(tmp.join("pipeline.json"), spec.to_string()).unwrap();
+    let mut r = Command::new(target.join("release/prism-router"));
+    r.args(["--listen", "127.0.0.1:0"]).arg("--pipeline").arg(tmp.join("pipeline.json"));
+    r.arg("--routing-table").arg(tmp.join("table.json")).arg("--memory-path").arg(tmp.join("memory.db"));
+    spawn_server(r, &tmp.join("router.log"), Duration::from_secs(30))
+}
+
 fn start_prometheus(tmp: &std::path::Path, target: &str, namespace: &str) -> (Local, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     std::fs::write(
@@ -787,10 +819,7 @@ async fn builtin_autoscaler_scales_the_deployment_from_prometheus_and_holds_duri
     let (_node, node_url) = spawn_server(node, &tmp.join("node.log"), Duration::from_secs(120));
     let (prom, prom_url) = start_prometheus(&tmp, &node_url, &ns.name);
 
-    ns.start_operator_with(autoscale::Settings {
-        prometheus: Some(autoscale::PromClient::new(&prom_url).unwrap()),
-        match_namespace: true,
-    });
+    ns.start_operator_with_prometheus(&prom_url);
     let scaling = "  replicas: {min: 1, max: 3}\n  autoscaling: {targetInflight: 1, intervalSeconds: 1, stableWindowSeconds: 10, panicWindowSeconds: 3, scaleDownStabilizationSeconds: 5}\n";
     ns.apply_yaml(&small_node("text", "text", false, scaling));
     ns.wait_node_condition("text", types::READY, "True", T).await;
@@ -1048,22 +1077,9 @@ async fn a_worse_canary_is_rolled_back_from_prometheus_and_prism_rollout_undo_re
     };
     let (_n1, url1) = node("1", &model);
     let (_n2, url2) = node("2", &bad);
-    let table = serde_json::json!({"pipeline": "mm", "generation": 1, "modalities": {"text": [
-        {"endpoint": url1, "node": "text", "revision": "1", "weight": 0.5, "accuracy": 0.9, "ready": true},
-        {"endpoint": url2, "node": "text", "revision": "2", "weight": 0.5, "accuracy": 0.9, "ready": true}]}});
-    std::fs::write(tmp.join("table.json"), table.to_string()).unwrap();
-    let spec = serde_json::json!({"apiVersion": "prism.dev/v1alpha1", "kind": "MultimodalPipeline",
-        "metadata": {"name": "mm"}, "spec": {"nodes": [{"name": "text"}], "memory": {"enabled": true}}});
-    std::fs::write(tmp.join("pipeline.json"), spec.to_string()).unwrap();
-    let mut r = Command::new(target.join("release/prism-router"));
-    r.args(["--listen", "127.0.0.1:0"]).arg("--pipeline").arg(tmp.join("pipeline.json"));
-    r.arg("--routing-table").arg(tmp.join("table.json")).arg("--memory-path").arg(tmp.join("memory.db"));
-    let (_router, router) = spawn_server(r, &tmp.join("router.log"), Duration::from_secs(30));
+    let (_router, router) = spawn_memory_router(&tmp, &target, &[(&url1, "1", 0.5), (&url2, "2", 0.5)]);
     let (_prom, prom_url) = start_prometheus(&tmp, &router, &ns.name);
-    ns.start_operator_with(autoscale::Settings {
-        prometheus: Some(autoscale::PromClient::new(&prom_url).unwrap()),
-        match_namespace: true,
-    });
+    ns.start_operator_with_prometheus(&prom_url);
 
     // Revision 1 deployed, then revision 2 as a canary with half the traffic.
     let rollout = "  replicas: {min: 2, max: 2}\n  rollout:\n    steps: [{weight: 50, pauseSeconds: 600}]\n    analysis: {minCorrections: 10, maxAccuracyDrop: 0.1}\n";
@@ -1315,4 +1331,88 @@ async fn an_adaptation_run_is_an_indexed_torchrun_job_on_gpu_nodes_and_its_resul
     assert!(c.message.contains("canary of revision 1-lora1"), "{}", c.message);
     assert!(ns.api::<Job>().get_opt("text-train-2").await.unwrap().is_none());
     ns.stop_operator().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane (KUBECONFIG), the text model, a prometheus binary and target/release/prism-{node,router}"]
+async fn every_n_corrections_counted_in_prometheus_start_a_run_and_the_next_run_counts_from_there() {
+    use k8s_openapi::api::batch::v1::Job;
+    use serde_json::Value;
+    let mut ns = TestNs::new("adapt-trigger", &[]).await;
+    let _pv = BoundVolume::new(&ns.name, "text-train");
+    let tmp = std::env::temp_dir().join(format!("{}-trigger", ns.name));
+    std::fs::create_dir_all(&tmp).unwrap();
+    let target = std::env::var("CARGO_TARGET_DIR").map(PathBuf::from).unwrap_or_else(|_| repo().join("target"));
+    // Pod IPs are fake: a real prism-node and router with memory stand in for the node's pods and
+    // the pipeline's router; the real Prometheus scrapes the router's corrections counter.
+    let model = repo().join(".cache/models/all-minilm-l6-v2");
+    assert!(model.is_dir(), "run `make models` first");
+    let mut c = Command::new(target.join("release/prism-node"));
+    c.args(["--listen", "127.0.0.1:0", "--node-name", "text", "--modality", "text", "--architecture", "bert"]);
+    c.args(["--revision", "1"]).arg("--model-uri").arg(&model);
+    let (_node, node_url) = spawn_server(c, &tmp.join("node.log"), Duration::from_secs(120));
+    let (_router, router) = spawn_memory_router(&tmp, &target, &[(&node_url, "1", 1.0)]);
+    let (_prom, prom_url) = start_prometheus(&tmp, &router, &ns.name);
+    ns.start_operator_with_prometheus(&prom_url);
+    kubectl_ok(&["-n", &ns.name, "create", "secret", "generic", "mm-router-tokens", "--from-literal=tokens=t0k3n"]);
+    let extra = "  adaptation:\n    workers: 2\n    gpusPerWorker: 1\n    trigger: {everyCorrections: 4}\n";
+    ns.apply_yaml(&small_node("text", "text", true, extra).replace("file:///models/text", "hf://org/minilm"));
+    ns.apply_yaml(&format!("{}  memory: {{enabled: true}}\n", pipeline_yaml("mm", &["text"])));
+
+    let http = reqwest::Client::builder().no_proxy().build().unwrap();
+    let correct = |n: usize| {
+        let (http, router) = (http.clone(), router.clone());
+        async move {
+            for i in 0..n {
+                let ans: Value = http
+                    .post(format!("{router}/v1/infer"))
+                    .json(&serde_json::json!({"inputs": {"text": format!("where is parcel {i}?")}}))
+                    .send()
+                    .await
+                    .unwrap()
+                    .json()
+                    .await
+                    .unwrap();
+                let ok = http
+                    .post(format!("{router}/v1/memory/corrections"))
+                    .json(&serde_json::json!({"requestId": ans["id"], "rating": 0.0,
+                                              "answer": {"text": format!("at depot {i}")}}))
+                    .send()
+                    .await
+                    .unwrap();
+                assert!(ok.status().is_success(), "correction refused: {}", ok.status());
+            }
+        }
+    };
+    let jobs = ns.api::<Job>();
+    let nodes = ns.api::<ModalityNode>();
+    correct(4).await;
+    let started = Instant::now();
+    ns.wait("run 1 started by 4 corrections", T, || async { jobs.get_opt("text-train-1").await.ok().flatten() }).await;
+    eprintln!("run 1 started {:.1}s after the 4th correction", started.elapsed().as_secs_f64());
+    let a = ns
+        .wait("run 1 finished", T, || async {
+            let a = nodes.get("text").await.ok()?.status?.adaptation?;
+            (a.phase == "Succeeded").then_some(a)
+        })
+        .await;
+    assert!(a.trigger.contains("4 corrections so far >= trigger.everyCorrections 4"), "{}", a.trigger);
+    assert_eq!(a.corrections_at_start, Some(4.0), "the baseline of the next run");
+    assert_eq!(nodes.get("text").await.unwrap().spec.model.revision, "1-lora1");
+
+    // Four more: run 2, counted from run 1's baseline; run 1's Job and Service are cleaned up.
+    correct(4).await;
+    ns.wait("run 2 started by 4 more corrections", T, || async { jobs.get_opt("text-train-2").await.ok().flatten() })
+        .await;
+    let a = nodes.get("text").await.unwrap().status.unwrap().adaptation.unwrap();
+    assert!(a.trigger.contains("4 corrections since run 1"), "{}", a.trigger);
+    assert_eq!(a.base_model.as_ref().unwrap().uri, "hf://org/minilm", "run 2 trains from the base, not run 1's output");
+    ns.wait("run 1's Job and Service deleted", T, || async {
+        let gone = jobs.get_opt("text-train-1").await.ok()?.is_none()
+            && ns.api::<Service>().get_opt("text-train-1").await.ok()?.is_none();
+        gone.then_some(())
+    })
+    .await;
+    ns.stop_operator().await;
+    let _ = std::fs::remove_dir_all(&tmp);
 }
