@@ -623,6 +623,12 @@ pub struct RolloutAnalysis {
     #[serde(default = "default_min_corrections")]
     #[schemars(range(min = 1, max = 1000000))]
     pub min_corrections: u32,
+    /// Seconds a step may stay undecided after its pause (too few calls, e.g. a canary that never
+    /// became ready, or metrics unavailable) before the canary is rolled back: stable is the
+    /// revision known to work.
+    #[serde(default = "default_progress_deadline_seconds")]
+    #[schemars(range(min = 1, max = 604800))]
+    pub progress_deadline_seconds: u32,
 }
 
 fn default_max_error_rate_increase() -> f64 {
@@ -640,6 +646,9 @@ fn default_min_calls() -> u32 {
 fn default_min_corrections() -> u32 {
     10
 }
+fn default_progress_deadline_seconds() -> u32 {
+    600
+}
 
 impl Default for RolloutAnalysis {
     fn default() -> Self {
@@ -649,6 +658,7 @@ impl Default for RolloutAnalysis {
             max_accuracy_drop: default_max_accuracy_drop(),
             min_calls: default_min_calls(),
             min_corrections: default_min_corrections(),
+            progress_deadline_seconds: default_progress_deadline_seconds(),
         }
     }
 }

@@ -342,7 +342,8 @@ async fn delete_run(ctx: &Context, ns: &str, job: &str) {
 /// Moves the node's rollout one step (see [`crate::rollout`]): returns the node with its status
 /// updated (currentRevision, canary, history) and the Event to record, if any. The canary's
 /// figures come from Prometheus when the operator has one; without it a canary waits at the end
-/// of its first pause (`metrics unavailable`) and is never promoted blind.
+/// of its first pause (`metrics unavailable`), is never promoted blind, and is rolled back at
+/// its progress deadline.
 async fn step_rollout(
     mn: &ModalityNode,
     ctx: &Context,

@@ -216,12 +216,28 @@ pub fn decide(
                 ),
             };
         }
+        // Undecided past the deadline: a canary nobody can judge is not left half-deployed.
+        let deadline = f64::from(s.pause_seconds) + f64::from(rollout.analysis.progress_deadline_seconds);
+        let undecided = |why: String| {
+            if elapsed >= deadline {
+                Transition::RollBack {
+                    reason: format!(
+                        "no verdict {elapsed:.0}s into step {} (pause {}s + progressDeadlineSeconds {}): {why}",
+                        step + 1,
+                        s.pause_seconds,
+                        rollout.analysis.progress_deadline_seconds
+                    ),
+                }
+            } else {
+                Transition::Hold { reason: why }
+            }
+        };
         let Some((st, ca)) = stats else {
-            return Transition::Hold { reason: "metrics of the canary are unavailable".into() };
+            return undecided("metrics of the canary are unavailable".into());
         };
         return match judge(&rollout.analysis, st, ca) {
             Verdict::Fail(why) => Transition::RollBack { reason: why },
-            Verdict::Wait(why) => Transition::Hold { reason: why },
+            Verdict::Wait(why) => undecided(why),
             Verdict::Pass(why) if step + 1 >= rollout.steps.len() => {
                 Transition::Promote { reason: format!("canary passed every step: {why}") }
             }

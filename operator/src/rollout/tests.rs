@@ -166,3 +166,28 @@ fn rollback_target_is_the_previous_served_revision_or_the_named_one() {
     let err = rollback_target(&spec("3", true), &st, Some("3")).unwrap_err();
     assert!(err.contains("never served") && err.contains("1, 2"), "{err}");
 }
+
+#[test]
+fn a_canary_nobody_can_judge_is_rolled_back_at_its_progress_deadline() {
+    let mut st = ModalityNodeStatus::default();
+    step(&spec("1", true), &mut st, None, None);
+    let s2 = spec("2", true);
+    step(&s2, &mut st, None, None);
+    assert_eq!(s2.rollout.as_ref().unwrap().analysis.progress_deadline_seconds, 600, "default");
+    // The canary never became ready: it serves no calls, so the step waits for minCalls...
+    let (stable, idle) = (good(500.0, 0.9), good(0.0, 0.9));
+    let t = step(&s2, &mut st, Some(30.0 + 599.0), Some((&stable, &idle)));
+    assert!(matches!(&t, Transition::Hold { reason } if reason.contains("calls")), "{t:?}");
+    // ... until the pause (30 s) plus the deadline (600 s) have passed.
+    let t = step(&s2, &mut st, Some(30.0 + 600.0), Some((&stable, &idle)));
+    let Transition::RollBack { reason } = t else { panic!("{t:?}") };
+    assert!(reason.contains("no verdict 630s into step 1") && reason.contains("calls"), "{reason}");
+    assert_eq!(st.current_revision.as_deref(), Some("1"));
+    assert_eq!(st.history.last().unwrap().outcome, outcome::ROLLED_BACK);
+    // Metrics that stay unavailable end the same way.
+    let s3 = spec("3", true);
+    step(&s3, &mut st, None, None);
+    assert!(matches!(step(&s3, &mut st, Some(100.0), None), Transition::Hold { .. }));
+    let t = step(&s3, &mut st, Some(700.0), None);
+    assert!(matches!(&t, Transition::RollBack { reason } if reason.contains("unavailable")), "{t:?}");
+}
