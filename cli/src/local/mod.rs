@@ -338,6 +338,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             n.name()
         );
     }
+    for n in nodes.iter().filter(|n| n.spec.spec.adaptation.is_some()) {
+        // Adaptation runs as a cluster Job; locally the same script runs under torchrun by hand.
+        println!(
+            "note: node {}: spec.adaptation runs as a Job in a cluster; locally run train/prism_train.py under torchrun (docs/distributed-training.md)",
+            n.name()
+        );
+    }
     let autoscaled: Vec<String> =
         nodes.iter().filter(|n| autoscale::is_autoscaled(&n.spec.spec)).map(LocalNode::name).collect();
     let prom = metrics_source(&args, &dir, &http, &autoscaled).await?;
