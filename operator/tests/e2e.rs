@@ -1402,9 +1402,14 @@ async fn every_n_corrections_counted_in_prometheus_start_a_run_and_the_next_run_
 
     // Four more: run 2, counted from run 1's baseline; run 1's Job and Service are cleaned up.
     correct(4).await;
-    ns.wait("run 2 started by 4 more corrections", T, || async { jobs.get_opt("text-train-2").await.ok().flatten() })
+    // The Job is created before the node's status names it: wait for the status.
+    let a = ns
+        .wait("run 2 started by 4 more corrections", T, || async {
+            let a = nodes.get("text").await.ok()?.status?.adaptation?;
+            (a.run == 2).then_some(a)
+        })
         .await;
-    let a = nodes.get("text").await.unwrap().status.unwrap().adaptation.unwrap();
+    assert!(jobs.get_opt("text-train-2").await.unwrap().is_some());
     assert!(a.trigger.contains("4 corrections since run 1"), "{}", a.trigger);
     assert_eq!(a.base_model.as_ref().unwrap().uri, "hf://org/minilm", "run 2 trains from the base, not run 1's output");
     ns.wait("run 1's Job and Service deleted", T, || async {
