@@ -10,8 +10,7 @@ use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
     Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath, ObjectFieldSelector,
     PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
-    ResourceRequirements, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
-    VolumeResourceRequirements,
+    SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -19,10 +18,11 @@ use kube::ResourceExt;
 use prism_api::condition::{types, Condition, ConditionStatus};
 use prism_api::labels;
 use prism_api::node::{AdaptationSpec, AdaptationStatus, ModalityNode, ModelSpec, Sharding, ADAPT_REQUEST_ANNOTATION};
+use prism_api::pipeline::RouterAuth;
 use prism_api::MultimodalPipeline;
 
-use crate::node::{model_source, owner_ref, restricted_container_sc, restricted_pod_sc, tmp_mount};
-use crate::pipeline::{router_name, ROUTER_PORT};
+use crate::node::{model_source, owner_ref, pod_resources, restricted_container_sc, restricted_pod_sc, tmp_mount};
+use crate::pipeline::{router_name, AUTH_DIR, ROUTER_PORT};
 use crate::{OperatorConfig, Result};
 
 /// Port torchrun's static rendezvous (rank 0's TCPStore) listens on in worker 0.
@@ -31,8 +31,6 @@ pub const RENDEZVOUS_PORT: i32 = 29500;
 pub const TRAIN_DIR: &str = "/train";
 /// The training script inside the `prism-train` image (`train/Dockerfile`).
 pub const TRAIN_SCRIPT: &str = "/opt/prism/prism_train.py";
-/// Where a pipeline's router token Secret is mounted in the workers.
-pub const AUTH_DIR: &str = "/etc/prism-auth";
 /// Component label value of training objects.
 pub const COMPONENT: &str = "adaptation";
 
@@ -335,7 +333,7 @@ pub fn torchrun_args(
     ]
     .into();
     if source.token_secret.is_some() {
-        a.extend(["--corrections-token-file".into(), format!("{AUTH_DIR}/tokens")]);
+        a.extend(["--corrections-token-file".into(), format!("{AUTH_DIR}/{}", RouterAuth::TOKENS_KEY)]);
     }
     if let Some(w) = spec.sliding_window {
         a.extend(["--sliding-window".into(), w.to_string()]);
@@ -386,7 +384,11 @@ pub fn objects(
             name: "auth".into(),
             secret: Some(SecretVolumeSource {
                 secret_name: Some(secret.clone()),
-                items: Some(vec![KeyToPath { key: "tokens".into(), path: "tokens".into(), mode: None }]),
+                items: Some(vec![KeyToPath {
+                    key: RouterAuth::TOKENS_KEY.into(),
+                    path: RouterAuth::TOKENS_KEY.into(),
+                    mode: None,
+                }]),
                 default_mode: Some(0o440),
                 ..Default::default()
             }),
@@ -400,22 +402,9 @@ pub fn objects(
         });
     }
 
-    let mut res: BTreeMap<String, Quantity> = BTreeMap::new();
-    if let Some(cpu) = &spec.cpu {
-        res.insert("cpu".into(), Quantity(cpu.clone()));
-    }
-    if let Some(mem) = &spec.memory {
-        res.insert("memory".into(), Quantity(mem.clone()));
-    }
     let gpus = spec.gpus_per_worker;
-    if gpus > 0 {
-        res.insert(mn.spec.resources.gpu.resource_name.clone(), Quantity(gpus.to_string()));
-    }
-    let resources = (!res.is_empty()).then(|| ResourceRequirements {
-        requests: Some(res.clone()),
-        limits: Some(res),
-        ..Default::default()
-    });
+    let resources =
+        pod_resources(spec.cpu.as_deref(), spec.memory.as_deref(), &mn.spec.resources.gpu.resource_name, gpus);
 
     let env = vec![
         EnvVar {

@@ -195,10 +195,7 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
         let running = status.adaptation.as_ref().is_some_and(|a| a.phase == crate::adaptation::phase::RUNNING);
         // The Job's own events wake us too (`.owns`); this bounds a missed one. A corrections
         // trigger is polled from Prometheus.
-        if running {
-            return Ok(Action::requeue(Duration::from_secs(15)));
-        }
-        if spec.trigger.every_corrections.is_some() {
+        if running || spec.trigger.every_corrections.is_some() {
             return Ok(Action::requeue(Duration::from_secs(15)));
         }
     }
@@ -279,8 +276,15 @@ async fn step_adaptation(
             };
             match source {
                 Ok(source) => {
-                    let run = ad.as_ref().map(|a| a.run).unwrap_or(0) + 1;
-                    let objs = adapt::objects(&mn, &ctx.cfg, &spec, run, &base, &source)?;
+                    // The run's number and status come from one place; written only once it exists.
+                    let start = adapt::RunStart {
+                        trigger,
+                        request: request.as_deref(),
+                        corrections_total: total,
+                        base: base.clone(),
+                    };
+                    let next = adapt::started(ad.as_ref(), &spec, &name, start, &now);
+                    let objs = adapt::objects(&mn, &ctx.cfg, &spec, next.run, &base, &source)?;
                     if let Some(claim) = &objs.claim {
                         // Created once, never re-applied: most of a claim's spec is immutable.
                         let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
@@ -295,9 +299,6 @@ async fn step_adaptation(
                     if let Some(prev) = ad.as_ref().and_then(|a| a.job.clone()) {
                         delete_run(ctx, ns, &prev).await;
                     }
-                    let start =
-                        adapt::RunStart { trigger, request: request.as_deref(), corrections_total: total, base };
-                    let next = adapt::started(ad.as_ref(), &spec, &name, start, &now);
                     let note = format!(
                         "run {}: Job {} with {} workers x {} GPUs ({})",
                         next.run,

@@ -176,6 +176,32 @@ pub(crate) fn model_source(model: &ModelSpec, image: &str, sc: &SecurityContext)
     Err(Error::InvalidSpec(format!("model.uri {uri}: scheme must be file://, pvc://, hf:// or oci://")))
 }
 
+/// Requests == limits for cpu, memory and `gpus` x `gpu_resource` (None when nothing is set).
+/// Extended resources (GPUs) must have request == limit; setting both for everything also gives
+/// GPU pods the Guaranteed QoS class when cpu/memory are set. Serving and training pods share it.
+pub(crate) fn pod_resources(
+    cpu: Option<&str>,
+    memory: Option<&str>,
+    gpu_resource: &str,
+    gpus: u32,
+) -> Option<ResourceRequirements> {
+    let mut res: BTreeMap<String, Quantity> = BTreeMap::new();
+    if let Some(cpu) = cpu {
+        res.insert("cpu".into(), Quantity(cpu.to_string()));
+    }
+    if let Some(mem) = memory {
+        res.insert("memory".into(), Quantity(mem.to_string()));
+    }
+    if gpus > 0 {
+        res.insert(gpu_resource.to_string(), Quantity(gpus.to_string()));
+    }
+    (!res.is_empty()).then(|| ResourceRequirements {
+        requests: Some(res.clone()),
+        limits: Some(res),
+        ..Default::default()
+    })
+}
+
 pub(crate) fn tmp_mount() -> VolumeMount {
     VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() }
 }
@@ -261,23 +287,8 @@ fn build_objects(mn: &ModalityNode, cfg: &OperatorConfig, replicas: i32, canary:
     let sc = restricted_container_sc();
     let model = model_source(&spec.model, &image, &sc)?;
 
-    let mut resources: BTreeMap<String, Quantity> = BTreeMap::new();
-    if let Some(cpu) = &spec.resources.cpu {
-        resources.insert("cpu".into(), Quantity(cpu.clone()));
-    }
-    if let Some(mem) = &spec.resources.memory {
-        resources.insert("memory".into(), Quantity(mem.clone()));
-    }
-    // Extended resources (GPUs) must have request == limit; we set both for everything, which
-    // also gives GPU pods the Guaranteed QoS class when cpu/memory are set.
-    if spec.resources.gpu.count > 0 {
-        resources.insert(spec.resources.gpu.resource_name.clone(), Quantity(spec.resources.gpu.count.to_string()));
-    }
-    let resources = (!resources.is_empty()).then(|| ResourceRequirements {
-        requests: Some(resources.clone()),
-        limits: Some(resources),
-        ..Default::default()
-    });
+    let r = &spec.resources;
+    let resources = pod_resources(r.cpu.as_deref(), r.memory.as_deref(), &r.gpu.resource_name, r.gpu.count);
 
     let mut args =
         spec.server_args(&name, &format!("0.0.0.0:{HTTP_PORT}"), Some(&format!("0.0.0.0:{GRPC_PORT}")), &model.uri);
