@@ -9,6 +9,8 @@ use candle_transformers::models::bert::{BertModel, Config};
 use prism_api::wire::node::EmbedInput;
 use tokenizers::{Tokenizer, TruncationParams};
 
+use super::cpu::bert::{BertShape, PackedBert, Workspace};
+use super::cpu::CpuKernels;
 use super::{
     device_name, l2_normalize, BackendError, Encoder, LoadSpec, LoadedModel, ModelInfo, Prepared, Preprocessor,
 };
@@ -63,10 +65,11 @@ impl Preprocessor for BertPreprocessor {
     }
 }
 
-pub struct BertEncoder {
-    model: BertModel,
-    device: Device,
-    pad_id: u32,
+/// The text encoder: the packed CPU forward pass on CPU devices, candle's BERT on GPUs (and on CPU
+/// when asked, for comparison).
+pub enum BertEncoder {
+    Packed(PackedBert, Workspace),
+    Candle { model: BertModel, device: Device, pad_id: u32 },
 }
 
 impl Encoder for BertEncoder {
@@ -75,34 +78,49 @@ impl Encoder for BertEncoder {
             return Ok(Vec::new());
         }
         let toks: Vec<&TextTokens> = batch.iter().map(|p| p.payload::<TextTokens>()).collect::<Result<_, _>>()?;
-        // Dynamic padding: to the longest item of this batch only. Padding everything to the
-        // tokenizer's fixed 128 costs 3-7x on typical sentences.
-        let b = toks.len();
-        let l = toks.iter().map(|t| t.ids.len()).max().unwrap_or(0).max(1);
-        let mut ids = Vec::with_capacity(b * l);
-        let mut mask = Vec::with_capacity(b * l);
-        for t in &toks {
-            ids.extend_from_slice(&t.ids);
-            mask.extend(std::iter::repeat_n(1u32, t.ids.len()));
-            let pad = l - t.ids.len();
-            ids.extend(std::iter::repeat_n(self.pad_id, pad));
-            mask.extend(std::iter::repeat_n(0u32, pad));
+        match self {
+            BertEncoder::Packed(model, workspace) => {
+                let seqs: Vec<&[u32]> = toks.iter().map(|t| t.ids.as_slice()).collect();
+                model.embed(&seqs, workspace)
+            }
+            BertEncoder::Candle { model, device, pad_id } => candle_encode(model, device, *pad_id, &toks),
         }
-        let ids = Tensor::from_vec(ids, (b, l), &self.device)?;
-        let type_ids = ids.zeros_like()?;
-        let mask = Tensor::from_vec(mask, (b, l), &self.device)?;
-        // The stock model builds its additive mask as (1 - m) * f32::MIN; that is exact in f32 (the
-        // NaN problem only appears in bf16/f16), so the model runs in f32 here.
-        let hidden = self.model.forward(&ids, &type_ids, Some(&mask))?; // (b, l, h)
-                                                                        // Mean pooling over real tokens only; padded positions must not dilute the mean.
-        let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (b, l, 1)
-        let summed = hidden.broadcast_mul(&maskf)?.sum(1)?; // (b, h)
-        let counts = maskf.sum(1)?; // (b, 1), >= 1 since every input has [CLS] [SEP]
-        let mean = summed.broadcast_div(&counts)?;
-        let mut out: Vec<Vec<f32>> = mean.to_vec2()?;
-        out.iter_mut().for_each(|v| l2_normalize(v));
-        Ok(out)
     }
+}
+
+fn candle_encode(
+    model: &BertModel,
+    device: &Device,
+    pad_id: u32,
+    toks: &[&TextTokens],
+) -> Result<Vec<Vec<f32>>, BackendError> {
+    // Dynamic padding: to the longest item of this batch only. Padding everything to the
+    // tokenizer's fixed 128 costs 3-7x on typical sentences.
+    let b = toks.len();
+    let l = toks.iter().map(|t| t.ids.len()).max().unwrap_or(0).max(1);
+    let mut ids = Vec::with_capacity(b * l);
+    let mut mask = Vec::with_capacity(b * l);
+    for t in toks {
+        ids.extend_from_slice(&t.ids);
+        mask.extend(std::iter::repeat_n(1u32, t.ids.len()));
+        let pad = l - t.ids.len();
+        ids.extend(std::iter::repeat_n(pad_id, pad));
+        mask.extend(std::iter::repeat_n(0u32, pad));
+    }
+    let ids = Tensor::from_vec(ids, (b, l), device)?;
+    let type_ids = ids.zeros_like()?;
+    let mask = Tensor::from_vec(mask, (b, l), device)?;
+    // The stock model builds its additive mask as (1 - m) * f32::MIN; that is exact in f32 (the
+    // NaN problem only appears in bf16/f16), so the model runs in f32 here.
+    let hidden = model.forward(&ids, &type_ids, Some(&mask))?; // (b, l, h)
+                                                               // Mean pooling over real tokens only; padded positions must not dilute the mean.
+    let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (b, l, 1)
+    let summed = hidden.broadcast_mul(&maskf)?.sum(1)?; // (b, h)
+    let counts = maskf.sum(1)?; // (b, 1), >= 1 since every input has [CLS] [SEP]
+    let mean = summed.broadcast_div(&counts)?;
+    let mut out: Vec<Vec<f32>> = mean.to_vec2()?;
+    out.iter_mut().for_each(|v| l2_normalize(v));
+    Ok(out)
 }
 
 fn read(dir: &Path, name: &str) -> Result<Vec<u8>, BackendError> {
@@ -116,20 +134,26 @@ fn read(dir: &Path, name: &str) -> Result<Vec<u8>, BackendError> {
 }
 
 /// Loads a BERT folder (config.json, tokenizer.json, model.safetensors; optional LoRA adapter).
+/// On CPU the kernels come from `PRISM_CPU_KERNELS` (default auto: see [`CpuKernels`]).
 pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
+    load_with(spec, CpuKernels::from_env().map_err(BackendError::Load)?)
+}
+
+/// [`load`] with the CPU kernels chosen by the caller (tests compare them).
+pub fn load_with(spec: &LoadSpec, kernels: CpuKernels) -> Result<LoadedModel, BackendError> {
     let device = spec.device.resolve()?;
-    let config: Config = serde_json::from_slice(&read(&spec.dir, "config.json")?)
+    let config_bytes = read(&spec.dir, "config.json")?;
+    let config: Config = serde_json::from_slice(&config_bytes)
         .map_err(|e| BackendError::Load(format!("config.json is not a BERT config: {e}")))?;
-    let max_positions = serde_json::from_slice::<serde_json::Value>(&read(&spec.dir, "config.json")?)
-        .ok()
-        .and_then(|v| v.get("max_position_embeddings").and_then(|m| m.as_u64()))
-        .unwrap_or(512) as usize;
+    let raw: serde_json::Value = serde_json::from_slice(&config_bytes).unwrap_or_default();
+    let max_positions = raw.get("max_position_embeddings").and_then(|m| m.as_u64()).unwrap_or(512) as usize;
+    let vocab = raw.get("vocab_size").and_then(|m| m.as_u64()).unwrap_or(0) as usize;
     let max_tokens = spec.max_input_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(max_positions);
 
     let mut tokenizer = Tokenizer::from_bytes(read(&spec.dir, "tokenizer.json")?)
         .map_err(|e| BackendError::Load(format!("tokenizer.json: {e}")))?;
     let pad_id = tokenizer.get_padding().map(|p| p.pad_id).unwrap_or(0);
-    // The shipped tokenizer pads every input to 128; the encoder pads per batch instead.
+    // The shipped tokenizer pads every input to 128; the encoder pads per batch (or not at all).
     tokenizer.with_padding(None);
     tokenizer
         .with_truncation(Some(TruncationParams { max_length: max_tokens, ..Default::default() }))
@@ -137,8 +161,29 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
 
     // model.safetensors with the folder's LoRA adapter, if any, merged in (adapter_config.json +
     // adapter_model.safetensors in PEFT layout, as train/prism_train.py writes them).
-    let vb = super::transformer::var_builder(&spec.dir, &device)?;
-    let model = BertModel::load(vb, &config).map_err(|e| BackendError::Load(format!("BERT weights: {e}")))?;
+    let tensors = super::transformer::load_tensors(&spec.dir, &device)?;
+    let shape: Option<BertShape> = serde_json::from_slice(&config_bytes).ok();
+    let packed_why_not = match (&device, kernels, &shape) {
+        (Device::Cpu, CpuKernels::Candle, _) => Some("PRISM_CPU_KERNELS=candle".to_string()),
+        (Device::Cpu, _, Some(shape)) => shape.unsupported(),
+        (Device::Cpu, _, None) => Some("config.json lacks a field of the packed path".into()),
+        _ => Some("GPU device".into()),
+    };
+    let encoder = match (packed_why_not, shape) {
+        (None, Some(shape)) => {
+            let model = PackedBert::load(&tensors, shape, vocab, max_positions, kernels)?;
+            tracing::info!(amx_bf16 = model.uses_amx(), "BERT on the packed CPU path");
+            BertEncoder::Packed(model, Workspace::default())
+        }
+        (why, _) => {
+            if device.is_cpu() {
+                tracing::info!(reason = why.as_deref().unwrap_or(""), "BERT on candle's CPU kernels");
+            }
+            let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &device);
+            let model = BertModel::load(vb, &config).map_err(|e| BackendError::Load(format!("BERT weights: {e}")))?;
+            BertEncoder::Candle { model, device: device.clone(), pad_id }
+        }
+    };
 
     Ok(LoadedModel {
         info: ModelInfo {
@@ -149,6 +194,6 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
             max_input_tokens: Some(max_tokens),
         },
         preprocessor: Arc::new(BertPreprocessor { tokenizer }),
-        encoder: Box::new(BertEncoder { model, device, pad_id }),
+        encoder: Box::new(encoder),
     })
 }

@@ -24,6 +24,7 @@
 //! Nothing in the server, batching queue or metrics code changes: they only see the traits.
 
 pub mod bert;
+pub mod cpu;
 pub mod fusion;
 pub mod projection;
 pub mod transformer;

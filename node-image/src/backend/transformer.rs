@@ -24,6 +24,14 @@ pub fn read_model_file(dir: &std::path::Path, name: &str) -> Result<String, Back
 /// Loads `model.safetensors` of a folder as f32, with any LoRA adapter in the folder merged in
 /// (see [`merge_lora`]).
 pub fn var_builder(dir: &std::path::Path, device: &Device) -> Result<VarBuilder<'static>, BackendError> {
+    Ok(VarBuilder::from_tensors(load_tensors(dir, device)?, DType::F32, device))
+}
+
+/// The tensors of a folder's `model.safetensors`, with any LoRA adapter merged in.
+pub fn load_tensors(
+    dir: &std::path::Path,
+    device: &Device,
+) -> Result<std::collections::HashMap<String, Tensor>, BackendError> {
     let p = dir.join("model.safetensors");
     if !p.is_file() {
         return Err(BackendError::Load(format!("{} is missing; run `make models`", p.display())));
@@ -31,7 +39,7 @@ pub fn var_builder(dir: &std::path::Path, device: &Device) -> Result<VarBuilder<
     let mut tensors =
         candle_core::safetensors::load(&p, device).map_err(|e| BackendError::Load(format!("{}: {e}", p.display())))?;
     merge_lora(dir, &mut tensors)?;
-    Ok(VarBuilder::from_tensors(tensors, DType::F32, device))
+    Ok(tensors)
 }
 
 /// PEFT's adapter_config.json fields that the merge needs.

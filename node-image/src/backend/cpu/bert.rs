@@ -1,0 +1,284 @@
+//! BERT encoder forward pass on CPU over a packed batch: the tokens of all sequences back to back
+//! (no padding), so every dense layer is one matmul over the whole batch and attention runs per
+//! (sequence, head) on exactly its own tokens.
+
+use std::collections::HashMap;
+
+use candle_core::{DType, Tensor};
+use rayon::prelude::*;
+
+use super::simd::{self, HeadJob};
+use super::{CpuKernels, Epilogue, Linear};
+use crate::backend::BackendError;
+
+/// The parts of config.json this forward pass reads.
+#[derive(Debug, Clone, serde::Deserialize)]
+pub struct BertShape {
+    pub hidden_size: usize,
+    pub num_attention_heads: usize,
+    pub num_hidden_layers: usize,
+    pub intermediate_size: usize,
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_act")]
+    pub hidden_act: String,
+    #[serde(default = "default_position")]
+    pub position_embedding_type: String,
+}
+
+fn default_act() -> String {
+    "gelu".into()
+}
+
+fn default_position() -> String {
+    "absolute".into()
+}
+
+impl BertShape {
+    /// Why this forward pass cannot run the model (then the caller uses candle's), or None.
+    pub fn unsupported(&self) -> Option<String> {
+        if self.hidden_act != "gelu" {
+            return Some(format!("hidden_act {:?} (the packed CPU path implements \"gelu\")", self.hidden_act));
+        }
+        if self.position_embedding_type != "absolute" {
+            return Some(format!("position_embedding_type {:?}", self.position_embedding_type));
+        }
+        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+            return Some("hidden_size is not a multiple of num_attention_heads".into());
+        }
+        None
+    }
+}
+
+struct Norm {
+    gamma: Vec<f32>,
+    beta: Vec<f32>,
+}
+
+struct Layer {
+    /// Query, key and value projections fused into one `[3H, H]` matmul.
+    qkv: Linear,
+    attn_out: Linear,
+    attn_norm: Norm,
+    up: Linear,
+    down: Linear,
+    out_norm: Norm,
+}
+
+/// Buffers of one forward pass, kept between batches so the large ones are not faulted in anew
+/// each time (fresh multi-MiB allocations cost page faults and zeroing: ~10% of a batch).
+#[derive(Default)]
+pub struct Workspace {
+    x: Vec<f32>,
+    qkv: Vec<f32>,
+    ctx: Vec<f32>,
+    dense: Vec<f32>,
+    inner: Vec<f32>,
+    bf16: Vec<u16>,
+}
+
+pub struct PackedBert {
+    shape: BertShape,
+    word: Vec<f32>,
+    position: Vec<f32>,
+    token_type0: Vec<f32>,
+    max_positions: usize,
+    emb_norm: Norm,
+    layers: Vec<Layer>,
+}
+
+/// Finds `name` with or without the `bert.` prefix of BertForX checkpoints, as f32 values.
+fn take(tensors: &HashMap<String, Tensor>, name: &str, len: usize) -> Result<Vec<f32>, BackendError> {
+    let t = tensors
+        .get(name)
+        .or_else(|| tensors.get(&format!("bert.{name}")))
+        .ok_or_else(|| BackendError::Load(format!("BERT weights: {name} is missing")))?;
+    let v = t
+        .to_dtype(DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(|e| BackendError::Load(format!("BERT weights: {name}: {e}")))?;
+    if v.len() != len {
+        return Err(BackendError::Load(format!("BERT weights: {name} has {} values, expected {len}", v.len())));
+    }
+    Ok(v)
+}
+
+impl PackedBert {
+    pub fn load(
+        tensors: &HashMap<String, Tensor>,
+        shape: BertShape,
+        vocab: usize,
+        max_positions: usize,
+        kernels: CpuKernels,
+    ) -> Result<Self, BackendError> {
+        let (h, inter) = (shape.hidden_size, shape.intermediate_size);
+        let norm = |p: &str| -> Result<Norm, BackendError> {
+            Ok(Norm { gamma: take(tensors, &format!("{p}.weight"), h)?, beta: take(tensors, &format!("{p}.bias"), h)? })
+        };
+        let linear = |p: &str, out: usize, inp: usize| -> Result<Linear, BackendError> {
+            Ok(Linear::new(
+                take(tensors, &format!("{p}.weight"), out * inp)?,
+                take(tensors, &format!("{p}.bias"), out)?,
+                out,
+                inp,
+                kernels,
+            ))
+        };
+        let mut layers = Vec::with_capacity(shape.num_hidden_layers);
+        for i in 0..shape.num_hidden_layers {
+            let p = format!("encoder.layer.{i}");
+            let mut w = Vec::with_capacity(3 * h * h);
+            let mut b = Vec::with_capacity(3 * h);
+            for part in ["query", "key", "value"] {
+                w.extend(take(tensors, &format!("{p}.attention.self.{part}.weight"), h * h)?);
+                b.extend(take(tensors, &format!("{p}.attention.self.{part}.bias"), h)?);
+            }
+            layers.push(Layer {
+                qkv: Linear::new(w, b, 3 * h, h, kernels),
+                attn_out: linear(&format!("{p}.attention.output.dense"), h, h)?,
+                attn_norm: norm(&format!("{p}.attention.output.LayerNorm"))?,
+                up: linear(&format!("{p}.intermediate.dense"), inter, h)?,
+                down: linear(&format!("{p}.output.dense"), h, inter)?,
+                out_norm: norm(&format!("{p}.output.LayerNorm"))?,
+            });
+        }
+        // Any number of token types; single-segment inputs only use type 0.
+        let tt_name = "embeddings.token_type_embeddings.weight";
+        let tt_rows = tensors
+            .get(tt_name)
+            .or_else(|| tensors.get(&format!("bert.{tt_name}")))
+            .and_then(|t| t.dim(0).ok())
+            .unwrap_or(1)
+            .max(1);
+        let token_type = take(tensors, tt_name, tt_rows * h)?;
+        Ok(PackedBert {
+            word: take(tensors, "embeddings.word_embeddings.weight", vocab * h)?,
+            position: take(tensors, "embeddings.position_embeddings.weight", max_positions * h)?,
+            token_type0: token_type[..h].to_vec(),
+            max_positions,
+            emb_norm: norm("embeddings.LayerNorm")?,
+            layers,
+            shape,
+        })
+    }
+
+    pub fn uses_amx(&self) -> bool {
+        self.layers.first().is_some_and(|l| l.qkv.uses_amx())
+    }
+
+    /// Mean-pooled, L2-normalised embeddings of each token sequence.
+    pub fn embed(&self, seqs: &[&[u32]], ws: &mut Workspace) -> Result<Vec<Vec<f32>>, BackendError> {
+        let h = self.shape.hidden_size;
+        let vocab = self.word.len() / h;
+        let mut offsets = Vec::with_capacity(seqs.len() + 1);
+        offsets.push(0usize);
+        for s in seqs {
+            if s.is_empty() || s.len() > self.max_positions {
+                return Err(BackendError::Inference(format!(
+                    "a sequence of {} tokens (1..={} fit the position table)",
+                    s.len(),
+                    self.max_positions
+                )));
+            }
+            if let Some(bad) = s.iter().find(|&&id| id as usize >= vocab) {
+                return Err(BackendError::Inference(format!("token id {bad} outside the vocabulary of {vocab}")));
+            }
+            offsets.push(offsets.last().copied().unwrap_or(0) + s.len());
+        }
+        let tokens = offsets.last().copied().unwrap_or(0);
+
+        // Embeddings: word + position + token type 0, then LayerNorm.
+        let x = &mut ws.x;
+        x.clear();
+        x.resize(tokens * h, 0.0);
+        let ids: Vec<(u32, usize)> = seqs.iter().flat_map(|s| s.iter().enumerate().map(|(p, &id)| (id, p))).collect();
+        x.par_chunks_mut(h).zip(&ids).for_each(|(row, &(id, pos))| {
+            let word = &self.word[id as usize * h..][..h];
+            let position = &self.position[pos * h..][..h];
+            for (((y, w), p), t) in row.iter_mut().zip(word).zip(position).zip(&self.token_type0) {
+                *y = w + p + t;
+            }
+            simd::residual_layer_norm(
+                row,
+                &[],
+                &self.emb_norm.gamma,
+                &self.emb_norm.beta,
+                self.shape.layer_norm_eps as f32,
+            );
+        });
+
+        for layer in &self.layers {
+            self.layer(layer, ws, tokens, &offsets);
+        }
+        let x = &ws.x;
+
+        // Mean pooling over each sequence's tokens, then L2 normalisation.
+        Ok(offsets
+            .windows(2)
+            .map(|w| {
+                let mut v = vec![0f32; h];
+                for row in x[w[0] * h..w[1] * h].chunks_exact(h) {
+                    for (a, b) in v.iter_mut().zip(row) {
+                        *a += *b;
+                    }
+                }
+                let n = (w[1] - w[0]) as f32;
+                v.iter_mut().for_each(|a| *a /= n);
+                crate::backend::l2_normalize(&mut v);
+                v
+            })
+            .collect())
+    }
+
+    fn layer(&self, layer: &Layer, ws: &mut Workspace, tokens: usize, offsets: &[usize]) {
+        let h = self.shape.hidden_size;
+        let heads = self.shape.num_attention_heads;
+        let hd = h / heads;
+        let eps = self.shape.layer_norm_eps as f32;
+        layer.qkv.forward_into(&ws.x, tokens, Epilogue::Bias, &mut ws.bf16, &mut ws.qkv);
+
+        // Attention, one rayon task per sequence; each writes only its own rows of ctx (every
+        // element of them, so ctx needs no clearing).
+        ws.ctx.resize(tokens * h, 0.0);
+        let mut slices = Vec::with_capacity(offsets.len() - 1);
+        let mut rest = &mut ws.ctx[..tokens * h];
+        for w in offsets.windows(2) {
+            let (this, tail) = rest.split_at_mut((w[1] - w[0]) * h);
+            slices.push((w[0], w[1] - w[0], this));
+            rest = tail;
+        }
+        let scale = 1.0 / (hd as f32).sqrt();
+        let qkv = &ws.qkv;
+        slices.into_par_iter().for_each_init(
+            || (Vec::new(), Vec::new()),
+            |(kt, scores), (start, n, out)| {
+                for head in 0..heads {
+                    let job = HeadJob {
+                        qkv: &qkv[start * 3 * h..(start + n) * 3 * h],
+                        row_stride: 3 * h,
+                        n,
+                        q_col: head * hd,
+                        k_col: h + head * hd,
+                        v_col: 2 * h + head * hd,
+                        head_dim: hd,
+                        scale,
+                    };
+                    simd::attend(&job, kt, scores, &mut out[head * hd..], h);
+                }
+            },
+        );
+
+        let norm_rows = |x: &mut [f32], delta: &[f32], norm: &Norm| {
+            x[..tokens * h].par_chunks_mut(h * 8).zip(delta[..tokens * h].par_chunks(h * 8)).for_each(|(xs, ds)| {
+                for (row, d) in xs.chunks_exact_mut(h).zip(ds.chunks_exact(h)) {
+                    simd::residual_layer_norm(row, d, &norm.gamma, &norm.beta, eps);
+                }
+            })
+        };
+        layer.attn_out.forward_into(&ws.ctx, tokens, Epilogue::Bias, &mut ws.bf16, &mut ws.dense);
+        norm_rows(&mut ws.x, &ws.dense, &layer.attn_norm);
+        layer.up.forward_into(&ws.x, tokens, Epilogue::BiasGelu, &mut ws.bf16, &mut ws.inner);
+        layer.down.forward_into(&ws.inner, tokens, Epilogue::Bias, &mut ws.bf16, &mut ws.dense);
+        norm_rows(&mut ws.x, &ws.dense, &layer.out_norm);
+    }
+}
