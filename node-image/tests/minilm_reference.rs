@@ -4,20 +4,34 @@
 mod common;
 
 use prism_api::wire::node::EmbedInput;
-use prism_node::backend::{self, DeviceChoice, LoadSpec};
+use prism_node::backend::cpu::CpuKernels;
+use prism_node::backend::{self, bert, DeviceChoice, LoadSpec};
 
 const MIN_COSINE: f64 = 0.9999;
 
-fn load() -> backend::LoadedModel {
-    let spec = LoadSpec { dir: common::minilm_dir(), device: DeviceChoice::Cpu, max_input_tokens: None };
-    backend::load("bert", &spec).expect("loading all-MiniLM-L6-v2")
+fn spec() -> LoadSpec {
+    LoadSpec { dir: common::minilm_dir(), device: DeviceChoice::Cpu, max_input_tokens: None }
 }
 
+fn load() -> backend::LoadedModel {
+    backend::load("bert", &spec()).expect("loading all-MiniLM-L6-v2")
+}
+
+/// Every CPU kernel choice must match the float64 reference: the packed path on AMX bf16 tiles
+/// (where the CPU has them; f32 elsewhere), the packed path on f32 gemm (what CPUs without AMX
+/// run), and candle's stock BERT (the GPU path's model code).
 #[test]
 fn matches_float64_reference_batched_and_single() {
+    for kernels in [CpuKernels::Auto, CpuKernels::F32, CpuKernels::Candle] {
+        let model = bert::load_with(&spec(), kernels).expect("loading all-MiniLM-L6-v2");
+        let worst = check_against_reference(model);
+        eprintln!("{kernels:?}: worst cosine vs float64 reference: {worst:.9}");
+    }
+}
+
+fn check_against_reference(mut model: backend::LoadedModel) -> f64 {
     let reference = common::minilm_reference();
     assert!(reference.items.len() >= 30, "fixture must hold at least 30 sentences");
-    let mut model = load();
     assert_eq!(model.info.dim, 384);
     assert_eq!(model.info.max_input_tokens, Some(256));
 
@@ -31,7 +45,8 @@ fn matches_float64_reference_batched_and_single() {
         assert_eq!(p.cost, it.n_tokens, "token count for {:?}", it.text);
     }
 
-    // One mixed-length batch: exercises dynamic padding + the attention/pooling masks.
+    // One mixed-length batch: exercises packing/padding, attention over each item's own tokens
+    // and pooling.
     let batched = model.encoder.encode_batch(&prepared).expect("encode batch");
     assert_eq!(batched.len(), reference.items.len());
     let mut worst = f64::MAX;
@@ -42,14 +57,14 @@ fn matches_float64_reference_batched_and_single() {
         assert!(c >= MIN_COSINE, "batched cosine {c} < {MIN_COSINE} for {:?}", it.text);
         worst = worst.min(c);
     }
-    // Each alone (no padding at all) must agree too.
+    // Each alone (no padding at all; the packed path's one-thread small-batch pool) must agree too.
     for (p, it) in prepared.iter().zip(&reference.items) {
         let v = model.encoder.encode_batch(std::slice::from_ref(p)).expect("encode single");
         let c = common::cosine(&v[0], &it.embedding);
         assert!(c >= MIN_COSINE, "single cosine {c} < {MIN_COSINE} for {:?}", it.text);
         worst = worst.min(c);
     }
-    eprintln!("worst cosine vs float64 reference: {worst:.9}");
+    worst
 }
 
 #[test]
@@ -69,7 +84,6 @@ fn rejects_non_text_and_empty_inputs() {
 
 #[test]
 fn unknown_architecture_names_the_known_ones() {
-    let spec = LoadSpec { dir: common::minilm_dir(), device: DeviceChoice::Cpu, max_input_tokens: None };
-    let err = backend::load("no-such-arch", &spec).err().expect("must fail");
+    let err = backend::load("no-such-arch", &spec()).err().expect("must fail");
     assert!(err.to_string().contains("bert"), "{err}");
 }

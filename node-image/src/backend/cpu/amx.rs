@@ -29,7 +29,7 @@ pub fn available() -> bool {
 
 /// Shapes the tile kernel covers without a remainder path.
 pub fn fits(out_dim: usize, in_dim: usize) -> bool {
-    out_dim % BLOCK_N == 0 && in_dim % TILE_K == 0 && out_dim > 0 && in_dim > 0
+    out_dim.is_multiple_of(BLOCK_N) && in_dim.is_multiple_of(TILE_K) && out_dim > 0 && in_dim > 0
 }
 
 #[cfg(all(target_arch = "x86_64", target_os = "linux"))]

@@ -42,7 +42,7 @@ impl BertShape {
         if self.position_embedding_type != "absolute" {
             return Some(format!("position_embedding_type {:?}", self.position_embedding_type));
         }
-        if self.num_attention_heads == 0 || self.hidden_size % self.num_attention_heads != 0 {
+        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Some("hidden_size is not a multiple of num_attention_heads".into());
         }
         None
@@ -84,7 +84,13 @@ pub struct PackedBert {
     max_positions: usize,
     emb_norm: Norm,
     layers: Vec<Layer>,
+    /// A one-thread pool for small batches: waking the other workers for each of a layer's ~8
+    /// parallel steps costs more than it saves when a batch is a sentence or two.
+    small_batches: Option<rayon::ThreadPool>,
 }
+
+/// Batches of at most this many tokens run on one thread (see `small_batches`).
+const SMALL_BATCH_TOKENS: usize = 64;
 
 /// Finds `name` with or without the `bert.` prefix of BertForX checkpoints, as f32 values.
 fn take(tensors: &HashMap<String, Tensor>, name: &str, len: usize) -> Result<Vec<f32>, BackendError> {
@@ -159,6 +165,11 @@ impl PackedBert {
             emb_norm: norm("embeddings.LayerNorm")?,
             layers,
             shape,
+            small_batches: if rayon::current_num_threads() > 1 {
+                rayon::ThreadPoolBuilder::new().num_threads(1).thread_name(|_| "prism-small-batch".into()).build().ok()
+            } else {
+                None
+            },
         })
     }
 
@@ -168,6 +179,14 @@ impl PackedBert {
 
     /// Mean-pooled, L2-normalised embeddings of each token sequence.
     pub fn embed(&self, seqs: &[&[u32]], ws: &mut Workspace) -> Result<Vec<Vec<f32>>, BackendError> {
+        let tokens: usize = seqs.iter().map(|s| s.len()).sum();
+        match &self.small_batches {
+            Some(pool) if tokens <= SMALL_BATCH_TOKENS => pool.install(|| self.embed_here(seqs, ws)),
+            _ => self.embed_here(seqs, ws),
+        }
+    }
+
+    fn embed_here(&self, seqs: &[&[u32]], ws: &mut Workspace) -> Result<Vec<Vec<f32>>, BackendError> {
         let h = self.shape.hidden_size;
         let vocab = self.word.len() / h;
         let mut offsets = Vec::with_capacity(seqs.len() + 1);

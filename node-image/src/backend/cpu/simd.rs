@@ -264,12 +264,12 @@ multiversion! {
                 }
             }
             let done = hd - chunks.into_remainder().len();
-            for d in done..hd {
+            for (d, od) in o.iter_mut().enumerate().skip(done) {
                 let mut acc = 0f32;
                 for (j, &p) in s[..n].iter().enumerate() {
                     acc += p * job.qkv[j * rs + job.v_col + d];
                 }
-                o[d] = acc * inv;
+                *od = acc * inv;
             }
         }
     }
