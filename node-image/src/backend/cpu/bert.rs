@@ -157,6 +157,7 @@ impl PackedBert {
             .unwrap_or(1)
             .max(1);
         let token_type = take(tensors, tt_name, tt_rows * h)?;
+        let amx = layers.first().is_some_and(|l: &Layer| l.qkv.uses_amx());
         Ok(PackedBert {
             word: take(tensors, "embeddings.word_embeddings.weight", vocab * h)?,
             position: take(tensors, "embeddings.position_embeddings.weight", max_positions * h)?,
@@ -165,7 +166,8 @@ impl PackedBert {
             emb_norm: norm("embeddings.LayerNorm")?,
             layers,
             shape,
-            small_batches: if rayon::current_num_threads() > 1 {
+            // f32 matmuls are compute-bound even for one sentence: those keep every core.
+            small_batches: if amx && rayon::current_num_threads() > 1 {
                 rayon::ThreadPoolBuilder::new().num_threads(1).thread_name(|_| "prism-small-batch".into()).build().ok()
             } else {
                 None
