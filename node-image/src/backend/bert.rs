@@ -9,7 +9,7 @@ use candle_transformers::models::bert::{BertModel, Config};
 use prism_api::wire::node::EmbedInput;
 use tokenizers::{Tokenizer, TruncationParams};
 
-use super::cpu::bert::{BertShape, PackedBert, Workspace};
+use super::cpu::bert::{self as packed, PackedBert, Workspace};
 use super::cpu::CpuKernels;
 use super::{
     device_name, l2_normalize, BackendError, Encoder, LoadSpec, LoadedModel, ModelInfo, Prepared, Preprocessor,
@@ -142,13 +142,9 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
 /// [`load`] with the CPU kernels chosen by the caller (tests compare them).
 pub fn load_with(spec: &LoadSpec, kernels: CpuKernels) -> Result<LoadedModel, BackendError> {
     let device = spec.device.resolve()?;
-    let config_bytes = read(&spec.dir, "config.json")?;
-    let config: Config = serde_json::from_slice(&config_bytes)
+    let config: Config = serde_json::from_slice(&read(&spec.dir, "config.json")?)
         .map_err(|e| BackendError::Load(format!("config.json is not a BERT config: {e}")))?;
-    let raw: serde_json::Value = serde_json::from_slice(&config_bytes).unwrap_or_default();
-    let max_positions = raw.get("max_position_embeddings").and_then(|m| m.as_u64()).unwrap_or(512) as usize;
-    let vocab = raw.get("vocab_size").and_then(|m| m.as_u64()).unwrap_or(0) as usize;
-    let max_tokens = spec.max_input_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(max_positions);
+    let max_tokens = spec.max_input_tokens.unwrap_or(DEFAULT_MAX_TOKENS).min(config.max_position_embeddings);
 
     let mut tokenizer = Tokenizer::from_bytes(read(&spec.dir, "tokenizer.json")?)
         .map_err(|e| BackendError::Load(format!("tokenizer.json: {e}")))?;
@@ -162,22 +158,20 @@ pub fn load_with(spec: &LoadSpec, kernels: CpuKernels) -> Result<LoadedModel, Ba
     // model.safetensors with the folder's LoRA adapter, if any, merged in (adapter_config.json +
     // adapter_model.safetensors in PEFT layout, as train/prism_train.py writes them).
     let tensors = super::transformer::load_tensors(&spec.dir, &device)?;
-    let shape: Option<BertShape> = serde_json::from_slice(&config_bytes).ok();
-    let packed_why_not = match (&device, kernels, &shape) {
-        (Device::Cpu, CpuKernels::Candle, _) => Some("PRISM_CPU_KERNELS=candle".to_string()),
-        (Device::Cpu, _, Some(shape)) => shape.unsupported(),
-        (Device::Cpu, _, None) => Some("config.json lacks a field of the packed path".into()),
+    let packed_why_not = match (&device, kernels) {
+        (Device::Cpu, CpuKernels::Candle) => Some("PRISM_CPU_KERNELS=candle".to_string()),
+        (Device::Cpu, _) => packed::unsupported(&config),
         _ => Some("GPU device".into()),
     };
-    let encoder = match (packed_why_not, shape) {
-        (None, Some(shape)) => {
-            let model = PackedBert::load(&tensors, shape, vocab, max_positions, kernels)?;
+    let encoder = match packed_why_not {
+        None => {
+            let model = PackedBert::load(&tensors, &config, kernels)?;
             tracing::info!(amx_bf16 = model.uses_amx(), "BERT on the packed CPU path");
             BertEncoder::Packed(model, Workspace::default())
         }
-        (why, _) => {
+        Some(why) => {
             if device.is_cpu() {
-                tracing::info!(reason = why.as_deref().unwrap_or(""), "BERT on candle's CPU kernels");
+                tracing::info!(reason = why, "BERT on candle's CPU kernels");
             }
             let vb = candle_nn::VarBuilder::from_tensors(tensors, DType::F32, &device);
             let model = BertModel::load(vb, &config).map_err(|e| BackendError::Load(format!("BERT weights: {e}")))?;

@@ -141,10 +141,9 @@ pub fn linear_into(
         // hold m_pad x k, (n/16 * k/32 tiles) and m_pad x n elements, and rows m0..m1 x columns
         // n0..n1 are written by this task only.
         unsafe { block(shared, k, n, m0, m1, n0, n1) };
-        let s = shared;
         for r in m0..m1.min(rows) {
             // Safety: as above, this task's own rows and columns.
-            let row = unsafe { std::slice::from_raw_parts_mut(s.out.add(r * n + n0), n1 - n0) };
+            let row = unsafe { std::slice::from_raw_parts_mut(shared.out.add(r * n + n0), n1 - n0) };
             simd::bias_act(row, &bias[n0..n1], epilogue == Epilogue::BiasGelu);
         }
     });

@@ -5,48 +5,23 @@
 use std::collections::HashMap;
 
 use candle_core::{DType, Tensor};
+use candle_transformers::models::bert::{Config, HiddenAct};
 use rayon::prelude::*;
 
 use super::simd::{self, HeadJob};
 use super::{CpuKernels, Epilogue, Linear};
 use crate::backend::BackendError;
 
-/// The parts of config.json this forward pass reads.
-#[derive(Debug, Clone, serde::Deserialize)]
-pub struct BertShape {
-    pub hidden_size: usize,
-    pub num_attention_heads: usize,
-    pub num_hidden_layers: usize,
-    pub intermediate_size: usize,
-    pub layer_norm_eps: f64,
-    #[serde(default = "default_act")]
-    pub hidden_act: String,
-    #[serde(default = "default_position")]
-    pub position_embedding_type: String,
-}
-
-fn default_act() -> String {
-    "gelu".into()
-}
-
-fn default_position() -> String {
-    "absolute".into()
-}
-
-impl BertShape {
-    /// Why this forward pass cannot run the model (then the caller uses candle's), or None.
-    pub fn unsupported(&self) -> Option<String> {
-        if self.hidden_act != "gelu" {
-            return Some(format!("hidden_act {:?} (the packed CPU path implements \"gelu\")", self.hidden_act));
-        }
-        if self.position_embedding_type != "absolute" {
-            return Some(format!("position_embedding_type {:?}", self.position_embedding_type));
-        }
-        if self.num_attention_heads == 0 || !self.hidden_size.is_multiple_of(self.num_attention_heads) {
-            return Some("hidden_size is not a multiple of num_attention_heads".into());
-        }
-        None
+/// Why this forward pass cannot run a model with this config (the caller then uses candle's),
+/// or None.
+pub fn unsupported(config: &Config) -> Option<String> {
+    if config.hidden_act != HiddenAct::Gelu {
+        return Some(format!("hidden_act {:?} (the packed CPU path implements \"gelu\")", config.hidden_act));
     }
+    if config.num_attention_heads == 0 || !config.hidden_size.is_multiple_of(config.num_attention_heads) {
+        return Some("hidden_size is not a multiple of num_attention_heads".into());
+    }
+    None
 }
 
 struct Norm {
@@ -77,7 +52,7 @@ pub struct Workspace {
 }
 
 pub struct PackedBert {
-    shape: BertShape,
+    config: Config,
     word: Vec<f32>,
     position: Vec<f32>,
     token_type0: Vec<f32>,
@@ -110,14 +85,9 @@ fn take(tensors: &HashMap<String, Tensor>, name: &str, len: usize) -> Result<Vec
 }
 
 impl PackedBert {
-    pub fn load(
-        tensors: &HashMap<String, Tensor>,
-        shape: BertShape,
-        vocab: usize,
-        max_positions: usize,
-        kernels: CpuKernels,
-    ) -> Result<Self, BackendError> {
-        let (h, inter) = (shape.hidden_size, shape.intermediate_size);
+    /// `config` must pass [`unsupported`].
+    pub fn load(tensors: &HashMap<String, Tensor>, config: &Config, kernels: CpuKernels) -> Result<Self, BackendError> {
+        let (h, inter) = (config.hidden_size, config.intermediate_size);
         let norm = |p: &str| -> Result<Norm, BackendError> {
             Ok(Norm { gamma: take(tensors, &format!("{p}.weight"), h)?, beta: take(tensors, &format!("{p}.bias"), h)? })
         };
@@ -130,8 +100,8 @@ impl PackedBert {
                 kernels,
             ))
         };
-        let mut layers = Vec::with_capacity(shape.num_hidden_layers);
-        for i in 0..shape.num_hidden_layers {
+        let mut layers = Vec::with_capacity(config.num_hidden_layers);
+        for i in 0..config.num_hidden_layers {
             let p = format!("encoder.layer.{i}");
             let mut w = Vec::with_capacity(3 * h * h);
             let mut b = Vec::with_capacity(3 * h);
@@ -148,31 +118,24 @@ impl PackedBert {
                 out_norm: norm(&format!("{p}.output.LayerNorm"))?,
             });
         }
-        // Any number of token types; single-segment inputs only use type 0.
-        let tt_name = "embeddings.token_type_embeddings.weight";
-        let tt_rows = tensors
-            .get(tt_name)
-            .or_else(|| tensors.get(&format!("bert.{tt_name}")))
-            .and_then(|t| t.dim(0).ok())
-            .unwrap_or(1)
-            .max(1);
-        let token_type = take(tensors, tt_name, tt_rows * h)?;
-        let amx = layers.first().is_some_and(|l: &Layer| l.qkv.uses_amx());
-        Ok(PackedBert {
-            word: take(tensors, "embeddings.word_embeddings.weight", vocab * h)?,
-            position: take(tensors, "embeddings.position_embeddings.weight", max_positions * h)?,
-            token_type0: token_type[..h].to_vec(),
-            max_positions,
+        // Single-segment inputs only use token type 0.
+        let token_types = take(tensors, "embeddings.token_type_embeddings.weight", config.type_vocab_size.max(1) * h)?;
+        let mut model = PackedBert {
+            word: take(tensors, "embeddings.word_embeddings.weight", config.vocab_size * h)?,
+            position: take(tensors, "embeddings.position_embeddings.weight", config.max_position_embeddings * h)?,
+            token_type0: token_types[..h].to_vec(),
+            max_positions: config.max_position_embeddings,
             emb_norm: norm("embeddings.LayerNorm")?,
             layers,
-            shape,
-            // f32 matmuls are compute-bound even for one sentence: those keep every core.
-            small_batches: if amx && rayon::current_num_threads() > 1 {
-                rayon::ThreadPoolBuilder::new().num_threads(1).thread_name(|_| "prism-small-batch".into()).build().ok()
-            } else {
-                None
-            },
-        })
+            config: config.clone(),
+            small_batches: None,
+        };
+        // f32 matmuls are compute-bound even for one sentence: those keep every core.
+        if model.uses_amx() && rayon::current_num_threads() > 1 {
+            model.small_batches =
+                rayon::ThreadPoolBuilder::new().num_threads(1).thread_name(|_| "prism-small-batch".into()).build().ok();
+        }
+        Ok(model)
     }
 
     pub fn uses_amx(&self) -> bool {
@@ -189,7 +152,7 @@ impl PackedBert {
     }
 
     fn embed_here(&self, seqs: &[&[u32]], ws: &mut Workspace) -> Result<Vec<Vec<f32>>, BackendError> {
-        let h = self.shape.hidden_size;
+        let h = self.config.hidden_size;
         let vocab = self.word.len() / h;
         let mut offsets = Vec::with_capacity(seqs.len() + 1);
         offsets.push(0usize);
@@ -224,7 +187,7 @@ impl PackedBert {
                 &[],
                 &self.emb_norm.gamma,
                 &self.emb_norm.beta,
-                self.shape.layer_norm_eps as f32,
+                self.config.layer_norm_eps as f32,
             );
         });
 
@@ -252,10 +215,10 @@ impl PackedBert {
     }
 
     fn layer(&self, layer: &Layer, ws: &mut Workspace, tokens: usize, offsets: &[usize]) {
-        let h = self.shape.hidden_size;
-        let heads = self.shape.num_attention_heads;
+        let h = self.config.hidden_size;
+        let heads = self.config.num_attention_heads;
         let hd = h / heads;
-        let eps = self.shape.layer_norm_eps as f32;
+        let eps = self.config.layer_norm_eps as f32;
         layer.qkv.forward_into(&ws.x, tokens, Epilogue::Bias, &mut ws.bf16, &mut ws.qkv);
 
         // Attention, one rayon task per sequence; each writes only its own rows of ctx (every
