@@ -783,6 +783,11 @@ fn spawn_memory_router(
     spawn_server(r, &tmp.join("router.log"), Duration::from_secs(30))
 }
 
+/// POSTs `body` as JSON and returns the JSON answer (panics on transport or decode errors: tests).
+async fn post_json(http: &reqwest::Client, url: String, body: serde_json::Value) -> serde_json::Value {
+    http.post(url).json(&body).send().await.unwrap().json().await.unwrap()
+}
+
 fn start_prometheus(tmp: &std::path::Path, target: &str, namespace: &str) -> (Local, String) {
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     std::fs::write(
@@ -1125,24 +1130,8 @@ async fn a_worse_canary_is_rolled_back_from_prometheus_and_prism_rollout_undo_re
         assert!(started.elapsed() < Duration::from_secs(90), "no verdict after 90 s: {st:?}");
         let text = texts[i % texts.len()];
         i += 1;
-        let truth: Value = http
-            .post(format!("{url1}/embed"))
-            .json(&serde_json::json!({"inputs": [text]}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        let ans: Value = http
-            .post(format!("{router}/v1/infer"))
-            .json(&serde_json::json!({"inputs": {"text": text}}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let truth = post_json(&http, format!("{url1}/embed"), serde_json::json!({"inputs": [text]})).await;
+        let ans = post_json(&http, format!("{router}/v1/infer"), serde_json::json!({"inputs": {"text": text}})).await;
         let a: Vec<f64> =
             ans["modalities"]["text"]["embedding"].as_array().unwrap().iter().filter_map(Value::as_f64).collect();
         let t: Vec<f64> = truth["embeddings"][0].as_array().unwrap().iter().filter_map(Value::as_f64).collect();
@@ -1337,7 +1326,6 @@ async fn an_adaptation_run_is_an_indexed_torchrun_job_on_gpu_nodes_and_its_resul
 #[ignore = "needs the e2e control plane (KUBECONFIG), the text model, a prometheus binary and target/release/prism-{node,router}"]
 async fn every_n_corrections_counted_in_prometheus_start_a_run_and_the_next_run_counts_from_there() {
     use k8s_openapi::api::batch::v1::Job;
-    use serde_json::Value;
     let mut ns = TestNs::new("adapt-trigger", &[]).await;
     let _pv = BoundVolume::new(&ns.name, "text-train");
     let tmp = std::env::temp_dir().join(format!("{}-trigger", ns.name));
@@ -1364,15 +1352,8 @@ async fn every_n_corrections_counted_in_prometheus_start_a_run_and_the_next_run_
         let (http, router) = (http.clone(), router.clone());
         async move {
             for i in 0..n {
-                let ans: Value = http
-                    .post(format!("{router}/v1/infer"))
-                    .json(&serde_json::json!({"inputs": {"text": format!("where is parcel {i}?")}}))
-                    .send()
-                    .await
-                    .unwrap()
-                    .json()
-                    .await
-                    .unwrap();
+                let question = serde_json::json!({"inputs": {"text": format!("where is parcel {i}?")}});
+                let ans = post_json(&http, format!("{router}/v1/infer"), question).await;
                 let ok = http
                     .post(format!("{router}/v1/memory/corrections"))
                     .json(&serde_json::json!({"requestId": ans["id"], "rating": 0.0,

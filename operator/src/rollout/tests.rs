@@ -35,6 +35,15 @@ fn step(
     t
 }
 
+/// Revision 1 served, then revision 2's canary started: the spec of 2 and the status.
+fn canary_of_revision_2() -> (ModalityNodeSpec, ModalityNodeStatus) {
+    let mut st = ModalityNodeStatus::default();
+    step(&spec("1", true), &mut st, None, None);
+    let s2 = spec("2", true);
+    step(&s2, &mut st, None, None);
+    (s2, st)
+}
+
 #[test]
 fn first_revision_is_deployed_and_recorded_with_its_model() {
     let s = spec("1", true);
@@ -67,10 +76,7 @@ fn good_canary_walks_every_step_then_promotes() {
 
 #[test]
 fn worse_accuracy_rolls_back_and_the_revision_is_not_retried() {
-    let mut st = ModalityNodeStatus::default();
-    step(&spec("1", true), &mut st, None, None);
-    let s2 = spec("2", true);
-    step(&s2, &mut st, None, None);
+    let (s2, mut st) = canary_of_revision_2();
     // Accuracy 0.3 vs 0.9 over 20 corrections each: rolled back before the pause ends.
     let t = step(&s2, &mut st, Some(5.0), Some((&good(500.0, 0.9), &good(60.0, 0.3))));
     let Transition::RollBack { reason } = t else { panic!("{t:?}") };
@@ -169,10 +175,7 @@ fn rollback_target_is_the_previous_served_revision_or_the_named_one() {
 
 #[test]
 fn a_canary_nobody_can_judge_is_rolled_back_at_its_progress_deadline() {
-    let mut st = ModalityNodeStatus::default();
-    step(&spec("1", true), &mut st, None, None);
-    let s2 = spec("2", true);
-    step(&s2, &mut st, None, None);
+    let (s2, mut st) = canary_of_revision_2();
     assert_eq!(s2.rollout.as_ref().unwrap().analysis.progress_deadline_seconds, 600, "default");
     // The canary never became ready: it serves no calls, so the step waits for minCalls...
     let (stable, idle) = (good(500.0, 0.9), good(0.0, 0.9));
