@@ -42,15 +42,6 @@ fail() { # component message: print the log tail, stop what was started, keep lo
   exit 1
 }
 
-wait_for() { # component timeout_s description command...
-  local comp="$1" timeout="$2" what="$3"; shift 3
-  local deadline=$(( $(date +%s) + timeout ))
-  until "$@" >/dev/null 2>&1; do
-    pid_of "$comp" >/dev/null || fail "$comp" "$comp exited while waiting for $what"
-    [ "$(date +%s)" -lt "$deadline" ] || fail "$comp" "timed out after ${timeout}s waiting for $what"
-    sleep 0.5
-  done
-}
 
 ensure_tools
 

@@ -103,3 +103,21 @@ cluster_lock() {
   flock -w 300 9 || { echo "could not lock $PRISM_CLUSTER_DIR.lock within 300s" >&2; exit 1; }
   export PRISM_CLUSTER_LOCKED="$PRISM_CLUSTER_DIR"
 }
+
+# Runs the command until it succeeds; calls the sourcing script's `fail COMPONENT MESSAGE` when
+# the component's process exits first or the timeout passes (cluster-up.sh, real-node/up.sh).
+wait_for() { # component timeout_s description command...
+  local comp="$1" timeout="$2" what="$3"; shift 3
+  local deadline=$(( $(date +%s) + timeout ))
+  local raw
+  until "$@" >/dev/null 2>&1; do
+    if ! pid_of "$comp" >/dev/null; then
+      # pid_of matches the binary's command line, which a just-started run script shows only
+      # once it has exec'd; under load that can take a moment. Gone means the pid is gone.
+      raw="$(cat "$PRISM_CLUSTER_DIR/pids/$comp.pid" 2>/dev/null)"
+      { [ -n "$raw" ] && kill -0 "$raw" 2>/dev/null; } || fail "$comp" "$comp exited while waiting for $what"
+    fi
+    [ "$(date +%s)" -lt "$deadline" ] || fail "$comp" "timed out after ${timeout}s waiting for $what"
+    sleep 0.5
+  done
+}

@@ -1,0 +1,673 @@
+#!/usr/bin/env python3
+"""`make e2e-real`: Prism on REAL pods (kubelet + containerd + runc) of e2e/real-node/up.sh.
+
+Host side (this process, root):
+  1. reference embeddings from `prism up` on loopback (the prism.dev documents of
+     examples/real-cluster/text-pipeline.yaml, same model folder), then `prism up` is stopped;
+  2. e2e/real-node/up.sh (one real node inside netns prism-e2e-real), then `ctr -n k8s.io images
+     import` of target/images/prism-{node,router,operator}.tar (ghcr.io/prism-dev/*:0.1.0, the
+     operator's defaults; no registry is reachable);
+  3. re-runs itself with `nsenter --net=/run/netns/prism-e2e-real` (`--inside`): every request
+     below goes to addresses of that namespace only;
+  4. e2e/real-node/down.sh (unless --keep).
+
+Inside the netns:
+  - CRDs (crds/); prism-operator as a Deployment from its image, installed from the chart
+    (`helm template charts/prism`, namespace prism-system, watching prism-e2e), or with
+    --operator process as a process in the netns (admin kubeconfig, --image-pull-policy Never);
+    namespace prism-e2e with a hostPath PV holding a hard-linked copy of
+    .cache/models/all-minilm-l6-v2 + PVC `models`, Secret `text-router-tokens`, then
+    examples/real-cluster/text-pipeline.yaml (2 text replicas, model pvc://models/all-minilm-l6-v2);
+  - node pods Ready through their kubelet-run readiness probes, the pipeline Ready, the router's
+    table listing both pod IPs;
+  - POST /v1/embeddings through the text-router ClusterIP Service (bearer token; 401 without):
+    cosine >= 0.999 against `prism up` for every text;
+  - failover: --clients closed-loop clients on /v1/embeddings through the Service for a bounded
+    time; SIGKILL of one node container's process (host PID from `ctr -n k8s.io tasks ls`);
+    no request may fail; times from the kill until the router's table (GET /v1/routing-table,
+    polled every 5 ms) and the `text` Service's EndpointSlice (API watch) stop listing the pod
+    ready; then the restarted container must be Ready again in both.
+
+Last line: `cluster-failover: rewrite_ms=... endpointslice_ms=... failed_requests=... requests=...`
+(bench/cluster_failover/run.py runs this with --append-results). Logs: .cache/e2e-real/.
+Exit status 0 only when every check passed.
+"""
+import argparse
+import json
+import math
+import os
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+RN = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(os.path.dirname(RN))
+sys.path.insert(0, os.path.join(ROOT, "bench", "common"))
+import prism_up as pu  # noqa: E402  (PrismUp, KeepAlive, pct, machine, append_result)
+
+TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
+REL = os.path.join(TARGET, "release")
+IMAGES_DIR = os.path.join(TARGET, "images")
+IMAGES = ["prism-node", "prism-router", "prism-operator"]
+D = os.environ.get("PRISM_REAL_DIR", os.path.join(ROOT, ".cache", "real-node"))
+NETNS = os.environ.get("PRISM_REAL_NETNS", "prism-e2e-real")
+BIN = os.path.join(ROOT, "e2e", "bin")
+KUBECONFIG = os.path.join(D, "kubeconfig")
+LOGS = os.path.join(ROOT, ".cache", "e2e-real")
+EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-pipeline.yaml")
+MODEL = "all-minilm-l6-v2"
+NS = "prism-e2e"
+OP_NS = "prism-system"
+PIPELINE = NODE = "text"
+TEXTS = [
+    "A dog runs through the snow in the park.",
+    "The puppy is playing fetch on the beach.",
+    "A cat sleeps on a warm windowsill.",
+    "Stock markets fell sharply on Tuesday.",
+    "Quantum computers use qubits instead of bits.",
+    "hi",
+]
+# wall-clock start, shared with the --inside run so both print one time line
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+T0 = float(os.environ.setdefault("PRISM_E2E_REAL_T0", repr(time.time())))
+now = time.monotonic
+
+
+def log(msg):
+    print(f"[{time.time() - T0:6.1f}s] {msg}", flush=True)
+
+
+class Failed(Exception):
+    pass
+
+
+def check(cond, msg):
+    if not cond:
+        raise Failed(msg)
+
+
+def run(cmd, timeout=120, check_rc=True, **kw):
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kw)
+    if check_rc and r.returncode != 0:
+        raise Failed(f"{' '.join(cmd)} -> rc {r.returncode}\n{r.stdout[-2000:]}{r.stderr[-2000:]}")
+    return r.stdout
+
+
+def cos(a, b):
+    dot = sum(x * y for x, y in zip(a, b))
+    na, nb = math.sqrt(sum(x * x for x in a)), math.sqrt(sum(y * y for y in b))
+    return dot / (na * nb) if na and nb else 0.0
+
+
+def example_docs():
+    with open(EXAMPLE) as f:
+        return [d for d in re.split(r"(?m)^---\s*$", f.read()) if re.search(r"(?m)^kind:", d)]
+
+
+# ------------------------------------------------------------------------------------- host side
+def reference_embeddings(path):
+    """The same ModalityNode/MultimodalPipeline under `prism up` on loopback (it maps
+    pvc://models/<path> to .cache/models/<path>); writes {"texts", "embeddings"} to path."""
+    manifest = "---\n".join(d for d in example_docs() if "prism.dev/" in d)
+    log("reference: prism up (loopback, outside the netns) with the example's prism.dev documents")
+    with pu.PrismUp(os.path.join(REL, "prism"), manifest, "e2e-real-ref", echo=False) as up:
+        st, body, _ = pu.call(up.url + "/v1/embeddings", {"input": TEXTS}, timeout=60)
+        check(st == 200, f"prism up /v1/embeddings: HTTP {st}: {str(body)[:300]}")
+        vecs = [d["embedding"] for d in body["data"]]
+        up.ok = True
+    check(len(vecs) == len(TEXTS), f"prism up returned {len(vecs)} embeddings for {len(TEXTS)} texts")
+    with open(path, "w") as f:
+        json.dump({"texts": TEXTS, "embeddings": vecs}, f)
+    log(f"reference: {len(vecs)} embeddings of dim {len(vecs[0])}")
+
+
+def anchor_pid():
+    with open(os.path.join(D, "pids", "anchor.pid")) as f:
+        return f.read().strip()
+
+
+def host_main(args):
+    if os.geteuid() != 0:
+        sys.exit("e2e-real: needs root (network namespace, containerd, kubelet)")
+    for b in ["prism", "prism-node", "prism-router", "prism-operator"]:
+        if not os.access(os.path.join(REL, b), os.X_OK):
+            sys.exit(f"e2e-real: {REL}/{b} missing: cargo build --release --workspace --bins")
+    for i in IMAGES:
+        if not os.path.exists(os.path.join(IMAGES_DIR, f"{i}.tar")):
+            sys.exit(f"e2e-real: {IMAGES_DIR}/{i}.tar missing: python3 scripts/build-images.py (make images)")
+    if not os.path.isdir(os.path.join(ROOT, ".cache", "models", MODEL)):
+        sys.exit(f"e2e-real: .cache/models/{MODEL} missing: make models")
+    os.makedirs(LOGS, exist_ok=True)
+    ref = os.path.join(LOGS, "reference.json")
+    rc = 1
+    try:
+        reference_embeddings(ref)
+        t = now()
+        log("e2e/real-node/up.sh")
+        r = subprocess.run([os.path.join(RN, "up.sh")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        with open(os.path.join(LOGS, "up.log"), "w") as f:
+            f.write(r.stdout)
+        if r.returncode != 0:
+            print(r.stdout[-4000:])
+            raise Failed(f"up.sh failed (rc {r.returncode}); log {LOGS}/up.log")
+        log(f"cluster up in {now() - t:.1f}s")
+        t = now()
+        for i in IMAGES:
+            run(["nsenter", "--target", anchor_pid(), "--mount", "--net", "--", os.path.join(BIN, "ctr"),
+                 "--address", os.path.join(D, "containerd", "containerd.sock"), "-n", "k8s.io",
+                 "images", "import", os.path.join(IMAGES_DIR, f"{i}.tar")], timeout=300)
+        log(f"imported {', '.join(IMAGES)} into containerd (k8s.io) in {now() - t:.1f}s")
+        inner = ["nsenter", f"--net=/run/netns/{NETNS}", sys.executable, os.path.abspath(__file__), "--inside",
+                 "--reference", ref] + args.passthrough
+        rc = subprocess.run(inner).returncode
+    except Failed as e:
+        print(f"E2E-REAL FAILED: {e}", file=sys.stderr, flush=True)
+        rc = 1
+    finally:
+        if args.keep:
+            log(f"--keep: cluster left up; stop it with e2e/real-node/down.sh (kubectl: e2e/real-node/kubectl.sh)")
+        else:
+            t = now()
+            env = dict(os.environ, PRISM_KEEP_LOGS="0")
+            r = subprocess.run([os.path.join(RN, "down.sh")], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               text=True, env=env)
+            with open(os.path.join(LOGS, "down.log"), "w") as f:
+                f.write(r.stdout)
+            log(f"e2e/real-node/down.sh: rc {r.returncode} in {now() - t:.1f}s")
+    log(f"e2e-real: {'OK' if rc == 0 else 'FAILED'} in {time.time() - T0:.1f}s (logs: {os.path.relpath(LOGS, ROOT)}/)")
+    return rc
+
+
+# ---------------------------------------------------------------------------------- inside netns
+def kubectl(*a, timeout=60, check_rc=True, stdin=None):
+    return run([os.path.join(BIN, "kubectl"), "--kubeconfig", KUBECONFIG, *a], timeout=timeout,
+               check_rc=check_rc, input=stdin)
+
+
+def kjson(*a):
+    return json.loads(kubectl(*a, "-o", "json"))
+
+
+def wait(what, timeout, fn, interval=0.5):
+    deadline = now() + timeout
+    last = None
+    while now() < deadline:
+        try:
+            v = fn()
+            if v:
+                return v
+        except Failed as e:  # noqa: PERF203
+            last = e
+        time.sleep(interval)
+    raise Failed(f"timed out after {timeout}s waiting for {what}" + (f" (last error: {last})" if last else ""))
+
+
+def pod_ready(p):
+    return any(c["type"] == "Ready" and c["status"] == "True" for c in p.get("status", {}).get("conditions", []))
+
+
+def node_pods():
+    return kjson("-n", NS, "get", "pods", "-l", f"prism.dev/node={NODE},app.kubernetes.io/name=prism-node")["items"]
+
+
+class Api:
+    """The router's API through its ClusterIP Service, with the bearer token."""
+
+    def __init__(self, svc_ip, token):
+        self.base = f"http://{svc_ip}:8080"
+        self.token = token
+
+    def client(self, timeout=30):
+        return AuthKeepAlive(self.base, timeout, self.token)
+
+
+class AuthKeepAlive(pu.KeepAlive):
+    """A KeepAlive that sends the router's bearer token (auth=False: without it)."""
+
+    def __init__(self, base, timeout, token):
+        super().__init__(base, timeout, headers={"authorization": f"Bearer {token}"})
+
+    def request(self, method, path, body=None, auth=True):
+        return super().request(method, path, body, extra_headers=auth)
+
+
+def table_ready_endpoints(raw):
+    t = json.loads(raw)
+    return t.get("generation"), {e["endpoint"] for reps in t.get("modalities", {}).values() for e in reps
+                                 if e.get("ready")}
+
+
+class Operator:
+    """prism-operator, either as a Deployment from its image (default: the chart, rendered with
+    `helm template`, in namespace prism-system: in-cluster config through the `kubernetes`
+    Service, the chart's RBAC, a Lease) or as a process in the netns (--operator process: the
+    admin kubeconfig, --image-pull-policy Never). Both watch only the test namespace."""
+
+    def __init__(self, mode):
+        self.mode = mode
+        self.proc = None
+
+    def start(self):
+        if self.mode == "process":
+            self.log = open(os.path.join(LOGS, "operator.log"), "w")
+            cmd = [os.path.join(REL, "prism-operator"), "--leader-elect=false", "--metrics-addr", "127.0.0.1:18080",
+                   "--image-pull-policy", "Never", "--namespace", NS]
+            log(f"$ KUBECONFIG={os.path.relpath(KUBECONFIG, ROOT)} {os.path.relpath(cmd[0], ROOT)} {' '.join(cmd[1:])}")
+            self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
+                                         env=dict(os.environ, KUBECONFIG=KUBECONFIG, NO_COLOR="1"))
+            return
+        # The chart's operator image is ghcr.io/prism-dev/prism-operator:<appVersion>, imported above;
+        # Never keeps the kubelet from trying a registry, for the operator and the pods it makes.
+        sets = ["image.pullPolicy=Never", "podImagePullPolicy=Never", f"watchNamespace={NS}", "logFormat=text"]
+        out = run([os.path.join(BIN, "helm"), "template", "prism", os.path.join(ROOT, "charts", "prism"),
+                   "--namespace", OP_NS, "--kube-version", "1.36.3", *sum((["--set", x] for x in sets), [])])
+        kubectl("create", "namespace", OP_NS, check_rc=False)
+        kubectl("-n", OP_NS, "apply", "-f", "-", stdin=out)
+        log(f"operator: helm template charts/prism --set {','.join(sets)} | kubectl -n {OP_NS} apply")
+        kubectl("-n", OP_NS, "rollout", "status", "deploy/prism", "--timeout=120s", timeout=130)
+        pod = kjson("-n", OP_NS, "get", "pods", "-l", "app.kubernetes.io/name=prism-operator")["items"]
+        log(f"operator Deployment ready: pod {pod[0]['metadata']['name'] if pod else '?'} "
+            f"({pod[0]['spec']['containers'][0]['image'] if pod else '?'})")
+
+    def stop(self):
+        if self.mode == "process":
+            if self.proc and self.proc.poll() is None:
+                self.proc.terminate()
+                try:
+                    self.proc.wait(10)
+                except subprocess.TimeoutExpired:
+                    self.proc.kill()
+                    self.proc.wait()
+            return
+        out = kubectl("-n", OP_NS, "logs", "deploy/prism", "--tail=-1", check_rc=False, timeout=30)
+        with open(os.path.join(LOGS, "operator.log"), "w") as f:
+            f.write(ANSI.sub("", out))
+
+
+class SliceWatch:
+    """`kubectl get --raw .../endpointslices?watch=true` for the node's Service: every event with
+    its arrival time, as {pod IP: ready} of the Service's slices."""
+
+    def __init__(self):
+        q = urllib.parse.urlencode({"watch": "true", "labelSelector": f"kubernetes.io/service-name={NODE}"})
+        self.proc = subprocess.Popen([os.path.join(BIN, "kubectl"), "--kubeconfig", KUBECONFIG, "get", "--raw",
+                                      f"/apis/discovery.k8s.io/v1/namespaces/{NS}/endpointslices?{q}"],
+                                     stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        self.slices = {}
+        self.events = []  # (time, {ip: ready})
+        self.lock = threading.Lock()
+        threading.Thread(target=self._pump, daemon=True).start()
+
+    def _pump(self):
+        for line in self.proc.stdout:
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            t = now()
+            obj = ev.get("object", {})
+            name = obj.get("metadata", {}).get("name")
+            if ev.get("type") == "DELETED":
+                self.slices.pop(name, None)
+            else:
+                self.slices[name] = {a: bool(e.get("conditions", {}).get("ready"))
+                                     for e in obj.get("endpoints") or [] for a in e.get("addresses", [])}
+            merged = {}
+            for s in self.slices.values():
+                merged.update(s)
+            with self.lock:
+                self.events.append((t, merged))
+
+    def first(self, since, pred):
+        with self.lock:
+            return next((t for t, m in self.events if t >= since and pred(m)), None)
+
+    def latest(self):
+        with self.lock:
+            return self.events[-1][1] if self.events else {}
+
+    def stop(self):
+        self.proc.kill()
+        self.proc.wait()
+
+
+class Load:
+    """Closed-loop clients on POST /v1/embeddings; bounded by time (stop()) and by max_requests
+    per client. Records (start, end, ok, detail)."""
+
+    def __init__(self, api, clients, max_requests):
+        self.api, self.clients, self.max_requests = api, clients, max_requests
+        self.records = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
+
+    def start(self):
+        for t in self._threads:
+            t.start()
+        return self
+
+    def _run(self, i):
+        c = self.api.client(timeout=30)
+        for n in range(self.max_requests):
+            if self._stop.is_set():
+                break
+            body = json.dumps({"input": [f"cluster failover request {n} from client {i}: a dog runs in the snow"]})
+            t0 = now()
+            try:
+                st, raw = c.request("POST", "/v1/embeddings", body)
+                if st == 200 and len(json.loads(raw)["data"][0]["embedding"]) > 0:
+                    rec = (True, "")
+                else:
+                    rec = (False, f"HTTP {st}: {raw[:200]!r}")
+            except Exception as e:  # noqa: BLE001 - any client-side error is a failed request
+                rec = (False, f"{type(e).__name__}: {e}")
+            self.records.append((t0, now(), *rec))
+        c.close()
+
+    def stop(self):
+        self._stop.set()
+        for t in self._threads:
+            t.join(40)
+
+    def failed(self):
+        return [r for r in self.records if not r[2]]
+
+
+def ctr_task_pid(container_id):
+    out = run([os.path.join(BIN, "ctr"), "--address", os.path.join(D, "containerd", "containerd.sock"), "-n",
+               "k8s.io", "tasks", "ls"])
+    for line in out.splitlines()[1:]:
+        f = line.split()
+        if len(f) >= 3 and f[0] == container_id and f[2] == "RUNNING":
+            return int(f[1])
+    raise Failed(f"container {container_id} not RUNNING in `ctr -n k8s.io tasks ls`:\n{out}")
+
+
+def router_ejection_ms(endpoint, wall_kill):
+    """ms from the kill to the router's first `replica ejected` log line for endpoint (its
+    passive outlier ejection on failed calls, before any table rewrite), from the pod's log."""
+    out = kubectl("-n", NS, "logs", "-l", f"prism.dev/pipeline={PIPELINE}", "--tail=-1", check_rc=False)
+    import datetime
+    for line in ANSI.sub("", out).splitlines():
+        m = re.match(r"(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d+)Z .*replica ejected.*endpoint=(\S+)", line)
+        if m and m.group(2).strip('"') == endpoint:
+            ts = datetime.datetime.strptime(m.group(1)[:26], "%Y-%m-%dT%H:%M:%S.%f")
+            t = ts.replace(tzinfo=datetime.timezone.utc).timestamp()
+            if t >= wall_kill - 0.001:
+                return (t - wall_kill) * 1e3
+    return None
+
+
+# Each broken ModalityNode, and the Ready reason (plus text in its message) the operator must
+# report for it, from what the real kubelet and runtime say about its pod.
+BAD_NODES = [
+    # Pods use imagePullPolicy Never here: a missing image is ErrImageNeverPull, and no pull is
+    # ever attempted (no registry exists inside the test's network namespace).
+    ("bad-image", {"image": "prism.local/e2e/no-such-image:1"}, "ErrImageNeverPull", "no-such-image"),
+    ("bad-model", {"model": {"uri": "pvc://models/no-such-model", "architecture": "bert", "revision": "1"}},
+     "CrashLoopBackOff", "no-such-model does not exist"),
+    ("too-small", {"resources": {"cpu": "100m", "memory": "24Mi"}}, "OOMKilled", "spec.resources.memory"),
+    # More CPU than the one-node cluster has left: the scheduler's reason.
+    ("too-big", {"resources": {"cpu": "64", "memory": "512Mi"}}, "Unschedulable", "Insufficient cpu"),
+]
+
+
+def bad_inputs_name_their_cause():
+    """Issue 21 item 6: an image that does not exist, a model URI that does not resolve, a
+    container that is OOM-killed, a pod no node can take: the ModalityNode's Ready condition
+    names the cause."""
+    t0 = now()
+    for name, patch, _, _ in BAD_NODES:
+        spec = {"modality": "text", "model": {"uri": f"pvc://models/{MODEL}", "architecture": "bert", "revision": "1"},
+                "replicas": {"min": 1, "max": 1, "desired": 1}, "autoscaling": {"mode": "external"}, "device": "cpu",
+                # Small requests: the two text replicas, the router and the operator already hold
+                # most of this 2-core node.
+                "resources": {"cpu": "100m", "memory": "512Mi"}}
+        spec.update(patch)
+        kubectl("-n", NS, "apply", "-f", "-", stdin=json.dumps(
+            {"apiVersion": "prism.dev/v1alpha1", "kind": "ModalityNode", "metadata": {"name": name}, "spec": spec}))
+    log(f"applied broken nodes {', '.join(n for n, *_ in BAD_NODES)}")
+    for name, _, reason, text in BAD_NODES:
+        def named():
+            conds = kjson("-n", NS, "get", "mn", name).get("status", {}).get("conditions", [])
+            ready = next((c for c in conds if c["type"] == "Ready"), None)
+            return ready if ready and ready["status"] == "False" and ready.get("reason") == reason else None
+        ready = wait(f"mn/{name} Ready=False {reason}", 180, named, interval=1)
+        check(text in ready.get("message", ""), f"mn/{name} {reason} message lacks {text!r}: {ready.get('message')}")
+        log(f"mn/{name}: Ready=False {reason} after {now() - t0:.1f}s: {ready['message'][:200]}")
+    for name, *_ in BAD_NODES:
+        kubectl("-n", NS, "delete", "mn", name, "--wait=false")
+
+
+def inside_main(args):
+    with open(args.reference) as f:
+        ref = json.load(f)
+    op = Operator(args.operator)
+    watch = load = None
+    poll_stop = threading.Event()
+    try:
+        # --- cluster objects ---------------------------------------------------------------
+        kubectl("apply", "--server-side", "-f", os.path.join(ROOT, "crds"))
+        kubectl("wait", "--for=condition=Established", "crd/modalitynodes.prism.dev",
+                "crd/multimodalpipelines.prism.dev", "--timeout=60s")
+        kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", timeout=180)
+        kubectl("delete", "pv", "prism-models", "--ignore-not-found", "--wait=true")
+        kubectl("create", "namespace", NS)
+        wait("default ServiceAccount", 60, lambda: kubectl("-n", NS, "get", "sa", "default", check_rc=False).strip())
+        op.start()
+
+        models = os.path.join(D, "models")
+        if not os.path.isdir(os.path.join(models, MODEL)):
+            os.makedirs(models, exist_ok=True)
+            src = os.path.join(ROOT, ".cache", "models", MODEL)
+            try:  # hard links: no 88 MB copy; the node only reads
+                shutil.copytree(src, os.path.join(models, MODEL), copy_function=os.link)
+            except OSError:
+                shutil.copytree(src, os.path.join(models, MODEL))
+        token = secrets.token_hex(32)
+        kubectl("-n", NS, "create", "secret", "generic", f"{PIPELINE}-router-tokens", f"--from-literal=tokens={token}")
+        with open(EXAMPLE) as f:
+            manifest = f.read().replace("/srv/prism/models", models)
+        t_apply = now()
+        kubectl("-n", NS, "apply", "-f", "-", stdin=manifest)
+        log(f"applied {os.path.relpath(EXAMPLE, ROOT)} (PV hostPath {os.path.relpath(models, ROOT)}, PVC models, "
+            f"ModalityNode {NODE} x2 pvc://models/{MODEL}, pipeline {PIPELINE}) + Secret {PIPELINE}-router-tokens")
+
+        # --- readiness ---------------------------------------------------------------------
+        pvc = wait("PVC models Bound", 60, lambda: kjson("-n", NS, "get", "pvc", "models")["status"].get("phase") == "Bound")
+
+        def two_ready():
+            ps = [p for p in node_pods() if p["metadata"].get("deletionTimestamp") is None]
+            return ps if len(ps) == 2 and all(pod_ready(p) for p in ps) else None
+        pods = wait("2 text pods Ready", 300, two_ready, interval=1)
+        log(f"2 text pods Ready {now() - t_apply:.1f}s after apply (PVC {'Bound' if pvc else '?'})")
+        for p in pods:
+            c = p["spec"]["containers"][0]
+            rp = c.get("readinessProbe", {})
+            check(rp.get("httpGet", {}).get("path") == "/ready", f"pod {p['metadata']['name']}: readinessProbe {rp}")
+            vols = {v["name"]: v for v in p["spec"].get("volumes", [])}
+            check(vols.get("model", {}).get("persistentVolumeClaim", {}).get("claimName") == "models",
+                  f"pod {p['metadata']['name']}: model volume {vols.get('model')}")
+            check(c.get("imagePullPolicy") in ("Never", "IfNotPresent"), f"imagePullPolicy {c.get('imagePullPolicy')}")
+        log(f"pods use readinessProbe httpGet /ready (kubelet-run), model volume = PVC models, image {pods[0]['spec']['containers'][0]['image']}")
+
+        def mmp_ready():
+            conds = kjson("-n", NS, "get", "mmp", PIPELINE).get("status", {}).get("conditions", [])
+            return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+        wait("pipeline Ready", 120, mmp_ready)
+        svc_ip = kjson("-n", NS, "get", "svc", f"{PIPELINE}-router")["spec"]["clusterIP"]
+        api = Api(svc_ip, token)
+        ips = {f"http://{p['status']['podIP']}:8080" for p in pods}
+
+        def table_has_both():
+            try:
+                st, raw = api.client(5).request("GET", "/v1/routing-table")
+            except OSError as e:
+                raise Failed(f"GET /v1/routing-table: {e}")
+            return st == 200 and ips <= table_ready_endpoints(raw)[1]
+        wait(f"router table listing {sorted(ips)} ready", 120, table_has_both)
+        log(f"pipeline Ready; router Service {svc_ip}:8080 lists both pods ready ({now() - t_apply:.1f}s after apply)")
+
+        # --- correctness -------------------------------------------------------------------
+        # one connection each: the router may close a connection after a 401
+        st, raw = api.client(60).request("POST", "/v1/embeddings", json.dumps({"input": ref["texts"]}), auth=False)
+        check(st == 401, f"/v1/embeddings without a token: HTTP {st} (want 401)")
+        st, raw = api.client(60).request("POST", "/v1/embeddings", json.dumps({"input": ref["texts"]}))
+        check(st == 200, f"/v1/embeddings: HTTP {st}: {raw[:300]!r}")
+        got = [d["embedding"] for d in json.loads(raw)["data"]]
+        check(len(got) == len(ref["texts"]), f"{len(got)} embeddings for {len(ref['texts'])} texts")
+        coss = [cos(a, b) for a, b in zip(got, ref["embeddings"])]
+        check(all(len(a) == len(b) for a, b in zip(got, ref["embeddings"])), "embedding dims differ from prism up")
+        check(min(coss) >= 0.999, f"cosine vs prism up: {coss}")
+        log(f"/v1/embeddings via Service (401 without token): {len(got)} vectors dim {len(got[0])}, "
+            f"cosine vs prism up min {min(coss):.6f}")
+
+        # --- failover ----------------------------------------------------------------------
+        victim = pods[0]
+        vname, vip = victim["metadata"]["name"], victim["status"]["podIP"]
+        vep = f"http://{vip}:8080"
+        restarts0 = victim["status"]["containerStatuses"][0]["restartCount"]
+        cid = victim["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+        watch = SliceWatch()
+        wait("EndpointSlice watch: both pods ready", 30, lambda: all(watch.latest().get(p["status"]["podIP"]) for p in pods),
+             interval=0.1)
+        table_log = []  # (time, generation, victim listed ready)
+
+        def poll_table():
+            pc = api.client(5)
+            while not poll_stop.is_set():
+                try:
+                    st, raw = pc.request("GET", "/v1/routing-table")
+                    if st == 200:
+                        g, ready = table_ready_endpoints(raw)
+                        table_log.append((now(), g, vep in ready))
+                except Exception:  # noqa: BLE001 - the poller only observes
+                    pass
+                time.sleep(0.005)
+        poller = threading.Thread(target=poll_table, daemon=True)
+        poller.start()
+        load = Load(api, args.clients, args.max_requests).start()
+        log(f"load: {args.clients} clients on POST /v1/embeddings via {svc_ip}:8080, warm {args.warm_s}s")
+        time.sleep(args.warm_s)
+        pid = ctr_task_pid(cid)
+        comm = open(f"/proc/{pid}/comm").read().strip()
+        check(comm == "prism-node", f"host pid {pid} of container {cid[:12]} is {comm!r}")
+        t_kill, wall_kill = now(), time.time()
+        os.kill(pid, signal.SIGKILL)
+        log(f"kill -9 {pid} (prism-node in pod {vname}, {vip}; container {cid[:12]} from ctr tasks ls)")
+
+        def gone_from_table():
+            return next((t for t, _, listed in list(table_log) if t >= t_kill and not listed), None)
+
+        def gone_from_slice():
+            return watch.first(t_kill, lambda m: not m.get(vip, False))
+        t_rw = wait("router table drops the killed pod", 60, gone_from_table, interval=0.05)
+        t_es = wait("EndpointSlice drops the killed pod", 60, gone_from_slice, interval=0.05)
+        rewrite_ms, es_ms = (t_rw - t_kill) * 1e3, (t_es - t_kill) * 1e3
+        log(f"router table without {vip}: {rewrite_ms:.0f} ms; EndpointSlice {vip} not ready: {es_ms:.0f} ms")
+
+        def rejoined():
+            p = kjson("-n", NS, "get", "pod", vname)
+            cs = p["status"]["containerStatuses"][0]
+            return cs["restartCount"] > restarts0 and pod_ready(p)
+        wait(f"pod {vname} Ready again (container restarted)", args.rejoin_timeout_s, rejoined, interval=0.5)
+        t_pod = now()
+        t_back = wait("router table lists it ready again", 60,
+                      lambda: next((t for t, _, listed in list(table_log) if t >= t_rw and listed), None), interval=0.05)
+        t_es_back = wait("EndpointSlice lists it ready again", 60,
+                         lambda: watch.first(t_es, lambda m: m.get(vip, False)), interval=0.05)
+        log(f"rejoined: pod Ready {t_pod - t_kill:.1f}s, EndpointSlice ready {t_es_back - t_kill:.1f}s, "
+            f"router table ready {t_back - t_kill:.1f}s after the kill")
+        rest = args.after_s - (now() - t_kill)
+        if rest > 0:
+            time.sleep(rest)
+        load.stop()
+        poll_stop.set()
+        poller.join(10)
+        recs = list(load.records)
+        failed = load.failed()
+        after = [r for r in recs if t_kill <= r[0] < t_back]
+        log(f"load: {len(recs)} requests, {len(failed)} failed; {len(after)} during kill -> rejoin "
+            f"({sum(1 for r in after if not r[2])} failed); p99 {pu.pct([(r[1] - r[0]) * 1e3 for r in recs if r[2]], 99):.1f} ms")
+        for t0, _, _, detail in failed[:5]:
+            log(f"  failed at {t0 - t_kill:+.3f}s: {detail}")
+        gens = sorted({g for _, g, _ in table_log})
+        mets = ""
+        try:
+            st, raw = api.client(5).request("GET", "/metrics", auth=False)
+            mets = " ".join(f"{m.group(1)}={m.group(2)}" for m in re.finditer(
+                r"(?m)^(prism_router_(?:ejections_total|retries_total))\S*\s+(\S+)", raw.decode()))
+        except OSError:
+            pass
+        log(f"router table generations seen: {gens[:1]}..{gens[-1:]}; router metrics: {mets or 'n/a'}")
+        eject_ms = router_ejection_ms(vep, wall_kill)
+        log(f"router's passive ejection of {vep} (its log): "
+            + (f"{eject_ms:.0f} ms after the kill" if eject_ms is not None else "none logged"))
+        line = (f"cluster-failover: rewrite_ms={rewrite_ms:.0f} endpointslice_ms={es_ms:.0f} "
+                f"failed_requests={len(failed)} requests={len(recs)} "
+                f"eject_ms={'na' if eject_ms is None else f'{eject_ms:.0f}'} rejoin_s={t_es_back - t_kill:.1f}")
+        result = {"line": line, "rejoin_pod_s": t_pod - t_kill, "rejoin_table_s": t_back - t_kill,
+                  "rejoin_slice_s": t_es_back - t_kill, "cos_min": min(coss), "clients": args.clients,
+                  "warm_s": args.warm_s, "operator": args.operator, "after_s": args.after_s, "proxy_mode": os.environ.get("PRISM_REAL_PROXY_MODE", "nftables")}
+        with open(os.path.join(LOGS, "result.json"), "w") as f:
+            json.dump(result, f)
+        check(not failed, f"{len(failed)} of {len(recs)} requests failed")
+        check(len(recs) > 0, "no requests sent")
+        if not args.skip_bad_inputs:
+            bad_inputs_name_their_cause()
+        print(line, flush=True)
+        return 0
+    except Failed as e:
+        print(f"E2E-REAL FAILED: {e}", file=sys.stderr, flush=True)
+        for cmd in (["-n", NS, "get", "pods,svc,endpointslices,pvc,mn,mmp", "-o", "wide"],
+                    ["-n", NS, "describe", "pods"], ["-n", NS, "get", "events", "--sort-by=.lastTimestamp"]):
+            print(kubectl(*cmd, check_rc=False, timeout=30)[-6000:], file=sys.stderr)
+        print(f"operator log: {LOGS}/operator.log", file=sys.stderr)
+        return 1
+    finally:
+        poll_stop.set()
+        if load:
+            load._stop.set()  # bounded anyway (max requests); stop at once on a failed check
+        if watch:
+            watch.stop()
+        for what, sel in (("router", f"prism.dev/pipeline={PIPELINE}"), ("node", f"prism.dev/node={NODE}")):
+            out = kubectl("-n", NS, "logs", "-l", sel, "--all-containers", "--prefix", "--tail=-1", check_rc=False)
+            with open(os.path.join(LOGS, f"{what}-pods.log"), "w") as f:
+                f.write(ANSI.sub("", out))
+        op.stop()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--inside", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--reference", help=argparse.SUPPRESS)
+    ap.add_argument("--operator", choices=["deployment", "process"], default="deployment",
+                    help="prism-operator as a Deployment from its image via the chart (default) or as a process")
+    ap.add_argument("--keep", action="store_true", help="leave the cluster up (down.sh stops it)")
+    ap.add_argument("--clients", type=int, default=4, help="load clients during the kill (default 4)")
+    ap.add_argument("--warm-s", type=float, default=5, help="load before the kill (default 5)")
+    ap.add_argument("--after-s", type=float, default=10,
+                    help="load after the kill, at least until the pod rejoined (default 10)")
+    ap.add_argument("--rejoin-timeout-s", type=float, default=120)
+    ap.add_argument("--max-requests", type=int, default=20000, help="per client (default 20000)")
+    ap.add_argument("--skip-bad-inputs", action="store_true",
+                    help="skip the broken-node phase (conditions naming ErrImageNeverPull, CrashLoopBackOff, OOMKilled)")
+    args = ap.parse_args()
+    os.makedirs(LOGS, exist_ok=True)
+    if args.inside:
+        return inside_main(args)
+    args.passthrough = [f"--operator={args.operator}", f"--clients={args.clients}", f"--warm-s={args.warm_s}", f"--after-s={args.after_s}",
+                        f"--rejoin-timeout-s={args.rejoin_timeout_s}", f"--max-requests={args.max_requests}"]
+    if args.skip_bad_inputs:
+        args.passthrough.append("--skip-bad-inputs")
+    return host_main(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
