@@ -21,7 +21,7 @@ cleanup() {
   [ -n "$OPERATOR_PID" ] && kill "$OPERATOR_PID" 2>/dev/null || true
   "$H" uninstall prism -n "$NS" >/dev/null 2>&1 || true
   "$K" delete namespace prism-apps prism-batch "$NS" --wait=false >/dev/null 2>&1 || true
-  "$K" delete crd servicemonitors.monitoring.coreos.com prometheusrules.monitoring.coreos.com >/dev/null 2>&1 || true
+  "$K" delete crd servicemonitors.monitoring.coreos.com podmonitors.monitoring.coreos.com prometheusrules.monitoring.coreos.com >/dev/null 2>&1 || true
   rm -rf "$TMP"
 }
 trap cleanup EXIT
@@ -54,11 +54,13 @@ expect_refused "/networkPolicy/namespaces/0" --set 'networkPolicy.namespaces[0]=
 expect_refused "/prometheus/url" --set prometheus.url=prometheus:9090
 expect_refused "needs leaderElection.enabled=true" --set replicaCount=2 --set leaderElection.enabled=false
 expect_refused "prometheus-operator CRDs" --set serviceMonitor.enabled=true
+expect_refused "PodMonitor" --set podMonitor.enabled=true
+expect_refused "/podImagePullPolicy" --set podImagePullPolicy=Sometimes
 
 say "rendered objects pass the API server's own validation (server-side dry run)"
 # prometheus-operator is not part of this control plane: stand-in CRDs with open schemas let the
 # dry run check kinds and metadata; their spec is checked by the promtool-free assertions below.
-for kind in ServiceMonitor:servicemonitors PrometheusRule:prometheusrules; do
+for kind in ServiceMonitor:servicemonitors PodMonitor:podmonitors PrometheusRule:prometheusrules; do
   "$K" apply -f - >/dev/null <<EOF
 apiVersion: apiextensions.k8s.io/v1
 kind: CustomResourceDefinition
@@ -74,18 +76,26 @@ spec:
     schema: {openAPIV3Schema: {type: object, x-kubernetes-preserve-unknown-fields: true}}
 EOF
 done
-"$K" wait --for=condition=Established --timeout=60s crd/servicemonitors.monitoring.coreos.com crd/prometheusrules.monitoring.coreos.com >/dev/null
+"$K" wait --for=condition=Established --timeout=60s crd/servicemonitors.monitoring.coreos.com crd/podmonitors.monitoring.coreos.com crd/prometheusrules.monitoring.coreos.com >/dev/null
 for ns in "$NS" prism-apps prism-batch; do "$K" create namespace "$ns" --dry-run=client -o yaml | "$K" apply -f - >/dev/null; done
 "$K" label namespace "$NS" pod-security.kubernetes.io/enforce=restricted --overwrite >/dev/null
 for f in "$CHART"/ci/*.yaml; do
   "$H" template prism "$CHART" -n "$NS" -f "$f" --kube-version "$KUBE_VERSION" \
-    --api-versions monitoring.coreos.com/v1/ServiceMonitor --api-versions monitoring.coreos.com/v1/PrometheusRule \
+    --api-versions monitoring.coreos.com/v1/ServiceMonitor --api-versions monitoring.coreos.com/v1/PodMonitor --api-versions monitoring.coreos.com/v1/PrometheusRule \
     >"$TMP/rendered.yaml"
   "$K" apply --dry-run=server -f "$TMP/rendered.yaml" >"$TMP/dry.txt" 2>&1 || { cat "$TMP/dry.txt"; fail "server dry run of $f"; }
 done
 # The alert rules and the dashboard reference only metric names Prism exports.
 "$H" template prism "$CHART" -f "$CHART/ci/full-values.yaml" --kube-version "$KUBE_VERSION" \
-  --api-versions monitoring.coreos.com/v1/ServiceMonitor --api-versions monitoring.coreos.com/v1/PrometheusRule >"$TMP/full.yaml"
+  --api-versions monitoring.coreos.com/v1/ServiceMonitor --api-versions monitoring.coreos.com/v1/PodMonitor --api-versions monitoring.coreos.com/v1/PrometheusRule >"$TMP/full.yaml"
+# The PodMonitor selects the labels the operator puts on node and router pods (operator/src/node.rs
+# object_labels, pipeline.rs labels_for) and scrapes their `http` port.
+"$H" template prism "$CHART" -f "$CHART/ci/full-values.yaml" --kube-version "$KUBE_VERSION" \
+  --api-versions monitoring.coreos.com/v1/ServiceMonitor --api-versions monitoring.coreos.com/v1/PodMonitor \
+  --api-versions monitoring.coreos.com/v1/PrometheusRule --show-only templates/podmonitor.yaml >"$TMP/podmonitor.yaml"
+for want in 'app.kubernetes.io/managed-by: prism' 'values: \[modality-node, router\]' '- port: http' 'path: /metrics'; do
+  grep -q -- "$want" "$TMP/podmonitor.yaml" || { cat "$TMP/podmonitor.yaml"; fail "PodMonitor lacks '$want'"; }
+done
 for alert in PrismPipelineDegraded PrismNodeAtMaxReplicas PrismReconcileErrors; do
   grep -q "alert: $alert" "$TMP/full.yaml" || fail "alert $alert missing"
 done
