@@ -4,6 +4,8 @@
 #   fault.sh pod-not-ready NS POD    Running pod -> Ready=False (leaves EndpointSlice ready set)
 #   fault.sh pod-ready NS POD        undo pod-not-ready
 #   fault.sh pod-fail NS POD         pod -> phase Failed, exit code 1 (kwok chaos stage)
+#   fault.sh pod-oom-killed NS POD   as the kubelet after an OOM kill: Running, CrashLoopBackOff,
+#                                    last state OOMKilled 137 (undo: pod-ready)
 #   fault.sh pod-delete NS POD       delete the pod (its ReplicaSet replaces it)
 #   fault.sh node-not-ready NODE     node Ready=False (kwok chaos stage)
 #   fault.sh node-ready NODE         undo node-not-ready (kwok re-initialises the node)
@@ -15,7 +17,7 @@
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 
-usage() { sed -n '2,14p' "${BASH_SOURCE[0]}" >&2; exit 2; }
+usage() { sed -n '2,16p' "${BASH_SOURCE[0]}" >&2; exit 2; }
 [ $# -ge 1 ] || usage
 op="$1"; shift
 
@@ -33,6 +35,7 @@ case "$op" in
   pod-not-ready)  kc -n "$1" label pod "$2" prism.dev/fault=not-ready --overwrite ;;
   pod-ready)      kc -n "$1" label pod "$2" prism.dev/fault- ;;
   pod-fail)       kc -n "$1" label pod "$2" pod-container-running-failed.stage.kwok.x-k8s.io=true --overwrite ;;
+  pod-oom-killed) kc -n "$1" label pod "$2" prism.dev/fault=oom-killed --overwrite ;;
   pod-delete)     kc -n "$1" delete pod "$2" --wait=false ;;
   node-not-ready) kc label node "$1" node-not-ready.stage.kwok.x-k8s.io=true --overwrite ;;
   node-ready)     kc label node "$1" node-not-ready.stage.kwok.x-k8s.io- ;;

@@ -356,7 +356,7 @@ pub fn objects(
     let node = mn.name_any();
     let job = job_name(&node, run);
     let sc = restricted_container_sc();
-    let node_image = mn.spec.image.clone().unwrap_or_else(|| cfg.node_image.clone());
+    let node_image = cfg.node_image_for(&mn.spec);
     // The same fetch/mount the serving pods use, so whatever the node can load, training reads.
     let model = model_source(base, &node_image, &sc)?;
     let model_dir = model.uri.strip_prefix("file://").unwrap_or(&model.uri).to_string();

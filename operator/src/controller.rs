@@ -159,7 +159,11 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
         _ => {}
     }
 
-    let status = node::status(&mn, Some(&deploy), &now_rfc3339());
+    let problems = match ctx.index.read() {
+        Ok(i) => i.problems(&ns, &name),
+        Err(p) => p.into_inner().problems(&ns, &name),
+    };
+    let status = node::status(&mn, Some(&deploy), &problems, &now_rfc3339());
     if mn.status.as_ref() != Some(&status) {
         let was_ready = mn.status.as_ref().and_then(|s| find(&s.conditions, types::READY)).map(|c| c.is_true());
         let now_ready = find(&status.conditions, types::READY);
@@ -555,41 +559,57 @@ fn pipelines_using(store: &Store<MultimodalPipeline>, ns: &str, node: &str) -> V
 }
 
 /// Feeds the pod index from one watch and asks for the affected pipelines to be reconciled.
+/// Pods whose problems (pod_health) changed get their ModalityNode reconciled through `node_tx`,
+/// so its conditions name the cause.
 async fn run_index(
     pods: Api<Pod>,
     index: SharedIndex,
     synced: Arc<AtomicBool>,
     store: Store<MultimodalPipeline>,
     mut tx: mpsc::Sender<ObjectRef<MultimodalPipeline>>,
+    mut node_tx: mpsc::Sender<ObjectRef<ModalityNode>>,
 ) {
     let wc = watcher::Config::default().labels(labels::NODE);
     let mut stream = std::pin::pin!(watcher(pods, wc).default_backoff());
     let mut init: Vec<Pod> = Vec::new();
     while let Some(ev) = stream.next().await {
-        let changed = match ev {
-            Ok(watcher::Event::Apply(p)) => with_index(&index, |i| i.apply(&p)).into_iter().collect::<Vec<_>>(),
+        let (changed, problems_changed) = match ev {
+            Ok(watcher::Event::Apply(p)) => with_index(&index, |i| {
+                (i.apply(&p).into_iter().collect::<Vec<_>>(), i.apply_problem(&p).into_iter().collect())
+            }),
             Ok(watcher::Event::Delete(p)) => {
                 let ns = p.namespace().unwrap_or_default();
-                with_index(&index, |i| i.delete(&ns, &p.name_any())).into_iter().collect()
+                with_index(&index, |i| {
+                    (
+                        i.delete(&ns, &p.name_any()).into_iter().collect(),
+                        i.delete_problem(&ns, &p.name_any()).into_iter().collect(),
+                    )
+                })
             }
             Ok(watcher::Event::Init) => {
                 init.clear();
-                vec![]
+                (vec![], vec![])
             }
             Ok(watcher::Event::InitApply(p)) => {
                 init.push(p);
-                vec![]
+                (vec![], vec![])
             }
             Ok(watcher::Event::InitDone) => {
-                let changed = with_index(&index, |i| i.reset(&std::mem::take(&mut init)));
+                let pods = std::mem::take(&mut init);
+                let changed = with_index(&index, |i| (i.reset(&pods), i.reset_problems(&pods)));
                 synced.store(true, Ordering::Release);
                 changed
             }
             Err(e) => {
                 warn!(error = %e, "pod watch failed; retrying with backoff");
-                vec![]
+                (vec![], vec![])
             }
         };
+        for (ns, node) in problems_changed {
+            if node_tx.send(ObjectRef::new(&node).within(&ns)).await.is_err() {
+                return;
+            }
+        }
         for (ns, node) in changed {
             for r in pipelines_using(&store, &ns, &node) {
                 if tx.send(r).await.is_err() {
@@ -633,6 +653,7 @@ pub async fn run(
     let mut rx1 = shutdown_tx.subscribe();
     let mut rx2 = shutdown_tx.subscribe();
 
+    let (node_tx, node_rx) = mpsc::channel(1024);
     let nodes = Controller::new(api_for::<ModalityNode>(&client, ns), watcher::Config::default())
         .owns(
             api_for::<Deployment>(&client, ns),
@@ -642,6 +663,8 @@ pub async fn run(
         .owns(api_for::<PodDisruptionBudget>(&client, ns), managed.clone())
         // Adaptation runs: a Job that finishes moves its node on at once.
         .owns(api_for::<Job>(&client, ns), managed.clone())
+        // A pod that cannot run (image pull, crash loop, OOM) changes the node's conditions.
+        .reconcile_on(node_rx)
         .with_config(ctrl_cfg.clone())
         .graceful_shutdown_on(async move {
             let _ = rx1.recv().await;
@@ -658,6 +681,7 @@ pub async fn run(
         ctx.index_synced.clone(),
         store.clone(),
         tx,
+        node_tx,
     ));
     let store2 = store.clone();
     let pipelines = pipelines

@@ -19,6 +19,7 @@ use kube::ResourceExt;
 use prism_api::labels;
 
 use crate::node::HTTP_PORT;
+use crate::pod_health::{pod_problem, PodProblem};
 
 /// One replica as the routing table sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -29,10 +30,13 @@ pub struct PodEndpoint {
     pub ready: bool,
 }
 
-/// namespace -> node -> pod name -> endpoint.
+/// namespace -> node -> pod name -> endpoint; and the same for pods that report a problem.
 #[derive(Default, Debug)]
 pub struct Index {
     by_ns: HashMap<String, HashMap<String, BTreeMap<String, PodEndpoint>>>,
+    /// Kept apart from endpoints: pods without an IP (unschedulable) have problems too, and
+    /// only problem changes need the node's status rewritten.
+    problems: HashMap<String, HashMap<String, BTreeMap<String, PodProblem>>>,
 }
 
 pub type SharedIndex = Arc<RwLock<Index>>;
@@ -86,15 +90,7 @@ impl Index {
 
     /// Removes a pod. Returns the node key when something was removed.
     pub fn delete(&mut self, ns: &str, pod: &str) -> Option<NodeKey> {
-        let nodes = self.by_ns.get_mut(ns)?;
-        let node = nodes.iter().find(|(_, pods)| pods.contains_key(pod)).map(|(n, _)| n.clone())?;
-        if let Some(pods) = nodes.get_mut(&node) {
-            pods.remove(pod);
-            if pods.is_empty() {
-                nodes.remove(&node);
-            }
-        }
-        Some((ns.to_string(), node))
+        remove_pod(&mut self.by_ns, ns, pod)
     }
 
     /// Replaces the whole content (after a watch restart). Returns every key that changed.
@@ -123,10 +119,83 @@ impl Index {
         changed
     }
 
+    /// Records what keeps a pod from serving (pod_health). Returns the node key when that node's
+    /// set of problems changed.
+    pub fn apply_problem(&mut self, pod: &Pod) -> Option<NodeKey> {
+        let ns = pod.namespace()?;
+        let name = pod.name_any();
+        let Some(node) = pod.labels().get(labels::NODE).cloned() else {
+            return self.delete_problem(&ns, &name);
+        };
+        let new = pod_problem(pod);
+        let old = self.problems.get(&ns).and_then(|n| n.get(&node)).and_then(|p| p.get(&name));
+        if old == new.as_ref() {
+            return None;
+        }
+        match new {
+            Some(p) => {
+                self.problems.entry(ns.clone()).or_default().entry(node.clone()).or_default().insert(name, p);
+            }
+            None => {
+                self.delete_problem(&ns, &name);
+            }
+        }
+        Some((ns, node))
+    }
+
+    /// Forgets a pod's problem. Returns the node key when it had one.
+    pub fn delete_problem(&mut self, ns: &str, pod: &str) -> Option<NodeKey> {
+        remove_pod(&mut self.problems, ns, pod)
+    }
+
+    /// Replaces every recorded problem (after a watch restart). Returns the keys that changed.
+    pub fn reset_problems(&mut self, pods: &[Pod]) -> Vec<NodeKey> {
+        let before = std::mem::take(&mut self.problems);
+        for p in pods {
+            self.apply_problem(p);
+        }
+        let mut changed: Vec<NodeKey> = Vec::new();
+        for (a, b) in [(&before, &self.problems), (&self.problems, &before)] {
+            for (ns, nodes) in a {
+                for (node, probs) in nodes {
+                    if b.get(ns).and_then(|n| n.get(node)) != Some(probs) {
+                        changed.push((ns.clone(), node.clone()));
+                    }
+                }
+            }
+        }
+        changed.sort();
+        changed.dedup();
+        changed
+    }
+
+    /// Problems of one node's pods, ordered by pod name.
+    pub fn problems(&self, ns: &str, node: &str) -> Vec<PodProblem> {
+        self.problems.get(ns).and_then(|n| n.get(node)).map(|p| p.values().cloned().collect()).unwrap_or_default()
+    }
+
     /// Endpoints of one node, ordered by pod name (stable tables, no churn).
     pub fn endpoints(&self, ns: &str, node: &str) -> Vec<PodEndpoint> {
         self.by_ns.get(ns).and_then(|n| n.get(node)).map(|p| p.values().cloned().collect()).unwrap_or_default()
     }
+}
+
+/// Removes `pod` from a namespace -> node -> pod map, dropping emptied nodes. Returns the node
+/// key it was under.
+fn remove_pod<T>(
+    map: &mut HashMap<String, HashMap<String, BTreeMap<String, T>>>,
+    ns: &str,
+    pod: &str,
+) -> Option<NodeKey> {
+    let nodes = map.get_mut(ns)?;
+    let node = nodes.iter().find(|(_, pods)| pods.contains_key(pod)).map(|(n, _)| n.clone())?;
+    if let Some(pods) = nodes.get_mut(&node) {
+        pods.remove(pod);
+        if pods.is_empty() {
+            nodes.remove(&node);
+        }
+    }
+    Some((ns.to_string(), node))
 }
 
 #[cfg(test)]
@@ -186,6 +255,33 @@ mod tests {
         p.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(Default::default()));
         assert!(idx.apply(&p).is_some());
         assert!(!idx.endpoints("ns", "text")[0].ready);
+    }
+
+    #[test]
+    fn problems_are_indexed_per_node_and_report_only_changes() {
+        use k8s_openapi::api::core::v1::{ContainerState, ContainerStateWaiting, ContainerStatus};
+        let mut idx = Index::default();
+        let mut p = mk_pod("ns", "t-1", "text", "", false);
+        assert_eq!(idx.apply_problem(&p), None, "a pod without a problem changes nothing");
+        if let Some(st) = p.status.as_mut() {
+            st.container_statuses = Some(vec![ContainerStatus {
+                name: "node".into(),
+                state: Some(ContainerState {
+                    waiting: Some(ContainerStateWaiting { reason: Some("ImagePullBackOff".into()), message: None }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }]);
+        }
+        // No IP yet: not routable, but its problem is known.
+        assert_eq!(idx.apply(&p), None);
+        assert_eq!(idx.apply_problem(&p), Some(("ns".into(), "text".into())));
+        assert_eq!(idx.apply_problem(&p), None);
+        assert_eq!(idx.problems("ns", "text")[0].reason, "ImagePullBackOff");
+        assert_eq!(idx.reset_problems(&[p.clone()]), Vec::<NodeKey>::new(), "same content after a relist");
+        assert_eq!(idx.delete_problem("ns", "t-1"), Some(("ns".into(), "text".into())));
+        assert!(idx.problems("ns", "text").is_empty());
+        assert_eq!(idx.reset_problems(&[p]), vec![("ns".to_string(), "text".to_string())]);
     }
 
     #[test]

@@ -19,6 +19,7 @@ pub mod lease;
 pub mod metrics;
 pub mod node;
 pub mod pipeline;
+pub mod pod_health;
 pub mod rollout;
 pub mod server;
 
@@ -58,6 +59,9 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct OperatorConfig {
     /// Image of prism-node when `spec.image` is unset.
     pub node_image: String,
+    /// Image of prism-node built with CUDA, for nodes that compute on a GPU (`device: cuda`, or
+    /// `auto` with GPUs) when `spec.image` is unset.
+    pub node_image_cuda: String,
     /// Image of prism-router when `spec.routerImage` is unset.
     pub router_image: String,
     /// Image of adaptation Jobs (`train/Dockerfile`) when `spec.adaptation.image` is unset.
@@ -70,9 +74,32 @@ impl Default for OperatorConfig {
     fn default() -> Self {
         Self {
             node_image: format!("ghcr.io/prism-dev/prism-node:{}", env!("CARGO_PKG_VERSION")),
+            node_image_cuda: format!("ghcr.io/prism-dev/prism-node-cuda:{}", env!("CARGO_PKG_VERSION")),
             router_image: format!("ghcr.io/prism-dev/prism-router:{}", env!("CARGO_PKG_VERSION")),
             train_image: format!("ghcr.io/prism-dev/prism-train:{}", env!("CARGO_PKG_VERSION")),
             image_pull_policy: None,
+        }
+    }
+}
+
+impl OperatorConfig {
+    /// The image a node's pods run: `spec.image`, else the CUDA build for a node that computes
+    /// on a GPU, else the CPU build. The CPU image has no CUDA kernels: `device: cuda` on it
+    /// crash-loops, and `auto` would hold a GPU while computing on the CPU.
+    pub fn node_image_for(&self, spec: &prism_api::node::ModalityNodeSpec) -> String {
+        use prism_api::node::Device;
+        if let Some(i) = &spec.image {
+            return i.clone();
+        }
+        let gpu = match spec.device {
+            Device::Cuda => true,
+            Device::Auto => spec.resources.gpu.count > 0,
+            Device::Cpu => false,
+        };
+        if gpu {
+            self.node_image_cuda.clone()
+        } else {
+            self.node_image.clone()
         }
     }
 }

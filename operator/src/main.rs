@@ -20,6 +20,10 @@ struct Args {
     /// Default prism-node image (ModalityNode spec.image overrides it).
     #[arg(long, env = "PRISM_NODE_IMAGE")]
     node_image: Option<String>,
+    /// Default image of nodes that compute on a GPU (`device: cuda`, or `auto` with GPUs):
+    /// prism-node built with `--features cuda` (node-image/Dockerfile.cuda).
+    #[arg(long, env = "PRISM_NODE_IMAGE_CUDA")]
+    node_image_cuda: Option<String>,
     /// Default prism-router image (MultimodalPipeline spec.routerImage overrides it).
     #[arg(long, env = "PRISM_ROUTER_IMAGE")]
     router_image: Option<String>,
@@ -87,6 +91,9 @@ async fn main() -> anyhow::Result<()> {
     let mut cfg = OperatorConfig::default();
     if let Some(i) = args.node_image {
         cfg.node_image = i;
+    }
+    if let Some(i) = args.node_image_cuda {
+        cfg.node_image_cuda = i;
     }
     if let Some(i) = args.router_image {
         cfg.router_image = i;

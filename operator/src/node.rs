@@ -20,6 +20,7 @@ use prism_api::condition::{self, types, Condition, ConditionStatus};
 use prism_api::labels;
 use prism_api::node::{AutoscalingMode, ModalityNode, ModalityNodeStatus, ModelSpec};
 
+use crate::pod_health::{PodProblem, FETCH_CONTAINER};
 use crate::{Error, OperatorConfig, Result};
 
 pub const HTTP_PORT: i32 = 8080;
@@ -114,6 +115,9 @@ pub(crate) struct ModelSource {
 /// runs `fetch`).
 pub(crate) fn model_source(model: &ModelSpec, image: &str, sc: &SecurityContext) -> Result<ModelSource> {
     let uri = model.uri.as_str();
+    if prism_api::node::uri_escapes_its_root(uri) {
+        return Err(Error::InvalidSpec(format!("model.uri {uri}: `..` path segments may not leave the model volume")));
+    }
     let model_mount = |read_only: bool| VolumeMount {
         name: "model".into(),
         mount_path: MODEL_DIR.into(),
@@ -144,7 +148,7 @@ pub(crate) fn model_source(model: &ModelSpec, image: &str, sc: &SecurityContext)
     }
     if uri.starts_with("hf://") || uri.starts_with("oci://") {
         let init = Container {
-            name: "fetch-model".into(),
+            name: FETCH_CONTAINER.into(),
             image: Some(image.to_string()),
             command: Some(vec!["prism-node".into()]),
             // --architecture makes the files that architecture reads required, so a repository
@@ -160,6 +164,8 @@ pub(crate) fn model_source(model: &ModelSpec, image: &str, sc: &SecurityContext)
             ]),
             volume_mounts: Some(vec![model_mount(false), tmp_mount()]),
             security_context: Some(sc.clone()),
+            // The fetch error's last line reaches the ModalityNode's conditions (pod_health).
+            termination_message_policy: Some("FallbackToLogsOnError".into()),
             ..Default::default()
         };
         return Ok(ModelSource {
@@ -283,7 +289,7 @@ pub fn canary_deployment(mn: &ModalityNode, cfg: &OperatorConfig, stable_replica
 fn build_objects(mn: &ModalityNode, cfg: &OperatorConfig, replicas: i32, canary: bool) -> Result<NodeObjects> {
     let name = mn.name_any();
     let spec = &mn.spec;
-    let image = spec.image.clone().unwrap_or_else(|| cfg.node_image.clone());
+    let image = cfg.node_image_for(spec);
     let sc = restricted_container_sc();
     let model = model_source(&spec.model, &image, &sc)?;
 
@@ -350,6 +356,8 @@ fn build_objects(mn: &ModalityNode, cfg: &OperatorConfig, replicas: i32, canary:
         liveness_probe: Some(Probe { initial_delay_seconds: Some(10), ..http_probe("/live", 10, 3, tls) }),
         security_context: Some(sc),
         volume_mounts: Some(mounts),
+        // A crash's last log line reaches the ModalityNode's conditions (pod_health).
+        termination_message_policy: Some("FallbackToLogsOnError".into()),
         ..Default::default()
     };
 
@@ -453,13 +461,28 @@ fn build_objects(mn: &ModalityNode, cfg: &OperatorConfig, replicas: i32, canary:
     Ok(NodeObjects { deployment, service, pdb })
 }
 
+/// ` (and N more pods)` when several pods have problems.
+fn more_pods(problems: &[PodProblem]) -> String {
+    match problems.len() {
+        0 | 1 => String::new(),
+        n => format!(" (and {} more pods)", n - 1),
+    }
+}
+
 /// Condition types the node controller writes; the autoscaler owns MetricsUnavailable and
 /// ScalingLimited.
 pub const OWN_CONDITIONS: [&str; 5] =
     [types::AVAILABLE, types::DEGRADED, types::PROGRESSING, types::READY, types::TRAINING];
 
-/// Computes the node's status from the observed Deployment (None: not created yet).
-pub fn status(mn: &ModalityNode, deploy: Option<&Deployment>, now: &str) -> ModalityNodeStatus {
+/// Computes the node's status from the observed Deployment (None: not created yet) and what its
+/// pods report (`problems`, from the pod index): a pod that cannot run names the cause in Ready
+/// and Degraded.
+pub fn status(
+    mn: &ModalityNode,
+    deploy: Option<&Deployment>,
+    problems: &[PodProblem],
+    now: &str,
+) -> ModalityNodeStatus {
     let name = mn.name_any();
     let generation = mn.metadata.generation;
     let desired = deploy.and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas).unwrap_or(0);
@@ -516,6 +539,13 @@ pub fn status(mn: &ModalityNode, deploy: Option<&Deployment>, now: &str) -> Moda
             "ReplicasReady",
             format!("{ready}/{desired} replicas ready"),
         )
+    } else if let Some(p) = problems.first() {
+        Condition::new(
+            types::READY,
+            ConditionStatus::False,
+            &p.reason,
+            format!("{ready}/{desired} replicas ready; {}{}", p.describe(), more_pods(problems)),
+        )
     } else {
         Condition::new(
             types::READY,
@@ -529,6 +559,8 @@ pub fn status(mn: &ModalityNode, deploy: Option<&Deployment>, now: &str) -> Moda
     });
     let degraded = if let Some(f) = replica_failure {
         Some(("ReplicaFailure", format!("Deployment {name} cannot create pods: {}", f.message.unwrap_or_default())))
+    } else if let Some(p) = problems.first().filter(|_| ready < desired) {
+        Some((p.reason.as_str(), format!("{}{}", p.describe(), more_pods(problems))))
     } else if let Some(p) = deadline_exceeded {
         Some(("ProgressDeadlineExceeded", format!("Deployment {name}: {}", p.message.unwrap_or_default())))
     } else if !rolling && ready < desired {

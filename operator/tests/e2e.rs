@@ -86,6 +86,7 @@ impl TestNs {
         let settings = RunSettings {
             cfg: OperatorConfig {
                 node_image: "prism-node:e2e".into(),
+                node_image_cuda: "prism-node-cuda:e2e".into(),
                 router_image: "prism-router:e2e".into(),
                 train_image: "prism-train:e2e".into(),
                 image_pull_policy: Some("IfNotPresent".into()),
@@ -328,6 +329,46 @@ async fn cel_rules_reject_bad_manifests_with_their_message() {
             "spec.modality",
         ),
         (
+            "ModalityNode",
+            serde_json::json!({"modality": "text", "model": {"uri": "pvc://models/../../../etc/passwd", "architecture": "bert"}}),
+            "model.uri must not contain `..` path segments",
+        ),
+        (
+            "ModalityNode",
+            serde_json::json!({"modality": "text", "model": {"uri": "pvc://m/x", "architecture": "bert", "adapters": [{"name": "a", "uri": "hf://org/%2e%2e/x", "rank": 8, "alpha": 16.0}]}}),
+            "adapters[].uri must not contain `..` path segments",
+        ),
+        (
+            "ModalityNode",
+            serde_json::json!({"modality": "text", "model": {"uri": "pvc://m/x", "architecture": "bert", "adapters": [{"name": "a", "uri": "pvc://m/a", "rank": 8, "alpha": 16.0}, {"name": "a", "uri": "pvc://m/b", "rank": 8, "alpha": 16.0}]}}),
+            "adapter names must be unique within a node",
+        ),
+        (
+            "ModalityNode",
+            serde_json::json!({"modality": "text", "model": {"uri": "file:///m", "architecture": "bert"}, "resources": {"cpu": "two"}}),
+            "spec.resources.cpu",
+        ),
+        (
+            "ModalityNode",
+            serde_json::json!({"modality": "text", "model": {"uri": "file:///m", "architecture": "bert"}, "device": "cpu", "resources": {"gpu": {"count": 1}}}),
+            "device cpu holds no GPU",
+        ),
+        (
+            "ModalityNode",
+            serde_json::json!({"modality": "text", "model": {"uri": "file:///m", "architecture": "bert"}, "device": "cuda"}),
+            "device cuda needs a GPU",
+        ),
+        (
+            "ModalityNode",
+            serde_json::json!({"modality": "text", "model": {"uri": "file:///m", "architecture": "bert"}, "adaptation": {"sharding": "fsdp", "gpusPerWorker": 0}}),
+            "sharding fsdp shards across GPUs",
+        ),
+        (
+            "ModalityNode",
+            serde_json::json!({"modality": "text", "model": {"uri": "file:///m", "architecture": "bert"}, "rollout": {"steps": [{"weight": 50, "pauseSeconds": 10}, {"weight": 20, "pauseSeconds": 10}]}}),
+            "rollout.steps weights must increase",
+        ),
+        (
             "MultimodalPipeline",
             serde_json::json!({"nodes": [{"name": "a"}, {"name": "a"}]}),
             "node names in a pipeline must be unique",
@@ -435,6 +476,33 @@ async fn multimodal_example_reconciles_to_ready_on_gpu_nodes() {
     let p = ns.pipeline("multimodal").await.unwrap();
     assert_eq!(p.status.as_ref().unwrap().nodes_ready.as_deref(), Some("4/4"));
     assert!(p.status.as_ref().unwrap().routing_table_generation >= table.generation);
+    ns.stop_operator().await;
+}
+
+#[tokio::test]
+#[ignore = "needs the e2e control plane (KUBECONFIG)"]
+async fn a_node_whose_pod_is_oom_killed_names_the_cause_in_its_conditions() {
+    let mut ns = TestNs::new("podcause", &[]).await;
+    ns.start_operator();
+    ns.apply_yaml(&small_node("text", "text", false, ""));
+    ns.wait_node_condition("text", types::READY, "True", T).await;
+    let pod = ns.wait("a pod of text", T, || async { ns.node_pods("text").await.into_iter().next() }).await.name_any();
+    // e2e/kwok/stages/prism-pod-oom-killed.yaml plays the kubelet after an OOM kill: the pod
+    // stays Running, its container waits in CrashLoopBackOff, last terminated OOMKilled (137).
+    kubectl_ok(&["-n", &ns.name, "label", "pod", &pod, "prism.dev/fault=oom-killed", "--overwrite"]);
+    let n = ns
+        .wait("mn/text Ready=False with reason OOMKilled", T, || async {
+            let n = ns.api::<ModalityNode>().get("text").await.ok()?;
+            let c = find(&n.status.as_ref()?.conditions, types::READY)?;
+            (c.reason == "OOMKilled").then_some(n)
+        })
+        .await;
+    let conds = &n.status.as_ref().unwrap().conditions;
+    let ready = find(conds, types::READY).unwrap();
+    assert!(ready.message.contains(&format!("pod {pod} container node")), "names the pod: {}", ready.message);
+    assert!(ready.message.contains("spec.resources.memory"), "says what to change: {}", ready.message);
+    let degraded = find(conds, types::DEGRADED).unwrap();
+    assert!(degraded.is_true() && degraded.reason == "OOMKilled", "{degraded:?}");
     ns.stop_operator().await;
 }
 

@@ -81,7 +81,8 @@ fn indexed_job_runs_torchrun_workers_on_the_nodes_gpus_with_rendezvous_on_worker
     assert_eq!(f.field_path, "metadata.annotations['batch.kubernetes.io/job-completion-index']");
     // hf:// is fetched by prism-node's init container, as for serving pods.
     let init = &ps.init_containers.as_ref().unwrap()[0];
-    assert_eq!(init.image.as_deref(), Some("prism-node:test"));
+    // The fetch step runs the node's own image (the CUDA build: the node has a GPU).
+    assert_eq!(init.image.as_deref(), Some("prism-node-cuda:test"));
     // Training pods never carry prism.dev/node: the endpoint index would route requests to them.
     let pod_labels = js.template.metadata.as_ref().unwrap().labels.as_ref().unwrap();
     assert!(!pod_labels.contains_key(labels::NODE));

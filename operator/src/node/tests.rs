@@ -1,4 +1,5 @@
 use super::*;
+use crate::pod_health::PodProblem;
 use prism_api::node::{GpuSpec, ModalityNodeSpec};
 
 pub fn mk_node(name: &str, modality: &str, uri: &str) -> ModalityNode {
@@ -24,6 +25,7 @@ pub fn mk_node(name: &str, modality: &str, uri: &str) -> ModalityNode {
 pub fn cfg() -> OperatorConfig {
     OperatorConfig {
         node_image: "prism-node:test".into(),
+        node_image_cuda: "prism-node-cuda:test".into(),
         router_image: "prism-router:test".into(),
         train_image: "prism-train:test".into(),
         image_pull_policy: None,
@@ -46,7 +48,8 @@ fn deployment_carries_args_gpu_placement_and_owner() {
     let o = desired_objects(&mn, &cfg(), None).unwrap();
     let ps = pod_spec(&o);
     let c = &ps.containers[0];
-    assert_eq!(c.image.as_deref(), Some("prism-node:test"));
+    // device auto with a GPU: the CUDA build (the CPU image would hold the GPU and not use it).
+    assert_eq!(c.image.as_deref(), Some("prism-node-cuda:test"));
     for (flag, want) in [
         ("--listen", "0.0.0.0:8080"),
         ("--grpc-listen", "0.0.0.0:9090"),
@@ -131,6 +134,12 @@ fn model_uris_map_to_volumes() {
     assert_eq!(arg_after(&ps.containers[0], "--model-uri"), "file:///models");
 
     assert!(desired_objects(&mk_node("n", "text", "s3://b/k"), &cfg(), None).is_err());
+    // Defence in depth behind the CRD's CEL rule: an object that got past an older CRD still
+    // cannot mount the claim at a path outside it.
+    for escape in ["pvc://weights/../../etc", "file:///models/../etc/shadow", "oci://r/%2e%2e/m:1"] {
+        let err = desired_objects(&mk_node("n", "text", escape), &cfg(), None).unwrap_err().to_string();
+        assert!(err.contains("`..`"), "{escape}: {err}");
+    }
 }
 
 #[test]
@@ -193,7 +202,7 @@ fn deploy_with(desired: i32, ready: i32, updated: i32, gen_seen: bool) -> Deploy
 #[test]
 fn status_conditions_follow_the_deployment() {
     let mn = mk_node("n", "text", "file:///m");
-    let s = status(&mn, Some(&deploy_with(2, 2, 2, true)), "T");
+    let s = status(&mn, Some(&deploy_with(2, 2, 2, true)), &[], "T");
     let c = |t| condition::find(&s.conditions, t).unwrap().clone();
     assert!(c(types::READY).is_true());
     assert!(c(types::AVAILABLE).is_true());
@@ -205,26 +214,70 @@ fn status_conditions_follow_the_deployment() {
     );
     assert_eq!(s.observed_generation, Some(3));
 
-    let s = status(&mn, Some(&deploy_with(2, 1, 2, true)), "T");
+    let s = status(&mn, Some(&deploy_with(2, 1, 2, true)), &[], "T");
     let c = |t| condition::find(&s.conditions, t).unwrap().clone();
     assert_eq!(c(types::READY).reason, "ReplicasNotReady");
     assert!(c(types::READY).message.contains("1/2 replicas of Deployment n ready"));
     assert!(c(types::DEGRADED).is_true());
 
-    let s = status(&mn, Some(&deploy_with(2, 2, 1, true)), "T");
+    let s = status(&mn, Some(&deploy_with(2, 2, 1, true)), &[], "T");
     assert!(condition::find(&s.conditions, types::PROGRESSING).unwrap().is_true());
-    let s = status(&mn, Some(&deploy_with(2, 2, 2, false)), "T");
+    let s = status(&mn, Some(&deploy_with(2, 2, 2, false)), &[], "T");
     assert!(condition::find(&s.conditions, types::PROGRESSING).unwrap().is_true(), "new generation not yet seen");
+}
+
+#[test]
+fn nodes_that_compute_on_a_gpu_get_the_cuda_image() {
+    let image = |device: &str, gpus: u32, image: Option<&str>| {
+        let mut mn = mk_node("n", "text", "file:///m");
+        mn.spec.device = serde_json::from_value(serde_json::json!(device)).unwrap();
+        mn.spec.resources.gpu.count = gpus;
+        mn.spec.image = image.map(String::from);
+        let o = desired_objects(&mn, &cfg(), None).unwrap();
+        pod_spec(&o).containers[0].image.clone().unwrap()
+    };
+    assert_eq!(image("cuda", 1, None), "prism-node-cuda:test");
+    assert_eq!(image("auto", 1, None), "prism-node-cuda:test");
+    assert_eq!(image("auto", 0, None), "prism-node:test");
+    assert_eq!(image("cpu", 0, None), "prism-node:test");
+    assert_eq!(image("cuda", 1, Some("mine:1")), "mine:1", "spec.image always wins");
+}
+
+#[test]
+fn status_names_what_keeps_pods_from_serving() {
+    let mn = mk_node("n", "text", "file:///m");
+    let problems = vec![
+        PodProblem {
+            pod: "n-7d-a".into(),
+            container: "node".into(),
+            reason: "CrashLoopBackOff".into(),
+            message: "container node keeps exiting (4 restarts) (last exit code 1); log: Error: no config.json".into(),
+        },
+        PodProblem { pod: "n-7d-b".into(), container: "node".into(), reason: "OOMKilled".into(), message: "m".into() },
+    ];
+    let s = status(&mn, Some(&deploy_with(2, 0, 2, true)), &problems, "T");
+    let ready = condition::find(&s.conditions, types::READY).unwrap();
+    assert_eq!(ready.reason, "CrashLoopBackOff");
+    assert!(ready.message.contains("pod n-7d-a container node"), "{}", ready.message);
+    assert!(ready.message.contains("log: Error: no config.json"), "{}", ready.message);
+    assert!(ready.message.ends_with("(and 1 more pods)"), "{}", ready.message);
+    let degraded = condition::find(&s.conditions, types::DEGRADED).unwrap();
+    assert!(degraded.is_true());
+    assert_eq!(degraded.reason, "CrashLoopBackOff");
+    // All replicas ready: a stale problem (a pod on its way out) does not degrade the node.
+    let s = status(&mn, Some(&deploy_with(2, 2, 2, true)), &problems[..1], "T");
+    assert!(condition::find(&s.conditions, types::READY).unwrap().is_true());
+    assert!(!condition::find(&s.conditions, types::DEGRADED).unwrap().is_true());
 }
 
 #[test]
 fn status_keeps_other_writers_conditions_and_transition_times() {
     let mut mn = mk_node("n", "text", "file:///m");
-    let first = status(&mn, Some(&deploy_with(1, 1, 1, true)), "T1");
+    let first = status(&mn, Some(&deploy_with(1, 1, 1, true)), &[], "T1");
     let mut prev = first.clone();
     prev.conditions.push(Condition::new(types::METRICS_UNAVAILABLE, ConditionStatus::True, "PrometheusDown", ""));
     mn.status = Some(prev);
-    let second = status(&mn, Some(&deploy_with(1, 1, 1, true)), "T2");
+    let second = status(&mn, Some(&deploy_with(1, 1, 1, true)), &[], "T2");
     let ready = condition::find(&second.conditions, types::READY).unwrap();
     assert_eq!(ready.last_transition_time.as_deref(), Some("T1"));
     assert!(condition::find(&second.conditions, types::METRICS_UNAVAILABLE).is_some());
