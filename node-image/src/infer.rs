@@ -44,6 +44,8 @@ pub struct InferConfig {
 pub struct EmbedOutput {
     pub embeddings: Vec<Vec<f32>>,
     pub timings: NodeTimings,
+    /// Tokens of all inputs together, for token-based models.
+    pub prompt_tokens: Option<u64>,
 }
 
 struct Served {
@@ -170,6 +172,7 @@ impl Infer {
             .collect::<Result<Vec<_>, _>>()?;
         let preprocess = t.elapsed();
         self.metrics.observe(&self.metrics.preprocess_duration, preprocess.as_secs_f64());
+        let prompt_tokens = items.iter().map(|p| p.tokens.map(|n| n as u64)).sum::<Option<u64>>();
 
         let (tx, rx) = oneshot::channel();
         {
@@ -196,6 +199,7 @@ impl Infer {
                 inference_ms: served.inference.as_secs_f64() * 1e3,
                 batch_size: served.batch_size,
             },
+            prompt_tokens,
         })
     }
 

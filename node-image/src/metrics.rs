@@ -58,7 +58,7 @@ impl Metrics {
         let failures = IntCounterVec::new(
             Opts::new(
                 "prism_node_request_failures_total",
-                "Failed requests by err: validation, payload_too_large, overloaded, timeout, unavailable, inference, dropped",
+                "Failed requests by err: validation, payload_too_large, headers_too_large, unsupported_media_type, overloaded, timeout, unavailable, inference, dropped",
             ),
             &["node", "modality", "err"],
         )?;

@@ -74,12 +74,16 @@ fn rejects_non_text_and_empty_inputs() {
         image_base64: Some("aGVsbG8=".into()),
         ..Default::default()
     });
-    for bad in [image, EmbedInput::Text("   ".into())] {
+    for bad in [image, EmbedInput::Text(String::new())] {
         match model.preprocessor.preprocess(&bad) {
             Err(backend::BackendError::Validation(_)) => {}
             other => panic!("expected a validation error for {bad:?}, got {other:?}"),
         }
     }
+    // Whitespace only is not empty: `[CLS] [SEP]`, as sentence-transformers embeds it (the
+    // reference fixture holds its float64 vector), with its token count reported.
+    let blank = model.preprocessor.preprocess(&EmbedInput::Text(" \t\n".into())).expect("whitespace embeds");
+    assert_eq!((blank.cost, blank.tokens), (2, Some(2)));
 }
 
 #[test]

@@ -45,8 +45,11 @@ pub fn input_text(input: &EmbedInput) -> Result<&str, BackendError> {
             }
         }
     };
-    if text.trim().is_empty() {
-        return Err(BackendError::Validation("text input is empty".into()));
+    // Only the empty string is refused (as TEI does). Whitespace-only text is embedded as the
+    // reference does: sentence-transformers tokenises it to `[CLS] [SEP]`. Refusing it would fail
+    // a whole batch over one blank field.
+    if text.is_empty() {
+        return Err(BackendError::Validation("text input is the empty string".into()));
     }
     Ok(text)
 }
@@ -57,7 +60,8 @@ impl Preprocessor for BertPreprocessor {
         let enc =
             self.tokenizer.encode(text, true).map_err(|e| BackendError::Validation(format!("tokenizing: {e}")))?;
         let ids = enc.get_ids().to_vec();
-        Ok(Prepared::new(ids.len(), TextTokens { ids }))
+        let n = ids.len();
+        Ok(Prepared::new(n, TextTokens { ids }).with_tokens(n))
     }
 
     fn warmup_input(&self) -> EmbedInput {

@@ -125,12 +125,20 @@ pub struct LoadSpec {
 /// by and what a token budget counts (tokens for text, frames for audio, 1 for fixed-size images).
 pub struct Prepared {
     pub cost: usize,
+    /// Tokens the model reads for this item (token-based models only): reported as
+    /// `prompt_tokens` so clients see the tokenizer's count, not a word count.
+    pub tokens: Option<usize>,
     payload: Box<dyn Any + Send>,
 }
 
 impl Prepared {
     pub fn new<T: Any + Send>(cost: usize, payload: T) -> Self {
-        Self { cost, payload: Box::new(payload) }
+        Self { cost, tokens: None, payload: Box::new(payload) }
+    }
+
+    pub fn with_tokens(mut self, tokens: usize) -> Self {
+        self.tokens = Some(tokens);
+        self
     }
 
     /// Borrows the payload as the type its preprocessor stored. A mismatch is a programming error
