@@ -27,9 +27,22 @@ for t in $TARGETS; do
   [ "$t" = manifest ] && seeds=("$ROOT/examples" "$ROOT/tests/fixtures/invalid-manifests")
   mkdir -p "$SCRATCH/$t" "artifacts/$t"
   echo "fuzz: $t for ${SECS}s"
+  # The run's own exit status decides (a crash, an OOM, a timeout, a build or usage error all
+  # fail the script); the log is only filtered for the summary lines afterwards.
+  log="$SCRATCH/$t.log"
+  rc=0
   cargo +nightly fuzz run --release --sanitizer none "$t" "$SCRATCH/$t" "${seeds[@]}" -- \
     -max_total_time="$SECS" -rss_limit_mb=2048 -timeout=10 -max_len=65536 -print_final_stats=1 \
-    -artifact_prefix="$ROOT/fuzz/artifacts/$t/" 2>&1 | grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|INFO: Done|==[0-9]+== ERROR|SUMMARY)" || true
+    -artifact_prefix="$ROOT/fuzz/artifacts/$t/" >"$log" 2>&1 || rc=$?
+  grep -E "^(stat::number_of_executed_units|stat::peak_rss_mb|INFO: Done|==[0-9]+== ERROR|SUMMARY)" "$log" || true
+  if [ "$rc" -ne 0 ]; then
+    echo "fuzz: $t: cargo fuzz exited with status $rc; last lines of its output:" >&2
+    tail -n 40 "$log" >&2
+    if compgen -G "artifacts/$t/*" >/dev/null; then
+      echo "fuzz: reproduce with: cd fuzz && cargo +nightly fuzz run $t artifacts/$t/<file>" >&2
+    fi
+    exit 1
+  fi
   if compgen -G "artifacts/$t/*" >/dev/null; then
     echo "fuzz: $t found a crash; reproduce with: cd fuzz && cargo +nightly fuzz run $t artifacts/$t/<file>" >&2
     exit 1

@@ -81,17 +81,21 @@ class KeepAlive:
     """One persistent HTTP/1.1 connection (reopened after any error): cheap enough to poll every
     few ms or to drive a closed loop on a 2-core machine without exhausting ephemeral ports."""
 
-    def __init__(self, base_url, timeout):
+    def __init__(self, base_url, timeout, headers=None):
         u = urllib.parse.urlsplit(base_url)
         self.host, self.port, self.timeout = u.hostname, u.port, timeout
+        self.headers = dict(headers or {})  # sent with every request (e.g. authorization)
         self.conn = None
 
-    def request(self, method, path, body=None):
-        """Returns (status, raw body). Raises on connection errors (after closing the connection)."""
+    def request(self, method, path, body=None, extra_headers=True):
+        """Returns (status, raw body). Raises on connection errors (after closing the connection).
+        extra_headers=False leaves out the constructor's headers for this request."""
         if self.conn is None:
             self.conn = http.client.HTTPConnection(self.host, self.port, timeout=self.timeout)
         try:
             headers = {"content-type": "application/json"} if body is not None else {}
+            if extra_headers:
+                headers.update(self.headers)
             self.conn.request(method, path, body=body, headers=headers)
             r = self.conn.getresponse()
             return r.status, r.read()

@@ -128,10 +128,13 @@ async fn two_routers_share_one_database() {
 }
 
 /// The writer of `acknowledged_writes_survive_kill9`, run in a child process: records as fast
-/// as it can from 8 tasks and prints each id once acknowledged. A no-op in a normal test run.
+/// as it can from 8 tasks and prints each id once acknowledged. Ignored: it is a helper process,
+/// not a test, and runs only when that test starts it with `--ignored`.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "helper process of acknowledged_writes_survive_kill9"]
 async fn child_writer() {
-    let Ok(url) = std::env::var("PRISM_PG_CHILD_URL") else { return };
+    let url =
+        std::env::var("PRISM_PG_CHILD_URL").expect("PRISM_PG_CHILD_URL (set by acknowledged_writes_survive_kill9)");
     let m = Memory::open_postgres(&url).expect("child opens");
     println!("ready");
     let mut tasks = Vec::new();
@@ -155,7 +158,7 @@ async fn acknowledged_writes_survive_kill9() {
     let server = PgServer::start();
     let exe = std::env::current_exe().expect("test binary");
     let mut child = Command::new(exe)
-        .args(["--exact", "child_writer", "--nocapture", "--test-threads", "1"])
+        .args(["--exact", "child_writer", "--ignored", "--nocapture", "--test-threads", "1"])
         .env("PRISM_PG_CHILD_URL", server.url())
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

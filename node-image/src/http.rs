@@ -1,14 +1,21 @@
 //! HTTP/JSON transport: `POST /embed`, `GET /info`, `/live`, `/ready`, `/metrics`.
 //! Handlers are thin: parse, call [`Infer`], map [`NodeError`] (one table for both transports).
+//!
+//! Front door (the same rules as the router's, `prism_api::wire::frontdoor`): URL plus headers
+//! over 16 KiB get a JSON 431, a POST without `Content-Type: application/json` a JSON 415 (a
+//! browser page cannot send one without a CORS preflight, which this port never grants), a body
+//! over `--max-body-bytes` a JSON 413, and a body that is not a JSON object a 400.
 
 use std::sync::{Arc, OnceLock};
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
+use prism_api::wire::frontdoor;
 use prism_api::wire::node::{EmbedRequest, EmbedResponse, NodeInfo};
 use tracing::Instrument;
 
@@ -63,8 +70,27 @@ pub fn router(state: AppState) -> Router {
         .route("/live", get(|| async { "ok" }))
         .route("/ready", get(ready))
         .route("/metrics", get(metrics))
-        .layer(DefaultBodyLimit::max(max_body_bytes))
+        // The handler enforces `max_body_bytes` itself (draining over-limit bodies so the client
+        // reads the 413); this outer bound only stops a body from being read for ever.
+        .layer(DefaultBodyLimit::max(max_body_bytes.max(DRAIN_CAP_BYTES as usize)))
+        .layer(middleware::from_fn_with_state(state.clone(), front_door))
         .with_state(state)
+}
+
+/// Header size (431) and JSON-only bodies (415), before any handler runs.
+async fn front_door(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    let headers = req.headers().iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+    let ctype = req.headers().get(header::CONTENT_TYPE).map(HeaderValue::as_bytes);
+    if let Err(refusal) = frontdoor::check_head(req.method().as_str(), target, headers, ctype) {
+        st.metrics.fail(refusal.kind());
+        let status = StatusCode::from_u16(refusal.status()).unwrap_or(StatusCode::BAD_REQUEST);
+        let mut resp = (status, Json(refusal.body())).into_response();
+        // The body was not read: this connection cannot carry another request.
+        resp.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+        return resp;
+    }
+    next.run(req).await
 }
 
 async fn ready(State(st): State<AppState>) -> Response {
@@ -145,12 +171,19 @@ async fn embed_inner(st: &AppState, headers: &HeaderMap, body: Body) -> Result<E
         modality: st.id.modality.clone(),
         revision: st.id.revision.clone(),
         timings: out.timings,
+        prompt_tokens: out.prompt_tokens,
     })
 }
 
-/// Reads the body up to `limit` bytes. A declared Content-Length over the limit is refused before
-/// reading anything, so the client gets the 413 instead of a reset while it is still uploading.
+/// Most bytes of an over-limit body read and thrown away before the 413 is sent (clients that
+/// write the whole body before reading would otherwise see a broken pipe, not the 413).
+const DRAIN_CAP_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Reads the body up to `limit` bytes. Over the limit: 413. A declared Content-Length over the
+/// limit is answered at once while the body is drained in the background (up to
+/// [`DRAIN_CAP_BYTES`], beyond which it is not read at all); a streamed body is drained first.
 async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Bytes, NodeError> {
+    use http_body_util::BodyExt;
     let too_large = || {
         NodeError::PayloadTooLarge(format!(
             "request body larger than {limit} bytes (--max-body-bytes); split the inputs over several requests"
@@ -158,19 +191,53 @@ async fn read_body(headers: &HeaderMap, body: Body, limit: usize) -> Result<Byte
     };
     let declared =
         headers.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limit as u64) {
+    if declared.is_some_and(|n| n > (limit as u64).max(DRAIN_CAP_BYTES)) {
         return Err(too_large());
     }
-    axum::body::to_bytes(body, limit).await.map_err(|e| {
-        if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
-            too_large()
-        } else {
-            NodeError::Validation(format!("reading request body: {e}"))
+    if declared.is_some_and(|n| n > limit as u64) {
+        // Answer at once, and read the rest in the background so the connection is not reset
+        // under a client that writes its whole body before reading (it then reads the 413).
+        tokio::spawn(async move {
+            use http_body_util::BodyExt;
+            let mut body = body;
+            let drain = async { while let Some(Ok(_)) = body.frame().await {} };
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(30), drain).await;
+        });
+        return Err(too_large());
+    }
+    let mut body = body;
+    let mut buf: Vec<u8> = Vec::new();
+    let mut seen = 0u64;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| {
+            if std::error::Error::source(&e).is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
+                too_large()
+            } else {
+                NodeError::Validation(format!("reading request body: {e}"))
+            }
+        })?;
+        let Ok(data) = frame.into_data() else { continue };
+        seen = seen.saturating_add(data.len() as u64);
+        if seen <= limit as u64 {
+            buf.extend_from_slice(&data);
+        } else if seen > DRAIN_CAP_BYTES {
+            break;
+        } else if !buf.is_empty() {
+            buf = Vec::new();
         }
-    })
+    }
+    if seen > limit as u64 {
+        return Err(too_large());
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn parse(bytes: &[u8]) -> Result<EmbedRequest, NodeError> {
+    frontdoor::require_object(bytes).map_err(|m| {
+        NodeError::Validation(format!(
+            "{m}: {{\"inputs\": [\"text\", {{\"text\": \"...\"}}, ...], \"deadline_ms\": 1000}}"
+        ))
+    })?;
     serde_json::from_slice::<EmbedRequest>(bytes).map_err(|e| {
         NodeError::Validation(format!(
             "invalid JSON body: {e}; expected {{\"inputs\": [\"text\", {{\"text\": \"...\"}}, ...], \"deadline_ms\": 1000}}"

@@ -34,7 +34,7 @@ pub struct Snapshot {
 }
 
 impl Snapshot {
-    fn new(pipeline: String, table: RoutingTable, spec: MultimodalPipelineSpec) -> Self {
+    pub fn new(pipeline: String, table: RoutingTable, spec: MultimodalPipelineSpec) -> Self {
         let configs = plan::modality_configs(&spec, &table);
         Self { pipeline, table, spec, configs }
     }
@@ -96,6 +96,8 @@ pub enum CallError {
     Rejected(String),
     /// No eligible replica, or every attempt failed.
     Unavailable(String),
+    /// The node request would exceed the nodes' body limit: the client's fault, never sent.
+    TooLarge { bytes: usize, limit: usize },
 }
 
 /// A successful modality call.
@@ -110,6 +112,7 @@ pub struct Served {
 enum SendError {
     Rejected(String),
     Failed(String),
+    TooLarge { bytes: usize, limit: usize },
 }
 
 /// Decrements in-flight if a call future is dropped (client went away) before it finished.
@@ -135,11 +138,19 @@ pub struct EngineOptions {
     pub probe_interval: Option<Duration>,
     /// PEM CA certificates trusted for `https://` node endpoints, besides the system roots.
     pub node_ca_pem: Option<Vec<u8>>,
+    /// Largest body a node accepts (`prism-node --max-body-bytes`). A node request over it is
+    /// refused with a 413 before it is sent: a node answers such a body by closing the connection
+    /// mid-upload, which the router would otherwise count as a replica failure.
+    pub node_max_body_bytes: usize,
 }
 
 impl Default for EngineOptions {
     fn default() -> Self {
-        Self { probe_interval: Some(Duration::from_millis(500)), node_ca_pem: None }
+        Self {
+            probe_interval: Some(Duration::from_millis(500)),
+            node_ca_pem: None,
+            node_max_body_bytes: prism_api::wire::frontdoor::DEFAULT_MAX_BODY_BYTES,
+        }
     }
 }
 
@@ -316,6 +327,14 @@ impl Router {
         info!(pipeline = %cur.pipeline, "pipeline spec applied");
     }
 
+    /// Whether `modality` has a replica the balancer would route to now (the Open Inference
+    /// Protocol's per-model readiness).
+    pub fn modality_ready(&self, modality: &str) -> bool {
+        let snap = self.snapshot();
+        let now = self.now_ms();
+        snap.table.generation > 0 && self.with_balancer(|b| b.has_candidate(modality, &snap.spec.routing, now))
+    }
+
     /// Ready = a routing table is loaded and at least one modality has a routable replica.
     pub fn is_ready(&self) -> bool {
         let snap = self.snapshot();
@@ -332,13 +351,27 @@ impl Router {
     ) -> Result<EmbedResponse, SendError> {
         let url = format!("{}/embed", ep.endpoint.trim_end_matches('/'));
         let body = EmbedRequest { inputs: inputs.to_vec(), deadline_ms: Some(timeout.as_millis().max(1) as u64) };
-        let resp = self.client.post(&url).timeout(timeout).json(&body).send().await.map_err(|e| {
-            SendError::Failed(if e.is_timeout() {
-                format!("timed out after {} ms", timeout.as_millis())
-            } else {
-                format!("{url}: {}", error_chain(&e))
-            })
-        })?;
+        let body =
+            serde_json::to_vec(&body).map_err(|e| SendError::Failed(format!("encoding the node request: {e}")))?;
+        let limit = self.options.node_max_body_bytes;
+        if body.len() > limit {
+            return Err(SendError::TooLarge { bytes: body.len(), limit });
+        }
+        let resp = self
+            .client
+            .post(&url)
+            .timeout(timeout)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
+            .send()
+            .await
+            .map_err(|e| {
+                SendError::Failed(if e.is_timeout() {
+                    format!("timed out after {} ms", timeout.as_millis())
+                } else {
+                    format!("{url}: {}", error_chain(&e))
+                })
+            })?;
         let status = resp.status();
         let bytes =
             resp.bytes().await.map_err(|e| SendError::Failed(format!("{url}: reading body: {}", error_chain(&e))))?;
@@ -447,6 +480,12 @@ impl Router {
                     self.with_balancer(|b| b.on_success(modality, &ep.endpoint, latency_ms, now));
                     return Err(CallError::Rejected(msg));
                 }
+                Err(SendError::TooLarge { bytes, limit }) => {
+                    // Nothing was sent: the replica's record is untouched (not a success, not a
+                    // failure), and no other replica would accept it either.
+                    self.with_balancer(|b| b.on_cancel(modality, &ep.endpoint));
+                    return Err(CallError::TooLarge { bytes, limit });
+                }
                 Err(SendError::Failed(msg)) => {
                     let out = self.with_balancer(|b| b.on_failure(modality, &ep.endpoint, policy, now, true));
                     self.metrics.upstream_failures.with_label_values(&[modality, &ep.node, &ep.revision]).inc();
@@ -512,6 +551,9 @@ impl Router {
                 }
                 Err(CallError::Rejected(message)) => {
                     return Err(RouterError::UpstreamRejected { modality: m, message })
+                }
+                Err(CallError::TooLarge { bytes, limit }) => {
+                    return Err(RouterError::UpstreamTooLarge { modality: m, bytes, limit })
                 }
                 Err(CallError::Unavailable(why)) => {
                     missing.insert(m, why);
@@ -694,6 +736,9 @@ impl Router {
                 None => Err((fm, "empty answer".into())),
             },
             Err(CallError::Rejected(m)) | Err(CallError::Unavailable(m)) => Err((fm, m)),
+            Err(CallError::TooLarge { bytes, limit }) => {
+                Err((fm, format!("fusion request of {bytes} bytes over the nodes' limit of {limit}")))
+            }
         }
     }
 
@@ -743,6 +788,9 @@ impl Router {
                 Ok(s) => Ok(s),
                 Err(CallError::Rejected(message)) => {
                     Err(RouterError::UpstreamRejected { modality: modality.into(), message })
+                }
+                Err(CallError::TooLarge { bytes, limit }) => {
+                    Err(RouterError::UpstreamTooLarge { modality: modality.into(), bytes, limit })
                 }
                 Err(CallError::Unavailable(why)) => {
                     Err(RouterError::Unavailable(format!("modality '{modality}' has no healthy replica ({why})")))

@@ -5,6 +5,7 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
+use prism_api::wire::frontdoor::Refusal;
 use prism_api::wire::ErrorBody;
 use thiserror::Error;
 
@@ -22,6 +23,23 @@ pub enum RouterError {
     UnknownModality { modality: String, known: String },
     #[error("request body is larger than the limit of {limit} bytes (router flag --max-body-bytes)")]
     PayloadTooLarge { limit: usize },
+    /// The node request this client request turns into would exceed what nodes accept: refused
+    /// here, so the node never closes a connection on the router mid-upload (which would read as
+    /// a replica failure).
+    #[error(
+        "the request to modality '{modality}' would be {bytes} bytes, over the nodes' limit of {limit} bytes \
+         (router flag --node-max-body-bytes); split the inputs over several requests"
+    )]
+    UpstreamTooLarge { modality: String, bytes: usize, limit: usize },
+    /// Refused at the front door from the request head alone: 431 or 415.
+    #[error("{}", .0.message())]
+    FrontDoor(Refusal),
+    /// An OpenAI-style request parameter is invalid (400, `type: invalid_request_error`, `param`).
+    #[error("{message}")]
+    InvalidParam { param: &'static str, message: String },
+    /// `model` names no model of this router (404, OpenAI's `code: model_not_found`).
+    #[error("the model {model:?} does not exist on this router; valid models: {known}")]
+    ModelNotFound { model: String, known: String },
     #[error("missing or invalid bearer token (send `Authorization: Bearer <token>`)")]
     Unauthorized,
     #[error("rate limit exceeded for this client; retry after {retry_after_s} s")]
@@ -54,7 +72,9 @@ impl RouterError {
             RouterError::InvalidJson(_) => "invalid_json",
             RouterError::Validation(_) | RouterError::UpstreamRejected { .. } => "validation",
             RouterError::UnknownModality { .. } => "unknown_modality",
-            RouterError::PayloadTooLarge { .. } => "payload_too_large",
+            RouterError::PayloadTooLarge { .. } | RouterError::UpstreamTooLarge { .. } => "payload_too_large",
+            RouterError::FrontDoor(r) => r.kind(),
+            RouterError::InvalidParam { .. } | RouterError::ModelNotFound { .. } => "invalid_request_error",
             RouterError::Unauthorized => "unauthorized",
             RouterError::RateLimited { .. } => "rate_limited",
             RouterError::Unavailable(_) => "unavailable",
@@ -70,7 +90,10 @@ impl RouterError {
 
     pub fn status(&self) -> StatusCode {
         match self {
-            RouterError::InvalidJson(_) => StatusCode::BAD_REQUEST,
+            RouterError::InvalidJson(_) | RouterError::InvalidParam { .. } => StatusCode::BAD_REQUEST,
+            RouterError::ModelNotFound { .. } => StatusCode::NOT_FOUND,
+            RouterError::UpstreamTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
+            RouterError::FrontDoor(r) => StatusCode::from_u16(r.status()).unwrap_or(StatusCode::BAD_REQUEST),
             RouterError::Validation(_) | RouterError::UnknownModality { .. } | RouterError::UpstreamRejected { .. } => {
                 StatusCode::UNPROCESSABLE_ENTITY
             }
@@ -93,8 +116,13 @@ impl RouterError {
             RouterError::InvalidJson(_)
             | RouterError::Validation(_)
             | RouterError::UnknownModality { .. }
-            | RouterError::UpstreamRejected { .. } => tonic::Code::InvalidArgument,
-            RouterError::PayloadTooLarge { .. } | RouterError::RateLimited { .. } => tonic::Code::ResourceExhausted,
+            | RouterError::UpstreamRejected { .. }
+            | RouterError::InvalidParam { .. }
+            | RouterError::FrontDoor(_) => tonic::Code::InvalidArgument,
+            RouterError::ModelNotFound { .. } => tonic::Code::NotFound,
+            RouterError::PayloadTooLarge { .. }
+            | RouterError::UpstreamTooLarge { .. }
+            | RouterError::RateLimited { .. } => tonic::Code::ResourceExhausted,
             RouterError::Unauthorized => tonic::Code::Unauthenticated,
             RouterError::Unavailable(_) => tonic::Code::Unavailable,
             RouterError::Timeout(_) | RouterError::BodyTimeout { .. } => tonic::Code::DeadlineExceeded,
@@ -106,7 +134,15 @@ impl RouterError {
     }
 
     pub fn body(&self) -> ErrorBody {
-        ErrorBody::new(self.kind(), self.to_string())
+        match self {
+            RouterError::InvalidParam { param, .. } => {
+                ErrorBody::openai(self.kind(), self.to_string(), Some((*param).to_string()), None)
+            }
+            RouterError::ModelNotFound { .. } => {
+                ErrorBody::openai(self.kind(), self.to_string(), Some("model".into()), Some("model_not_found".into()))
+            }
+            _ => ErrorBody::new(self.kind(), self.to_string()),
+        }
     }
 }
 
@@ -122,7 +158,7 @@ impl IntoResponse for RouterError {
             resp.headers_mut()
                 .insert(axum::http::header::WWW_AUTHENTICATE, axum::http::HeaderValue::from_static("Bearer"));
         }
-        if let RouterError::PayloadTooLarge { .. } = &self {
+        if let RouterError::PayloadTooLarge { .. } | RouterError::FrontDoor(_) = &self {
             // The rest of the body was not read, so this connection cannot carry another request;
             // saying so stops keep-alive clients from reusing it (they would see a reset instead).
             resp.headers_mut().insert(axum::http::header::CONNECTION, axum::http::HeaderValue::from_static("close"));
@@ -160,6 +196,11 @@ mod tests {
             RouterError::RateLimited { retry_after_s: 1 },
             RouterError::UpstreamRejected { modality: "t".into(), message: "bad".into() },
             RouterError::StaleGeneration { offered: 1, current: 2 },
+            RouterError::UpstreamTooLarge { modality: "t".into(), bytes: 2, limit: 1 },
+            RouterError::FrontDoor(Refusal::NotJson { got: None }),
+            RouterError::FrontDoor(Refusal::HeadersTooLarge { bytes: 2, limit: 1 }),
+            RouterError::InvalidParam { param: "model", message: "x".into() },
+            RouterError::ModelNotFound { model: "x".into(), known: "text".into() },
         ];
         for e in client {
             assert!(e.status().is_client_error(), "{e:?}");
@@ -168,6 +209,19 @@ mod tests {
         for e in [RouterError::Unavailable("x".into()), RouterError::Timeout(5), RouterError::Internal("x".into())] {
             assert!(e.status().is_server_error(), "{e:?}");
         }
+    }
+
+    #[test]
+    fn model_not_found_has_openais_error_shape() {
+        let e = RouterError::ModelNotFound { model: "gpt-4".into(), known: "search, text".into() };
+        assert_eq!(e.status(), StatusCode::NOT_FOUND);
+        let v = serde_json::to_value(e.body()).unwrap();
+        assert_eq!(v["error"]["code"], "model_not_found");
+        assert_eq!(v["error"]["param"], "model");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("search, text"), "{v}");
+        assert_eq!(RouterError::FrontDoor(Refusal::NotJson { got: None }).status().as_u16(), 415);
+        assert_eq!(RouterError::FrontDoor(Refusal::HeadersTooLarge { bytes: 2, limit: 1 }).status().as_u16(), 431);
     }
 
     #[test]

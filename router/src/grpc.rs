@@ -1,4 +1,6 @@
-//! gRPC front door (tonic): `prism.v1.Router/Infer`, the same engine and error table as HTTP.
+//! gRPC front door (tonic): `prism.v1.Router/Infer`, the same engine and error table as HTTP,
+//! and on the same port `inference.GRPCInferenceService` (the Open Inference Protocol, see
+//! [`crate::oip_grpc`]).
 
 use std::collections::BTreeMap;
 use std::future::Future;
@@ -34,25 +36,32 @@ impl GrpcRouter {
     }
 
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        if self.tokens.is_empty() {
-            return Ok(());
-        }
-        let presented = req
-            .metadata()
-            .get("authorization")
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-            .map(str::trim)
-            .unwrap_or("");
-        let mut ok = false;
-        for t in self.tokens.iter() {
-            ok |= bool::from(t.as_bytes().ct_eq(presented.as_bytes()));
-        }
-        if ok {
-            Ok(())
-        } else {
-            Err(RouterError::Unauthorized.into())
-        }
+        authorize_bearer(&self.tokens, req)
+    }
+}
+
+/// The bearer-token rule of every gRPC service on the router (`prism.v1.Router` and
+/// `inference.GRPCInferenceService`): no tokens configured admits all; otherwise every token is
+/// compared in constant time, so timing does not reveal how much of a guess matched.
+pub(crate) fn authorize_bearer<T>(tokens: &[String], req: &Request<T>) -> Result<(), Status> {
+    if tokens.is_empty() {
+        return Ok(());
+    }
+    let presented = req
+        .metadata()
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .unwrap_or("");
+    let mut ok = false;
+    for t in tokens {
+        ok |= bool::from(t.as_bytes().ct_eq(presented.as_bytes()));
+    }
+    if ok {
+        Ok(())
+    } else {
+        Err(RouterError::Unauthorized.into())
     }
 }
 
@@ -150,12 +159,43 @@ pub async fn serve(
     let listener = tokio::net::TcpListener::bind(addr).await?;
     let bound = listener.local_addr()?;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let svc = RouterServer::new(GrpcRouter::new(router, tokens));
+    let svc = RouterServer::new(GrpcRouter::new(router.clone(), tokens.clone()));
+    // The Open Inference Protocol's service on the same port (KServe / Triton gRPC clients).
+    let oip = crate::oip_grpc::GrpcInferenceServiceServer::new(crate::oip_grpc::OipGrpc::new(
+        crate::oip::Oip::new(router),
+        tokens,
+    ));
     // Dead peers are found by HTTP/2 pings instead of holding streams for ever.
     let fut = tonic::transport::Server::builder()
         .http2_keepalive_interval(Some(std::time::Duration::from_secs(20)))
         .http2_keepalive_timeout(Some(std::time::Duration::from_secs(20)))
         .add_service(svc)
+        .add_service(oip)
         .serve_with_incoming(incoming);
     Ok((bound, fut))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn with_auth(value: Option<&str>) -> Request<()> {
+        let mut req = Request::new(());
+        if let Some(v) = value {
+            req.metadata_mut().insert("authorization", v.parse().unwrap());
+        }
+        req
+    }
+
+    #[test]
+    fn bearer_tokens_gate_both_grpc_services() {
+        let tokens = vec!["s3cret".to_string(), "other".to_string()];
+        assert!(authorize_bearer(&tokens, &with_auth(Some("Bearer s3cret"))).is_ok());
+        assert!(authorize_bearer(&tokens, &with_auth(Some("bearer other"))).is_ok());
+        for bad in [None, Some("Bearer s3cre"), Some("Bearer s3cret2"), Some("s3cret"), Some("Bearer ")] {
+            let err = authorize_bearer(&tokens, &with_auth(bad)).unwrap_err();
+            assert_eq!(err.code(), tonic::Code::Unauthenticated, "{bad:?}");
+        }
+        assert!(authorize_bearer(&[], &with_auth(None)).is_ok(), "no tokens configured admits all");
+    }
 }

@@ -5,6 +5,13 @@
 //! open so kubelets and Prometheus need no secret. Per-client token-bucket rate limit (client =
 //! bearer token, else peer IP), a body-size limit answered with a JSON 413, a body-read
 //! deadline answered with a JSON 408, and [`serve`]'s connection timeouts (slowloris).
+//!
+//! The front door, before any handler, auth included (`prism_api::wire::frontdoor`): URL plus
+//! headers over 16 KiB get a JSON 431; a POST or PUT without `Content-Type: application/json` a
+//! JSON 415 (browsers send text/plain and form POSTs cross-site without a CORS preflight); a
+//! body over `--max-body-bytes` a JSON 413 (drained first up to 64 MiB so clients that write
+//! before they read see it; a larger declared length is refused unread). Every body must be a
+//! JSON object (400 otherwise). CORS is off unless `--cors-allow-origin` names the origins to trust.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -19,13 +26,18 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put, MethodRouter};
 use axum::{Json, Router as AxumRouter};
-use prism_api::wire::router::{EmbeddingData, EmbeddingsRequest, EmbeddingsResponse, EmbeddingsUsage, InferRequest};
+use prism_api::wire::frontdoor;
+use prism_api::wire::node::EmbedInput;
+use prism_api::wire::router::{EmbeddingData, EmbeddingsResponse, EmbeddingsUsage, InferRequest};
 use prism_api::RoutingTable;
+use serde::de::DeserializeOwned;
 use subtle::ConstantTimeEq;
+use tracing::Instrument;
 
 use crate::engine::Router;
 use crate::error::{from_json_error, RouterError};
-use crate::openapi;
+use crate::oip::{self, Oip, OipError};
+use crate::{openai, openapi};
 
 /// Most inputs in one `/v1/embeddings` call (OpenAI's own limit is 2048).
 pub const MAX_EMBEDDINGS_INPUTS: usize = 2048;
@@ -41,25 +53,52 @@ pub struct HttpOptions {
     pub rate_limit_burst: f64,
     /// Longest a client may take to send a request body (408 after it).
     pub body_timeout: Duration,
+    /// Origins (`https://app.example.com`) whose web pages may call this router; empty = CORS
+    /// off (no CORS headers, so browsers refuse cross-origin JSON requests). Check each with
+    /// [`parse_cors_origin`].
+    pub cors_allow_origins: Vec<String>,
 }
 
 impl Default for HttpOptions {
     fn default() -> Self {
         Self {
             tokens: Vec::new(),
-            max_body_bytes: 16 * 1024 * 1024,
+            max_body_bytes: frontdoor::DEFAULT_MAX_BODY_BYTES,
             rate_limit_rps: 0.0,
             rate_limit_burst: 0.0,
             body_timeout: Duration::from_secs(30),
+            cors_allow_origins: Vec::new(),
         }
     }
+}
+
+/// A `--cors-allow-origin` value: `scheme://host[:port]`, exactly as browsers send `Origin`
+/// (no path, no trailing slash). `*` is refused: the point of the option is a list of origins.
+pub fn parse_cors_origin(s: &str) -> Result<HeaderValue, String> {
+    let rest = s.strip_prefix("https://").or_else(|| s.strip_prefix("http://")).ok_or_else(|| {
+        format!(
+            "--cors-allow-origin {s:?}: give an origin such as https://app.example.com (http:// or https://, no `*`)"
+        )
+    })?;
+    let ok = !rest.is_empty()
+        && rest.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b':' | b'[' | b']'));
+    if !ok {
+        return Err(format!(
+            "--cors-allow-origin {s:?}: an origin is scheme://host[:port], without path or trailing slash"
+        ));
+    }
+    HeaderValue::from_str(s).map_err(|e| format!("--cors-allow-origin {s:?}: {e}"))
 }
 
 #[derive(Clone)]
 pub struct AppState {
     pub router: Arc<Router>,
+    /// The Open Inference Protocol v2 service (`/v2/*`) over the same engine.
+    pub oip: Arc<Oip>,
     pub options: Arc<HttpOptions>,
     limiter: Arc<Mutex<HashMap<String, Bucket>>>,
+    /// Unix seconds at start: the `created` of `GET /v1/models` entries.
+    started: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -95,11 +134,17 @@ fn api_routes(seen: &mut Vec<(&'static str, &'static str)>) -> AxumRouter<AppSta
     let r = AxumRouter::new();
     let r = add(r, seen, "post", "/v1/infer", post(infer));
     let r = add(r, seen, "post", "/v1/embeddings", post(embeddings));
+    let r = add(r, seen, "get", "/v1/models", get(list_models));
+    let r = add(r, seen, "get", "/v1/models/{id}", get(get_model));
     let r = add(r, seen, "get", "/v1/routing-table", get(get_table));
     let r = add(r, seen, "post", "/v1/memory/search", post(memory_search));
     let r = add(r, seen, "post", "/v1/memory/corrections", post(memory_correct));
     let r = add(r, seen, "get", "/v1/memory/corrections", get(memory_training_set));
     let r = add(r, seen, "get", "/v1/memory/records/{id}", get(memory_record));
+    let r = add(r, seen, "get", "/v2", get(v2_server_metadata));
+    let r = add(r, seen, "get", "/v2/models/{name}", get(v2_model_metadata));
+    let r = add(r, seen, "get", "/v2/models/{name}/ready", get(v2_model_ready));
+    let r = add(r, seen, "post", "/v2/models/{name}/infer", post(v2_infer));
     add(r, seen, "put", "/admin/routing-table", put(put_table))
 }
 
@@ -107,6 +152,9 @@ fn open_routes(seen: &mut Vec<(&'static str, &'static str)>) -> AxumRouter<AppSt
     let r = AxumRouter::new();
     let r = add(r, seen, "get", "/live", get(|| async { "ok" }));
     let r = add(r, seen, "get", "/ready", get(ready));
+    // OIP's probes are open like /live and /ready: kubelets and load balancers have no token.
+    let r = add(r, seen, "get", "/v2/health/live", get(|| async { StatusCode::OK }));
+    let r = add(r, seen, "get", "/v2/health/ready", get(v2_ready));
     let r = add(r, seen, "get", "/metrics", get(metrics));
     add(r, seen, "get", "/openapi.json", get(|| async { Json(openapi::document()) }))
 }
@@ -114,10 +162,14 @@ fn open_routes(seen: &mut Vec<(&'static str, &'static str)>) -> AxumRouter<AppSt
 /// The whole HTTP app. Serve it with `into_make_service_with_connect_info::<SocketAddr>()` so
 /// the rate limiter can key anonymous clients by IP.
 pub fn app(router: Arc<Router>, options: HttpOptions) -> AxumRouter {
-    let state = AppState { router, options: Arc::new(options), limiter: Arc::new(Mutex::new(HashMap::new())) };
+    let started = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let cors = cors_layer(&options.cors_allow_origins);
+    let oip = Oip::new(router.clone());
+    let state =
+        AppState { router, oip, options: Arc::new(options), limiter: Arc::new(Mutex::new(HashMap::new())), started };
     let mut seen = Vec::new();
     let api = api_routes(&mut seen).layer(middleware::from_fn_with_state(state.clone(), guard));
-    open_routes(&mut seen)
+    let app = open_routes(&mut seen)
         .merge(api)
         .fallback(|| async { RouterError::NotFound("no such route; see GET /openapi.json".into()) })
         .method_not_allowed_fallback(|| async {
@@ -129,8 +181,64 @@ pub fn app(router: Arc<Router>, options: HttpOptions) -> AxumRouter {
                 )),
             )
         })
+        .layer(middleware::from_fn_with_state(state.clone(), front_door))
         .layer(middleware::from_fn(request_id))
-        .with_state(state)
+        .with_state(state);
+    match cors {
+        Some(c) => app.layer(c),
+        None => app,
+    }
+}
+
+/// CORS for the listed origins only (preflights answered, `x-request-id` and `x-prism-*`
+/// readable); `None` when the list is empty. Entries that do not parse are skipped (`main`
+/// refuses them at start with [`parse_cors_origin`]).
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{header, HeaderName, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    let list: Vec<HeaderValue> = origins.iter().filter_map(|o| parse_cors_origin(o).ok()).collect();
+    if list.is_empty() {
+        return None;
+    }
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(list))
+            .allow_methods([Method::GET, Method::POST, Method::PUT])
+            .allow_headers([header::CONTENT_TYPE, header::AUTHORIZATION, HeaderName::from_static("x-request-id")])
+            .expose_headers([
+                HeaderName::from_static("x-request-id"),
+                HeaderName::from_static("x-prism-node"),
+                HeaderName::from_static("x-prism-revision"),
+            ])
+            .max_age(Duration::from_secs(600)),
+    )
+}
+
+/// Header size (431), JSON-only bodies (415) and a declared body over the limit (413), from the
+/// request head alone: nothing is read and no node is called.
+async fn front_door(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let target = req.uri().path_and_query().map_or(0, |p| p.as_str().len());
+    let headers = req.headers().iter().map(|(n, v)| (n.as_str().as_bytes(), v.as_bytes()));
+    let ctype = req.headers().get(axum::http::header::CONTENT_TYPE).map(HeaderValue::as_bytes);
+    // The OIP binary tensor extension (JSON header + raw tensor bytes) is no JSON body; it is
+    // admitted on the infer route only, and only with its own header, which no browser sends
+    // without a CORS preflight.
+    let binary_tensors = req.headers().contains_key(oip::HEADER_LENGTH) && oip::is_infer_path(req.uri().path());
+    if let Err(r) = frontdoor::check_head_with(req.method().as_str(), target, headers, ctype, binary_tensors) {
+        return RouterError::FrontDoor(r).into_response();
+    }
+    let limit = st.options.max_body_bytes;
+    let declared = req
+        .headers()
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    // Far over the limit: answer without reading (the handler drains moderately oversized
+    // bodies so that clients which write before they read still see the 413).
+    if declared.is_some_and(|n| n > limit.max(DRAIN_CAP_BYTES) as u64) {
+        return RouterError::PayloadTooLarge { limit }.into_response();
+    }
+    next.run(req).await
 }
 
 async fn request_id(mut req: Request, next: Next) -> Response {
@@ -206,23 +314,47 @@ impl AppState {
     }
 }
 
-/// Read the body up to `limit` bytes within `timeout`; over the limit is a JSON 413 (axum's own
-/// is plain text), too slow a JSON 408.
+/// Most bytes of an over-limit body read and thrown away before the 413 is sent. Clients such as
+/// Python's (`openai`/httpx, requests, urllib) send the whole body before they read the answer:
+/// a server that answers early and closes makes them see a broken pipe instead of the 413, a
+/// client error reported as an outage. Past this much, the connection is closed (no honest
+/// client sends 8 times the limit).
+pub const DRAIN_CAP_BYTES: usize = 64 * 1024 * 1024;
+
+/// Read the body up to `limit` bytes within `timeout`; over the limit is a JSON 413 (after the
+/// rest is drained, up to [`DRAIN_CAP_BYTES`]), too slow a JSON 408.
 async fn read_body(req: Request, opts: &HttpOptions) -> Result<Bytes, RouterError> {
+    use http_body_util::BodyExt;
     let (limit, timeout) = (opts.max_body_bytes, opts.body_timeout);
-    let read = tokio::time::timeout(timeout, axum::body::to_bytes(req.into_body(), limit))
-        .await
-        .map_err(|_| RouterError::BodyTimeout { secs: timeout.as_secs() })?;
-    read.map_err(|e| {
-        let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(&e);
-        while let Some(c) = cur {
-            if c.is::<http_body_util::LengthLimitError>() {
-                return RouterError::PayloadTooLarge { limit };
+    let mut body = req.into_body();
+    let read = async {
+        let mut buf: Vec<u8> = Vec::new();
+        let mut seen = 0usize;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| RouterError::InvalidJson(format!("could not read the request body: {e}")))?;
+            let Ok(data) = frame.into_data() else { continue };
+            seen = seen.saturating_add(data.len());
+            if seen <= limit {
+                buf.extend_from_slice(&data);
+            } else if seen > DRAIN_CAP_BYTES {
+                break;
+            } else if !buf.is_empty() {
+                buf = Vec::new();
             }
-            cur = c.source();
         }
-        RouterError::InvalidJson(format!("could not read the request body: {e}"))
-    })
+        if seen > limit {
+            return Err(RouterError::PayloadTooLarge { limit });
+        }
+        Ok(Bytes::from(buf))
+    };
+    tokio::time::timeout(timeout, read).await.map_err(|_| RouterError::BodyTimeout { secs: timeout.as_secs() })?
+}
+
+/// The body as `T`: read within the limits, a JSON object (400 otherwise), then parsed.
+async fn read_json<T: DeserializeOwned>(req: Request, opts: &HttpOptions) -> Result<T, RouterError> {
+    let body = read_body(req, opts).await?;
+    frontdoor::require_object(&body).map_err(RouterError::InvalidJson)?;
+    serde_json::from_slice(&body).map_err(from_json_error)
 }
 
 fn rid(headers: &axum::http::Extensions) -> String {
@@ -232,53 +364,53 @@ fn rid(headers: &axum::http::Extensions) -> String {
 async fn infer(State(st): State<AppState>, req: Request) -> Result<Response, RouterError> {
     let id = rid(req.extensions());
     let body = read_body(req, &st.options).await?;
-    let parsed: InferRequest = serde_json::from_slice(&body).map_err(from_json_error)?;
+    frontdoor::require_object(&body).map_err(RouterError::InvalidJson)?;
+    let parsed: InferRequest = serde_json::from_slice(&body).map_err(|e| explain_infer_error(&body, e))?;
     let resp = st.router.infer(parsed, &id).await?;
     Ok(Json(resp).into_response())
+}
+
+/// serde says "did not match any variant of untagged enum" for a bad input; name the modality.
+fn explain_infer_error(body: &[u8], e: serde_json::Error) -> RouterError {
+    if matches!(e.classify(), serde_json::error::Category::Data) {
+        if let Ok(serde_json::Value::Object(v)) = serde_json::from_slice::<serde_json::Value>(body) {
+            if let Some(serde_json::Value::Object(inputs)) = v.get("inputs") {
+                for (m, item) in inputs {
+                    if let Err(ie) = serde_json::from_value::<EmbedInput>(item.clone()) {
+                        return RouterError::Validation(format!(
+                            "`inputs.{}` must be a string or an object with one of text, image_base64, audio_base64, embeddings ({ie})",
+                            frontdoor::clip(m, 64)
+                        ));
+                    }
+                }
+            }
+        }
+    }
+    from_json_error(e)
 }
 
 async fn embeddings(State(st): State<AppState>, req: Request) -> Result<Response, RouterError> {
     let id = rid(req.extensions());
     let body = read_body(req, &st.options).await?;
-    let parsed: EmbeddingsRequest = serde_json::from_slice(&body).map_err(from_json_error)?;
-    if let Some(f) = parsed.encoding_format.as_deref() {
-        if f != "float" {
-            return Err(RouterError::Validation(format!("encoding_format '{f}' is not supported; use 'float'")));
+    frontdoor::require_object(&body).map_err(RouterError::InvalidJson)?;
+    let parsed = openai::parse_embeddings(&body, MAX_EMBEDDINGS_INPUTS)?;
+    // An unknown or impossible `model` is answered here: no node is called for it.
+    let modality = openai::resolve_model(&st.router.snapshot(), parsed.model.as_deref())?;
+    let (served, snap) = st.router.embed_texts(&modality, parsed.texts, &id).await?;
+    // The node's tokenizer count; 0 from a node that reports none (non-text models, old nodes).
+    let tokens = served.response.prompt_tokens.unwrap_or(0);
+    let mut data = Vec::with_capacity(served.response.embeddings.len());
+    for (index, mut v) in served.response.embeddings.into_iter().enumerate() {
+        if let Some(d) = parsed.dimensions {
+            openai::shorten(&mut v, d)?;
         }
+        data.push(EmbeddingData { object: "embedding".into(), index, embedding: openai::encode(v, parsed.encoding) });
     }
-    let texts = parsed.input.into_vec();
-    if texts.is_empty() {
-        return Err(RouterError::Validation("`input` is an empty list".into()));
-    }
-    if texts.len() > MAX_EMBEDDINGS_INPUTS {
-        return Err(RouterError::Validation(format!(
-            "`input` has {} items; at most {MAX_EMBEDDINGS_INPUTS}",
-            texts.len()
-        )));
-    }
-    // `model` picks a modality when it names one (e.g. "caption"); otherwise `text` serves.
-    let snap = st.router.snapshot();
-    let modality = parsed.model.as_deref().filter(|m| snap.configs.contains_key(*m)).unwrap_or("text").to_string();
-    let words: u64 = texts.iter().map(|t| t.split_whitespace().count() as u64).sum();
-    let (served, snap) = st.router.embed_texts(&modality, texts, &id).await?;
-    if let Some(d) = parsed.dimensions {
-        let got = served.response.embeddings.first().map_or(0, |v| v.len());
-        if d != got {
-            return Err(RouterError::Validation(format!("dimensions={d} requested but this model emits {got}")));
-        }
-    }
-    let data = served
-        .response
-        .embeddings
-        .into_iter()
-        .enumerate()
-        .map(|(index, embedding)| EmbeddingData { object: "embedding".into(), index, embedding })
-        .collect();
     let resp = EmbeddingsResponse {
         object: "list".into(),
         data,
         model: parsed.model.unwrap_or_else(|| snap.pipeline.clone()),
-        usage: EmbeddingsUsage { prompt_tokens: words, total_tokens: words },
+        usage: EmbeddingsUsage { prompt_tokens: tokens, total_tokens: tokens },
     };
     let mut r = Json(resp).into_response();
     let h: &mut HeaderMap = r.headers_mut();
@@ -290,13 +422,30 @@ async fn embeddings(State(st): State<AppState>, req: Request) -> Result<Response
     Ok(r)
 }
 
+/// `GET /v1/models`: the valid `model` names (see [`openai`]), OpenAI's list shape.
+async fn list_models(State(st): State<AppState>) -> Response {
+    let data = openai::catalog(&st.router.snapshot(), st.started);
+    Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+async fn get_model(
+    State(st): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Response, RouterError> {
+    openai::check_model_name(&id)?;
+    let entries = openai::catalog(&st.router.snapshot(), st.started);
+    match entries.iter().find(|e| e.id == id) {
+        Some(e) => Ok(Json(e).into_response()),
+        None => Err(openai::model_not_found(&id, &entries)),
+    }
+}
+
 async fn get_table(State(st): State<AppState>) -> Json<RoutingTable> {
     Json(st.router.snapshot().table.clone())
 }
 
 async fn put_table(State(st): State<AppState>, req: Request) -> Result<Response, RouterError> {
-    let body = read_body(req, &st.options).await?;
-    let table: RoutingTable = serde_json::from_slice(&body).map_err(from_json_error)?;
+    let table: RoutingTable = read_json(req, &st.options).await?;
     let r = st.router.apply_table(table)?;
     Ok(Json(r).into_response())
 }
@@ -311,6 +460,73 @@ async fn ready(State(st): State<AppState>) -> Response {
 
 async fn metrics(State(st): State<AppState>) -> Response {
     ([(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")], st.router.metrics.render()).into_response()
+}
+
+/// `GET /v2/health/ready`: the same readiness as `/ready`.
+async fn v2_ready(State(st): State<AppState>) -> Response {
+    if st.router.is_ready() {
+        StatusCode::OK.into_response()
+    } else {
+        OipError::from(RouterError::Unavailable("no routing table with a routable replica yet".into())).into_response()
+    }
+}
+
+async fn v2_server_metadata(State(st): State<AppState>) -> Response {
+    Json(st.oip.server_metadata()).into_response()
+}
+
+async fn v2_model_metadata(
+    State(st): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Response, OipError> {
+    Ok(Json(st.oip.model_metadata(&name, "").await?).into_response())
+}
+
+/// `GET /v2/models/{name}/ready`: 200 when the model can serve, 503 when it cannot yet, 404 for
+/// an unknown model (clients read any non-200 as "not ready").
+async fn v2_model_ready(
+    State(st): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+) -> Result<Response, OipError> {
+    let snap = st.router.snapshot();
+    let model = oip::resolve(&snap, &name, "")?;
+    if st.oip.model_ready(&snap, &model) {
+        Ok(StatusCode::OK.into_response())
+    } else {
+        Err(RouterError::Unavailable(format!("model '{name}' has no routable replica now")).into())
+    }
+}
+
+/// `POST /v2/models/{name}/infer`: JSON, or the binary tensor extension (inputs and outputs).
+async fn v2_infer(
+    State(st): State<AppState>,
+    axum::extract::Path(name): axum::extract::Path<String>,
+    req: Request,
+) -> Result<Response, OipError> {
+    let id = rid(req.extensions());
+    let header_length =
+        req.headers().get(oip::HEADER_LENGTH).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    let body = read_body(req, &st.options).await?;
+    let span = tracing::info_span!("oip_infer", model = %frontdoor::clip(&name, 64), request_id = %id);
+    let (body, json_len) = async {
+        // The body is checked before the model is looked up: a malformed request is a 400 on
+        // any model name.
+        let parsed = oip::parse_http(&body, header_length.as_deref())?;
+        let binary = parsed.outputs.binary(&name)?;
+        let answer = st.oip.infer(&name, "", parsed, &id).await?;
+        Ok::<_, OipError>(oip::http_answer(&answer, binary))
+    }
+    .instrument(span)
+    .await?;
+    let mut r = Response::new(axum::body::Body::from(body));
+    let ctype = if json_len.is_some() { "application/octet-stream" } else { "application/json" };
+    r.headers_mut().insert(axum::http::header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    if let Some(n) = json_len {
+        if let Ok(v) = HeaderValue::from_str(&n.to_string()) {
+            r.headers_mut().insert(oip::HEADER_LENGTH, v);
+        }
+    }
+    Ok(r)
 }
 
 /// Connection timeouts of [`serve`]. Without them a client holds a connection, and its buffers,
@@ -356,6 +572,8 @@ pub async fn serve(
     builder
         .http2()
         .timer(TokioTimer::new())
+        // Above the front door's 16 KiB so its JSON 431 answers; still bounded.
+        .max_header_list_size(64 * 1024)
         .keep_alive_interval(Some(limits.h2_keepalive))
         .keep_alive_timeout(limits.h2_keepalive);
     let builder = Arc::new(builder);
@@ -420,8 +638,7 @@ pub const MAX_SEARCH_K: usize = 100;
 
 async fn memory_search(State(st): State<AppState>, req: Request) -> Result<Response, RouterError> {
     let id = rid(req.extensions());
-    let body = read_body(req, &st.options).await?;
-    let q: SearchRequest = serde_json::from_slice(&body).map_err(from_json_error)?;
+    let q: SearchRequest = read_json(req, &st.options).await?;
     let memory = st.router.memory().ok_or_else(crate::engine::memory_off)?;
     let k = q.k.unwrap_or(10);
     if k == 0 || k > MAX_SEARCH_K {
@@ -465,8 +682,7 @@ struct CorrectionRequest {
 }
 
 async fn memory_correct(State(st): State<AppState>, req: Request) -> Result<Response, RouterError> {
-    let body = read_body(req, &st.options).await?;
-    let c: CorrectionRequest = serde_json::from_slice(&body).map_err(from_json_error)?;
+    let c: CorrectionRequest = read_json(req, &st.options).await?;
     let rating = match (c.rating, c.correct) {
         (Some(r), None) => r,
         (None, Some(ok)) => f64::from(u8::from(ok)),

@@ -6,7 +6,9 @@
 //! - [`fusion`]: weighted / attention fusion and de-fusion; [`plan`]: pipeline -> per-modality
 //!   settings, request validation, degradation decision.
 //! - [`engine`]: routing-table state, node calls with retries, parallel fan-out.
-//! - [`http`] (axum) and [`grpc`] (tonic) front doors over one [`error::RouterError`] table.
+//! - [`http`] (axum) and [`grpc`] (tonic) front doors over one [`error::RouterError`] table;
+//!   [`openai`]: the OpenAI-compatible embeddings and models surface (pure parts);
+//!   [`oip`] + [`oip_grpc`]: the Open Inference Protocol v2 (KServe / Triton clients).
 //! - [`config`] (files) and [`cluster`] (the ConfigMap, watched through the API): hot reload.
 //! - [`memory`]: the seam prism-memory plugs into (request log, cached answers).
 
@@ -20,6 +22,9 @@ pub mod grpc;
 pub mod http;
 pub mod memory;
 pub mod metrics;
+pub mod oip;
+pub mod oip_grpc;
+pub mod openai;
 pub mod openapi;
 pub mod plan;
 

@@ -18,7 +18,8 @@ struct Args {
     /// HTTP listen address; port 0 picks a free port (the chosen one is printed as `listening on http://ADDR`).
     #[arg(long, default_value = "127.0.0.1:8080", env = "PRISM_ROUTER_LISTEN")]
     listen: SocketAddr,
-    /// gRPC listen address (prism.v1.Router/Infer); off when not given. Prints `grpc listening on ADDR`.
+    /// gRPC listen address (prism.v1.Router/Infer and the Open Inference Protocol's
+    /// inference.GRPCInferenceService); off when not given. Prints `grpc listening on ADDR`.
     #[arg(long, env = "PRISM_ROUTER_GRPC_LISTEN")]
     grpc_listen: Option<SocketAddr>,
     /// Pipeline spec: a MultimodalPipeline manifest or its bare spec, JSON or YAML. Re-read when it changes.
@@ -52,9 +53,19 @@ struct Args {
     /// A request's body must arrive within this many seconds (408 after it).
     #[arg(long, default_value_t = 30.0)]
     body_timeout_s: f64,
-    /// Largest request body in bytes (413 above it).
-    #[arg(long, default_value_t = 16 * 1024 * 1024)]
+    /// Largest request body in bytes (413 above it, before any node is called). At most
+    /// --node-max-body-bytes: the router must not accept what its nodes would refuse.
+    #[arg(long, default_value_t = prism_api::wire::frontdoor::DEFAULT_MAX_BODY_BYTES)]
     max_body_bytes: usize,
+    /// Largest body the nodes accept (their --max-body-bytes; 8 MiB by default). A node request
+    /// over it is answered 413 without being sent, so it never counts against a replica.
+    #[arg(long, default_value_t = prism_api::wire::frontdoor::DEFAULT_MAX_BODY_BYTES)]
+    node_max_body_bytes: usize,
+    /// An origin (`https://app.example.com`) whose web pages may call this router from a
+    /// browser; repeat for several. CORS is off without it: no page on another origin can read
+    /// an answer, and non-JSON POSTs (which browsers send without asking) get 415.
+    #[arg(long = "cors-allow-origin", env = "PRISM_ROUTER_CORS_ALLOW_ORIGIN", value_delimiter = ',')]
+    cors_allow_origin: Vec<String>,
     /// Requests per second per client (bearer token, else peer IP); 0 = unlimited.
     #[arg(long, default_value_t = 0.0)]
     rate_limit_rps: f64,
@@ -187,6 +198,17 @@ async fn main() -> anyhow::Result<()> {
             .init();
     }
 
+    if args.max_body_bytes > args.node_max_body_bytes {
+        bail!(
+            "--max-body-bytes {} is over --node-max-body-bytes {}: the router would accept bodies its nodes refuse \
+             (they close the connection, which reads as a replica failure); lower it or raise both",
+            args.max_body_bytes,
+            args.node_max_body_bytes
+        );
+    }
+    for o in &args.cors_allow_origin {
+        http::parse_cors_origin(o).map_err(anyhow::Error::msg)?;
+    }
     let tokens = match &args.auth_token_file {
         Some(p) => read_tokens(p)?,
         None => Vec::new(),
@@ -226,7 +248,12 @@ async fn main() -> anyhow::Result<()> {
         bundle.extend_from_slice(&pem);
         bundle.push(b'\n');
     }
-    let router = Router::new(name, spec, table, EngineOptions { probe_interval: probe, node_ca_pem })?;
+    let router = Router::new(
+        name,
+        spec,
+        table,
+        EngineOptions { probe_interval: probe, node_ca_pem, node_max_body_bytes: args.node_max_body_bytes },
+    )?;
 
     let memory = match (&args.memory_path, &args.memory_url) {
         (Some(_), Some(_)) => {
@@ -287,6 +314,7 @@ async fn main() -> anyhow::Result<()> {
         rate_limit_rps: args.rate_limit_rps,
         rate_limit_burst: args.rate_limit_burst.unwrap_or(args.rate_limit_rps * 2.0),
         body_timeout: seconds("--body-timeout-s", args.body_timeout_s)?,
+        cors_allow_origins: args.cors_allow_origin.clone(),
     };
     let limits = http::ConnLimits {
         header_read_timeout: seconds("--header-timeout-s", args.header_timeout_s)?,

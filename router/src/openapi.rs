@@ -5,6 +5,8 @@ use serde_json::{json, Value};
 
 pub fn document() -> Value {
     let err = json!({"description": "error", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}});
+    // The OIP routes answer with the protocol's own error shape: {"error": "message"}.
+    let oip_err = json!({"description": "error", "content": {"application/json": {"schema": {"type": "object", "required": ["error"], "properties": {"error": {"type": "string"}}}}}});
     json!({
         "openapi": "3.1.0",
         "info": {"title": "Prism router", "version": env!("CARGO_PKG_VERSION"),
@@ -13,8 +15,13 @@ pub fn document() -> Value {
             "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
             "schemas": {
                 "Error": {"type": "object", "required": ["error"], "properties": {"error": {"type": "object", "required": ["type", "message"], "properties": {
-                    "type": {"type": "string", "enum": ["invalid_json", "validation", "unknown_modality", "payload_too_large", "unauthorized", "rate_limited", "unavailable", "timeout", "request_timeout", "conflict", "fusion", "not_found", "method_not_allowed", "internal"]},
-                    "message": {"type": "string"}}}}},
+                    "type": {"type": "string", "enum": ["invalid_json", "validation", "invalid_request_error", "unknown_modality", "payload_too_large", "headers_too_large", "unsupported_media_type", "unauthorized", "rate_limited", "unavailable", "timeout", "request_timeout", "conflict", "fusion", "not_found", "method_not_allowed", "internal"]},
+                    "message": {"type": "string"},
+                    "param": {"type": "string", "description": "the request field at fault (OpenAI routes)"},
+                    "code": {"type": "string", "description": "e.g. model_not_found (OpenAI routes)"}}}}},
+                "Model": {"type": "object", "required": ["id", "object", "created", "owned_by"], "properties": {
+                    "id": {"type": "string"}, "object": {"const": "model"}, "created": {"type": "integer"}, "owned_by": {"type": "string"},
+                    "kind": {"type": "string", "enum": ["pipeline", "modality", "node"]}, "modality": {"type": "string", "description": "where a request naming this model is routed"}}},
                 "Input": {"description": "A bare string (text-like modalities) or an object with exactly one field.",
                     "oneOf": [{"type": "string"}, {"type": "object", "additionalProperties": false, "properties": {
                         "text": {"type": "string"}, "image_base64": {"type": "string", "contentEncoding": "base64"},
@@ -39,13 +46,14 @@ pub fn document() -> Value {
                     "degraded": {"type": "object", "required": ["missing", "reason"], "properties": {"missing": {"type": "array", "items": {"type": "string"}}, "reason": {"type": "string"}, "cached": {"type": "boolean"}}}}},
                 "EmbeddingsRequest": {"type": "object", "required": ["input"], "properties": {
                     "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 2048}]},
-                    "model": {"type": "string", "description": "a modality name of the pipeline, else ignored (text serves)"},
-                    "encoding_format": {"type": "string", "enum": ["float"]}, "dimensions": {"type": "integer"}, "user": {"type": "string"}}},
+                    "model": {"type": "string", "maxLength": 256, "description": "the pipeline name (its text modality), a modality name, or a node name: GET /v1/models; absent: text"},
+                    "encoding_format": {"type": "string", "enum": ["float", "base64"], "description": "base64: little-endian float32 bytes"},
+                    "dimensions": {"type": "integer", "minimum": 1, "description": "keep the first N components, renormalised to unit length"}, "user": {"type": "string"}}},
                 "EmbeddingsResponse": {"type": "object", "required": ["object", "data", "model", "usage"], "properties": {
                     "object": {"const": "list"},
-                    "data": {"type": "array", "items": {"type": "object", "properties": {"object": {"const": "embedding"}, "index": {"type": "integer"}, "embedding": {"type": "array", "items": {"type": "number"}}}}},
+                    "data": {"type": "array", "items": {"type": "object", "properties": {"object": {"const": "embedding"}, "index": {"type": "integer"}, "embedding": {"oneOf": [{"type": "array", "items": {"type": "number"}}, {"type": "string", "contentEncoding": "base64"}]}}}},
                     "model": {"type": "string"},
-                    "usage": {"type": "object", "properties": {"prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}}}},
+                    "usage": {"type": "object", "description": "the node tokenizer's count, special tokens included (0 for models without tokens)", "properties": {"prompt_tokens": {"type": "integer"}, "total_tokens": {"type": "integer"}}}}},
                 "RoutingTable": {"type": "object", "required": ["pipeline", "generation", "modalities"], "properties": {
                     "pipeline": {"type": "string"}, "generation": {"type": "integer", "minimum": 0},
                     "modalities": {"type": "object", "additionalProperties": {"type": "array", "items": {"type": "object", "required": ["endpoint", "node", "revision", "weight", "accuracy", "ready"], "properties": {
@@ -65,11 +73,16 @@ pub fn document() -> Value {
             "/v1/infer": {"post": {"summary": "Embed one multimodal item: fan out, fuse, degrade", "security": [{"bearer": []}],
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferRequest"}}}},
                 "responses": {"200": {"description": "answer (check `degraded`)", "headers": {"x-request-id": {"schema": {"type": "string"}}}, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/InferResponse"}}}},
-                              "400": err, "401": err, "408": err, "413": err, "422": err, "429": err, "503": err, "504": err}}},
+                              "400": err, "401": err, "408": err, "413": err, "415": err, "422": err, "429": err, "431": err, "503": err, "504": err}}},
             "/v1/embeddings": {"post": {"summary": "OpenAI-compatible text embeddings", "security": [{"bearer": []}],
                 "requestBody": {"required": true, "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingsRequest"}}}},
                 "responses": {"200": {"description": "embeddings", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/EmbeddingsResponse"}}}},
-                              "400": err, "401": err, "413": err, "422": err, "429": err, "503": err}}},
+                              "400": err, "401": err, "404": err, "413": err, "415": err, "422": err, "429": err, "431": err, "503": err}}},
+            "/v1/models": {"get": {"summary": "The valid `model` names (OpenAI-compatible list)", "security": [{"bearer": []}],
+                "responses": {"200": {"description": "{object: list, data: [Model]}"}, "401": err, "431": err}}},
+            "/v1/models/{id}": {"get": {"summary": "One model", "security": [{"bearer": []}],
+                "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "model", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Model"}}}}, "400": err, "401": err, "404": err}}},
             "/v1/routing-table": {"get": {"summary": "Routing table in force", "security": [{"bearer": []}],
                 "responses": {"200": {"description": "table", "content": {"application/json": {"schema": {"$ref": "#/components/schemas/RoutingTable"}}}}, "401": err}}},
             "/admin/routing-table": {"put": {"summary": "Hot-reload the routing table (only strictly newer generations apply)", "security": [{"bearer": []}],
@@ -90,6 +103,21 @@ pub fn document() -> Value {
             "/v1/memory/records/{id}": {"get": {"summary": "One logged request with its corrections", "security": [{"bearer": []}],
                 "parameters": [{"name": "id", "in": "path", "required": true, "schema": {"type": "string"}}],
                 "responses": {"200": {"description": "record"}, "401": err, "404": err}}},
+            "/v2": {"get": {"summary": "Open Inference Protocol v2: server metadata (name, version, extensions)", "security": [{"bearer": []}],
+                "responses": {"200": {"description": "{name, version, extensions}"}, "401": err}}},
+            "/v2/health/live": {"get": {"summary": "OIP liveness", "responses": {"200": {"description": "alive"}}}},
+            "/v2/health/ready": {"get": {"summary": "OIP readiness (as /ready)", "responses": {"200": {"description": "ready"}, "503": oip_err}}},
+            "/v2/models/{name}": {"get": {"summary": "OIP model metadata: inputs (one per modality) and the FP32 [batch, dim] `embedding` output", "security": [{"bearer": []}],
+                "parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "{name, versions, platform, inputs, outputs}"}, "401": err, "404": oip_err}}},
+            "/v2/models/{name}/ready": {"get": {"summary": "OIP model readiness", "security": [{"bearer": []}],
+                "parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "responses": {"200": {"description": "ready"}, "401": err, "404": oip_err, "503": oip_err}}},
+            "/v2/models/{name}/infer": {"post": {"summary": "OIP inference: JSON tensors, or the binary tensor data extension (Inference-Header-Content-Length)", "security": [{"bearer": []}],
+                "parameters": [{"name": "name", "in": "path", "required": true, "schema": {"type": "string"}}],
+                "requestBody": {"required": true, "content": {"application/json": {"schema": {"type": "object", "required": ["inputs"]}}, "application/octet-stream": {"description": "JSON header (its length in Inference-Header-Content-Length) then the inputs' binary data"}}},
+                "responses": {"200": {"description": "{model_name, model_version, id?, parameters?, outputs: [embedding]}, binary outputs appended after the JSON header"},
+                              "400": oip_err, "401": err, "404": oip_err, "413": oip_err, "415": err, "429": err, "431": err, "503": oip_err, "504": oip_err}}},
             "/live": {"get": {"summary": "Liveness", "responses": {"200": {"description": "alive"}}}},
             "/ready": {"get": {"summary": "Readiness: a routing table with a routable replica is loaded", "responses": {"200": {"description": "ready"}, "503": err}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {"200": {"description": "text exposition format"}}}},

@@ -105,14 +105,16 @@ async fn fans_out_to_two_modalities_and_fuses() {
     let (s, e, _) = post(
         &c,
         &format!("{}/v1/embeddings", router.url),
-        &json!({"input": ["a red bicycle leaning on a wall", "x"], "model": "minilm"}),
+        &json!({"input": ["a red bicycle leaning on a wall", "x"], "model": "search"}),
     )
     .await;
     assert_eq!(s, 200, "{e}");
     assert_eq!(e["object"], "list");
     assert_eq!(e["data"].as_array().unwrap().len(), 2);
     assert_eq!(e["data"][1]["index"], 1);
-    assert_eq!(e["model"], "minilm");
+    assert_eq!(e["model"], "search");
+    // The tokenizer's count: [CLS] a red bicycle leaning on a wall [SEP] + [CLS] x [SEP].
+    assert_eq!(e["usage"]["prompt_tokens"], 12, "{e}");
     assert!(cosine(&floats(&e["data"][0]["embedding"]), &t) > 0.99999);
     // `model` naming a modality routes there.
     let (s, e2, _) =
@@ -417,13 +419,15 @@ async fn bad_inputs_get_4xx_json() {
         ("empty inputs", infer, r#"{"inputs":{}}"#.into(), "validation"),
         ("unknown modality", infer, r#"{"inputs":{"smell":"roses"}}"#.into(), "unknown_modality"),
         ("fusion modality directly", infer, r#"{"inputs":{"fused":"x"}}"#.into(), "validation"),
-        ("null", infer, "null".into(), "validation"),
+        ("null", infer, "null".into(), "invalid_json"),
+        ("top-level array", infer, r#"[{"text":"a"}]"#.into(), "invalid_json"),
         ("deep nesting", infer, format!("{}{}", "[".repeat(10_000), "]".repeat(10_000)), "invalid_json|validation"),
         ("huge body", infer, huge, "payload_too_large"),
-        ("openai wrong type", emb, r#"{"input":[1,2]}"#.into(), "validation"),
-        ("openai empty list", emb, r#"{"input":[]}"#.into(), "validation"),
-        ("openai base64", emb, r#"{"input":"a","encoding_format":"base64"}"#.into(), "validation"),
-        ("openai unknown model dims", emb, r#"{"input":"a","dimensions":7}"#.into(), "validation"),
+        ("openai wrong type", emb, r#"{"input":[1,2]}"#.into(), "invalid_request_error"),
+        ("openai empty list", emb, r#"{"input":[]}"#.into(), "invalid_request_error"),
+        ("openai unknown encoding", emb, r#"{"input":"a","encoding_format":"binary"}"#.into(), "invalid_request_error"),
+        ("openai more dims than the model", emb, r#"{"input":"a","dimensions":4096}"#.into(), "invalid_request_error"),
+        ("openai unknown model", emb, r#"{"input":"a","model":"gpt-4"}"#.into(), "invalid_request_error"),
     ];
     for (name, url, body, kind) in &cases {
         let r = c.post(*url).header("content-type", "application/json").body(body.clone()).send().await.expect("send");

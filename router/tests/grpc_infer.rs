@@ -13,12 +13,7 @@ async fn grpc_infer_fans_out_and_maps_errors() {
     let dir = tempfile::tempdir().expect("tmp");
     let routes = json!({"pipeline": "g", "generation": 4, "modalities": {"text": [endpoint(&text, 1.0)], "caption": [endpoint(&caption, 1.0)]}});
     let router = router_on(dir.path(), &routes, None, &["--grpc-listen", "127.0.0.1:0"]);
-    let addr = router
-        .banner
-        .iter()
-        .find_map(|l| l.strip_prefix("grpc listening on "))
-        .unwrap_or_else(|| panic!("no `grpc listening on` line in {:?}", router.banner))
-        .to_string();
+    let addr = router.grpc_addr();
     let mut client = prism_router::grpc::RouterClient::connect(format!("http://{addr}")).await.expect("connect");
     let item = |t: &str| pb::InputItem { item: Some(pb::input_item::Item::Text(t.to_string())) };
     let req = pb::InferRequest {

@@ -48,6 +48,11 @@ pub struct EmbedResponse {
     pub modality: String,
     pub revision: String,
     pub timings: NodeTimings,
+    /// Tokens the model read for all inputs together (special tokens included, after truncation),
+    /// for token-based models; absent for images, audio and fusion, and from nodes older than
+    /// this field (the router then has no count to report).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prompt_tokens: Option<u64>,
 }
 
 /// Where a node's time went for this request, in milliseconds.
@@ -74,4 +79,18 @@ pub struct NodeInfo {
     pub device: String,
     pub max_batch: usize,
     pub max_input_tokens: Option<usize>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn embed_response_without_token_count_still_parses() {
+        let old = r#"{"embeddings":[[1.0]],"node":"n","modality":"text","revision":"r","timings":{"queue_ms":0,"preprocess_ms":0,"inference_ms":0,"batch_size":1}}"#;
+        let r: EmbedResponse = serde_json::from_str(old).unwrap();
+        assert_eq!(r.prompt_tokens, None);
+        let v = serde_json::to_value(&r).unwrap();
+        assert!(v.get("prompt_tokens").is_none(), "absent stays absent: {v}");
+    }
 }

@@ -113,12 +113,14 @@ pub struct Degraded {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct EmbeddingsRequest {
     pub input: EmbeddingsInput,
-    /// Ignored for routing unless it names a modality of the pipeline (then that modality serves it).
+    /// Which model embeds: the pipeline's name (its `text` modality), a modality name, or the
+    /// name of a node serving one (`GET /v1/models` lists them). Absent: the `text` modality.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model: Option<String>,
-    /// Only `float` is supported.
+    /// `float` (default) or `base64` (little-endian float32 bytes, base64, as OpenAI sends them).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub encoding_format: Option<String>,
+    /// Keep the first `dimensions` components and renormalise to unit length.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dimensions: Option<usize>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -157,10 +159,20 @@ pub struct EmbeddingData {
     /// Always `embedding`.
     pub object: String,
     pub index: usize,
-    pub embedding: Vec<f32>,
+    pub embedding: EmbeddingVector,
 }
 
-/// Token counts; the router counts whitespace-separated words since it never tokenises.
+/// One vector: a list of floats (`encoding_format: float`) or the base64 of its little-endian
+/// float32 bytes (`encoding_format: base64`).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(untagged)]
+pub enum EmbeddingVector {
+    Float(Vec<f32>),
+    Base64(String),
+}
+
+/// Token counts, as the node's tokenizer counted them (special tokens included, after
+/// truncation).
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
 pub struct EmbeddingsUsage {
     pub prompt_tokens: u64,

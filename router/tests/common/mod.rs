@@ -56,6 +56,14 @@ pub struct Proc {
 }
 
 impl Proc {
+    /// The gRPC address a router printed (`grpc listening on ADDR`, before its HTTP line).
+    pub fn grpc_addr(&self) -> String {
+        self.banner
+            .iter()
+            .find_map(|l| l.strip_prefix("grpc listening on "))
+            .unwrap_or_else(|| panic!("no `grpc listening on` line in {:?}", self.banner))
+            .to_string()
+    }
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
