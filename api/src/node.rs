@@ -19,6 +19,19 @@ pub mod modality {
     pub const FUSION: &str = "fusion";
 }
 
+/// A Kubernetes resource quantity (`500m`, `2`, `1.5`, `4Gi`, `1e3`), unsigned: the syntax the
+/// API server accepts in a Pod's resources, so a typo is refused at apply time, not when the
+/// operator's Deployment is rejected later.
+pub const QUANTITY_PATTERN: &str = r"^([0-9]+(\.[0-9]*)?|\.[0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][+-]?[0-9]+)?$";
+
+/// Whether a model or adapter URI has a `..` path segment, plain or percent-encoded, that would
+/// reach outside the volume or folder it names. CEL refuses these at the API server and in
+/// `prism validate`; the operator and `prism up` ask again before they use a URI, in case an
+/// object got past an older CRD.
+pub fn uri_escapes_its_root(uri: &str) -> bool {
+    uri.to_ascii_lowercase().contains("%2e") || uri.split('/').any(|segment| segment == "..")
+}
+
 /// Desired state of a ModalityNode: which model to serve, how many replicas, on what hardware.
 #[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[kube(
@@ -51,6 +64,8 @@ pub mod modality {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.replicas.min <= self.replicas.max").message("replicas.min must be <= replicas.max").reason(Reason::FieldValueInvalid))]
 #[x_kube(validation = Rule::new("!has(self.replicas.desired) || (self.replicas.desired >= self.replicas.min && self.replicas.desired <= self.replicas.max)").message("replicas.desired must lie within [replicas.min, replicas.max]").reason(Reason::FieldValueInvalid))]
+#[x_kube(validation = Rule::new("!has(self.device) || self.device != 'cpu' || !has(self.resources) || !has(self.resources.gpu) || self.resources.gpu.count == 0").message("device cpu holds no GPU: set resources.gpu.count to 0, or device to cuda or auto").reason(Reason::FieldValueInvalid))]
+#[x_kube(validation = Rule::new("!has(self.device) || self.device != 'cuda' || (has(self.resources) && has(self.resources.gpu) && self.resources.gpu.count > 0)").message("device cuda needs a GPU: set resources.gpu.count to 1 or more, or device to cpu or auto").reason(Reason::FieldValueRequired))]
 pub struct ModalityNodeSpec {
     /// Modality this node serves: `text`, `vision`, `audio`, `fusion`, or any other lowercase name.
     /// A pipeline routes each part of a request to the nodes of its modality.
@@ -97,6 +112,7 @@ pub const ADAPT_REQUEST_ANNOTATION: &str = "prism.dev/adapt-request";
 /// A distributed fine-tuning job of the node's model (issue 14): who trains, on what, when.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!has(self.sharding) || self.sharding != 'fsdp' || !has(self.gpusPerWorker) || self.gpusPerWorker > 0").message("adaptation.sharding fsdp shards across GPUs: set gpusPerWorker to 1 or more, or sharding to ddp").reason(Reason::FieldValueInvalid))]
 pub struct AdaptationSpec {
     /// Pipeline whose router memory holds the corrections (`GET /v1/memory/corrections` on its
     /// router Service). Default: the only pipeline in the namespace that uses this node.
@@ -112,11 +128,13 @@ pub struct AdaptationSpec {
     #[serde(default = "default_gpus_per_worker")]
     #[schemars(range(min = 0, max = 16))]
     pub gpus_per_worker: u32,
-    /// CPU request and limit of each worker pod (e.g. `8`).
+    /// CPU request and limit of each worker pod, as a Kubernetes quantity (e.g. `8`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
     pub cpu: Option<String>,
-    /// Memory request and limit of each worker pod (e.g. `64Gi`).
+    /// Memory request and limit of each worker pod, as a Kubernetes quantity (e.g. `64Gi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
     pub memory: Option<String>,
     /// The LoRA adapter to train.
     #[serde(default)]
@@ -215,8 +233,9 @@ pub struct TrainStorage {
     /// An existing claim to use; unset: the operator creates `<node>-train`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub claim_name: Option<String>,
-    /// Size of the claim the operator creates.
+    /// Size of the claim the operator creates, as a Kubernetes quantity (e.g. `20Gi`).
     #[serde(default = "default_train_storage_size")]
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
     pub size: String,
     /// StorageClass of the claim the operator creates (unset: the cluster default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -286,9 +305,12 @@ pub struct NodeTlsSpec {
 /// Which model a node serves and how to load it.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!self.uri.contains('/../') && !self.uri.endsWith('/..') && !self.uri.contains('%2e') && !self.uri.contains('%2E')").message("model.uri must not contain `..` path segments (plain or percent-encoded): it must stay inside its volume").reason(Reason::FieldValueForbidden))]
+#[x_kube(validation = Rule::new("!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))").message("adapter names must be unique within a node").reason(Reason::FieldValueInvalid))]
 pub struct ModelSpec {
     /// Where the weights are: `file:///path`, `pvc://claim/path`, `hf://org/name@revision` or `oci://registry/repo:tag`.
-    #[schemars(length(min = 1), regex(pattern = r"^(file|pvc|hf|oci)://.+"))]
+    // maxLength bounds what the API server estimates its CEL rules to cost.
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^(file|pvc|hf|oci)://.+"))]
     pub uri: String,
     /// Model architecture: `bert`, `vit`, `clip-vision`, `whisper-encoder`, `perceiver-fusion`, `mot-fusion`, ...
     #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$"))]
@@ -313,12 +335,13 @@ fn default_revision() -> String {
 /// A LoRA adapter (low-rank update W + alpha/rank * B A) loaded on top of the base model.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+#[x_kube(validation = Rule::new("!self.uri.contains('/../') && !self.uri.endsWith('/..') && !self.uri.contains('%2e') && !self.uri.contains('%2E')").message("adapters[].uri must not contain `..` path segments (plain or percent-encoded): it must stay inside its volume").reason(Reason::FieldValueForbidden))]
 pub struct AdapterSpec {
     /// Adapter name, unique within the node.
     #[schemars(length(min = 1, max = 63))]
     pub name: String,
     /// Where the adapter safetensors file is (same schemes as `model.uri`).
-    #[schemars(regex(pattern = r"^(file|pvc|hf|oci)://.+"))]
+    #[schemars(length(min = 1, max = 2048), regex(pattern = r"^(file|pvc|hf|oci)://.+"))]
     pub uri: String,
     /// Rank r of the low-rank matrices.
     #[schemars(range(min = 1, max = 1024))]
@@ -488,9 +511,11 @@ pub struct ResourceSpec {
     pub gpu: GpuSpec,
     /// CPU request and limit, as a Kubernetes quantity (e.g. `2`, `500m`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
     pub cpu: Option<String>,
     /// Memory request and limit, as a Kubernetes quantity (e.g. `4Gi`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = QUANTITY_PATTERN))]
     pub memory: Option<String>,
     /// Node labels a replica's node must carry.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -577,6 +602,8 @@ impl Default for BatchingSpec {
 /// Canary rollout of a new revision: traffic steps and the analysis that promotes or rolls back.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
+// CEL has no indexed all(): the rule is unrolled over the (at most 10) steps.
+#[x_kube(validation = Rule::new("(size(self.steps) <= 1 || self.steps[0].weight < self.steps[1].weight) && (size(self.steps) <= 2 || self.steps[1].weight < self.steps[2].weight) && (size(self.steps) <= 3 || self.steps[2].weight < self.steps[3].weight) && (size(self.steps) <= 4 || self.steps[3].weight < self.steps[4].weight) && (size(self.steps) <= 5 || self.steps[4].weight < self.steps[5].weight) && (size(self.steps) <= 6 || self.steps[5].weight < self.steps[6].weight) && (size(self.steps) <= 7 || self.steps[6].weight < self.steps[7].weight) && (size(self.steps) <= 8 || self.steps[7].weight < self.steps[8].weight) && (size(self.steps) <= 9 || self.steps[8].weight < self.steps[9].weight)").message("rollout.steps weights must increase from step to step (e.g. 10, 50, 100)").reason(Reason::FieldValueInvalid))]
 pub struct RolloutSpec {
     /// Traffic steps for the canary, e.g. 10% for 60 s, then 50% for 60 s, then promote.
     #[schemars(length(min = 1, max = 10))]
@@ -688,8 +715,10 @@ pub struct ModalityNodeStatus {
     /// Revision being rolled out as a canary, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub canary: Option<CanaryStatus>,
-    /// Past revisions, newest last, with how each rollout ended.
+    /// Past revisions, newest last, with how each rollout ended (the operator keeps the last 20;
+    /// the bound also keeps the API server's cost estimate of the model's CEL rules in budget).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 20))]
     pub history: Vec<RevisionRecord>,
     /// p95 latency the autoscaler last read, for humans (e.g. `12ms`).
     #[serde(default, skip_serializing_if = "Option::is_none")]

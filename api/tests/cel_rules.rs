@@ -183,3 +183,99 @@ fn defaults_fill_in_what_users_leave_out() {
     assert_eq!(n.spec.resources.gpu.resource_name, "nvidia.com/gpu");
     assert_eq!(n.spec.initial_replicas(), 1);
 }
+
+#[test]
+fn uris_with_dot_dot_segments_are_refused_in_model_and_adapters() {
+    for bad in [
+        "pvc://models/../../../etc/passwd",
+        "pvc://../etc",
+        "file:///models/..",
+        "hf://org/../other",
+        "oci://registry/repo/%2e%2e/x",
+        "oci://registry/repo/%2E%2E/x",
+    ] {
+        assert!(prism_api::node::uri_escapes_its_root(bad), "{bad}");
+        let mut n = node(NODE);
+        n.spec.model.uri = bad.into();
+        rejected_with(n.validate_cel(), "model.uri must not contain `..` path segments");
+        let mut n = node(NODE);
+        n.spec.model.adapters.push(adapter("a", bad));
+        rejected_with(n.validate_cel(), "adapters[].uri must not contain `..` path segments");
+    }
+    // Dots inside a name are not a path segment.
+    for good in ["pvc://models/all-minilm..v2/x", "hf://org/name@v1.2", "file:///models/.hidden/m"] {
+        assert!(!prism_api::node::uri_escapes_its_root(good), "{good}");
+        let mut n = node(NODE);
+        n.spec.model.uri = good.into();
+        n.spec.model.adapters.push(adapter("a", good));
+        n.validate_cel().unwrap();
+    }
+}
+
+fn adapter(name: &str, uri: &str) -> prism_api::node::AdapterSpec {
+    prism_api::node::AdapterSpec { name: name.into(), uri: uri.into(), rank: 8, alpha: 16.0 }
+}
+
+#[test]
+fn adapter_names_must_be_unique() {
+    let mut n = node(NODE);
+    n.spec.model.adapters = vec![adapter("a", "pvc://m/a"), adapter("b", "pvc://m/b")];
+    n.validate_cel().unwrap();
+    n.spec.model.adapters.push(adapter("a", "pvc://m/c"));
+    rejected_with(n.validate_cel(), "adapter names must be unique");
+}
+
+#[test]
+fn resources_are_kubernetes_quantities() {
+    for good in ["500m", "2", "1.5", "4Gi", "512Mi", "1e3", "100k", ".5"] {
+        let yaml = format!("{NODE}  resources: {{cpu: '{good}', memory: '{good}'}}\n");
+        parse(&yaml).unwrap_or_else(|e| panic!("{good}: {e}"));
+    }
+    for bad in ["two", "-1", "4GB", "1 Gi", "", "4gi", "0x10"] {
+        let yaml = format!("{NODE}  resources: {{cpu: '{bad}'}}\n");
+        let err = parse(&yaml).expect_err(bad).to_string();
+        assert!(err.contains("spec.resources.cpu") && err.contains("does not match"), "{bad}: {err}");
+        let yaml = format!("{NODE}  adaptation: {{memory: '{bad}', storage: {{size: 20Gi}}}}\n");
+        let err = parse(&yaml).expect_err(bad).to_string();
+        assert!(err.contains("spec.adaptation.memory"), "{bad}: {err}");
+    }
+    let yaml = format!("{NODE}  adaptation: {{storage: {{size: lots}}}}\n");
+    assert!(parse(&yaml).unwrap_err().to_string().contains("spec.adaptation.storage.size"));
+}
+
+#[test]
+fn device_and_gpu_count_must_agree() {
+    let with = |device: &str, gpus: u32| {
+        let mut n = node(NODE);
+        n.spec.device = serde_json::from_value(serde_json::json!(device)).unwrap();
+        n.spec.resources.gpu.count = gpus;
+        n
+    };
+    rejected_with(with("cpu", 1).validate_cel(), "device cpu holds no GPU");
+    rejected_with(with("cuda", 0).validate_cel(), "device cuda needs a GPU");
+    for (device, gpus) in [("cpu", 0), ("cuda", 1), ("cuda", 4), ("auto", 0), ("auto", 2)] {
+        with(device, gpus).validate_cel().unwrap_or_else(|e| panic!("{device} x{gpus}: {e}"));
+    }
+}
+
+#[test]
+fn fsdp_needs_gpus() {
+    let yaml = format!("{NODE}  adaptation: {{sharding: fsdp, gpusPerWorker: 0}}\n");
+    rejected_with(node(&yaml).validate_cel(), "sharding fsdp shards across GPUs");
+    node(&yaml.replace("gpusPerWorker: 0", "gpusPerWorker: 2")).validate_cel().unwrap();
+    node(&yaml.replace("fsdp", "ddp")).validate_cel().unwrap();
+}
+
+#[test]
+fn rollout_steps_must_increase() {
+    let steps = |weights: &[u32]| {
+        let list: Vec<String> = weights.iter().map(|w| format!("{{weight: {w}, pauseSeconds: 30}}")).collect();
+        node(&format!("{NODE}  rollout: {{steps: [{}]}}\n", list.join(", ")))
+    };
+    for bad in [&[50, 10][..], &[10, 10], &[10, 50, 40], &[1, 2, 3, 4, 5, 6, 7, 8, 9, 9]] {
+        rejected_with(steps(bad).validate_cel(), "rollout.steps weights must increase");
+    }
+    for good in [&[100][..], &[10, 50], &[10, 50, 100], &[1, 2, 3, 4, 5, 6, 7, 8, 9, 10]] {
+        steps(good).validate_cel().unwrap_or_else(|e| panic!("{good:?}: {e}"));
+    }
+}

@@ -93,13 +93,16 @@ pub fn load_manifests(files: &[PathBuf]) -> anyhow::Result<ManifestSet> {
 /// Local path of a model URI: `file:///abs`, `file://rel` (relative to the working folder),
 /// or `pvc://claim/sub/path` -> `<models_dir>/sub/path` (the claim is the cluster's models PVC).
 pub fn resolve_model_path(uri: &str, models_dir: &Path) -> anyhow::Result<PathBuf> {
+    if prism_api::node::uri_escapes_its_root(uri) {
+        bail!("model uri {uri:?}: `..` path segments (plain or percent-encoded) are refused");
+    }
     if let Some(p) = uri.strip_prefix("file://") {
         return Ok(PathBuf::from(p));
     }
     if let Some(rest) = uri.strip_prefix("pvc://") {
         let sub = rest.split_once('/').map(|(_, p)| p).unwrap_or("");
-        if sub.is_empty() || sub.split('/').any(|c| c == "..") {
-            bail!("model uri {uri:?}: expected pvc://<claim>/<path> without `..`");
+        if sub.is_empty() {
+            bail!("model uri {uri:?}: expected pvc://<claim>/<path>");
         }
         return Ok(models_dir.join(sub));
     }
@@ -869,6 +872,8 @@ mod tests {
         );
         assert_eq!(resolve_model_path("file:///opt/m", m).unwrap(), PathBuf::from("/opt/m"));
         assert!(resolve_model_path("pvc://models/../etc", m).is_err());
+        assert!(resolve_model_path("file:///models/../etc", m).unwrap_err().to_string().contains("`..`"));
+        assert!(resolve_model_path("pvc://models/%2e%2e/etc", m).is_err());
         assert!(resolve_model_path("pvc://models", m).is_err());
         let err = resolve_model_path("hf://org/name@main", m).unwrap_err().to_string();
         assert!(err.contains("file:// and pvc://"), "{err}");
