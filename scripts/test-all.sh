@@ -22,6 +22,9 @@ cargo fmt --all --check
 section "build (release, once)"
 cargo build --release --workspace --bins
 
+section "images (OCI archives from the release binaries; operator/tests/images.rs starts them)"
+python3 scripts/build-images.py
+
 section "lint (cargo clippy -D warnings)"
 cargo clippy --release --workspace --all-targets -- -D warnings
 
@@ -31,11 +34,20 @@ cargo test --release --workspace --no-fail-fast
 section "distributed fine-tuning (torchrun, 2 gloo workers, adapter parity with prism-node)"
 bash scripts/install-train-deps.sh && .cache/venv-train/bin/python train/test_distributed.py
 
+section "GPU bundle check script, run on the CPU (bench/gpu/check.py --device cpu)"
+bash bench/gpu/test-on-cpu.sh
+
 section "demo (prism up with real models, requests, failover; same script as make demo)"
 python3 scripts/demo.py
 
+section "real clients (openai, tritonclient, kserve against prism-router + prism-node)"
+bash scripts/install-client-deps.sh && .cache/venv-clients/bin/python -m pytest -q tests/clients
+
 section "control plane tests (real kube-apiserver)"
 bash scripts/test-e2e.sh
+
+section "real pods (kubelet + containerd in a network namespace; the images of make images)"
+make -s e2e-real
 
 section "fuzz (20 s per target; a crash fails the run)"
 bash scripts/fuzz.sh 20
