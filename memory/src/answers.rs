@@ -107,12 +107,13 @@ impl RecentAnswers {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use prism_api::wire::router::{Degraded, ModalityResult, ReplicaRef, RouterTimings};
     use proptest::prelude::*;
 
-    fn answer(id: &str, mods: &[(&str, Vec<f32>)]) -> InferResponse {
+    /// A whole answer with the given modality embeddings (shared with the durable store's tests).
+    pub(crate) fn answer(id: &str, mods: &[(&str, Vec<f32>)]) -> InferResponse {
         InferResponse {
             id: id.into(),
             pipeline: "p".into(),
@@ -142,7 +143,8 @@ mod tests {
         }
     }
 
-    fn q(mods: &[(&str, Vec<f32>)]) -> BTreeMap<String, Vec<f32>> {
+    /// The served embeddings of a query.
+    pub(crate) fn q(mods: &[(&str, Vec<f32>)]) -> BTreeMap<String, Vec<f32>> {
         mods.iter().map(|(m, v)| (m.to_string(), v.clone())).collect()
     }
 

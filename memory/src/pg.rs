@@ -24,7 +24,8 @@ use prism_api::wire::router::InferResponse;
 use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
-use crate::store::{failed_batch, Done, MemoryError, Op, Record, VectorIndex};
+use crate::index::VectorIndex;
+use crate::store::{failed_batch, Done, MemoryError, Op, Record};
 
 /// How often a router loads the records other routers committed.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(500);

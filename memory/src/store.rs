@@ -6,7 +6,7 @@
 //! backend (`pg.rs`, one database shared by several routers) keeps that design; [`Memory`] is the
 //! same type for both.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 
@@ -20,7 +20,8 @@ use thiserror::Error;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{error, info};
 
-use crate::vector::{dot, normalised};
+use crate::hnsw::Precision;
+use crate::index::{indexer_loop, VectorIndex};
 
 /// Index key of a record's fused vector (modality names are the other keys).
 pub const FUSED: &str = "fused";
@@ -124,248 +125,6 @@ pub fn logged_inputs(inputs: &BTreeMap<String, EmbedInput>, mode: InputLogging) 
     }
 }
 
-/// The vectors a record is searchable by: its fused vector and each modality's.
-fn vectors_of(r: &InferResponse) -> Vec<(String, &[f32])> {
-    let mut v: Vec<(String, &[f32])> =
-        r.modalities.iter().map(|(m, res)| (m.clone(), res.embedding.as_slice())).collect();
-    if let Some(e) = &r.embedding {
-        v.push((FUSED.to_string(), e.as_slice()));
-    }
-    v
-}
-
-/// One indexed vector: record id, its time, the L2-normalised vector.
-type Entry = (Arc<str>, i64, Vec<f32>);
-
-/// Below this many vectors per key, exact search is about as fast as the graph and never wrong.
-pub const ANN_MIN_VECTORS: usize = 2048;
-/// HNSW parameters: M = 16 links per node, ef_construction = 200 (the paper's defaults for
-/// high recall); a search explores ef = max(96, 4k) candidates.
-const HNSW_M: usize = 16;
-const HNSW_EF_CONSTRUCTION: usize = 200;
-
-/// 1 - cosine of L2-normalised vectors, clamped (rounding can push a dot product past 1).
-#[derive(Clone, Copy, Default)]
-struct UnitDot;
-
-impl hnsw_rs::anndists::dist::Distance<f32> for UnitDot {
-    fn eval(&self, a: &[f32], b: &[f32]) -> f32 {
-        (1.0 - dot(a, b)).max(0.0)
-    }
-}
-
-type Graph = hnsw_rs::hnsw::Hnsw<'static, f32, UnitDot>;
-
-fn new_graph(capacity: usize) -> Graph {
-    Graph::new(HNSW_M, capacity.max(1024) * 2, 16, HNSW_EF_CONSTRUCTION, UnitDot)
-}
-
-/// Insert `entries` (data ids from `first`) into `g`, on all cores.
-fn insert_into(g: &Graph, entries: &[Entry], first: usize) {
-    let data: Vec<(&[f32], usize)> = entries.iter().enumerate().map(|(i, e)| (e.2.as_slice(), first + i)).collect();
-    g.parallel_insert_slice(&data);
-}
-
-/// The vectors of one (pipeline, key). Always held exactly; past [`ANN_MIN_VECTORS`] also in an
-/// HNSW graph whose data ids are positions in `entries`. Graph insertion is slow (milliseconds
-/// per vector), so it never happens on the write path: the indexer catches `indexed` up in
-/// batches while searches combine the graph with an exact scan of the not-yet-indexed tail.
-#[derive(Default)]
-struct KeyIndex {
-    entries: Vec<Entry>,
-    graph: Option<Arc<Graph>>,
-    /// `entries[..indexed]` are in the graph.
-    indexed: usize,
-    /// Bumped when entries are removed (positions change): an indexer batch computed against an
-    /// older epoch is discarded.
-    epoch: u64,
-}
-
-/// Work for the indexer: what to insert into which graph, as of which epoch.
-struct IndexJob {
-    key: (String, String),
-    epoch: u64,
-    graph: Option<Arc<Graph>>,
-    first: usize,
-    pending: Vec<Entry>,
-}
-
-impl KeyIndex {
-    fn hits(&self, pipeline: &str, q: &[f32], k: usize, exact: bool, out: &mut Vec<Hit>) {
-        let hit = |e: &Entry, similarity: f64| Hit {
-            id: e.0.to_string(),
-            pipeline: pipeline.to_string(),
-            similarity,
-            at_ms: e.1,
-        };
-        let scan = |from: usize, out: &mut Vec<Hit>| {
-            for e in &self.entries[from.min(self.entries.len())..] {
-                if e.2.len() == q.len() {
-                    out.push(hit(e, f64::from(dot(&e.2, q))));
-                }
-            }
-        };
-        match (&self.graph, exact) {
-            (Some(g), false) => {
-                for n in g.search(q, k, (4 * k).max(96)) {
-                    // Ids past `indexed` (a batch in flight) are also in the exact tail below.
-                    if n.d_id < self.indexed {
-                        if let Some(e) = self.entries.get(n.d_id) {
-                            out.push(hit(e, 1.0 - f64::from(n.distance)));
-                        }
-                    }
-                }
-                scan(self.indexed, out);
-            }
-            _ => scan(0, out),
-        }
-    }
-}
-
-/// Cosine search over every stored vector, per (pipeline, key): exact while small, HNSW past
-/// [`ANN_MIN_VECTORS`]. Rebuilt from the file at open; appended after each commit. Public for
-/// the benchmark (`make bench-memory`), which measures it without a SQLite file around it.
-#[derive(Default)]
-pub struct VectorIndex {
-    by_key: HashMap<(String, String), KeyIndex>,
-}
-
-impl VectorIndex {
-    /// Index one vector (normalised here; a zero or non-finite vector is skipped). It is
-    /// searchable at once (exactly) and joins the graph at the next [`Self::catch_up`].
-    pub fn insert(&mut self, pipeline: &str, key: &str, id: &str, at_ms: i64, v: &[f32]) {
-        self.push(pipeline, key.to_string(), Arc::from(id), at_ms, v);
-    }
-
-    fn push(&mut self, pipeline: &str, key: String, id: Arc<str>, at_ms: i64, v: &[f32]) {
-        if let Some(n) = normalised(v) {
-            self.by_key.entry((pipeline.to_string(), key)).or_default().entries.push((id, at_ms, n));
-        }
-    }
-
-    /// Every vector of a record (its modalities' and the fused one), sharing one id.
-    pub(crate) fn add(&mut self, rec: &Record) {
-        let id: Arc<str> = Arc::from(rec.id.as_str());
-        for (key, v) in vectors_of(&rec.response) {
-            self.push(&rec.pipeline, key, id.clone(), rec.at_ms, v);
-        }
-    }
-
-    /// Graph work due: keys past the threshold with vectors not yet in their graph.
-    fn jobs(&self, max_batch: usize) -> Vec<IndexJob> {
-        self.by_key
-            .iter()
-            .filter(|(_, i)| i.entries.len() >= ANN_MIN_VECTORS && i.indexed < i.entries.len())
-            .map(|(key, i)| {
-                let end = if i.graph.is_some() {
-                    i.indexed.saturating_add(max_batch).min(i.entries.len())
-                } else {
-                    i.entries.len()
-                };
-                IndexJob {
-                    key: key.clone(),
-                    epoch: i.epoch,
-                    graph: i.graph.clone(),
-                    first: i.indexed,
-                    pending: i.entries[i.indexed..end].to_vec(),
-                }
-            })
-            .collect()
-    }
-
-    /// Run `job` without holding any lock; returns the graph to publish.
-    fn run_job(job: &IndexJob) -> Arc<Graph> {
-        let g = job.graph.clone().unwrap_or_else(|| Arc::new(new_graph(job.pending.len())));
-        insert_into(&g, &job.pending, job.first);
-        g
-    }
-
-    fn publish(&mut self, job: &IndexJob, graph: Arc<Graph>) {
-        if let Some(i) = self.by_key.get_mut(&job.key) {
-            if i.epoch == job.epoch && i.indexed == job.first {
-                i.graph = Some(graph);
-                i.indexed = job.first + job.pending.len();
-            }
-        }
-    }
-
-    /// Bring every graph up to date now, on all cores (open, the benchmark). The store's
-    /// indexer thread does the same in the background, in batches.
-    pub fn catch_up(&mut self) {
-        loop {
-            let jobs = self.jobs(usize::MAX);
-            if jobs.is_empty() {
-                return;
-            }
-            for job in jobs {
-                let g = Self::run_job(&job);
-                self.publish(&job, g);
-            }
-        }
-    }
-
-    /// Hits best first, and whether the search was exact.
-    pub fn search(&self, pipeline: Option<&str>, key: &str, query: &[f32], k: usize, exact: bool) -> (Vec<Hit>, bool) {
-        let Some(q) = normalised(query) else { return (Vec::new(), true) };
-        let mut hits: Vec<Hit> = Vec::new();
-        let mut was_exact = true;
-        for ((p, kk), idx) in &self.by_key {
-            if kk != key || pipeline.is_some_and(|want| want != p) {
-                continue;
-            }
-            // The graph only holds one dimension: a mismatched query is answered exactly (empty).
-            let dim_ok = idx.entries.first().is_some_and(|e| e.2.len() == q.len());
-            let use_graph = !exact && dim_ok && idx.graph.is_some();
-            was_exact &= !use_graph;
-            idx.hits(p, &q, k, !use_graph, &mut hits);
-        }
-        hits.sort_by(|a, b| b.similarity.total_cmp(&a.similarity).then(b.at_ms.cmp(&a.at_ms)));
-        hits.truncate(k);
-        (hits, was_exact)
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_key.values().map(|i| i.entries.len()).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn retain_since(&mut self, cutoff_ms: i64) {
-        for idx in self.by_key.values_mut() {
-            let before = idx.entries.len();
-            idx.entries.retain(|(_, at, _)| *at >= cutoff_ms);
-            if idx.entries.len() != before {
-                // Graph ids are positions: start the graph over (retention runs rarely).
-                idx.graph = None;
-                idx.indexed = 0;
-                idx.epoch += 1;
-            }
-        }
-    }
-}
-
-/// Most vectors one background indexing batch inserts before publishing (searches see progress).
-const INDEX_BATCH: usize = 4096;
-
-/// The store's indexer: keeps graphs up to date off the write path; ends with the store.
-fn indexer_loop(index: std::sync::Weak<RwLock<VectorIndex>>) {
-    loop {
-        let Some(idx) = index.upgrade() else { return };
-        let jobs = idx.read().unwrap_or_else(|p| p.into_inner()).jobs(INDEX_BATCH);
-        if jobs.is_empty() {
-            drop(idx);
-            std::thread::sleep(std::time::Duration::from_millis(100));
-            continue;
-        }
-        for job in jobs {
-            let g = VectorIndex::run_job(&job);
-            idx.write().unwrap_or_else(|p| p.into_inner()).publish(&job, g);
-        }
-    }
-}
-
 /// Where a writer-thread operation's result goes.
 type Reply<T> = oneshot::Sender<Result<T, MemoryError>>;
 
@@ -449,6 +208,12 @@ impl Memory {
     /// Open (or create) the store at `path` and start its writer thread. Must run inside a
     /// tokio runtime only for the async calls; opening itself is blocking.
     pub fn open(path: &Path) -> Result<Arc<Self>, MemoryError> {
+        Self::open_with(path, Precision::F32)
+    }
+
+    /// [`Self::open`], with the search graphs storing vectors at `precision` (`bf16`: half the
+    /// memory per vector; the file always keeps the answers' f32 vectors).
+    pub fn open_with(path: &Path, precision: Precision) -> Result<Arc<Self>, MemoryError> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(|e| MemoryError::Open {
                 path: path.to_path_buf(),
@@ -463,7 +228,7 @@ impl Memory {
             let rows = stmt.query_map([], row_to_record)?;
             // Exact at once; the indexer thread builds the graphs in the background, so a big
             // store opens in seconds and searches are exact (slower, never wrong) meanwhile.
-            let mut loading = VectorIndex::default();
+            let mut loading = VectorIndex::with_precision(precision);
             for r in rows {
                 loading.add(&r?);
             }
@@ -496,7 +261,12 @@ impl Memory {
     /// others commit (every 500 ms, and before a search). Blocking; errors name the host and
     /// database, never the password.
     pub fn open_postgres(url: &str) -> Result<Arc<Self>, MemoryError> {
-        let index = Arc::new(RwLock::new(VectorIndex::default()));
+        Self::open_postgres_with(url, Precision::F32)
+    }
+
+    /// [`Self::open_postgres`] with the search graphs at `precision` (see [`Self::open_with`]).
+    pub fn open_postgres_with(url: &str, precision: Precision) -> Result<Arc<Self>, MemoryError> {
+        let index = Arc::new(RwLock::new(VectorIndex::with_precision(precision)));
         let (reader, tx) = crate::pg::open(url, index.clone())?;
         let location = reader.location().to_string();
         info!(location = %location, vectors = index.read().unwrap_or_else(|p| p.into_inner()).len(), "memory store open");
@@ -632,6 +402,12 @@ impl Memory {
     }
 
     /// Number of stored records.
+    /// (vectors waiting for their HNSW graph, deleted vectors not yet compacted away): both are
+    /// served correctly meanwhile (exact scan, skipped), only slower; exported as metrics.
+    pub fn index_backlog(&self) -> (usize, usize) {
+        self.index.read().unwrap_or_else(|p| p.into_inner()).backlog()
+    }
+
     pub fn count(&self) -> Result<u64, MemoryError> {
         self.read(
             |c| c.query_row("SELECT COUNT(*) FROM records", [], |r| r.get::<_, i64>(0)),
@@ -1038,63 +814,5 @@ mod tests {
             Ok(_) => panic!("opened"),
         };
         assert!(e.contains("/proc/prism-no"), "{e}");
-    }
-}
-
-#[cfg(test)]
-mod ann_tests {
-    use super::*;
-
-    /// Clustered unit vectors (like real embeddings: topics, not uniform noise), seeded.
-    fn clustered(n: usize, dim: usize, clusters: usize, seed: u64) -> Vec<Vec<f32>> {
-        let mut state = seed;
-        let mut next = move || {
-            // xorshift64*: enough for test data, no extra dependency.
-            state ^= state >> 12;
-            state ^= state << 25;
-            state ^= state >> 27;
-            (state.wrapping_mul(0x2545F4914F6CDD1D) >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0
-        };
-        let centers: Vec<Vec<f64>> = (0..clusters).map(|_| (0..dim).map(|_| next()).collect()).collect();
-        (0..n).map(|i| centers[i % clusters].iter().map(|c| (c + 0.6 * next()) as f32).collect()).collect()
-    }
-
-    #[test]
-    fn graph_search_agrees_with_exact_search_and_survives_rebuilds() {
-        let mut idx = VectorIndex::default();
-        let vs = clustered(5000, 64, 50, 7);
-        for (i, v) in vs.iter().enumerate().take(4000) {
-            idx.insert("p", "text", &format!("r{i}"), i as i64, v);
-        }
-        assert!(idx.search(Some("p"), "text", &vs[0], 10, false).1, "exact until the graph is built");
-        idx.catch_up();
-        // 1000 more after the graph: searchable at once through the exact tail.
-        for (i, v) in vs.iter().enumerate().skip(4000) {
-            idx.insert("p", "text", &format!("r{i}"), i as i64, v);
-        }
-        let (hits, exact) = idx.search(Some("p"), "text", &vs[4999], 1, false);
-        assert!(!exact);
-        assert_eq!(hits[0].id, "r4999", "a vector not yet in the graph is found");
-        idx.catch_up();
-        let queries = clustered(100, 64, 50, 99);
-        let recall = |idx: &VectorIndex| {
-            let mut found = 0;
-            for q in &queries {
-                let (ann, exact) = idx.search(Some("p"), "text", q, 10, false);
-                assert!(!exact);
-                let truth = idx.search(Some("p"), "text", q, 10, true).0;
-                found += ann.iter().filter(|h| truth.iter().any(|t| t.id == h.id)).count();
-            }
-            found as f64 / (queries.len() * 10) as f64
-        };
-        let r = recall(&idx);
-        assert!(r >= 0.95, "recall@10 {r}");
-        // Retention drops the oldest half: ids stay right after the rebuild.
-        idx.retain_since(2500);
-        idx.catch_up();
-        assert_eq!(idx.len(), 2500);
-        let (hits, _) = idx.search(Some("p"), "text", &queries[0], 10, false);
-        assert!(hits.iter().all(|h| h.at_ms >= 2500 && h.id == format!("r{}", h.at_ms)), "{hits:?}");
-        assert!(recall(&idx) >= 0.95);
     }
 }
