@@ -321,6 +321,18 @@ pub struct MemorySpec {
     /// Where records live.
     #[serde(default)]
     pub store: MemoryStore,
+    /// The embedded store's claim (`<pipeline>-memory`) when the pipeline is deleted.
+    /// `Retain` (default): the claim outlives the pipeline; delete it by hand with
+    /// `kubectl delete pvc <name>`. A pipeline of the same name created again reuses it.
+    /// `Delete`: the claim is owned by the pipeline and deleted with it.
+    #[serde(default)]
+    pub retain: MemoryRetain,
+    /// How the router's search index holds vectors in RAM: `f32` (default) or `bf16` (half the
+    /// memory per vector, recall within a thousandth on `make bench-memory`). The store keeps
+    /// the answers' f32 vectors either way; changing it rebuilds the index at the router's
+    /// restart.
+    #[serde(default)]
+    pub vectors: VectorPrecision,
 }
 
 fn default_retention() -> String {
@@ -335,8 +347,27 @@ impl Default for MemorySpec {
             max_records: None,
             inputs: InputLogging::default(),
             store: MemoryStore::default(),
+            retain: MemoryRetain::default(),
+            vectors: VectorPrecision::default(),
         }
     }
+}
+
+/// Reclaim policy of the embedded memory store's claim (like a PersistentVolume's).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+pub enum MemoryRetain {
+    #[default]
+    Retain,
+    Delete,
+}
+
+/// Element type of the memory search index's vectors.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum VectorPrecision {
+    #[default]
+    F32,
+    Bf16,
 }
 
 /// Privacy setting for logged inputs.

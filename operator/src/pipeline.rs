@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::ResourceExt;
 use prism_api::condition::{self, types, Condition, ConditionStatus};
 use prism_api::labels;
-use prism_api::pipeline::{MultimodalPipeline, MultimodalPipelineStatus, NodeEndpoints, RouterAuth};
+use prism_api::pipeline::{MemoryRetain, MultimodalPipeline, MultimodalPipelineStatus, NodeEndpoints, RouterAuth};
 use prism_api::routing::{build_table, NodeObservation, RoutingTable, PIPELINE_SPEC_KEY, ROUTING_TABLE_KEY};
 
 use crate::index::PodEndpoint;
@@ -111,7 +111,8 @@ pub struct PipelineObjects {
     pub service_account: ServiceAccount,
     pub role: Role,
     pub role_binding: RoleBinding,
-    /// The embedded memory store's volume, with `memory.enabled` and `store.kind: embedded`.
+    /// The embedded memory store's volume, with `memory.enabled` and `store.kind: embedded`;
+    /// owned by the pipeline only with `memory.retain: Delete`.
     pub memory_claim: Option<PersistentVolumeClaim>,
 }
 
@@ -268,8 +269,9 @@ pub fn desired_objects(
             ..Default::default()
         });
     }
-    // Memory, embedded: one SQLite file on a claim the operator creates. Owned by the pipeline
-    // like its other objects: deleting the pipeline deletes its memory.
+    // Memory, embedded: one SQLite file on a claim the operator creates. Unlike the pipeline's
+    // other objects it is owned by the pipeline only with `retain: Delete`: by default it
+    // outlives the pipeline, and its fixed name lets a pipeline of the same name reuse it.
     let memory = &mmp.spec.memory;
     let embedded_memory = memory.enabled && memory.store.kind == "embedded";
     let mut memory_claim = None;
@@ -304,8 +306,14 @@ pub fn desired_objects(
             }),
             ..Default::default()
         });
+        // Server-side apply drops an owner reference this manager applied before, so switching
+        // a live pipeline to `Retain` disowns the claim (and to `Delete` adopts it).
+        let mut metadata = meta(memory_claim_name(&name))?;
+        if memory.retain == MemoryRetain::Retain {
+            metadata.owner_references = None;
+        }
         memory_claim = Some(PersistentVolumeClaim {
-            metadata: meta(memory_claim_name(&name))?,
+            metadata,
             spec: Some(PersistentVolumeClaimSpec {
                 access_modes: Some(vec!["ReadWriteOnce".into()]),
                 storage_class_name: memory.store.storage_class_name.clone(),

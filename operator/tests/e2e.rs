@@ -1089,18 +1089,16 @@ async fn router_follows_its_configmap_through_the_api_with_only_its_own_service_
 
 #[tokio::test]
 #[ignore = "needs the e2e control plane (KUBECONFIG)"]
-async fn embedded_memory_gets_an_owned_claim_and_the_api_refuses_two_routers_on_it() {
+async fn embedded_memory_gets_a_claim_that_outlives_the_pipeline_unless_told_and_the_api_refuses_two_routers_on_it() {
+    use k8s_openapi::api::core::v1::PersistentVolumeClaim;
     let mut ns = TestNs::new("memory", &[]).await;
     ns.start_operator();
     ns.apply_yaml(&small_node("text", "text", false, ""));
     let mem = "  memory: {enabled: true, store: {size: 2Gi}}\n";
     ns.apply_yaml(&format!("{}{mem}", pipeline_yaml("mm", &["text"])));
-    let claim = ns
-        .wait("the memory claim", T, || async {
-            ns.api::<k8s_openapi::api::core::v1::PersistentVolumeClaim>().get_opt("mm-memory").await.ok().flatten()
-        })
-        .await;
-    assert_eq!(claim.owner_references()[0].kind, "MultimodalPipeline", "deleted with the pipeline");
+    let claims = ns.api::<PersistentVolumeClaim>();
+    let claim = ns.wait("the memory claim", T, || async { claims.get_opt("mm-memory").await.ok().flatten() }).await;
+    assert!(claim.owner_references().is_empty(), "Retain (default): not owned: {:?}", claim.owner_references());
     let size = claim.spec.as_ref().unwrap().resources.as_ref().unwrap().requests.as_ref().unwrap()["storage"].0.clone();
     assert_eq!(size, "2Gi");
     let d = ns
@@ -1118,6 +1116,59 @@ async fn embedded_memory_gets_an_owned_claim_and_the_api_refuses_two_routers_on_
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("routerReplicas must be 1"), "{err}");
+
+    // Deleting the pipeline: the garbage collector takes its router, not its memory.
+    ns.api::<MultimodalPipeline>().delete("mm", &DeleteParams::default()).await.unwrap();
+    ns.wait("the router garbage-collected", T, || async {
+        let d = ns.api::<Deployment>().get_opt("mm-router").await.ok()?;
+        let p = ns.pipeline("mm").await;
+        (d.is_none() && p.is_none()).then_some(())
+    })
+    .await;
+    let kept = claims.get("mm-memory").await.expect("the claim outlives its pipeline");
+    assert_eq!((kept.uid(), kept.metadata.deletion_timestamp.clone()), (claim.uid(), None));
+
+    // A pipeline of the same name mounts the same claim again; switching it to Delete adopts
+    // the claim, and back to Retain disowns it (server-side apply drops the reference).
+    ns.apply_yaml(&format!("{}{mem}", pipeline_yaml("mm", &["text"])));
+    ns.wait("the router again, on the kept claim", T, || async {
+        let d = ns.api::<Deployment>().get_opt("mm-router").await.ok()??;
+        let vols = d.spec?.template.spec?.volumes?;
+        vols.iter()
+            .any(|v| v.persistent_volume_claim.as_ref().is_some_and(|c| c.claim_name == "mm-memory"))
+            .then_some(())
+    })
+    .await;
+    assert_eq!(claims.get("mm-memory").await.unwrap().uid(), claim.uid(), "reused, not re-created");
+    // `Kind/name` of each owner of a claim that exists.
+    let owners = |name: &'static str| {
+        let claims = claims.clone();
+        async move {
+            let c = claims.get_opt(name).await.ok()??;
+            Some(c.owner_references().iter().map(|o| format!("{}/{}", o.kind, o.name)).collect::<Vec<_>>())
+        }
+    };
+    let delete = "  memory: {enabled: true, store: {size: 2Gi}, retain: Delete}\n";
+    ns.apply_yaml(&format!("{}{delete}", pipeline_yaml("mm", &["text"])));
+    ns.wait("mm-memory adopted", T, || async {
+        (owners("mm-memory").await? == ["MultimodalPipeline/mm"]).then_some(())
+    })
+    .await;
+    ns.apply_yaml(&format!("{}{mem}", pipeline_yaml("mm", &["text"])));
+    ns.wait("mm-memory disowned", T, || async { owners("mm-memory").await?.is_empty().then_some(()) }).await;
+
+    // `retain: Delete` from the start: the claim is owned, and goes with its pipeline.
+    ns.apply_yaml(&format!("{}{delete}", pipeline_yaml("mm2", &["text"])));
+    ns.wait("mm2-memory owned by the pipeline", T, || async {
+        (owners("mm2-memory").await? == ["MultimodalPipeline/mm2"]).then_some(())
+    })
+    .await;
+    ns.api::<MultimodalPipeline>().delete("mm2", &DeleteParams::default()).await.unwrap();
+    ns.wait("mm2-memory garbage-collected", T, || async {
+        claims.get_opt("mm2-memory").await.ok()?.is_none().then_some(())
+    })
+    .await;
+    assert!(claims.get_opt("mm-memory").await.unwrap().is_some(), "the other pipeline's claim stays");
     ns.stop_operator().await;
 }
 

@@ -243,6 +243,36 @@ fn embedded_memory_gets_a_claim_a_path_and_one_writer_at_a_time() {
 }
 
 #[test]
+fn the_memory_claim_outlives_the_pipeline_unless_retain_is_delete() {
+    let claim_for = |memory: serde_json::Value| {
+        let mut p = three();
+        p.spec.memory = serde_json::from_value(memory).unwrap();
+        let t = routing_table(&p, &BTreeMap::new(), None, 0);
+        desired_objects(&p, &OperatorConfig::default(), &t, &BTreeMap::new()).unwrap().memory_claim.expect("claim")
+    };
+    // Default (Retain): no owner reference, so the garbage collector leaves it; the name is the
+    // pipeline's, so a pipeline of the same name mounts it again.
+    let kept = claim_for(serde_json::json!({"enabled": true}));
+    assert_eq!(kept.metadata.owner_references, None, "Retain: not owned");
+    assert_eq!(kept.metadata.name.as_deref(), Some("mm-memory"));
+    let kept = claim_for(serde_json::json!({"enabled": true, "retain": "Retain"}));
+    assert_eq!(kept.metadata.owner_references, None);
+    // The applied body has no ownerReferences at all: server-side apply then drops one this
+    // manager set while the policy was Delete.
+    assert!(serde_json::to_value(&kept).unwrap()["metadata"].get("ownerReferences").is_none());
+
+    let owned = claim_for(serde_json::json!({"enabled": true, "retain": "Delete"}));
+    let refs = owned.metadata.owner_references.expect("Delete: owned");
+    assert_eq!(refs.len(), 1);
+    assert_eq!(
+        (refs[0].kind.as_str(), refs[0].name.as_str(), refs[0].uid.as_str(), refs[0].controller),
+        ("MultimodalPipeline", "mm", "uid-p", Some(true))
+    );
+    // Anything else is refused when the spec is read (the CRD's enum says the same).
+    assert!(serde_json::from_value::<prism_api::pipeline::MemorySpec>(serde_json::json!({"retain": "delete"})).is_err());
+}
+
+#[test]
 fn routers_trust_the_ca_of_each_https_node_and_nothing_else_of_its_secret() {
     let p = three();
     let t = routing_table(&p, &BTreeMap::new(), None, 0);
