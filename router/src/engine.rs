@@ -578,7 +578,7 @@ impl Router {
                 let cache = self.cache.read().ok().and_then(|c| c.clone());
                 let Some(cache) = cache else {
                     return Err(RouterError::Unavailable(format!(
-                        "{reason}; degradation.onMissingRequired is cached but this router has no answer cache (memory is not enabled)"
+                        "{reason}; degradation.onMissingRequired is cached but this router has no answer cache (memory is off and --answer-cache-entries is 0)"
                     )));
                 };
                 let min = snap.spec.degradation.cache.min_similarity;

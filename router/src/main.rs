@@ -77,7 +77,9 @@ struct Args {
     probe_interval_ms: u64,
     /// Whole answers kept per pipeline for `degradation.onMissingRequired: cached` (the nearest
     /// one above `cache.minSimilarity` answers when a required modality is down); 0 = off.
-    /// Only pipelines with that policy remember answers.
+    /// Only pipelines with that policy remember answers. With memory on (--memory-path or
+    /// --memory-url) the memory log is the cache instead (every logged whole answer, kept as long
+    /// as the memory retention keeps it) and any value but 0 just turns it on.
     #[arg(long, default_value_t = 10_000)]
     answer_cache_entries: usize,
     /// Memory log (SQLite file, created if missing): every answered request is recorded before
@@ -255,6 +257,12 @@ async fn main() -> anyhow::Result<()> {
         EngineOptions { probe_interval: probe, node_ca_pem, node_max_body_bytes: args.node_max_body_bytes },
     )?;
 
+    // The index's vector precision is the pipeline's `memory.vectors`; the store keeps f32
+    // answers either way, so a change takes effect at the next start by rebuilding the index.
+    let precision = match router.snapshot().spec.memory.vectors {
+        prism_api::pipeline::VectorPrecision::F32 => prism_memory::Precision::F32,
+        prism_api::pipeline::VectorPrecision::Bf16 => prism_memory::Precision::Bf16,
+    };
     let memory = match (&args.memory_path, &args.memory_url) {
         (Some(_), Some(_)) => {
             // clap refuses the pair already; this guards a future change of the flags.
@@ -268,19 +276,26 @@ async fn main() -> anyhow::Result<()> {
             if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::from_raw(SIGXFSZ)) {
                 tokio::spawn(async move { while s.recv().await.is_some() {} });
             }
-            Some(prism_memory::Memory::open(path)?)
+            Some(prism_memory::Memory::open_with(path, precision)?)
         }
         // The error names host and database, never the password.
-        (None, Some(url)) => Some(prism_memory::Memory::open_postgres(url)?),
+        (None, Some(url)) => Some(prism_memory::Memory::open_postgres_with(url, precision)?),
         (None, None) => None,
     };
-    if let Some(memory) = memory {
-        info!(location = %memory.location(), "memory log on");
+    if let Some(memory) = &memory {
+        info!(location = %memory.location(), index_vectors = %precision, "memory log on");
         router.set_memory(memory.clone())?;
-        tokio::spawn(retention_loop(router.clone(), memory));
+        tokio::spawn(retention_loop(router.clone(), memory.clone()));
     }
+    // The answer cache of `onMissingRequired: cached`: with memory on, the request log itself
+    // (every whole answer is in it: durable, and shared by the routers of one database);
+    // otherwise the last answers in this process's RAM.
     if args.answer_cache_entries > 0 {
-        router.set_answer_cache(std::sync::Arc::new(prism_memory::RecentAnswers::new(args.answer_cache_entries)));
+        match memory {
+            Some(memory) => router.set_answer_cache(memory),
+            None => router
+                .set_answer_cache(std::sync::Arc::new(prism_memory::RecentAnswers::new(args.answer_cache_entries))),
+        }
     }
     tokio::spawn(router.clone().probe_loop());
     if args.routing_table.is_some() || args.pipeline.is_some() {

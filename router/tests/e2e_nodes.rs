@@ -310,6 +310,74 @@ async fn required_modality_down_serves_the_nearest_cached_answer() {
     drop(text);
 }
 
+/// With memory on, the memory log is the answer cache of `onMissingRequired: cached`: a whole
+/// answer logged before a kill -9 of the router is served, marked cached, by the restarted
+/// router (same SQLite file, its index now bf16) once a required modality is down; the cached
+/// answer is not logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cached_answer_survives_a_router_restart() {
+    let _g = serial();
+    let text = spawn_node("minilm-text", "text", "127.0.0.1:0");
+    let mut audio = spawn_node("minilm-audio", "audio", "127.0.0.1:0");
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("memory.db");
+    let flags = ["--memory-path", db.to_str().unwrap()];
+    let pipeline = json!({
+        "nodes": [{"name": "minilm-text", "required": true}, {"name": "minilm-audio", "required": true}],
+        "routing": {"timeoutMs": 2000},
+        "degradation": {"onMissingRequired": "cached", "cache": {"minSimilarity": 0.9}}
+    });
+    let routes = table(1, json!({"text": [endpoint(&text, 1.0)], "audio": [endpoint(&audio, 1.0)]}));
+    let mut router = router_on(dir.path(), &routes, Some(&pipeline), &flags);
+    let c = client();
+    let dog = json!({"inputs": {"text": "a dog running in the snow", "audio": "barking"}});
+    let (s, whole, _) = post(&c, &format!("{}/v1/infer", router.url), &dog).await;
+    assert_eq!(s, 200, "{whole}");
+    assert!(whole.get("degraded").is_none(), "{whole}");
+    assert_eq!(whole["recorded"], json!(true), "{whole}");
+    let (s, _, _) = post(
+        &c,
+        &format!("{}/v1/infer", router.url),
+        &json!({"inputs": {"text": "quarterly tax report for the board", "audio": "typing"}}),
+    )
+    .await;
+    assert_eq!(s, 200);
+
+    // kill -9: nothing but the SQLite file carries the answers over. The restart also switches
+    // the index to bf16 vectors (`memory.vectors`), which rebuilds it from the stored answers.
+    router.kill9();
+    drop(router);
+    let mut pipeline = pipeline;
+    pipeline["memory"] = json!({"vectors": "bf16"});
+    let router = router_on(dir.path(), &routes, Some(&pipeline), &flags);
+    let url = format!("{}/v1/infer", router.url);
+    audio.kill9();
+    let (s, v, _) = post(&c, &url, &dog).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["degraded"]["cached"], json!(true), "{v}");
+    assert_eq!(v["degraded"]["missing"], json!(["audio"]), "{v}");
+    let reason = v["degraded"]["reason"].as_str().unwrap();
+    assert!(reason.contains(whole["id"].as_str().unwrap()), "names the request it reused: {reason}");
+    let similarity: f64 = reason
+        .rsplit_once("(similarity ")
+        .and_then(|(_, r)| r.strip_suffix(')'))
+        .and_then(|x| x.parse().ok())
+        .unwrap_or_else(|| panic!("no similarity in {reason}"));
+    assert!(similarity >= 0.9999, "same text, same node: {reason}");
+    assert_eq!(floats(&v["embedding"]), floats(&whole["embedding"]), "the logged fused answer");
+    assert_eq!(v["modalities"]["audio"], whole["modalities"]["audio"], "with the audio it had then");
+    assert_ne!(v["id"], whole["id"], "a new request id");
+
+    // The cached answer is not logged (so it never feeds the cache), and the 503 still comes
+    // for a request like nothing logged.
+    let r = c.get(format!("{}/v1/memory/records/{}", router.url, v["id"].as_str().unwrap())).send().await;
+    assert_eq!(r.expect("get").status().as_u16(), 404, "a cached answer is not a record");
+    let (s, v, _) = post(&c, &url, &json!({"inputs": {"text": "how do volcanoes form", "audio": "rumble"}})).await;
+    assert_eq!(s, 503, "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("no cached answer"), "{v}");
+    drop(text);
+}
+
 /// Hot reload from the file and the admin API, under load, without dropping a request;
 /// generations never go backwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
