@@ -156,7 +156,7 @@ chaos: cluster-up ## fault scenarios under load (kill -9, partition, slow node, 
 
 # --- bench (memory) ---
 .PHONY: bench-memory
-bench-memory: ## memory search (100k vectors) vs FAISS, durable writes across router kill -9, correction gain
+bench-memory: ## memory search (100k and 1M vectors) vs FAISS, search under writes and prune, durable writes across router kill -9, correction gain
 	$(CARGO) build --release -p prism -p prism-node -p prism-router --bins
 	@$(MAKE) -s models
 	test -x bench/.venv/bin/python || python3 -m venv bench/.venv

@@ -21,7 +21,6 @@ RESULTS.md. Needs root, the release binaries, target/images/*.tar and .cache/mod
 """
 import json
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -51,17 +50,6 @@ marks it not ready (API watch). Both wait for the kubelet to notice the exit (PL
 restarted container ready again in the EndpointSlice. Failed = non-200 or client error, whole run."""
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
-
-
 def main():
     argv = sys.argv[1:]
     append = "--no-append" not in argv
@@ -82,7 +70,7 @@ def main():
         pu.fail(f"the test wrote no result (rc {rc}); see .cache/e2e-real/")
     with open(RESULT) as f:
         r = json.load(f)
-    note = (f"{cpu_model()}, operator {r['operator']}, clients={r['clients']}, warm {r['warm_s']:g} s + {r['after_s']:g} s, "
+    note = (f"{pu.cpu_model()} [{' '.join(pu.isa_flags())}], operator {r['operator']}, clients={r['clients']}, warm {r['warm_s']:g} s + {r['after_s']:g} s, "
             f"kube-proxy {r['proxy_mode']}, loadavg {load_before:.1f}->{os.getloadavg()[0]:.1f}")
     suffix = (f" pod Ready again {r['rejoin_pod_s']:.1f} s, router table {r['rejoin_table_s']:.1f} s;"
               f" cosine vs prism up {r['cos_min']:.6f}; whole run {time.time() - t:.0f} s")

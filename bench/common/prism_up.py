@@ -309,10 +309,41 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
+def cpu_model():
+    """The CPU's model name, from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+# The ISA flags that change which kernels run (dot products, matmuls): named on every result line,
+# since the CPU under the benchmarks changes between machines.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16", "amx_int8", "neon")
+
+
+def isa_flags():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    have = set(line.split(":", 1)[1].split())
+                    return [x for x in ISA_FLAGS if x in have]
+    except OSError:
+        pass
+    return []
+
+
 def machine(note=""):
-    """Host, CPUs and the 1-minute load average (shows whether other work shared the CPUs)."""
+    """Host, CPU model and ISA flags, CPUs, and the note (callers add the load average, which shows
+    whether other work shared the CPUs)."""
     extra = f", {note}" if note else ""
-    return f"{platform.node()} {platform.machine()} {os.cpu_count()} cpus{extra}"
+    flags = " ".join(isa_flags()) or "no SIMD flags found"
+    return f"{platform.node()} {platform.machine()} {cpu_model()} [{flags}] {os.cpu_count()} cpus{extra}"
 
 
 def append_result(key, title, intro, line, machine_desc, suffix=""):

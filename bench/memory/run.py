@@ -3,17 +3,20 @@
 
 1. Data: 100k 384-d unit vectors in 1000 topics (seeded numpy; real embeddings cluster by topic,
    uniform noise would not), 1000 queries from the same topics, exact top-10 by numpy.
-2. Prism: memory/tests/bench_memory.rs builds prism-memory's index (HNSW, M=16,
-   ef_construction=200, ef_search=max(96, 4k)) and answers each query one at a time; it also
-   measures durable writes (64 concurrent writers, each acknowledged after its fsync'd commit).
+2. Prism: memory/tests/bench_memory.rs builds prism-memory's own HNSW (memory/src/hnsw.rs, M=16,
+   ef_construction=200, ef_search=max(96, 4k)) on every core, with f32 and with bf16 vectors, and
+   answers each query one at a time; then the durable store: 64 concurrent writers (each
+   acknowledged after its fsync'd commit), 8 searchers under 64 writers, 8 searchers during a
+   prune of half the records.
 3. Peer: FAISS IndexHNSWFlat (PyPI faiss-cpu) with the same M / efConstruction / efSearch on the
-   same vectors, one query at a time, one thread.
+   same vectors, built on every core, one query at a time on one thread. Steps 2-3 again on
+   --large (1M) vectors, index only, f32 only.
 4. Crash rounds: a real prism-node + prism-router with --memory-path under 8 closed-loop clients,
    router killed with SIGKILL mid-load, restarted on the same file; every answer that said
    `recorded: true` must be readable again. lost_acked_writes counts those that are not.
 
-Last line: `memory: recall_at_10=... search_p99_ms=... lost_acked_writes=... correction_gain=...
-bad_revision_rolled_back=... faiss_recall_at_10=... faiss_search_p99_ms=... write_rps=...`.
+Last line: `memory: recall_at_10=... search_p99_ms=... faiss_search_p99_ms=... ratio_vs_faiss=...
+build_s=... faiss_build_s=... recall_at_10_1m=... lost_acked_writes=... correction_gain=...`.
 5. Corrections: `prism up` serves the trained shared space's text head (`prism train
    shared-space`, cached) with memory on and inputs logged verbatim; 100 queries in German, which
    the English-trained head never saw, are corrected with the right digit through
@@ -41,9 +44,11 @@ from prism_up import DEFAULT_PRISM, ROOT, PrismUp, call, fail, headline, log  # 
 
 INTRO = """
 `make bench-memory` (bench/memory/run.py + memory/tests/bench_memory.rs): 100k 384-d unit
-vectors in 1000 topics (seeded), 1000 queries, exact top-10 by numpy. Prism's index (HNSW via
-the hnsw_rs crate, M=16, ef_construction=200, ef_search=max(96, 4k)) vs FAISS IndexHNSWFlat with
-the same parameters on the same data, one query at a time. Durable writes: 64 concurrent
+vectors in 1000 topics (seeded), 1000 queries, exact top-10 by numpy. Prism's index (its own
+flat-array HNSW, memory/src/hnsw.rs, M=16, ef_construction=200, ef_search=max(96, 4k); f32 and
+bf16 vectors) vs FAISS IndexHNSWFlat with the same parameters on the same data, both built on
+every core, searched one query at a time; then the same against FAISS on 1M vectors (f32 only).
+Store: 8 searchers while 64 writers commit, then while half the records are pruned. Durable writes: 64 concurrent
 writers into the SQLite store (WAL, synchronous=FULL, group commit). Crash rounds: real node +
 router under 8 clients, router SIGKILLed mid-load and restarted; lost_acked_writes counts answers
 that said `recorded: true` but are missing afterwards (must be 0).
@@ -71,20 +76,30 @@ def make_data(dirpath, n, dim, nq, topics, seed):
     return base, queries, truth
 
 
+def rss_bytes():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    return float("nan")
+
+
 def faiss_run(base, queries, truth):
+    """FAISS IndexHNSWFlat, same M / efConstruction / efSearch, built on every core (as Prism's
+    index is), searched one query at a time on one thread."""
     try:
         import faiss
     except ImportError:
         log("faiss-cpu not importable; peer skipped (pip install faiss-cpu)")
         return None
-    import numpy as np
-    faiss.omp_set_num_threads(1)
+    rss0 = rss_bytes()
     t0 = time.perf_counter()
     index = faiss.IndexHNSWFlat(base.shape[1], 16, faiss.METRIC_INNER_PRODUCT)
     index.hnsw.efConstruction = 200
-    faiss.omp_set_num_threads(2)
+    faiss.omp_set_num_threads(os.cpu_count() or 1)
     index.add(base)
     build_s = time.perf_counter() - t0
+    rss_per_vector = (rss_bytes() - rss0) / base.shape[0]
     faiss.omp_set_num_threads(1)
     index.hnsw.efSearch = 96
     lat, found = [], 0
@@ -94,8 +109,36 @@ def faiss_run(base, queries, truth):
         lat.append((time.perf_counter() - t) * 1000)
         found += len(set(ids[0].tolist()) & set(truth[i].tolist()))
     lat.sort()
+    del index
     return {"recall_at_10": found / (queries.shape[0] * 10), "search_p99_ms": lat[int(round((len(lat) - 1) * 0.99))],
-            "build_s": build_s}
+            "search_p50_ms": lat[len(lat) // 2], "build_s": build_s, "rss_bytes_per_vector": rss_per_vector}
+
+
+def prism_run(tmp, index_only, bf16=True):
+    cmd = ["cargo", "test", "--release", "-q", "-p", "prism-memory", "--test", "bench_memory", "--",
+           "--ignored", "--nocapture"]
+    log(" ".join(cmd) + (" (index only)" if index_only else ""))
+    env = dict(os.environ, BENCH_MEMORY_DATA=tmp, BENCH_MEMORY_INDEX_ONLY="1" if index_only else "0",
+               BENCH_MEMORY_BF16="1" if bf16 else "0")
+    out = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True)
+    line = next((l for l in out.stdout.splitlines() if l.startswith("{")), None)
+    if out.returncode != 0 or line is None:
+        fail(f"memory benchmark failed (exit {out.returncode})")
+    prism = json.loads(line)
+    log(f"prism: {prism}")
+    return prism
+
+
+def index_round(n, nq, index_only, bf16=True):
+    """Prism's index (f32, and bf16 unless told not to; the store too unless index_only) and FAISS
+    on the same n x 384 vectors."""
+    with tempfile.TemporaryDirectory(prefix="prism-bench-memory-") as tmp:
+        log(f"generating {n} x 384 vectors, {nq} queries, exact top-10 (numpy)")
+        base, queries, truth = make_data(tmp, n, 384, nq, 1000, 7)
+        prism = prism_run(tmp, index_only, bf16)
+        peer = faiss_run(base, queries, truth)
+        log(f"faiss: {peer}")
+    return prism, peer
 
 
 def http(method, url, body=None, timeout=10):
@@ -272,40 +315,51 @@ def rollout_round():
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--vectors", type=int, default=100_000)
+    ap.add_argument("--large", type=int, default=1_000_000,
+                    help="vectors of the second, index-only round against FAISS (0: skip)")
     ap.add_argument("--queries", type=int, default=1000)
     ap.add_argument("--crash-rounds", type=int, default=3)
+    ap.add_argument("--index-only", action="store_true",
+                    help="only the index against FAISS (no store, crash, correction or rollout rounds)")
     ap.add_argument("--no-append", action="store_true")
     ap.add_argument("--prism", default=DEFAULT_PRISM)
     args = ap.parse_args()
     load_before = os.getloadavg()[0]
-    with tempfile.TemporaryDirectory(prefix="prism-bench-memory-") as tmp:
-        log(f"generating {args.vectors} x 384 vectors, {args.queries} queries, exact top-10 (numpy)")
-        base, queries, truth = make_data(tmp, args.vectors, 384, args.queries, 1000, 7)
-        cmd = ["cargo", "test", "--release", "-q", "-p", "prism-memory", "--test", "bench_memory", "--",
-               "--ignored", "--nocapture"]
-        log(" ".join(cmd))
-        out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, BENCH_MEMORY_DATA=tmp), stdout=subprocess.PIPE, text=True)
-        line = next((l for l in out.stdout.splitlines() if l.startswith("{")), None)
-        if out.returncode != 0 or line is None:
-            fail(f"memory benchmark failed (exit {out.returncode})")
-        prism = json.loads(line)
-        log(f"prism: {prism}")
-        peer = faiss_run(base, queries, truth)
-        log(f"faiss: {peer}")
-        lost, acked = crash_rounds(args.crash_rounds, tmp)
-        corr = correction_round(args.prism, tmp)
-        rolled_back, rollback_s, promoted = rollout_round()
     nan = float("nan")
+    prism, peer = index_round(args.vectors, args.queries, args.index_only)
+    peer = peer or {}
+    big, big_peer = index_round(args.large, args.queries, True, bf16=False) if args.large else ({}, {})
+    big_peer = big_peer or {}
     line = (f"memory: recall_at_10={prism['recall_at_10']:.4f} search_p99_ms={prism['search_p99_ms']:.3f} "
-            f"lost_acked_writes={lost} correction_gain={float(corr['correction_gain']):.3f} bad_revision_rolled_back={rolled_back} "
-            f"faiss_recall_at_10={(peer or {}).get('recall_at_10', nan):.4f} "
-            f"faiss_search_p99_ms={(peer or {}).get('search_p99_ms', nan):.3f} "
-            f"write_rps={prism['write_rps']:.0f} acked_in_crash_rounds={acked} build_s={prism['build_s']:.1f} "
-            f"corrections_top1={corr['before_top1']}->{corr['after_top1']} "
-            f"english_top1={corr['data_before_top1']}->{corr['data_after_top1']} "
-            f"rollback_verdict_s={rollback_s:.1f} good_revision_promoted={promoted}")
+            f"faiss_recall_at_10={peer.get('recall_at_10', nan):.4f} faiss_search_p99_ms={peer.get('search_p99_ms', nan):.3f} "
+            f"ratio_vs_faiss={peer.get('search_p99_ms', nan) / prism['search_p99_ms']:.2f} "
+            f"build_s={prism['build_s']:.1f} faiss_build_s={peer.get('build_s', nan):.1f} "
+            f"build_ratio_vs_faiss={peer.get('build_s', nan) / prism['build_s']:.2f} "
+            f"rss_bytes_per_vector={prism['rss_bytes_per_vector']:.0f} "
+            f"bf16_recall_at_10={prism.get('bf16_recall_at_10', nan):.4f} "
+            f"bf16_search_p99_ms={prism.get('bf16_search_p99_ms', nan):.3f} "
+            f"bf16_rss_bytes_per_vector={prism.get('bf16_rss_bytes_per_vector', nan):.0f} "
+            f"faiss_rss_bytes_per_vector={peer.get('rss_bytes_per_vector', nan):.0f} "
+            f"recall_at_10_1m={big.get('recall_at_10', nan):.4f} search_p99_ms_1m={big.get('search_p99_ms', nan):.3f} "
+            f"faiss_recall_at_10_1m={big_peer.get('recall_at_10', nan):.4f} "
+            f"faiss_search_p99_ms_1m={big_peer.get('search_p99_ms', nan):.3f} "
+            f"build_s_1m={big.get('build_s', nan):.1f} faiss_build_s_1m={big_peer.get('build_s', nan):.1f}")
+    if not args.index_only:
+        with tempfile.TemporaryDirectory(prefix="prism-bench-memory-") as tmp:
+            lost, acked = crash_rounds(args.crash_rounds, tmp)
+            corr = correction_round(args.prism, tmp)
+        rolled_back, rollback_s, promoted = rollout_round()
+        line += (f" write_rps={prism['write_rps']:.0f} "
+                 f"search_under_writes_p99_ms={prism['search_under_writes_p99_ms']:.3f} "
+                 f"lost_acked_writes_under_search={prism['lost_acked_writes_under_search']} "
+                 f"search_during_prune_p99_ms={prism['search_during_prune_p99_ms']:.3f} pruned={prism['pruned']} "
+                 f"lost_acked_writes={lost} acked_in_crash_rounds={acked} "
+                 f"correction_gain={float(corr['correction_gain']):.3f} bad_revision_rolled_back={rolled_back} "
+                 f"corrections_top1={corr['before_top1']}->{corr['after_top1']} "
+                 f"english_top1={corr['data_before_top1']}->{corr['data_after_top1']} "
+                 f"rollback_verdict_s={rollback_s:.1f} good_revision_promoted={promoted}")
     headline(args, "memory", "memory: ANN search vs FAISS, durable writes, kill -9 rounds", INTRO, line,
-             f"{args.vectors} vectors", load_before)
+             f"{args.vectors} vectors" + (", index only" if args.index_only else ""), load_before)
 
 
 if __name__ == "__main__":
