@@ -165,17 +165,24 @@ fn level_of(id: u32, m: usize) -> usize {
 
 thread_local! {
     /// Visited marks for searches on this thread: a generation number per slot, so a search
-    /// starts with an O(1) reset instead of clearing (or allocating) a set.
-    static VISITED: RefCell<(u32, Vec<u32>)> = const { RefCell::new((0, Vec::new())) };
+    /// starts with an O(1) reset instead of clearing (or allocating) a set. One byte a slot
+    /// (cleared every 255 searches): a quarter of the cache footprint of u32 marks, which shows
+    /// in the search tail.
+    static VISITED: RefCell<(u8, Vec<u8>)> = const { RefCell::new((0, Vec::new())) };
 }
 
 /// Per-search visited set over `capacity` slots (borrowed from the thread-local).
 struct Visited<'a> {
-    generation: u32,
-    marks: &'a mut Vec<u32>,
+    generation: u8,
+    marks: &'a mut Vec<u8>,
 }
 
 impl Visited<'_> {
+    #[inline]
+    fn seen(&self, slot: u32) -> bool {
+        self.marks[slot as usize] == self.generation
+    }
+
     /// True the first time `slot` is seen in this search.
     #[inline]
     fn first_visit(&mut self, slot: u32) -> bool {
@@ -305,6 +312,27 @@ impl Hnsw {
         }
     }
 
+    /// Ask for the first cache line of `slot`'s vector ahead of its distance: the walk's time
+    /// is mostly memory latency (hnswlib and FAISS do the same); the hardware prefetcher
+    /// follows the rest of the row.
+    #[inline]
+    fn prefetch(&self, slot: u32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let offset = slot as usize * self.dim;
+            let ptr = match &self.vectors {
+                Vectors::F32(v) => v.get(offset).map(|c| c.get() as *const i8),
+                Vectors::Bf16(v) => v.get(offset).map(|c| c.get() as *const i8),
+            };
+            if let Some(ptr) = ptr {
+                // SAFETY: a prefetch is a hint; it never faults and reads nothing into Rust.
+                unsafe { std::arch::x86_64::_mm_prefetch(ptr, std::arch::x86_64::_MM_HINT_T0) };
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = slot;
+    }
+
     #[inline]
     fn distance(&self, q: &[f32], slot: u32) -> f32 {
         1.0 - self.dot_q(q, slot as usize)
@@ -406,6 +434,11 @@ impl Hnsw {
                 break;
             }
             self.neighbours(c.1, level, &mut scratch);
+            for &n in &scratch {
+                if !visited.seen(n) {
+                    self.prefetch(n);
+                }
+            }
             for &n in &scratch {
                 if !visited.first_visit(n) {
                     continue;

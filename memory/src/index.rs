@@ -141,9 +141,11 @@ impl KeyIndex {
         if let Some(g) = graph {
             // Slots past `indexed` (a batch in flight) are in the exact tail below; deleted
             // slots are walked through but not returned.
+            // With nothing deleted, skip the slot lookup: it is a cache miss per candidate.
+            let none_dead = self.dead == 0;
             let live = |slot: u32| {
                 let pos = slot as usize;
-                pos < self.indexed && self.slots.get(pos).is_some_and(|s| s.1 >= self.live_from_ms)
+                pos < self.indexed && (none_dead || self.slots.get(pos).is_some_and(|s| s.1 >= self.live_from_ms))
             };
             for (slot, distance) in g.search_filtered(q, k, (4 * k).max(96), &live) {
                 out.extend(self.hit(pipeline, slot as usize, 1.0 - f64::from(distance)));
