@@ -217,10 +217,14 @@ impl Default for RoutingPolicy {
 #[serde(rename_all = "camelCase")]
 pub struct FusionSpec {
     /// `weighted` (weights renormalised over present modalities), `attention` (softmax of agreement scores),
-    /// `late` (no combined vector; per-modality answers only) or `early` (embeddings sent to a fusion node).
+    /// `late` (no combined vector; per-modality answers only) or `early` (embeddings sent to a fusion node;
+    /// with that node down the answer is degraded: weighted fusion when the modality vectors share one
+    /// size, otherwise the per-modality vectors unfused).
     #[serde(default)]
     pub strategy: FusionStrategy,
-    /// Return each modality's contribution to the fused vector (de-fusion).
+    /// Return each modality's contribution to the fused vector (de-fusion). With `early`, a
+    /// modality's share is how far leaving it out moves the fused vector (the leave-one-out fusions
+    /// ride in the same fusion-node call).
     #[serde(default)]
     pub de_fusion: bool,
 }

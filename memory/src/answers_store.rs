@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use prism_api::wire::router::InferResponse;
+use prism_api::wire::router::{InferResponse, EMBEDDINGS_CALL};
 
 use crate::answers::similarity;
 use crate::store::{Memory, MemoryError};
@@ -21,7 +21,8 @@ impl Memory {
     /// below [`crate::ANN_MIN_VECTORS`] vectors, HNSW above); each is scored exactly by
     /// [`similarity`] (mean cosine over the served modalities) on its stored vectors. Degraded
     /// answers (partial ones, and cached ones, which carry `degraded.cached`) are never returned:
-    /// the cache must not feed on its own guesses. Ties go to the newer record. Blocking: one
+    /// the cache must not feed on its own guesses; nor are logged embeddings calls, which are
+    /// one modality's vector, not an answer. Ties go to the newer record. Blocking: one
     /// read per candidate.
     pub fn nearest_answer(
         &self,
@@ -44,7 +45,7 @@ impl Memory {
             // Gone meanwhile (retention): not a candidate any more.
             let Some(stored) = self.get(&id)? else { continue };
             let r = stored.record;
-            if r.pipeline != pipeline || r.response.degraded.is_some() {
+            if r.pipeline != pipeline || r.response.degraded.is_some() || r.response.strategy == EMBEDDINGS_CALL {
                 continue;
             }
             let past: BTreeMap<String, Vec<f32>> = r
@@ -101,6 +102,12 @@ mod tests {
             let mut cached = answer("cached", &[("text", vec![10.0, 1.0]), ("audio", vec![0.0, 1.0])]);
             cached.degraded = Some(Degraded { missing: vec!["audio".into()], reason: "down".into(), cached: true });
             m.record(record("p", 40, cached)).await.unwrap();
+            // A logged embeddings call with the query's own text vector: one modality's vector,
+            // not an answer.
+            let mut embedded = answer("embedded", &[("text", vec![10.0, 1.0])]);
+            embedded.strategy = EMBEDDINGS_CALL.into();
+            embedded.embedding = None;
+            m.record(record("p", 45, embedded)).await.unwrap();
             // The same vectors in another pipeline: not a candidate.
             let other = answer("other", &[("text", vec![10.0, 1.0]), ("audio", vec![0.0, 1.0])]);
             m.record(record("other", 50, other)).await.unwrap();

@@ -1,6 +1,6 @@
 //! The request engine: routing-table state, replica calls with retries, parallel fan-out,
 //! fusion and degradation. Transport-neutral: the HTTP and gRPC front doors both call
-//! [`Router::infer`] and [`Router::embed_texts`].
+//! [`Router::infer`] and [`Router::embeddings_call`].
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, RwLock};
@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use prism_api::pipeline::{FusionStrategy, MissingRequired, NodeRole};
 use prism_api::wire::node::{EmbedInput, EmbedRequest, EmbedResponse, InputItem};
 use prism_api::wire::router::{
-    Degraded, InferRequest, InferResponse, ModalityResult, ReloadResponse, ReplicaRef, RouterTimings,
+    Degraded, InferRequest, InferResponse, ModalityResult, ReloadResponse, ReplicaRef, RouterTimings, EMBEDDINGS_CALL,
 };
 use prism_api::wire::ErrorBody;
 use prism_api::{MultimodalPipelineSpec, RouteEndpoint, RoutingTable};
@@ -98,6 +98,14 @@ pub enum CallError {
     Unavailable(String),
     /// The node request would exceed the nodes' body limit: the client's fault, never sent.
     TooLarge { bytes: usize, limit: usize },
+}
+
+/// What the fusion node made of one request (early fusion).
+struct EarlyFused {
+    vector: Vec<f32>,
+    replica: ReplicaRef,
+    /// De-fusion: each modality's leave-one-out share, when asked for.
+    shares: Option<BTreeMap<String, f64>>,
 }
 
 /// A successful modality call.
@@ -622,30 +630,44 @@ impl Router {
                 let f = fusion::attention(&vectors, &prior)?;
                 (Some(f.vector), f.weights, Some(f.contributions))
             }
-            FusionStrategy::Early => {
-                match self.early_fuse(snap, &vectors, deadline).await {
-                    Ok((fused, replica)) => {
-                        let present: Vec<&String> = vectors.keys().collect();
-                        let c = fusion::contributions_towards(&vectors, &prior, &fused);
-                        fusion_replica = Some(replica);
-                        (Some(fused), fusion::renormalise(&present, &prior), c)
-                    }
-                    Err((fusion_modality, why)) => {
-                        // The fusion node is down: a weighted answer beats none, flagged degraded.
-                        strategy = FusionStrategy::Weighted;
-                        let f = fusion::weighted(&vectors, &prior)?;
-                        let d =
-                            degraded.get_or_insert(Degraded { missing: vec![], reason: String::new(), cached: false });
-                        d.missing.push(fusion_modality.clone());
-                        d.missing.sort();
-                        let extra = format!(
-                            "fusion node '{fusion_modality}' unavailable, fell back to weighted fusion ({why})"
-                        );
-                        d.reason = if d.reason.is_empty() { extra } else { format!("{}; {extra}", d.reason) };
-                        (Some(f.vector), f.weights, Some(f.contributions))
-                    }
+            FusionStrategy::Early => match self.early_fuse(snap, &vectors, de_fusion, deadline).await {
+                Ok(early) => {
+                    let present: Vec<&String> = vectors.keys().collect();
+                    fusion_replica = Some(early.replica);
+                    (Some(early.vector), fusion::renormalise(&present, &prior), early.shares)
                 }
-            }
+                Err((fusion_modality, why)) => {
+                    // The fusion node is down: a degraded answer beats none. Weighted fusion
+                    // when the modalities share one vector size; otherwise their vectors unfused.
+                    let (fallback, fused, said) = match fusion::weighted(&vectors, &prior) {
+                        Ok(f) => (
+                            FusionStrategy::Weighted,
+                            (Some(f.vector), f.weights, Some(f.contributions)),
+                            "fell back to weighted fusion".to_string(),
+                        ),
+                        Err(fusion::FusionError::DimensionMismatch { .. }) => {
+                            let present: Vec<&String> = vectors.keys().collect();
+                            let sizes: Vec<String> = vectors.iter().map(|(m, v)| format!("{m} {}", v.len())).collect();
+                            (
+                                FusionStrategy::Late,
+                                (None, fusion::renormalise(&present, &prior), None),
+                                format!(
+                                    "the modality vectors differ in size ({}), so the answer carries them unfused (late)",
+                                    sizes.join(", ")
+                                ),
+                            )
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    strategy = fallback;
+                    let d = degraded.get_or_insert(Degraded { missing: vec![], reason: String::new(), cached: false });
+                    d.missing.push(fusion_modality.clone());
+                    d.missing.sort();
+                    let extra = format!("fusion node '{fusion_modality}' unavailable ({why}); {said}");
+                    d.reason = if d.reason.is_empty() { extra } else { format!("{}; {extra}", d.reason) };
+                    fused
+                }
+            },
         };
         let fuse_ms = ms(t_fuse.elapsed());
 
@@ -690,15 +712,7 @@ impl Router {
                 response: resp.clone(),
             };
             // The answer is served even when the log write fails; `recorded: false` says so.
-            let ok = match memory.record(record).await {
-                Ok(()) => true,
-                Err(e) => {
-                    warn!(error = %e, request_id, "request not recorded in memory");
-                    self.metrics.memory_write_errors_total.inc();
-                    false
-                }
-            };
-            resp.recorded = Some(ok);
+            resp.recorded = Some(self.log_to_memory(&memory, vec![record], request_id).await);
             resp.timings.memory_ms = Some(ms(t_log.elapsed()));
             resp.timings.total_ms = ms(t0.elapsed());
         }
@@ -719,22 +733,46 @@ impl Router {
         }
     }
 
-    /// Early fusion: send the per-modality vectors to the pipeline's fusion node.
+    /// Early fusion: send the per-modality vectors to the pipeline's fusion node. With
+    /// `de_fusion`, the same call also fuses every subset that leaves one modality out (one
+    /// batch, one round trip), and each modality's share is how far its absence moves the fused
+    /// vector ([`fusion::leave_one_out_shares`]): the fusion model's own view of who mattered,
+    /// whatever the vector sizes.
     async fn early_fuse(
         &self,
         snap: &Snapshot,
         vectors: &BTreeMap<String, Vec<f32>>,
+        de_fusion: bool,
         deadline: Instant,
-    ) -> Result<(Vec<f32>, ReplicaRef), (String, String)> {
+    ) -> Result<EarlyFused, (String, String)> {
         let Some(fm) = snap.configs.iter().find(|(_, c)| c.role == NodeRole::Fusion).map(|(m, _)| m.clone()) else {
             return Err(("fusion".into(), "no fusion-role node in the routing table".into()));
         };
-        let input = EmbedInput::Item(InputItem { embeddings: Some(vectors.clone()), ..Default::default() });
-        match self.call_modality(snap, &fm, std::slice::from_ref(&input), deadline).await {
-            Ok(s) => match s.response.embeddings.into_iter().next() {
-                Some(v) => Ok((v, s.replica)),
-                None => Err((fm, "empty answer".into())),
-            },
+        let item =
+            |v: BTreeMap<String, Vec<f32>>| EmbedInput::Item(InputItem { embeddings: Some(v), ..Default::default() });
+        let mut inputs = vec![item(vectors.clone())];
+        let left_out: Vec<&String> = if de_fusion && vectors.len() > 1 { vectors.keys().collect() } else { Vec::new() };
+        for m in &left_out {
+            inputs.push(item(vectors.iter().filter(|(k, _)| k != m).map(|(k, v)| (k.clone(), v.clone())).collect()));
+        }
+        match self.call_modality(snap, &fm, &inputs, deadline).await {
+            Ok(s) => {
+                let mut out = s.response.embeddings.into_iter();
+                let Some(vector) = out.next() else { return Err((fm, "empty answer".into())) };
+                let shares = if !de_fusion {
+                    None
+                } else if left_out.is_empty() {
+                    vectors.keys().next().map(|m| BTreeMap::from([(m.clone(), 1.0)]))
+                } else {
+                    let without: BTreeMap<String, Vec<f32>> = left_out.into_iter().cloned().zip(out).collect();
+                    if without.len() + 1 == inputs.len() {
+                        fusion::leave_one_out_shares(&vector, &without)
+                    } else {
+                        None
+                    }
+                };
+                Ok(EarlyFused { vector, replica: s.replica, shares })
+            }
             Err(CallError::Rejected(m)) | Err(CallError::Unavailable(m)) => Err((fm, m)),
             Err(CallError::TooLarge { bytes, limit }) => {
                 Err((fm, format!("fusion request of {bytes} bytes over the nodes' limit of {limit}")))
@@ -742,14 +780,71 @@ impl Router {
         }
     }
 
-    /// `POST /v1/embeddings`: a batch of texts to one modality (default `text`).
-    pub async fn embed_texts(
+    /// Durably log `records` (one group commit when they arrive together); false, counted and
+    /// logged, when any write failed. The answer is served either way.
+    async fn log_to_memory(&self, memory: &Memory, records: Vec<Record>, request_id: &str) -> bool {
+        let results = futures::future::join_all(records.into_iter().map(|r| memory.record(r))).await;
+        let failed = results.into_iter().filter_map(Result::err).collect::<Vec<_>>();
+        if let Some(e) = failed.first() {
+            warn!(error = %e, request_id, failed = failed.len(), "request not recorded in memory");
+            self.metrics.memory_write_errors_total.inc();
+        }
+        failed.is_empty()
+    }
+
+    /// An embeddings call (`POST /v1/embeddings`, or an Open Inference Protocol request to a
+    /// modality model): `inputs` through the modality's best replica. With memory on, each
+    /// input is logged with its vector before the answer goes out, as one record of strategy
+    /// [`EMBEDDINGS_CALL`] (id `request_id` for one input, `request_id.i` in a batch), so
+    /// memory search finds what was embedded. The third value is `Some(recorded)` with memory
+    /// on.
+    pub async fn embeddings_call(
         &self,
         modality: &str,
-        texts: Vec<String>,
+        inputs: Vec<EmbedInput>,
         request_id: &str,
-    ) -> Result<(Served, Arc<Snapshot>), RouterError> {
-        self.embed_inputs(modality, texts.into_iter().map(EmbedInput::Text).collect(), request_id).await
+    ) -> Result<(Served, Arc<Snapshot>, Option<bool>), RouterError> {
+        let logged = self.memory().map(|m| (m, inputs.clone()));
+        let (served, snap) = self.embed_inputs(modality, inputs, request_id).await?;
+        let Some((memory, inputs)) = logged else { return Ok((served, snap, None)) };
+        let at_ms = unix_ms();
+        let single = inputs.len() == 1;
+        let records = inputs
+            .into_iter()
+            .zip(&served.response.embeddings)
+            .enumerate()
+            .map(|(i, (input, vector))| {
+                let id = if single { request_id.to_string() } else { format!("{request_id}.{i}") };
+                let result = ModalityResult {
+                    embedding: vector.clone(),
+                    replica: served.replica.clone(),
+                    weight: 1.0,
+                    attempts: served.attempts,
+                    latency_ms: served.latency_ms,
+                };
+                Record {
+                    id: id.clone(),
+                    pipeline: snap.pipeline.clone(),
+                    at_ms,
+                    inputs: logged_inputs(&BTreeMap::from([(modality.to_string(), input)]), snap.spec.memory.inputs),
+                    response: InferResponse {
+                        id,
+                        pipeline: snap.pipeline.clone(),
+                        generation: snap.table.generation,
+                        strategy: EMBEDDINGS_CALL.to_string(),
+                        embedding: None,
+                        modalities: BTreeMap::from([(modality.to_string(), result)]),
+                        contributions: None,
+                        fusion_replica: None,
+                        timings: RouterTimings { total_ms: served.latency_ms, ..Default::default() },
+                        degraded: None,
+                        recorded: None,
+                    },
+                }
+            })
+            .collect();
+        let recorded = self.log_to_memory(&memory, records, request_id).await;
+        Ok((served, snap, Some(recorded)))
     }
 
     /// One input embedded by `modality`'s node (memory search by text, image or audio).

@@ -146,24 +146,27 @@ pub fn attention(vectors: &BTreeMap<String, Vec<f32>>, weights: &BTreeMap<String
     Ok(combine(&units, alphas))
 }
 
-/// De-fusion of a vector produced elsewhere (early fusion): the projection shares of the
-/// weighted combination onto `fused`, when the dimensions match; None when they do not.
-pub fn contributions_towards(
-    vectors: &BTreeMap<String, Vec<f32>>,
-    weights: &BTreeMap<String, f64>,
-    fused: &[f32],
-) -> Option<BTreeMap<String, f64>> {
-    let units = check_dims(vectors).ok()?;
-    if units.values().next()?.len() != fused.len() {
-        return None;
-    }
+/// De-fusion of a vector produced elsewhere (early fusion, any vector sizes): each modality's
+/// share is how far the fused vector moves when that modality is left out, `1 - cos(fused,
+/// fused_without_m)`, normalised to sum 1. `without` holds the fusion of every modality but the
+/// key. One modality alone gets the whole share. None when no removal moves the vector (the
+/// shares are then undefined) or a vector is empty or not finite.
+pub fn leave_one_out_shares(fused: &[f32], without: &BTreeMap<String, Vec<f32>>) -> Option<BTreeMap<String, f64>> {
     let f = normalised("fused", fused).ok()?;
-    let present: Vec<&String> = units.keys().collect();
-    let w = renormalise(&present, weights);
-    let raw: BTreeMap<String, f64> =
-        units.iter().map(|(m, v)| (m.clone(), w[m] * v.iter().zip(&f).map(|(a, b)| a * b).sum::<f64>())).collect();
+    if without.len() == 1 {
+        return without.keys().next().map(|m| BTreeMap::from([(m.clone(), 1.0)]));
+    }
+    let mut raw = BTreeMap::new();
+    for (m, v) in without {
+        let w = normalised(m, v).ok()?;
+        if w.len() != f.len() {
+            return None;
+        }
+        let cos: f64 = f.iter().zip(&w).map(|(a, b)| a * b).sum();
+        raw.insert(m.clone(), (1.0 - cos).max(0.0));
+    }
     let total: f64 = raw.values().sum();
-    if total.abs() < 1e-12 {
+    if total < 1e-9 {
         return None;
     }
     Some(raw.into_iter().map(|(m, c)| (m, c / total)).collect())
@@ -265,10 +268,18 @@ mod tests {
     }
 
     #[test]
-    fn early_contributions_need_matching_dims() {
-        let v = map(&[("text", vec![1.0, 0.0]), ("image", vec![0.0, 1.0])]);
-        let c = contributions_towards(&v, &BTreeMap::new(), &[1.0, 1.0]).unwrap();
-        assert!((c["text"] - 0.5).abs() < 1e-9);
-        assert!(contributions_towards(&v, &BTreeMap::new(), &[1.0, 1.0, 1.0]).is_none());
+    fn leave_one_out_shares_follow_how_far_the_fused_vector_moves() {
+        // Leaving out text turns the fused vector by 90 degrees, leaving out audio by 60.
+        let fused = [1.0, 0.0];
+        let without = map(&[("text", vec![0.0, 1.0]), ("audio", vec![0.5, 0.75f32.sqrt()])]);
+        let c = leave_one_out_shares(&fused, &without).unwrap();
+        assert!((c["text"] - 1.0 / 1.5).abs() < 1e-6, "{c:?}");
+        assert!((c["audio"] - 0.5 / 1.5).abs() < 1e-6, "{c:?}");
+        // One modality holds everything; no movement at all leaves the shares undefined.
+        assert_eq!(leave_one_out_shares(&fused, &map(&[("text", vec![3.0, 1.0])])).unwrap()["text"], 1.0);
+        assert!(leave_one_out_shares(&fused, &map(&[("a", vec![2.0, 0.0]), ("b", vec![1.0, 0.0])])).is_none());
+        // A fusion node that answered another size or a zero vector: nothing to compare.
+        assert!(leave_one_out_shares(&fused, &map(&[("a", vec![1.0, 0.0, 0.0]), ("b", vec![0.0, 1.0])])).is_none());
+        assert!(leave_one_out_shares(&[0.0, 0.0], &without).is_none());
     }
 }

@@ -209,6 +209,7 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
                 HeaderName::from_static("x-request-id"),
                 HeaderName::from_static("x-prism-node"),
                 HeaderName::from_static("x-prism-revision"),
+                HeaderName::from_static("x-prism-recorded"),
             ])
             .max_age(Duration::from_secs(600)),
     )
@@ -396,7 +397,8 @@ async fn embeddings(State(st): State<AppState>, req: Request) -> Result<Response
     let parsed = openai::parse_embeddings(&body, MAX_EMBEDDINGS_INPUTS)?;
     // An unknown or impossible `model` is answered here: no node is called for it.
     let modality = openai::resolve_model(&st.router.snapshot(), parsed.model.as_deref())?;
-    let (served, snap) = st.router.embed_texts(&modality, parsed.texts, &id).await?;
+    let inputs = parsed.texts.into_iter().map(EmbedInput::Text).collect();
+    let (served, snap, recorded) = st.router.embeddings_call(&modality, inputs, &id).await?;
     // The node's tokenizer count; 0 from a node that reports none (non-text models, old nodes).
     let tokens = served.response.prompt_tokens.unwrap_or(0);
     let mut data = Vec::with_capacity(served.response.embeddings.len());
@@ -418,6 +420,11 @@ async fn embeddings(State(st): State<AppState>, req: Request) -> Result<Response
         if let Ok(v) = HeaderValue::from_str(v) {
             h.insert(k, v);
         }
+    }
+    // OpenAI's body has no place for it: with memory on, a header says whether the inputs are
+    // durably logged (as `recorded` does in /v1/infer answers).
+    if let Some(recorded) = recorded {
+        h.insert("x-prism-recorded", HeaderValue::from_static(if recorded { "true" } else { "false" }));
     }
     Ok(r)
 }

@@ -973,7 +973,10 @@ impl Oip {
         let embeddings = match &model.target {
             Target::Modality(m) => {
                 let items = by_modality.remove(m).ok_or_else(|| OipError::input(m, "is missing"))?;
-                let (served, _) = self.router.embed_inputs(m, items, request_id).await?;
+                let (served, _, recorded) = self.router.embeddings_call(m, items, request_id).await?;
+                if let Some(recorded) = recorded {
+                    parameters.insert("recorded".to_string(), recorded.to_string());
+                }
                 served.response.embeddings
             }
             Target::Pipeline(_) => {
@@ -996,15 +999,25 @@ impl Oip {
                 let mut out = Vec::with_capacity(n);
                 for a in answers {
                     let a = a?;
-                    if let Some(d) = a.degraded {
-                        missing.extend(d.missing);
+                    if let Some(d) = &a.degraded {
+                        missing.extend(d.missing.iter().cloned());
                     }
-                    out.push(a.embedding.ok_or_else(|| {
-                        OipError::BadRequest(format!(
+                    let Some(fused) = a.embedding else {
+                        // Early fusion with its fusion node down and vectors of different sizes:
+                        // there is no fused vector to put in the one output tensor.
+                        if let Some(d) = a.degraded {
+                            return Err(RouterError::Unavailable(format!(
+                                "{}: no fused vector for pipeline '{}'; its modality models still answer",
+                                d.reason, model.name
+                            ))
+                            .into());
+                        }
+                        return Err(OipError::BadRequest(format!(
                             "pipeline '{}' uses late fusion (no fused vector): ask one of its modality models instead",
                             model.name
-                        ))
-                    })?);
+                        )));
+                    };
+                    out.push(fused);
                 }
                 if !missing.is_empty() {
                     parameters.insert("degraded".to_string(), missing.into_iter().collect::<Vec<_>>().join(","));

@@ -262,6 +262,85 @@ async fn only_replica_dies_degraded_then_whole_after_restart() {
     assert!(metric(&m, "prism_router_degraded_total", &[("pipeline", "search"), ("missing", "audio")]) >= 1.0, "{m}");
 }
 
+/// Early fusion through a real Perceiver fusion node over text (384-d) and vision (64-d):
+/// de-fusion gives each modality's share; with the fusion node killed the answer is degraded,
+/// naming the fusion node, with the per-modality vectors unfused (they cannot be averaged), never
+/// an error; whole again once the node is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn early_fusion_degrades_when_its_fusion_node_dies() {
+    use base64::Engine as _;
+    let _g = serial();
+    let text = spawn_node("text-n", "text", "127.0.0.1:0");
+    let vision = spawn_arch("vision-n", "vit", "vit-digits");
+    let mut fusion = spawn_arch("fusion-n", "perceiver-fusion", "perceiver-fusion");
+    let fusion_port = fusion.port();
+    let dir = tempfile::tempdir().expect("tmp");
+    let pipeline = json!({
+        "nodes": [{"name": "text-n", "required": true}, {"name": "vision-n"}, {"name": "fusion-n", "role": "fusion"}],
+        "fusion": {"strategy": "early", "deFusion": true},
+        "routing": {"timeoutMs": 3000},
+    });
+    let routes = table(
+        1,
+        json!({"text": [endpoint(&text, 1.0)], "vision": [endpoint(&vision, 1.0)], "fusion": [endpoint(&fusion, 1.0)]}),
+    );
+    let router = router_on(dir.path(), &routes, Some(&pipeline), &[]);
+    let c = client();
+    let url = format!("{}/v1/infer", router.url);
+    let png = std::fs::read(models().join("vit-digits/samples/digit3_1.png")).expect("sample png");
+    let image = base64::engine::general_purpose::STANDARD.encode(png);
+    let body = json!({"inputs": {"text": "the digit three", "vision": {"image_base64": image}}});
+
+    let (s, v, _) = post(&c, &url, &body).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["strategy"], "early", "{v}");
+    assert_eq!(floats(&v["embedding"]).len(), 128, "the fusion node's width: {v}");
+    assert_eq!(v["fusion_replica"]["node"], "fusion-n", "{v}");
+    let shares = v["contributions"].as_object().unwrap_or_else(|| panic!("de-fusion shares missing: {v}"));
+    let (t, i) = (shares["text"].as_f64().unwrap(), shares["vision"].as_f64().unwrap());
+    assert!(t > 0.0 && i > 0.0 && (t + i - 1.0).abs() < 1e-6, "{v}");
+    // One modality: it holds the whole share.
+    let (s, v, _) = post(&c, &url, &json!({"inputs": {"text": "the digit three"}})).await;
+    assert_eq!(s, 200, "{v}");
+    assert_eq!(v["contributions"], json!({"text": 1.0}), "{v}");
+
+    fusion.kill9();
+    let (s, v, _) = post(&c, &url, &body).await;
+    assert_eq!(s, 200, "a dead fusion node degrades the answer: {v}");
+    assert_eq!(v["degraded"]["missing"], json!(["fusion"]), "{v}");
+    let reason = v["degraded"]["reason"].as_str().unwrap();
+    assert!(reason.contains("fusion node 'fusion' unavailable") && reason.contains("differ in size"), "{reason}");
+    assert_eq!(v["strategy"], "late", "{v}");
+    assert!(v.get("embedding").is_none(), "nothing fused: {v}");
+    assert_eq!(floats(&v["modalities"]["text"]["embedding"]).len(), 384, "{v}");
+    assert_eq!(floats(&v["modalities"]["vision"]["embedding"]).len(), 64, "{v}");
+
+    // Back on its port: health probes bring it back, whole early answers again.
+    let _fusion = spawn_node_with(
+        "fusion-n",
+        &[
+            "--listen",
+            &format!("127.0.0.1:{fusion_port}"),
+            "--node-name",
+            "fusion-n",
+            "--architecture",
+            "perceiver-fusion",
+        ],
+        &models().join("perceiver-fusion"),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (s, v, _) = post(&c, &url, &body).await;
+        if s == 200 && v.get("degraded").is_none() && v["strategy"] == "early" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "still degraded 60 s after the fusion node came back: {s} {v}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    let m = c.get(format!("{}/metrics", router.url)).send().await.unwrap().text().await.unwrap();
+    assert!(metric(&m, "prism_router_degraded_total", &[("pipeline", "search"), ("missing", "fusion")]) >= 1.0, "{m}");
+}
+
 /// `onMissingRequired: cached`: with a required modality down, a request like an earlier one
 /// gets that earlier whole answer, marked cached; an unlike one gets the 503 naming the modality.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

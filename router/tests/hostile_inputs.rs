@@ -12,18 +12,6 @@ use base64::Engine as _;
 use common::*;
 use serde_json::{json, Value};
 
-fn models() -> std::path::PathBuf {
-    workspace_root().join(".cache/models")
-}
-
-fn spawn_arch(name: &str, arch: &str, model: &str) -> Proc {
-    let dir = models().join(model);
-    assert!(dir.is_dir(), "{} missing: run `make models`", dir.display());
-    let p = spawn_node_with(name, &["--node-name", name, "--architecture", arch], &dir);
-    wait_ready(&p.url, Duration::from_secs(180));
-    p
-}
-
 /// The raw bytes of one case's body.
 fn body_of(case: &Value) -> Vec<u8> {
     if let Some(b) = case["body"].as_str() {

@@ -222,6 +222,56 @@ async fn corrections_lower_a_revisions_accuracy_and_move_traffic() {
     }
 }
 
+/// The README's example: texts sent to `/v1/embeddings` are logged (one record per input) and
+/// found by a memory search by meaning; they never become cached answers of `/v1/infer`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn embeddings_calls_are_logged_and_found_by_search() {
+    let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+    let node = spawn_node("minilm", "text", "127.0.0.1:0");
+    let dir = tempfile::tempdir().expect("tmp");
+    let db = dir.path().join("memory.db");
+    let router = router_on(dir.path(), &routes(&[&node]), None, &["--memory-path", db.to_str().unwrap()]);
+    let c = client();
+    let embed = |input: Value| {
+        let c = c.clone();
+        let url = format!("{}/v1/embeddings", router.url);
+        async move {
+            let r = c.post(url).json(&json!({ "input": input })).send().await.expect("send");
+            assert_eq!(r.status().as_u16(), 200);
+            let header = |k: &str| r.headers().get(k).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+            let (id, recorded) = (header("x-request-id"), header("x-prism-recorded"));
+            (id, recorded, r.json::<Value>().await.expect("json"))
+        }
+    };
+
+    let (batch, recorded, v) = embed(json!(["a dog in the snow", "a cat on a sofa"])).await;
+    assert_eq!(recorded, "true");
+    assert_eq!(v["data"].as_array().unwrap().len(), 2, "{v}");
+    let (single, recorded, _) = embed(json!("filing the quarterly tax return")).await;
+    assert_eq!(recorded, "true");
+
+    let (s, v) = post(
+        &c,
+        &format!("{}/v1/memory/search", router.url),
+        &json!({"modality": "text", "input": "puppies in snow", "k": 3}),
+    )
+    .await;
+    assert_eq!(s, 200, "{v}");
+    let ids: Vec<&str> = v["hits"].as_array().unwrap().iter().filter_map(|h| h["id"].as_str()).collect();
+    assert_eq!(ids.len(), 3, "every embedded input is a record: {v}");
+    assert_eq!(ids[0], format!("{batch}.0"), "the dog text is nearest to puppies in snow: {v}");
+    assert!(ids.contains(&format!("{batch}.1").as_str()) && ids.contains(&single.as_str()), "{v}");
+
+    // One record per input: its own text (hashed by default) and the node's vector.
+    let (s, rec) = get(&c, &format!("{}/v1/memory/records/{batch}.1", router.url)).await;
+    assert_eq!(s, 200, "{rec}");
+    assert_eq!(rec["response"]["strategy"], json!("embeddings"), "{rec}");
+    assert!(rec["inputs"]["text"]["sha256"].is_string(), "{rec}");
+    assert_eq!(rec["response"]["modalities"]["text"]["embedding"].as_array().unwrap().len(), 384, "{rec}");
+    let (s, _) = get(&c, &format!("{}/v1/memory/records/{single}", router.url)).await;
+    assert_eq!(s, 200, "a single input is recorded under the request id itself");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn without_memory_the_endpoints_say_how_to_turn_it_on() {
     let _g = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
@@ -232,6 +282,9 @@ async fn without_memory_the_endpoints_say_how_to_turn_it_on() {
     let (s, v) = post(&c, &format!("{}/v1/infer", router.url), &json!({"inputs": {"text": "hi"}})).await;
     assert_eq!(s, 200);
     assert!(v.get("recorded").is_none(), "no memory, no claim: {v}");
+    let r = c.post(format!("{}/v1/embeddings", router.url)).json(&json!({"input": "hi"})).send().await.expect("send");
+    assert_eq!(r.status().as_u16(), 200);
+    assert!(r.headers().get("x-prism-recorded").is_none(), "no memory, no claim");
     let (s, v) = post(&c, &format!("{}/v1/memory/search", router.url), &json!({"vector": [1.0, 0.0]})).await;
     assert_eq!(s, 404);
     assert!(v["error"]["message"].as_str().unwrap().contains("--memory-path"), "{v}");

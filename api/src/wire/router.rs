@@ -29,6 +29,11 @@ pub struct InferRequest {
     pub de_fusion: Option<bool>,
 }
 
+/// The `strategy` of a memory record that logs one input of an embeddings call (`POST
+/// /v1/embeddings`, or an Open Inference Protocol request to a modality model): one modality's
+/// vector, nothing fused. Never served as a cached answer.
+pub const EMBEDDINGS_CALL: &str = "embeddings";
+
 /// Answer of `POST /v1/infer`.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
 pub struct InferResponse {
@@ -37,7 +42,7 @@ pub struct InferResponse {
     pub pipeline: String,
     /// Routing-table generation the request was routed with.
     pub generation: u64,
-    /// `weighted`, `attention`, `late` or `early`.
+    /// `weighted`, `attention`, `late` or `early` (in memory records also [`EMBEDDINGS_CALL`]).
     pub strategy: String,
     /// Fused, L2-normalised vector; absent for `late` fusion.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -150,6 +150,20 @@ pub fn spawn_node_with(name: &str, args: &[&str], model: &Path) -> Proc {
     start(cmd, name, Duration::from_secs(180))
 }
 
+/// What `make models` fetched and built.
+pub fn models() -> PathBuf {
+    workspace_root().join(".cache/models")
+}
+
+/// A ready node of architecture `arch` serving `.cache/models/<model>`.
+pub fn spawn_arch(name: &str, arch: &str, model: &str) -> Proc {
+    let dir = models().join(model);
+    assert!(dir.is_dir(), "{} missing: run `make models`", dir.display());
+    let p = spawn_node_with(name, &["--node-name", name, "--architecture", arch], &dir);
+    wait_ready(&p.url, Duration::from_secs(180));
+    p
+}
+
 pub fn spawn_router(args: &[&str]) -> Proc {
     let mut cmd = Command::new(router_bin());
     cmd.args(["--listen", "127.0.0.1:0"]).args(args).env("RUST_LOG", "warn");
