@@ -614,14 +614,12 @@ impl Router {
             served.iter().filter_map(|(m, s)| s.response.embeddings.first().map(|v| (m.clone(), v.clone()))).collect();
         let prior: BTreeMap<String, f64> =
             vectors.keys().map(|m| (m.clone(), snap.configs.get(m).map_or(1.0, |c| c.weight))).collect();
+        let present: Vec<&String> = vectors.keys().collect();
         let de_fusion = req.de_fusion.unwrap_or(snap.spec.fusion.de_fusion);
         let mut strategy = snap.spec.fusion.strategy;
         let mut fusion_replica = None;
         let (embedding, weights, contributions) = match strategy {
-            FusionStrategy::Late => {
-                let present: Vec<&String> = vectors.keys().collect();
-                (None, fusion::renormalise(&present, &prior), None)
-            }
+            FusionStrategy::Late => (None, fusion::renormalise(&present, &prior), None),
             FusionStrategy::Weighted => {
                 let f = fusion::weighted(&vectors, &prior)?;
                 (Some(f.vector), f.weights, Some(f.contributions))
@@ -632,7 +630,6 @@ impl Router {
             }
             FusionStrategy::Early => match self.early_fuse(snap, &vectors, de_fusion, deadline).await {
                 Ok(early) => {
-                    let present: Vec<&String> = vectors.keys().collect();
                     fusion_replica = Some(early.replica);
                     (Some(early.vector), fusion::renormalise(&present, &prior), early.shares)
                 }
@@ -646,7 +643,6 @@ impl Router {
                             "fell back to weighted fusion".to_string(),
                         ),
                         Err(fusion::FusionError::DimensionMismatch { .. }) => {
-                            let present: Vec<&String> = vectors.keys().collect();
                             let sizes: Vec<String> = vectors.iter().map(|(m, v)| format!("{m} {}", v.len())).collect();
                             (
                                 FusionStrategy::Late,
@@ -804,9 +800,8 @@ impl Router {
         inputs: Vec<EmbedInput>,
         request_id: &str,
     ) -> Result<(Served, Arc<Snapshot>, Option<bool>), RouterError> {
-        let logged = self.memory().map(|m| (m, inputs.clone()));
-        let (served, snap) = self.embed_inputs(modality, inputs, request_id).await?;
-        let Some((memory, inputs)) = logged else { return Ok((served, snap, None)) };
+        let (served, snap) = self.embed_inputs(modality, &inputs, request_id).await?;
+        let Some(memory) = self.memory() else { return Ok((served, snap, None)) };
         let at_ms = unix_ms();
         let single = inputs.len() == 1;
         let records = inputs
@@ -854,7 +849,7 @@ impl Router {
         input: EmbedInput,
         request_id: &str,
     ) -> Result<Vec<f32>, RouterError> {
-        let (served, _) = self.embed_inputs(modality, vec![input], request_id).await?;
+        let (served, _) = self.embed_inputs(modality, std::slice::from_ref(&input), request_id).await?;
         served
             .response
             .embeddings
@@ -867,7 +862,7 @@ impl Router {
     pub async fn embed_inputs(
         &self,
         modality: &str,
-        inputs: Vec<EmbedInput>,
+        inputs: &[EmbedInput],
         request_id: &str,
     ) -> Result<(Served, Arc<Snapshot>), RouterError> {
         let snap = self.snapshot();
@@ -879,7 +874,7 @@ impl Router {
                 b.deposit();
             }
             let deadline = t0 + Duration::from_millis(snap.spec.routing.timeout_ms.max(1));
-            match self.call_modality(&snap, modality, &inputs, deadline).await {
+            match self.call_modality(&snap, modality, inputs, deadline).await {
                 Ok(s) => Ok(s),
                 Err(CallError::Rejected(message)) => {
                     Err(RouterError::UpstreamRejected { modality: modality.into(), message })
