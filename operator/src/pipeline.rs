@@ -38,6 +38,8 @@ pub const AUTH_DIR: &str = "/etc/prism-auth";
 /// Where routers find the CA of each HTTPS node (`<node>.crt`).
 pub const NODE_CA_DIR: &str = "/etc/prism-node-ca";
 pub const COMPONENT: &str = "router";
+/// Seconds a stopping router pod keeps answering (its `--shutdown-delay-s`).
+pub const ROUTER_SHUTDOWN_DELAY_S: &str = "5";
 /// Annotation on the router pod template: a change of the pipeline spec rolls the routers.
 /// The routing table is deliberately not hashed: failover must not restart routers.
 pub const SPEC_HASH_ANNOTATION: &str = "prism.dev/pipeline-spec-hash";
@@ -199,6 +201,11 @@ pub fn desired_objects(
         config_map_name(&name),
         "--listen".into(),
         format!("0.0.0.0:{ROUTER_PORT}"),
+        // A rolling restart replaces a router only after its successor is Ready; the old one
+        // keeps answering while kube-proxy and the clients' pooled connections move over
+        // (well inside the pod's 30 s termination grace, with the 10 s drain after it).
+        "--shutdown-delay-s".into(),
+        ROUTER_SHUTDOWN_DELAY_S.into(),
     ];
     let mut mounts = vec![
         VolumeMount {

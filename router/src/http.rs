@@ -547,6 +547,11 @@ pub struct ConnLimits {
     pub h2_keepalive: Duration,
     /// On shutdown, in-flight requests get this long to finish.
     pub drain: Duration,
+    /// After the shutdown signal, keep accepting and answering this long, every HTTP/1 answer
+    /// saying `Connection: close`, before the listener closes. In a cluster the Service's
+    /// endpoints and the clients' pooled connections move to the other pods meanwhile, so a
+    /// rolling restart loses no request; 0 stops accepting at once.
+    pub lame_duck: Duration,
 }
 
 impl Default for ConnLimits {
@@ -557,12 +562,14 @@ impl Default for ConnLimits {
             header_read_timeout: Duration::from_secs(60),
             h2_keepalive: Duration::from_secs(20),
             drain: Duration::from_secs(10),
+            lame_duck: Duration::ZERO,
         }
     }
 }
 
-/// Serve `app` on `listener` (HTTP/1.1 and h2c) with [`ConnLimits`], until `shutdown` resolves;
-/// then stop accepting and let in-flight requests finish for `limits.drain`. Each request gets
+/// Serve `app` on `listener` (HTTP/1.1 and h2c) with [`ConnLimits`], until `shutdown` resolves
+/// and `limits.lame_duck` has passed; then stop accepting and let in-flight requests finish for
+/// `limits.drain`. Each request gets
 /// the peer address as `ConnectInfo<SocketAddr>` (the rate limiter keys anonymous clients by it).
 pub async fn serve(
     listener: tokio::net::TcpListener,
@@ -570,8 +577,10 @@ pub async fn serve(
     limits: ConnLimits,
     shutdown: impl Future<Output = ()>,
 ) {
+    use axum::http::header;
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
+    use std::sync::atomic::Ordering;
     use tower::ServiceExt;
 
     let mut builder = Builder::new(TokioExecutor::new());
@@ -586,6 +595,10 @@ pub async fn serve(
     let builder = Arc::new(builder);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
+    let draining = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Armed when the shutdown signal arrives: the end of the lame-duck period.
+    let lame_duck_end = tokio::time::sleep(Duration::from_secs(365 * 86_400));
+    tokio::pin!(lame_duck_end);
     loop {
         let (stream, peer) = tokio::select! {
             r = listener.accept() => match r {
@@ -597,13 +610,32 @@ pub async fn serve(
                     continue;
                 }
             },
-            _ = &mut shutdown => break,
+            _ = &mut shutdown, if !draining.load(Ordering::Relaxed) => {
+                if limits.lame_duck.is_zero() {
+                    break;
+                }
+                draining.store(true, Ordering::Relaxed);
+                lame_duck_end.as_mut().reset(tokio::time::Instant::now() + limits.lame_duck);
+                tracing::info!(lame_duck = ?limits.lame_duck, "shutdown: still answering, asking clients to reconnect elsewhere");
+                continue;
+            }
+            _ = &mut lame_duck_end, if draining.load(Ordering::Relaxed) => break,
         };
         let _ = stream.set_nodelay(true);
         let app = app.clone();
+        let draining = draining.clone();
         let svc = hyper::service::service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
             req.extensions_mut().insert(ConnectInfo(peer));
-            app.clone().oneshot(req.map(axum::body::Body::new))
+            // HTTP/2 has no Connection header; its clients get GOAWAY when the drain starts.
+            let close = req.version() <= hyper::Version::HTTP_11 && draining.load(Ordering::Relaxed);
+            let answer = app.clone().oneshot(req.map(axum::body::Body::new));
+            async move {
+                let mut res = answer.await?;
+                if close {
+                    res.headers_mut().insert(header::CONNECTION, HeaderValue::from_static("close"));
+                }
+                Ok::<_, std::convert::Infallible>(res)
+            }
         });
         let builder = builder.clone();
         let watcher = graceful.watcher();

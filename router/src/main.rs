@@ -50,6 +50,12 @@ struct Args {
     /// connections, idle keep-alive ones included).
     #[arg(long, default_value_t = 60.0)]
     header_timeout_s: f64,
+    /// After SIGTERM, keep answering this many seconds (each answer saying `Connection: close`)
+    /// before closing the listener, while the Service's endpoints and clients' pooled
+    /// connections move to other replicas; then drain in-flight requests. The operator sets 5
+    /// for router pods; 0 stops accepting at once.
+    #[arg(long, default_value_t = 0.0)]
+    shutdown_delay_s: f64,
     /// A request's body must arrive within this many seconds (408 after it).
     #[arg(long, default_value_t = 30.0)]
     body_timeout_s: f64,
@@ -333,6 +339,11 @@ async fn main() -> anyhow::Result<()> {
     };
     let limits = http::ConnLimits {
         header_read_timeout: seconds("--header-timeout-s", args.header_timeout_s)?,
+        lame_duck: if args.shutdown_delay_s == 0.0 {
+            Duration::ZERO
+        } else {
+            seconds("--shutdown-delay-s", args.shutdown_delay_s)?
+        },
         ..Default::default()
     };
     let app = http::app(router.clone(), opts);

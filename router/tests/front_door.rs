@@ -280,3 +280,76 @@ fn the_router_refuses_unsafe_limits_and_origins_at_start() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+/// One HTTP/1.1 `GET path` on `s` (kept alive unless the server says otherwise): the status and
+/// the lower-cased header block.
+fn get_on(s: &mut std::net::TcpStream, path: &str) -> std::io::Result<(u16, String)> {
+    use std::io::{Read, Write};
+    write!(s, "GET {path} HTTP/1.1\r\nHost: router\r\n\r\n")?;
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 1024];
+    // /live answers "ok" with a content-length: the headers and 2 bytes end the answer.
+    loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(std::io::Error::new(std::io::ErrorKind::UnexpectedEof, "closed before an answer"));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).to_lowercase();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            if body.len() >= 2 {
+                let status = head.split(' ').nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
+                return Ok((status, head.to_string()));
+            }
+        }
+    }
+}
+
+/// A rolling restart in a cluster sends SIGTERM to the old router while kube-proxy and clients'
+/// pooled connections still point at it. With --shutdown-delay-s it keeps answering, on old and
+/// new connections, and asks each client to reconnect (`Connection: close`); then it stops.
+#[test]
+fn a_stopping_router_answers_through_its_shutdown_delay_and_sends_clients_elsewhere() {
+    let _g = serial();
+    let dir = tempfile::tempdir().expect("tmp");
+    // No node needed: /live answers from the router alone (it is not Ready without replicas).
+    let tpath = dir.path().join("table.json");
+    write_json(&tpath, &table(json!({})));
+    let tpath = tpath.display().to_string();
+    let mut router = spawn_router(&["--routing-table", &tpath, "--shutdown-delay-s", "2"]);
+    let addr = router.url.trim_start_matches("http://").to_string();
+    let mut pooled = std::net::TcpStream::connect(&addr).expect("connect");
+    pooled.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let (st, head) = get_on(&mut pooled, "/live").expect("answer before SIGTERM");
+    assert_eq!(st, 200);
+    assert!(!head.contains("connection: close"), "a running router keeps connections open: {head}");
+
+    let pid = router.child.id().to_string();
+    let sent = std::time::Instant::now();
+    assert!(Command::new("kill").args(["-TERM", &pid]).status().expect("kill").success());
+    std::thread::sleep(Duration::from_millis(300));
+    // The pooled connection still gets its answer, told to reconnect.
+    let (st, head) = get_on(&mut pooled, "/live").expect("a pooled connection is answered during the delay");
+    assert_eq!(st, 200);
+    assert!(head.contains("connection: close"), "answers during the delay say Connection: close: {head}");
+    // A client that kube-proxy still sends here is accepted and answered too.
+    let mut fresh = std::net::TcpStream::connect(&addr).expect("new connections accepted during the delay");
+    fresh.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+    let (st, head) = get_on(&mut fresh, "/live").expect("a new connection is answered during the delay");
+    assert_eq!(st, 200);
+    assert!(head.contains("connection: close"), "{head}");
+    assert!(router.child.try_wait().expect("wait").is_none(), "the router exited inside its delay");
+
+    // Then it closes its listener, drains, and exits cleanly.
+    let deadline = sent + Duration::from_secs(15);
+    let status = loop {
+        if let Some(s) = router.child.try_wait().expect("wait") {
+            break s;
+        }
+        assert!(std::time::Instant::now() < deadline, "router still running 15 s after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(sent.elapsed() >= Duration::from_secs(2), "exited after {:?}, before its 2 s delay", sent.elapsed());
+    assert!(status.success(), "router exit after SIGTERM: {status}");
+    assert!(std::net::TcpStream::connect(&addr).is_err(), "the listener is closed after the delay");
+}

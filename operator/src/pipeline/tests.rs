@@ -168,6 +168,8 @@ fn router_objects_mount_the_table_and_pass_args() {
             "mm-routing-table",
             "--listen",
             "0.0.0.0:8080",
+            "--shutdown-delay-s",
+            "5",
             "--auth-token-file",
             "/etc/prism-auth/tokens"
         ]
