@@ -77,3 +77,7 @@ if [ ! -f "$ROOT/.cache/data/digits-pairs/manifest.json" ]; then
 else
   echo "models: digits-pairs data present"
 fi
+
+# Readable by everyone: the safetensors writer creates 0600 files, but the model folders are
+# mounted into pods that run as uid 65532 (e2e/real-node, a hostPath PV), which must read them.
+chmod -R a+rX "$MODELS"

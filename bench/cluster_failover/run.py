@@ -14,7 +14,11 @@ Figures (all from one run, times from the SIGKILL of the node container's host P
   failed_requests   non-200 or client errors among `requests` (closed-loop clients through the
                     router's ClusterIP Service, from inside the netns);
   eject_ms          the router's own passive ejection (its `replica ejected` log line);
-  rejoin_s          the restarted container back as ready in the EndpointSlice.
+  rejoin_s          the restarted container back as ready in the EndpointSlice;
+  operator_restart_failed / router_restart_failed / restart_requests
+                    then, under the same load, `kubectl rollout restart` of the operator and of
+                    the router Deployment: failed requests in each window (the test fails on any
+                    for the operator, and on any after the router's rollout).
 
 Options after `--` go to the test (e.g. --clients 8 --warm-s 10 --after-s 20); --no-append skips
 RESULTS.md. Needs root, the release binaries, target/images/*.tar and .cache/models.
@@ -47,7 +51,10 @@ SIGKILL (host PID from `ctr -n k8s.io tasks ls`). `rewrite_ms`: kill -> the rout
 routing ConfigMap -> router's watch). `endpointslice_ms`: kill -> the Service's EndpointSlice
 marks it not ready (API watch). Both wait for the kubelet to notice the exit (PLEG relist, 1 s).
 `eject_ms`: the router's passive ejection on the failed calls, before either. `rejoin_s`: the
-restarted container ready again in the EndpointSlice. Failed = non-200 or client error, whole run."""
+restarted container ready again in the EndpointSlice. Failed = non-200 or client error, whole run.
+`operator_restart_failed`, `router_restart_failed`: requests that failed, under the same load,
+during `kubectl rollout restart` of the operator and then of the router Deployment (the old
+router answers through its 5 s shutdown delay, telling clients to reconnect)."""
 
 
 def main():

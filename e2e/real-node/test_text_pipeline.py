@@ -61,7 +61,10 @@ BIN = os.path.join(ROOT, "e2e", "bin")
 KUBECONFIG = os.path.join(D, "kubeconfig")
 LOGS = os.path.join(ROOT, ".cache", "e2e-real")
 EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-pipeline.yaml")
+VISION_EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-vision-pipeline.yaml")
 MODEL = "all-minilm-l6-v2"
+VISION_MODEL = "vit-digits"
+VISION_PIPELINE = "text-vision"
 NS = "prism-e2e"
 OP_NS = "prism-system"
 PIPELINE = NODE = "text"
@@ -255,7 +258,7 @@ class Operator:
 
     def start(self):
         if self.mode == "process":
-            self.log = open(os.path.join(LOGS, "operator.log"), "w")
+            self.log = open(os.path.join(LOGS, "operator.log"), "a")
             cmd = [os.path.join(REL, "prism-operator"), "--leader-elect=false", "--metrics-addr", "127.0.0.1:18080",
                    "--image-pull-policy", "Never", "--namespace", NS]
             log(f"$ KUBECONFIG={os.path.relpath(KUBECONFIG, ROOT)} {os.path.relpath(cmd[0], ROOT)} {' '.join(cmd[1:])}")
@@ -274,6 +277,16 @@ class Operator:
         pod = kjson("-n", OP_NS, "get", "pods", "-l", "app.kubernetes.io/name=prism-operator")["items"]
         log(f"operator Deployment ready: pod {pod[0]['metadata']['name'] if pod else '?'} "
             f"({pod[0]['spec']['containers'][0]['image'] if pod else '?'})")
+
+    def restart(self):
+        """What a user does to an operator: `kubectl rollout restart` (the new pod takes the
+        Lease when the old one lets it go), or a new process."""
+        if self.mode == "process":
+            self.stop()
+            self.start()
+            return
+        kubectl("-n", OP_NS, "rollout", "restart", "deploy/prism")
+        kubectl("-n", OP_NS, "rollout", "status", "deploy/prism", "--timeout=120s", timeout=130)
 
     def stop(self):
         if self.mode == "process":
@@ -337,13 +350,25 @@ class SliceWatch:
         self.proc.wait()
 
 
-class Load:
-    """Closed-loop clients on POST /v1/embeddings; bounded by time (stop()) and by max_requests
-    per client. Records (start, end, ok, detail)."""
+def embeddings_request(i, n):
+    return "/v1/embeddings", {"input": [f"cluster failover request {n} from client {i}: a dog runs in the snow"]}
 
-    def __init__(self, api, clients, max_requests):
+
+def embeddings_ok(body):
+    """What the load keeps of an answer; falsy: the answer is wrong."""
+    return len(body["data"][0]["embedding"]) > 0
+
+
+class Load:
+    """Closed-loop clients (POST /v1/embeddings unless told otherwise); bounded by time (stop())
+    and by max_requests per client. Records (start, end, ok, detail) and, for each good answer,
+    (start, what `ok` kept of it)."""
+
+    def __init__(self, api, clients, max_requests, request=embeddings_request, ok=embeddings_ok):
         self.api, self.clients, self.max_requests = api, clients, max_requests
+        self.request, self.ok = request, ok
         self.records = []
+        self.answers = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(clients)]
 
@@ -357,12 +382,14 @@ class Load:
         for n in range(self.max_requests):
             if self._stop.is_set():
                 break
-            body = json.dumps({"input": [f"cluster failover request {n} from client {i}: a dog runs in the snow"]})
+            path, body = self.request(i, n)
             t0 = now()
             try:
-                st, raw = c.request("POST", "/v1/embeddings", body)
-                if st == 200 and len(json.loads(raw)["data"][0]["embedding"]) > 0:
+                st, raw = c.request("POST", path, json.dumps(body))
+                kept = self.ok(json.loads(raw)) if st == 200 else None
+                if kept:
                     rec = (True, "")
+                    self.answers.append((t0, kept))
                 else:
                     rec = (False, f"HTTP {st}: {raw[:200]!r}")
             except Exception as e:  # noqa: BLE001 - any client-side error is a failed request
@@ -402,6 +429,152 @@ def router_ejection_ms(endpoint, wall_kill):
             if t >= wall_kill - 0.001:
                 return (t - wall_kill) * 1e3
     return None
+
+
+def router_pods(pipeline):
+    return [p for p in kjson("-n", NS, "get", "pods", "-l", f"prism.dev/pipeline={pipeline}")["items"]
+            if p["metadata"].get("deletionTimestamp") is None]
+
+
+def node_pod_state():
+    return {p["metadata"]["uid"]: p["status"]["containerStatuses"][0]["restartCount"] for p in node_pods()
+            if p["metadata"].get("deletionTimestamp") is None}
+
+
+def restarts_under_load(api, op, args):
+    """Issue 21: restart the operator, then the router, under load. Requests must keep being
+    answered: none may fail while the operator restarts (the data plane does not go through
+    it) and its successor must leave the serving pods alone; the router's rolling restart
+    (the successor Ready first, the old pod answering through its --shutdown-delay-s) is
+    reported with its failed requests."""
+    pods0 = node_pod_state()
+    routers0 = {p["metadata"]["name"] for p in router_pods(PIPELINE)}
+    load = Load(api, args.clients, args.max_requests).start()
+    try:
+        time.sleep(2)
+        t_op = now()
+        op.restart()
+        log(f"operator restarted ({args.operator}) in {now() - t_op:.1f}s under load")
+        time.sleep(3)  # the new operator's first reconcile passes run under load too
+        t_rt = now()
+        kubectl("-n", NS, "rollout", "restart", f"deploy/{PIPELINE}-router")
+        kubectl("-n", NS, "rollout", "status", f"deploy/{PIPELINE}-router", "--timeout=180s", timeout=190)
+        wait("the old router pods gone", 60,
+             lambda: not routers0 & {p["metadata"]["name"] for p in kjson(
+                 "-n", NS, "get", "pods", "-l", f"prism.dev/pipeline={PIPELINE}")["items"]}, interval=0.2)
+        t_done = now()
+        log(f"router: kubectl rollout restart deploy/{PIPELINE}-router done in {t_done - t_rt:.1f}s "
+            f"(old pods {sorted(routers0)} gone)")
+        time.sleep(3)
+    finally:
+        load.stop()
+    recs = list(load.records)
+    during_op = [r for r in recs if t_op <= r[0] < t_rt]
+    during_rt = [r for r in recs if t_rt <= r[0] < t_done]
+    after = [r for r in recs if r[0] >= t_done]
+    op_failed = [r for r in during_op if not r[2]]
+    rt_failed = [r for r in during_rt if not r[2]]
+    log(f"operator restart: {len(during_op)} requests, {len(op_failed)} failed; router restart: "
+        f"{len(during_rt)} requests, {len(rt_failed)} failed; after it: {len(after)} requests, "
+        f"{sum(1 for r in after if not r[2])} failed")
+    for t0, _, _, detail in (op_failed + rt_failed)[:5]:
+        log(f"  failed at {t0 - t_rt:+.3f}s from the router restart: {detail}")
+    check(not op_failed, f"{len(op_failed)} of {len(during_op)} requests failed while the operator restarted")
+    check(node_pod_state() == pods0, f"the restarted operator touched the node pods: {pods0} -> {node_pod_state()}")
+    check(any(r[2] for r in during_rt), "no request was answered during the router's rolling restart")
+    check(after and all(r[2] for r in after), "requests failed after the router's rolling restart")
+    return {"operator_restart_failed": len(op_failed), "router_restart_failed": len(rt_failed),
+            "restart_requests": len(during_op) + len(during_rt)}
+
+
+def optional_modality_degrades(token, args):
+    """Issue 21: kill -9 the only pod's container of an optional modality under load: every
+    request is still answered, for text, marked `degraded: {missing: [vision]}`, and whole
+    answers return once the kubelet restarted the container."""
+    kubectl("-n", NS, "create", "secret", "generic", f"{VISION_PIPELINE}-router-tokens", f"--from-literal=tokens={token}")
+    t_apply = now()
+    kubectl("-n", NS, "apply", "-f", VISION_EXAMPLE)
+    log(f"applied {os.path.relpath(VISION_EXAMPLE, ROOT)} (ModalityNode vision pvc://models/{VISION_MODEL}, "
+        f"pipeline {VISION_PIPELINE}: text required, vision optional)")
+
+    def vision_pod():
+        ps = [p for p in kjson("-n", NS, "get", "pods", "-l", "prism.dev/node=vision")["items"]
+              if p["metadata"].get("deletionTimestamp") is None]
+        return ps[0] if len(ps) == 1 and pod_ready(ps[0]) else None
+    pod = wait("vision pod Ready", 300, vision_pod, interval=1)
+
+    def mmp_ready():
+        conds = kjson("-n", NS, "get", "mmp", VISION_PIPELINE).get("status", {}).get("conditions", [])
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+    wait(f"pipeline {VISION_PIPELINE} Ready", 180, mmp_ready)
+    api = Api(kjson("-n", NS, "get", "svc", f"{VISION_PIPELINE}-router")["spec"]["clusterIP"], token)
+    vep = f"http://{pod['status']['podIP']}:8080"
+
+    def vision_listed():
+        try:
+            st, raw = api.client(5).request("GET", "/v1/routing-table")
+        except OSError as e:
+            raise Failed(f"GET /v1/routing-table: {e}")
+        return st == 200 and vep in table_ready_endpoints(raw)[1]
+    wait(f"{VISION_PIPELINE} router lists {vep} ready", 120, vision_listed)
+    log(f"vision pod Ready, {VISION_PIPELINE} router Ready {now() - t_apply:.1f}s after apply")
+
+    img = sorted(f for f in os.listdir(os.path.join(ROOT, ".cache", "models", VISION_MODEL, "samples"))
+                 if f.endswith(".png"))[0]
+    with open(os.path.join(ROOT, ".cache", "models", VISION_MODEL, "samples", img), "rb") as f:
+        image = {"image_base64": __import__("base64").b64encode(f.read()).decode()}
+
+    def request(i, n):
+        return "/v1/infer", {"inputs": {"text": f"handwritten digit {n} from client {i}", "vision": image}}
+
+    def answer(body):
+        """(modalities answered, modalities missing); falsy when text, the required one, is absent."""
+        mods = sorted(body.get("modalities", {}))
+        return "text" in mods and (mods, sorted((body.get("degraded") or {}).get("missing", [])))
+    path, body = request(0, 0)
+    st, raw = api.client(60).request("POST", path, json.dumps(body))
+    check(st == 200, f"/v1/infer text+vision: HTTP {st}: {raw[:300]!r}")
+    whole = answer(json.loads(raw))
+    check(whole == (["text", "vision"], []), f"/v1/infer text+vision before the kill: {whole} ({raw[:300]!r})")
+
+    restarts0 = pod["status"]["containerStatuses"][0]["restartCount"]
+    cid = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    load = Load(api, 2, args.max_requests, request=request, ok=answer).start()
+    try:
+        time.sleep(3)
+        pid = ctr_task_pid(cid)
+        t_kill = now()
+        os.kill(pid, signal.SIGKILL)
+        log(f"kill -9 {pid} (prism-node of the only vision pod {pod['metadata']['name']}) under load")
+
+        def back():
+            p = kjson("-n", NS, "get", "pod", pod["metadata"]["name"])
+            return p["status"]["containerStatuses"][0]["restartCount"] > restarts0 and pod_ready(p)
+        wait("vision container restarted and Ready", args.rejoin_timeout_s, back, interval=0.5)
+        t_pod = now()
+        wait("a whole answer after the restart", 60,
+             lambda: any(t >= t_pod and a[1] == [] for t, a in list(load.answers)), interval=0.2)
+        t_whole = next(t for t, a in list(load.answers) if t >= t_pod and a[1] == [])
+        time.sleep(2)
+    finally:
+        load.stop()
+    recs, answers = list(load.records), list(load.answers)
+    failed = load.failed()
+    degraded = [(t, a) for t, a in answers if a[1]]
+    log(f"optional vision down: {len(recs)} requests, {len(failed)} failed, {len(degraded)} answered "
+        f"degraded{' (missing ' + str(degraded[0][1][1]) + f', the first sent {(degraded[0][0] - t_kill) * 1e3:+.0f} ms from the kill)' if degraded else ''}; "
+        f"pod Ready again {t_pod - t_kill:.1f}s, whole answers again {t_whole - t_kill:.1f}s after the kill")
+    for t0, _, _, detail in failed[:5]:
+        log(f"  failed at {t0 - t_kill:+.3f}s: {detail}")
+    check(not failed, f"{len(failed)} of {len(recs)} requests failed while the optional modality was down")
+    check(degraded, "no answer said degraded while the only vision pod was down")
+    check(all(a == (["text"], ["vision"]) for _, a in degraded),
+          f"degraded answers must serve text and name vision missing: {sorted({str(a) for _, a in degraded})}")
+    late = [a for t, a in answers if t >= t_whole + 0.5]
+    check(late and all(a == (["text", "vision"], []) for a in late),
+          f"answers after the restart must be whole: {sorted({str(a) for a in late})}")
+    return {"optional_down_degraded": len(degraded), "optional_down_requests": len(recs),
+            "whole_again_s": t_whole - t_kill}
 
 
 # Each broken ModalityNode, and the Ready reason (plus text in its message) the operator must
@@ -463,13 +636,14 @@ def inside_main(args):
         op.start()
 
         models = os.path.join(D, "models")
-        if not os.path.isdir(os.path.join(models, MODEL)):
-            os.makedirs(models, exist_ok=True)
-            src = os.path.join(ROOT, ".cache", "models", MODEL)
-            try:  # hard links: no 88 MB copy; the node only reads
-                shutil.copytree(src, os.path.join(models, MODEL), copy_function=os.link)
-            except OSError:
-                shutil.copytree(src, os.path.join(models, MODEL))
+        for m in (MODEL, VISION_MODEL):
+            if not os.path.isdir(os.path.join(models, m)):
+                os.makedirs(models, exist_ok=True)
+                src = os.path.join(ROOT, ".cache", "models", m)
+                try:  # hard links: no 88 MB copy; the node only reads
+                    shutil.copytree(src, os.path.join(models, m), copy_function=os.link)
+                except OSError:
+                    shutil.copytree(src, os.path.join(models, m))
         token = secrets.token_hex(32)
         kubectl("-n", NS, "create", "secret", "generic", f"{PIPELINE}-router-tokens", f"--from-literal=tokens={token}")
         with open(EXAMPLE) as f:
@@ -619,6 +793,15 @@ def inside_main(args):
             json.dump(result, f)
         check(not failed, f"{len(failed)} of {len(recs)} requests failed")
         check(len(recs) > 0, "no requests sent")
+        restarts = restarts_under_load(api, op, args)
+        optional = optional_modality_degrades(token, args)
+        result.update(restarts, **optional)
+        line += (f" operator_restart_failed={restarts['operator_restart_failed']}"
+                 f" router_restart_failed={restarts['router_restart_failed']}"
+                 f" restart_requests={restarts['restart_requests']}")
+        result["line"] = line
+        with open(os.path.join(LOGS, "result.json"), "w") as f:
+            json.dump(result, f)
         if not args.skip_bad_inputs:
             bad_inputs_name_their_cause()
         print(line, flush=True)
@@ -636,7 +819,7 @@ def inside_main(args):
             load._stop.set()  # bounded anyway (max requests); stop at once on a failed check
         if watch:
             watch.stop()
-        for what, sel in (("router", f"prism.dev/pipeline={PIPELINE}"), ("node", f"prism.dev/node={NODE}")):
+        for what, sel in (("router", "prism.dev/pipeline"), ("node", "prism.dev/node")):
             out = kubectl("-n", NS, "logs", "-l", sel, "--all-containers", "--prefix", "--tail=-1", check_rc=False)
             with open(os.path.join(LOGS, f"{what}-pods.log"), "w") as f:
                 f.write(ANSI.sub("", out))
