@@ -336,11 +336,13 @@ fn default_revision() -> String {
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!self.uri.contains('/../') && !self.uri.endsWith('/..') && !self.uri.contains('%2e') && !self.uri.contains('%2E')").message("adapters[].uri must not contain `..` path segments (plain or percent-encoded): it must stay inside its volume").reason(Reason::FieldValueForbidden))]
+#[x_kube(validation = Rule::new("self.uri.startsWith('file://') || self.uri.startsWith('pvc://')").message("adapters[].uri must be file:// (a path in the node image) or pvc://CLAIM/PATH: hf:// and oci:// adapters are not downloaded; copy the file into a claim").reason(Reason::FieldValueForbidden))]
 pub struct AdapterSpec {
-    /// Adapter name, unique within the node.
-    #[schemars(length(min = 1, max = 63))]
+    /// Adapter name, unique within the node (lower-case letters, digits, `.`, `_`, `-`).
+    #[schemars(length(min = 1, max = 63), regex(pattern = r"^[a-z0-9]([a-z0-9._-]*[a-z0-9])?$"))]
     pub name: String,
-    /// Where the adapter safetensors file is (same schemes as `model.uri`).
+    /// The adapter: a safetensors file of lora_A/lora_B pairs or a PEFT output folder, at
+    /// `file:///path` (in the node image) or `pvc://claim/path`.
     #[schemars(length(min = 1, max = 2048), regex(pattern = r"^(file|pvc|hf|oci)://.+"))]
     pub uri: String,
     /// Rank r of the low-rank matrices.
@@ -349,6 +351,14 @@ pub struct AdapterSpec {
     /// Scaling alpha; the update is multiplied by alpha / rank.
     #[schemars(range(min = 0.0))]
     pub alpha: f64,
+}
+
+impl AdapterSpec {
+    /// prism-node's `--adapter` value for this adapter found at `path`:
+    /// `name=NAME,rank=R,alpha=A,path=PATH` (path last: it may hold commas; the name cannot).
+    pub fn server_arg(&self, path: &str) -> String {
+        format!("name={},rank={},alpha={},path={path}", self.name, self.rank, self.alpha)
+    }
 }
 
 /// Attention pattern: `full`, or `sliding-window` with a window size in tokens.
@@ -844,7 +854,17 @@ impl ModalityNodeSpec {
     /// Command-line flags of the `prism-node` process serving this spec. One place for both
     /// substrates (the operator's container args and `prism up`'s child processes), so a new
     /// spec field reaches the server the same way everywhere.
-    pub fn server_args(&self, name: &str, listen: &str, grpc_listen: Option<&str>, model_path: &str) -> Vec<String> {
+    ///
+    /// `adapter_paths[i]` is where the process finds `model.adapters[i]` (the substrate maps
+    /// its URI); each becomes one `--adapter`, in spec order.
+    pub fn server_args(
+        &self,
+        name: &str,
+        listen: &str,
+        grpc_listen: Option<&str>,
+        model_path: &str,
+        adapter_paths: &[String],
+    ) -> Vec<String> {
         let mut args = vec!["--listen".to_string(), listen.to_string()];
         if let Some(g) = grpc_listen {
             args.extend(["--grpc-listen".to_string(), g.to_string()]);
@@ -863,6 +883,10 @@ impl ModalityNodeSpec {
         for (flag, value) in flags {
             args.push(flag.to_string());
             args.push(value);
+        }
+        for (adapter, path) in self.model.adapters.iter().zip(adapter_paths) {
+            args.push("--adapter".to_string());
+            args.push(adapter.server_arg(path));
         }
         args
     }

@@ -207,9 +207,23 @@ fn uris_with_dot_dot_segments_are_refused_in_model_and_adapters() {
         assert!(!prism_api::node::uri_escapes_its_root(good), "{good}");
         let mut n = node(NODE);
         n.spec.model.uri = good.into();
-        n.spec.model.adapters.push(adapter("a", good));
+        if !good.starts_with("hf://") {
+            n.spec.model.adapters.push(adapter("a", good));
+        }
         n.validate_cel().unwrap();
     }
+}
+
+#[test]
+fn adapters_come_from_the_image_or_a_claim() {
+    for uri in ["hf://org/tone-lora", "oci://registry/adapters/tone:1"] {
+        let mut n = node(NODE);
+        n.spec.model.adapters.push(adapter("a", uri));
+        rejected_with(n.validate_cel(), "hf:// and oci:// adapters are not downloaded");
+    }
+    let mut n = node(NODE);
+    n.spec.model.adapters = vec![adapter("a", "pvc://m/a.safetensors"), adapter("b", "file:///opt/b.safetensors")];
+    n.validate_cel().unwrap();
 }
 
 fn adapter(name: &str, uri: &str) -> prism_api::node::AdapterSpec {

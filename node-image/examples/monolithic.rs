@@ -22,7 +22,10 @@ fn main() -> anyhow::Result<()> {
     };
     let started = Instant::now();
     let load = |arch: &str, dir: &str| {
-        backend::load(arch, &LoadSpec { dir: dir.into(), device: DeviceChoice::Auto, max_input_tokens: None })
+        backend::load(
+            arch,
+            &LoadSpec { dir: dir.into(), device: DeviceChoice::Auto, max_input_tokens: None, adapters: vec![] },
+        )
     };
     let mut models = [load("bert", text)?, load("vit", vision)?, load("whisper-encoder", audio)?];
     let load_seconds = started.elapsed().as_secs_f64();

@@ -121,6 +121,12 @@ struct Args {
     /// Largest accepted HTTP body.
     #[arg(long, env = "PRISM_MAX_BODY_BYTES", default_value_t = 8 * 1024 * 1024)]
     max_body_bytes: usize,
+    /// A LoRA adapter merged into the weights at start (`spec.model.adapters`), as
+    /// `name=NAME,rank=R,alpha=A,path=FILE` (a safetensors file of lora_A/lora_B pairs, or a
+    /// PEFT output folder). Repeat for several: merged in the order given. A rank that differs
+    /// from the file's, or an adapter that matches no weight of the model, is a startup error.
+    #[arg(long = "adapter", value_name = "name=NAME,rank=R,alpha=A,path=FILE")]
+    adapters: Vec<backend::NamedAdapter>,
     /// Truncation limit for token-based models (default: the model's, 256 for BERT).
     #[arg(long, env = "PRISM_MAX_INPUT_TOKENS")]
     max_input_tokens: Option<usize>,
@@ -245,7 +251,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // Load + warm up. A failure exits the process: a pod that can never become ready should crash
     // visibly (CrashLoopBackOff with this message) rather than sit unready.
-    let spec = LoadSpec { dir: dir.clone(), device: args.device, max_input_tokens: args.max_input_tokens };
+    let spec = LoadSpec {
+        dir: dir.clone(),
+        device: args.device,
+        max_input_tokens: args.max_input_tokens,
+        adapters: args.adapters.clone(),
+    };
     let started = std::time::Instant::now();
     let model = tokio::task::spawn_blocking(move || arch.load_model(&spec))
         .await
@@ -296,7 +307,7 @@ fn run_fetch(f: FetchArgs) -> anyhow::Result<()> {
     rt.block_on(fetch::fetch(&uri, &opts))?;
     if let Some(a) = arch.filter(|_| f.verify_load) {
         let started = std::time::Instant::now();
-        let spec = LoadSpec { dir: f.out.clone(), device: DeviceChoice::Cpu, max_input_tokens: None };
+        let spec = LoadSpec { dir: f.out.clone(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters: vec![] };
         let model = a.load_model(&spec).with_context(|| format!("loading the fetched folder as {}", a.name))?;
         eprintln!(
             "verified: {} loads as {} (dim {}) in {:.1}s",

@@ -301,7 +301,12 @@ fn embed_split<'a>(
             (t.to_vec2::<f32>()?, t.dims()[1])
         }
         None => {
-            let spec = LoadSpec { dir: dir.to_path_buf(), device: DeviceChoice::Auto, max_input_tokens: None };
+            let spec = LoadSpec {
+                dir: dir.to_path_buf(),
+                device: DeviceChoice::Auto,
+                max_input_tokens: None,
+                adapters: vec![],
+            };
             let mut model = (backend::lookup(architecture)?.load)(&spec)?;
             progress(format!(
                 "embed: {} {} inputs with {architecture} from {}",

@@ -39,7 +39,7 @@ fn audio_input(bytes: &[u8]) -> EmbedInput {
 }
 
 fn load() -> backend::LoadedModel {
-    let spec = LoadSpec { dir: model_dir(), device: DeviceChoice::Cpu, max_input_tokens: None };
+    let spec = LoadSpec { dir: model_dir(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters: vec![] };
     backend::load("whisper-encoder", &spec).expect("loading whisper-base encoder")
 }
 

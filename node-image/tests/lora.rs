@@ -37,8 +37,10 @@ fn with_adapter(tag: &str, r: usize, alpha: f64, a: Tensor, b: Tensor) -> PathBu
 }
 
 fn embed_samples(dir: &Path) -> Result<Vec<Vec<f32>>, BackendError> {
-    let mut model =
-        backend::load("vit", &LoadSpec { dir: dir.to_path_buf(), device: DeviceChoice::Cpu, max_input_tokens: None })?;
+    let mut model = backend::load(
+        "vit",
+        &LoadSpec { dir: dir.to_path_buf(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters: vec![] },
+    )?;
     let prepared = ["digit0_1.png", "digit3_1.png", "digit7_1.png"]
         .iter()
         .map(|f| {
@@ -116,9 +118,11 @@ fn minilm_dir() -> PathBuf {
 }
 
 fn embed_texts(dir: &Path) -> Vec<Vec<f32>> {
-    let mut model =
-        backend::load("bert", &LoadSpec { dir: dir.to_path_buf(), device: DeviceChoice::Cpu, max_input_tokens: None })
-            .expect("load bert");
+    let mut model = backend::load(
+        "bert",
+        &LoadSpec { dir: dir.to_path_buf(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters: vec![] },
+    )
+    .expect("load bert");
     let prepared = ["a dog in the snow", "how do I reset my password?"]
         .iter()
         .map(|t| model.preprocessor.preprocess(&EmbedInput::Text(t.to_string())))
@@ -165,4 +169,120 @@ fn bert_serves_its_adapter_like_the_merged_weights() {
     }
     assert_ne!(adapted, base, "the adapter was ignored");
     let _ = std::fs::remove_dir_all(tmp);
+}
+
+fn embed_with(adapters: Vec<backend::NamedAdapter>) -> Result<Vec<Vec<f32>>, BackendError> {
+    let spec = LoadSpec { dir: vit_dir(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters };
+    let mut model = backend::load("vit", &spec)?;
+    let prepared = ["digit0_1.png", "digit3_1.png", "digit7_1.png"]
+        .iter()
+        .map(|f| {
+            let bytes = std::fs::read(vit_dir().join("samples").join(f)).expect("sample");
+            model.preprocessor.preprocess(&EmbedInput::Item(InputItem {
+                image_base64: Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
+                ..Default::default()
+            }))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    model.encoder.encode_batch(&prepared)
+}
+
+/// A bare adapter file (spec.model.adapters[].uri points at one): PEFT names, no config.
+fn adapter_file(tag: &str, pairs: &[(&str, &Tensor, &Tensor)]) -> PathBuf {
+    let path = std::env::temp_dir().join(format!("prism-lora-{tag}-{}.safetensors", std::process::id()));
+    let mut t = HashMap::new();
+    for (layer, a, b) in pairs {
+        t.insert(format!("base_model.model.{layer}.lora_A.weight"), (*a).clone());
+        t.insert(format!("base_model.model.{layer}.lora_B.weight"), (*b).clone());
+    }
+    candle_core::safetensors::save(&t, &path).expect("save adapter");
+    path
+}
+
+fn named(name: &str, path: &Path, rank: usize, alpha: f64) -> backend::NamedAdapter {
+    backend::NamedAdapter { name: name.into(), path: path.to_path_buf(), rank, alpha }
+}
+
+/// spec.model.adapters, merged in order at load: the vectors equal those of a copy whose weight
+/// was set to W + (a1 / r1) B1 A1 + (a2 / r2) B2 A2 outside the loader, and differ from the base.
+#[test]
+fn named_adapters_are_merged_in_order_like_hand_merged_weights() {
+    let d = 64;
+    let rnd = |rows, cols| (Tensor::randn(0f32, 1.0, (rows, cols), &Device::Cpu).expect("randn") * 0.2).expect("scale");
+    let (a1, b1, a2, b2) = (rnd(4, d), rnd(d, 4), rnd(2, d), rnd(d, 2));
+    let f1 = adapter_file("n1", &[("pooler.dense", &a1, &b1)]);
+    let f2 = adapter_file("n2", &[("pooler.dense", &a2, &b2)]);
+    let served = embed_with(vec![named("first", &f1, 4, 8.0), named("second", &f2, 2, 1.0)]).expect("adapters");
+
+    let w = pooler_weight();
+    let delta1 = (b1.matmul(&a1).expect("BA") * 2.0).expect("scale");
+    let delta2 = (b2.matmul(&a2).expect("BA") * 0.5).expect("scale");
+    let merged_w = ((w + delta1).expect("add") + delta2).expect("add");
+    let dir = std::env::temp_dir().join(format!("prism-lora-handmerged-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    for f in ["config.json", "preprocessor_config.json"] {
+        std::fs::copy(vit_dir().join(f), dir.join(f)).expect("copy");
+    }
+    let mut tensors = candle_core::safetensors::load(vit_dir().join("model.safetensors"), &Device::Cpu).expect("load");
+    tensors.insert("pooler.dense.weight".into(), merged_w);
+    candle_core::safetensors::save(&tensors, dir.join("model.safetensors")).expect("save");
+    let expected = embed_samples(&dir).expect("hand-merged folder");
+    let base = embed_samples(&vit_dir()).expect("base");
+    for (s, e) in served.iter().zip(&expected) {
+        let diff = s.iter().zip(e).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-4, "served vs hand-merged: max diff {diff}");
+    }
+    assert!(served.iter().zip(&base).any(|(s, b)| s != b), "the adapters changed nothing: were they merged?");
+    let _ = std::fs::remove_dir_all(dir);
+    let _ = std::fs::remove_file(f1);
+    let _ = std::fs::remove_file(f2);
+}
+
+/// An adapter the spec describes wrongly, that the model cannot take, or that is not there,
+/// stops the load with its name and the reason: never served as if applied.
+#[test]
+fn a_named_adapter_that_cannot_apply_is_a_load_error_naming_it() {
+    let d = 64;
+    let z = |rows, cols| Tensor::zeros((rows, cols), candle_core::DType::F32, &Device::Cpu).expect("zeros");
+    let good = adapter_file("rank4", &[("pooler.dense", &z(4, d), &z(d, 4))]);
+    let stray = adapter_file("stray", &[("no.such.layer", &z(4, d), &z(d, 4))]);
+    let empty = std::env::temp_dir().join(format!("prism-lora-empty-{}.safetensors", std::process::id()));
+    candle_core::safetensors::save(&HashMap::from([("x".to_string(), z(1, 1))]), &empty).expect("save");
+    let missing = std::env::temp_dir().join("prism-lora-no-such-file.safetensors");
+    for (adapter, want) in [
+        (named("wrong-rank", &good, 8, 8.0), "rank is not the 8"),
+        (named("stray", &stray, 4, 8.0), "no.such.layer.weight"),
+        (named("empty", &empty, 4, 8.0), "no lora_A/lora_B pairs"),
+        (named("gone", &missing, 4, 8.0), "no such file"),
+    ] {
+        let name = adapter.name.clone();
+        match embed_with(vec![adapter]) {
+            Err(BackendError::Load(m)) => {
+                assert!(m.contains(&format!("adapter {name:?}")) && m.contains(want), "{name}: {m}")
+            }
+            other => panic!("{name}: expected a load error, got {:?}", other.map(|v| v.len())),
+        }
+    }
+    for f in [good, stray, empty] {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+#[test]
+fn the_adapter_flag_reads_what_the_operator_writes() {
+    let spec: prism_api::node::AdapterSpec = serde_json::from_value(serde_json::json!(
+        {"name": "tone", "uri": "pvc://models/a.safetensors", "rank": 8, "alpha": 16.0}
+    ))
+    .expect("spec");
+    let arg = spec.server_arg("/models/odd,dir/a.safetensors");
+    let parsed: backend::NamedAdapter = arg.parse().expect("parse");
+    assert_eq!(parsed, named("tone", Path::new("/models/odd,dir/a.safetensors"), 8, 16.0));
+    for bad in [
+        "name=x,rank=0,alpha=1,path=/a",
+        "name=x,rank=2,alpha=-1,path=/a",
+        "name=x,rank=2,path=/a",
+        "name=x,rank=2,alpha=1",
+    ] {
+        assert!(bad.parse::<backend::NamedAdapter>().is_err(), "{bad} must be refused");
+    }
 }

@@ -10,7 +10,7 @@ use prism_node::backend::{self, bert, DeviceChoice, LoadSpec};
 const MIN_COSINE: f64 = 0.9999;
 
 fn spec() -> LoadSpec {
-    LoadSpec { dir: common::minilm_dir(), device: DeviceChoice::Cpu, max_input_tokens: None }
+    LoadSpec { dir: common::minilm_dir(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters: vec![] }
 }
 
 fn load() -> backend::LoadedModel {

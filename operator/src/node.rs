@@ -182,6 +182,69 @@ pub(crate) fn model_source(model: &ModelSpec, image: &str, sc: &SecurityContext)
     Err(Error::InvalidSpec(format!("model.uri {uri}: scheme must be file://, pvc://, hf:// or oci://")))
 }
 
+/// Where the serving container finds `model.adapters`: a path per adapter (spec order), plus
+/// the volumes and mounts that bring them. `file://` is a path in the image; `pvc://claim/p`
+/// is read through the model's own mount when the model comes from the same claim, else the
+/// claim is mounted read-only at `/adapters/<claim>`. `hf://` and `oci://` adapters are not
+/// fetched: refused with the reason (the fetch init container downloads models only).
+pub(crate) struct AdapterSources {
+    pub paths: Vec<String>,
+    pub volumes: Vec<Volume>,
+    pub mounts: Vec<VolumeMount>,
+}
+
+pub const ADAPTERS_DIR: &str = "/adapters";
+
+pub(crate) fn adapter_sources(model: &ModelSpec) -> Result<AdapterSources> {
+    let model_claim = model.uri.strip_prefix("pvc://").map(|r| r.split_once('/').map_or(r, |(c, _)| c));
+    let mut out = AdapterSources { paths: Vec::new(), volumes: Vec::new(), mounts: Vec::new() };
+    for a in &model.adapters {
+        let uri = a.uri.as_str();
+        if prism_api::node::uri_escapes_its_root(uri) {
+            return Err(Error::InvalidSpec(format!(
+                "adapters[{}].uri {uri}: `..` path segments may not leave its volume",
+                a.name
+            )));
+        }
+        if let Some(p) = uri.strip_prefix("file://") {
+            out.paths.push(p.to_string());
+            continue;
+        }
+        if let Some(rest) = uri.strip_prefix("pvc://") {
+            let (claim, path) = rest.split_once('/').unwrap_or((rest, ""));
+            if claim.is_empty() || path.is_empty() {
+                return Err(Error::InvalidSpec(format!("adapters[{}].uri {uri}: expected pvc://CLAIM/PATH", a.name)));
+            }
+            if Some(claim) == model_claim {
+                out.paths.push(format!("{MODEL_DIR}/{path}"));
+                continue;
+            }
+            let mount_path = format!("{ADAPTERS_DIR}/{claim}");
+            if !out.mounts.iter().any(|m| m.mount_path == mount_path) {
+                // Claim names may be longer than a volume name may be.
+                let volume = format!("adapters-{}", out.volumes.len());
+                out.volumes.push(Volume {
+                    name: volume.clone(),
+                    persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                        claim_name: claim.to_string(),
+                        read_only: Some(true),
+                    }),
+                    ..Default::default()
+                });
+                out.mounts.push(VolumeMount { name: volume, mount_path, read_only: Some(true), ..Default::default() });
+            }
+            out.paths.push(format!("{ADAPTERS_DIR}/{claim}/{path}"));
+            continue;
+        }
+        return Err(Error::InvalidSpec(format!(
+            "adapters[{}].uri {uri}: adapters are read from file:// (in the image) or pvc:// (a claim); \
+             hf:// and oci:// adapters are not downloaded: copy the file into the model's claim",
+            a.name
+        )));
+    }
+    Ok(out)
+}
+
 /// Requests == limits for cpu, memory and `gpus` x `gpu_resource` (None when nothing is set).
 /// Extended resources (GPUs) must have request == limit; setting both for everything also gives
 /// GPU pods the Guaranteed QoS class when cpu/memory are set. Serving and training pods share it.
@@ -296,12 +359,20 @@ fn build_objects(mn: &ModalityNode, cfg: &OperatorConfig, replicas: i32, canary:
     let r = &spec.resources;
     let resources = pod_resources(r.cpu.as_deref(), r.memory.as_deref(), &r.gpu.resource_name, r.gpu.count);
 
-    let mut args =
-        spec.server_args(&name, &format!("0.0.0.0:{HTTP_PORT}"), Some(&format!("0.0.0.0:{GRPC_PORT}")), &model.uri);
+    let adapters = adapter_sources(&spec.model)?;
+    let mut args = spec.server_args(
+        &name,
+        &format!("0.0.0.0:{HTTP_PORT}"),
+        Some(&format!("0.0.0.0:{GRPC_PORT}")),
+        &model.uri,
+        &adapters.paths,
+    );
 
     let mut mounts = model.mounts.clone();
+    mounts.extend(adapters.mounts);
     mounts.push(tmp_mount());
     let mut volumes = model.volumes.clone();
+    volumes.extend(adapters.volumes);
     volumes.push(Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() });
     let tls = spec.tls.is_some();
     if let Some(t) = &spec.tls {

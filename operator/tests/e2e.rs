@@ -340,6 +340,11 @@ async fn cel_rules_reject_bad_manifests_with_their_message() {
         ),
         (
             "ModalityNode",
+            serde_json::json!({"modality": "text", "model": {"uri": "pvc://m/x", "architecture": "bert", "adapters": [{"name": "tone", "uri": "hf://org/tone-lora", "rank": 8, "alpha": 16.0}]}}),
+            "hf:// and oci:// adapters are not downloaded",
+        ),
+        (
+            "ModalityNode",
             serde_json::json!({"modality": "text", "model": {"uri": "pvc://m/x", "architecture": "bert", "adapters": [{"name": "a", "uri": "pvc://m/a", "rank": 8, "alpha": 16.0}, {"name": "a", "uri": "pvc://m/b", "rank": 8, "alpha": 16.0}]}}),
             "adapter names must be unique within a node",
         ),

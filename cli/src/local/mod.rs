@@ -235,8 +235,18 @@ fn stop_soon(mut r: Replica) {
     }
 }
 
-fn node_args(n: &ModalityNode, model_path: &Path) -> Vec<String> {
-    n.spec.server_args(&n.name_any(), "127.0.0.1:0", None, &model_path.display().to_string())
+/// prism-node's arguments for `n`, its model at `model_path` and its adapters' URIs mapped as
+/// model URIs are (file:// as is, pvc://claim/p under `models_dir`).
+fn node_args(n: &ModalityNode, model_path: &Path, models_dir: &Path) -> anyhow::Result<Vec<String>> {
+    let mut adapters = Vec::new();
+    for a in &n.spec.model.adapters {
+        let path = resolve_model_path(&a.uri, models_dir).with_context(|| format!("adapter {:?}", a.name))?;
+        if !path.exists() {
+            bail!("node {}: adapter {:?}: {} does not exist (from {})", n.name_any(), a.name, path.display(), a.uri);
+        }
+        adapters.push(path.display().to_string());
+    }
+    Ok(n.spec.server_args(&n.name_any(), "127.0.0.1:0", None, &model_path.display().to_string(), &adapters))
 }
 
 fn pick_pipeline(set: &ManifestSet, wanted: Option<&str>) -> anyhow::Result<MultimodalPipeline> {
@@ -302,7 +312,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         let count = n.spec.initial_replicas().max(1) as usize;
         let revision = n.spec.model.revision.clone();
         let replicas = (0..count).map(|i| Replica::new(replica_log(&logs_dir, &pn.name, i), &revision)).collect();
-        let args = node_args(&n, &model_path);
+        let args = node_args(&n, &model_path, &args.models_dir)?;
         let mut status = prism_api::node::ModalityNodeStatus::default();
         prism_operator::rollout::apply(
             &n.spec,

@@ -166,7 +166,7 @@ impl Supervisor {
                 for r in std::mem::take(&mut n.canary) {
                     stop_soon(r);
                 }
-                n.canary_args = node_args(&n.spec, &path);
+                n.canary_args = node_args(&n.spec, &path, &models_dir)?;
                 let log = n.logs_dir.join(format!("{name}-canary-{}.log", model.revision));
                 let _ = std::fs::remove_file(&log);
                 n.canary.push(Replica::new(log, &model.revision));
@@ -176,7 +176,7 @@ impl Supervisor {
             Transition::Promote { .. } => {
                 let model = &n.spec.spec.model;
                 let path = resolve_model_path(&model.uri, &models_dir)?;
-                n.args = node_args(&n.spec, &path);
+                n.args = node_args(&n.spec, &path, &models_dir)?;
                 let count = n.replicas.len().max(1);
                 n.retiring.append(&mut n.replicas);
                 // The canary's replicas become stable; more start with the new arguments.

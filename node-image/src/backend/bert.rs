@@ -161,7 +161,7 @@ pub fn load_with(spec: &LoadSpec, kernels: CpuKernels) -> Result<LoadedModel, Ba
 
     // model.safetensors with the folder's LoRA adapter, if any, merged in (adapter_config.json +
     // adapter_model.safetensors in PEFT layout, as train/prism_train.py writes them).
-    let tensors = super::transformer::load_tensors(&spec.dir, &device)?;
+    let tensors = super::transformer::load_tensors(spec, &device)?;
     let packed_why_not = match (&device, kernels) {
         (Device::Cpu, CpuKernels::Candle) => Some("PRISM_CPU_KERNELS=candle".to_string()),
         (Device::Cpu, _) => packed::unsupported(&config),

@@ -270,7 +270,7 @@ pub fn load_perceiver(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
         return Err(BackendError::Load("perceiver-fusion needs num_latents >= 1 in config.json".into()));
     }
     let device = spec.device.resolve()?;
-    let vb = core::var_builder(&spec.dir, &device)?;
+    let vb = core::var_builder(spec, &device)?;
     let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
     let act = Act::from_hf(&cfg.hidden_act)?;
     let e = core::load_err("perceiver-fusion weights");
@@ -309,7 +309,7 @@ pub fn load_perceiver(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
 pub fn load_mot(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
     let cfg = read_config(spec, "mot-fusion")?;
     let device = spec.device.resolve()?;
-    let vb = core::var_builder(&spec.dir, &device)?;
+    let vb = core::var_builder(spec, &device)?;
     let (h, eps, ffn) = (cfg.hidden_size, cfg.layer_norm_eps, cfg.intermediate_size);
     if cfg.num_heads == 0 || h % cfg.num_heads != 0 {
         return Err(BackendError::Load(format!("hidden_size {h} is not divisible by num_heads {}", cfg.num_heads)));

@@ -118,6 +118,60 @@ pub struct LoadSpec {
     pub device: DeviceChoice,
     /// `--max-input-tokens` override; `None` = the model's own default.
     pub max_input_tokens: Option<usize>,
+    /// `spec.model.adapters` (`--adapter`), merged in this order after any adapter in `dir`.
+    pub adapters: Vec<NamedAdapter>,
+}
+
+/// One LoRA adapter of `spec.model.adapters`: a safetensors file of `<layer>.lora_A.weight`
+/// [rank, in] / `<layer>.lora_B.weight` [out, rank] pairs (PEFT names, `base_model.model.`
+/// prefix optional), merged as W + (alpha / rank) B A. `path` may also be a PEFT output folder
+/// (its `adapter_model.safetensors` is read).
+#[derive(Clone, Debug, PartialEq)]
+pub struct NamedAdapter {
+    pub name: String,
+    pub path: PathBuf,
+    pub rank: usize,
+    pub alpha: f64,
+}
+
+/// Parses `--adapter`, as `prism_api::node::AdapterSpec::server_arg` writes it:
+/// `name=NAME,rank=R,alpha=A,path=PATH`, `path` last (it may hold commas).
+impl std::str::FromStr for NamedAdapter {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        const FORM: &str = "expected name=NAME,rank=R,alpha=A,path=PATH";
+        let (head, path) = s.split_once(",path=").ok_or_else(|| format!("{s:?}: no path; {FORM}"))?;
+        let (mut name, mut rank, mut alpha) = (None, None, None);
+        for kv in head.split(',') {
+            match kv.split_once('=') {
+                Some(("name", v)) if !v.is_empty() => name = Some(v.to_string()),
+                Some(("rank", v)) => {
+                    rank = Some(
+                        v.parse::<usize>()
+                            .ok()
+                            .filter(|r| *r > 0)
+                            .ok_or_else(|| format!("{s:?}: rank {v:?} is not a whole number >= 1"))?,
+                    )
+                }
+                Some(("alpha", v)) => {
+                    alpha = Some(
+                        v.parse::<f64>()
+                            .ok()
+                            .filter(|a| a.is_finite() && *a >= 0.0)
+                            .ok_or_else(|| format!("{s:?}: alpha {v:?} is not a number >= 0"))?,
+                    )
+                }
+                _ => return Err(format!("{s:?}: unexpected {kv:?}; {FORM}")),
+            }
+        }
+        match (name, rank, alpha) {
+            (Some(name), Some(rank), Some(alpha)) if !path.is_empty() => {
+                Ok(NamedAdapter { name, path: PathBuf::from(path), rank, alpha })
+            }
+            _ => Err(format!("{s:?}: {FORM}")),
+        }
+    }
 }
 
 /// One preprocessed input, ready for its encoder. The payload is opaque to the server (a new

@@ -5,10 +5,12 @@
 //!
 //! Optional: sliding-window (banded) self-attention via [`Attention::window`].
 
+use std::collections::HashMap;
+
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
-use super::BackendError;
+use super::{BackendError, LoadSpec, NamedAdapter};
 
 /// Reads a model folder's file into a string, with an error that names the file and the fix.
 pub fn read_model_file(dir: &std::path::Path, name: &str) -> Result<String, BackendError> {
@@ -21,24 +23,25 @@ pub fn read_model_file(dir: &std::path::Path, name: &str) -> Result<String, Back
     })
 }
 
-/// Loads `model.safetensors` of a folder as f32, with any LoRA adapter in the folder merged in
-/// (see [`merge_lora`]).
-pub fn var_builder(dir: &std::path::Path, device: &Device) -> Result<VarBuilder<'static>, BackendError> {
-    Ok(VarBuilder::from_tensors(load_tensors(dir, device)?, DType::F32, device))
+/// Loads `model.safetensors` of the spec's folder as f32, with its LoRA adapters merged in
+/// (see [`load_tensors`]).
+pub fn var_builder(spec: &LoadSpec, device: &Device) -> Result<VarBuilder<'static>, BackendError> {
+    Ok(VarBuilder::from_tensors(load_tensors(spec, device)?, DType::F32, device))
 }
 
-/// The tensors of a folder's `model.safetensors`, with any LoRA adapter merged in.
-pub fn load_tensors(
-    dir: &std::path::Path,
-    device: &Device,
-) -> Result<std::collections::HashMap<String, Tensor>, BackendError> {
-    let p = dir.join("model.safetensors");
+/// The tensors of the spec's `model.safetensors`, with the folder's own LoRA adapter merged in
+/// ([`merge_lora`]), then each of `spec.adapters` in order ([`merge_named_adapter`]).
+pub fn load_tensors(spec: &LoadSpec, device: &Device) -> Result<HashMap<String, Tensor>, BackendError> {
+    let p = spec.dir.join("model.safetensors");
     if !p.is_file() {
         return Err(BackendError::Load(format!("{} is missing; run `make models`", p.display())));
     }
     let mut tensors =
         candle_core::safetensors::load(&p, device).map_err(|e| BackendError::Load(format!("{}: {e}", p.display())))?;
-    merge_lora(dir, &mut tensors)?;
+    merge_lora(&spec.dir, &mut tensors)?;
+    for adapter in &spec.adapters {
+        merge_named_adapter(adapter, &mut tensors)?;
+    }
     Ok(tensors)
 }
 
@@ -54,12 +57,10 @@ struct LoraConfig {
 /// `<prefix><layer>.lora_B.weight` [out, r], where `<prefix>` is PEFT's `base_model.model.` (or
 /// nothing). Each pair is merged into the base weight once at load time:
 /// W' = W + (lora_alpha / r) * B A. A merged adapter costs nothing per request, which is what a
-/// serving node wants; one adapter per node process (a different adapter = a different model
-/// folder), so nothing needs unmerging.
-pub fn merge_lora(
-    dir: &std::path::Path,
-    tensors: &mut std::collections::HashMap<String, Tensor>,
-) -> Result<usize, BackendError> {
+/// serving node wants; the adapters are fixed for the process's life (a different set = a new
+/// pod), so nothing needs unmerging. This is the folder's own adapter (what the adaptation Job
+/// writes); `spec.model.adapters` come after it ([`merge_named_adapter`]).
+pub fn merge_lora(dir: &std::path::Path, tensors: &mut HashMap<String, Tensor>) -> Result<usize, BackendError> {
     let (cfg_path, ad_path) = (dir.join("adapter_config.json"), dir.join("adapter_model.safetensors"));
     if !ad_path.is_file() {
         return Ok(0);
@@ -69,25 +70,65 @@ pub fn merge_lora(
     if cfg.r == 0 {
         return Err(BackendError::Load(format!("{}: r must be >= 1", cfg_path.display())));
     }
-    let scale = cfg.lora_alpha / cfg.r as f64;
+    // PEFT's rank_pattern may give layers other ranks than `r`: the folder's rows are not checked.
+    let merged = merge_pairs(&ad_path, cfg.lora_alpha / cfg.r as f64, None, &ad_path.display().to_string(), tensors)?;
+    tracing::info!(adapters = merged, r = cfg.r, alpha = cfg.lora_alpha, "merged LoRA adapters into the base weights");
+    Ok(merged)
+}
+
+/// Merges one adapter of `spec.model.adapters` (see [`NamedAdapter`]): every pair's lora_A must
+/// have `rank` rows, and every pair must name a weight of the model. An adapter that would
+/// change nothing (no pair) is refused too: a wrong file must not be served as if applied.
+pub fn merge_named_adapter(
+    adapter: &NamedAdapter,
+    tensors: &mut HashMap<String, Tensor>,
+) -> Result<usize, BackendError> {
+    let file =
+        if adapter.path.is_dir() { adapter.path.join("adapter_model.safetensors") } else { adapter.path.clone() };
+    let what = format!("adapter {:?} ({})", adapter.name, file.display());
+    if !file.is_file() {
+        return Err(BackendError::Load(format!("{what}: no such file")));
+    }
+    let merged = merge_pairs(&file, adapter.alpha / adapter.rank as f64, Some(adapter.rank), &what, tensors)?;
+    tracing::info!(adapter = %adapter.name, layers = merged, rank = adapter.rank, alpha = adapter.alpha, "merged LoRA adapter into the base weights");
+    Ok(merged)
+}
+
+/// W += scale * B A for every lora_A/lora_B pair of the safetensors file `path`; the number of
+/// weights changed. `rank`: the rows every lora_A must have. `what` names the adapter in errors.
+fn merge_pairs(
+    path: &std::path::Path,
+    scale: f64,
+    rank: Option<usize>,
+    what: &str,
+    tensors: &mut HashMap<String, Tensor>,
+) -> Result<usize, BackendError> {
     let device = tensors.values().next().map(|t| t.device().clone()).unwrap_or(Device::Cpu);
-    let adapter = candle_core::safetensors::load(&ad_path, &device)
-        .map_err(|e| BackendError::Load(format!("{}: {e}", ad_path.display())))?;
+    let adapter =
+        candle_core::safetensors::load(path, &device).map_err(|e| BackendError::Load(format!("{what}: {e}")))?;
     let mut merged = 0;
     for (name, a) in &adapter {
         let Some(layer) = name.strip_suffix(".lora_A.weight") else { continue };
         let b_name = format!("{layer}.lora_B.weight");
         let b =
-            adapter.get(&b_name).ok_or_else(|| BackendError::Load(format!("adapter has {name} but no {b_name}")))?;
+            adapter.get(&b_name).ok_or_else(|| BackendError::Load(format!("{what}: has {name} but no {b_name}")))?;
+        if let Some(r) = rank {
+            if a.dims().first() != Some(&r) {
+                return Err(BackendError::Load(format!(
+                    "{what}: {name} is {:?}, so its rank is not the {r} the spec gives (spec.model.adapters[].rank)",
+                    a.dims()
+                )));
+            }
+        }
         let base = layer.strip_prefix("base_model.model.").unwrap_or(layer);
         let w_name = format!("{base}.weight");
         let w = tensors
             .get(&w_name)
-            .ok_or_else(|| BackendError::Load(format!("adapter targets {w_name}, which the model does not have")))?;
+            .ok_or_else(|| BackendError::Load(format!("{what}: targets {w_name}, which the model does not have")))?;
         let delta = (b.to_dtype(DType::F32)?.matmul(&a.to_dtype(DType::F32)?)? * scale)?;
         if delta.dims() != w.dims() {
             return Err(BackendError::Load(format!(
-                "adapter for {w_name}: B A is {:?}, weight is {:?}",
+                "{what}: for {w_name}, B A is {:?}, the weight is {:?}",
                 delta.dims(),
                 w.dims()
             )));
@@ -97,9 +138,8 @@ pub fn merge_lora(
         merged += 1;
     }
     if merged == 0 {
-        return Err(BackendError::Load(format!("{} holds no lora_A/lora_B pairs", ad_path.display())));
+        return Err(BackendError::Load(format!("{what}: holds no lora_A/lora_B pairs")));
     }
-    tracing::info!(adapters = merged, r = cfg.r, alpha = cfg.lora_alpha, "merged LoRA adapters into the base weights");
     Ok(merged)
 }
 

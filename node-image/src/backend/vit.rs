@@ -449,7 +449,7 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
     let cfg: VitConfig = serde_json::from_str(&core::read_model_file(&spec.dir, "config.json")?)
         .map_err(|e| BackendError::Load(format!("config.json is not a ViT config: {e}")))?;
     let device = spec.device.resolve()?;
-    let vb = core::var_builder(&spec.dir, &device)?;
+    let vb = core::var_builder(spec, &device)?;
     // ViTForImageClassification (and most hub checkpoints) prefix everything with `vit.`; a bare
     // ViTModel does not.
     let vb = if vb.contains_tensor("vit.embeddings.cls_token") { vb.pp("vit") } else { vb };
@@ -472,7 +472,7 @@ pub fn load_clip(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
     let cfg =
         VitConfig { layer_norm_eps: if text.contains("layer_norm_eps") { cfg.layer_norm_eps } else { 1e-5 }, ..cfg };
     let device = spec.device.resolve()?;
-    let vb = core::var_builder(&spec.dir, &device)?;
+    let vb = core::var_builder(spec, &device)?;
     let vb = vb.pp("vision_model");
     build(spec, cfg, pdim, Layout { names: CLIP_NAMES, clip: true }, vb)
 }

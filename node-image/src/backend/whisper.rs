@@ -308,7 +308,7 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
         )));
     }
     let act = Act::from_hf(&cfg.activation_function)?;
-    let vb = core::var_builder(&spec.dir, &device)?;
+    let vb = core::var_builder(spec, &device)?;
     let vb = if vb.contains_tensor("model.encoder.conv1.weight") { vb.pp("model.encoder") } else { vb.pp("encoder") };
     let d = cfg.d_model;
     let c1 = Conv1dConfig { padding: 1, stride: 1, ..Default::default() };

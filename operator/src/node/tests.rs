@@ -321,3 +321,49 @@ fn tls_nodes_serve_https_with_their_secret_and_are_routed_as_https() {
     assert!(!c.args.as_ref().unwrap().iter().any(|a| a.starts_with("--tls")));
     assert_eq!(c.readiness_probe.as_ref().unwrap().http_get.as_ref().unwrap().scheme, None);
 }
+
+#[test]
+fn adapters_reach_the_server_in_spec_order_through_the_claims_that_hold_them() {
+    let mut mn = mk_node("n", "text", "pvc://weights/bert/v1");
+    mn.spec.model.adapters = serde_json::from_value(serde_json::json!([
+        {"name": "tone", "uri": "pvc://weights/adapters/tone.safetensors", "rank": 8, "alpha": 16.0},
+        {"name": "legal", "uri": "pvc://team-adapters/legal/v2", "rank": 4, "alpha": 4.0},
+        {"name": "baked", "uri": "file:///opt/adapters/baked.safetensors", "rank": 2, "alpha": 0.5},
+    ]))
+    .unwrap();
+    let o = desired_objects(&mn, &cfg(), None).unwrap();
+    let ps = pod_spec(&o);
+    let c = &ps.containers[0];
+    let args = c.args.as_ref().unwrap();
+    let given: Vec<&str> =
+        args.iter().zip(args.iter().skip(1)).filter(|(f, _)| *f == "--adapter").map(|(_, v)| v.as_str()).collect();
+    assert_eq!(
+        given,
+        vec![
+            // Same claim as the model: read through the model's mount.
+            "name=tone,rank=8,alpha=16,path=/models/adapters/tone.safetensors",
+            // Another claim: mounted read-only on its own.
+            "name=legal,rank=4,alpha=4,path=/adapters/team-adapters/legal/v2",
+            "name=baked,rank=2,alpha=0.5,path=/opt/adapters/baked.safetensors",
+        ]
+    );
+    let vol = ps.volumes.as_ref().unwrap().iter().find(|v| v.name == "adapters-0").expect("adapter claim volume");
+    let claim = vol.persistent_volume_claim.as_ref().unwrap();
+    assert_eq!((claim.claim_name.as_str(), claim.read_only), ("team-adapters", Some(true)));
+    let m = c.volume_mounts.as_ref().unwrap().iter().find(|m| m.name == "adapters-0").unwrap();
+    assert_eq!((m.mount_path.as_str(), m.read_only), ("/adapters/team-adapters", Some(true)));
+    // The model's claim is not mounted twice.
+    let weights = ps
+        .volumes
+        .as_ref()
+        .unwrap()
+        .iter()
+        .filter(|v| v.persistent_volume_claim.as_ref().is_some_and(|p| p.claim_name == "weights"));
+    assert_eq!(weights.count(), 1);
+
+    mn.spec.model.adapters[0].uri = "hf://org/tone-lora".into();
+    match desired_objects(&mn, &cfg(), None) {
+        Err(Error::InvalidSpec(m)) => assert!(m.contains("adapters[tone]") && m.contains("hf://"), "{m}"),
+        other => panic!("an hf:// adapter must be refused with its reason, got {:?}", other.map(|_| ())),
+    }
+}
