@@ -37,10 +37,11 @@ fn with_adapter(tag: &str, r: usize, alpha: f64, a: Tensor, b: Tensor) -> PathBu
 }
 
 fn embed_samples(dir: &Path) -> Result<Vec<Vec<f32>>, BackendError> {
-    let mut model = backend::load(
-        "vit",
-        &LoadSpec { dir: dir.to_path_buf(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters: vec![] },
-    )?;
+    embed_spec(LoadSpec { dir: dir.to_path_buf(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters: vec![] })
+}
+
+fn embed_spec(spec: LoadSpec) -> Result<Vec<Vec<f32>>, BackendError> {
+    let mut model = backend::load("vit", &spec)?;
     let prepared = ["digit0_1.png", "digit3_1.png", "digit7_1.png"]
         .iter()
         .map(|f| {
@@ -172,19 +173,7 @@ fn bert_serves_its_adapter_like_the_merged_weights() {
 }
 
 fn embed_with(adapters: Vec<backend::NamedAdapter>) -> Result<Vec<Vec<f32>>, BackendError> {
-    let spec = LoadSpec { dir: vit_dir(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters };
-    let mut model = backend::load("vit", &spec)?;
-    let prepared = ["digit0_1.png", "digit3_1.png", "digit7_1.png"]
-        .iter()
-        .map(|f| {
-            let bytes = std::fs::read(vit_dir().join("samples").join(f)).expect("sample");
-            model.preprocessor.preprocess(&EmbedInput::Item(InputItem {
-                image_base64: Some(base64::engine::general_purpose::STANDARD.encode(bytes)),
-                ..Default::default()
-            }))
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    model.encoder.encode_batch(&prepared)
+    embed_spec(LoadSpec { dir: vit_dir(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters })
 }
 
 /// A bare adapter file (spec.model.adapters[].uri points at one): PEFT names, no config.
