@@ -19,7 +19,7 @@ use serde_json::{json, Value};
 const TEXTS: [&str; 3] = ["a dog runs in the snow", "how do I reset my password?", "quarterly tax filing"];
 
 fn in_process(dir: &Path, adapters: Vec<NamedAdapter>) -> Vec<Vec<f32>> {
-    let spec = LoadSpec { dir: dir.to_path_buf(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters };
+    let spec = LoadSpec { adapters, ..LoadSpec::new(dir, DeviceChoice::Cpu) };
     let mut m = backend::load("bert", &spec).expect("load bert");
     let prepared: Vec<_> =
         TEXTS.iter().map(|t| m.preprocessor.preprocess(&EmbedInput::Text(t.to_string())).expect("tokenize")).collect();

@@ -48,11 +48,8 @@ fn subset(data: &Path, to: &Path) {
 }
 
 fn load(arch: &str, dir: &Path) -> LoadedModel {
-    backend::load(
-        arch,
-        &LoadSpec { dir: dir.to_path_buf(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters: vec![] },
-    )
-    .unwrap_or_else(|e| panic!("loading {} as {arch}: {e}", dir.display()))
+    backend::load(arch, &LoadSpec::new(dir.to_path_buf(), DeviceChoice::Cpu))
+        .unwrap_or_else(|e| panic!("loading {} as {arch}: {e}", dir.display()))
 }
 
 fn embed(model: &mut LoadedModel, input: EmbedInput) -> Vec<f32> {
@@ -159,12 +156,9 @@ fn trained_heads_put_text_and_speech_next_to_the_right_digit_images() {
         std::fs::copy(out.join("text").join(f), wrong.join(f)).unwrap();
     }
     std::fs::copy(out.join("audio/projection.safetensors"), wrong.join("projection.safetensors")).unwrap();
-    let err = backend::load(
-        "bert",
-        &LoadSpec { dir: wrong, device: DeviceChoice::Cpu, max_input_tokens: None, adapters: vec![] },
-    )
-    .err()
-    .expect("a 512-d head on a 384-d model must not load");
+    let err = backend::load("bert", &LoadSpec::new(wrong, DeviceChoice::Cpu))
+        .err()
+        .expect("a 512-d head on a 384-d model must not load");
     assert!(err.to_string().contains("trained for another model"), "{err}");
 
     corrections_through_the_router_improve_the_space(tmp.path(), &out, &sub);

@@ -21,12 +21,7 @@ fn main() -> anyhow::Result<()> {
         anyhow::bail!("usage: monolithic <text-dir> <vision-dir> <audio-dir> <requests.json>");
     };
     let started = Instant::now();
-    let load = |arch: &str, dir: &str| {
-        backend::load(
-            arch,
-            &LoadSpec { dir: dir.into(), device: DeviceChoice::Auto, max_input_tokens: None, adapters: vec![] },
-        )
-    };
+    let load = |arch: &str, dir: &str| backend::load(arch, &LoadSpec::new(dir, DeviceChoice::Auto));
     let mut models = [load("bert", text)?, load("vit", vision)?, load("whisper-encoder", audio)?];
     let load_seconds = started.elapsed().as_secs_f64();
     let requests: Vec<serde_json::Value> = serde_json::from_slice(&std::fs::read(requests)?)?;

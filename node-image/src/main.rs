@@ -130,6 +130,11 @@ struct Args {
     /// Truncation limit for token-based models (default: the model's, 256 for BERT).
     #[arg(long, env = "PRISM_MAX_INPUT_TOKENS")]
     max_input_tokens: Option<usize>,
+    /// Sliding-window attention (`spec.model.attention`): each token attends to this many tokens,
+    /// itself and half of them on each side, computed band by band (bert on CPU,
+    /// whisper-encoder). Other architectures refuse it at start. Unset: full attention.
+    #[arg(long, env = "PRISM_ATTENTION_WINDOW", value_parser = clap::value_parser!(u32).range(1..))]
+    attention_window: Option<u32>,
     /// CPU threads for the forward pass (default: all cores, or RAYON_NUM_THREADS). On small CPU
     /// pods one thread per replica, with more replicas, beats one replica with several threads.
     #[arg(long, env = "PRISM_THREADS")]
@@ -256,6 +261,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         device: args.device,
         max_input_tokens: args.max_input_tokens,
         adapters: args.adapters.clone(),
+        attention_window: args.attention_window.map(|w| w as usize),
     };
     let started = std::time::Instant::now();
     let model = tokio::task::spawn_blocking(move || arch.load_model(&spec))
@@ -307,7 +313,7 @@ fn run_fetch(f: FetchArgs) -> anyhow::Result<()> {
     rt.block_on(fetch::fetch(&uri, &opts))?;
     if let Some(a) = arch.filter(|_| f.verify_load) {
         let started = std::time::Instant::now();
-        let spec = LoadSpec { dir: f.out.clone(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters: vec![] };
+        let spec = LoadSpec::new(f.out.clone(), DeviceChoice::Cpu);
         let model = a.load_model(&spec).with_context(|| format!("loading the fetched folder as {}", a.name))?;
         eprintln!(
             "verified: {} loads as {} (dim {}) in {:.1}s",

@@ -301,12 +301,7 @@ fn embed_split<'a>(
             (t.to_vec2::<f32>()?, t.dims()[1])
         }
         None => {
-            let spec = LoadSpec {
-                dir: dir.to_path_buf(),
-                device: DeviceChoice::Auto,
-                max_input_tokens: None,
-                adapters: vec![],
-            };
+            let spec = LoadSpec::new(dir, DeviceChoice::Auto);
             let mut model = (backend::lookup(architecture)?.load)(&spec)?;
             progress(format!(
                 "embed: {} {} inputs with {architecture} from {}",

@@ -39,7 +39,7 @@ fn audio_input(bytes: &[u8]) -> EmbedInput {
 }
 
 fn load() -> backend::LoadedModel {
-    let spec = LoadSpec { dir: model_dir(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters: vec![] };
+    let spec = LoadSpec::new(model_dir(), DeviceChoice::Cpu);
     backend::load("whisper-encoder", &spec).expect("loading whisper-base encoder")
 }
 
@@ -145,4 +145,55 @@ fn rejects_wrong_rate_and_non_audio_inputs() {
     }
     // The warm-up input is valid.
     model.preprocessor.preprocess(&model.preprocessor.warmup_input()).expect("warm-up input");
+}
+
+fn load_windowed(window: usize) -> backend::LoadedModel {
+    let spec = LoadSpec { attention_window: Some(window), ..LoadSpec::new(model_dir(), DeviceChoice::Cpu) };
+    backend::load("whisper-encoder", &spec).expect("loading whisper-base encoder with a sliding window")
+}
+
+#[test]
+fn a_sliding_window_skips_the_rest_of_the_30s_window_exactly() {
+    let short = wav("clone-test.wav"); // 4.1 s: 206 encoder frames
+    let speech = whisper::decode_wav(&wav("beckett.wav")).expect("decode");
+    let long = whisper::wav_bytes(&speech.iter().copied().cycle().take(30 * 16_000).collect::<Vec<_>>());
+    let mut full = load();
+    let mut band = load_windowed(128);
+    let p =
+        |m: &backend::LoadedModel, bytes: &[u8]| m.preprocessor.preprocess(&audio_input(bytes)).expect("preprocess");
+
+    // Cost: the clip's 206 frames + 6 layers x 64 frames of reach, not the whole window.
+    assert_eq!(p(&full, &short).cost, 1500);
+    assert_eq!(p(&band, &short).cost, 206 + 6 * 64);
+
+    // Alone, the short clip is computed on its truncated frames; next to a 30 s clip, the batch
+    // runs all 1500 frames. The clip's vector must not care.
+    let alone = band.encoder.encode_batch(&[p(&band, &short)]).expect("encode alone");
+    let beside = band.encoder.encode_batch(&[p(&band, &short), p(&band, &long)]).expect("encode beside 30 s");
+    let c = common::cosine(&alone[0], &beside[0]);
+    eprintln!("window 128: short clip truncated vs computed over all 1500 frames: cosine {c:.7}");
+    assert!(c > 0.99999, "truncating to the band's reach changed the clip's vector (cosine {c})");
+
+    // The window is really applied: it moves the vector away from full attention...
+    let whole = full.encoder.encode_batch(&[p(&full, &short)]).expect("encode full");
+    let c = common::cosine(&alone[0], &whole[0]);
+    eprintln!("window 128 vs full attention on a 4 s clip: cosine {c:.4}");
+    assert!(c < 0.9999, "a 128-frame window gave the full-attention vector (cosine {c}): the window was ignored");
+    // ...and a window wider than the 30 s window is full attention.
+    let mut wide = load_windowed(4000);
+    let same = wide.encoder.encode_batch(&[p(&wide, &short)]).expect("encode wide");
+    let c = common::cosine(&same[0], &whole[0]);
+    assert!(c > 0.99999, "a window wider than 1500 frames must equal full attention (cosine {c})");
+}
+
+#[test]
+fn a_sliding_window_is_refused_where_tokens_have_no_order() {
+    let vit = models().join("vit-digits");
+    let spec = LoadSpec { attention_window: Some(64), ..LoadSpec::new(vit, DeviceChoice::Cpu) };
+    match backend::load("vit", &spec) {
+        Err(BackendError::Load(m)) => {
+            assert!(m.contains("--attention-window 64") && m.contains("bert, whisper-encoder"), "message: {m}")
+        }
+        other => panic!("vit with a sliding window must be a load error, got {:?}", other.map(|m| m.info)),
+    }
 }

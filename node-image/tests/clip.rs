@@ -74,11 +74,8 @@ fn clip_vision_matches_candle_transformers_reference() {
         .to_vec1()
         .expect("vec");
 
-    let mut model = backend::load(
-        "clip-vision",
-        &LoadSpec { dir: dir.clone(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters: vec![] },
-    )
-    .expect("load clip-vision");
+    let mut model =
+        backend::load("clip-vision", &LoadSpec::new(dir.clone(), DeviceChoice::Cpu)).expect("load clip-vision");
     assert_eq!(model.info.dim, 24);
     let input = |bytes: Vec<u8>| {
         EmbedInput::Item(InputItem {

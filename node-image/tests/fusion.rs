@@ -21,7 +21,7 @@ fn model_dir(name: &str) -> PathBuf {
 }
 
 fn load(arch: &str) -> backend::LoadedModel {
-    let spec = LoadSpec { dir: model_dir(arch), device: DeviceChoice::Cpu, max_input_tokens: None, adapters: vec![] };
+    let spec = LoadSpec::new(model_dir(arch), DeviceChoice::Cpu);
     backend::load(arch, &spec).unwrap_or_else(|e| panic!("loading {arch}: {e}"))
 }
 

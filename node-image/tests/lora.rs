@@ -37,7 +37,7 @@ fn with_adapter(tag: &str, r: usize, alpha: f64, a: Tensor, b: Tensor) -> PathBu
 }
 
 fn embed_samples(dir: &Path) -> Result<Vec<Vec<f32>>, BackendError> {
-    embed_spec(LoadSpec { dir: dir.to_path_buf(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters: vec![] })
+    embed_spec(LoadSpec::new(dir.to_path_buf(), DeviceChoice::Cpu))
 }
 
 fn embed_spec(spec: LoadSpec) -> Result<Vec<Vec<f32>>, BackendError> {
@@ -119,11 +119,7 @@ fn minilm_dir() -> PathBuf {
 }
 
 fn embed_texts(dir: &Path) -> Vec<Vec<f32>> {
-    let mut model = backend::load(
-        "bert",
-        &LoadSpec { dir: dir.to_path_buf(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters: vec![] },
-    )
-    .expect("load bert");
+    let mut model = backend::load("bert", &LoadSpec::new(dir.to_path_buf(), DeviceChoice::Cpu)).expect("load bert");
     let prepared = ["a dog in the snow", "how do I reset my password?"]
         .iter()
         .map(|t| model.preprocessor.preprocess(&EmbedInput::Text(t.to_string())))
@@ -173,7 +169,7 @@ fn bert_serves_its_adapter_like_the_merged_weights() {
 }
 
 fn embed_with(adapters: Vec<backend::NamedAdapter>) -> Result<Vec<Vec<f32>>, BackendError> {
-    embed_spec(LoadSpec { dir: vit_dir(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters })
+    embed_spec(LoadSpec { adapters, ..LoadSpec::new(vit_dir(), DeviceChoice::Cpu) })
 }
 
 /// A bare adapter file (spec.model.adapters[].uri points at one): PEFT names, no config.

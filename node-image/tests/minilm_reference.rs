@@ -10,7 +10,7 @@ use prism_node::backend::{self, bert, DeviceChoice, LoadSpec};
 const MIN_COSINE: f64 = 0.9999;
 
 fn spec() -> LoadSpec {
-    LoadSpec { dir: common::minilm_dir(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters: vec![] }
+    LoadSpec::new(common::minilm_dir(), DeviceChoice::Cpu)
 }
 
 fn load() -> backend::LoadedModel {
@@ -90,4 +90,42 @@ fn rejects_non_text_and_empty_inputs() {
 fn unknown_architecture_names_the_known_ones() {
     let err = backend::load("no-such-arch", &spec()).err().expect("must fail");
     assert!(err.to_string().contains("bert"), "{err}");
+}
+
+#[test]
+fn a_sliding_window_is_banded_per_sequence_and_refused_off_the_packed_path() {
+    let reference = common::minilm_reference();
+    let texts: Vec<EmbedInput> = reference.items.iter().take(12).map(|it| EmbedInput::Text(it.text.clone())).collect();
+    let embed = |window: Option<usize>, batch: bool| -> Vec<Vec<f32>> {
+        let spec = LoadSpec { attention_window: window, ..spec() };
+        let mut m = bert::load_with(&spec, CpuKernels::Auto).expect("loading all-MiniLM-L6-v2");
+        let prepared: Vec<_> = texts.iter().map(|t| m.preprocessor.preprocess(t).expect("preprocess")).collect();
+        if batch {
+            m.encoder.encode_batch(&prepared).expect("encode batch")
+        } else {
+            prepared.chunks(1).map(|p| m.encoder.encode_batch(p).expect("encode one").remove(0)).collect()
+        }
+    };
+    let full = embed(None, true);
+    // A window wider than any sequence is full attention.
+    for (a, b) in embed(Some(600), true).iter().zip(&full) {
+        assert!(common::cosine(a, b) > 0.99999, "a 600-token window must equal full attention");
+    }
+    // A 4-token window: the band is per sequence, so packing several sequences back to back
+    // gives what each gives alone, and the vectors move away from full attention.
+    let (batched, alone) = (embed(Some(4), true), embed(Some(4), false));
+    let mut moved = f64::MAX;
+    for ((b, a), f) in batched.iter().zip(&alone).zip(&full) {
+        let c = common::cosine(b, a);
+        assert!(c > 0.9999, "window 4: batched vs alone cosine {c}");
+        moved = moved.min(common::cosine(b, f));
+    }
+    eprintln!("window 4 vs full attention: lowest cosine {moved:.4}");
+    assert!(moved < 0.999, "a 4-token window left every vector at full attention's (cosine {moved})");
+
+    let spec = LoadSpec { attention_window: Some(64), ..spec() };
+    match bert::load_with(&spec, CpuKernels::Candle) {
+        Err(backend::BackendError::Load(m)) => assert!(m.contains("packed CPU path"), "message: {m}"),
+        other => panic!("candle's BERT with a window must be a load error, got {:?}", other.map(|m| m.info)),
+    }
 }

@@ -28,7 +28,7 @@ fn image_input(bytes: &[u8]) -> EmbedInput {
 }
 
 fn load() -> backend::LoadedModel {
-    let spec = LoadSpec { dir: model_dir(), device: DeviceChoice::Cpu, max_input_tokens: None, adapters: vec![] };
+    let spec = LoadSpec::new(model_dir(), DeviceChoice::Cpu);
     backend::load("vit", &spec).expect("loading vit-digits")
 }
 

@@ -167,9 +167,16 @@ pub fn load_with(spec: &LoadSpec, kernels: CpuKernels) -> Result<LoadedModel, Ba
         (Device::Cpu, _) => packed::unsupported(&config),
         _ => Some("GPU device".into()),
     };
+    if let (Some(w), Some(why)) = (spec.attention_window, &packed_why_not) {
+        return Err(BackendError::Load(format!(
+            "--attention-window {w}: bert's sliding-window attention runs on the packed CPU path, \
+             and this node runs candle's BERT ({why}); serve it with full attention or on device cpu"
+        )));
+    }
     let encoder = match packed_why_not {
         None => {
-            let model = PackedBert::load(&tensors, &config, kernels)?;
+            let mut model = PackedBert::load(&tensors, &config, kernels)?;
+            model.set_attention_window(spec.attention_window);
             tracing::info!(amx_bf16 = model.uses_amx(), "BERT on the packed CPU path");
             BertEncoder::Packed(model, Workspace::default())
         }

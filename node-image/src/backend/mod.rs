@@ -120,6 +120,17 @@ pub struct LoadSpec {
     pub max_input_tokens: Option<usize>,
     /// `spec.model.adapters` (`--adapter`), merged in this order after any adapter in `dir`.
     pub adapters: Vec<NamedAdapter>,
+    /// `spec.model.attention.window` (`--attention-window`): tokens each query attends to, itself
+    /// and half of them on each side. `None` is full attention. Architectures without a 1-D token
+    /// order refuse it at load.
+    pub attention_window: Option<usize>,
+}
+
+impl LoadSpec {
+    /// A folder on a device, with the model's defaults: no adapters, full attention.
+    pub fn new(dir: impl Into<PathBuf>, device: DeviceChoice) -> Self {
+        Self { dir: dir.into(), device, max_input_tokens: None, adapters: Vec::new(), attention_window: None }
+    }
 }
 
 /// One LoRA adapter of `spec.model.adapters`: a safetensors file of `<layer>.lora_A.weight`
@@ -255,6 +266,9 @@ pub struct Architecture {
     /// Files the loader needs besides `config.json` and `model.safetensors` (which all need).
     /// `prism-node fetch --architecture` makes these required rather than optional downloads.
     pub needs: &'static [&'static str],
+    /// Serves sliding-window attention (`--attention-window`): only architectures whose tokens
+    /// have a 1-D order (text, audio frames). The others refuse it at load.
+    pub sliding_window: bool,
     pub load: fn(&LoadSpec) -> Result<LoadedModel, BackendError>,
 }
 
@@ -262,6 +276,15 @@ impl Architecture {
     /// Loads a folder as this architecture, with the folder's projection head (if any) after it.
     /// Every load goes through here, so a head can never be silently skipped.
     pub fn load_model(&self, spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
+        if let (Some(w), false) = (spec.attention_window, self.sliding_window) {
+            let served: Vec<&str> = REGISTRY.iter().filter(|a| a.sliding_window).map(|a| a.name).collect();
+            return Err(BackendError::Load(format!(
+                "--attention-window {w}: {} has no 1-D token order for sliding-window attention (served for {}); \
+                 remove spec.model.attention",
+                self.name,
+                served.join(", ")
+            )));
+        }
         projection::attach((self.load)(spec)?, &spec.dir)
     }
 }
@@ -269,17 +292,30 @@ impl Architecture {
 /// Every architecture this binary can serve. Add a line here for a new model file (and list in
 /// `needs` any file it reads besides config.json and model.safetensors, so `fetch` downloads it).
 pub static REGISTRY: &[Architecture] = &[
-    Architecture { name: "bert", modality: "text", needs: &["tokenizer.json"], load: bert::load },
-    Architecture { name: "whisper-encoder", modality: "audio", needs: &[], load: whisper::load },
-    Architecture { name: "vit", modality: "vision", needs: &["preprocessor_config.json"], load: vit::load },
+    Architecture { name: "bert", modality: "text", needs: &["tokenizer.json"], sliding_window: true, load: bert::load },
+    Architecture { name: "whisper-encoder", modality: "audio", needs: &[], sliding_window: true, load: whisper::load },
+    Architecture {
+        name: "vit",
+        modality: "vision",
+        needs: &["preprocessor_config.json"],
+        sliding_window: false,
+        load: vit::load,
+    },
     Architecture {
         name: "clip-vision",
         modality: "vision",
         needs: &["preprocessor_config.json"],
+        sliding_window: false,
         load: vit::load_clip,
     },
-    Architecture { name: "perceiver-fusion", modality: "fusion", needs: &[], load: fusion::load_perceiver },
-    Architecture { name: "mot-fusion", modality: "fusion", needs: &[], load: fusion::load_mot },
+    Architecture {
+        name: "perceiver-fusion",
+        modality: "fusion",
+        needs: &[],
+        sliding_window: false,
+        load: fusion::load_perceiver,
+    },
+    Architecture { name: "mot-fusion", modality: "fusion", needs: &[], sliding_window: false, load: fusion::load_mot },
 ];
 
 /// Finds an architecture by name (case-insensitive).

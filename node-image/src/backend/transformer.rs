@@ -3,7 +3,8 @@
 //! tensor names of each published layout ([`BlockNames`]), so every architecture loads its real HF
 //! checkpoint without renaming files.
 //!
-//! Optional: sliding-window (banded) self-attention via [`Attention::window`].
+//! Optional: sliding-window (banded) self-attention via [`Attention::radius`], computed band by
+//! band ([`attend_band`]) so its cost grows as O(L·w), not O(L²).
 
 use std::collections::HashMap;
 
@@ -257,9 +258,10 @@ pub struct Attention {
     v: Linear,
     o: Linear,
     heads: usize,
-    /// Sliding-window self-attention: query i attends only to keys j with |i - j| <= window. `None`
-    /// is full attention. Local attention caps what a token sees, the usual trade for long inputs.
-    pub window: Option<usize>,
+    /// Sliding-window self-attention: query i attends only to keys j with |i - j| <= radius
+    /// ([`band_radius`] of `spec.model.attention.window`). `None` is full attention. Local
+    /// attention caps what a token sees, the usual trade for long inputs.
+    pub radius: Option<usize>,
 }
 
 impl Attention {
@@ -273,25 +275,67 @@ impl Attention {
             v: linear(dim, dim, vb.pp(names.v))?,
             o: linear(dim, dim, vb.pp(names.o))?,
             heads,
-            window: None,
+            radius: None,
         })
     }
 
     /// `x`: [b, n, d]; `ctx`: [b, m, d]; `mask`: additive, broadcastable to [b, heads, n, m].
     pub fn forward(&self, x: &Tensor, ctx: Option<&Tensor>, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let ctx = ctx.unwrap_or(x);
-        let (n, m) = (x.dim(1)?, ctx.dim(1)?);
-        let window = match self.window {
-            Some(w) => Some(sliding_window_mask(n, m, w, x.device())?),
-            None => None,
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(ctx.unwrap_or(x))?, self.v.forward(ctx.unwrap_or(x))?);
+        let out = match (self.radius, ctx, mask) {
+            (Some(r), None, None) => attend_band(&q, &k, &v, self.heads, r)?,
+            // Cross-attention or an extra mask: the band as one more additive mask (dense work;
+            // no served architecture takes this path, it keeps the general case correct).
+            (Some(r), _, _) => {
+                let band = sliding_window_mask(q.dim(1)?, k.dim(1)?, r, x.device())?;
+                let mask = match mask {
+                    Some(m) => m.broadcast_add(&band)?,
+                    None => band,
+                };
+                attend(&q, &k, &v, self.heads, Some(&mask))?
+            }
+            (None, _, _) => attend(&q, &k, &v, self.heads, mask)?,
         };
-        let mask = match (mask, window) {
-            (Some(a), Some(w)) => Some(a.broadcast_add(&w)?),
-            (a, w) => a.cloned().or(w),
-        };
-        let out = attend(&self.q.forward(x)?, &self.k.forward(ctx)?, &self.v.forward(ctx)?, self.heads, mask.as_ref())?;
         self.o.forward(&out)
     }
+}
+
+/// Keys on each side that a query sees for `spec.model.attention.window` tokens: the query and
+/// `window / 2` on either side (Longformer's convention, as the training job uses).
+pub fn band_radius(window: usize) -> usize {
+    window / 2
+}
+
+/// Sliding-window self-attention computed one block of queries at a time against only the keys
+/// within `radius` of the block, so the work is O(n·(block + 2·radius)) instead of O(n²). Equal
+/// to [`attend`] with [`sliding_window_mask`] (a test checks it).
+pub fn attend_band(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, radius: usize) -> candle_core::Result<Tensor> {
+    let (b, n, d) = q.dims3()?;
+    if radius + 1 >= n {
+        return attend(q, k, v, heads, None);
+    }
+    let hd = d / heads;
+    let split =
+        |t: &Tensor| -> candle_core::Result<Tensor> { t.reshape((b, n, heads, hd))?.transpose(1, 2)?.contiguous() };
+    let (q, k, v) = (split(q)?, split(k)?, split(v)?);
+    // A block as wide as the radius: the keys computed per query are at most 3x the band's,
+    // and the number of small matmuls stays low.
+    let block = radius.clamp(16, 256);
+    let mut outs = Vec::with_capacity(n.div_ceil(block));
+    for start in (0..n).step_by(block) {
+        let end = (start + block).min(n);
+        let (k0, k1) = (start.saturating_sub(radius), (end + radius).min(n));
+        let qb = q.narrow(2, start, end - start)?;
+        let kb = k.narrow(2, k0, k1 - k0)?;
+        let scores = (qb.matmul(&kb.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
+        let mask: Vec<f32> = (start..end)
+            .flat_map(|i| (k0..k1).map(move |j| if i.abs_diff(j) <= radius { 0.0 } else { -1e9 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (end - start, k1 - k0), q.device())?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
+        outs.push(probs.matmul(&v.narrow(2, k0, k1 - k0)?.contiguous()?)?);
+    }
+    Tensor::cat(&outs, 2)?.transpose(1, 2)?.reshape((b, n, d))
 }
 
 /// Scaled dot-product attention over already-projected q [b, n, d], k and v [b, m, d], split into
@@ -313,11 +357,11 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Te
     probs.matmul(&v)?.transpose(1, 2)?.reshape((b, n, d))
 }
 
-/// Additive [n, m] mask: 0 where |i - j| <= window, a large negative number elsewhere (finite, so a
-/// row can never become all -inf and turn into NaN).
-pub fn sliding_window_mask(n: usize, m: usize, window: usize, device: &Device) -> candle_core::Result<Tensor> {
+/// Additive [n, m] mask: 0 where |i - j| <= radius, a large negative number elsewhere (finite, so a
+/// row can never become all -inf and turn into NaN). The dense reference of [`attend_band`].
+pub fn sliding_window_mask(n: usize, m: usize, radius: usize, device: &Device) -> candle_core::Result<Tensor> {
     let data: Vec<f32> =
-        (0..n).flat_map(|i| (0..m).map(move |j| if i.abs_diff(j) <= window { 0.0 } else { -1e9 })).collect();
+        (0..n).flat_map(|i| (0..m).map(move |j| if i.abs_diff(j) <= radius { 0.0 } else { -1e9 })).collect();
     Tensor::from_vec(data, (n, m), device)
 }
 
@@ -371,11 +415,11 @@ mod tests {
     use super::*;
     use candle_nn::VarMap;
 
-    fn attention(window: Option<usize>) -> (Attention, VarMap) {
+    fn attention(radius: Option<usize>) -> (Attention, VarMap) {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
         let mut a = Attention::load(8, 2, &FUSION_NAMES, &vb.pp("x")).expect("attention");
-        a.window = window;
+        a.radius = radius;
         (a, vm)
     }
 
@@ -389,18 +433,34 @@ mod tests {
         let (mut att, _vm) = attention(None);
         let x = Tensor::randn(0f32, 1.0, (1, 5, 8), &Device::Cpu).expect("x");
         let full = att.forward(&x, None, None).expect("full");
-        att.window = Some(10);
+        att.radius = Some(10);
         let wide = att.forward(&x, None, None).expect("wide");
         let d = max_abs_diff(&full, &wide);
         assert!(d < 1e-6, "a window wider than the sequence must equal full attention ({d})");
         // Window 0: softmax over one key is 1, so each output is o(v(x_i)) of its own token.
-        att.window = Some(0);
+        att.radius = Some(0);
         let local = att.forward(&x, None, None).expect("local");
         let own = att.o.forward(&att.v.forward(&x).expect("v")).expect("o");
         let d = max_abs_diff(&local, &own);
         assert!(d < 1e-5, "window 0 must attend to the token itself only ({d})");
         let d = max_abs_diff(&local, &full);
         assert!(d > 1e-4, "window 0 must differ from full attention");
+    }
+
+    #[test]
+    fn banded_attention_equals_the_dense_masked_reference() {
+        // Lengths around the block size (16 for small radii) and radii 0, 1, 3, 20 and one wider
+        // than the sequence; the last block is partial in most of them.
+        for (n, radius) in [(5, 0), (17, 1), (40, 3), (100, 20), (33, 40), (64, 16)] {
+            let q = Tensor::randn(0f32, 1.0, (2, n, 8), &Device::Cpu).expect("q");
+            let k = Tensor::randn(0f32, 1.0, (2, n, 8), &Device::Cpu).expect("k");
+            let v = Tensor::randn(0f32, 1.0, (2, n, 8), &Device::Cpu).expect("v");
+            let mask = sliding_window_mask(n, n, radius, &Device::Cpu).expect("mask");
+            let dense = attend(&q, &k, &v, 2, Some(&mask)).expect("dense");
+            let band = attend_band(&q, &k, &v, 2, radius).expect("band");
+            let d = max_abs_diff(&dense, &band);
+            assert!(d < 1e-5, "n {n} radius {radius}: banded differs from the masked reference by {d}");
+        }
     }
 
     #[test]

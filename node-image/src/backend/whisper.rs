@@ -212,6 +212,19 @@ pub fn input_audio(input: &EmbedInput) -> Result<Vec<u8>, BackendError> {
 
 pub struct WhisperPreprocessor {
     logmel: LogMel,
+    /// How far (in encoder frames) the real frames' outputs can see past the clip's end: layers x
+    /// band radius under sliding-window attention, `None` under full attention.
+    reach: Option<usize>,
+}
+
+/// Encoder frames that must be computed so the first `real_frames` come out exact: all 1500
+/// under full attention; under a band of radius r over l layers, frame t depends only on frames
+/// up to t + l·r, so the rest of the 30 s window is never computed.
+pub fn frames_to_compute(real_frames: usize, reach: Option<usize>) -> usize {
+    match reach {
+        Some(reach) => (real_frames + reach).min(N_FRAMES / 2),
+        None => N_FRAMES / 2,
+    }
 }
 
 impl Preprocessor for WhisperPreprocessor {
@@ -219,8 +232,9 @@ impl Preprocessor for WhisperPreprocessor {
         let samples = decode_wav(&input_audio(input)?)?;
         let real_frames = real_encoder_frames(samples.len());
         let mel = self.logmel.compute(&samples);
-        // Every clip costs a full 30 s window (1500 encoder positions), whatever its length.
-        Ok(Prepared::new(N_FRAMES / 2, AudioFeatures { mel, real_frames }))
+        // Under full attention every clip costs a full 30 s window (1500 encoder positions),
+        // whatever its length; under a sliding window only its frames and the band's reach.
+        Ok(Prepared::new(frames_to_compute(real_frames, self.reach), AudioFeatures { mel, real_frames }))
     }
 
     fn warmup_input(&self) -> EmbedInput {
@@ -263,15 +277,27 @@ pub struct WhisperEncoder {
     ln_post: LayerNorm,
     n_mels: usize,
     device: Device,
+    /// See [`WhisperPreprocessor::reach`].
+    reach: Option<usize>,
 }
 
 impl WhisperEncoder {
     /// Encoder states [b, 1500, d] for a [b, n_mels, 3000] log-mel batch.
     pub fn forward(&self, mel: &Tensor) -> candle_core::Result<Tensor> {
-        let x = self.conv1.forward(mel)?.gelu_erf()?;
+        self.forward_frames(mel, N_FRAMES / 2)
+    }
+
+    /// Encoder states of the first `frames` positions [b, frames, d]. Under sliding-window
+    /// attention the first `frames - reach` of them equal those of the whole window (see
+    /// [`frames_to_compute`]); under full attention only `frames = 1500` is whisper.
+    pub fn forward_frames(&self, mel: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
+        // conv2 output t reads mel frames 2t-2..=2t+2: 2·frames + 2 of them keep it exact.
+        let mel_frames = (2 * frames + 2).min(mel.dim(2)?);
+        let x = self.conv1.forward(&mel.narrow(2, 0, mel_frames)?)?.gelu_erf()?;
         let x = self.conv2.forward(&x)?.gelu_erf()?;
         let x = x.transpose(1, 2)?;
-        let n = x.dim(1)?;
+        let n = x.dim(1)?.min(frames);
+        let x = x.narrow(1, 0, n)?;
         let mut x = x.broadcast_add(&self.positions.narrow(0, 0, n)?)?;
         for b in &self.blocks {
             x = b.forward(&x, None)?;
@@ -292,7 +318,8 @@ impl Encoder for WhisperEncoder {
             flat.extend_from_slice(&it.mel);
         }
         let mel = Tensor::from_vec(flat, (items.len(), self.n_mels, N_FRAMES), &self.device)?;
-        let states = self.forward(&mel)?;
+        let longest = items.iter().map(|it| it.real_frames).max().unwrap_or(1);
+        let states = self.forward_frames(&mel, frames_to_compute(longest, self.reach))?;
         items.iter().enumerate().map(|(i, it)| core::mean_pool_l2(&states.get(i)?, it.real_frames)).collect()
     }
 }
@@ -311,6 +338,8 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
     let vb = core::var_builder(spec, &device)?;
     let vb = if vb.contains_tensor("model.encoder.conv1.weight") { vb.pp("model.encoder") } else { vb.pp("encoder") };
     let d = cfg.d_model;
+    let radius = spec.attention_window.map(core::band_radius);
+    let reach = radius.map(|r| r * cfg.encoder_layers);
     let c1 = Conv1dConfig { padding: 1, stride: 1, ..Default::default() };
     let c2 = Conv1dConfig { padding: 1, stride: 2, ..Default::default() };
     let e = core::load_err("whisper encoder weights");
@@ -320,7 +349,7 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
         positions: vb.get((cfg.max_source_positions, d), "embed_positions.weight").map_err(&e)?,
         blocks: (0..cfg.encoder_layers)
             .map(|i| {
-                Block::load(
+                let mut block = Block::load(
                     d,
                     cfg.encoder_attention_heads,
                     cfg.encoder_ffn_dim,
@@ -328,13 +357,16 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
                     act,
                     &WHISPER_NAMES,
                     vb.pp(format!("layers.{i}")),
-                )
+                )?;
+                block.attn.radius = radius;
+                Ok(block)
             })
             .collect::<candle_core::Result<_>>()
             .map_err(&e)?,
         ln_post: candle_nn::layer_norm(d, 1e-5, vb.pp("layer_norm")).map_err(&e)?,
         n_mels: cfg.num_mel_bins,
         device: device.clone(),
+        reach,
     };
     Ok(LoadedModel {
         info: ModelInfo {
@@ -344,7 +376,7 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
             device: device_name(&device),
             max_input_tokens: None,
         },
-        preprocessor: Arc::new(WhisperPreprocessor { logmel: LogMel::new(cfg.num_mel_bins) }),
+        preprocessor: Arc::new(WhisperPreprocessor { logmel: LogMel::new(cfg.num_mel_bins), reach }),
         encoder: Box::new(encoder),
     })
 }

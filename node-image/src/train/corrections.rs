@@ -278,8 +278,7 @@ fn embed_inputs<'a>(
     cfg: &CorrectionsConfig,
     inputs: impl Iterator<Item = &'a EmbedInput>,
 ) -> Result<Vec<Vec<f32>>, TrainError> {
-    let spec =
-        LoadSpec { dir: cfg.model.clone(), device: DeviceChoice::Auto, max_input_tokens: None, adapters: vec![] };
+    let spec = LoadSpec::new(cfg.model.clone(), DeviceChoice::Auto);
     let mut model = (backend::lookup(&cfg.architecture)?.load)(&spec)?;
     let mut out = Vec::new();
     for input in inputs {

@@ -62,6 +62,8 @@ pub struct PackedBert {
     /// A one-thread pool for small batches: waking the other workers for each of a layer's ~8
     /// parallel steps costs more than it saves when a batch is a sentence or two.
     small_batches: Option<rayon::ThreadPool>,
+    /// Sliding-window attention radius ([`HeadJob::radius`]); `usize::MAX` is full attention.
+    radius: usize,
 }
 
 /// Batches of at most this many tokens run on one thread (see `small_batches`).
@@ -129,6 +131,7 @@ impl PackedBert {
             layers,
             config: config.clone(),
             small_batches: None,
+            radius: usize::MAX,
         };
         // f32 matmuls are compute-bound even for one sentence: those keep every core.
         if model.uses_amx() && rayon::current_num_threads() > 1 {
@@ -136,6 +139,12 @@ impl PackedBert {
                 rayon::ThreadPoolBuilder::new().num_threads(1).thread_name(|_| "prism-small-batch".into()).build().ok();
         }
         Ok(model)
+    }
+
+    /// Sliding-window attention of `window` tokens per query (`spec.model.attention.window`), or
+    /// full attention for `None`.
+    pub fn set_attention_window(&mut self, window: Option<usize>) {
+        self.radius = window.map_or(usize::MAX, crate::backend::transformer::band_radius);
     }
 
     pub fn uses_amx(&self) -> bool {
@@ -246,6 +255,7 @@ impl PackedBert {
                         v_col: 2 * h + head * hd,
                         head_dim: hd,
                         scale,
+                        radius: self.radius,
                     };
                     simd::attend(&job, kt, scores, &mut out[head * hd..], h);
                 }

@@ -200,6 +200,9 @@ pub struct HeadJob<'a> {
     pub v_col: usize,
     pub head_dim: usize,
     pub scale: f32,
+    /// Sliding-window attention: query i sees keys i-radius..=i+radius only, and only those
+    /// are computed. `usize::MAX` (or anything >= n) is full attention.
+    pub radius: usize,
 }
 
 multiversion! {
@@ -222,9 +225,14 @@ multiversion! {
         scores.resize(np, 0.0);
         for i in 0..n {
             let q = &job.qkv[i * rs + job.q_col..][..hd];
-            let s = &mut scores[..np];
+            // The keys this query sees (all of them under full attention), widened to whole
+            // 16-key chunks; the chunks' extra keys are masked out below.
+            let (lo, hi) = (i.saturating_sub(job.radius), i.saturating_add(job.radius).saturating_add(1).min(n));
+            let (c0, c1) = (lo / LANES, hi.div_ceil(LANES));
+            let s = &mut scores[c0 * LANES..c1 * LANES];
             // 16 keys at a time, accumulated in registers over the head's dimensions.
             for (c, chunk) in s.chunks_exact_mut(LANES).enumerate() {
+                let c = c0 + c;
                 let mut acc = [0f32; LANES];
                 for (d, &qd) in q.iter().enumerate() {
                     let qd = qd * job.scale;
@@ -235,7 +243,8 @@ multiversion! {
                 }
                 chunk.copy_from_slice(&acc);
             }
-            s[n..].fill(f32::NEG_INFINITY);
+            s[..lo - c0 * LANES].fill(f32::NEG_INFINITY);
+            s[hi - c0 * LANES..].fill(f32::NEG_INFINITY);
             let mut lane_max = [f32::NEG_INFINITY; LANES];
             for chunk in s.chunks_exact(LANES) {
                 for l in 0..LANES {
@@ -248,12 +257,13 @@ multiversion! {
                 *sj = exp(*sj - max);
             }
             let inv = 1.0 / sum(s);
+            let s = &s[lo - c0 * LANES..hi - c0 * LANES];
             // Output 16 dimensions at a time, accumulated in registers over the keys.
             let o = &mut out[i * out_stride..][..hd];
             let mut chunks = o.chunks_exact_mut(LANES);
             for (c, chunk) in chunks.by_ref().enumerate() {
                 let mut acc = [0f32; LANES];
-                for (j, &p) in s[..n].iter().enumerate() {
+                for (j, &p) in (lo..hi).zip(s) {
                     let v = &job.qkv[j * rs + job.v_col + c * LANES..][..LANES];
                     for l in 0..LANES {
                         acc[l] += p * v[l];
@@ -266,7 +276,7 @@ multiversion! {
             let done = hd - chunks.into_remainder().len();
             for (d, od) in o.iter_mut().enumerate().skip(done) {
                 let mut acc = 0f32;
-                for (j, &p) in s[..n].iter().enumerate() {
+                for (j, &p) in (lo..hi).zip(s) {
                     acc += p * job.qkv[j * rs + job.v_col + d];
                 }
                 *od = acc * inv;
@@ -326,11 +336,20 @@ mod tests {
     fn attention_matches_a_direct_softmax() {
         // hd 4: remainder path only; hd 20: one 16-wide chunk plus a remainder; n 21: padded keys.
         for (n, hd, nh) in [(5, 4, 2), (21, 20, 3)] {
-            check_attention(n, hd, nh);
+            check_attention(n, hd, nh, usize::MAX);
         }
     }
 
-    fn check_attention(n: usize, hd: usize, nh: usize) {
+    #[test]
+    fn banded_attention_matches_a_direct_softmax_over_the_band() {
+        // Radius 0 (the token alone), bands that start and end inside a 16-key chunk, one that
+        // spans chunk borders, and one wider than the sequence (full attention).
+        for (n, hd, nh, radius) in [(5, 4, 2, 0), (40, 20, 3, 3), (70, 32, 2, 17), (21, 16, 1, 30)] {
+            check_attention(n, hd, nh, radius);
+        }
+    }
+
+    fn check_attention(n: usize, hd: usize, nh: usize, radius: usize) {
         let rs = 3 * hd * nh;
         let qkv: Vec<f32> = (0..n * rs).map(|i| ((i * 7919) % 23) as f32 / 11.0 - 1.0).collect();
         let mut out = vec![0f32; n * hd * nh];
@@ -345,11 +364,16 @@ mod tests {
                 v_col: 2 * hd * nh + h * hd,
                 head_dim: hd,
                 scale: 0.5,
+                radius,
             };
             attend(&job, &mut kt, &mut scores, &mut out[h * hd..], hd * nh);
             for i in 0..n {
+                // Keys outside the band get -inf: exp(-inf) = 0 takes them out of the softmax.
                 let s: Vec<f64> = (0..n)
                     .map(|j| {
+                        if i.abs_diff(j) > radius {
+                            return f64::NEG_INFINITY;
+                        }
                         (0..hd).map(|d| (qkv[i * rs + job.q_col + d] * qkv[j * rs + job.k_col + d]) as f64).sum::<f64>()
                             * 0.5
                     })
@@ -359,7 +383,7 @@ mod tests {
                 for d in 0..hd {
                     let want: f64 = (0..n).map(|j| (s[j] - m).exp() / z * qkv[j * rs + job.v_col + d] as f64).sum();
                     let got = out[i * hd * nh + h * hd + d] as f64;
-                    assert!((got - want).abs() < 1e-5, "head {h} query {i} dim {d}: {got} vs {want}");
+                    assert!((got - want).abs() < 1e-5, "radius {radius} head {h} query {i} dim {d}: {got} vs {want}");
                 }
             }
         }
