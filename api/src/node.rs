@@ -155,8 +155,9 @@ pub struct AdaptationSpec {
     /// optimizer state across them (ZeRO-3 style; GPUs only).
     #[serde(default)]
     pub sharding: Sharding,
-    /// Training-time sliding-window attention: each token attends to a band of this many tokens
-    /// (cheaper on long inputs). The node still serves with full attention.
+    /// Sliding-window attention while training: each token attends to this many tokens (itself and
+    /// half on each side), computed band by band (cheaper on long inputs). Serve the adapter with
+    /// the same `spec.model.attention` window, or it meets an attention it was not trained for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 2, max = 65536))]
     pub sliding_window: Option<u32>,
@@ -307,6 +308,7 @@ pub struct NodeTlsSpec {
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("!self.uri.contains('/../') && !self.uri.endsWith('/..') && !self.uri.contains('%2e') && !self.uri.contains('%2E')").message("model.uri must not contain `..` path segments (plain or percent-encoded): it must stay inside its volume").reason(Reason::FieldValueForbidden))]
 #[x_kube(validation = Rule::new("!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))").message("adapter names must be unique within a node").reason(Reason::FieldValueInvalid))]
+#[x_kube(validation = Rule::new("!has(self.attention) || self.attention.kind != 'sliding-window' || self.architecture in ['bert', 'whisper-encoder']").message("sliding-window attention is served for the architectures bert and whisper-encoder (tokens in a 1-D order); use attention.kind full").reason(Reason::FieldValueInvalid))]
 pub struct ModelSpec {
     /// Where the weights are: `file:///path`, `pvc://claim/path`, `hf://org/name@revision` or `oci://registry/repo:tag`.
     // maxLength bounds what the API server estimates its CEL rules to cost.
@@ -361,7 +363,9 @@ impl AdapterSpec {
     }
 }
 
-/// Attention pattern: `full`, or `sliding-window` with a window size in tokens.
+/// Attention pattern: `full`, or `sliding-window` with a window size in tokens. prism-node serves
+/// the window (`--attention-window`) on `bert` (CPU devices) and `whisper-encoder`, computing
+/// only the band; a short audio clip then skips the silent rest of whisper's 30 s window.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = Rule::new("self.kind != 'sliding-window' || (has(self.window) && self.window > 0)").message("attention.window must be > 0 when attention.kind is sliding-window").reason(Reason::FieldValueRequired))]
@@ -370,9 +374,18 @@ pub struct AttentionSpec {
     #[serde(default = "default_attention_kind")]
     #[schemars(regex(pattern = r"^(full|sliding-window)$"))]
     pub kind: String,
-    /// Window size in tokens (sliding-window only).
+    /// Tokens each token attends to (sliding-window only): itself and `window / 2` on each side,
+    /// as Longformer counts it and the adaptation job's `slidingWindow` does.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 65536))]
     pub window: Option<u32>,
+}
+
+impl AttentionSpec {
+    /// The window prism-node serves (`--attention-window`), or `None` for full attention.
+    pub fn served_window(&self) -> Option<u32> {
+        (self.kind == "sliding-window").then_some(self.window).flatten()
+    }
 }
 
 fn default_attention_kind() -> String {
@@ -887,6 +900,9 @@ impl ModalityNodeSpec {
         for (adapter, path) in self.model.adapters.iter().zip(adapter_paths) {
             args.push("--adapter".to_string());
             args.push(adapter.server_arg(path));
+        }
+        if let Some(window) = self.model.attention.served_window() {
+            args.extend(["--attention-window".to_string(), window.to_string()]);
         }
         args
     }

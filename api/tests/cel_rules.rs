@@ -79,6 +79,26 @@ fn sliding_window_needs_a_positive_window() {
 }
 
 #[test]
+fn sliding_window_is_refused_for_architectures_without_a_token_order() {
+    let mut n = node(NODE);
+    n.spec.model.attention.kind = "sliding-window".into();
+    n.spec.model.attention.window = Some(64);
+    for arch in ["bert", "whisper-encoder"] {
+        n.spec.model.architecture = arch.into();
+        n.validate_cel().unwrap();
+    }
+    for arch in ["vit", "perceiver-fusion"] {
+        n.spec.model.architecture = arch.into();
+        rejected_with(
+            n.validate_cel(),
+            "sliding-window attention is served for the architectures bert and whisper-encoder",
+        );
+    }
+    n.spec.model.attention.kind = "full".into();
+    n.validate_cel().unwrap();
+}
+
+#[test]
 fn gpu_utilization_target_must_lie_in_0_exclusive_to_1() {
     for bad in [0.0, -0.5, 1.01] {
         let mut n = node(NODE);

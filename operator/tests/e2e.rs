@@ -345,6 +345,11 @@ async fn cel_rules_reject_bad_manifests_with_their_message() {
         ),
         (
             "ModalityNode",
+            serde_json::json!({"modality": "vision", "model": {"uri": "pvc://m/vit", "architecture": "vit", "attention": {"kind": "sliding-window", "window": 64}}}),
+            "sliding-window attention is served for the architectures bert and whisper-encoder",
+        ),
+        (
+            "ModalityNode",
             serde_json::json!({"modality": "text", "model": {"uri": "pvc://m/x", "architecture": "bert", "adapters": [{"name": "a", "uri": "pvc://m/a", "rank": 8, "alpha": 16.0}, {"name": "a", "uri": "pvc://m/b", "rank": 8, "alpha": 16.0}]}}),
             "adapter names must be unique within a node",
         ),

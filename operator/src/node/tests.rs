@@ -367,3 +367,21 @@ fn adapters_reach_the_server_in_spec_order_through_the_claims_that_hold_them() {
         other => panic!("an hf:// adapter must be refused with its reason, got {:?}", other.map(|_| ())),
     }
 }
+
+#[test]
+fn a_sliding_window_reaches_the_server_and_full_attention_adds_no_flag() {
+    let flag = |mn: &ModalityNode| {
+        let o = desired_objects(mn, &cfg(), None).unwrap();
+        let args = pod_spec(&o).containers[0].args.clone().unwrap();
+        args.iter().position(|a| a == "--attention-window").map(|i| args[i + 1].clone())
+    };
+    let mut mn = mk_node("n", "audio", "file:///models/whisper");
+    mn.spec.model.architecture = "whisper-encoder".into();
+    assert_eq!(flag(&mn), None);
+    mn.spec.model.attention =
+        serde_json::from_value(serde_json::json!({"kind": "sliding-window", "window": 128})).unwrap();
+    assert_eq!(flag(&mn).as_deref(), Some("128"));
+    // A window left over from an earlier sliding-window spec is not served under `full`.
+    mn.spec.model.attention.kind = "full".into();
+    assert_eq!(flag(&mn), None);
+}
