@@ -71,8 +71,8 @@ def parse_args(argv=None):
         "--sliding-window",
         type=int,
         default=0,
-        help="training-time only: restrict attention to a band of N tokens around each position via an "
-        "additive attention mask (prism-node serves with full attention)",
+        help="sliding-window attention while training: each token attends to N tokens (itself and N/2 on "
+        "each side), computed band by band; serve the adapter with the same spec.model.attention window",
     )
     p.add_argument("--fsdp", action="store_true", help="wrap with torch FSDP instead of DDP (CUDA; CPU may be unsupported)")
     p.add_argument("--copy-base", action="store_true", help="copy the base files into --output instead of symlinking")
@@ -180,35 +180,56 @@ def mean_pool(hidden, mask):
     return F.normalize((hidden * m).sum(1) / m.sum(1).clamp(min=1e-9), p=2, dim=-1)
 
 
-def band_mask(mask, window, dtype):
-    """Additive [B, 1, L, L] mask: 0 where |i - j| <= window // 2 and j is a real token, -inf-ish elsewhere."""
-    L = mask.shape[1]
-    idx = torch.arange(L, device=mask.device)
-    band = (idx[None, :] - idx[:, None]).abs() <= max(window // 2, 0)
-    allowed = band[None, :, :] & mask[:, None, :].bool()
-    add = torch.zeros(allowed.shape, dtype=dtype, device=mask.device)
-    add.masked_fill_(~allowed, torch.finfo(dtype).min)
-    return add[:, None, :, :]
+def banded_attention(window):
+    """An attention function for transformers' AttentionInterface: each query attends to the keys
+    within window // 2 of it (prism-node's --attention-window), computed one block of queries at a
+    time against only the keys in reach, so the work is O(L * window), not O(L^2)."""
+    radius = max(window // 2, 0)
+    block = min(max(radius, 16), 256)
+
+    def attend(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+        # query/key/value: [B, H, L, D]; attention_mask: None, or [B, 1, 1 or L, L] boolean
+        # (True = may attend) or additive floats, as the model built it for padding.
+        L = query.shape[2]
+        scaling = query.shape[-1] ** -0.5 if scaling is None else scaling
+        low = torch.finfo(query.dtype).min
+        outs = []
+        for s in range(0, L, block):
+            e, k0, k1 = min(L, s + block), max(0, s - radius), min(L, s + block + radius)
+            w = torch.matmul(query[:, :, s:e], key[:, :, k0:k1].transpose(2, 3)) * scaling
+            i = torch.arange(s, e, device=query.device)[:, None]
+            j = torch.arange(k0, k1, device=query.device)[None, :]
+            w = w.masked_fill((i - j).abs() > radius, low)
+            if attention_mask is not None:
+                m = attention_mask[..., s:e, k0:k1] if attention_mask.shape[-2] > 1 else attention_mask[..., k0:k1]
+                w = w.masked_fill(~m, low) if m.dtype == torch.bool else w + m
+            p = F.dropout(F.softmax(w, dim=-1), p=dropout, training=module.training)
+            outs.append(torch.matmul(p, value[:, :, k0:k1]))
+        return torch.cat(outs, dim=2).transpose(1, 2).contiguous(), None
+
+    return attend
 
 
-def embed(model, tok, texts, device, max_length, window=0):
+def embed(model, tok, texts, device, max_length):
     enc = tok(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt").to(device)
-    attn = enc["attention_mask"]
-    if window > 0:
-        attn_in = band_mask(attn, window, torch.float32)
-    else:
-        attn_in = attn
-    kwargs = {k: v for k, v in enc.items() if k != "attention_mask"}
-    out = model(attention_mask=attn_in, **kwargs)
-    return mean_pool(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0], attn)
+    out = model(**enc)
+    return mean_pool(out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0], enc["attention_mask"])
 
 
-def load_base(path):
-    from transformers import AutoModel, AutoTokenizer
+def load_base(path, window=0):
+    """Tokenizer and encoder; with window > 0 every self-attention is banded_attention(window)."""
+    from transformers import AttentionInterface, AutoModel, AutoTokenizer
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    # eager attention: the additive 4D mask of --sliding-window goes through unchanged.
-    model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True, attn_implementation="eager")
+    attn = "eager"
+    if window > 0:
+        attn = f"prism_band_{window}"
+        AttentionInterface.register(attn, banded_attention(window))
+        # The padding mask, as the boolean [B, 1, L, L] sdpa takes (None when nothing is padded);
+        # without a mask function of its own a new implementation gets no padding mask at all.
+        AttentionMaskInterface.register(attn, sdpa_mask)
+    model = AutoModel.from_pretrained(path, local_files_only=True, use_safetensors=True, attn_implementation=attn)
     return tok, model
 
 
@@ -393,8 +414,9 @@ def write_output(args, lora, history, used, skipped, world, per_rank, wall_s):
     save_file(lora, os.path.join(out, "adapter_model.safetensors"), metadata={"format": "pt"})
 
     # reference.json: a fresh base + the adapter as written (so the file's key layout is what is checked),
-    # eval mode, full attention, mean pooling + L2 norm: what prism-node must reproduce.
-    tok, base = load_base(args.model)
+    # eval mode, the training's attention (full, or --sliding-window as prism-node's
+    # --attention-window serves it), mean pooling + L2 norm: what prism-node must reproduce.
+    tok, base = load_base(args.model, args.sliding_window)
     base.eval()
     with torch.no_grad():
         base_emb = embed(base, tok, REFERENCE_SENTENCES, "cpu", 512)
@@ -404,7 +426,13 @@ def write_output(args, lora, history, used, skipped, world, per_rank, wall_s):
         emb = embed(pm, tok, REFERENCE_SENTENCES, "cpu", 512)
     with open(os.path.join(out, "reference.json"), "w") as f:
         json.dump(
-            {"sentences": REFERENCE_SENTENCES, "embeddings": emb.tolist(), "base_embeddings": base_emb.tolist()}, f
+            {
+                "sentences": REFERENCE_SENTENCES,
+                "embeddings": emb.tolist(),
+                "base_embeddings": base_emb.tolist(),
+                "attention_window": args.sliding_window or None,
+            },
+            f,
         )
     metrics = {
         "world_size": world,
@@ -442,7 +470,7 @@ def main(argv=None):
     if len(pairs) < 2:
         raise SystemExit(f"{args.corrections}: {len(pairs)} usable pairs (inputs.text + answer.text); need >= 2")
 
-    tok, base = load_base(args.model)
+    tok, base = load_base(args.model, args.sliding_window)
     torch.manual_seed(args.seed)  # LoRA init identical on every rank (DDP also broadcasts rank 0's)
     model = lora_model(base, args).to(device)
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -462,7 +490,7 @@ def main(argv=None):
         losses = []
         for step, (queries, answers) in enumerate(loader):
             # One forward over queries + answers (DDP: one forward per backward).
-            e = embed(wrapped, tok, queries + answers, device, args.max_length, args.sliding_window)
+            e = embed(wrapped, tok, queries + answers, device, args.max_length)
             q, a = e[: len(queries)], e[len(queries) :]
             logits = q @ a.T / args.temperature
             labels = torch.arange(len(queries), device=device)

@@ -88,10 +88,10 @@ def cos(a, b):
     return sum(x * y for x, y in zip(a, b)) / (math.sqrt(sum(x * x for x in a)) * math.sqrt(sum(y * y for y in b)))
 
 
-def start_node(bin_path, folder, timeout=120):
+def start_node(bin_path, folder, timeout=120, extra=()):
     proc = subprocess.Popen(
         [bin_path, "--listen", "127.0.0.1:0", "--node-name", "text", "--modality", "text",
-         "--architecture", "bert", "--model-uri", folder],
+         "--architecture", "bert", "--model-uri", folder, *extra],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
     )
     found, err_lines = {}, []
@@ -172,6 +172,38 @@ def serve_export(path, token):
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Export)
     threading.Thread(target=srv.serve_forever, daemon=True).start()
     return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1/memory/corrections", hits
+
+
+SLIDING_WINDOW = 6
+
+
+def check_sliding_window(args, ref):
+    """The job's --sliding-window and prism-node's --attention-window are the same attention: the
+    base model under prism_train's banded attention (PyTorch) and under prism-node's banded
+    kernel agree (cosine >= 0.999), and both differ from full attention (the window is not ignored).
+    Returns (min cosine node vs PyTorch, min cosine windowed vs full)."""
+    sys.path.insert(0, os.path.join(ROOT, "train"))
+    import torch
+    import prism_train
+
+    tok, base = prism_train.load_base(args.model, SLIDING_WINDOW)
+    base.eval()
+    with torch.no_grad():
+        want = prism_train.embed(base, tok, ref["sentences"], "cpu", 512).tolist()
+    node, url = start_node(args.node_bin, args.model, extra=("--attention-window", str(SLIDING_WINDOW)))
+    try:
+        got = embed(url, ref["sentences"])
+    finally:
+        stop(node)
+    to_torch = [cos(g, w) for g, w in zip(got, want)]
+    to_full = [cos(g, b) for g, b in zip(got, ref["base_embeddings"])]
+    print(f"  window {SLIDING_WINDOW}: cos(prism-node, PyTorch banded) min {min(to_torch):.6f}, "
+          f"cos(windowed, full) min {min(to_full):.4f}")
+    if min(to_full) >= 0.9999:
+        fail(f"--attention-window {SLIDING_WINDOW} changed nothing: prism-node served full attention ({to_full})")
+    if min(to_torch) < 0.999:
+        fail(f"prism-node's banded attention does not reproduce prism_train's: cosines {to_torch}")
+    return min(to_torch), min(to_full)
 
 
 def json_lines(text):
@@ -276,9 +308,11 @@ def main():
             fail(f"prism-node does not reproduce PyTorch with the adapter: cosines {to_ref}")
         if min(to_base) >= 0.9999:
             fail(f"the adapter changed nothing in prism-node's output (cosine to base {to_base})")
+        band_cos, band_vs_full = check_sliding_window(args, ref)
         print(f"distributed_train: workers={WORKERS} first_loss={first:.4f} last_loss={last:.4f} "
               f"cosine_min={min(to_ref):.6f} examples={m['examples_used']} base_cosine_min={min(to_base):.4f} "
-              f"skipped={sum(want_skipped.values())} train_s={train_s:.1f}", flush=True)
+              f"skipped={sum(want_skipped.values())} train_s={train_s:.1f} "
+              f"sliding_window_cosine_min={band_cos:.6f} sliding_vs_full_cosine_min={band_vs_full:.4f}", flush=True)
     finally:
         stop(node)
         if export:
