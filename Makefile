@@ -77,9 +77,9 @@ train-space: models ## prism train shared-space: text/audio heads into vit-digit
 	$(CARGO) build --release -p prism --bin prism
 	$(RELEASE_BIN)/prism train shared-space
 
-bench-models: models ## shared-space retrieval, per-modality throughput, parallel nodes vs one monolithic process
+bench-models: models ## shared-space retrieval, per-modality throughput, parallel nodes vs one monolithic process, sliding-window attention (BENCH_ARGS=--sliding-only)
 	$(CARGO) build --release -p prism -p prism-node -p prism-router --bins
-	$(CARGO) build --release -p prism-node --example monolithic
+	$(CARGO) build --release -p prism-node --example monolithic --example sliding_window
 	python3 bench/models/run.py $(BENCH_ARGS)
 # --- end node ---
 

@@ -12,8 +12,14 @@ headline comparison (separate modality nodes in parallel vs one monolithic model
    process and runs them one after another per request (no network hop at all): latency and
    VmHWM of that process.
 
+4. sliding-window attention (node-image/examples/sliding_window.rs): the packed attention kernel
+   at 4096 tokens, full vs a 256-token window; MiniLM on 256-token passages, full vs window 64;
+   whisper-base on real speech of 1/5/10/30 s, full vs windows 128 and 512 (time and cosine to the
+   full-attention vector). `--sliding-only` runs just this part.
+
 Last line: `models: text_to_image_top1=... audio_to_image_top1=... chance=0.1 parallel_ms=...
-monolithic_ms=... parallel_peak_mb=... monolithic_peak_mb=...`
+monolithic_ms=... parallel_peak_mb=... monolithic_peak_mb=... sliding_speedup_4k=...
+sliding_audio_speedup_5s=... sliding_audio_cosine_5s=...`
 """
 import argparse
 import base64
@@ -142,14 +148,64 @@ def throughput(url, make_inputs, batch, rounds):
     return batch * rounds / (time.monotonic() - t)
 
 
+SLIDING_INTRO = """
+`make bench-models BENCH_ARGS=--sliding-only` (bench/models/run.py, node-image/examples/sliding_window.rs).
+What `spec.model.attention: {kind: sliding-window, window: W}` saves and changes. Kernel: the packed
+CPU attention of MiniLM's shape (12 heads of 32) over one 4096-token sequence, full vs W=256 (no
+served text model reads 4k tokens: MiniLM stops at 512 positions). Text: MiniLM on 8 passages of
+256 tokens, full vs W=64. Audio: whisper-base on real speech (speech-samples) cut to 1/5/10/30 s,
+full vs W=128 and 512; the window also skips the silent rest of whisper's 30 s window (frames past
+the clip + layers x W/2 cannot reach the clip's frames). Cosine: windowed vector vs full-attention
+vector of the same input (whisper was trained with full attention; a window is an approximation).
+"""
+
+
+def sliding(example):
+    """Runs the sliding-window example; returns its JSON and logs a table."""
+    log("== sliding-window attention: full vs banded (node-image/examples/sliding_window.rs)")
+    wavs = [os.path.join(MODELS_DIR, "speech-samples", w) for w in ("beckett.wav", "clone-test.wav")]
+    r = subprocess.run([example, os.path.join(MODELS_DIR, "all-minilm-l6-v2"),
+                        os.path.join(MODELS_DIR, "whisper-base-encoder"), *wavs], capture_output=True, text=True)
+    if r.returncode != 0:
+        fail(f"sliding_window example failed: {r.stderr[-2000:]}")
+    for l in r.stderr.splitlines():
+        log("  " + l.strip())
+    return json.loads(r.stdout)
+
+
+def sliding_fields(s):
+    """The key=value fields of the sliding-window result (the 5 s clip at window 128 for audio)."""
+    a5 = next(a for a in s["audio"] if a["clip_s"] == 5 and a["window"] == 128)
+    return (f"sliding_speedup_4k={s['kernel_4k']['speedup']:.1f} sliding_text_speedup_256={s['text_256']['speedup']:.2f} "
+            f"sliding_text_cosine_256={s['text_256']['min_cosine']:.3f} sliding_audio_speedup_5s={a5['speedup']:.1f} "
+            f"sliding_audio_cosine_5s={a5['cosine']:.3f}")
+
+
+def sliding_table(s):
+    rows = [f"kernel 4096 tokens: full {s['kernel_4k']['full_ms']:.0f} ms, window 256 "
+            f"{s['kernel_4k']['window_ms']:.0f} ms"]
+    rows += [f"whisper {a['clip_s']} s, window {a['window']}: {a['full_ms']:.0f} -> {a['window_ms']:.0f} ms "
+             f"({a['speedup']:.1f}x), cosine {a['cosine']:.3f}" for a in s["audio"]]
+    return "; ".join(rows)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prism", default=os.path.join(TARGET, "release", "prism"))
     ap.add_argument("--monolithic", default=os.path.join(TARGET, "release", "examples", "monolithic"))
+    ap.add_argument("--sliding-window", default=os.path.join(TARGET, "release", "examples", "sliding_window"))
     ap.add_argument("--requests", type=int, default=20)
+    ap.add_argument("--sliding-only", action="store_true", help="run only the sliding-window part")
     ap.add_argument("--no-append", action="store_true", help="do not record the run in bench/RESULTS.md")
     args = ap.parse_args()
     check_prereqs(args.prism, models=("all-minilm-l6-v2", "vit-digits", "whisper-base-encoder"))
+    if args.sliding_only:
+        load_before = os.getloadavg()[0]
+        s = sliding(args.sliding_window)
+        headline(args, "models-sliding", "models: sliding-window attention, full vs banded", SLIDING_INTRO,
+                 "models-sliding: " + sliding_fields(s), "1 process, 2 threads", load_before,
+                 suffix="; " + sliding_table(s))
+        return
     if not os.path.exists(os.path.join(DATA, "manifest.json")):
         fail(f"{DATA}/manifest.json is missing: run `make models`")
     load_before = os.getloadavg()[0]
@@ -158,6 +214,8 @@ def main():
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(reqs, f)
         reqs_file = f.name
+
+    slide = sliding(args.sliding_window)
 
     log("== monolithic: one process, three encoders in sequence")
     r = subprocess.run([args.monolithic, os.path.join(SPACE, "text"), os.path.join(SPACE, "vision"),
@@ -207,11 +265,11 @@ def main():
     line = (f"models: text_to_image_top1={metrics['text_to_image_top1']:.3f} "
             f"audio_to_image_top1={metrics['audio_to_image_top1']:.3f} chance={metrics['chance']:.1f} "
             f"parallel_ms={par_ms:.1f} monolithic_ms={mono_ms:.1f} parallel_peak_mb={par_peak:.0f} "
-            f"monolithic_peak_mb={mono['peak_rss_mb']:.0f}")
+            f"monolithic_peak_mb={mono['peak_rss_mb']:.0f} {sliding_fields(slide)}")
     suffix = (f" throughput/s text={tput['text']:.0f} vision={tput['vision']:.0f} audio={tput['audio']:.1f};"
               f" p99 parallel {pct(lat, 99):.1f} ms, monolithic {pct(mono['latencies_ms'], 99):.1f} ms;"
               f" untrained top-1 text {metrics['text_to_image_top1_untrained']:.2f} audio "
-              f"{metrics['audio_to_image_top1_untrained']:.2f}")
+              f"{metrics['audio_to_image_top1_untrained']:.2f}; {sliding_table(slide)}")
     headline(args, "models", "models: shared space, per-modality throughput, parallel nodes vs monolithic",
              INTRO, line, f"{args.requests} requests", load_before, suffix=suffix)
 
