@@ -15,13 +15,18 @@ Inside the netns:
   - CRDs (crds/); prism-operator as a Deployment from its image, installed from the chart
     (`helm template charts/prism`, namespace prism-system, watching prism-e2e), or with
     --operator process as a process in the netns (admin kubeconfig, --image-pull-policy Never);
-    namespace prism-e2e with a hostPath PV holding a hard-linked copy of
+    namespace prism-e2e (Pod Security enforce=restricted: a privileged pod is refused, and the node
+    containers' processes run as uid 65532) with a hostPath PV holding a hard-linked copy of
     .cache/models/all-minilm-l6-v2 + PVC `models`, Secret `text-router-tokens`, then
     examples/real-cluster/text-pipeline.yaml (2 text replicas, model pvc://models/all-minilm-l6-v2);
   - node pods Ready through their kubelet-run readiness probes, the pipeline Ready, the router's
     table listing both pod IPs;
   - POST /v1/embeddings through the text-router ClusterIP Service (bearer token; 401 without):
     cosine >= 0.999 against `prism up` for every text;
+  - Pod Security enforce=restricted on the namespace; a real Prometheus with the pod scrape job;
+    the operator installed with `helm upgrade --install` and prometheus.url;
+  - spec.tls between router and node (text-tls-pipeline.yaml), builtin autoscaling 1 -> 2 on the
+    scraped in-flight gauge (text-autoscaled-pipeline.yaml), after the failover checks below;
   - failover: --clients closed-loop clients on /v1/embeddings through the Service for a bounded
     time; SIGKILL of one node container's process (host PID from `ctr -n k8s.io tasks ls`);
     no request may fail; times from the kill until the router's table (GET /v1/routing-table,
@@ -33,6 +38,7 @@ Last line: `cluster-failover: rewrite_ms=... endpointslice_ms=... failed_request
 Exit status 0 only when every check passed.
 """
 import argparse
+import http.client
 import json
 import math
 import os
@@ -42,9 +48,11 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
+import urllib.request
 
 RN = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(RN))
@@ -62,6 +70,8 @@ KUBECONFIG = os.path.join(D, "kubeconfig")
 LOGS = os.path.join(ROOT, ".cache", "e2e-real")
 EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-pipeline.yaml")
 VISION_EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-vision-pipeline.yaml")
+TLS_EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-tls-pipeline.yaml")
+AUTO_EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-autoscaled-pipeline.yaml")
 MODEL = "all-minilm-l6-v2"
 VISION_MODEL = "vit-digits"
 VISION_PIPELINE = "text-vision"
@@ -252,27 +262,28 @@ class Operator:
     Service, the chart's RBAC, a Lease) or as a process in the netns (--operator process: the
     admin kubeconfig, --image-pull-policy Never). Both watch only the test namespace."""
 
-    def __init__(self, mode):
+    def __init__(self, mode, prometheus_url):
         self.mode = mode
+        self.prometheus_url = prometheus_url
         self.proc = None
 
     def start(self):
         if self.mode == "process":
             self.log = open(os.path.join(LOGS, "operator.log"), "a")
             cmd = [os.path.join(REL, "prism-operator"), "--leader-elect=false", "--metrics-addr", "127.0.0.1:18080",
-                   "--image-pull-policy", "Never", "--namespace", NS]
+                   "--image-pull-policy", "Never", "--namespace", NS, "--prometheus-url", self.prometheus_url]
             log(f"$ KUBECONFIG={os.path.relpath(KUBECONFIG, ROOT)} {os.path.relpath(cmd[0], ROOT)} {' '.join(cmd[1:])}")
             self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                          env=dict(os.environ, KUBECONFIG=KUBECONFIG, NO_COLOR="1"))
             return
         # The chart's operator image is ghcr.io/prism-dev/prism-operator:<appVersion>, imported above;
         # Never keeps the kubelet from trying a registry, for the operator and the pods it makes.
-        sets = ["image.pullPolicy=Never", "podImagePullPolicy=Never", f"watchNamespace={NS}", "logFormat=text"]
-        out = run([os.path.join(BIN, "helm"), "template", "prism", os.path.join(ROOT, "charts", "prism"),
-                   "--namespace", OP_NS, "--kube-version", "1.36.3", *sum((["--set", x] for x in sets), [])])
-        kubectl("create", "namespace", OP_NS, check_rc=False)
-        kubectl("-n", OP_NS, "apply", "-f", "-", stdin=out)
-        log(f"operator: helm template charts/prism --set {','.join(sets)} | kubectl -n {OP_NS} apply")
+        sets = ["image.pullPolicy=Never", "podImagePullPolicy=Never", f"watchNamespace={NS}", "logFormat=text",
+                f"prometheus.url={self.prometheus_url}"]
+        run([os.path.join(BIN, "helm"), "upgrade", "--install", "prism", os.path.join(ROOT, "charts", "prism"),
+             "--kubeconfig", KUBECONFIG, "--namespace", OP_NS, "--create-namespace",
+             *sum((["--set", x] for x in sets), [])], timeout=180)
+        log(f"operator: helm upgrade --install prism charts/prism -n {OP_NS} --set {','.join(sets)}")
         kubectl("-n", OP_NS, "rollout", "status", "deploy/prism", "--timeout=120s", timeout=130)
         pod = kjson("-n", OP_NS, "get", "pods", "-l", "app.kubernetes.io/name=prism-operator")["items"]
         log(f"operator Deployment ready: pod {pod[0]['metadata']['name'] if pod else '?'} "
@@ -414,6 +425,33 @@ def ctr_task_pid(container_id):
         if len(f) >= 3 and f[0] == container_id and f[2] == "RUNNING":
             return int(f[1])
     raise Failed(f"container {container_id} not RUNNING in `ctr -n k8s.io tasks ls`:\n{out}")
+
+
+RESTRICTED = {"pod-security.kubernetes.io/enforce": "restricted", "pod-security.kubernetes.io/enforce-version": "latest"}
+
+
+def refuses_privileged_pods():
+    """Control for the restricted namespace: a root, privileged pod is refused at admission, so the
+    pods that do run were admitted under `restricted`."""
+    bad = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "psa-control", "namespace": NS},
+           "spec": {"containers": [{"name": "c", "image": "ghcr.io/prism-dev/prism-node:0.1.0",
+                                    "securityContext": {"privileged": True, "runAsUser": 0}}]}}
+    r = subprocess.run([os.path.join(BIN, "kubectl"), "--kubeconfig", KUBECONFIG, "apply", "-f", "-"],
+                       input=json.dumps(bad), capture_output=True, text=True, timeout=60)
+    out = r.stdout + r.stderr
+    check(r.returncode != 0 and "violates PodSecurity" in out and "restricted" in out,
+          f"a privileged root pod was not refused by restricted Pod Security admission: {out[-500:]}")
+
+
+def runs_as_uid(pod, want=65532):
+    """The pod's container process, as the kernel sees it (host /proc), runs as `want`: the kubelet
+    applied runAsNonRoot / runAsUser with the real runtime, not just the API's admission."""
+    cid = pod["status"]["containerStatuses"][0]["containerID"].split("://", 1)[1]
+    pid = ctr_task_pid(cid)
+    with open(f"/proc/{pid}/status") as f:
+        uids = next(l.split()[1:] for l in f if l.startswith("Uid:"))
+    check(all(u == str(want) for u in uids), f"pod {pod['metadata']['name']}: process {pid} uids {uids}, want {want}")
+    return pid
 
 
 def router_ejection_ms(endpoint, wall_kill):
@@ -577,6 +615,180 @@ def optional_modality_degrades(token, args):
             "whole_again_s": t_whole - t_kill}
 
 
+class Prometheus:
+    """A real Prometheus inside the netns with the pod scrape job docs/operations.md gives users
+    without the prometheus-operator: the chart PodMonitor's selector (managed-by=prism, component
+    modality-node or router, port http, HTTPS for spec.tls pods) and its namespace/pod labels. It
+    listens on the node's address, which the operator's pod reaches."""
+
+    def __init__(self):
+        node = kjson("get", "nodes")["items"][0]
+        ip = next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
+        self.url = f"http://{ip}:9090"
+        self.proc = None
+
+    def start(self):
+        data = os.path.join(D, "prometheus")
+        shutil.rmtree(data, ignore_errors=True)
+        os.makedirs(data)
+        keep = lambda label, regex: {"source_labels": [label], "regex": regex, "action": "keep"}  # noqa: E731
+        job = {
+            "job_name": "prism-pods", "scrape_interval": "1s", "scrape_timeout": "1s",
+            "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": KUBECONFIG, "namespaces": {"names": [NS]}}],
+            "tls_config": {"insecure_skip_verify": True},
+            "relabel_configs": [
+                keep("__meta_kubernetes_pod_label_app_kubernetes_io_managed_by", "prism"),
+                keep("__meta_kubernetes_pod_label_app_kubernetes_io_component", "modality-node|router"),
+                keep("__meta_kubernetes_pod_container_port_name", "http"),
+                {"source_labels": ["__meta_kubernetes_pod_annotation_prism_dev_scheme"], "regex": "https",
+                 "target_label": "__scheme__", "replacement": "https"},
+                {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+                {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+            ],
+        }
+        cfg = os.path.join(data, "prometheus.yml")
+        with open(cfg, "w") as f:
+            json.dump({"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [job]}, f)
+        self.log = open(os.path.join(LOGS, "prometheus.log"), "w")
+        self.proc = subprocess.Popen(["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={data}",
+                                      "--web.listen-address=0.0.0.0:9090"], stdout=self.log, stderr=subprocess.STDOUT)
+
+        def ready():
+            if self.proc.poll() is not None:
+                raise Failed(f"prometheus exited {self.proc.returncode}: see {LOGS}/prometheus.log")
+            try:
+                return urllib.request.urlopen(self.url + "/-/ready", timeout=2).status == 200
+            except OSError:
+                return False
+        wait("Prometheus ready", 60, ready)
+        log(f"Prometheus {self.url} (pid {self.proc.pid}): pod scrape job for namespace {NS}, every 1 s")
+
+    def query(self, promql):
+        q = urllib.parse.urlencode({"query": promql})
+        with urllib.request.urlopen(f"{self.url}/api/v1/query?{q}", timeout=5) as r:
+            return json.load(r)["data"]["result"]
+
+    def stop(self):
+        if self.proc and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(20)
+
+
+def autoscales_on_real_metrics(token, prom, args):
+    """Issue 21: the builtin autoscaler scales a real Deployment on real metrics. A text node
+    (1..2 replicas, targetInflight 1) gets 4 closed-loop clients through its router; Prometheus
+    scrapes the pods; the operator must raise the Deployment to 2 and the second pod must turn
+    Ready, with no request failing."""
+    kubectl("-n", NS, "create", "secret", "generic", "text-auto-router-tokens", f"--from-literal=tokens={token}")
+    kubectl("-n", NS, "apply", "-f", AUTO_EXAMPLE)
+    log(f"applied {os.path.relpath(AUTO_EXAMPLE, ROOT)} (ModalityNode text-auto 1..2, builtin, targetInflight 1)")
+
+    def pods(ready_only=True):
+        ps = [p for p in kjson("-n", NS, "get", "pods", "-l", "prism.dev/node=text-auto")["items"]
+              if p["metadata"].get("deletionTimestamp") is None]
+        return [p for p in ps if pod_ready(p) or not ready_only]
+    wait("text-auto pod Ready", 300, lambda: len(pods()) == 1, interval=1)
+
+    def mmp_ready():
+        conds = kjson("-n", NS, "get", "mmp", "text-auto").get("status", {}).get("conditions", [])
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+    wait("pipeline text-auto Ready", 180, mmp_ready)
+    wait("Prometheus has text-auto's series", 60,
+         lambda: prom.query(f'prism_node_inflight{{node="text-auto",namespace="{NS}"}}'), interval=1)
+    api = Api(kjson("-n", NS, "get", "svc", "text-auto-router")["spec"]["clusterIP"], token)
+    load = Load(api, 4, args.max_requests).start()
+    t0 = now()
+    try:
+        def deployment_replicas():
+            return kjson("-n", NS, "get", "deploy", "text-auto")["spec"].get("replicas", 0) >= 2
+        wait("the autoscaler raises Deployment text-auto to 2", 120, deployment_replicas, interval=0.5)
+        t_decided = now()
+        wait("2 text-auto pods Ready", 300, lambda: len(pods()) == 2, interval=1)
+        t_ready = now()
+        time.sleep(2)
+    finally:
+        load.stop()
+    mn = kjson("-n", NS, "get", "mn", "text-auto")
+    conds = {c["type"]: c for c in mn.get("status", {}).get("conditions", [])}
+    inflight = prom.query(f'avg(avg_over_time(prism_node_inflight{{node="text-auto",namespace="{NS}"}}[10s]))')
+    failed = load.failed()
+    log(f"autoscale on real metrics: Deployment text-auto 1 -> 2 {t_decided - t0:.1f}s after the load started, "
+        f"second pod Ready {t_ready - t0:.1f}s; {len(load.records)} requests, {len(failed)} failed; "
+        f"Prometheus avg inflight {inflight[0]['value'][1] if inflight else 'n/a'}; "
+        f"MetricsUnavailable={conds.get('MetricsUnavailable', {}).get('status', 'absent')}")
+    check(not failed, f"{len(failed)} of {len(load.records)} requests failed while text-auto scaled out: {failed[:3]}")
+    check(conds.get("MetricsUnavailable", {}).get("status") != "True",
+          f"text-auto reports MetricsUnavailable: {conds.get('MetricsUnavailable')}")
+    kubectl("-n", NS, "delete", "-f", AUTO_EXAMPLE, "--wait=false")
+    return {"autoscale_decided_s": t_decided - t0, "autoscale_ready_s": t_ready - t0}
+
+
+def make_node_pki(dirpath, cidr):
+    """A CA and a node certificate naming every address of the node's pod CIDR (what a user does
+    with openssl or cert-manager, as examples/real-cluster/text-tls-pipeline.yaml shows)."""
+    import ipaddress
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+    sans = ",".join(f"IP:{h}" for h in ipaddress.ip_network(cidr).hosts())
+    with open(os.path.join(dirpath, "ext"), "w") as f:
+        f.write(f"subjectAltName={sans}\nbasicConstraints=CA:FALSE\nextendedKeyUsage=serverAuth\n")
+    for cmd in (["req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "1", "-subj", "/CN=prism e2e CA"],
+                ["req", *ec, "-keyout", "tls.key", "-out", "tls.csr", "-subj", "/CN=text-tls"],
+                ["x509", "-req", "-in", "tls.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+                 "-out", "tls.crt", "-days", "1", "-extfile", "ext"]):
+        run(["openssl", *cmd], cwd=dirpath)
+
+
+def tls_between_router_and_nodes(token, ref):
+    """Issue 21: spec.tls on real pods. The node serves HTTPS only (its readiness probe too), the
+    router's table holds its https:// endpoint and verifies the certificate against the Secret's
+    CA, embeddings through the router equal prism up's, and plain HTTP to the pod gets no answer."""
+    cidr = kjson("get", "nodes")["items"][0]["spec"]["podCIDR"]
+    with tempfile.TemporaryDirectory(prefix="prism-e2e-tls-") as pki:
+        make_node_pki(pki, cidr)
+        kubectl("-n", NS, "create", "secret", "generic", "text-tls",
+                *(f"--from-file={os.path.join(pki, n)}" for n in ("tls.crt", "tls.key", "ca.crt")))
+    kubectl("-n", NS, "create", "secret", "generic", "text-tls-router-tokens", f"--from-literal=tokens={token}")
+    t_apply = now()
+    kubectl("-n", NS, "apply", "-f", TLS_EXAMPLE)
+    log(f"applied {os.path.relpath(TLS_EXAMPLE, ROOT)} (ModalityNode text-tls, spec.tls: certificate for every "
+        f"address of {cidr}; pipeline text-tls)")
+
+    def tls_pod():
+        ps = [p for p in kjson("-n", NS, "get", "pods", "-l", "prism.dev/node=text-tls")["items"]
+              if p["metadata"].get("deletionTimestamp") is None]
+        return ps[0] if len(ps) == 1 and pod_ready(ps[0]) else None
+    pod = wait("text-tls pod Ready (HTTPS readiness probe)", 300, tls_pod, interval=1)
+    probe = pod["spec"]["containers"][0]["readinessProbe"]["httpGet"]
+    check(probe.get("scheme") == "HTTPS", f"text-tls readinessProbe {probe}")
+
+    def mmp_ready():
+        conds = kjson("-n", NS, "get", "mmp", "text-tls").get("status", {}).get("conditions", [])
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+    wait("pipeline text-tls Ready", 180, mmp_ready)
+    api = Api(kjson("-n", NS, "get", "svc", "text-tls-router")["spec"]["clusterIP"], token)
+    ip = pod["status"]["podIP"]
+
+    def https_listed():
+        st, raw = api.client(5).request("GET", "/v1/routing-table")
+        return st == 200 and f"https://{ip}:8080" in table_ready_endpoints(raw)[1]
+    wait(f"text-tls router lists https://{ip}:8080 ready", 120, https_listed)
+    st, raw = api.client(60).request("POST", "/v1/embeddings", json.dumps({"input": ref["texts"]}))
+    check(st == 200, f"/v1/embeddings over TLS: HTTP {st}: {raw[:300]!r}")
+    got = [d["embedding"] for d in json.loads(raw)["data"]]
+    cos_min = min(cos(a, b) for a, b in zip(got, ref["embeddings"]))
+    check(len(got) == len(ref["texts"]) and cos_min >= 0.999, f"TLS embeddings vs prism up: cosine {cos_min}")
+    try:
+        st, _ = pu.KeepAlive(f"http://{ip}:8080", 5).request("GET", "/ready")
+        why = f"HTTP {st}"
+    except (OSError, http.client.HTTPException) as e:
+        st, why = None, type(e).__name__
+    check(st != 200, "plain HTTP to the TLS node answered /ready 200: the node must serve HTTPS only")
+    log(f"spec.tls: router -> https://{ip}:8080 verified against the Secret's CA; {len(got)} embeddings "
+        f"cosine >= {cos_min:.6f} vs prism up; plain HTTP refused ({why}); {now() - t_apply:.1f}s from apply")
+    kubectl("-n", NS, "delete", "-f", TLS_EXAMPLE, "--wait=false")
+    return {"tls_cos_min": cos_min}
+
+
 # Each broken ModalityNode, and the Ready reason (plus text in its message) the operator must
 # report for it, from what the real kubelet and runtime say about its pod.
 BAD_NODES = [
@@ -621,7 +833,8 @@ def bad_inputs_name_their_cause():
 def inside_main(args):
     with open(args.reference) as f:
         ref = json.load(f)
-    op = Operator(args.operator)
+    prom = Prometheus()
+    op = Operator(args.operator, prom.url)
     watch = load = None
     poll_stop = threading.Event()
     try:
@@ -632,7 +845,11 @@ def inside_main(args):
         kubectl("delete", "namespace", NS, "--ignore-not-found", "--wait=true", timeout=180)
         kubectl("delete", "pv", "prism-models", "--ignore-not-found", "--wait=true")
         kubectl("create", "namespace", NS)
+        kubectl("label", "namespace", NS, *(f"{k}={v}" for k, v in RESTRICTED.items()))
         wait("default ServiceAccount", 60, lambda: kubectl("-n", NS, "get", "sa", "default", check_rc=False).strip())
+        refuses_privileged_pods()
+        prom.start()
+        log(f"namespace {NS}: Pod Security enforce=restricted (a privileged root pod is refused)")
         op.start()
 
         models = os.path.join(D, "models")
@@ -670,6 +887,8 @@ def inside_main(args):
                   f"pod {p['metadata']['name']}: model volume {vols.get('model')}")
             check(c.get("imagePullPolicy") in ("Never", "IfNotPresent"), f"imagePullPolicy {c.get('imagePullPolicy')}")
         log(f"pods use readinessProbe httpGet /ready (kubelet-run), model volume = PVC models, image {pods[0]['spec']['containers'][0]['image']}")
+        pids = [runs_as_uid(p) for p in pods]
+        log(f"node containers run as uid 65532 (the pods' runAsUser) under restricted Pod Security (host pids {pids})")
 
         def mmp_ready():
             conds = kjson("-n", NS, "get", "mmp", PIPELINE).get("status", {}).get("conditions", [])
@@ -795,7 +1014,8 @@ def inside_main(args):
         check(len(recs) > 0, "no requests sent")
         restarts = restarts_under_load(api, op, args)
         optional = optional_modality_degrades(token, args)
-        result.update(restarts, **optional)
+        result.update(restarts, **optional, **tls_between_router_and_nodes(token, ref),
+                      **autoscales_on_real_metrics(token, prom, args))
         line += (f" operator_restart_failed={restarts['operator_restart_failed']}"
                  f" router_restart_failed={restarts['router_restart_failed']}"
                  f" restart_requests={restarts['restart_requests']}")
@@ -824,6 +1044,7 @@ def inside_main(args):
             with open(os.path.join(LOGS, f"{what}-pods.log"), "w") as f:
                 f.write(ANSI.sub("", out))
         op.stop()
+        prom.stop()
 
 
 def main():
