@@ -23,7 +23,8 @@ Inside the netns:
     table listing both pod IPs;
   - POST /v1/embeddings through the text-router ClusterIP Service (bearer token; 401 without):
     cosine >= 0.999 against `prism up` for every text;
-  - Pod Security enforce=restricted on the namespace; a real Prometheus with the pod scrape job;
+  - Pod Security enforce=restricted on the namespace; a real Prometheus scraping the PodMonitor's
+    pods (file_sd from the API: Debian's prometheus has no kubernetes_sd);
     the operator installed with `helm upgrade --install` and prometheus.url;
   - spec.tls between router and node (text-tls-pipeline.yaml), builtin autoscaling 1 -> 2 on the
     scraped in-flight gauge (text-autoscaled-pipeline.yaml), after the failover checks below;
@@ -616,42 +617,64 @@ def optional_modality_degrades(token, args):
 
 
 class Prometheus:
-    """A real Prometheus inside the netns with the pod scrape job docs/operations.md gives users
-    without the prometheus-operator: the chart PodMonitor's selector (managed-by=prism, component
-    modality-node or router, port http, HTTPS for spec.tls pods) and its namespace/pod labels. It
-    listens on the node's address, which the operator's pod reaches."""
+    """A real Prometheus inside the netns, listening on the node's address (which the operator's
+    pod reaches), scraping the pods the chart's PodMonitor selects: managed-by=prism, component
+    modality-node or router, container port `http`, HTTPS for spec.tls pods, with namespace and
+    pod labels. Debian's prometheus is built without kubernetes_sd, so a thread here lists those
+    pods from the API server every second and hands them to Prometheus through file_sd (what
+    the prometheus-operator does from a PodMonitor)."""
 
     def __init__(self):
         node = kjson("get", "nodes")["items"][0]
         ip = next(a["address"] for a in node["status"]["addresses"] if a["type"] == "InternalIP")
         self.url = f"http://{ip}:9090"
         self.proc = None
+        self._stop = threading.Event()
+
+    def targets(self):
+        """Target groups of the PodMonitor's selector, from the API server."""
+        pods = kjson("-n", NS, "get", "pods", "-l", "app.kubernetes.io/managed-by=prism")["items"]
+        groups = []
+        for p in pods:
+            meta, st = p["metadata"], p.get("status", {})
+            if meta.get("labels", {}).get("app.kubernetes.io/component") not in ("modality-node", "router"):
+                continue
+            ports = [pt["containerPort"] for c in p["spec"]["containers"] for pt in c.get("ports", [])
+                     if pt.get("name") == "http"]
+            if not ports or not st.get("podIP") or st.get("phase") != "Running":
+                continue
+            scheme = "https" if meta.get("annotations", {}).get("prism.dev/scheme") == "https" else "http"
+            groups.append({"targets": [f"{st['podIP']}:{ports[0]}"],
+                           "labels": {"namespace": meta["namespace"], "pod": meta["name"], "__scheme__": scheme}})
+        return groups
+
+    def _discover(self, path):
+        while not self._stop.wait(1.0):
+            try:
+                groups = self.targets()
+            except Failed:
+                continue  # an API hiccup: keep the last targets
+            with open(path + ".tmp", "w") as f:
+                json.dump(groups, f)
+            os.replace(path + ".tmp", path)
 
     def start(self):
         data = os.path.join(D, "prometheus")
         shutil.rmtree(data, ignore_errors=True)
         os.makedirs(data)
-        keep = lambda label, regex: {"source_labels": [label], "regex": regex, "action": "keep"}  # noqa: E731
-        job = {
-            "job_name": "prism-pods", "scrape_interval": "1s", "scrape_timeout": "1s",
-            "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": KUBECONFIG, "namespaces": {"names": [NS]}}],
-            "tls_config": {"insecure_skip_verify": True},
-            "relabel_configs": [
-                keep("__meta_kubernetes_pod_label_app_kubernetes_io_managed_by", "prism"),
-                keep("__meta_kubernetes_pod_label_app_kubernetes_io_component", "modality-node|router"),
-                keep("__meta_kubernetes_pod_container_port_name", "http"),
-                {"source_labels": ["__meta_kubernetes_pod_annotation_prism_dev_scheme"], "regex": "https",
-                 "target_label": "__scheme__", "replacement": "https"},
-                {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-                {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-            ],
-        }
+        targets = os.path.join(data, "targets.json")
+        with open(targets, "w") as f:
+            json.dump(self.targets(), f)
+        job = {"job_name": "prism-pods", "scrape_interval": "1s", "scrape_timeout": "1s",
+               "tls_config": {"insecure_skip_verify": True},
+               "file_sd_configs": [{"files": [targets], "refresh_interval": "1s"}]}
         cfg = os.path.join(data, "prometheus.yml")
         with open(cfg, "w") as f:
             json.dump({"global": {"scrape_interval": "1s", "evaluation_interval": "1s"}, "scrape_configs": [job]}, f)
         self.log = open(os.path.join(LOGS, "prometheus.log"), "w")
         self.proc = subprocess.Popen(["prometheus", f"--config.file={cfg}", f"--storage.tsdb.path={data}",
                                       "--web.listen-address=0.0.0.0:9090"], stdout=self.log, stderr=subprocess.STDOUT)
+        threading.Thread(target=self._discover, args=(targets,), daemon=True).start()
 
         def ready():
             if self.proc.poll() is not None:
@@ -661,7 +684,7 @@ class Prometheus:
             except OSError:
                 return False
         wait("Prometheus ready", 60, ready)
-        log(f"Prometheus {self.url} (pid {self.proc.pid}): pod scrape job for namespace {NS}, every 1 s")
+        log(f"Prometheus {self.url} (pid {self.proc.pid}): scrapes the PodMonitor's pods of {NS} every 1 s")
 
     def query(self, promql):
         q = urllib.parse.urlencode({"query": promql})
@@ -669,6 +692,7 @@ class Prometheus:
             return json.load(r)["data"]["result"]
 
     def stop(self):
+        self._stop.set()
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             self.proc.wait(20)
