@@ -18,7 +18,11 @@ Figures (all from one run, times from the SIGKILL of the node container's host P
   operator_restart_failed / router_restart_failed / restart_requests
                     then, under the same load, `kubectl rollout restart` of the operator and of
                     the router Deployment: failed requests in each window (the test fails on any
-                    for the operator, and on any after the router's rollout).
+                    for the operator, and on any after the router's rollout);
+  autoscale_decided_s / autoscale_ready_s
+                    builtin autoscaling on metrics a real Prometheus scraped from the pods: 4
+                    clients on a 1..2 node with targetInflight 1; seconds from the load's start
+                    until the operator set the Deployment to 2, and until the second pod was Ready.
 
 Options after `--` go to the test (e.g. --clients 8 --warm-s 10 --after-s 20); --no-append skips
 RESULTS.md. Needs root, the release binaries, target/images/*.tar and .cache/models.

@@ -34,7 +34,8 @@ Inside the netns:
     polled every 5 ms) and the `text` Service's EndpointSlice (API watch) stop listing the pod
     ready; then the restarted container must be Ready again in both.
 
-Last line: `cluster-failover: rewrite_ms=... endpointslice_ms=... failed_requests=... requests=...`
+Last line: `cluster-failover: rewrite_ms=... endpointslice_ms=... failed_requests=... requests=...
+... restart_requests=... autoscale_decided_s=... autoscale_ready_s=...`
 (bench/cluster_failover/run.py runs this with --append-results). Logs: .cache/e2e-real/.
 Exit status 0 only when every check passed.
 """
@@ -1042,7 +1043,9 @@ def inside_main(args):
                       **autoscales_on_real_metrics(token, prom, args))
         line += (f" operator_restart_failed={restarts['operator_restart_failed']}"
                  f" router_restart_failed={restarts['router_restart_failed']}"
-                 f" restart_requests={restarts['restart_requests']}")
+                 f" restart_requests={restarts['restart_requests']}"
+                 f" autoscale_decided_s={result['autoscale_decided_s']:.1f}"
+                 f" autoscale_ready_s={result['autoscale_ready_s']:.1f}")
         result["line"] = line
         with open(os.path.join(LOGS, "result.json"), "w") as f:
             json.dump(result, f)
