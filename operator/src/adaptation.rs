@@ -358,7 +358,7 @@ pub fn objects(
     let sc = restricted_container_sc();
     let node_image = cfg.node_image_for(&mn.spec);
     // The same fetch/mount the serving pods use, so whatever the node can load, training reads.
-    let model = model_source(base, &node_image, &sc)?;
+    let model = model_source(base, &node_image, &sc, &cfg.insecure_registries)?;
     let model_dir = model.uri.strip_prefix("file://").unwrap_or(&model.uri).to_string();
     let claim = claim_name(mn, spec);
 

@@ -68,6 +68,9 @@ pub struct OperatorConfig {
     pub train_image: String,
     /// imagePullPolicy for generated pods (None = Kubernetes default).
     pub image_pull_policy: Option<String>,
+    /// Registries (`host` or `host:port`) whose oci:// models are fetched over plain HTTP, as
+    /// containerd's and docker's "insecure registries": an in-cluster registry without TLS.
+    pub insecure_registries: Vec<String>,
 }
 
 impl Default for OperatorConfig {
@@ -78,6 +81,7 @@ impl Default for OperatorConfig {
             router_image: format!("ghcr.io/prism-dev/prism-router:{}", env!("CARGO_PKG_VERSION")),
             train_image: format!("ghcr.io/prism-dev/prism-train:{}", env!("CARGO_PKG_VERSION")),
             image_pull_policy: None,
+            insecure_registries: Vec::new(),
         }
     }
 }

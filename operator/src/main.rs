@@ -33,6 +33,10 @@ struct Args {
     /// imagePullPolicy of generated pods.
     #[arg(long)]
     image_pull_policy: Option<String>,
+    /// A registry (`host` or `host:port`) whose oci:// models the fetch init container pulls
+    /// over plain HTTP (an in-cluster registry without TLS). Repeat, or comma-separate.
+    #[arg(long = "insecure-registry", env = "PRISM_INSECURE_REGISTRIES", value_delimiter = ',')]
+    insecure_registries: Vec<String>,
     /// Watch only this namespace (default: all).
     #[arg(long, env = "PRISM_WATCH_NAMESPACE")]
     namespace: Option<String>,
@@ -102,6 +106,7 @@ async fn main() -> anyhow::Result<()> {
         cfg.train_image = i;
     }
     cfg.image_pull_policy = args.image_pull_policy;
+    cfg.insecure_registries = args.insecure_registries;
     let identity = args.identity.unwrap_or_else(|| {
         let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default();
         format!("{}-{}", host.trim(), std::process::id())

@@ -113,7 +113,12 @@ pub(crate) struct ModelSource {
 /// an emptyDir, so the serving container starts from local files and its root stays read-only.
 /// Shared by the node's Deployments and its training Job (`image`: the prism-node image that
 /// runs `fetch`).
-pub(crate) fn model_source(model: &ModelSpec, image: &str, sc: &SecurityContext) -> Result<ModelSource> {
+pub(crate) fn model_source(
+    model: &ModelSpec,
+    image: &str,
+    sc: &SecurityContext,
+    insecure_registries: &[String],
+) -> Result<ModelSource> {
     let uri = model.uri.as_str();
     if prism_api::node::uri_escapes_its_root(uri) {
         return Err(Error::InvalidSpec(format!("model.uri {uri}: `..` path segments may not leave the model volume")));
@@ -164,6 +169,8 @@ pub(crate) fn model_source(model: &ModelSpec, image: &str, sc: &SecurityContext)
             ]),
             volume_mounts: Some(vec![model_mount(false), tmp_mount()]),
             security_context: Some(sc.clone()),
+            env: plain_http_registry(uri, insecure_registries)
+                .then(|| vec![EnvVar { name: "OCI_INSECURE".into(), value: Some("1".into()), ..Default::default() }]),
             // The fetch error's last line reaches the ModalityNode's conditions (pod_health).
             termination_message_policy: Some("FallbackToLogsOnError".into()),
             ..Default::default()
@@ -180,6 +187,13 @@ pub(crate) fn model_source(model: &ModelSpec, image: &str, sc: &SecurityContext)
         });
     }
     Err(Error::InvalidSpec(format!("model.uri {uri}: scheme must be file://, pvc://, hf:// or oci://")))
+}
+
+/// Whether an oci:// model's registry is one the operator was told serves plain HTTP.
+fn plain_http_registry(uri: &str, insecure_registries: &[String]) -> bool {
+    let Some(rest) = uri.strip_prefix("oci://") else { return false };
+    let host = rest.split('/').next().unwrap_or_default();
+    insecure_registries.iter().any(|r| r.eq_ignore_ascii_case(host))
 }
 
 /// Where the serving container finds `model.adapters`: a path per adapter (spec order), plus
@@ -354,7 +368,7 @@ fn build_objects(mn: &ModalityNode, cfg: &OperatorConfig, replicas: i32, canary:
     let spec = &mn.spec;
     let image = cfg.node_image_for(spec);
     let sc = restricted_container_sc();
-    let model = model_source(&spec.model, &image, &sc)?;
+    let model = model_source(&spec.model, &image, &sc, &cfg.insecure_registries)?;
 
     let r = &spec.resources;
     let resources = pod_resources(r.cpu.as_deref(), r.memory.as_deref(), &r.gpu.resource_name, r.gpu.count);

@@ -90,6 +90,7 @@ impl TestNs {
                 router_image: "prism-router:e2e".into(),
                 train_image: "prism-train:e2e".into(),
                 image_pull_policy: Some("IfNotPresent".into()),
+                insecure_registries: vec![],
             },
             namespace: Some(self.name.clone()),
             instance: format!("e2e-{}", self.name),

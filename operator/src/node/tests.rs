@@ -29,6 +29,7 @@ pub fn cfg() -> OperatorConfig {
         router_image: "prism-router:test".into(),
         train_image: "prism-train:test".into(),
         image_pull_policy: None,
+        insecure_registries: vec![],
     }
 }
 
@@ -132,6 +133,20 @@ fn model_uris_map_to_volumes() {
     assert_eq!(arg_after(init, "--out"), "/models");
     assert_eq!(arg_after(init, "--architecture"), "bert", "the architecture's files become required");
     assert_eq!(arg_after(&ps.containers[0], "--model-uri"), "file:///models");
+
+    assert!(init.env.is_none(), "hf:// is fetched over HTTPS");
+
+    // oci:// from a registry the operator was told is plain HTTP (an in-cluster registry
+    // without TLS): the fetch container gets OCI_INSECURE; other registries keep HTTPS.
+    let insecure = OperatorConfig { insecure_registries: vec!["10.96.0.50:5000".into()], ..cfg() };
+    let env_of = |uri: &str| {
+        let o = desired_objects(&mk_node("n", "text", uri), &insecure, None).unwrap();
+        pod_spec(&o).init_containers.as_ref().unwrap()[0].env.clone()
+    };
+    let env = env_of("oci://10.96.0.50:5000/models/minilm:v1").expect("OCI_INSECURE for the listed registry");
+    assert_eq!((env[0].name.as_str(), env[0].value.as_deref()), ("OCI_INSECURE", Some("1")));
+    assert!(env_of("oci://ghcr.io/org/minilm:v1").is_none(), "an unlisted registry stays HTTPS");
+    assert!(env_of("oci://10.96.0.50:5001/models/minilm:v1").is_none(), "the port is part of the registry");
 
     assert!(desired_objects(&mk_node("n", "text", "s3://b/k"), &cfg(), None).is_err());
     // Defence in depth behind the CRD's CEL rule: an object that got past an older CRD still
