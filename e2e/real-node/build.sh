@@ -60,4 +60,14 @@ else
   stamp_write containerd
 fi
 
+# --- OCI registry (oci:// models pulled inside the cluster) ----------------------------------
+if stamp_ok registry registry registry; then
+  echo "real-node/build.sh: registry up to date"
+else
+  echo "real-node/build.sh: building registry $(cd "$E2E/go/registry" && "$GO" list -m -f '{{.Version}}' github.com/google/go-containerregistry)"
+  (cd "$E2E/go/registry" && CGO_ENABLED=0 "$GO" build -p "$JOBS" -trimpath -ldflags "-s -w" -o "$BIN/registry" \
+      github.com/google/go-containerregistry/cmd/registry)
+  stamp_write registry
+fi
+
 echo "real-node/build.sh: done in $(( $(date +%s) - t0 ))s -> $BIN"

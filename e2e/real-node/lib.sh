@@ -42,6 +42,7 @@ ETCD_PORT=2379 ETCD_PEER_PORT=2380 API_PORT=6443 KCM_PORT=10257 SCHED_PORT=10259
 
 PAUSE_IMAGE="prism.local/e2e/pause:1"
 BUSYBOX_IMAGE="prism.local/e2e/busybox:1"
+REGISTRY_IMAGE="prism.local/e2e/registry:1"   # go-containerregistry's in-memory registry, port 5000
 
 REAL_COMPONENTS_START=(etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy)
 REAL_COMPONENTS_STOP=(kube-proxy kubelet containerd kube-scheduler kube-controller-manager kube-apiserver etcd)

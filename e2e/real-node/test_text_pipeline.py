@@ -74,7 +74,12 @@ EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-pipeline.yaml")
 VISION_EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-vision-pipeline.yaml")
 TLS_EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-tls-pipeline.yaml")
 AUTO_EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-autoscaled-pipeline.yaml")
+# The in-cluster OCI registry (go-containerregistry's, image of up.sh) at a fixed ClusterIP, so
+# the operator can be told at install that it serves plain HTTP.
+REGISTRY = "10.96.0.50:5000"
+REGISTRY_IMAGE = "prism.local/e2e/registry:1"
 MODEL = "all-minilm-l6-v2"
+OCI_MODEL = f"oci://{REGISTRY}/models/{MODEL}:v1"
 VISION_MODEL = "vit-digits"
 VISION_PIPELINE = "text-vision"
 NS = "prism-e2e"
@@ -273,7 +278,8 @@ class Operator:
         if self.mode == "process":
             self.log = open(os.path.join(LOGS, "operator.log"), "a")
             cmd = [os.path.join(REL, "prism-operator"), "--leader-elect=false", "--metrics-addr", "127.0.0.1:18080",
-                   "--image-pull-policy", "Never", "--namespace", NS, "--prometheus-url", self.prometheus_url]
+                   "--image-pull-policy", "Never", "--namespace", NS, "--prometheus-url", self.prometheus_url,
+                   "--insecure-registry", REGISTRY]
             log(f"$ KUBECONFIG={os.path.relpath(KUBECONFIG, ROOT)} {os.path.relpath(cmd[0], ROOT)} {' '.join(cmd[1:])}")
             self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT,
                                          env=dict(os.environ, KUBECONFIG=KUBECONFIG, NO_COLOR="1"))
@@ -281,7 +287,7 @@ class Operator:
         # The chart's operator image is ghcr.io/prism-dev/prism-operator:<appVersion>, imported above;
         # Never keeps the kubelet from trying a registry, for the operator and the pods it makes.
         sets = ["image.pullPolicy=Never", "podImagePullPolicy=Never", f"watchNamespace={NS}", "logFormat=text",
-                f"prometheus.url={self.prometheus_url}"]
+                f"prometheus.url={self.prometheus_url}", f"insecureRegistries={{{REGISTRY}}}"]
         run([os.path.join(BIN, "helm"), "upgrade", "--install", "prism", os.path.join(ROOT, "charts", "prism"),
              "--kubeconfig", KUBECONFIG, "--namespace", OP_NS, "--create-namespace",
              *sum((["--set", x] for x in sets), [])], timeout=180)
@@ -748,6 +754,106 @@ def autoscales_on_real_metrics(token, prom, args):
     return {"autoscale_decided_s": t_decided - t0, "autoscale_ready_s": t_ready - t0}
 
 
+def start_registry():
+    """go-containerregistry's registry as a Deployment + Service (ClusterIP REGISTRY) in the
+    restricted namespace: where a user keeps models as OCI artifacts."""
+    ip, port = REGISTRY.split(":")
+    sc = {"runAsNonRoot": True, "runAsUser": 65532, "allowPrivilegeEscalation": False,
+          "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+    objs = [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "registry", "namespace": NS},
+         "spec": {"clusterIP": ip, "selector": {"app": "registry"}, "ports": [{"port": int(port), "targetPort": 5000}]}},
+        {"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "registry", "namespace": NS},
+         "spec": {"replicas": 1, "selector": {"matchLabels": {"app": "registry"}},
+                  "template": {"metadata": {"labels": {"app": "registry"}},
+                               "spec": {"containers": [{"name": "registry", "image": REGISTRY_IMAGE,
+                                                        "imagePullPolicy": "Never", "securityContext": sc,
+                                                        "ports": [{"containerPort": 5000}],
+                                                        "readinessProbe": {"httpGet": {"path": "/v2/", "port": 5000}}}]}}}},
+    ]
+    kubectl("apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}))
+
+
+def push_model(folder, repo, tag):
+    """Pushes a model folder's files to the in-cluster registry as one OCI artifact, a layer
+    per file named by its org.opencontainers.image.title annotation (the layout of `oras push`).
+    Returns the manifest digest."""
+    import hashlib
+    base = f"http://{REGISTRY}"
+
+    def blob(data):
+        digest = "sha256:" + hashlib.sha256(data).hexdigest()
+        req = urllib.request.Request(f"{base}/v2/{repo}/blobs/uploads/", method="POST", data=b"")
+        with urllib.request.urlopen(req, timeout=30) as r:
+            loc = urllib.parse.urljoin(base, r.headers["Location"])
+        sep = "&" if "?" in loc else "?"
+        req = urllib.request.Request(f"{loc}{sep}digest={digest}", method="PUT", data=data,
+                                     headers={"content-type": "application/octet-stream"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            check(r.status == 201, f"blob upload {digest}: HTTP {r.status}")
+        return {"digest": digest, "size": len(data)}
+
+    layers = []
+    for name in ("config.json", "tokenizer.json", "model.safetensors"):
+        with open(os.path.join(folder, name), "rb") as f:
+            layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar", **blob(f.read()),
+                           "annotations": {"org.opencontainers.image.title": name}})
+    manifest = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+                           "artifactType": "application/vnd.prism.model.v1",
+                           "config": {"mediaType": "application/vnd.oci.empty.v1+json", **blob(b"{}")},
+                           "layers": layers}).encode()
+    req = urllib.request.Request(f"{base}/v2/{repo}/manifests/{tag}", method="PUT", data=manifest,
+                                 headers={"content-type": "application/vnd.oci.image.manifest.v1+json"})
+    with urllib.request.urlopen(req, timeout=30) as r:
+        check(r.status == 201, f"manifest {repo}:{tag}: HTTP {r.status}")
+        return r.headers.get("Docker-Content-Digest")
+
+
+def oci_model_from_the_cluster_registry(token, ref):
+    """Issue 21 item 3: oci:// models come from an OCI registry running in the cluster, pulled
+    by the fetch init container (plain HTTP, because the operator was installed with the
+    registry in insecureRegistries), and serve what prism up serves."""
+    wait("registry pod Ready", 120, lambda: any(pod_ready(p) for p in
+         kjson("-n", NS, "get", "pods", "-l", "app=registry")["items"]), interval=1)
+    t0 = now()
+    digest = push_model(os.path.join(ROOT, ".cache", "models", MODEL), f"models/{MODEL}", "v1")
+    log(f"pushed {MODEL} to the in-cluster registry as {OCI_MODEL} ({digest}) in {now() - t0:.1f}s")
+    kubectl("-n", NS, "create", "secret", "generic", "text-oci-router-tokens", f"--from-literal=tokens={token}")
+    node = {"apiVersion": "prism.dev/v1alpha1", "kind": "ModalityNode", "metadata": {"name": "text-oci", "namespace": NS},
+            "spec": {"modality": "text", "model": {"uri": OCI_MODEL, "architecture": "bert", "revision": "1"},
+                     "replicas": {"min": 1, "max": 1}, "autoscaling": {"mode": "external"}, "device": "cpu",
+                     "resources": {"cpu": "100m", "memory": "512Mi"}}}
+    pipe = {"apiVersion": "prism.dev/v1alpha1", "kind": "MultimodalPipeline", "metadata": {"name": "text-oci", "namespace": NS},
+            "spec": {"nodes": [{"name": "text-oci", "required": True}], "fusion": {"strategy": "weighted"}}}
+    t_apply = now()
+    kubectl("apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": [node, pipe]}))
+
+    def oci_pod():
+        ps = [p for p in kjson("-n", NS, "get", "pods", "-l", "prism.dev/node=text-oci")["items"]
+              if p["metadata"].get("deletionTimestamp") is None]
+        return ps[0] if len(ps) == 1 and pod_ready(ps[0]) else None
+    pod = wait("text-oci pod Ready (model pulled by its fetch init container)", 300, oci_pod, interval=1)
+    init = pod["status"].get("initContainerStatuses", [{}])[0]
+    check(init.get("state", {}).get("terminated", {}).get("exitCode") == 0, f"fetch-model init container: {init}")
+    fetch_log = kubectl("-n", NS, "logs", pod["metadata"]["name"], "-c", init["name"], check_rc=False)
+
+    def mmp_ready():
+        conds = kjson("-n", NS, "get", "mmp", "text-oci").get("status", {}).get("conditions", [])
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+    wait("pipeline text-oci Ready", 180, mmp_ready)
+    api = Api(kjson("-n", NS, "get", "svc", "text-oci-router")["spec"]["clusterIP"], token)
+    st, raw = api.client(60).request("POST", "/v1/embeddings", json.dumps({"input": ref["texts"]}))
+    check(st == 200, f"/v1/embeddings from the oci:// model: HTTP {st}: {raw[:300]!r}")
+    got = [d["embedding"] for d in json.loads(raw)["data"]]
+    cos_min = min(cos(a, b) for a, b in zip(got, ref["embeddings"]))
+    check(len(got) == len(ref["texts"]) and cos_min >= 0.999, f"oci:// model embeddings vs prism up: cosine {cos_min}")
+    log(f"oci:// model: fetch init container pulled {MODEL} from {REGISTRY} "
+        f"({fetch_log.strip().splitlines()[-1][:120] if fetch_log.strip() else 'no log'}); pod Ready "
+        f"{now() - t_apply:.1f}s after apply; embeddings cosine >= {cos_min:.6f} vs prism up")
+    kubectl("-n", NS, "delete", "mn,mmp", "text-oci", "--wait=false")
+    return {"oci_cos_min": cos_min}
+
+
 def make_node_pki(dirpath, cidr):
     """A CA and a node certificate naming every address of the node's pod CIDR (what a user does
     with openssl or cert-manager, as examples/real-cluster/text-tls-pipeline.yaml shows)."""
@@ -873,6 +979,7 @@ def inside_main(args):
         kubectl("label", "namespace", NS, *(f"{k}={v}" for k, v in RESTRICTED.items()))
         wait("default ServiceAccount", 60, lambda: kubectl("-n", NS, "get", "sa", "default", check_rc=False).strip())
         refuses_privileged_pods()
+        start_registry()
         prom.start()
         log(f"namespace {NS}: Pod Security enforce=restricted (a privileged root pod is refused)")
         op.start()
@@ -1039,7 +1146,8 @@ def inside_main(args):
         check(len(recs) > 0, "no requests sent")
         restarts = restarts_under_load(api, op, args)
         optional = optional_modality_degrades(token, args)
-        result.update(restarts, **optional, **tls_between_router_and_nodes(token, ref),
+        result.update(restarts, **optional, **oci_model_from_the_cluster_registry(token, ref),
+                      **tls_between_router_and_nodes(token, ref),
                       **autoscales_on_real_metrics(token, prom, args))
         line += (f" operator_restart_failed={restarts['operator_restart_failed']}"
                  f" router_restart_failed={restarts['router_restart_failed']}"

@@ -360,7 +360,9 @@ log "building and importing $PAUSE_IMAGE and $BUSYBOX_IMAGE"
 python3 "$RN/mkimage.py" --name "$PAUSE_IMAGE" --out "$D/images/pause.tar" \
   --entrypoint '["/bin/sh","-c","trap \"exit 0\" TERM INT; while :; do sleep 3600 & wait $!; done"]' --cmd '[]' >&2
 python3 "$RN/mkimage.py" --name "$BUSYBOX_IMAGE" --out "$D/images/busybox.tar" >&2
-for i in pause busybox; do
+python3 "$RN/mkimage.py" --name "$REGISTRY_IMAGE" --out "$D/images/registry.tar" --file "$BIN/registry:/bin/registry" \
+  --entrypoint '["/bin/registry","-port","5000"]' --cmd '[]' >&2
+for i in pause busybox registry; do
   nx "$BIN/ctr" --address "$D/containerd/containerd.sock" -n k8s.io images import "$D/images/$i.tar" >&2 \
     || fail containerd "ctr images import $i.tar failed"
 done
