@@ -61,13 +61,14 @@ else
 fi
 
 # --- OCI registry (oci:// models pulled inside the cluster) ----------------------------------
-if stamp_ok registry registry registry; then
+# The stamp's name carries main.go's hash: the module's stamp covers go.mod and go.sum only.
+REGISTRY_STAMP="registry-$(sha256sum "$E2E/go/registry/main.go" | cut -c1-12)"
+if stamp_ok registry "$REGISTRY_STAMP" registry; then
   echo "real-node/build.sh: registry up to date"
 else
   echo "real-node/build.sh: building registry $(cd "$E2E/go/registry" && "$GO" list -m -f '{{.Version}}' github.com/google/go-containerregistry)"
-  (cd "$E2E/go/registry" && CGO_ENABLED=0 "$GO" build -p "$JOBS" -trimpath -ldflags "-s -w" -o "$BIN/registry" \
-      github.com/google/go-containerregistry/cmd/registry)
-  stamp_write registry
+  (cd "$E2E/go/registry" && CGO_ENABLED=0 "$GO" build -p "$JOBS" -trimpath -ldflags "-s -w" -o "$BIN/registry" .)
+  stamp_write registry "$REGISTRY_STAMP"
 fi
 
 echo "real-node/build.sh: done in $(( $(date +%s) - t0 ))s -> $BIN"
