@@ -236,6 +236,27 @@ def node_pods():
     return kjson("-n", NS, "get", "pods", "-l", f"prism.dev/node={NODE},app.kubernetes.io/name=prism-node")["items"]
 
 
+def live_pods(node):
+    """The pods of ModalityNode `node` that are not being deleted."""
+    return [p for p in kjson("-n", NS, "get", "pods", "-l", f"prism.dev/node={node}")["items"]
+            if p["metadata"].get("deletionTimestamp") is None]
+
+
+def wait_only_pod_ready(node, what, timeout=300):
+    """Waits until `node` has exactly one live pod and it is Ready; returns it."""
+    def ready():
+        ps = live_pods(node)
+        return ps[0] if len(ps) == 1 and pod_ready(ps[0]) else None
+    return wait(what, timeout, ready, interval=1)
+
+
+def wait_pipeline_ready(name, timeout=180):
+    def ready():
+        conds = kjson("-n", NS, "get", "mmp", name).get("status", {}).get("conditions", [])
+        return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
+    wait(f"pipeline {name} Ready", timeout, ready)
+
+
 class Api:
     """The router's API through its ClusterIP Service, with the bearer token."""
 
@@ -543,16 +564,8 @@ def optional_modality_degrades(token, args):
     log(f"applied {os.path.relpath(VISION_EXAMPLE, ROOT)} (ModalityNode vision pvc://models/{VISION_MODEL}, "
         f"pipeline {VISION_PIPELINE}: text required, vision optional)")
 
-    def vision_pod():
-        ps = [p for p in kjson("-n", NS, "get", "pods", "-l", "prism.dev/node=vision")["items"]
-              if p["metadata"].get("deletionTimestamp") is None]
-        return ps[0] if len(ps) == 1 and pod_ready(ps[0]) else None
-    pod = wait("vision pod Ready", 300, vision_pod, interval=1)
-
-    def mmp_ready():
-        conds = kjson("-n", NS, "get", "mmp", VISION_PIPELINE).get("status", {}).get("conditions", [])
-        return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
-    wait(f"pipeline {VISION_PIPELINE} Ready", 180, mmp_ready)
+    pod = wait_only_pod_ready("vision", "vision pod Ready")
+    wait_pipeline_ready(VISION_PIPELINE)
     api = Api(kjson("-n", NS, "get", "svc", f"{VISION_PIPELINE}-router")["spec"]["clusterIP"], token)
     vep = f"http://{pod['status']['podIP']}:8080"
 
@@ -714,16 +727,8 @@ def autoscales_on_real_metrics(token, prom, args):
     kubectl("-n", NS, "apply", "-f", AUTO_EXAMPLE)
     log(f"applied {os.path.relpath(AUTO_EXAMPLE, ROOT)} (ModalityNode text-auto 1..2, builtin, targetInflight 1)")
 
-    def pods(ready_only=True):
-        ps = [p for p in kjson("-n", NS, "get", "pods", "-l", "prism.dev/node=text-auto")["items"]
-              if p["metadata"].get("deletionTimestamp") is None]
-        return [p for p in ps if pod_ready(p) or not ready_only]
-    wait("text-auto pod Ready", 300, lambda: len(pods()) == 1, interval=1)
-
-    def mmp_ready():
-        conds = kjson("-n", NS, "get", "mmp", "text-auto").get("status", {}).get("conditions", [])
-        return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
-    wait("pipeline text-auto Ready", 180, mmp_ready)
+    wait_only_pod_ready("text-auto", "text-auto pod Ready")
+    wait_pipeline_ready("text-auto")
     wait("Prometheus has text-auto's series", 60,
          lambda: prom.query(f'prism_node_inflight{{node="text-auto",namespace="{NS}"}}'), interval=1)
     api = Api(kjson("-n", NS, "get", "svc", "text-auto-router")["spec"]["clusterIP"], token)
@@ -734,7 +739,7 @@ def autoscales_on_real_metrics(token, prom, args):
             return kjson("-n", NS, "get", "deploy", "text-auto")["spec"].get("replicas", 0) >= 2
         wait("the autoscaler raises Deployment text-auto to 2", 120, deployment_replicas, interval=0.5)
         t_decided = now()
-        wait("2 text-auto pods Ready", 300, lambda: len(pods()) == 2, interval=1)
+        wait("2 text-auto pods Ready", 300, lambda: sum(map(pod_ready, live_pods("text-auto"))) == 2, interval=1)
         t_ready = now()
         time.sleep(2)
     finally:
@@ -828,19 +833,12 @@ def oci_model_from_the_cluster_registry(token, ref):
     t_apply = now()
     kubectl("apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": [node, pipe]}))
 
-    def oci_pod():
-        ps = [p for p in kjson("-n", NS, "get", "pods", "-l", "prism.dev/node=text-oci")["items"]
-              if p["metadata"].get("deletionTimestamp") is None]
-        return ps[0] if len(ps) == 1 and pod_ready(ps[0]) else None
-    pod = wait("text-oci pod Ready (model pulled by its fetch init container)", 300, oci_pod, interval=1)
+    pod = wait_only_pod_ready("text-oci", "text-oci pod Ready (model pulled by its fetch init container)")
     init = pod["status"].get("initContainerStatuses", [{}])[0]
     check(init.get("state", {}).get("terminated", {}).get("exitCode") == 0, f"fetch-model init container: {init}")
     fetch_log = kubectl("-n", NS, "logs", pod["metadata"]["name"], "-c", init["name"], check_rc=False)
 
-    def mmp_ready():
-        conds = kjson("-n", NS, "get", "mmp", "text-oci").get("status", {}).get("conditions", [])
-        return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
-    wait("pipeline text-oci Ready", 180, mmp_ready)
+    wait_pipeline_ready("text-oci")
     api = Api(kjson("-n", NS, "get", "svc", "text-oci-router")["spec"]["clusterIP"], token)
     st, raw = api.client(60).request("POST", "/v1/embeddings", json.dumps({"input": ref["texts"]}))
     check(st == 200, f"/v1/embeddings from the oci:// model: HTTP {st}: {raw[:300]!r}")
@@ -884,18 +882,11 @@ def tls_between_router_and_nodes(token, ref):
     log(f"applied {os.path.relpath(TLS_EXAMPLE, ROOT)} (ModalityNode text-tls, spec.tls: certificate for every "
         f"address of {cidr}; pipeline text-tls)")
 
-    def tls_pod():
-        ps = [p for p in kjson("-n", NS, "get", "pods", "-l", "prism.dev/node=text-tls")["items"]
-              if p["metadata"].get("deletionTimestamp") is None]
-        return ps[0] if len(ps) == 1 and pod_ready(ps[0]) else None
-    pod = wait("text-tls pod Ready (HTTPS readiness probe)", 300, tls_pod, interval=1)
+    pod = wait_only_pod_ready("text-tls", "text-tls pod Ready (HTTPS readiness probe)")
     probe = pod["spec"]["containers"][0]["readinessProbe"]["httpGet"]
     check(probe.get("scheme") == "HTTPS", f"text-tls readinessProbe {probe}")
 
-    def mmp_ready():
-        conds = kjson("-n", NS, "get", "mmp", "text-tls").get("status", {}).get("conditions", [])
-        return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
-    wait("pipeline text-tls Ready", 180, mmp_ready)
+    wait_pipeline_ready("text-tls")
     api = Api(kjson("-n", NS, "get", "svc", "text-tls-router")["spec"]["clusterIP"], token)
     ip = pod["status"]["podIP"]
 
@@ -1022,10 +1013,7 @@ def inside_main(args):
         pids = [runs_as_uid(p) for p in pods]
         log(f"node containers run as uid 65532 (the pods' runAsUser) under restricted Pod Security (host pids {pids})")
 
-        def mmp_ready():
-            conds = kjson("-n", NS, "get", "mmp", PIPELINE).get("status", {}).get("conditions", [])
-            return any(c["type"] == "Ready" and c["status"] == "True" for c in conds)
-        wait("pipeline Ready", 120, mmp_ready)
+        wait_pipeline_ready(PIPELINE, 120)
         svc_ip = kjson("-n", NS, "get", "svc", f"{PIPELINE}-router")["spec"]["clusterIP"]
         api = Api(svc_ip, token)
         ips = {f"http://{p['status']['podIP']}:8080" for p in pods}
