@@ -281,7 +281,8 @@ impl Attention {
 
     /// `x`: [b, n, d]; `ctx`: [b, m, d]; `mask`: additive, broadcastable to [b, heads, n, m].
     pub fn forward(&self, x: &Tensor, ctx: Option<&Tensor>, mask: Option<&Tensor>) -> candle_core::Result<Tensor> {
-        let (q, k, v) = (self.q.forward(x)?, self.k.forward(ctx.unwrap_or(x))?, self.v.forward(ctx.unwrap_or(x))?);
+        let kv = ctx.unwrap_or(x);
+        let (q, k, v) = (self.q.forward(x)?, self.k.forward(kv)?, self.v.forward(kv)?);
         let out = match (self.radius, ctx, mask) {
             (Some(r), None, None) => attend_band(&q, &k, &v, self.heads, r)?,
             // Cross-attention or an extra mask: the band as one more additive mask (dense work;
@@ -328,10 +329,7 @@ pub fn attend_band(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, radius: usi
         let qb = q.narrow(2, start, end - start)?;
         let kb = k.narrow(2, k0, k1 - k0)?;
         let scores = (qb.matmul(&kb.t()?.contiguous()?)? * (1.0 / (hd as f64).sqrt()))?;
-        let mask: Vec<f32> = (start..end)
-            .flat_map(|i| (k0..k1).map(move |j| if i.abs_diff(j) <= radius { 0.0 } else { -1e9 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (end - start, k1 - k0), q.device())?;
+        let mask = band_mask(start..end, k0..k1, radius, q.device())?;
         let probs = candle_nn::ops::softmax_last_dim(&scores.broadcast_add(&mask)?)?;
         outs.push(probs.matmul(&v.narrow(2, k0, k1 - k0)?.contiguous()?)?);
     }
@@ -360,9 +358,20 @@ pub fn attend(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize, mask: Option<&Te
 /// Additive [n, m] mask: 0 where |i - j| <= radius, a large negative number elsewhere (finite, so a
 /// row can never become all -inf and turn into NaN). The dense reference of [`attend_band`].
 pub fn sliding_window_mask(n: usize, m: usize, radius: usize, device: &Device) -> candle_core::Result<Tensor> {
+    band_mask(0..n, 0..m, radius, device)
+}
+
+/// The rows `queries` x columns `keys` of the sliding-window mask (one block of [`attend_band`]).
+fn band_mask(
+    queries: std::ops::Range<usize>,
+    keys: std::ops::Range<usize>,
+    radius: usize,
+    device: &Device,
+) -> candle_core::Result<Tensor> {
+    let shape = (queries.len(), keys.len());
     let data: Vec<f32> =
-        (0..n).flat_map(|i| (0..m).map(move |j| if i.abs_diff(j) <= radius { 0.0 } else { -1e9 })).collect();
-    Tensor::from_vec(data, (n, m), device)
+        queries.flat_map(|i| keys.clone().map(move |j| if i.abs_diff(j) <= radius { 0.0 } else { -1e9 })).collect();
+    Tensor::from_vec(data, shape, device)
 }
 
 /// Pre-norm transformer block: x + attn(ln1(x)), then x + fc2(act(fc1(ln2(x)))).

@@ -282,12 +282,8 @@ pub struct WhisperEncoder {
 }
 
 impl WhisperEncoder {
-    /// Encoder states [b, 1500, d] for a [b, n_mels, 3000] log-mel batch.
-    pub fn forward(&self, mel: &Tensor) -> candle_core::Result<Tensor> {
-        self.forward_frames(mel, N_FRAMES / 2)
-    }
-
-    /// Encoder states of the first `frames` positions [b, frames, d]. Under sliding-window
+    /// Encoder states of the first `frames` positions [b, frames, d] for a [b, n_mels, 3000]
+    /// log-mel batch (whisper's own output is `frames` = 1500). Under sliding-window
     /// attention the first `frames - reach` of them equal those of the whole window (see
     /// [`frames_to_compute`]); under full attention only `frames = 1500` is whisper.
     pub fn forward_frames(&self, mel: &Tensor, frames: usize) -> candle_core::Result<Tensor> {
