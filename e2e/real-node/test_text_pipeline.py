@@ -264,6 +264,11 @@ class Api:
         self.base = f"http://{svc_ip}:8080"
         self.token = token
 
+    @classmethod
+    def of_pipeline(cls, pipeline, token):
+        """The router of `pipeline`, through its ClusterIP Service."""
+        return cls(kjson("-n", NS, "get", "svc", f"{pipeline}-router")["spec"]["clusterIP"], token)
+
     def client(self, timeout=30):
         return AuthKeepAlive(self.base, timeout, self.token)
 
@@ -566,7 +571,7 @@ def optional_modality_degrades(token, args):
 
     pod = wait_only_pod_ready("vision", "vision pod Ready")
     wait_pipeline_ready(VISION_PIPELINE)
-    api = Api(kjson("-n", NS, "get", "svc", f"{VISION_PIPELINE}-router")["spec"]["clusterIP"], token)
+    api = Api.of_pipeline(VISION_PIPELINE, token)
     vep = f"http://{pod['status']['podIP']}:8080"
 
     def vision_listed():
@@ -731,7 +736,7 @@ def autoscales_on_real_metrics(token, prom, args):
     wait_pipeline_ready("text-auto")
     wait("Prometheus has text-auto's series", 60,
          lambda: prom.query(f'prism_node_inflight{{node="text-auto",namespace="{NS}"}}'), interval=1)
-    api = Api(kjson("-n", NS, "get", "svc", "text-auto-router")["spec"]["clusterIP"], token)
+    api = Api.of_pipeline("text-auto", token)
     load = Load(api, 4, args.max_requests).start()
     t0 = now()
     try:
@@ -839,7 +844,7 @@ def oci_model_from_the_cluster_registry(token, ref):
     fetch_log = kubectl("-n", NS, "logs", pod["metadata"]["name"], "-c", init["name"], check_rc=False)
 
     wait_pipeline_ready("text-oci")
-    api = Api(kjson("-n", NS, "get", "svc", "text-oci-router")["spec"]["clusterIP"], token)
+    api = Api.of_pipeline("text-oci", token)
     st, raw = api.client(60).request("POST", "/v1/embeddings", json.dumps({"input": ref["texts"]}))
     check(st == 200, f"/v1/embeddings from the oci:// model: HTTP {st}: {raw[:300]!r}")
     got = [d["embedding"] for d in json.loads(raw)["data"]]
@@ -887,7 +892,7 @@ def tls_between_router_and_nodes(token, ref):
     check(probe.get("scheme") == "HTTPS", f"text-tls readinessProbe {probe}")
 
     wait_pipeline_ready("text-tls")
-    api = Api(kjson("-n", NS, "get", "svc", "text-tls-router")["spec"]["clusterIP"], token)
+    api = Api.of_pipeline("text-tls", token)
     ip = pod["status"]["podIP"]
 
     def https_listed():
