@@ -4,7 +4,7 @@
 1. Data: 100k 384-d unit vectors in 1000 topics (seeded numpy; real embeddings cluster by topic,
    uniform noise would not), 1000 queries from the same topics, exact top-10 by numpy.
 2. Prism: memory/tests/bench_memory.rs builds prism-memory's own HNSW (memory/src/hnsw.rs, M=16,
-   ef_construction=200, ef_search=max(96, 4k)) on every core, with f32 and with bf16 vectors, and
+   ef_construction=200, ef_search=max(128, 4k)) on every core, with f32 and with bf16 vectors, and
    answers each query one at a time; then the durable store: 64 concurrent writers (each
    acknowledged after its fsync'd commit), 8 searchers under 64 writers, 8 searchers during a
    prune of half the records.
@@ -45,7 +45,7 @@ from prism_up import DEFAULT_PRISM, ROOT, PrismUp, call, fail, headline, log  # 
 INTRO = """
 `make bench-memory` (bench/memory/run.py + memory/tests/bench_memory.rs): 100k 384-d unit
 vectors in 1000 topics (seeded), 1000 queries, exact top-10 by numpy. Prism's index (its own
-flat-array HNSW, memory/src/hnsw.rs, M=16, ef_construction=200, ef_search=max(96, 4k); f32 and
+flat-array HNSW, memory/src/hnsw.rs, M=16, ef_construction=200, ef_search=max(128, 4k); f32 and
 bf16 vectors) vs FAISS IndexHNSWFlat with the same parameters on the same data, both built on
 every core, searched one query at a time; then the same against FAISS on 1M vectors (f32 only).
 Store: 8 searchers while 64 writers commit, then while half the records are pruned. Durable writes: 64 concurrent
@@ -101,7 +101,7 @@ def faiss_run(base, queries, truth):
     build_s = time.perf_counter() - t0
     rss_per_vector = (rss_bytes() - rss0) / base.shape[0]
     faiss.omp_set_num_threads(1)
-    index.hnsw.efSearch = 96
+    index.hnsw.efSearch = 128  # Prism's MIN_EF_SEARCH (memory/src/index.rs); k=10 -> max(128, 40)
     lat, found = [], 0
     for i in range(queries.shape[0]):
         t = time.perf_counter()
