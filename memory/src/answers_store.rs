@@ -7,7 +7,8 @@ use std::collections::{BTreeMap, BTreeSet};
 use prism_api::wire::router::{InferResponse, EMBEDDINGS_CALL};
 
 use crate::answers::similarity;
-use crate::store::{Memory, MemoryError};
+use crate::log::MemoryError;
+use crate::store::Memory;
 use crate::vector::normalised;
 
 /// Candidates taken from the index per served modality; the exact score decides among them.
@@ -71,7 +72,7 @@ impl Memory {
 mod tests {
     use super::*;
     use crate::answers::tests::{answer, q};
-    use crate::store::Record;
+    use crate::log::Record;
     use prism_api::wire::router::Degraded;
 
     fn record(pipeline: &str, at_ms: i64, response: InferResponse) -> Record {

@@ -13,10 +13,24 @@ use std::collections::HashMap;
 use std::sync::{Arc, RwLock, Weak};
 
 use prism_api::wire::router::InferResponse;
+use serde::Serialize;
 
 use crate::hnsw::{Hnsw, Precision};
-use crate::store::{Hit, Record, FUSED};
+use crate::log::Record;
 use crate::vector::{dot, normalised};
+
+/// Index key of a record's fused vector (modality names are the other keys).
+pub const FUSED: &str = "fused";
+
+/// A search hit.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Hit {
+    pub id: String,
+    pub pipeline: String,
+    pub similarity: f64,
+    pub at_ms: i64,
+}
 
 /// Below this many vectors per key, exact search is about as fast as the graph and never wrong.
 pub const ANN_MIN_VECTORS: usize = 2048;

@@ -25,7 +25,10 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, info, warn};
 
 use crate::index::VectorIndex;
-use crate::store::{failed_batch, Done, MemoryError, Op, Record};
+use crate::log::{
+    failed_batch, replicas_of, Done, LogBackend, MemoryError, Op, RawCorrection, RawExample, RawRecord, Record,
+    CORRECTED_RECORDS_SQL, COUNT_SQL, MAX_BATCH, RATED_RESPONSES_SQL,
+};
 
 /// How often a router loads the records other routers committed.
 pub(crate) const POLL_INTERVAL: Duration = Duration::from_millis(500);
@@ -266,13 +269,79 @@ impl Reader {
     }
 
     /// Load what other routers committed; `wait == false` skips when a catch-up is under way.
-    pub(crate) fn catch_up(&self, wait: bool) -> Result<usize, MemoryError> {
+    fn load_committed(&self, wait: bool) -> Result<usize, MemoryError> {
         let (tail, index) = (self.tail.clone(), self.index.clone());
         self.call(move |c| catch_up(c, &tail, &index, wait))
     }
+}
 
-    /// Before a search: catch up unless that was done in the last [`SEARCH_CATCH_UP`].
-    pub(crate) fn catch_up_if_stale(&self) {
+impl LogBackend for Reader {
+    fn get(&self, id: &str) -> Result<Option<(RawRecord, Vec<RawCorrection>)>, MemoryError> {
+        let id = id.to_string();
+        self.call(move |c| {
+            let Some(r) =
+                c.query_opt("SELECT id, pipeline, at_ms, inputs, response FROM records WHERE id = $1", &[&id])?
+            else {
+                return Ok(None);
+            };
+            let record: RawRecord = (r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?, r.try_get(4)?);
+            let corrections = c
+                .query(
+                    "SELECT request_id, rating, answer, at_ms FROM corrections WHERE request_id = $1 ORDER BY seq",
+                    &[&id],
+                )?
+                .iter()
+                .map(|r| Ok((r.try_get(0)?, r.try_get(1)?, r.try_get(2)?, r.try_get(3)?)))
+                .collect::<Result<Vec<RawCorrection>, postgres::Error>>()?;
+            Ok(Some((record, corrections)))
+        })
+    }
+
+    fn count(&self) -> Result<u64, MemoryError> {
+        self.call(|c| c.query_one(COUNT_SQL, &[])?.try_get::<_, i64>(0)).map(|n| n as u64)
+    }
+
+    fn rated_responses(&self) -> Result<Vec<(f64, String)>, MemoryError> {
+        self.call(|c| c.query(RATED_RESPONSES_SQL, &[])?.iter().map(|r| Ok((r.try_get(0)?, r.try_get(1)?))).collect())
+    }
+
+    fn corrected_records(&self) -> Result<Vec<RawExample>, MemoryError> {
+        self.call(|c| {
+            c.query(CORRECTED_RECORDS_SQL, &[])?
+                .iter()
+                .map(|r| {
+                    Ok((
+                        r.try_get(0)?,
+                        r.try_get(1)?,
+                        r.try_get(2)?,
+                        r.try_get(3)?,
+                        r.try_get(4)?,
+                        r.try_get(5)?,
+                        r.try_get(6)?,
+                    ))
+                })
+                .collect()
+        })
+    }
+
+    fn delete_before(&self, cutoff_ms: i64) -> Result<u64, MemoryError> {
+        self.call(move |c| c.execute("DELETE FROM records WHERE at_ms < $1", &[&cutoff_ms]))
+    }
+
+    fn at_ms_from_newest(&self, offset: i64) -> Result<Option<i64>, MemoryError> {
+        self.call(move |c| {
+            c.query_opt("SELECT at_ms FROM records ORDER BY at_ms DESC LIMIT 1 OFFSET $1", &[&offset])?
+                .map(|r| r.try_get(0))
+                .transpose()
+        })
+    }
+
+    fn catch_up(&self) -> Result<usize, MemoryError> {
+        self.load_committed(true)
+    }
+
+    /// Catch up unless that was done in the last [`SEARCH_CATCH_UP`].
+    fn catch_up_if_stale(&self) {
         let fresh = self
             .tail
             .try_lock()
@@ -280,7 +349,7 @@ impl Reader {
             // Busy: someone is catching up right now.
             .unwrap_or(true);
         if !fresh {
-            if let Err(e) = self.catch_up(false) {
+            if let Err(e) = self.load_committed(false) {
                 debug!(error = %e, "memory catch-up before search failed");
             }
         }
@@ -426,7 +495,7 @@ pub(crate) fn open(url: &str, index: Arc<RwLock<VectorIndex>>) -> Result<(Reader
             .map_err(|e| MemoryError::Write(format!("cannot start the reader thread: {e}")))?;
     }
     let reader = Reader { target: target.clone(), jobs: jobs_tx, tail: tail.clone(), index: index.clone() };
-    reader.catch_up(true)?;
+    reader.load_committed(true)?;
     let (wt, wi) = (Arc::downgrade(&tail), Arc::downgrade(&index));
     std::thread::Builder::new()
         .name("prism-memory-poller".into())
@@ -445,7 +514,7 @@ fn writer_loop(
     let mut conn = Some(conn);
     while let Some(first) = rx.blocking_recv() {
         let mut batch = vec![first];
-        while batch.len() < crate::store::MAX_BATCH {
+        while batch.len() < MAX_BATCH {
             match rx.try_recv() {
                 Ok(op) => batch.push(op),
                 Err(_) => break,
@@ -513,9 +582,8 @@ fn apply(
             if let Err(e) = txn.execute(correct, &[&c.request_id, &c.at_ms, &c.rating, &answer]) {
                 return (Done::Correct(tx, Ok(Vec::new())), None, Some(e));
             }
-            let replicas = serde_json::from_str::<InferResponse>(&response)
-                .map(|r| crate::store::replicas_of(&r))
-                .unwrap_or_default();
+            let replicas =
+                serde_json::from_str::<InferResponse>(&response).map(|r| replicas_of(&r)).unwrap_or_default();
             (Done::Correct(tx, Ok(replicas)), None, None)
         }
     }
