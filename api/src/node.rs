@@ -596,6 +596,12 @@ pub struct BatchingSpec {
     #[serde(default = "default_max_batch")]
     #[schemars(range(min = 1, max = 4096))]
     pub max_batch: u32,
+    /// Most cost in one forward pass: tokens of text, frames computed of audio, one per image
+    /// (as Hugging Face TEI's `max-batch-tokens`). A batch of long inputs is cut by this before
+    /// `maxBatch`; one input over the budget still runs, alone.
+    #[serde(default = "default_max_batch_tokens")]
+    #[schemars(range(min = 1, max = 10000000))]
+    pub max_batch_tokens: u32,
     /// Longest a request waits for companions before its batch runs, in milliseconds.
     #[serde(default = "default_max_wait_ms")]
     #[schemars(range(min = 0, max = 10000))]
@@ -609,6 +615,9 @@ pub struct BatchingSpec {
 fn default_max_batch() -> u32 {
     32
 }
+fn default_max_batch_tokens() -> u32 {
+    16384
+}
 fn default_max_wait_ms() -> u32 {
     2
 }
@@ -618,7 +627,12 @@ fn default_max_queue() -> u32 {
 
 impl Default for BatchingSpec {
     fn default() -> Self {
-        Self { max_batch: default_max_batch(), max_wait_ms: default_max_wait_ms(), max_queue: default_max_queue() }
+        Self {
+            max_batch: default_max_batch(),
+            max_batch_tokens: default_max_batch_tokens(),
+            max_wait_ms: default_max_wait_ms(),
+            max_queue: default_max_queue(),
+        }
     }
 }
 
@@ -882,13 +896,14 @@ impl ModalityNodeSpec {
         if let Some(g) = grpc_listen {
             args.extend(["--grpc-listen".to_string(), g.to_string()]);
         }
-        let flags: [(&str, String); 9] = [
+        let flags: [(&str, String); 10] = [
             ("--node-name", name.to_string()),
             ("--modality", self.modality.clone()),
             ("--model-uri", model_path.to_string()),
             ("--architecture", self.model.architecture.clone()),
             ("--revision", self.model.revision.clone()),
             ("--max-batch", self.batching.max_batch.to_string()),
+            ("--max-batch-tokens", self.batching.max_batch_tokens.to_string()),
             ("--max-wait-ms", self.batching.max_wait_ms.to_string()),
             ("--max-queue", self.batching.max_queue.to_string()),
             ("--device", self.device.as_arg().to_string()),

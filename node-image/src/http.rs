@@ -57,6 +57,7 @@ impl AppState {
             dim: infer.info.dim,
             device: infer.info.device.clone(),
             max_batch: infer.config.max_batch,
+            max_batch_tokens: Some(infer.config.max_batch_tokens),
             max_input_tokens: infer.info.max_input_tokens,
         })
     }

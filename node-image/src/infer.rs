@@ -6,7 +6,9 @@
 //! The batcher task (tokio) first reserves the single slot of the channel to the model thread, and
 //! only then forms a batch: while the model is busy, requests keep accumulating in the queue, so
 //! batches grow with load without any tuning (TEI's `queue.rs`). When the model is idle it waits at
-//! most `max_wait` after the oldest entry arrived for more items, up to `max_batch` items. Entries
+//! most `max_wait` after the oldest entry arrived for more items, up to `max_batch` items and
+//! `max_batch_tokens` of cost (TEI's budget: a batch of long inputs costs what it computes, not
+//! how many there are; one input over the budget still runs, alone). Entries
 //! whose client has gone (receiver dropped: connection closed or deadline hit) are skipped and
 //! counted as `dropped`; entries past their deadline are answered with a timeout.
 //!
@@ -29,6 +31,9 @@ use crate::metrics::Metrics;
 pub struct InferConfig {
     /// Most inputs per forward pass.
     pub max_batch: usize,
+    /// Most cost per forward pass, in [`Prepared::cost`] units (tokens of text, frames computed
+    /// of audio, one per image, one per modality vector of a fusion input).
+    pub max_batch_tokens: usize,
     /// How long an idle model waits for more inputs after the first one arrived.
     pub max_wait: Duration,
     /// Most requests waiting in the queue; beyond this, requests are refused (429).
@@ -112,10 +117,10 @@ impl Infer {
         let (batch_tx, batch_rx) = mpsc::channel::<Vec<Entry>>(1);
         let (ready_tx, ready_rx) = oneshot::channel();
         let thread_metrics = metrics.clone();
-        let max_batch = config.max_batch.max(1);
+        let budget = Budget::of(&config);
         std::thread::Builder::new()
             .name("prism-model".into())
-            .spawn(move || model_thread(encoder, warm, batch_rx, ready_tx, max_batch, thread_metrics))
+            .spawn(move || model_thread(encoder, warm, batch_rx, ready_tx, budget, thread_metrics))
             .map_err(|e| NodeError::Inference(format!("spawning the model thread: {e}")))?;
         ready_rx.await.map_err(|_| NodeError::Inference("model thread exited during warm-up".into()))??;
 
@@ -211,8 +216,49 @@ impl Infer {
     }
 }
 
+/// What one forward pass may hold.
+#[derive(Clone, Copy, Debug)]
+struct Budget {
+    items: usize,
+    cost: usize,
+}
+
+impl Budget {
+    fn of(cfg: &InferConfig) -> Self {
+        Self { items: cfg.max_batch.max(1), cost: cfg.max_batch_tokens.max(1) }
+    }
+
+    /// Whether a pass holding `items` inputs of `cost` has room for `more_items` of `more_cost`
+    /// (an empty pass always has: an input over the budget runs alone).
+    fn fits(&self, items: usize, cost: usize, more_items: usize, more_cost: usize) -> bool {
+        items == 0 || (items + more_items <= self.items && cost + more_cost <= self.cost)
+    }
+
+    /// Lengths of the consecutive passes that `costs` (in running order) split into.
+    fn passes(&self, costs: impl IntoIterator<Item = usize>) -> Vec<usize> {
+        let mut out = Vec::new();
+        let (mut n, mut c) = (0, 0);
+        for cost in costs {
+            if !self.fits(n, c, 1, cost) {
+                out.push(n);
+                (n, c) = (0, 0);
+            }
+            n += 1;
+            c += cost;
+        }
+        if n > 0 {
+            out.push(n);
+        }
+        out
+    }
+}
+
+fn entry_cost(e: &Entry) -> usize {
+    e.items.iter().map(|p| p.cost).sum()
+}
+
 async fn batcher(queue: Arc<Queue>, batch_tx: mpsc::Sender<Vec<Entry>>, cfg: InferConfig, metrics: Metrics) {
-    let max_batch = cfg.max_batch.max(1);
+    let budget = Budget::of(&cfg);
     loop {
         // Wait for the model thread to have room before choosing a batch.
         let Ok(permit) = batch_tx.reserve().await else { return };
@@ -226,13 +272,17 @@ async fn batcher(queue: Arc<Queue>, batch_tx: mpsc::Sender<Vec<Entry>>, cfg: Inf
         }
         // Give an idle model up to `max_wait` (from the oldest arrival) to collect a fuller batch.
         loop {
-            let (pending, oldest) = {
+            let (pending, pending_cost, oldest) = {
                 let q = queue.lock();
-                (q.iter().map(|e| e.items.len()).sum::<usize>(), q.front().map(|e| e.enqueued))
+                (
+                    q.iter().map(|e| e.items.len()).sum::<usize>(),
+                    q.iter().map(entry_cost).sum::<usize>(),
+                    q.front().map(|e| e.enqueued),
+                )
             };
             let Some(oldest) = oldest else { break };
             let until = oldest + cfg.max_wait;
-            if pending >= max_batch || Instant::now() >= until {
+            if pending >= budget.items || pending_cost >= budget.cost || Instant::now() >= until {
                 break;
             }
             tokio::select! {
@@ -242,7 +292,7 @@ async fn batcher(queue: Arc<Queue>, batch_tx: mpsc::Sender<Vec<Entry>>, cfg: Inf
         }
         let now = Instant::now();
         let mut batch = Vec::new();
-        let mut n = 0;
+        let (mut n, mut cost) = (0, 0);
         {
             let mut q = queue.lock();
             while let Some(front) = q.front() {
@@ -261,10 +311,12 @@ async fn batcher(queue: Arc<Queue>, batch_tx: mpsc::Sender<Vec<Entry>>, cfg: Inf
                     }
                     continue;
                 }
-                if n > 0 && n + front.items.len() > max_batch {
+                let front_cost = entry_cost(front);
+                if !budget.fits(n, cost, front.items.len(), front_cost) {
                     break;
                 }
                 n += front.items.len();
+                cost += front_cost;
                 if let Some(e) = q.pop_front() {
                     batch.push(e);
                 }
@@ -283,7 +335,7 @@ fn model_thread(
     warm: Prepared,
     mut rx: mpsc::Receiver<Vec<Entry>>,
     ready: oneshot::Sender<Result<(), NodeError>>,
-    max_batch: usize,
+    budget: Budget,
     metrics: Metrics,
 ) {
     // Warm-up: one real forward pass (allocations, kernels, page-faulting the weights) so the first
@@ -298,7 +350,8 @@ fn model_thread(
         let started = Instant::now();
         let span = tracing::debug_span!("batch", entries = entries.len());
         let _enter = span.enter();
-        // Flatten and sort by cost so each chunk pads to a similar length.
+        // Flatten and sort by cost so each pass pads to a similar length; cut into passes within
+        // the budget (an entry bigger than the budget was taken alone and is split here).
         let mut order: Vec<(usize, usize)> =
             entries.iter().enumerate().flat_map(|(e, en)| (0..en.items.len()).map(move |i| (e, i))).collect();
         order.sort_by_key(|&(e, i)| entries[e].items[i].cost);
@@ -309,7 +362,10 @@ fn model_thread(
         // Move the items out so chunks can be passed as slices in sorted order.
         let mut items: Vec<Vec<Option<Prepared>>> =
             entries.iter_mut().map(|en| std::mem::take(&mut en.items).into_iter().map(Some).collect()).collect();
-        for chunk in order.chunks(max_batch) {
+        let mut start = 0;
+        for len in budget.passes(order.iter().map(|&(e, i)| items[e][i].as_ref().map_or(0, |p| p.cost))) {
+            let chunk = &order[start..start + len];
+            start += len;
             let batch: Vec<Prepared> = chunk.iter().filter_map(|&(e, i)| items[e][i].take()).collect();
             metrics.observe(&metrics.batch_size, batch.len() as f64);
             match run_encoder(&mut *encoder, &batch) {
@@ -364,4 +420,33 @@ fn run_encoder(encoder: &mut dyn Encoder, batch: &[Prepared]) -> Result<Vec<Vec<
 /// Re-export for transports that want to trace a request.
 pub fn request_span(request_id: &str, transport: &'static str) -> tracing::Span {
     tracing::info_span!("embed", request_id = %request_id, transport)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passes_respect_both_limits_and_run_an_oversized_input_alone() {
+        let b = Budget { items: 4, cost: 100 };
+        // Short inputs: the item limit cuts.
+        assert_eq!(b.passes([10; 9]), vec![4, 4, 1]);
+        // Long inputs: the token budget cuts before the item limit.
+        assert_eq!(b.passes([30, 30, 30, 30, 30]), vec![3, 2]);
+        // Sorted ascending, mixed: 10+20+30+40 = 100 fits exactly; 60 then 90 each alone.
+        assert_eq!(b.passes([10, 20, 30, 40, 60, 90]), vec![4, 1, 1]);
+        // One input over the whole budget still runs, alone, and nothing is lost.
+        assert_eq!(b.passes([5, 500, 5]), vec![1, 1, 1]);
+        assert_eq!(b.passes(std::iter::empty()), Vec::<usize>::new());
+        // Whatever the costs, every input lands in exactly one pass.
+        let costs: Vec<usize> = (0..50).map(|i| (i * 37) % 120).collect();
+        let p = b.passes(costs.iter().copied());
+        assert_eq!(p.iter().sum::<usize>(), costs.len());
+        let mut at = 0;
+        for len in p {
+            let pass = &costs[at..at + len];
+            assert!(len <= 4 && (len == 1 || pass.iter().sum::<usize>() <= 100), "{pass:?}");
+            at += len;
+        }
+    }
 }

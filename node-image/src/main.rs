@@ -106,6 +106,10 @@ struct Args {
     /// Most inputs per forward pass.
     #[arg(long, env = "PRISM_MAX_BATCH", default_value_t = 32)]
     max_batch: usize,
+    /// Most cost per forward pass: tokens of text, frames computed of audio, one per image. One
+    /// input over it still runs, alone.
+    #[arg(long, env = "PRISM_MAX_BATCH_TOKENS", default_value_t = 16384)]
+    max_batch_tokens: usize,
     /// How long an idle model waits to fill a batch, in milliseconds.
     #[arg(long, env = "PRISM_MAX_WAIT_MS", default_value_t = 2)]
     max_wait_ms: u64,
@@ -180,8 +184,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()))
         .init();
-    if args.max_batch == 0 || args.max_queue == 0 || args.max_inputs == 0 {
-        bail!("--max-batch, --max-queue and --max-inputs must be at least 1");
+    if args.max_batch == 0 || args.max_batch_tokens == 0 || args.max_queue == 0 || args.max_inputs == 0 {
+        bail!("--max-batch, --max-batch-tokens, --max-queue and --max-inputs must be at least 1");
     }
     let arch = backend::lookup(&args.architecture)?;
     let modality = args.modality.clone().unwrap_or_else(|| arch.modality.to_string());
@@ -270,6 +274,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("loading {} model from {}", arch.name, dir.display()))?;
     let config = InferConfig {
         max_batch: args.max_batch,
+        max_batch_tokens: args.max_batch_tokens,
         max_wait: Duration::from_millis(args.max_wait_ms),
         max_queue: args.max_queue,
         max_inputs: args.max_inputs,

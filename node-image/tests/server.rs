@@ -303,3 +303,43 @@ async fn requests_of_clients_that_left_are_dropped_from_the_queue() {
     );
     assert_eq!(sample(&m, "prism_node_inflight{modality=\"text\",node=\"test-text\"}"), 0.0, "{m}");
 }
+
+/// `--max-batch-tokens` cuts one request of many inputs into forward passes that each stay within
+/// the token budget (the batch-size histogram counts the passes), every answer still matches its
+/// input, and an input longer than the whole budget is served alone rather than refused. Under the
+/// default budget the same request is a single pass.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_token_budget_cuts_a_batch_into_passes() {
+    let reference = common::minilm_reference();
+    let texts: Vec<&str> = reference.items.iter().map(|i| i.text.as_str()).collect();
+    let total_tokens: usize = reference.items.iter().map(|i| i.n_tokens).sum();
+    let longest = reference.items.iter().map(|i| i.n_tokens).max().unwrap_or(0);
+    const BUDGET: usize = 40;
+    assert!(longest > BUDGET, "the fixture needs an input over the budget (longest {longest})");
+    let c = reqwest::Client::new();
+    let passes_key = "prism_node_batch_size_count{modality=\"text\",node=\"test-text\"}";
+    let mut passes = Vec::new();
+    for extra in [vec!["--max-batch-tokens", "40"], vec![]] {
+        let mut args = vec!["--max-batch", "64", "--max-inputs", "64"];
+        args.extend(extra.iter().copied());
+        let node = start(&args).await;
+        let info: Value = c.get(format!("{}/info", node.http)).send().await.expect("info").json().await.expect("json");
+        let before = sample(&metrics(&c, &node).await, passes_key);
+        let (s, v) = post(&c, &node, json!({"inputs": texts}).to_string()).await;
+        assert_eq!(s, 200, "{v}");
+        assert_eq!(v["prompt_tokens"], total_tokens, "{}", v["prompt_tokens"]);
+        for (g, it) in vecs(&v).iter().zip(&reference.items) {
+            let cs = common::cosine(g, &it.embedding);
+            assert!(cs >= 0.9999, "cosine {cs} for an input of {} tokens", it.n_tokens);
+        }
+        passes.push((info["max_batch_tokens"].clone(), sample(&metrics(&c, &node).await, passes_key) - before));
+    }
+    let (budget_info, cut) = passes[0].clone();
+    assert_eq!(budget_info, BUDGET, "/info reports the budget");
+    assert_eq!(passes[1], (json!(16384), 1.0), "default budget: one pass for {} inputs", texts.len());
+    // Each input over the budget is a pass of its own; every other pass holds at most BUDGET.
+    let (over, rest): (Vec<usize>, Vec<usize>) = reference.items.iter().map(|i| i.n_tokens).partition(|&n| n > BUDGET);
+    let lower = (over.len() + rest.iter().sum::<usize>().div_ceil(BUDGET)) as f64;
+    assert!(cut >= lower, "{cut} passes for {total_tokens} tokens under a budget of {BUDGET} (at least {lower})");
+    assert!(cut < texts.len() as f64, "{cut} passes: one per input, no batching left");
+}

@@ -78,6 +78,9 @@ pub struct NodeInfo {
     pub dim: usize,
     pub device: String,
     pub max_batch: usize,
+    /// Most cost per forward pass (`--max-batch-tokens`); absent from older nodes.
+    #[serde(default)]
+    pub max_batch_tokens: Option<usize>,
     pub max_input_tokens: Option<usize>,
 }
 
