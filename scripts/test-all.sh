@@ -43,6 +43,9 @@ python3 scripts/demo.py
 section "real clients (openai, tritonclient, kserve against prism-router + prism-node)"
 bash scripts/install-client-deps.sh && .cache/venv-clients/bin/python -m pytest -q tests/clients
 
+section "chaos (make chaos without the control-plane scenarios, which the control plane tier covers)"
+python3 tests/chaos/run.py --bin target/release/prism --skip-control-plane
+
 section "control plane tests (real kube-apiserver)"
 bash scripts/test-e2e.sh
 
