@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use prism_api::wire::router::{InferResponse, ReplicaRef};
 use serde::{Deserialize, Serialize};
 use thiserror::Error;
-use tokio::sync::oneshot;
+use tokio::sync::{mpsc, oneshot};
 use tracing::error;
 
 /// Most operations one commit carries (group commit under load).
@@ -124,6 +124,19 @@ impl Done {
             }
         }
     }
+}
+
+/// The next commit's operations: the first to arrive (blocking; None once every sender is gone)
+/// and whatever else is already waiting, up to [`MAX_BATCH`] (group commit under load).
+pub(crate) fn next_batch(rx: &mut mpsc::Receiver<Op>) -> Option<Vec<Op>> {
+    let mut batch = vec![rx.blocking_recv()?];
+    while batch.len() < MAX_BATCH {
+        match rx.try_recv() {
+            Ok(op) => batch.push(op),
+            Err(_) => break,
+        }
+    }
+    Some(batch)
 }
 
 /// All of a batch failed, because of `why`.

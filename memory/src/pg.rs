@@ -26,8 +26,8 @@ use tracing::{debug, error, info, warn};
 
 use crate::index::VectorIndex;
 use crate::log::{
-    failed_batch, replicas_of, Done, LogBackend, MemoryError, Op, RawCorrection, RawExample, RawRecord, Record,
-    CORRECTED_RECORDS_SQL, COUNT_SQL, MAX_BATCH, RATED_RESPONSES_SQL,
+    failed_batch, next_batch, replicas_of, Done, LogBackend, MemoryError, Op, RawCorrection, RawExample, RawRecord,
+    Record, CORRECTED_RECORDS_SQL, COUNT_SQL, RATED_RESPONSES_SQL,
 };
 
 /// How often a router loads the records other routers committed.
@@ -512,14 +512,7 @@ fn writer_loop(
     tail: &Mutex<Tail>,
 ) {
     let mut conn = Some(conn);
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
+    while let Some(batch) = next_batch(&mut rx) {
         if conn.as_ref().is_some_and(|c| c.client.is_closed()) {
             conn = None;
         }

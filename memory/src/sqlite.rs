@@ -12,8 +12,8 @@ use tokio::sync::mpsc;
 
 use crate::index::VectorIndex;
 use crate::log::{
-    failed_batch, replicas_of, Done, LogBackend, MemoryError, Op, RawCorrection, RawExample, RawRecord, Record,
-    CORRECTED_RECORDS_SQL, COUNT_SQL, MAX_BATCH, RATED_RESPONSES_SQL,
+    failed_batch, next_batch, replicas_of, Done, LogBackend, MemoryError, Op, RawCorrection, RawExample, RawRecord,
+    Record, CORRECTED_RECORDS_SQL, COUNT_SQL, RATED_RESPONSES_SQL,
 };
 
 impl From<rusqlite::Error> for MemoryError {
@@ -172,14 +172,7 @@ fn row_to_record(row: &rusqlite::Row<'_>) -> Result<Record, rusqlite::Error> {
 }
 
 fn writer_loop(mut conn: Connection, mut rx: mpsc::Receiver<Op>, index: Arc<RwLock<VectorIndex>>) {
-    while let Some(first) = rx.blocking_recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
-            match rx.try_recv() {
-                Ok(op) => batch.push(op),
-                Err(_) => break,
-            }
-        }
+    while let Some(batch) = next_batch(&mut rx) {
         commit_batch(&mut conn, batch, &index);
     }
 }
