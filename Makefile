@@ -73,7 +73,7 @@ bench-node: models ## prism-node vs PyTorch, ONNX Runtime, OpenVINO, IPEX on CPU
 
 .PHONY: train-space bench-models
 train-space: models ## prism train shared-space: text/audio heads into vit-digits' space (.cache/models/digits-space)
-	$(CARGO) build --release -p prism --bin prism
+	$(CARGO) build --release -p prism -p prism-node --bins
 	$(RELEASE_BIN)/prism train shared-space
 
 bench-models: models ## shared-space retrieval, per-modality throughput, parallel nodes vs one monolithic process, sliding-window attention (BENCH_ARGS=--sliding-only)

@@ -38,10 +38,12 @@ enum Cmd {
         #[arg(short = 'f', long = "filename", required = true)]
         files: Vec<PathBuf>,
     },
-    /// Train model updates with candle on this machine (see `prism train shared-space --help`).
+    /// Train model updates with candle on this machine: runs `prism-node train` (the node binary
+    /// next to this one, or on PATH) with the same arguments; see `prism train shared-space --help`.
+    #[command(disable_help_flag = true)]
     Train {
-        #[command(subcommand)]
-        what: train::TrainCmd,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 0..)]
+        args: Vec<std::ffi::OsString>,
     },
     /// Model revisions of a ModalityNode in the cluster: `history`, or `undo` to a recorded one.
     Rollout {
@@ -91,7 +93,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Status(args) => local::status(&args),
         Cmd::Down(args) => local::down(&args),
         Cmd::Logs(args) => local::logs(&args),
-        Cmd::Train { what } => train::run(what),
+        Cmd::Train { args } => train::run(&args),
         Cmd::Rollout { what } => runtime()?.block_on(rollout::run(what)),
         Cmd::Adapt { what } => runtime()?.block_on(adapt::run(what)),
     }

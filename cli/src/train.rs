@@ -1,162 +1,21 @@
-//! `prism train`: wiring of the candle training in `prism_node::train` to the command line.
+//! `prism train`: runs `prism-node train` with the same arguments. The training is candle code in
+//! the node crate; running the node binary keeps candle out of the CLI.
 
-use std::path::PathBuf;
+use std::ffi::OsString;
+use std::process::Command;
 
 use anyhow::Context;
-use clap::{Args, Subcommand};
-use prism_node::train::corrections::{train_from_corrections, CorrectionsConfig};
-use prism_node::train::{train_shared_space, SharedSpaceConfig};
 
-#[derive(Subcommand)]
-pub enum TrainCmd {
-    /// Learn projection heads that put text and audio vectors into the vision model's space
-    /// (contrastive, on paired data such as `make digits-data`), and write three servable model
-    /// folders (text/, audio/, vision/) with a model card and held-out retrieval accuracy.
-    SharedSpace(SharedSpaceArgs),
-    /// Fine-tune a shared-space head on users' corrections (the router's GET
-    /// /v1/memory/corrections, with the pipeline logging inputs: `memory.inputs: full`) and write
-    /// a new revision folder; prints the gain on corrections held out of training.
-    FromCorrections(FromCorrectionsArgs),
-}
-
-#[derive(Args)]
-pub struct FromCorrectionsArgs {
-    /// The router's training set: `curl ROUTER/v1/memory/corrections > corrections.json`.
-    #[arg(long)]
-    corrections: PathBuf,
-    /// Which input of each request the head reads: text or audio.
-    #[arg(long, default_value = "text")]
-    modality: String,
-    /// Encoder architecture of --model (default: bert for text, whisper-encoder for audio).
-    #[arg(long)]
-    architecture: Option<String>,
-    /// The revision to correct (a folder with projection.safetensors); default
-    /// .cache/models/digits-space/<modality>.
-    #[arg(long)]
-    model: Option<PathBuf>,
-    /// The space's anchor folder.
-    #[arg(long, default_value = ".cache/models/digits-space/vision")]
-    vision_model: PathBuf,
-    /// The paired data the space was trained on (anchors, replay, forgetting check).
-    #[arg(long, default_value = ".cache/data/digits-pairs")]
-    data: PathBuf,
-    /// The new revision's folder.
-    #[arg(long)]
-    out: PathBuf,
-    #[arg(long, default_value_t = 200)]
-    steps: usize,
-    #[arg(long, default_value_t = 64)]
-    batch: usize,
-    #[arg(long, default_value_t = 1e-3)]
-    learning_rate: f64,
-    #[arg(long, default_value_t = 0.1)]
-    temperature: f64,
-    #[arg(long, default_value_t = 20261201)]
-    seed: u64,
-}
-
-#[derive(Args)]
-pub struct SharedSpaceArgs {
-    /// Paired data folder with manifest.json (scripts/make-digits-pairs.py writes one).
-    #[arg(long, default_value = ".cache/data/digits-pairs")]
-    data: PathBuf,
-    /// Text encoder folder (bert architecture).
-    #[arg(long, default_value = ".cache/models/all-minilm-l6-v2")]
-    text_model: PathBuf,
-    /// Vision encoder folder (vit architecture): the frozen anchor of the space.
-    #[arg(long, default_value = ".cache/models/vit-digits")]
-    vision_model: PathBuf,
-    /// Audio encoder folder (whisper-encoder architecture).
-    #[arg(long, default_value = ".cache/models/whisper-base-encoder")]
-    audio_model: PathBuf,
-    /// Where the three model folders, model_card.md and metrics.json go.
-    #[arg(long, default_value = ".cache/models/digits-space")]
-    out: PathBuf,
-    #[arg(long, default_value_t = 400)]
-    steps: usize,
-    #[arg(long, default_value_t = 128)]
-    batch: usize,
-    #[arg(long, default_value_t = 2e-3)]
-    learning_rate: f64,
-    /// Hidden width of each head (0 = one linear layer).
-    #[arg(long, default_value_t = 256)]
-    hidden: usize,
-    #[arg(long, default_value_t = 0.1)]
-    temperature: f64,
-    #[arg(long, default_value_t = 20261201)]
-    seed: u64,
-}
-
-fn check_hyper(steps: usize, batch: usize, temperature: f64, learning_rate: f64) -> anyhow::Result<()> {
-    let positive = |x: f64| x.is_finite() && x > 0.0;
-    if steps == 0 || batch < 2 || !positive(temperature) || !positive(learning_rate) {
-        anyhow::bail!("--steps must be >= 1, --batch >= 2, --temperature and --learning-rate > 0");
+pub fn run(args: &[OsString]) -> anyhow::Result<()> {
+    let node = crate::local::sibling_or_path(&None, "prism-node");
+    let status = Command::new(&node)
+        .arg("train")
+        .args(args)
+        .status()
+        .with_context(|| format!("running {} train (build it with `make build`)", node.display()))?;
+    if !status.success() {
+        // The node printed its error; keep its exit code for scripts.
+        std::process::exit(status.code().unwrap_or(1));
     }
     Ok(())
-}
-
-pub fn run(cmd: TrainCmd) -> anyhow::Result<()> {
-    match cmd {
-        TrainCmd::FromCorrections(a) => {
-            check_hyper(a.steps, a.batch, a.temperature, a.learning_rate)?;
-            let architecture = match (a.architecture, a.modality.as_str()) {
-                (Some(arch), _) => arch,
-                (None, "text") => "bert".into(),
-                (None, "audio") => "whisper-encoder".into(),
-                (None, other) => anyhow::bail!("--modality {other}: give --architecture"),
-            };
-            let cfg = CorrectionsConfig {
-                model: a.model.unwrap_or_else(|| PathBuf::from(".cache/models/digits-space").join(&a.modality)),
-                corrections: a.corrections,
-                modality: a.modality,
-                architecture,
-                vision_model: a.vision_model,
-                data: a.data,
-                out: a.out,
-                steps: a.steps,
-                batch: a.batch,
-                learning_rate: a.learning_rate,
-                temperature: a.temperature,
-                seed: a.seed,
-            };
-            let r = train_from_corrections(&cfg, &mut |line| eprintln!("{line}"))
-                .with_context(|| format!("training from {}", cfg.corrections.display()))?;
-            println!(
-                "train: correction_gain={:+.3} before_top1={:.3} after_top1={:.3} data_before_top1={:.3} data_after_top1={:.3} trained={} held_out={} out={}",
-                r.correction_gain,
-                r.before_top1,
-                r.after_top1,
-                r.data_before_top1,
-                r.data_after_top1,
-                r.corrections_trained,
-                r.corrections_held_out,
-                cfg.out.display()
-            );
-            Ok(())
-        }
-        TrainCmd::SharedSpace(a) => {
-            check_hyper(a.steps, a.batch, a.temperature, a.learning_rate)?;
-            let cfg = SharedSpaceConfig {
-                steps: a.steps,
-                batch: a.batch,
-                learning_rate: a.learning_rate,
-                hidden: a.hidden,
-                temperature: a.temperature,
-                seed: a.seed,
-                ..SharedSpaceConfig::new(a.data, a.text_model, a.vision_model, a.audio_model, a.out.clone())
-            };
-            let report = train_shared_space(&cfg, &mut |line| eprintln!("{line}"))
-                .with_context(|| format!("training the shared space from {}", cfg.data.display()))?;
-            println!(
-                "train: text_to_image_top1={:.3} audio_to_image_top1={:.3} chance={:.3} (untrained {:.3}/{:.3}) out={}",
-                report.text_to_image_top1,
-                report.audio_to_image_top1,
-                report.chance,
-                report.text_to_image_top1_untrained,
-                report.audio_to_image_top1_untrained,
-                a.out.display()
-            );
-            Ok(())
-        }
-    }
 }

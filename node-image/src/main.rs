@@ -11,6 +11,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _};
 use clap::{CommandFactory as _, Parser};
+mod train_command;
+
 use prism_node::backend::{self, DeviceChoice, LoadSpec};
 use prism_node::fetch::{self, FetchOptions, ModelUri};
 use prism_node::grpc::NodeService;
@@ -38,6 +40,12 @@ enum Command {
     /// Download an hf:// or oci:// model into a folder to serve (the operator's init container).
     /// Tokens come from the environment: HF_TOKEN (Hugging Face), OCI_TOKEN (registry Bearer token).
     Fetch(FetchArgs),
+    /// Train model updates with candle on this machine (`prism train` runs this; see
+    /// `prism-node train shared-space --help`).
+    Train {
+        #[command(subcommand)]
+        what: train_command::TrainCmd,
+    },
 }
 
 #[derive(clap::Args, Debug)]
@@ -147,6 +155,9 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(Command::Train { what }) = cli.command {
+        return train_command::run(what);
+    }
     if let Some(Command::Fetch(f)) = cli.command {
         // Plain `error: ...` lines and exit code 1: this runs as an init container whose log is
         // read by people (kubectl logs -c fetch-model).

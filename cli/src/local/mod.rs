@@ -109,7 +109,7 @@ pub fn resolve_model_path(uri: &str, models_dir: &Path) -> anyhow::Result<PathBu
     bail!("model uri {uri:?}: `prism up` reads file:// and pvc:// models (hf:// and oci:// need a cluster with an init container); fetch weights with `make models`")
 }
 
-fn sibling_or_path(explicit: &Option<PathBuf>, name: &str) -> PathBuf {
+pub(crate) fn sibling_or_path(explicit: &Option<PathBuf>, name: &str) -> PathBuf {
     if let Some(p) = explicit {
         return p.clone();
     }
