@@ -43,7 +43,7 @@ python3 scripts/demo.py
 section "real clients (openai, tritonclient, kserve against prism-router + prism-node)"
 bash scripts/install-client-deps.sh && .cache/venv-clients/bin/python -m pytest -q tests/clients
 
-section "chaos (make chaos without the control-plane scenarios, which the control plane tier covers)"
+section "chaos (make chaos without its two control-plane scenarios; docs/reliability.md)"
 python3 tests/chaos/run.py --bin target/release/prism --skip-control-plane
 
 section "control plane tests (real kube-apiserver)"
