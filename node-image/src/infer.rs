@@ -62,6 +62,9 @@ struct Served {
 
 struct Entry {
     items: Vec<Prepared>,
+    /// The items' [`Prepared::cost`] summed once at enqueue: the batcher reads it under the
+    /// queue lock on every wake-up.
+    cost: usize,
     enqueued: Instant,
     deadline: Instant,
     deadline_ms: u64,
@@ -185,7 +188,8 @@ impl Infer {
             if q.len() >= self.config.max_queue {
                 return Err(self.overloaded());
             }
-            q.push_back(Entry { items, enqueued: Instant::now(), deadline, deadline_ms, reply: tx });
+            let cost = items.iter().map(|p| p.cost).sum();
+            q.push_back(Entry { items, cost, enqueued: Instant::now(), deadline, deadline_ms, reply: tx });
             self.metrics.queue_size.with_label_values(&self.metrics.label_values()).set(q.len() as i64);
         }
         self.queue.notify.notify_one();
@@ -253,10 +257,6 @@ impl Budget {
     }
 }
 
-fn entry_cost(e: &Entry) -> usize {
-    e.items.iter().map(|p| p.cost).sum()
-}
-
 async fn batcher(queue: Arc<Queue>, batch_tx: mpsc::Sender<Vec<Entry>>, cfg: InferConfig, metrics: Metrics) {
     let budget = Budget::of(&cfg);
     loop {
@@ -274,11 +274,8 @@ async fn batcher(queue: Arc<Queue>, batch_tx: mpsc::Sender<Vec<Entry>>, cfg: Inf
         loop {
             let (pending, pending_cost, oldest) = {
                 let q = queue.lock();
-                (
-                    q.iter().map(|e| e.items.len()).sum::<usize>(),
-                    q.iter().map(entry_cost).sum::<usize>(),
-                    q.front().map(|e| e.enqueued),
-                )
+                let (n, c) = q.iter().fold((0, 0), |(n, c), e| (n + e.items.len(), c + e.cost));
+                (n, c, q.front().map(|e| e.enqueued))
             };
             let Some(oldest) = oldest else { break };
             let until = oldest + cfg.max_wait;
@@ -311,12 +308,11 @@ async fn batcher(queue: Arc<Queue>, batch_tx: mpsc::Sender<Vec<Entry>>, cfg: Inf
                     }
                     continue;
                 }
-                let front_cost = entry_cost(front);
-                if !budget.fits(n, cost, front.items.len(), front_cost) {
+                if !budget.fits(n, cost, front.items.len(), front.cost) {
                     break;
                 }
                 n += front.items.len();
-                cost += front_cost;
+                cost += front.cost;
                 if let Some(e) = q.pop_front() {
                     batch.push(e);
                 }
@@ -355,6 +351,7 @@ fn model_thread(
         let mut order: Vec<(usize, usize)> =
             entries.iter().enumerate().flat_map(|(e, en)| (0..en.items.len()).map(move |i| (e, i))).collect();
         order.sort_by_key(|&(e, i)| entries[e].items[i].cost);
+        let passes = budget.passes(order.iter().map(|&(e, i)| entries[e].items[i].cost));
         let total = order.len();
         let mut results: Vec<Vec<Option<Vec<f32>>>> = entries.iter().map(|en| vec![None; en.items.len()]).collect();
         let mut error: Option<NodeError> = None;
@@ -363,7 +360,7 @@ fn model_thread(
         let mut items: Vec<Vec<Option<Prepared>>> =
             entries.iter_mut().map(|en| std::mem::take(&mut en.items).into_iter().map(Some).collect()).collect();
         let mut start = 0;
-        for len in budget.passes(order.iter().map(|&(e, i)| items[e][i].as_ref().map_or(0, |p| p.cost))) {
+        for len in passes {
             let chunk = &order[start..start + len];
             start += len;
             let batch: Vec<Prepared> = chunk.iter().filter_map(|&(e, i)| items[e][i].take()).collect();

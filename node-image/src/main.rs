@@ -1,7 +1,8 @@
 //! `prism-node`: serves one model over HTTP (and optionally gRPC). Wiring only; logic is in the lib.
 //!
 //! `prism-node [SERVE FLAGS]` serves (the form the operator and `prism up` use); `prism-node fetch
-//! --model-uri hf://...|oci://... --out DIR` downloads a model folder (the operator's init container).
+//! --model-uri hf://...|oci://... --out DIR` downloads a model folder (the operator's init container);
+//! `prism-node train ...` trains model updates (`prism train` runs it).
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -9,10 +10,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use anyhow::{bail, Context as _};
-use clap::{CommandFactory as _, Parser};
 mod train_command;
 
+use anyhow::{bail, Context as _};
+use clap::{CommandFactory as _, Parser};
 use prism_node::backend::{self, DeviceChoice, LoadSpec};
 use prism_node::fetch::{self, FetchOptions, ModelUri};
 use prism_node::grpc::NodeService;
