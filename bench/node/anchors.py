@@ -22,6 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "common"))
+from prism_up import pct  # noqa: E402
+
 ANCHORS = ("torch-fp32", "torch-bf16-autocast", "ort-fp32-fused", "ort-int8-dynamic",
            "openvino-fp32", "openvino-bf16", "ipex-bf16")
 MAX_LEN = 256
@@ -197,11 +200,6 @@ def runner(name, model_dir, threads, work):
     if name == "ipex-bf16":
         return ipex_runner(model_dir, threads)
     raise SystemExit(f"unknown anchor {name!r}; known: {', '.join(ANCHORS)}")
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 def main():

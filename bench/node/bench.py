@@ -29,6 +29,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 MODEL = ROOT / ".cache/models/all-minilm-l6-v2"
+sys.path.insert(0, str(ROOT / "bench/common"))
+from prism_up import append_result, machine, pct  # noqa: E402
 
 WORDS = (
     "the a model request batch node router cluster kubernetes pod replica latency throughput embedding "
@@ -47,11 +49,6 @@ def sentences(n=512, seed=7):
         s = " ".join(rng.choice(WORDS) for _ in range(k))
         out.append(s[0].upper() + s[1:] + ".")
     return out
-
-
-def pct(xs, p):
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
 def bench_prism(binary, sents, threads):
@@ -194,8 +191,6 @@ def main():
     a = ap.parse_args()
     if not (MODEL / "model.safetensors").exists():
         raise SystemExit(f"{MODEL} missing: run `make models`")
-    sys.path.insert(0, str(ROOT / "bench/common"))
-    from prism_up import append_result, machine
     print(f"cpu: {machine(f'threads={a.threads}')}", flush=True)
     anchors = [x for x in a.anchors.split(",") if x]
     unknown = [x for x in anchors if x not in ANCHOR_VENVS]
