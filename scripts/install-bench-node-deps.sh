@@ -9,11 +9,8 @@
 # Idempotent: about two seconds once done.
 set -uo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
-CPU_INDEX="https://download.pytorch.org/whl/cpu"
-
-cpu_index_reachable() {
-  python3 -c "import urllib.request; urllib.request.urlopen('$CPU_INDEX/torch/', timeout=10)" 2>/dev/null
-}
+# shellcheck source=scripts/pip-torch.sh
+source "$ROOT/scripts/pip-torch.sh"
 
 # make_venv DIR CHECK_IMPORTS TORCH_SPEC PACKAGES...
 make_venv() {
@@ -26,14 +23,7 @@ make_venv() {
   [ -x "$py" ] || { echo "bench-node deps: creating venv $venv"; python3 -m venv "$venv" || return 1; }
   "$py" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
   if ! "$py" -c 'import torch' 2>/dev/null; then
-    # The CPU-only wheel is ~200 MB; PyPI's default Linux wheel pulls the CUDA runtime (~3 GB).
-    if cpu_index_reachable; then
-      echo "bench-node deps: pip install $torch_spec (CPU build) into $venv"
-      "$py" -m pip install -q "$torch_spec" --index-url "$CPU_INDEX" || return 1
-    else
-      echo "bench-node deps: $CPU_INDEX unreachable; pip install $torch_spec from PyPI (large download)"
-      "$py" -m pip install -q "$torch_spec" || return 1
-    fi
+    pip_install_torch "$py" "$torch_spec" "bench-node deps" || return 1
   fi
   echo "bench-node deps: pip install $* into $venv"
   "$py" -m pip install -q "$@" || return 1
