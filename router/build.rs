@@ -4,7 +4,7 @@
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     std::env::set_var("PROTOC", protoc);
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../api/proto");
+    let root = std::path::PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("../api/proto");
     let router = root.join("prism/v1/router.proto");
     println!("cargo:rerun-if-changed={}", router.display());
     println!("cargo:rerun-if-changed={}", root.join("prism/v1/node.proto").display());
