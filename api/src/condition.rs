@@ -106,6 +106,32 @@ pub fn merge(old: &[Condition], new: Vec<Condition>, now: &str, generation: Opti
     out
 }
 
+/// Combines what several sources report (one builder per source: the Deployment, the rollout,
+/// the adaptation run ...) into one condition per type, in the style of stackable operator-rs:
+/// the more alarming status wins (False for Ready and Available, True for every other type,
+/// where True means something is going on), and between equals the source listed first wins.
+/// List the most specific source first.
+pub fn combine(sources: impl IntoIterator<Item = Vec<Condition>>) -> Vec<Condition> {
+    let alarm = |c: &Condition| {
+        let good_when_true = c.type_ == types::READY || c.type_ == types::AVAILABLE;
+        match (c.status, good_when_true) {
+            (ConditionStatus::Unknown, _) => 1,
+            (ConditionStatus::True, true) | (ConditionStatus::False, false) => 0,
+            _ => 2,
+        }
+    };
+    let mut out: Vec<Condition> = Vec::new();
+    for c in sources.into_iter().flatten() {
+        match out.iter_mut().find(|o| o.type_ == c.type_) {
+            Some(o) if alarm(&c) > alarm(o) => *o = c,
+            Some(_) => {}
+            None => out.push(c),
+        }
+    }
+    out.sort_by(|a, b| a.type_.cmp(&b.type_));
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -133,5 +159,27 @@ mod tests {
         assert_eq!(merged[0].type_, "Degraded");
         let ready = find(&merged, "Ready").unwrap();
         assert_eq!(ready.last_transition_time.as_deref(), Some("2026-02-02T00:00:00Z"));
+    }
+
+    #[test]
+    fn combine_keeps_the_most_alarming_report_of_each_type_and_the_first_source_on_ties() {
+        let c = |t: &str, s: ConditionStatus, r: &str| Condition::new(t, s, r, "");
+        use ConditionStatus::{False, True};
+        let rollout = vec![c(types::PROGRESSING, True, "CanaryInProgress"), c(types::DEGRADED, True, "RolledBack")];
+        let deployment = vec![
+            c(types::PROGRESSING, True, "RollingOut"),
+            c(types::DEGRADED, False, "AsExpected"),
+            c(types::READY, True, "ReplicasReady"),
+            c(types::AVAILABLE, True, "ReplicasAvailable"),
+        ];
+        let other = vec![c(types::READY, False, "PodsFailing"), c(types::DEGRADED, True, "ReplicaFailure")];
+        let out = combine([rollout, deployment, other]);
+        let reason = |t| find(&out, t).map(|c| c.reason.as_str());
+        assert_eq!(reason(types::PROGRESSING), Some("CanaryInProgress"), "a tie goes to the first source");
+        assert_eq!(reason(types::DEGRADED), Some("RolledBack"));
+        assert_eq!(reason(types::READY), Some("PodsFailing"), "Ready=False outranks Ready=True");
+        assert_eq!(reason(types::AVAILABLE), Some("ReplicasAvailable"));
+        let types: Vec<&str> = out.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(types, ["Available", "Degraded", "Progressing", "Ready"], "one per type, sorted");
     }
 }

@@ -14,6 +14,7 @@ pub mod manifest;
 pub mod node;
 pub mod pipeline;
 pub mod routing;
+pub mod status_writers;
 pub mod wire;
 
 pub use condition::{Condition, ConditionStatus};

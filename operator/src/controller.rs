@@ -18,9 +18,10 @@ use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
-use prism_api::condition::{find, types, Condition};
+use prism_api::condition::{find, types};
 use prism_api::labels;
 use prism_api::routing::{RoutingTable, ROUTING_TABLE_KEY};
+use prism_api::status_writers::{self, NodeControllerStatus};
 use prism_api::{ModalityNode, MultimodalPipeline};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -164,26 +165,13 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
         Err(p) => p.into_inner().problems(&ns, &name),
     };
     let status = node::status(&mn, Some(&deploy), &problems, &now_rfc3339());
-    if mn.status.as_ref() != Some(&status) {
-        let was_ready = mn.status.as_ref().and_then(|s| find(&s.conditions, types::READY)).map(|c| c.is_true());
+    let observed = mn.status.as_ref().map(NodeControllerStatus::observed);
+    if observed.as_ref() != Some(&status) {
+        let was_ready = observed.as_ref().and_then(|s| find(&s.conditions, types::READY)).map(|c| c.is_true());
         let now_ready = find(&status.conditions, types::READY);
         let api: Api<ModalityNode> = Api::namespaced(ctx.client.clone(), &ns);
-        let mut st =
-            serde_json::to_value(&status).map_err(|source| Error::Serialize { what: "node status", source })?;
-        // Fields the autoscaler owns (issue 9) are left out of our apply: SSA then never
-        // overwrites them with a value we read before their last write. The rollout fields
-        // (currentRevision, canary, history) are ours: a canary that ends is dropped by SSA.
-        if let Some(o) = st.as_object_mut() {
-            for k in ["desiredReplicas", "p95", "lastScale"] {
-                o.remove(k);
-            }
-            // Conditions are a map keyed by type: apply only ours (the autoscaler owns the rest).
-            let own: Vec<&Condition> =
-                status.conditions.iter().filter(|c| node::OWN_CONDITIONS.contains(&c.type_.as_str())).collect();
-            o.insert("conditions".into(), serde_json::to_value(own).unwrap_or_default());
-        }
-        let body = serde_json::json!({"apiVersion": "prism.dev/v1alpha1", "kind": "ModalityNode", "status": st});
-        api.patch_status(&name, &apply_params(), &Patch::Apply(&body)).await?;
+        // Our whole struct, nothing else: the autoscaler's fields and conditions stay its own.
+        api.patch_status(&name, &apply_params(), &Patch::Apply(&status_writers::apply_body(&status))).await?;
         if let Some(c) = now_ready {
             if was_ready != Some(c.is_true()) {
                 let t = if c.is_true() { EventType::Normal } else { EventType::Warning };

@@ -18,7 +18,8 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use kube::{Resource, ResourceExt};
 use prism_api::condition::{self, types, Condition, ConditionStatus};
 use prism_api::labels;
-use prism_api::node::{AutoscalingMode, ModalityNode, ModalityNodeStatus, ModelSpec};
+use prism_api::node::{AutoscalingMode, ModalityNode, ModelSpec};
+use prism_api::status_writers::NodeControllerStatus;
 
 use crate::pod_health::{PodProblem, FETCH_CONTAINER};
 use crate::{Error, OperatorConfig, Result};
@@ -554,22 +555,48 @@ fn more_pods(problems: &[PodProblem]) -> String {
     }
 }
 
-/// Condition types the node controller writes; the autoscaler owns MetricsUnavailable and
-/// ScalingLimited.
-pub const OWN_CONDITIONS: [&str; 5] =
-    [types::AVAILABLE, types::DEGRADED, types::PROGRESSING, types::READY, types::TRAINING];
-
-/// Computes the node's status from the observed Deployment (None: not created yet) and what its
-/// pods report (`problems`, from the pod index): a pod that cannot run names the cause in Ready
-/// and Degraded.
+/// The node controller's status (its whole server-side apply body, see
+/// [`prism_api::status_writers`]) from the observed Deployment (None: not created yet) and what
+/// its pods report (`problems`, from the pod index). Conditions come from one builder per
+/// source: the rollout, the Deployment, the adaptation run.
 pub fn status(
     mn: &ModalityNode,
     deploy: Option<&Deployment>,
     problems: &[PodProblem],
     now: &str,
-) -> ModalityNodeStatus {
+) -> NodeControllerStatus {
     let name = mn.name_any();
-    let generation = mn.metadata.generation;
+    let old = mn.status.clone().unwrap_or_default();
+    let ds = deploy.and_then(|d| d.status.clone()).unwrap_or_default();
+    let serving_rev = &crate::rollout::serving_model(&mn.spec, Some(&old)).revision;
+    // The rollout first: a canary or a rolled-back spec says so where users look first.
+    let mut sources =
+        vec![crate::rollout::conditions(&mn.spec, &old), deployment_conditions(&name, deploy, problems, serving_rev)];
+    if mn.spec.adaptation.is_some() {
+        sources.push(vec![crate::adaptation::condition(old.adaptation.as_ref())]);
+    }
+    let conditions = condition::merge(&old.conditions, condition::combine(sources), now, mn.metadata.generation);
+    NodeControllerStatus {
+        observed_generation: mn.metadata.generation,
+        replicas: ds.replicas.unwrap_or(0),
+        ready_replicas: ds.ready_replicas.unwrap_or(0),
+        selector: Some(selector_string(&name)),
+        current_revision: old.current_revision.clone().or_else(|| Some(mn.spec.model.revision.clone())),
+        canary: old.canary,
+        history: old.history,
+        adaptation: old.adaptation,
+        conditions,
+    }
+}
+
+/// Progressing, Available, Ready and Degraded as the node's Deployment and its pods show them:
+/// a pod that cannot run names the cause in Ready and Degraded.
+fn deployment_conditions(
+    name: &str,
+    deploy: Option<&Deployment>,
+    problems: &[PodProblem],
+    serving_rev: &str,
+) -> Vec<Condition> {
     let desired = deploy.and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas).unwrap_or(0);
     let ds = deploy.and_then(|d| d.status.clone()).unwrap_or_default();
     let replicas = ds.replicas.unwrap_or(0);
@@ -584,7 +611,6 @@ pub fn status(
     let replica_failure = dcond("ReplicaFailure").filter(|c| c.status == "True");
     let deadline_exceeded = dcond("Progressing").filter(|c| c.reason.as_deref() == Some("ProgressDeadlineExceeded"));
 
-    let serving_rev = crate::rollout::serving_model(&mn.spec, mn.status.as_ref()).revision.clone();
     let mut conds = Vec::new();
     let rolling = deploy.is_none() || !deploy_gen_seen || updated < desired || replicas > updated;
     conds.push(if rolling {
@@ -638,7 +664,7 @@ pub fn status(
             if deploy.is_none() { "DeploymentMissing" } else { "ReplicasNotReady" },
             format!(
                 "{ready}/{desired} replicas of Deployment {name} ready; inspect `kubectl describe pods -l {}`",
-                selector_string(&name)
+                selector_string(name)
             ),
         )
     });
@@ -657,56 +683,7 @@ pub fn status(
         Some((reason, msg)) => Condition::new(types::DEGRADED, ConditionStatus::True, reason, msg),
         None => Condition::new(types::DEGRADED, ConditionStatus::False, "AsExpected", ""),
     });
-
-    let old = mn.status.clone().unwrap_or_default();
-    // A canary or a rolled-back spec says so where users look first.
-    if let Some(c) = &old.canary {
-        if let Some(p) = conds.iter_mut().find(|c| c.type_ == types::PROGRESSING) {
-            *p = Condition::new(
-                types::PROGRESSING,
-                ConditionStatus::True,
-                "CanaryInProgress",
-                format!(
-                    "canary of revision {} takes {}% of traffic (step {}); revision {} serves the rest",
-                    c.revision,
-                    c.weight,
-                    c.step + 1,
-                    old.current_revision.as_deref().unwrap_or("?")
-                ),
-            );
-        }
-    }
-    if let Some(why) = crate::rollout::held_back(&mn.spec, &old) {
-        if let Some(d) = conds.iter_mut().find(|c| c.type_ == types::DEGRADED && c.status == ConditionStatus::False) {
-            *d = Condition::new(types::DEGRADED, ConditionStatus::True, "RolledBack", why);
-        }
-    }
-    if mn.spec.adaptation.is_some() {
-        conds.push(crate::adaptation::condition(old.adaptation.as_ref()));
-    }
-    let mut conditions = condition::merge(&old.conditions, conds, now, generation);
-    // Conditions of other writers (the autoscaler's ScalingLimited, MetricsUnavailable) survive.
-    for c in &old.conditions {
-        if condition::find(&conditions, &c.type_).is_none() {
-            conditions.push(c.clone());
-        }
-    }
-    conditions.sort_by(|a, b| a.type_.cmp(&b.type_));
-    ModalityNodeStatus {
-        observed_generation: generation,
-        replicas,
-        ready_replicas: ready,
-        // Owned by the autoscaler (issue 9); carried over so our apply never drops it.
-        desired_replicas: old.desired_replicas,
-        selector: Some(selector_string(&name)),
-        current_revision: old.current_revision.clone().or_else(|| Some(mn.spec.model.revision.clone())),
-        canary: old.canary.clone(),
-        history: old.history.clone(),
-        p95: old.p95.clone(),
-        last_scale: old.last_scale.clone(),
-        adaptation: old.adaptation.clone(),
-        conditions,
-    }
+    conds
 }
 
 #[cfg(test)]

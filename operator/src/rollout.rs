@@ -16,6 +16,7 @@
 //! record of `status.currentRevision`), so the stable Deployment can be rebuilt while the spec
 //! already names the canary, and `prism rollback` can put any recorded revision back.
 
+use prism_api::condition::{types, Condition, ConditionStatus};
 use prism_api::node::{CanaryStatus, ModalityNodeSpec, ModalityNodeStatus, ModelSpec, RevisionRecord, RolloutAnalysis};
 
 /// Outcomes written into `status.history`.
@@ -266,6 +267,30 @@ pub fn held_back(spec: &ModalityNodeSpec, status: &ModalityNodeStatus) -> Option
         r.reason,
         status.current_revision.as_deref().unwrap_or("?")
     ))
+}
+
+/// The rollout's conditions: Progressing while a canary takes part of the traffic, Degraded
+/// while the spec names a revision that was rolled back.
+pub fn conditions(spec: &ModalityNodeSpec, status: &ModalityNodeStatus) -> Vec<Condition> {
+    let mut out = Vec::new();
+    if let Some(c) = &status.canary {
+        out.push(Condition::new(
+            types::PROGRESSING,
+            ConditionStatus::True,
+            "CanaryInProgress",
+            format!(
+                "canary of revision {} takes {}% of traffic (step {}); revision {} serves the rest",
+                c.revision,
+                c.weight,
+                c.step + 1,
+                status.current_revision.as_deref().unwrap_or("?")
+            ),
+        ));
+    }
+    if let Some(why) = held_back(spec, status) {
+        out.push(Condition::new(types::DEGRADED, ConditionStatus::True, "RolledBack", why));
+    }
+    out
 }
 
 /// The recorded revision `prism rollout undo` puts back into the spec: `to` when given (any

@@ -271,6 +271,38 @@ impl TestNs {
     }
 }
 
+/// Status field (`conditions[Type]` for a condition) -> the field managers that own it, from
+/// `metadata.managedFields`.
+fn status_owners(mn: &ModalityNode) -> BTreeMap<String, Vec<String>> {
+    let mut out: BTreeMap<String, Vec<String>> = BTreeMap::new();
+    for entry in mn.metadata.managed_fields.iter().flatten() {
+        let Some(status) = entry.fields_v1.as_ref().and_then(|f| f.0.get("f:status")).and_then(|s| s.as_object())
+        else {
+            continue;
+        };
+        let manager = entry.manager.clone().unwrap_or_default();
+        for (key, value) in status {
+            let Some(field) = key.strip_prefix("f:") else { continue };
+            let mut fields = vec![field.to_string()];
+            if field == "conditions" {
+                // `k:{"type":"Ready"}`: one entry of the list-map.
+                fields = value
+                    .as_object()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|(k, _)| k.strip_prefix("k:"))
+                    .filter_map(|k| serde_json::from_str::<serde_json::Value>(k).ok())
+                    .filter_map(|k| k["type"].as_str().map(|t| format!("conditions[{t}]")))
+                    .collect();
+            }
+            for f in fields {
+                out.entry(f).or_default().push(manager.clone());
+            }
+        }
+    }
+    out
+}
+
 fn rand_suffix() -> String {
     format!("{}", std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos())
 }
@@ -951,6 +983,18 @@ async fn builtin_autoscaler_scales_the_deployment_from_prometheus_and_holds_duri
     .await;
     let events = kubectl_ok(&["-n", &ns.name, "get", "events", "--field-selector", "reason=Scaled", "-o", "name"]);
     assert!(!events.trim().is_empty(), "a Scaled event was recorded");
+
+    // One owner per status field, as the API server records it (issue 26): each writer applies
+    // its own struct, and a condition type belongs to whoever reports it.
+    let owners = status_owners(&ns.api::<ModalityNode>().get("text").await.unwrap());
+    let owner = |f: &str| owners.get(f).map(|m| m.iter().map(String::as_str).collect::<Vec<_>>());
+    for f in ["desiredReplicas", "p95", "lastScale", "conditions[MetricsUnavailable]", "conditions[ScalingLimited]"] {
+        assert_eq!(owner(f), Some(vec![autoscale::FIELD_MANAGER]), "{f}: {owners:?}");
+    }
+    for f in ["replicas", "readyReplicas", "selector", "currentRevision", "observedGeneration", "conditions[Ready]"] {
+        assert_eq!(owner(f), Some(vec![prism_api::labels::FIELD_MANAGER]), "{f}: {owners:?}");
+    }
+    assert!(owners.values().all(|m| m.len() == 1), "a status field with two owners: {owners:?}");
 
     // Outage: load stops and Prometheus dies. Idle would scale in after 5 s; blind must hold.
     stop.store(true, std::sync::atomic::Ordering::Relaxed);

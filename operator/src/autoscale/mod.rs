@@ -16,6 +16,7 @@ use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use prism_api::condition::{self, types, Condition, ConditionStatus};
 use prism_api::node::{AutoscalingMode, ModalityNodeSpec, ScaleEvent};
+use prism_api::status_writers::{self, AutoscalerStatus};
 use prism_api::{ModalityNode, ModalityNodeStatus};
 use tracing::{info, warn};
 
@@ -27,7 +28,7 @@ use crate::metrics::Metrics;
 
 /// Field manager of the autoscaler's status writes (distinct from the node controller's, so
 /// neither overwrites the other's fields).
-pub const FIELD_MANAGER: &str = "prism-autoscaler";
+pub use prism_api::status_writers::AUTOSCALER_FIELD_MANAGER as FIELD_MANAGER;
 
 /// Whether the builtin autoscaler has anything to decide for this spec.
 pub fn is_autoscaled(spec: &ModalityNodeSpec) -> bool {
@@ -65,39 +66,38 @@ pub fn format_p95(ms: f64) -> String {
     }
 }
 
-/// The status fields the autoscaler owns after decision `d` (its server-side apply body), or
-/// `None` when none changed (so a quiet node costs no API write). Only its own conditions go in:
-/// `conditions` is a map keyed by type, so the node controller's entries are left alone.
+/// The autoscaler's status after decision `d` (its whole server-side apply body), or `None`
+/// when nothing in it changed, so a quiet node costs no API write.
 pub fn status_patch(
     old: &ModalityNodeStatus,
     d: &Decision,
     now: &str,
     generation: Option<i64>,
-) -> Option<serde_json::Value> {
-    let merged = condition::merge(&old.conditions, conditions(d), now, generation);
-    let cond_changed = merged.iter().any(|c| {
-        condition::find(&old.conditions, &c.type_).map(|o| (&o.status, &o.reason, &o.message))
-            != Some((&c.status, &c.reason, &c.message))
-    });
-    let p95 = d.p95_ms.map(format_p95).or_else(|| old.p95.clone());
-    let desired_changed = old.desired_replicas != Some(d.to);
-    if !(d.changed() || desired_changed || cond_changed || p95 != old.p95) {
-        return None;
-    }
-    let mut st = serde_json::json!({ "desiredReplicas": d.to, "conditions": merged });
-    if let Some(p) = p95 {
-        st["p95"] = p.into();
-    }
-    // Every apply carries the whole owned set: a field left out of an apply is deleted.
-    let last = if d.changed() {
+) -> Option<AutoscalerStatus> {
+    let observed = AutoscalerStatus::observed(old);
+    let last_scale = if d.changed() {
         Some(ScaleEvent { time: now.to_string(), from: d.from, to: d.to, reason: d.reason.clone() })
     } else {
-        old.last_scale.clone()
+        observed.last_scale.clone()
     };
-    if let Some(ev) = last {
-        st["lastScale"] = serde_json::to_value(ev).unwrap_or_default();
-    }
-    Some(st)
+    let next = AutoscalerStatus {
+        desired_replicas: Some(d.to),
+        p95: d.p95_ms.map(format_p95).or_else(|| observed.p95.clone()),
+        last_scale,
+        conditions: condition::merge(&old.conditions, conditions(d), now, generation),
+    };
+    // A generation bump alone restamps conditions: not worth a write.
+    let unstamped = |s: &AutoscalerStatus| {
+        s.conditions
+            .iter()
+            .map(|c| (c.type_.clone(), c.status, c.reason.clone(), c.message.clone()))
+            .collect::<Vec<_>>()
+    };
+    let same = next.desired_replicas == observed.desired_replicas
+        && next.p95 == observed.p95
+        && next.last_scale == observed.last_scale
+        && unstamped(&next) == unstamped(&observed);
+    (!same).then_some(next)
 }
 
 /// Settings of the cluster autoscaler loop (operator flags).
@@ -183,7 +183,7 @@ pub async fn run(
             metrics.autoscaler_max_replicas.with_label_values(&[&ns, &name]).set(i64::from(mn.spec.replicas.max));
             let Some(st) = status_patch(&old, &d, &crate::now_rfc3339(), mn.metadata.generation) else { continue };
             let nodes: Api<ModalityNode> = Api::namespaced(client.clone(), &ns);
-            let body = serde_json::json!({ "apiVersion": "prism.dev/v1alpha1", "kind": "ModalityNode", "status": st });
+            let body = status_writers::apply_body(&st);
             let params = PatchParams::apply(FIELD_MANAGER).force();
             if let Err(e) = nodes.patch_status(&name, &params, &Patch::Apply(&body)).await {
                 warn!(namespace = %ns, node = %name, error = %e, "writing the autoscaler's status failed");
@@ -228,12 +228,12 @@ mod tests {
     fn a_scale_writes_desired_last_scale_and_p95() {
         let st = status_patch(&ModalityNodeStatus::default(), &decision(1, 3), "2026-12-01T00:00:00Z", Some(2))
             .expect("a change is written");
-        assert_eq!(st["desiredReplicas"], 3);
-        assert_eq!(st["lastScale"]["from"], 1);
-        assert_eq!(st["lastScale"]["to"], 3);
-        assert_eq!(st["p95"], "12ms");
-        let conds: Vec<Condition> = serde_json::from_value(st["conditions"].clone()).unwrap();
-        assert!(!condition::find(&conds, types::METRICS_UNAVAILABLE).unwrap().is_true());
+        let body = serde_json::to_value(&st).unwrap();
+        assert_eq!(body["desiredReplicas"], 3);
+        assert_eq!(body["lastScale"]["from"], 1);
+        assert_eq!(body["lastScale"]["to"], 3);
+        assert_eq!(body["p95"], "12ms");
+        assert!(!condition::find(&st.conditions, types::METRICS_UNAVAILABLE).unwrap().is_true());
     }
 
     #[test]
@@ -242,15 +242,19 @@ mod tests {
         let first = status_patch(&old, &decision(2, 2), "t0", Some(1)).unwrap();
         old.desired_replicas = Some(2);
         old.p95 = Some("12ms".into());
-        old.conditions = serde_json::from_value(first["conditions"].clone()).unwrap();
+        old.conditions = first.conditions.clone();
         old.conditions.push(Condition::new(types::READY, ConditionStatus::True, "ReplicasReady", "2/2"));
         assert_eq!(status_patch(&old, &decision(2, 2), "t1", Some(1)), None);
         let mut out = decision(2, 2);
         out.metrics_unavailable = Some("prometheus down".into());
         let st = status_patch(&old, &out, "t2", Some(1)).expect("condition flip is written");
-        let conds: Vec<Condition> = serde_json::from_value(st["conditions"].clone()).unwrap();
-        assert!(condition::find(&conds, types::METRICS_UNAVAILABLE).unwrap().is_true());
-        assert!(condition::find(&conds, types::READY).is_none(), "only the autoscaler's own conditions are applied");
-        assert!(st.get("lastScale").is_none(), "no scale happened");
+        assert!(condition::find(&st.conditions, types::METRICS_UNAVAILABLE).unwrap().is_true());
+        let body = serde_json::to_value(&st).unwrap();
+        assert!(
+            condition::find(&st.conditions, types::READY).is_none(),
+            "only the autoscaler's own conditions are applied"
+        );
+        assert!(body.get("lastScale").is_none(), "no scale happened");
+        assert!(body.get("replicas").is_none(), "the node controller's fields stay out");
     }
 }

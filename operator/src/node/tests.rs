@@ -1,6 +1,6 @@
 use super::*;
 use crate::pod_health::PodProblem;
-use prism_api::node::{GpuSpec, ModalityNodeSpec};
+use prism_api::node::{CanaryStatus, GpuSpec, ModalityNodeSpec, ModalityNodeStatus};
 
 pub fn mk_node(name: &str, modality: &str, uri: &str) -> ModalityNode {
     let spec: ModalityNodeSpec = serde_json::from_value(serde_json::json!({
@@ -285,17 +285,47 @@ fn status_names_what_keeps_pods_from_serving() {
     assert!(!condition::find(&s.conditions, types::DEGRADED).unwrap().is_true());
 }
 
+/// What the API server holds after our apply: the write half read back as the whole status.
+fn stored(st: &NodeControllerStatus, mut other: ModalityNodeStatus) -> ModalityNodeStatus {
+    let ours: ModalityNodeStatus = serde_json::from_value(serde_json::to_value(st).unwrap()).unwrap();
+    other.conditions.extend(ours.conditions.iter().cloned());
+    ModalityNodeStatus {
+        desired_replicas: other.desired_replicas,
+        p95: other.p95,
+        conditions: other.conditions,
+        ..ours
+    }
+}
+
 #[test]
-fn status_keeps_other_writers_conditions_and_transition_times() {
+fn status_applies_only_its_own_conditions_and_keeps_transition_times() {
     let mut mn = mk_node("n", "text", "file:///m");
     let first = status(&mn, Some(&deploy_with(1, 1, 1, true)), &[], "T1");
-    let mut prev = first.clone();
-    prev.conditions.push(Condition::new(types::METRICS_UNAVAILABLE, ConditionStatus::True, "PrometheusDown", ""));
-    mn.status = Some(prev);
+    let autoscaler = ModalityNodeStatus {
+        desired_replicas: Some(1),
+        conditions: vec![Condition::new(types::METRICS_UNAVAILABLE, ConditionStatus::True, "PrometheusDown", "")],
+        ..Default::default()
+    };
+    mn.status = Some(stored(&first, autoscaler));
     let second = status(&mn, Some(&deploy_with(1, 1, 1, true)), &[], "T2");
     let ready = condition::find(&second.conditions, types::READY).unwrap();
     assert_eq!(ready.last_transition_time.as_deref(), Some("T1"));
-    assert!(condition::find(&second.conditions, types::METRICS_UNAVAILABLE).is_some());
+    assert!(condition::find(&second.conditions, types::METRICS_UNAVAILABLE).is_none(), "the autoscaler's own");
+    assert_eq!(NodeControllerStatus::observed(mn.status.as_ref().unwrap()), second, "nothing to write");
+    assert!(serde_json::to_value(&second).unwrap().get("desiredReplicas").is_none());
+}
+
+#[test]
+fn a_canary_and_a_rolled_back_spec_outrank_what_the_deployment_says() {
+    let mut mn = mk_node("n", "text", "file:///m");
+    let mut st = ModalityNodeStatus { current_revision: Some("1".into()), ..Default::default() };
+    st.canary = Some(CanaryStatus { revision: "2".into(), step: 0, weight: 10, step_started: "T0".into() });
+    mn.status = Some(st);
+    let s = status(&mn, Some(&deploy_with(2, 1, 1, true)), &[], "T1");
+    let p = condition::find(&s.conditions, types::PROGRESSING).unwrap();
+    assert_eq!(p.reason, "CanaryInProgress", "{}", p.message);
+    assert!(p.message.contains("revision 2 takes 10%"), "{}", p.message);
+    assert_eq!(s.canary.as_ref().map(|c| c.weight), Some(10), "the rollout's fields are carried in our apply");
 }
 
 #[test]
