@@ -7,12 +7,16 @@ Measures, for one prism-operator process started fresh against the e2e control p
   peak_rss_mb        the operator's VmHWM (peak resident set) from /proc at the end
   reconcile_p99_ms   p99 of prism_operator_reconcile_duration_seconds{controller="modalitynode"}
                      from the operator's own /metrics (bucket interpolation, as histogram_quantile)
+  api_per_reconcile  requests the operator sent (prism_operator_kube_requests_total, watches
+                     and lists excluded: they are per stream, not per reconcile) over reconciles
+  gets_per_reconcile the GETs among them (reads a shared watch's store would answer)
 Nodes use replicas {min: 0}: Deployments at 0 replicas, so kwok and the scheduler (which are not the
 operator's work, and whose 4 simulated nodes hold 110 pods each) stay out of the measurement.
 The aim from the issue (all within 60 s, under 100 MiB) is printed as ratios; Kubernetes
 controllers publish no comparable figure for this shape, so the aim is the reference.
 
-Last line: operator-scale: crs=N all_reconciled_s=.. peak_rss_mb=.. reconcile_p99_ms=..
+Last line: operator-scale: crs=N all_reconciled_s=.. peak_rss_mb=.. reconcile_p99_ms=.. api_per_reconcile=..
+gets_per_reconcile=..
 """
 import argparse
 import json
@@ -76,6 +80,22 @@ def histogram_quantile(text, metric, labels, q):
     return None
 
 
+def api_requests(text):
+    """(verb, resource) -> count from prism_operator_kube_requests_total."""
+    out = {}
+    for line in text.splitlines():
+        if line.startswith("prism_operator_kube_requests_total{"):
+            labels = dict(kv.split("=", 1) for kv in line[line.index("{") + 1:line.index("}")].split(","))
+            key = (labels["verb"].strip('"'), labels["resource"].strip('"'))
+            out[key] = out.get(key, 0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def counter_sum(text, metric, labels):
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith(metric) and labels in line)
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--crs", type=int, default=1000)
@@ -132,11 +152,19 @@ def main():
                 rss_kb = int(line.split()[1])
         metrics = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
         p99 = histogram_quantile(metrics, "prism_operator_reconcile_duration_seconds", 'controller="modalitynode"', 0.99)
+        reconciles = counter_sum(metrics, "prism_operator_reconcile_duration_seconds_count", "")
+        requests = api_requests(metrics)
+        per_stream = ("watch", "list")
+        api = sum(v for (verb, _), v in requests.items() if verb not in per_stream) / max(reconciles, 1)
+        gets = sum(v for (verb, _), v in requests.items() if verb == "get") / max(reconciles, 1)
+        log(f"{reconciles:.0f} reconciles; requests by verb/resource: "
+            + ", ".join(f"{verb} {res} {n:.0f}" for (verb, res), n in sorted(requests.items())))
         peak_mb = rss_kb / 1024
         p99_ms = (p99 or 0) * 1000
         log(f"children: {children}; apply took {applied_s:.1f}s of the {all_s:.1f}s")
         log(f"aim: all within 60 s -> {all_s / 60:.2f} of budget; under 100 MiB -> {peak_mb / 100:.2f} of budget")
-        line = f"operator-scale: crs={args.crs} all_reconciled_s={all_s:.1f} peak_rss_mb={peak_mb:.1f} reconcile_p99_ms={p99_ms:.1f}"
+        line = (f"operator-scale: crs={args.crs} all_reconciled_s={all_s:.1f} peak_rss_mb={peak_mb:.1f} reconcile_p99_ms={p99_ms:.1f}"
+                f" api_per_reconcile={api:.2f} gets_per_reconcile={gets:.2f}")
         if not args.no_append:
             append_result(
                 "operator-scale",

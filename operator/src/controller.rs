@@ -15,7 +15,8 @@ use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Config as CtrlConfig};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::{ObjectRef, Store};
+use kube::runtime::reflector::store::Writer;
+use kube::runtime::reflector::{self, ObjectRef, Store};
 use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use prism_api::condition::{find, types};
@@ -48,6 +49,36 @@ pub struct Context {
     /// Where canary analysis reads the routers' per-revision metrics (the autoscaler's Prometheus).
     pub prometheus: Option<crate::autoscale::PromClient>,
     pub match_namespace: bool,
+    /// The operator's one ModalityNode watch and one watch of its own Deployments: reconciles
+    /// read these instead of GETs (see [`Stores`]).
+    pub stores: Stores,
+    /// The routing table last published per pipeline (namespace, name): this process is the only
+    /// writer while it leads (it exits when it loses the lease), so it need not read it back.
+    pub published: std::sync::Mutex<BTreeMap<(String, String), RoutingTable>>,
+}
+
+/// Reflector stores shared by both controllers and the autoscaler.
+#[derive(Clone)]
+pub struct Stores {
+    pub nodes: Store<ModalityNode>,
+    /// Deployments labelled `app.kubernetes.io/managed-by=prism` (node, canary and router).
+    pub deployments: Store<Deployment>,
+}
+
+impl Stores {
+    /// Waits for every store's first list, so a reconcile never mistakes "not listed yet" for
+    /// "does not exist".
+    async fn ready(&self) -> Result<()> {
+        let (a, b) = futures::join!(self.nodes.wait_until_ready(), self.deployments.wait_until_ready());
+        a.and(b).map_err(|_| Error::StoreClosed)
+    }
+}
+
+fn cached<K>(store: &Store<K>, ns: &str, name: &str) -> Option<K>
+where
+    K: Resource<DynamicType = ()> + Clone + 'static,
+{
+    store.get(&ObjectRef::new(name).within(ns)).map(|o| (*o).clone())
 }
 
 fn ns_of<K: Resource>(o: &K) -> Result<String> {
@@ -106,8 +137,9 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
     }
     let mn = Arc::new(step_adaptation(mn, &ctx, &ns, &oref).await?);
 
+    ctx.stores.ready().await?;
     let deploy_api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let existing = deploy_api.get_opt(&name).await?;
+    let existing = cached(&ctx.stores.deployments, &ns, &name);
     let current = existing.as_ref().and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas);
     let objs = node::desired_objects(&mn, &ctx.cfg, current)?;
     let stable_replicas = objs.deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
@@ -117,9 +149,13 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
         }
         None => {
             let canary = node::canary_name(&name);
-            if deploy_api.get_opt(&canary).await?.is_some() {
-                deploy_api.delete(&canary, &Default::default()).await?;
-                info!(deployment = %canary, "deleted canary Deployment");
+            if cached(&ctx.stores.deployments, &ns, &canary).is_some() {
+                match deploy_api.delete(&canary, &Default::default()).await {
+                    Ok(_) => info!(deployment = %canary, "deleted canary Deployment"),
+                    // The store lags the API: someone (or our last pass) deleted it already.
+                    Err(kube::Error::Api(e)) if e.code == 404 => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
     }
@@ -390,10 +426,10 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
     let name = mmp.name_any();
     let oref = mmp.object_ref(&());
 
-    let mn_api: Api<ModalityNode> = Api::namespaced(ctx.client.clone(), &ns);
+    ctx.stores.ready().await?;
     let mut observed = BTreeMap::new();
     for n in &mmp.spec.nodes {
-        if let Some(mn) = mn_api.get_opt(&n.name).await? {
+        if let Some(mn) = cached(&ctx.stores.nodes, &ns, &n.name) {
             let endpoints = match ctx.index.read() {
                 Ok(idx) => idx.endpoints(&ns, &n.name),
                 Err(p) => p.into_inner().endpoints(&ns, &n.name),
@@ -410,13 +446,19 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
         }
     }
 
-    let cm_api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &ns);
-    let previous: Option<RoutingTable> = cm_api
-        .get_opt(&pipeline::config_map_name(&name))
-        .await?
-        .and_then(|cm| cm.data)
-        .and_then(|d| d.get(ROUTING_TABLE_KEY).cloned())
-        .and_then(|s| serde_json::from_str(&s).ok());
+    let key = (ns.clone(), name.clone());
+    let remembered =
+        ctx.published.lock().map(|p| p.get(&key).cloned()).unwrap_or_else(|p| p.into_inner().get(&key).cloned());
+    let previous: Option<RoutingTable> = match remembered {
+        Some(t) => Some(t),
+        // First pass of this process: what the previous leader published.
+        None => Api::<ConfigMap>::namespaced(ctx.client.clone(), &ns)
+            .get_opt(&pipeline::config_map_name(&name))
+            .await?
+            .and_then(|cm| cm.data)
+            .and_then(|d| d.get(ROUTING_TABLE_KEY).cloned())
+            .and_then(|s| serde_json::from_str(&s).ok()),
+    };
     let floor = mmp.status.as_ref().map(|s| s.routing_table_generation).unwrap_or(0);
     let table = pipeline::routing_table(&mmp, &observed, previous.as_ref(), floor);
     let node_cas = observed.iter().filter_map(|(n, o)| Some((n.clone(), o.tls_secret.clone()?))).collect();
@@ -424,6 +466,10 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
 
     // The table first: failover latency is measured to this write.
     apply(&ctx.client, &ns, &objs.config_map).await?;
+    match ctx.published.lock() {
+        Ok(mut p) => p.insert(key, table.clone()),
+        Err(p) => p.into_inner().insert(key, table.clone()),
+    };
     apply(&ctx.client, &ns, &objs.service_account).await?;
     apply(&ctx.client, &ns, &objs.role).await?;
     apply(&ctx.client, &ns, &objs.role_binding).await?;
@@ -624,6 +670,32 @@ pub async fn run(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let reporter = Reporter { controller: labels::FIELD_MANAGER.into(), instance: Some(settings.instance.clone()) };
+    let ns = &settings.namespace;
+    let managed = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGED_BY_VALUE));
+
+    // One watch per kind that several consumers need: ModalityNodes feed the node controller,
+    // the pipeline controller and the autoscaler; our Deployments and Services feed both
+    // controllers' `owns`. Each subscriber gets every event; the stores answer reconciles' reads.
+    let (nodes_store, nodes_writer) = reflector::store_shared::<ModalityNode>(SHARED_BUFFER);
+    let (deploy_store, deploy_writer) = reflector::store_shared::<Deployment>(SHARED_BUFFER);
+    let (_, svc_writer) = reflector::store_shared::<Service>(SHARED_BUFFER);
+    let (Some(nodes_for_nodes), Some(nodes_for_pipelines)) = (nodes_writer.subscribe(), nodes_writer.subscribe())
+    else {
+        return warn!("a shared store refused a subscriber; not starting the controllers");
+    };
+    let (Some(deploys_for_nodes), Some(deploys_for_pipelines)) = (deploy_writer.subscribe(), deploy_writer.subscribe())
+    else {
+        return warn!("a shared store refused a subscriber; not starting the controllers");
+    };
+    let (Some(svcs_for_nodes), Some(svcs_for_pipelines)) = (svc_writer.subscribe(), svc_writer.subscribe()) else {
+        return warn!("a shared store refused a subscriber; not starting the controllers");
+    };
+    let shared_watches = vec![
+        tokio::spawn(drive(watcher(api_for::<ModalityNode>(&client, ns), watcher::Config::default()), nodes_writer)),
+        tokio::spawn(drive(watcher(api_for::<Deployment>(&client, ns), managed.clone()), deploy_writer)),
+        tokio::spawn(drive(watcher(api_for::<Service>(&client, ns), managed.clone()), svc_writer)),
+    ];
+
     let ctx = Arc::new(Context {
         client: client.clone(),
         cfg: settings.cfg.clone(),
@@ -633,21 +705,18 @@ pub async fn run(
         index_synced: Arc::new(AtomicBool::new(false)),
         prometheus: settings.autoscaler.prometheus.clone(),
         match_namespace: settings.autoscaler.match_namespace,
+        stores: Stores { nodes: nodes_store.clone(), deployments: deploy_store },
+        published: Default::default(),
     });
-    let ns = &settings.namespace;
-    let managed = watcher::Config::default().labels(&format!("{}={}", labels::MANAGED_BY, labels::MANAGED_BY_VALUE));
     let ctrl_cfg = CtrlConfig::default().concurrency(settings.concurrency);
     let (shutdown_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut rx1 = shutdown_tx.subscribe();
     let mut rx2 = shutdown_tx.subscribe();
 
     let (node_tx, node_rx) = mpsc::channel(1024);
-    let nodes = Controller::new(api_for::<ModalityNode>(&client, ns), watcher::Config::default())
-        .owns(
-            api_for::<Deployment>(&client, ns),
-            managed.clone().labels(&format!("{}={}", labels::COMPONENT, node::COMPONENT)),
-        )
-        .owns(api_for::<Service>(&client, ns), managed.clone())
+    let nodes = Controller::for_shared_stream(nodes_for_nodes, nodes_store.clone())
+        .owns_shared_stream(deploys_for_nodes)
+        .owns_shared_stream(svcs_for_nodes)
         .owns(api_for::<PodDisruptionBudget>(&client, ns), managed.clone())
         // Adaptation runs: a Job that finishes moves its node on at once.
         .owns(api_for::<Job>(&client, ns), managed.clone())
@@ -673,15 +742,12 @@ pub async fn run(
     ));
     let store2 = store.clone();
     let pipelines = pipelines
-        .owns(
-            api_for::<Deployment>(&client, ns),
-            managed.clone().labels(&format!("{}={}", labels::COMPONENT, pipeline::COMPONENT)),
-        )
-        .owns(api_for::<Service>(&client, ns), managed.clone())
+        .owns_shared_stream(deploys_for_pipelines)
+        .owns_shared_stream(svcs_for_pipelines)
         .owns(api_for::<ConfigMap>(&client, ns), managed.clone())
         // A pipeline waiting for a missing ModalityNode (NodeNotFound) is retried when it appears;
         // a node's modality change also changes the table.
-        .watches(api_for::<ModalityNode>(&client, ns), watcher::Config::default(), move |mn| {
+        .watches_shared_stream(nodes_for_pipelines, move |mn| {
             pipelines_using(&store2, &mn.namespace().unwrap_or_default(), &mn.name_any())
         })
         .reconcile_on(rx)
@@ -694,7 +760,7 @@ pub async fn run(
 
     let mut rx3 = shutdown_tx.subscribe();
     let autoscaler = tokio::spawn(crate::autoscale::run(
-        api_for::<ModalityNode>(&client, ns),
+        nodes_store,
         client.clone(),
         settings.autoscaler.clone(),
         ctx.metrics.clone(),
@@ -721,4 +787,29 @@ pub async fn run(
     }
     index_task.abort();
     autoscaler.abort();
+    for w in shared_watches {
+        w.abort();
+    }
+}
+
+/// Events a shared store buffers per subscriber before its watch waits for the slowest one.
+const SHARED_BUFFER: usize = 1024;
+
+/// Runs one shared watch into its store (and so to its subscribers) until aborted.
+async fn drive<K>(stream: impl futures::Stream<Item = watcher::Result<watcher::Event<K>>>, writer: Writer<K>)
+where
+    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
+{
+    stream
+        .default_backoff()
+        // Nothing reads managedFields from the stores; at 1000 objects they are most of the memory.
+        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
+        .reflect_shared(writer)
+        .for_each(|ev| {
+            if let Err(e) = ev {
+                warn!(error = %e, "watch failed; retrying with backoff");
+            }
+            futures::future::ready(())
+        })
+        .await;
 }

@@ -12,6 +12,7 @@
 
 pub mod adaptation;
 pub mod autoscale;
+pub mod client;
 pub mod controller;
 pub mod crds;
 pub mod index;
@@ -39,6 +40,8 @@ pub enum Error {
     NoNamespace(String),
     #[error("invalid spec: {0}")]
     InvalidSpec(String),
+    #[error("the operator's watch of the cluster stopped (shutting down)")]
+    StoreClosed,
 }
 
 impl Error {
@@ -48,6 +51,7 @@ impl Error {
             Error::Serialize { .. } => "serialize",
             Error::NoNamespace(_) => "no_namespace",
             Error::InvalidSpec(_) => "invalid_spec",
+            Error::StoreClosed => "store_closed",
         }
     }
 }

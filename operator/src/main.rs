@@ -87,9 +87,12 @@ async fn main() -> anyhow::Result<()> {
         tracing_subscriber::fmt().log_internal_errors(false).with_env_filter(filter).init();
     }
 
-    let client = kube::Client::try_default()
+    let metrics = Metrics::new().context("registering metrics")?;
+    let kube_config = kube::Config::infer()
         .await
-        .context("connecting to the Kubernetes API (KUBECONFIG or in-cluster config)")?;
+        .context("reading the Kubernetes client config (KUBECONFIG or in-cluster config)")?;
+    let client = prism_operator::client::counting(kube_config, metrics.kube_requests.clone())
+        .context("connecting to the Kubernetes API")?;
     controller::check_crds(&client).await.map_err(anyhow::Error::msg)?;
 
     let mut cfg = OperatorConfig::default();
@@ -112,7 +115,6 @@ async fn main() -> anyhow::Result<()> {
         format!("{}-{}", host.trim(), std::process::id())
     });
 
-    let metrics = Metrics::new().context("registering metrics")?;
     let ready = Arc::new(AtomicBool::new(false));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let health = Health { ready: ready.clone(), metrics: metrics.clone() };

@@ -16,6 +16,8 @@ pub struct Metrics {
     pub autoscaler_desired_replicas: IntGaugeVec,
     /// `spec.replicas.max` of autoscaled nodes, so alerts can compare the two.
     pub autoscaler_max_replicas: IntGaugeVec,
+    /// What the operator asks of the API server, by verb and resource (see [`crate::client`]).
+    pub kube_requests: IntCounterVec,
 }
 
 impl Metrics {
@@ -48,6 +50,11 @@ impl Metrics {
             &["namespace", "node"],
         )?;
         registry.register(Box::new(autoscaler_max_replicas.clone()))?;
+        let kube_requests = IntCounterVec::new(
+            Opts::new("prism_operator_kube_requests_total", "Requests sent to the Kubernetes API server"),
+            &["verb", "resource"],
+        )?;
+        registry.register(Box::new(kube_requests.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
         registry.register(Box::new(routing_table_generation.clone()))?;
@@ -60,6 +67,7 @@ impl Metrics {
             reconcile_inflight,
             autoscaler_desired_replicas,
             autoscaler_max_replicas,
+            kube_requests,
         })
     }
 

@@ -9,10 +9,9 @@ pub mod prometheus;
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
-use futures::StreamExt;
 use kube::api::{Patch, PatchParams};
 use kube::runtime::events::{EventType, Recorder};
-use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::runtime::reflector::Store;
 use kube::{Api, Client, Resource, ResourceExt};
 use prism_api::condition::{self, types, Condition, ConditionStatus};
 use prism_api::node::{AutoscalingMode, ModalityNodeSpec, ScaleEvent};
@@ -111,17 +110,15 @@ pub struct Settings {
 
 /// Runs the cluster autoscaler until `shutdown` resolves: every node's `interval`, read
 /// Prometheus, decide, write status (+ Event, + `prism_autoscaler_desired_replicas`).
+/// `reader` is the operator's one ModalityNode store (shared with the controllers).
 pub async fn run(
-    api: Api<ModalityNode>,
+    reader: Store<ModalityNode>,
     client: Client,
     settings: Settings,
     metrics: Metrics,
     recorder: Recorder,
     shutdown: impl std::future::Future<Output = ()>,
 ) {
-    let (reader, writer) = reflector::store();
-    let watch = reflector(writer, watcher(api, watcher::Config::default())).default_backoff().touched_objects();
-    let drive = tokio::spawn(watch.for_each(|_| futures::future::ready(())));
     let mut scalers: HashMap<(String, String), (ScalerState, Instant)> = HashMap::new();
     let started = Instant::now();
     let mut tick = tokio::time::interval(Duration::from_millis(250));
@@ -205,7 +202,6 @@ pub async fn run(
             }
         }
     }
-    drive.abort();
 }
 
 #[cfg(test)]
