@@ -21,8 +21,8 @@ use prism_api::node::{AdaptationSpec, AdaptationStatus, ModalityNode, ModelSpec,
 use prism_api::pipeline::RouterAuth;
 use prism_api::MultimodalPipeline;
 
-use crate::node::{model_source, owner_ref, pod_resources, restricted_container_sc, restricted_pod_sc, tmp_mount};
 use crate::pipeline::{router_name, AUTH_DIR, ROUTER_PORT};
+use crate::workload::{model_source, owner_ref, pod_resources, restricted_container_sc, restricted_pod_sc, tmp_mount};
 use crate::{OperatorConfig, Result};
 
 /// Port torchrun's static rendezvous (rank 0's TCPStore) listens on in worker 0.

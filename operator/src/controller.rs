@@ -14,9 +14,8 @@ use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service}
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Config as CtrlConfig};
-use kube::runtime::events::{Event, EventType, Recorder, Reporter};
-use kube::runtime::reflector::store::Writer;
-use kube::runtime::reflector::{self, ObjectRef, Store};
+use kube::runtime::events::{EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
 use prism_api::condition::{find, types};
@@ -28,10 +27,11 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tracing::{info, instrument, warn, Instrument};
 
+use crate::events::publish;
 use crate::index::{Index, SharedIndex};
 use crate::metrics::Metrics;
 use crate::pipeline::ObservedNode;
-use crate::{node, now_rfc3339, pipeline, Error, OperatorConfig, Result};
+use crate::{node, now_rfc3339, pipeline, watches, Error, OperatorConfig, Result};
 
 pub const NODE_CONTROLLER: &str = "modalitynode";
 pub const PIPELINE_CONTROLLER: &str = "multimodalpipeline";
@@ -47,7 +47,7 @@ pub struct Context {
     /// would drop live endpoints and bump the generation for nothing.
     pub index_synced: Arc<AtomicBool>,
     /// Where canary analysis reads the routers' per-revision metrics (the autoscaler's Prometheus).
-    pub prometheus: Option<crate::autoscale::PromClient>,
+    pub prometheus: Option<crate::prom::PromClient>,
     pub match_namespace: bool,
     /// The operator's one ModalityNode watch and one watch of its own Deployments: reconciles
     /// read these instead of GETs (see [`Stores`]).
@@ -67,10 +67,12 @@ pub struct Stores {
 
 impl Stores {
     /// Waits for every store's first list, so a reconcile never mistakes "not listed yet" for
-    /// "does not exist".
+    /// "does not exist". Called once, before the controllers start: a store's readiness wakes
+    /// only one waiter at a time (kube's DelayedInit keeps one waker), so reconciles must not
+    /// wait on it side by side with the controllers' own runners.
     async fn ready(&self) -> Result<()> {
-        let (a, b) = futures::join!(self.nodes.wait_until_ready(), self.deployments.wait_until_ready());
-        a.and(b).map_err(|_| Error::StoreClosed)
+        self.nodes.wait_until_ready().await.map_err(|_| Error::StoreClosed)?;
+        self.deployments.wait_until_ready().await.map_err(|_| Error::StoreClosed)
     }
 }
 
@@ -103,22 +105,6 @@ where
     Ok(api.patch(&name, &apply_params(), &Patch::Apply(obj)).await?)
 }
 
-/// Records an Event; one that cannot be written is logged, never an error of the decision it
-/// describes. Shared by the controllers and the autoscaler.
-pub(crate) async fn publish(
-    recorder: &Recorder,
-    obj_ref: &k8s_openapi::api::core::v1::ObjectReference,
-    type_: EventType,
-    reason: &str,
-    action: &str,
-    note: String,
-) {
-    let ev = Event { type_, reason: reason.into(), note: Some(note), action: action.into(), secondary: None };
-    if let Err(e) = recorder.publish(&ev, obj_ref).await {
-        warn!(error = %e, reason, "publishing event failed");
-    }
-}
-
 // ---------------------------------------------------------------- ModalityNode
 
 #[instrument(skip_all, fields(namespace = mn.namespace().unwrap_or_default(), node = %mn.name_any()))]
@@ -137,7 +123,6 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
     }
     let mn = Arc::new(step_adaptation(mn, &ctx, &ns, &oref).await?);
 
-    ctx.stores.ready().await?;
     let deploy_api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let existing = cached(&ctx.stores.deployments, &ns, &name);
     let current = existing.as_ref().and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas);
@@ -284,7 +269,7 @@ async fn step_adaptation(
         let request = mn.annotations().get(prism_api::node::ADAPT_REQUEST_ANNOTATION).cloned();
         let mut total = None;
         if let (Some(_), Some(prom)) = (spec.trigger.every_corrections, &ctx.prometheus) {
-            let sel = crate::autoscale::node_selector(&name, ctx.match_namespace.then_some(ns));
+            let sel = crate::prom::node_selector(&name, ctx.match_namespace.then_some(ns));
             match prom.read_corrections_total(&sel).await {
                 Ok(t) => total = t,
                 Err(e) => warn!(error = %e, "adaptation trigger: Prometheus unavailable"),
@@ -389,7 +374,7 @@ async fn step_rollout(
     });
     let mut stats = None;
     if let (Some(c), Some(prom)) = (&status.canary, &ctx.prometheus) {
-        let sel = crate::autoscale::node_selector(&mn.name_any(), ctx.match_namespace.then_some(ns));
+        let sel = crate::prom::node_selector(&mn.name_any(), ctx.match_namespace.then_some(ns));
         let window = elapsed.unwrap_or(0.0).ceil() as u64;
         let stable = status.current_revision.clone().unwrap_or_default();
         match (prom.read_revision(&sel, &stable, window).await, prom.read_revision(&sel, &c.revision, window).await) {
@@ -426,7 +411,6 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
     let name = mmp.name_any();
     let oref = mmp.object_ref(&());
 
-    ctx.stores.ready().await?;
     let mut observed = BTreeMap::new();
     for n in &mmp.spec.nodes {
         if let Some(mn) = cached(&ctx.stores.nodes, &ns, &n.name) {
@@ -675,27 +659,14 @@ pub async fn run(
 
     // One watch per kind that several consumers need: ModalityNodes feed the node controller,
     // the pipeline controller and the autoscaler; our Deployments and Services feed both
-    // controllers' `owns`. Each subscriber gets every event; the stores answer reconciles' reads.
-    let (nodes_store, nodes_writer) = reflector::store_shared::<ModalityNode>(SHARED_BUFFER);
-    let (deploy_store, deploy_writer) = reflector::store_shared::<Deployment>(SHARED_BUFFER);
-    let (_, svc_writer) = reflector::store_shared::<Service>(SHARED_BUFFER);
-    let (Some(nodes_for_nodes), Some(nodes_for_pipelines)) = (nodes_writer.subscribe(), nodes_writer.subscribe())
-    else {
-        return warn!("a shared store refused a subscriber; not starting the controllers");
-    };
-    let (Some(deploys_for_nodes), Some(deploys_for_pipelines)) = (deploy_writer.subscribe(), deploy_writer.subscribe())
-    else {
-        return warn!("a shared store refused a subscriber; not starting the controllers");
-    };
-    let (Some(svcs_for_nodes), Some(svcs_for_pipelines)) = (svc_writer.subscribe(), svc_writer.subscribe()) else {
-        return warn!("a shared store refused a subscriber; not starting the controllers");
-    };
-    let shared_watches = vec![
-        tokio::spawn(drive(watcher(api_for::<ModalityNode>(&client, ns), watcher::Config::default()), nodes_writer)),
-        tokio::spawn(drive(watcher(api_for::<Deployment>(&client, ns), managed.clone()), deploy_writer)),
-        tokio::spawn(drive(watcher(api_for::<Service>(&client, ns), managed.clone()), svc_writer)),
-    ];
-
+    // controllers' `owns`. The stores answer reconciles' reads.
+    let (nodes_store, [nodes_for_nodes, nodes_for_pipelines], nodes_watch) =
+        watches::shared(api_for::<ModalityNode>(&client, ns), watcher::Config::default());
+    let (deploy_store, [deploys_for_nodes, deploys_for_pipelines], deploy_watch) =
+        watches::shared(api_for::<Deployment>(&client, ns), managed.clone());
+    let (_, [svcs_for_nodes, svcs_for_pipelines], svc_watch) =
+        watches::shared(api_for::<Service>(&client, ns), managed.clone());
+    let shared_watches = [tokio::spawn(nodes_watch), tokio::spawn(deploy_watch), tokio::spawn(svc_watch)];
     let ctx = Arc::new(Context {
         client: client.clone(),
         cfg: settings.cfg.clone(),
@@ -708,15 +679,25 @@ pub async fn run(
         stores: Stores { nodes: nodes_store.clone(), deployments: deploy_store },
         published: Default::default(),
     });
+    tokio::pin!(shutdown);
+    // Reconciles read the stores: the controllers start once both hold a first list.
+    let listed = tokio::select! {
+        r = ctx.stores.ready() => r.is_ok(),
+        _ = &mut shutdown => false,
+    };
+    if !listed {
+        shared_watches.iter().for_each(|w| w.abort());
+        return;
+    }
     let ctrl_cfg = CtrlConfig::default().concurrency(settings.concurrency);
     let (shutdown_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let mut rx1 = shutdown_tx.subscribe();
     let mut rx2 = shutdown_tx.subscribe();
 
     let (node_tx, node_rx) = mpsc::channel(1024);
-    let nodes = Controller::for_shared_stream(nodes_for_nodes, nodes_store.clone())
-        .owns_shared_stream(deploys_for_nodes)
-        .owns_shared_stream(svcs_for_nodes)
+    let nodes = Controller::for_stream(nodes_for_nodes, nodes_store.clone())
+        .owns_stream(deploys_for_nodes)
+        .owns_stream(svcs_for_nodes)
         .owns(api_for::<PodDisruptionBudget>(&client, ns), managed.clone())
         // Adaptation runs: a Job that finishes moves its node on at once.
         .owns(api_for::<Job>(&client, ns), managed.clone())
@@ -742,12 +723,12 @@ pub async fn run(
     ));
     let store2 = store.clone();
     let pipelines = pipelines
-        .owns_shared_stream(deploys_for_pipelines)
-        .owns_shared_stream(svcs_for_pipelines)
+        .owns_stream(deploys_for_pipelines)
+        .owns_stream(svcs_for_pipelines)
         .owns(api_for::<ConfigMap>(&client, ns), managed.clone())
         // A pipeline waiting for a missing ModalityNode (NodeNotFound) is retried when it appears;
         // a node's modality change also changes the table.
-        .watches_shared_stream(nodes_for_pipelines, move |mn| {
+        .watches_stream(nodes_for_pipelines, move |mn| {
             pipelines_using(&store2, &mn.namespace().unwrap_or_default(), &mn.name_any())
         })
         .reconcile_on(rx)
@@ -779,7 +760,7 @@ pub async fn run(
     tokio::pin!(both);
     tokio::select! {
         _ = &mut both => {}
-        _ = shutdown => {
+        _ = &mut shutdown => {
             info!("shutting down: finishing in-flight reconciles");
             let _ = shutdown_tx.send(());
             both.await;
@@ -790,26 +771,4 @@ pub async fn run(
     for w in shared_watches {
         w.abort();
     }
-}
-
-/// Events a shared store buffers per subscriber before its watch waits for the slowest one.
-const SHARED_BUFFER: usize = 1024;
-
-/// Runs one shared watch into its store (and so to its subscribers) until aborted.
-async fn drive<K>(stream: impl futures::Stream<Item = watcher::Result<watcher::Event<K>>>, writer: Writer<K>)
-where
-    K: Resource<DynamicType = ()> + Clone + std::fmt::Debug + Send + Sync + 'static,
-{
-    stream
-        .default_backoff()
-        // Nothing reads managedFields from the stores; at 1000 objects they are most of the memory.
-        .modify(|o: &mut K| o.meta_mut().managed_fields = None)
-        .reflect_shared(writer)
-        .for_each(|ev| {
-            if let Err(e) = ev {
-                warn!(error = %e, "watch failed; retrying with backoff");
-            }
-            futures::future::ready(())
-        })
-        .await;
 }

@@ -18,8 +18,8 @@ use k8s_openapi::api::core::v1::Pod;
 use kube::ResourceExt;
 use prism_api::labels;
 
-use crate::node::HTTP_PORT;
 use crate::pod_health::{pod_problem, PodProblem};
+use crate::workload::HTTP_PORT;
 
 /// One replica as the routing table sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -15,14 +15,18 @@ pub mod autoscale;
 pub mod client;
 pub mod controller;
 pub mod crds;
+pub mod events;
 pub mod index;
 pub mod lease;
 pub mod metrics;
 pub mod node;
 pub mod pipeline;
 pub mod pod_health;
+pub mod prom;
 pub mod rollout;
 pub mod server;
+pub mod watches;
+pub mod workload;
 
 /// Errors of the reconcilers. Metric labels use [`Error::metric_label`] (bare variant names only,
 /// so the `errors_total` label set stays small).

@@ -146,7 +146,7 @@ async fn main() -> anyhow::Result<()> {
     }
 
     let prometheus = match &args.prometheus_url {
-        Some(u) => Some(prism_operator::autoscale::PromClient::new(u).context("--prometheus-url")?),
+        Some(u) => Some(prism_operator::prom::PromClient::new(u).context("--prometheus-url")?),
         None => {
             tracing::warn!("no --prometheus-url: builtin autoscaling holds replicas (MetricsUnavailable)");
             None

@@ -22,7 +22,7 @@ use prism_api::pipeline::{MemoryRetain, MultimodalPipeline, MultimodalPipelineSt
 use prism_api::routing::{build_table, NodeObservation, RoutingTable, PIPELINE_SPEC_KEY, ROUTING_TABLE_KEY};
 
 use crate::index::PodEndpoint;
-use crate::node::{owner_ref, restricted_container_sc, restricted_pod_sc};
+use crate::workload::{owner_ref, restricted_container_sc, restricted_pod_sc};
 use crate::{Error, OperatorConfig, Result};
 
 pub const ROUTER_PORT: i32 = 8080;

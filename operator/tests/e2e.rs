@@ -62,6 +62,11 @@ impl Drop for TestNs {
 
 impl TestNs {
     async fn new(prefix: &str, labels: &[(&str, &str)]) -> Self {
+        // The in-process operator's logs, when RUST_LOG asks for them.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         install_crds();
         let client = Client::try_default().await.expect("KUBECONFIG must point at the e2e cluster (make cluster-up)");
         let suffix = format!(
@@ -114,7 +119,7 @@ impl TestNs {
     /// The operator with the Prometheus at `url` (canary analysis, adaptation triggers).
     fn start_operator_with_prometheus(&mut self, url: &str) {
         self.start_operator_with(autoscale::Settings {
-            prometheus: Some(autoscale::PromClient::new(url).unwrap()),
+            prometheus: Some(prism_operator::prom::PromClient::new(url).unwrap()),
             match_namespace: true,
         });
     }

@@ -21,7 +21,8 @@ use kube::ResourceExt;
 use prism_api::node::ScaleEvent;
 use prism_api::routing::{build_table, NodeObservation, RoutingTable};
 use prism_api::{ManifestSet, ModalityNode, MultimodalPipeline};
-use prism_operator::autoscale::{self, Decision, PromClient, Replicas, ScalerState};
+use prism_operator::autoscale::{self, Decision, Replicas, ScalerState};
+use prism_operator::prom::{node_selector, PromClient};
 
 use process::{probe, Proc};
 use prometheus::LocalPrometheus;
@@ -821,7 +822,7 @@ impl Supervisor {
             let a = &n.spec.spec.autoscaling;
             n.next_decision = Instant::now() + Duration::from_secs(a.interval_seconds.max(1).into());
             let name = n.spec.name_any();
-            let reading = client.read_load(&autoscale::node_selector(&name, None), a).await;
+            let reading = client.read_load(&node_selector(&name, None), a).await;
             let current = n.replicas.len() as i32;
             let ready = n.replicas.iter().filter(|r| r.ready).count() as i32;
             let d =

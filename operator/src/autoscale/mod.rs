@@ -19,10 +19,10 @@ use prism_api::status_writers::{self, AutoscalerStatus};
 use prism_api::{ModalityNode, ModalityNodeStatus};
 use tracing::{info, warn};
 
+use crate::prom::{node_selector, PromClient};
 pub use decide::{decide, Decision, Load, Reading, Replicas, ScalerState, WindowLoad};
-pub use prometheus::{node_selector, PromClient};
 
-use crate::controller::publish;
+use crate::events::publish;
 use crate::metrics::Metrics;
 
 /// Field manager of the autoscaler's status writes (distinct from the node controller's, so

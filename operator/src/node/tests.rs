@@ -1,5 +1,6 @@
 use super::*;
 use crate::pod_health::PodProblem;
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use prism_api::node::{CanaryStatus, GpuSpec, ModalityNodeSpec, ModalityNodeStatus};
 
 pub fn mk_node(name: &str, modality: &str, uri: &str) -> ModalityNode {
