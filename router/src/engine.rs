@@ -541,136 +541,26 @@ impl Router {
         let deadline = t0 + Duration::from_millis(timeout_ms);
         let route_ms = ms(t0.elapsed());
 
-        // Fan out: all modalities at once, each with its own retries, one shared deadline.
         let t_fan = Instant::now();
-        let calls = req.inputs.iter().map(|(m, input)| {
-            let inputs = std::slice::from_ref(input);
-            async move { (m.clone(), self.call_modality(snap, m, inputs, deadline).await) }
-        });
-        let results = futures::future::join_all(calls).await;
+        let (served, missing) = self.fan_out(snap, &req.inputs, deadline).await?;
         let fanout_ms = ms(t_fan.elapsed());
 
-        let mut served: BTreeMap<String, Served> = BTreeMap::new();
-        let mut missing: BTreeMap<String, String> = BTreeMap::new();
-        for (m, r) in results {
-            match r {
-                Ok(s) => {
-                    served.insert(m, s);
-                }
-                Err(CallError::Rejected(message)) => {
-                    return Err(RouterError::UpstreamRejected { modality: m, message })
-                }
-                Err(CallError::TooLarge { bytes, limit }) => {
-                    return Err(RouterError::UpstreamTooLarge { modality: m, bytes, limit })
-                }
-                Err(CallError::Unavailable(why)) => {
-                    missing.insert(m, why);
-                }
-            }
-        }
-        let served_names: BTreeSet<String> = served.keys().cloned().collect();
-        let mut degraded = match plan::decide(&snap.spec, &snap.configs, &served_names, &missing) {
-            Decision::Whole => None,
-            Decision::Partial { missing, reason } => Some(Degraded { missing, reason, cached: false }),
-            Decision::Fail(msg) => {
-                if Instant::now() >= deadline && !missing.is_empty() && served.is_empty() {
-                    return Err(RouterError::Timeout(timeout_ms));
-                }
-                return Err(RouterError::Unavailable(msg));
-            }
-            Decision::Cached { missing, reason } => {
-                let vectors: BTreeMap<String, Vec<f32>> = served
-                    .iter()
-                    .filter_map(|(m, s)| s.response.embeddings.first().map(|v| (m.clone(), v.clone())))
-                    .collect();
-                let cache = self.cache.read().ok().and_then(|c| c.clone());
-                let Some(cache) = cache else {
-                    return Err(RouterError::Unavailable(format!(
-                        "{reason}; degradation.onMissingRequired is cached but this router has no answer cache (memory is off and --answer-cache-entries is 0)"
-                    )));
-                };
-                let min = snap.spec.degradation.cache.min_similarity;
-                return match cache.nearest(&snap.pipeline, &vectors, min) {
-                    Some((mut past, similarity)) => {
-                        let answered = past.id.clone();
-                        past.id = request_id.to_string();
-                        let reason = format!(
-                            "{reason}; served the cached answer of request {answered} (similarity {similarity:.4})"
-                        );
-                        past.degraded = Some(Degraded { missing, reason, cached: true });
-                        self.count_degraded(snap, past.degraded.as_ref());
-                        Ok(past)
-                    }
-                    None => {
-                        Err(RouterError::Unavailable(format!("{reason}; no cached answer with similarity >= {min}")))
-                    }
-                };
+        let mut degraded = match self.degrade(snap, &served, missing, deadline, timeout_ms)? {
+            Degrade::Proceed(d) => d,
+            Degrade::Cached { missing, reason, vectors } => {
+                return self.cached_answer(snap, &vectors, missing, reason, request_id);
             }
         };
 
-        // Fuse.
         let t_fuse = Instant::now();
-        let vectors: BTreeMap<String, Vec<f32>> =
-            served.iter().filter_map(|(m, s)| s.response.embeddings.first().map(|v| (m.clone(), v.clone()))).collect();
-        let prior: BTreeMap<String, f64> =
-            vectors.keys().map(|m| (m.clone(), snap.configs.get(m).map_or(1.0, |c| c.weight))).collect();
-        let present: Vec<&String> = vectors.keys().collect();
         let de_fusion = req.de_fusion.unwrap_or(snap.spec.fusion.de_fusion);
-        let mut strategy = snap.spec.fusion.strategy;
-        let mut fusion_replica = None;
-        let (embedding, weights, contributions) = match strategy {
-            FusionStrategy::Late => (None, fusion::renormalise(&present, &prior), None),
-            FusionStrategy::Weighted => {
-                let f = fusion::weighted(&vectors, &prior)?;
-                (Some(f.vector), f.weights, Some(f.contributions))
-            }
-            FusionStrategy::Attention => {
-                let f = fusion::attention(&vectors, &prior)?;
-                (Some(f.vector), f.weights, Some(f.contributions))
-            }
-            FusionStrategy::Early => match self.early_fuse(snap, &vectors, de_fusion, deadline).await {
-                Ok(early) => {
-                    fusion_replica = Some(early.replica);
-                    (Some(early.vector), fusion::renormalise(&present, &prior), early.shares)
-                }
-                Err((fusion_modality, why)) => {
-                    // The fusion node is down: a degraded answer beats none. Weighted fusion
-                    // when the modalities share one vector size; otherwise their vectors unfused.
-                    let (fallback, fused, said) = match fusion::weighted(&vectors, &prior) {
-                        Ok(f) => (
-                            FusionStrategy::Weighted,
-                            (Some(f.vector), f.weights, Some(f.contributions)),
-                            "fell back to weighted fusion".to_string(),
-                        ),
-                        Err(fusion::FusionError::DimensionMismatch { .. }) => {
-                            let sizes: Vec<String> = vectors.iter().map(|(m, v)| format!("{m} {}", v.len())).collect();
-                            (
-                                FusionStrategy::Late,
-                                (None, fusion::renormalise(&present, &prior), None),
-                                format!(
-                                    "the modality vectors differ in size ({}), so the answer carries them unfused (late)",
-                                    sizes.join(", ")
-                                ),
-                            )
-                        }
-                        Err(e) => return Err(e.into()),
-                    };
-                    strategy = fallback;
-                    let d = degraded.get_or_insert(Degraded { missing: vec![], reason: String::new(), cached: false });
-                    d.missing.push(fusion_modality.clone());
-                    d.missing.sort();
-                    let extra = format!("fusion node '{fusion_modality}' unavailable ({why}); {said}");
-                    d.reason = if d.reason.is_empty() { extra } else { format!("{}; {extra}", d.reason) };
-                    fused
-                }
-            },
-        };
+        let fused = self.fuse(snap, &served, de_fusion, deadline, &mut degraded).await?;
         let fuse_ms = ms(t_fuse.elapsed());
 
         let modalities = served
             .into_iter()
             .map(|(m, s)| {
-                let weight = weights.get(&m).copied().unwrap_or(0.0);
+                let weight = fused.weights.get(&m).copied().unwrap_or(0.0);
                 let embedding = s.response.embeddings.into_iter().next().unwrap_or_default();
                 (
                     m,
@@ -689,25 +579,184 @@ impl Router {
             id: request_id.to_string(),
             pipeline: snap.pipeline.clone(),
             generation: snap.table.generation,
-            strategy: strategy_name(strategy).to_string(),
-            embedding,
+            strategy: strategy_name(fused.strategy).to_string(),
+            embedding: fused.embedding,
             modalities,
-            contributions: if de_fusion { contributions } else { None },
-            fusion_replica,
+            contributions: if de_fusion { fused.contributions } else { None },
+            fusion_replica: fused.replica,
             timings: RouterTimings { route_ms, fanout_ms, fuse_ms, memory_ms: None, total_ms: ms(t0.elapsed()) },
             degraded,
             recorded: None,
         };
+        self.record(snap, &req.inputs, &mut resp, request_id, t0).await;
+        Ok(resp)
+    }
+
+    /// Calls every modality at once, each with its own retries, under one shared deadline.
+    /// Returns what answered and, for what did not, why; a node that refuses the input (4xx)
+    /// fails the whole request, since retrying elsewhere would be refused too.
+    async fn fan_out(
+        &self,
+        snap: &Snapshot,
+        inputs: &BTreeMap<String, EmbedInput>,
+        deadline: Instant,
+    ) -> Result<(BTreeMap<String, Served>, BTreeMap<String, String>), RouterError> {
+        let calls = inputs.iter().map(|(m, input)| {
+            let inputs = std::slice::from_ref(input);
+            async move { (m.clone(), self.call_modality(snap, m, inputs, deadline).await) }
+        });
+        let mut served = BTreeMap::new();
+        let mut missing = BTreeMap::new();
+        for (m, r) in futures::future::join_all(calls).await {
+            match r {
+                Ok(s) => {
+                    served.insert(m, s);
+                }
+                Err(CallError::Rejected(message)) => {
+                    return Err(RouterError::UpstreamRejected { modality: m, message })
+                }
+                Err(CallError::TooLarge { bytes, limit }) => {
+                    return Err(RouterError::UpstreamTooLarge { modality: m, bytes, limit })
+                }
+                Err(CallError::Unavailable(why)) => {
+                    missing.insert(m, why);
+                }
+            }
+        }
+        Ok((served, missing))
+    }
+
+    /// What the pipeline's degradation policy makes of the modalities that did not answer.
+    fn degrade(
+        &self,
+        snap: &Snapshot,
+        served: &BTreeMap<String, Served>,
+        missing: BTreeMap<String, String>,
+        deadline: Instant,
+        timeout_ms: u64,
+    ) -> Result<Degrade, RouterError> {
+        let served_names: BTreeSet<String> = served.keys().cloned().collect();
+        match plan::decide(&snap.spec, &snap.configs, &served_names, &missing) {
+            Decision::Whole => Ok(Degrade::Proceed(None)),
+            Decision::Partial { missing, reason } => {
+                Ok(Degrade::Proceed(Some(Degraded { missing, reason, cached: false })))
+            }
+            Decision::Fail(msg) => {
+                if Instant::now() >= deadline && !missing.is_empty() && served.is_empty() {
+                    return Err(RouterError::Timeout(timeout_ms));
+                }
+                Err(RouterError::Unavailable(msg))
+            }
+            Decision::Cached { missing, reason } => {
+                Ok(Degrade::Cached { missing, reason, vectors: first_vectors(served) })
+            }
+        }
+    }
+
+    /// The nearest past answer, when a required modality is missing and the pipeline says
+    /// `onMissingRequired: cached`.
+    fn cached_answer(
+        &self,
+        snap: &Snapshot,
+        vectors: &BTreeMap<String, Vec<f32>>,
+        missing: Vec<String>,
+        reason: String,
+        request_id: &str,
+    ) -> Result<InferResponse, RouterError> {
+        let cache = self.cache.read().ok().and_then(|c| c.clone());
+        let Some(cache) = cache else {
+            return Err(RouterError::Unavailable(format!(
+                "{reason}; degradation.onMissingRequired is cached but this router has no answer cache (memory is off and --answer-cache-entries is 0)"
+            )));
+        };
+        let min = snap.spec.degradation.cache.min_similarity;
+        match cache.nearest(&snap.pipeline, vectors, min) {
+            Some((mut past, similarity)) => {
+                let answered = past.id.clone();
+                past.id = request_id.to_string();
+                let reason =
+                    format!("{reason}; served the cached answer of request {answered} (similarity {similarity:.4})");
+                past.degraded = Some(Degraded { missing, reason, cached: true });
+                self.count_degraded(snap, past.degraded.as_ref());
+                Ok(past)
+            }
+            None => Err(RouterError::Unavailable(format!("{reason}; no cached answer with similarity >= {min}"))),
+        }
+    }
+
+    /// Fuses the answered modalities with the pipeline's strategy. Early fusion whose fusion
+    /// node is down falls back (weighted, or late when the vector sizes differ) and says so in
+    /// `degraded`: a degraded answer beats none.
+    async fn fuse(
+        &self,
+        snap: &Snapshot,
+        served: &BTreeMap<String, Served>,
+        de_fusion: bool,
+        deadline: Instant,
+        degraded: &mut Option<Degraded>,
+    ) -> Result<Fused, RouterError> {
+        let vectors = first_vectors(served);
+        let prior: BTreeMap<String, f64> =
+            vectors.keys().map(|m| (m.clone(), snap.configs.get(m).map_or(1.0, |c| c.weight))).collect();
+        let present: Vec<&String> = vectors.keys().collect();
+        let strategy = snap.spec.fusion.strategy;
+        let late = || Fused::late(&present, &prior);
+        Ok(match strategy {
+            FusionStrategy::Late => late(),
+            FusionStrategy::Weighted => Fused::from(strategy, fusion::weighted(&vectors, &prior)?),
+            FusionStrategy::Attention => Fused::from(strategy, fusion::attention(&vectors, &prior)?),
+            FusionStrategy::Early => match self.early_fuse(snap, &vectors, de_fusion, deadline).await {
+                Ok(early) => Fused {
+                    strategy,
+                    embedding: Some(early.vector),
+                    weights: fusion::renormalise(&present, &prior),
+                    contributions: early.shares,
+                    replica: Some(early.replica),
+                },
+                Err((fusion_modality, why)) => {
+                    let (fused, said) = match fusion::weighted(&vectors, &prior) {
+                        Ok(f) => (Fused::from(FusionStrategy::Weighted, f), "fell back to weighted fusion".to_string()),
+                        Err(fusion::FusionError::DimensionMismatch { .. }) => {
+                            let sizes: Vec<String> = vectors.iter().map(|(m, v)| format!("{m} {}", v.len())).collect();
+                            let said = format!(
+                                "the modality vectors differ in size ({}), so the answer carries them unfused (late)",
+                                sizes.join(", ")
+                            );
+                            (late(), said)
+                        }
+                        Err(e) => return Err(e.into()),
+                    };
+                    let d = degraded.get_or_insert(Degraded { missing: vec![], reason: String::new(), cached: false });
+                    d.missing.push(fusion_modality.clone());
+                    d.missing.sort();
+                    let extra = format!("fusion node '{fusion_modality}' unavailable ({why}); {said}");
+                    d.reason = if d.reason.is_empty() { extra } else { format!("{}; {extra}", d.reason) };
+                    fused
+                }
+            },
+        })
+    }
+
+    /// Logs the answer to memory (when on) and remembers it for cached degradation (when the
+    /// pipeline may serve cached answers). The answer is served even when the log write fails;
+    /// `recorded: false` says so.
+    async fn record(
+        &self,
+        snap: &Snapshot,
+        inputs: &BTreeMap<String, EmbedInput>,
+        resp: &mut InferResponse,
+        request_id: &str,
+        t0: Instant,
+    ) {
         if let Some(memory) = self.memory() {
             let t_log = Instant::now();
             let record = Record {
                 id: resp.id.clone(),
                 pipeline: snap.pipeline.clone(),
                 at_ms: unix_ms(),
-                inputs: logged_inputs(&req.inputs, snap.spec.memory.inputs),
+                inputs: logged_inputs(inputs, snap.spec.memory.inputs),
                 response: resp.clone(),
             };
-            // The answer is served even when the log write fails; `recorded: false` says so.
             resp.recorded = Some(self.log_to_memory(&memory, vec![record], request_id).await);
             resp.timings.memory_ms = Some(ms(t_log.elapsed()));
             resp.timings.total_ms = ms(t0.elapsed());
@@ -715,10 +764,9 @@ impl Router {
         // Only pipelines that may serve cached answers pay for remembering them.
         if snap.spec.degradation.on_missing_required == MissingRequired::Cached && resp.degraded.is_none() {
             if let Some(cache) = self.cache.read().ok().and_then(|c| c.clone()) {
-                cache.remember(&snap.pipeline, &resp);
+                cache.remember(&snap.pipeline, resp);
             }
         }
-        Ok(resp)
     }
 
     fn count_degraded(&self, snap: &Snapshot, d: Option<&Degraded>) {
@@ -947,6 +995,53 @@ impl Router {
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
+}
+
+/// What the degradation policy says after the fan-out.
+enum Degrade {
+    /// Fuse what answered (`Some`: a partial answer, and why).
+    Proceed(Option<Degraded>),
+    /// Serve the nearest cached answer to the vectors that did answer.
+    Cached { missing: Vec<String>, reason: String, vectors: BTreeMap<String, Vec<f32>> },
+}
+
+/// The fusion step's result.
+struct Fused {
+    /// The strategy that produced it (early fusion may fall back).
+    strategy: FusionStrategy,
+    embedding: Option<Vec<f32>>,
+    weights: BTreeMap<String, f64>,
+    contributions: Option<BTreeMap<String, f64>>,
+    /// The fusion node's replica (early fusion).
+    replica: Option<ReplicaRef>,
+}
+
+impl Fused {
+    fn from(strategy: FusionStrategy, f: fusion::Fused) -> Self {
+        Self {
+            strategy,
+            embedding: Some(f.vector),
+            weights: f.weights,
+            contributions: Some(f.contributions),
+            replica: None,
+        }
+    }
+
+    /// Late fusion: the modality vectors unfused, the prior weights renormalised over them.
+    fn late(present: &[&String], prior: &BTreeMap<String, f64>) -> Self {
+        Self {
+            strategy: FusionStrategy::Late,
+            embedding: None,
+            weights: fusion::renormalise(present, prior),
+            contributions: None,
+            replica: None,
+        }
+    }
+}
+
+/// Each answered modality's (first) vector.
+fn first_vectors(served: &BTreeMap<String, Served>) -> BTreeMap<String, Vec<f32>> {
+    served.iter().filter_map(|(m, s)| s.response.embeddings.first().map(|v| (m.clone(), v.clone()))).collect()
 }
 
 pub fn strategy_name(s: FusionStrategy) -> &'static str {
