@@ -156,156 +156,185 @@ pub fn desired_objects(
     node_cas: &BTreeMap<String, String>,
 ) -> Result<PipelineObjects> {
     let name = mmp.name_any();
-    let ns = mmp.namespace();
-    let meta = |n: String| -> Result<ObjectMeta> {
-        Ok(ObjectMeta {
-            name: Some(n),
-            namespace: ns.clone(),
-            labels: Some(labels_for(mmp)),
-            owner_references: Some(vec![owner_ref(mmp)?]),
-            ..Default::default()
-        })
-    };
     let spec_json =
         serde_json::to_string_pretty(&mmp.spec).map_err(|source| Error::Serialize { what: "pipeline spec", source })?;
     let table_json =
         serde_json::to_string_pretty(table).map_err(|source| Error::Serialize { what: "routing table", source })?;
-
     let config_map = ConfigMap {
-        metadata: meta(config_map_name(&name))?,
+        metadata: meta(mmp, config_map_name(&name))?,
         data: Some(BTreeMap::from([
             (ROUTING_TABLE_KEY.to_string(), table_json),
             (PIPELINE_SPEC_KEY.to_string(), spec_json.clone()),
         ])),
         ..Default::default()
     };
+    let mut pod = RouterPod::new(&name);
+    pod.add_auth(mmp.spec.auth.secret_for(&name));
+    pod.add_node_cas(node_cas);
+    let memory_claim = pod.add_memory(mmp)?;
+    let (service_account, role, role_binding) = router_rbac(mmp)?;
+    Ok(PipelineObjects {
+        deployment: router_deployment(mmp, cfg, pod, &spec_json, memory_claim.is_some())?,
+        service: router_service(mmp)?,
+        config_map,
+        service_account,
+        role,
+        role_binding,
+        memory_claim,
+    })
+}
 
-    let probe = |path: &str| Probe {
-        http_get: Some(HTTPGetAction {
-            path: Some(path.into()),
-            port: IntOrString::String("http".into()),
-            ..Default::default()
-        }),
-        period_seconds: Some(5),
-        timeout_seconds: Some(2),
+/// Metadata of every object of the pipeline: its labels, owned by it.
+fn meta(mmp: &MultimodalPipeline, name: String) -> Result<ObjectMeta> {
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: mmp.namespace(),
+        labels: Some(labels_for(mmp)),
+        owner_references: Some(vec![owner_ref(mmp)?]),
         ..Default::default()
-    };
-    // The mounted file gives a starting table even when the API is unreachable; the watch
-    // brings rewrites within milliseconds instead of the kubelet's next sync (up to a minute).
-    let mut args = vec![
-        "--pipeline".to_string(),
-        format!("{CONFIG_DIR}/{PIPELINE_SPEC_KEY}"),
-        "--routing-table".into(),
-        format!("{CONFIG_DIR}/{ROUTING_TABLE_KEY}"),
-        "--routing-configmap".into(),
-        config_map_name(&name),
-        "--listen".into(),
-        format!("0.0.0.0:{ROUTER_PORT}"),
-        // A rolling restart replaces a router only after its successor is Ready; the old one
-        // keeps answering while kube-proxy and the clients' pooled connections move over
-        // (well inside the pod's 30 s termination grace, with the 10 s drain after it).
-        "--shutdown-delay-s".into(),
-        ROUTER_SHUTDOWN_DELAY_S.into(),
-    ];
-    let mut mounts = vec![
-        VolumeMount {
-            name: "config".into(),
-            mount_path: CONFIG_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        },
-        VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
-    ];
-    let mut volumes = vec![
-        Volume {
-            name: "config".into(),
-            config_map: Some(ConfigMapVolumeSource { name: config_map_name(&name), ..Default::default() }),
-            ..Default::default()
-        },
-        Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
-    ];
-    match mmp.spec.auth.secret_for(&name) {
-        Some(secret) => {
-            let key = RouterAuth::TOKENS_KEY;
-            args.extend(["--auth-token-file".into(), format!("{AUTH_DIR}/{key}")]);
-            mounts.push(VolumeMount {
-                name: "auth".into(),
-                mount_path: AUTH_DIR.into(),
+    })
+}
+
+/// The router container's arguments and what its pod mounts, built up feature by feature.
+struct RouterPod {
+    args: Vec<String>,
+    mounts: Vec<VolumeMount>,
+    volumes: Vec<Volume>,
+    env: Vec<EnvVar>,
+}
+
+impl RouterPod {
+    /// The routing table and pipeline spec from the ConfigMap, plus a writable /tmp.
+    fn new(name: &str) -> Self {
+        // The mounted file gives a starting table even when the API is unreachable; the watch
+        // brings rewrites within milliseconds instead of the kubelet's next sync (up to a minute).
+        let args = vec![
+            "--pipeline".to_string(),
+            format!("{CONFIG_DIR}/{PIPELINE_SPEC_KEY}"),
+            "--routing-table".into(),
+            format!("{CONFIG_DIR}/{ROUTING_TABLE_KEY}"),
+            "--routing-configmap".into(),
+            config_map_name(name),
+            "--listen".into(),
+            format!("0.0.0.0:{ROUTER_PORT}"),
+            // A rolling restart replaces a router only after its successor is Ready; the old one
+            // keeps answering while kube-proxy and the clients' pooled connections move over
+            // (well inside the pod's 30 s termination grace, with the 10 s drain after it).
+            "--shutdown-delay-s".into(),
+            ROUTER_SHUTDOWN_DELAY_S.into(),
+        ];
+        let mounts = vec![
+            VolumeMount {
+                name: "config".into(),
+                mount_path: CONFIG_DIR.into(),
                 read_only: Some(true),
                 ..Default::default()
-            });
-            volumes.push(Volume {
-                name: "auth".into(),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(secret),
-                    items: Some(vec![KeyToPath { key: key.into(), path: key.into(), mode: None }]),
-                    default_mode: Some(0o440),
-                    ..Default::default()
-                }),
+            },
+            VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
+        ];
+        let volumes = vec![
+            Volume {
+                name: "config".into(),
+                config_map: Some(ConfigMapVolumeSource { name: config_map_name(name), ..Default::default() }),
                 ..Default::default()
-            });
-        }
-        None => args.push("--insecure-no-auth".into()),
+            },
+            Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+        ];
+        Self { args, mounts, volumes, env: Vec::new() }
     }
-    // HTTPS nodes: each one's CA from its own Secret (only the `ca.crt` key is projected, never
-    // the node's private key), all passed as --node-ca.
-    if !node_cas.is_empty() {
-        mounts.push(VolumeMount {
+
+    /// Bearer tokens from the pipeline's Secret (only its tokens key), or no auth when the
+    /// pipeline says `insecureNoAuth`.
+    fn add_auth(&mut self, secret: Option<String>) {
+        let Some(secret) = secret else {
+            self.args.push("--insecure-no-auth".into());
+            return;
+        };
+        let key = RouterAuth::TOKENS_KEY;
+        self.args.extend(["--auth-token-file".into(), format!("{AUTH_DIR}/{key}")]);
+        self.mounts.push(VolumeMount {
+            name: "auth".into(),
+            mount_path: AUTH_DIR.into(),
+            read_only: Some(true),
+            ..Default::default()
+        });
+        self.volumes.push(Volume {
+            name: "auth".into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret),
+                items: Some(vec![KeyToPath { key: key.into(), path: key.into(), mode: None }]),
+                default_mode: Some(0o440),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+    }
+
+    /// HTTPS nodes: each one's CA from its own Secret (only the `ca.crt` key is projected, never
+    /// the node's private key), all passed as --node-ca.
+    fn add_node_cas(&mut self, node_cas: &BTreeMap<String, String>) {
+        if node_cas.is_empty() {
+            return;
+        }
+        self.mounts.push(VolumeMount {
             name: "node-ca".into(),
             mount_path: NODE_CA_DIR.into(),
             read_only: Some(true),
             ..Default::default()
         });
-        let sources = node_cas
-            .iter()
-            .map(|(node, secret)| {
-                args.extend(["--node-ca".into(), format!("{NODE_CA_DIR}/{node}.crt")]);
-                VolumeProjection {
-                    secret: Some(SecretProjection {
-                        name: secret.clone(),
-                        items: Some(vec![KeyToPath { key: "ca.crt".into(), path: format!("{node}.crt"), mode: None }]),
-                        optional: Some(false),
-                    }),
-                    ..Default::default()
-                }
-            })
-            .collect();
-        volumes.push(Volume {
+        let mut sources = Vec::new();
+        for (node, secret) in node_cas {
+            self.args.extend(["--node-ca".into(), format!("{NODE_CA_DIR}/{node}.crt")]);
+            sources.push(VolumeProjection {
+                secret: Some(SecretProjection {
+                    name: secret.clone(),
+                    items: Some(vec![KeyToPath { key: "ca.crt".into(), path: format!("{node}.crt"), mode: None }]),
+                    optional: Some(false),
+                }),
+                ..Default::default()
+            });
+        }
+        self.volumes.push(Volume {
             name: "node-ca".into(),
             projected: Some(ProjectedVolumeSource { sources: Some(sources), default_mode: Some(0o444) }),
             ..Default::default()
         });
     }
-    // Memory, embedded: one SQLite file on a claim the operator creates. Unlike the pipeline's
-    // other objects it is owned by the pipeline only with `retain: Delete`: by default it
-    // outlives the pipeline, and its fixed name lets a pipeline of the same name reuse it.
-    let memory = &mmp.spec.memory;
-    let embedded_memory = memory.enabled && memory.store.kind == "embedded";
-    let mut memory_claim = None;
-    // Memory, postgres: the routers (any number of them) share one database; its URL (with the
-    // password) reaches the container only as an env var from the user's Secret, never in the
-    // Deployment's args or the operator's logs.
-    let mut env = Vec::new();
-    if memory.enabled && memory.store.kind == "postgres" {
-        if let Some(secret) = &memory.store.postgres_secret {
-            env.push(EnvVar {
-                name: MEMORY_URL_ENV.into(),
-                value_from: Some(EnvVarSource {
-                    secret_key_ref: Some(SecretKeySelector {
-                        name: secret.clone(),
-                        key: MEMORY_URL_KEY.into(),
-                        optional: Some(false),
+
+    /// Memory. Postgres: the routers (any number of them) share one database; its URL (with the
+    /// password) reaches the container only as an env var from the user's Secret, never in the
+    /// Deployment's args or the operator's logs. Embedded: one SQLite file on a claim the
+    /// operator creates (returned). Unlike the pipeline's other objects the claim is owned by
+    /// the pipeline only with `retain: Delete`: by default it outlives the pipeline, and its
+    /// fixed name lets a pipeline of the same name reuse it.
+    fn add_memory(&mut self, mmp: &MultimodalPipeline) -> Result<Option<PersistentVolumeClaim>> {
+        let memory = &mmp.spec.memory;
+        if !memory.enabled {
+            return Ok(None);
+        }
+        if memory.store.kind == "postgres" {
+            if let Some(secret) = &memory.store.postgres_secret {
+                self.env.push(EnvVar {
+                    name: MEMORY_URL_ENV.into(),
+                    value_from: Some(EnvVarSource {
+                        secret_key_ref: Some(SecretKeySelector {
+                            name: secret.clone(),
+                            key: MEMORY_URL_KEY.into(),
+                            optional: Some(false),
+                        }),
+                        ..Default::default()
                     }),
                     ..Default::default()
-                }),
-                ..Default::default()
-            });
+                });
+            }
         }
-    }
-    if embedded_memory {
-        args.extend(["--memory-path".into(), format!("{MEMORY_DIR}/memory.db")]);
-        mounts.push(VolumeMount { name: "memory".into(), mount_path: MEMORY_DIR.into(), ..Default::default() });
-        volumes.push(Volume {
+        if memory.store.kind != "embedded" {
+            return Ok(None);
+        }
+        let name = mmp.name_any();
+        self.args.extend(["--memory-path".into(), format!("{MEMORY_DIR}/memory.db")]);
+        self.mounts.push(VolumeMount { name: "memory".into(), mount_path: MEMORY_DIR.into(), ..Default::default() });
+        self.volumes.push(Volume {
             name: "memory".into(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
                 claim_name: memory_claim_name(&name),
@@ -315,11 +344,11 @@ pub fn desired_objects(
         });
         // Server-side apply drops an owner reference this manager applied before, so switching
         // a live pipeline to `Retain` disowns the claim (and to `Delete` adopts it).
-        let mut metadata = meta(memory_claim_name(&name))?;
+        let mut metadata = meta(mmp, memory_claim_name(&name))?;
         if memory.retain == MemoryRetain::Retain {
             metadata.owner_references = None;
         }
-        memory_claim = Some(PersistentVolumeClaim {
+        Ok(Some(PersistentVolumeClaim {
             metadata,
             spec: Some(PersistentVolumeClaimSpec {
                 access_modes: Some(vec!["ReadWriteOnce".into()]),
@@ -331,13 +360,35 @@ pub fn desired_objects(
                 ..Default::default()
             }),
             status: None,
-        });
+        }))
     }
+}
+
+/// The router Deployment. Its pods restart when the spec changes (a hash of it is a pod
+/// annotation); with an embedded memory claim the old pod goes first.
+fn router_deployment(
+    mmp: &MultimodalPipeline,
+    cfg: &OperatorConfig,
+    pod: RouterPod,
+    spec_json: &str,
+    embedded_memory: bool,
+) -> Result<Deployment> {
+    let name = mmp.name_any();
+    let probe = |path: &str| Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.into()),
+            port: IntOrString::String("http".into()),
+            ..Default::default()
+        }),
+        period_seconds: Some(5),
+        timeout_seconds: Some(2),
+        ..Default::default()
+    };
     let container = Container {
         name: "router".into(),
         image: Some(mmp.spec.router_image.clone().unwrap_or_else(|| cfg.router_image.clone())),
         image_pull_policy: cfg.image_pull_policy.clone(),
-        args: Some(args),
+        args: Some(pod.args),
         ports: Some(vec![ContainerPort {
             name: Some("http".into()),
             container_port: ROUTER_PORT,
@@ -347,12 +398,12 @@ pub fn desired_objects(
         readiness_probe: Some(probe("/ready")),
         liveness_probe: Some(probe("/live")),
         security_context: Some(restricted_container_sc()),
-        volume_mounts: Some(mounts),
-        env: (!env.is_empty()).then_some(env),
+        volume_mounts: Some(pod.mounts),
+        env: (!pod.env.is_empty()).then_some(pod.env),
         ..Default::default()
     };
-    let deployment = Deployment {
-        metadata: meta(router_name(&name))?,
+    Ok(Deployment {
+        metadata: meta(mmp, router_name(&name))?,
         spec: Some(DeploymentSpec {
             replicas: Some(mmp.spec.router_replicas),
             // A ReadWriteOnce claim and a SQLite file take one writer: the old pod goes first.
@@ -370,7 +421,7 @@ pub fn desired_objects(
                 }),
                 spec: Some(PodSpec {
                     containers: vec![container],
-                    volumes: Some(volumes),
+                    volumes: Some(pod.volumes),
                     service_account_name: Some(router_name(&name)),
                     automount_service_account_token: Some(true),
                     security_context: Some(restricted_pod_sc()),
@@ -381,9 +432,13 @@ pub fn desired_objects(
             ..Default::default()
         }),
         status: None,
-    };
-    let service = Service {
-        metadata: meta(router_name(&name))?,
+    })
+}
+
+fn router_service(mmp: &MultimodalPipeline) -> Result<Service> {
+    let name = mmp.name_any();
+    Ok(Service {
+        metadata: meta(mmp, router_name(&name))?,
         spec: Some(ServiceSpec {
             selector: Some(selector_labels(&name)),
             ports: Some(vec![ServicePort {
@@ -396,12 +451,17 @@ pub fn desired_objects(
             ..Default::default()
         }),
         status: None,
-    };
-    let service_account = ServiceAccount { metadata: meta(router_name(&name))?, ..Default::default() };
-    // Field-selected get/list/watch of one named ConfigMap: the API server authorizes a watch
-    // with `fieldSelector=metadata.name=X` against resourceNames [X].
+    })
+}
+
+/// The routers' identity: a ServiceAccount that may get/list/watch its pipeline's ConfigMap and
+/// nothing else. The API server authorizes a watch with `fieldSelector=metadata.name=X` against
+/// resourceNames [X].
+fn router_rbac(mmp: &MultimodalPipeline) -> Result<(ServiceAccount, Role, RoleBinding)> {
+    let name = mmp.name_any();
+    let service_account = ServiceAccount { metadata: meta(mmp, router_name(&name))?, ..Default::default() };
     let role = Role {
-        metadata: meta(router_name(&name))?,
+        metadata: meta(mmp, router_name(&name))?,
         rules: Some(vec![PolicyRule {
             api_groups: Some(vec![String::new()]),
             resources: Some(vec!["configmaps".into()]),
@@ -411,7 +471,7 @@ pub fn desired_objects(
         }]),
     };
     let role_binding = RoleBinding {
-        metadata: meta(router_name(&name))?,
+        metadata: meta(mmp, router_name(&name))?,
         role_ref: RoleRef {
             api_group: Some("rbac.authorization.k8s.io".into()),
             kind: "Role".into(),
@@ -420,11 +480,11 @@ pub fn desired_objects(
         subjects: Some(vec![Subject {
             kind: "ServiceAccount".into(),
             name: router_name(&name),
-            namespace: ns.clone(),
+            namespace: mmp.namespace(),
             ..Default::default()
         }]),
     };
-    Ok(PipelineObjects { deployment, service, config_map, service_account, role, role_binding, memory_claim })
+    Ok((service_account, role, role_binding))
 }
 
 /// Pipeline status from the table just published, the missing nodes and the router Deployment.
