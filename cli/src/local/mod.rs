@@ -298,67 +298,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     let router_bin = sibling_or_path(&args.router_bin, "prism-router");
     let http = reqwest::Client::builder().no_proxy().build()?;
 
-    let mut nodes = Vec::new();
-    for pn in &pipeline.spec.nodes {
-        let n = set.node(&pn.name).context("validated above")?.clone();
-        let model_path = resolve_model_path(&n.spec.model.uri, &args.models_dir)?;
-        if !model_path.exists() {
-            bail!(
-                "node {}: model folder {} does not exist (from {}); run `make models` or fix model.uri",
-                pn.name,
-                model_path.display(),
-                n.spec.model.uri
-            );
-        }
-        let count = n.spec.initial_replicas().max(1) as usize;
-        let revision = n.spec.model.revision.clone();
-        let replicas = (0..count).map(|i| Replica::new(replica_log(&logs_dir, &pn.name, i), &revision)).collect();
-        let args = node_args(&n, &model_path, &args.models_dir)?;
-        let mut status = prism_api::node::ModalityNodeStatus::default();
-        prism_operator::rollout::apply(
-            &n.spec,
-            &mut status,
-            &prism_operator::rollout::Transition::Deploy,
-            &prism_operator::now_rfc3339(),
-        );
-        nodes.push(LocalNode {
-            spec: n,
-            args,
-            replicas,
-            canary: Vec::new(),
-            canary_args: Vec::new(),
-            retiring: Vec::new(),
-            status,
-            step_started: Instant::now(),
-            hold_reason: None,
-            logs_dir: logs_dir.clone(),
-            scaler: ScalerState::default(),
-            next_decision: Instant::now(),
-            last_decision: None,
-            last_scale: None,
-        });
-    }
-    for n in &nodes {
-        for r in &n.replicas {
-            let _ = std::fs::remove_file(&r.log);
-        }
-    }
-
+    let nodes = local_nodes(&set, &pipeline, &args.models_dir, &logs_dir)?;
     println!("prism up: pipeline {pname} with {} node(s)", nodes.len());
-    for n in nodes.iter().filter(|n| n.spec.spec.tls.is_some()) {
-        // The certificate lives in a cluster Secret; on loopback there is no network to protect.
-        println!(
-            "note: node {}: spec.tls applies in a cluster; prism up serves it over plain HTTP on loopback",
-            n.name()
-        );
-    }
-    for n in nodes.iter().filter(|n| n.spec.spec.adaptation.is_some()) {
-        // Adaptation runs as a cluster Job; locally the same script runs under torchrun by hand.
-        println!(
-            "note: node {}: spec.adaptation runs as a Job in a cluster; locally run train/prism_train.py under torchrun (docs/distributed-training.md)",
-            n.name()
-        );
-    }
+    print_local_notes(&nodes);
     let autoscaled: Vec<String> =
         nodes.iter().filter(|n| autoscale::is_autoscaled(&n.spec.spec)).map(LocalNode::name).collect();
     let prom = metrics_source(&args, &dir, &http, &autoscaled).await?;
@@ -378,42 +320,8 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
         started,
     };
     sup.start_due_replicas()?;
-
-    // Wait for every replica to load its model, with progress.
     let deadline = Instant::now() + Duration::from_secs(args.ready_timeout);
-    let mut reported = std::collections::BTreeSet::new();
-    loop {
-        sup.observe().await;
-        for n in &sup.nodes {
-            for (i, r) in n.replicas.iter().enumerate() {
-                if r.ready && reported.insert((n.name(), i)) {
-                    println!(
-                        "  ready  {:<12} {:<8} replica {i} at {} ({:.1}s)",
-                        n.name(),
-                        n.spec.spec.modality,
-                        r.url.as_deref().unwrap_or("?"),
-                        started.elapsed().as_secs_f64()
-                    );
-                }
-            }
-        }
-        if sup.nodes.iter().all(|n| n.replicas.iter().all(|r| r.ready)) {
-            break;
-        }
-        if let Some(msg) = sup.crashed_during_start() {
-            sup.stop_all().await;
-            sup.stop_prometheus().await;
-            bail!("{msg}");
-        }
-        if Instant::now() > deadline {
-            let waiting: Vec<String> =
-                sup.nodes.iter().filter(|n| n.replicas.iter().any(|r| !r.ready)).map(|n| n.name()).collect();
-            sup.stop_all().await;
-            sup.stop_prometheus().await;
-            bail!("nodes {} were not ready within {}s; see `.prism/logs/`", waiting.join(", "), args.ready_timeout);
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    sup.wait_until_ready(deadline, args.ready_timeout).await?;
 
     // Router, with the first routing table and the pipeline spec as files.
     let table = sup.current_table();
@@ -424,16 +332,121 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
     sup.table = Some(table);
     let router_log = logs_dir.join("router.log");
     let _ = std::fs::remove_file(&router_log);
-    let mut router_args = vec![
+    let router = LocalRouter {
+        bin: router_bin,
+        args: router_args(&pipeline, &dir, &spec_path, &table_path, args.port),
+        log: router_log,
+    };
+    let (proc, router_url) = match router.start(&http, deadline).await {
+        Ok(started) => started,
+        Err(e) => {
+            sup.stop_all().await;
+            sup.stop_prometheus().await;
+            return Err(e);
+        }
+    };
+    sup.router_url = Some(router_url.clone());
+    let state = sup.state(&router.log);
+    state.save(&dir)?;
+    println!("router: {router_url}");
+    println!("ready in {:.1}s. Try:\n  curl -s {router_url}/v1/infer -H 'content-type: application/json' -d '{{\"inputs\": {{\"text\": \"a dog playing in the snow\"}}}}'\n  prism status | prism logs NODE | prism down (or Ctrl-C)", started.elapsed().as_secs_f64());
+    print!("{}", state.render());
+
+    let mut proc = supervise(&mut sup, &router, proc, state, &dir, &table_path).await?;
+    println!("stopping pipeline {pname}...");
+    proc.stop(Duration::from_secs(3)).await;
+    sup.stop_all().await;
+    sup.stop_prometheus().await;
+    let _ = std::fs::remove_file(state::path(&dir));
+    println!("stopped");
+    Ok(())
+}
+
+/// One local node per node of the pipeline, each with its model folder checked and its first
+/// revision recorded as deployed (the rollout takes it from there).
+fn local_nodes(
+    set: &ManifestSet,
+    pipeline: &MultimodalPipeline,
+    models_dir: &Path,
+    logs_dir: &Path,
+) -> anyhow::Result<Vec<LocalNode>> {
+    let mut nodes = Vec::new();
+    for pn in &pipeline.spec.nodes {
+        let n = set.node(&pn.name).context("validated above")?.clone();
+        let model_path = resolve_model_path(&n.spec.model.uri, models_dir)?;
+        if !model_path.exists() {
+            bail!(
+                "node {}: model folder {} does not exist (from {}); run `make models` or fix model.uri",
+                pn.name,
+                model_path.display(),
+                n.spec.model.uri
+            );
+        }
+        let count = n.spec.initial_replicas().max(1) as usize;
+        let revision = n.spec.model.revision.clone();
+        let replicas = (0..count).map(|i| Replica::new(replica_log(logs_dir, &pn.name, i), &revision)).collect();
+        let args = node_args(&n, &model_path, models_dir)?;
+        let mut status = prism_api::node::ModalityNodeStatus::default();
+        prism_operator::rollout::apply(
+            &n.spec,
+            &mut status,
+            &prism_operator::rollout::Transition::Deploy,
+            &prism_operator::now_rfc3339(),
+        );
+        nodes.push(LocalNode {
+            spec: n,
+            args,
+            replicas,
+            canary: Vec::new(),
+            canary_args: Vec::new(),
+            retiring: Vec::new(),
+            status,
+            step_started: Instant::now(),
+            hold_reason: None,
+            logs_dir: logs_dir.to_path_buf(),
+            scaler: ScalerState::default(),
+            next_decision: Instant::now(),
+            last_decision: None,
+            last_scale: None,
+        });
+    }
+    for n in &nodes {
+        for r in &n.replicas {
+            let _ = std::fs::remove_file(&r.log);
+        }
+    }
+    Ok(nodes)
+}
+
+/// What a cluster would do that `prism up` does differently, said once at start.
+fn print_local_notes(nodes: &[LocalNode]) {
+    for n in nodes.iter().filter(|n| n.spec.spec.tls.is_some()) {
+        // The certificate lives in a cluster Secret; on loopback there is no network to protect.
+        println!(
+            "note: node {}: spec.tls applies in a cluster; prism up serves it over plain HTTP on loopback",
+            n.name()
+        );
+    }
+    for n in nodes.iter().filter(|n| n.spec.spec.adaptation.is_some()) {
+        // Adaptation runs as a cluster Job; locally the same script runs under torchrun by hand.
+        println!(
+            "note: node {}: spec.adaptation runs as a Job in a cluster; locally run train/prism_train.py under torchrun (docs/distributed-training.md)",
+            n.name()
+        );
+    }
+}
+
+/// The router's command line. memory.enabled: the request log lives with the rest of the local
+/// state (or at memory.store.path), and survives `prism down` / `prism up`.
+fn router_args(pipeline: &MultimodalPipeline, dir: &Path, spec: &Path, table: &Path, port: u16) -> Vec<String> {
+    let mut args = vec![
         "--pipeline".to_string(),
-        spec_path.display().to_string(),
+        spec.display().to_string(),
         "--routing-table".into(),
-        table_path.display().to_string(),
+        table.display().to_string(),
         "--listen".into(),
-        format!("127.0.0.1:{}", args.port),
+        format!("127.0.0.1:{port}"),
     ];
-    // memory.enabled: the request log lives with the rest of the local state (or at
-    // memory.store.path), and survives `prism down` / `prism up`.
     let memory = &pipeline.spec.memory;
     let shared_url = std::env::var("PRISM_MEMORY_URL").ok().filter(|u| !u.is_empty());
     if memory.enabled && memory.store.kind == "postgres" && shared_url.is_some() {
@@ -445,34 +458,50 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             println!("note: memory.store.kind postgres needs PRISM_MEMORY_URL locally (the cluster reads postgresSecret); using the embedded file");
         }
         let path = memory.store.path.clone().map_or_else(|| dir.join("memory.db"), PathBuf::from);
-        router_args.extend(["--memory-path".into(), path.display().to_string()]);
+        args.extend(["--memory-path".into(), path.display().to_string()]);
     }
-    let mut router = Proc::spawn(&router_bin, &router_args, &router_log)?;
-    let router_url = loop {
-        if let Some(why) = router.exited() {
-            sup.stop_all().await;
-            bail!("the router exited during start ({why}); last log lines:\n{}", router.log_tail(20));
-        }
-        if let Some(u) = router.bound_url() {
-            if probe(&http, &u, "/ready").await {
-                break u;
-            }
-        }
-        if Instant::now() > deadline {
-            router.stop(Duration::from_secs(2)).await;
-            sup.stop_all().await;
-            bail!("the router did not become ready; last log lines:\n{}", router.log_tail(20));
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    };
-    sup.router_url = Some(router_url.clone());
-    let mut state = sup.state(&router_log);
-    state.save(&dir)?;
-    println!("router: {router_url}");
-    println!("ready in {:.1}s. Try:\n  curl -s {router_url}/v1/infer -H 'content-type: application/json' -d '{{\"inputs\": {{\"text\": \"a dog playing in the snow\"}}}}'\n  prism status | prism logs NODE | prism down (or Ctrl-C)", started.elapsed().as_secs_f64());
-    print!("{}", state.render());
+    args
+}
 
-    // Supervise until Ctrl-C or SIGTERM (`prism down`).
+/// How the local router is started (and restarted).
+struct LocalRouter {
+    bin: PathBuf,
+    args: Vec<String>,
+    log: PathBuf,
+}
+
+impl LocalRouter {
+    /// Starts the router and waits until it answers /ready; returns the process and its URL.
+    async fn start(&self, http: &reqwest::Client, deadline: Instant) -> anyhow::Result<(Proc, String)> {
+        let mut router = Proc::spawn(&self.bin, &self.args, &self.log)?;
+        loop {
+            if let Some(why) = router.exited() {
+                bail!("the router exited during start ({why}); last log lines:\n{}", router.log_tail(20));
+            }
+            if let Some(u) = router.bound_url() {
+                if probe(http, &u, "/ready").await {
+                    return Ok((router, u));
+                }
+            }
+            if Instant::now() > deadline {
+                router.stop(Duration::from_secs(2)).await;
+                bail!("the router did not become ready; last log lines:\n{}", router.log_tail(20));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+/// Supervises until Ctrl-C or SIGTERM (`prism down`): restarts what exits, autoscales, rolls
+/// out, publishes routing tables and keeps the state file current. Returns the router process.
+async fn supervise(
+    sup: &mut Supervisor,
+    router: &LocalRouter,
+    mut proc: Proc,
+    mut state: State,
+    dir: &Path,
+    table_path: &Path,
+) -> anyhow::Result<Proc> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     loop {
@@ -481,9 +510,9 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             _ = term.recv() => break,
             _ = tick.tick() => {}
         }
-        if let Some(why) = router.exited() {
+        if let Some(why) = proc.exited() {
             eprintln!("router exited ({why}); restarting");
-            router = Proc::spawn(&router_bin, &router_args, &router_log)?;
+            proc = Proc::spawn(&router.bin, &router.args, &router.log)?;
         }
         sup.reap_and_restart()?;
         sup.observe().await;
@@ -493,7 +522,7 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
             sup.scrape_p95().await;
         }
         let before = sup.table.as_ref().map(|t| t.generation).unwrap_or(0);
-        sup.publish_table(&table_path).await;
+        sup.publish_table(table_path).await;
         let after = sup.table.as_ref().map(|t| t.generation).unwrap_or(0);
         if after != before {
             let missing = sup.table.as_ref().map(|t| t.missing_modalities()).unwrap_or_default();
@@ -506,19 +535,13 @@ pub async fn up(args: UpArgs) -> anyhow::Result<()> {
                 }
             );
         }
-        let new_state = sup.state(&router_log);
+        let new_state = sup.state(&router.log);
         if serde_json::to_value(&new_state).ok() != serde_json::to_value(&state).ok() {
             state = new_state;
-            state.save(&dir)?;
+            state.save(dir)?;
         }
     }
-    println!("stopping pipeline {pname}...");
-    router.stop(Duration::from_secs(3)).await;
-    sup.stop_all().await;
-    sup.stop_prometheus().await;
-    let _ = std::fs::remove_file(state::path(&dir));
-    println!("stopped");
-    Ok(())
+    Ok(proc)
 }
 
 struct Supervisor {
@@ -595,6 +618,44 @@ async fn metrics_source(
 }
 
 impl Supervisor {
+    /// Waits for every replica to load its model, printing each as it becomes ready. A replica
+    /// that crashes during start, or the deadline, stops everything with the reason.
+    async fn wait_until_ready(&mut self, deadline: Instant, timeout_s: u64) -> anyhow::Result<()> {
+        let mut reported = std::collections::BTreeSet::new();
+        loop {
+            self.observe().await;
+            for n in &self.nodes {
+                for (i, r) in n.replicas.iter().enumerate() {
+                    if r.ready && reported.insert((n.name(), i)) {
+                        println!(
+                            "  ready  {:<12} {:<8} replica {i} at {} ({:.1}s)",
+                            n.name(),
+                            n.spec.spec.modality,
+                            r.url.as_deref().unwrap_or("?"),
+                            self.started.elapsed().as_secs_f64()
+                        );
+                    }
+                }
+            }
+            if self.nodes.iter().all(|n| n.replicas.iter().all(|r| r.ready)) {
+                return Ok(());
+            }
+            if let Some(msg) = self.crashed_during_start() {
+                self.stop_all().await;
+                self.stop_prometheus().await;
+                bail!("{msg}");
+            }
+            if Instant::now() > deadline {
+                let waiting: Vec<String> =
+                    self.nodes.iter().filter(|n| n.replicas.iter().any(|r| !r.ready)).map(|n| n.name()).collect();
+                self.stop_all().await;
+                self.stop_prometheus().await;
+                bail!("nodes {} were not ready within {timeout_s}s; see `.prism/logs/`", waiting.join(", "));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
     fn start_due_replicas(&mut self) -> anyhow::Result<()> {
         let now = Instant::now();
         for n in &mut self.nodes {
