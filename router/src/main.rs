@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -187,11 +188,20 @@ fn seconds(flag: &str, v: f64) -> anyhow::Result<Duration> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
+    init_logging(&args.log_format);
+    let tokens = checked_tokens(&args)?;
+    let router = build_router(&args)?;
+    attach_memory(&args, &router)?;
+    start_background_tasks(&args, &router, &tokens).await?;
+    serve_http(&args, router, tokens).await
+}
+
+fn init_logging(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
     // log_internal_errors(false): when the log can't be written (disk full), tracing would
     // eprintln! the error, and eprintln! panics when stderr fails, dropping the request's
     // connection. A full disk must cost log lines, not requests (tests/chaos disk-full).
-    if args.log_format == "json" {
+    if format == "json" {
         tracing_subscriber::fmt()
             .log_internal_errors(false)
             .json()
@@ -205,7 +215,10 @@ async fn main() -> anyhow::Result<()> {
             .with_writer(std::io::stderr)
             .init();
     }
+}
 
+/// Refuses flag combinations that would misbehave later; returns the bearer tokens.
+fn checked_tokens(args: &Args) -> anyhow::Result<Vec<String>> {
     if args.max_body_bytes > args.node_max_body_bytes {
         bail!(
             "--max-body-bytes {} is over --node-max-body-bytes {}: the router would accept bodies its nodes refuse \
@@ -229,7 +242,11 @@ async fn main() -> anyhow::Result<()> {
             args.listen
         );
     }
+    Ok(tokens)
+}
 
+/// The router with its pipeline spec, first routing table and the CAs of HTTPS nodes.
+fn build_router(args: &Args) -> anyhow::Result<Arc<Router>> {
     let (name, spec) = match &args.pipeline {
         Some(p) => config::load_pipeline(p)?,
         None => (None, engine::default_spec()),
@@ -256,13 +273,17 @@ async fn main() -> anyhow::Result<()> {
         bundle.extend_from_slice(&pem);
         bundle.push(b'\n');
     }
-    let router = Router::new(
+    Ok(Router::new(
         name,
         spec,
         table,
         EngineOptions { probe_interval: probe, node_ca_pem, node_max_body_bytes: args.node_max_body_bytes },
-    )?;
+    )?)
+}
 
+/// The request log (embedded SQLite or PostgreSQL) and the answer cache of
+/// `onMissingRequired: cached`.
+fn attach_memory(args: &Args, router: &Arc<Router>) -> anyhow::Result<()> {
     // The index's vector precision is the pipeline's `memory.vectors`; the store keeps f32
     // answers either way, so a change takes effect at the next start by rebuilding the index.
     let precision = match router.snapshot().spec.memory.vectors {
@@ -293,16 +314,20 @@ async fn main() -> anyhow::Result<()> {
         router.set_memory(memory.clone())?;
         tokio::spawn(retention_loop(router.clone(), memory.clone()));
     }
-    // The answer cache of `onMissingRequired: cached`: with memory on, the request log itself
-    // (every whole answer is in it: durable, and shared by the routers of one database);
-    // otherwise the last answers in this process's RAM.
+    // With memory on, the request log itself is the answer cache (every whole answer is in it:
+    // durable, and shared by the routers of one database); otherwise the last answers in this
+    // process's RAM.
     if args.answer_cache_entries > 0 {
         match memory {
             Some(memory) => router.set_answer_cache(memory),
-            None => router
-                .set_answer_cache(std::sync::Arc::new(prism_memory::RecentAnswers::new(args.answer_cache_entries))),
+            None => router.set_answer_cache(Arc::new(prism_memory::RecentAnswers::new(args.answer_cache_entries))),
         }
     }
+    Ok(())
+}
+
+/// Health probes, reloads of the table and spec (files or the ConfigMap), and the gRPC server.
+async fn start_background_tasks(args: &Args, router: &Arc<Router>, tokens: &[String]) -> anyhow::Result<()> {
     tokio::spawn(router.clone().probe_loop());
     if args.routing_table.is_some() || args.pipeline.is_some() {
         tokio::spawn(config::watch_files(
@@ -312,15 +337,13 @@ async fn main() -> anyhow::Result<()> {
             Duration::from_millis(args.reload_interval_ms.max(10)),
         ));
     }
-
     if let Some(cm) = &args.routing_configmap {
         let client = prism_router::cluster::client().await?;
         let (ns, name) = prism_router::cluster::parse_ref(cm, client.default_namespace())?;
         tokio::spawn(prism_router::cluster::watch_configmap(router.clone(), client, ns, name));
     }
-
     if let Some(addr) = args.grpc_listen {
-        let (bound, fut) = prism_router::grpc::serve(router.clone(), addr, tokens.clone()).await?;
+        let (bound, fut) = prism_router::grpc::serve(router.clone(), addr, tokens.to_vec()).await?;
         println!("grpc listening on {bound}");
         tokio::spawn(async move {
             if let Err(e) = fut.await {
@@ -328,7 +351,11 @@ async fn main() -> anyhow::Result<()> {
             }
         });
     }
+    Ok(())
+}
 
+/// Serves the HTTP API until SIGTERM/Ctrl-C, then drains.
+async fn serve_http(args: &Args, router: Arc<Router>, tokens: Vec<String>) -> anyhow::Result<()> {
     let opts = HttpOptions {
         tokens,
         max_body_bytes: args.max_body_bytes,
