@@ -126,9 +126,24 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
     let deploy_api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
     let existing = cached(&ctx.stores.deployments, &ns, &name);
     let current = existing.as_ref().and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas);
-    let objs = node::desired_objects(&mn, &ctx.cfg, current)?;
-    let stable_replicas = objs.deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-    match node::canary_deployment(&mn, &ctx.cfg, stable_replicas)? {
+    let planned = node::desired_objects(&mn, &ctx.cfg, current).and_then(|objs| {
+        let stable_replicas = objs.deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+        Ok((node::canary_deployment(&mn, &ctx.cfg, stable_replicas)?, objs))
+    });
+    let (canary, objs) = match planned {
+        Ok(p) => p,
+        Err(Error::InvalidSpec(why)) => {
+            // Nothing is applied: what runs keeps running, and Ready/Degraded say why. Retrying
+            // cannot help; the next edit of the node wakes us.
+            warn!(%why, "invalid spec");
+            let problems = pod_problems(&ctx, &ns, &name);
+            let status = node::status(&mn, existing.as_ref(), &problems, Some(&why), &now_rfc3339());
+            write_node_status(&ctx, &mn, &status, &oref).await?;
+            return Ok(Action::await_change());
+        }
+        Err(e) => return Err(e),
+    };
+    match canary {
         Some(canary) => {
             apply(&ctx.client, &ns, &canary).await?;
         }
@@ -181,25 +196,9 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
         _ => {}
     }
 
-    let problems = match ctx.index.read() {
-        Ok(i) => i.problems(&ns, &name),
-        Err(p) => p.into_inner().problems(&ns, &name),
-    };
-    let status = node::status(&mn, Some(&deploy), &problems, &now_rfc3339());
-    let observed = mn.status.as_ref().map(NodeControllerStatus::observed);
-    if observed.as_ref() != Some(&status) {
-        let was_ready = observed.as_ref().and_then(|s| find(&s.conditions, types::READY)).map(|c| c.is_true());
-        let now_ready = find(&status.conditions, types::READY);
-        let api: Api<ModalityNode> = Api::namespaced(ctx.client.clone(), &ns);
-        // Our whole struct, nothing else: the autoscaler's fields and conditions stay its own.
-        api.patch_status(&name, &apply_params(), &Patch::Apply(&status_writers::apply_body(&status))).await?;
-        if let Some(c) = now_ready {
-            if was_ready != Some(c.is_true()) {
-                let t = if c.is_true() { EventType::Normal } else { EventType::Warning };
-                publish(&ctx.recorder, &oref, t, &c.reason, "UpdateStatus", c.message.clone()).await;
-            }
-        }
-    }
+    let problems = pod_problems(&ctx, &ns, &name);
+    let status = node::status(&mn, Some(&deploy), &problems, None, &now_rfc3339());
+    write_node_status(&ctx, &mn, &status, &oref).await?;
     if mn.status.as_ref().is_some_and(|s| s.canary.is_some()) {
         // Pauses end and analysis runs on time, not only when something changes.
         return Ok(Action::requeue(Duration::from_secs(5)));
@@ -213,6 +212,37 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
         }
     }
     Ok(Action::requeue(Duration::from_secs(300)))
+}
+
+/// What the pod index knows about the node's pods that cannot run.
+fn pod_problems(ctx: &Context, ns: &str, name: &str) -> Vec<crate::pod_health::PodProblem> {
+    match ctx.index.read() {
+        Ok(i) => i.problems(ns, name),
+        Err(p) => p.into_inner().problems(ns, name),
+    }
+}
+
+/// Applies the node controller's status when it differs from what the node shows, and records
+/// an Event when Ready flips.
+async fn write_node_status(
+    ctx: &Context,
+    mn: &ModalityNode,
+    status: &NodeControllerStatus,
+    oref: &k8s_openapi::api::core::v1::ObjectReference,
+) -> Result<()> {
+    let observed = mn.status.as_ref().map(NodeControllerStatus::observed);
+    if observed.as_ref() == Some(status) {
+        return Ok(());
+    }
+    let was_ready = observed.as_ref().and_then(|s| find(&s.conditions, types::READY)).map(|c| c.is_true());
+    let api: Api<ModalityNode> = Api::namespaced(ctx.client.clone(), &ns_of(mn)?);
+    // Our whole struct, nothing else: the autoscaler's fields and conditions stay its own.
+    api.patch_status(&mn.name_any(), &apply_params(), &Patch::Apply(&status_writers::apply_body(status))).await?;
+    if let Some(c) = find(&status.conditions, types::READY).filter(|c| was_ready != Some(c.is_true())) {
+        let t = if c.is_true() { EventType::Normal } else { EventType::Warning };
+        publish(&ctx.recorder, oref, t, &c.reason, "UpdateStatus", c.message.clone()).await;
+    }
+    Ok(())
 }
 
 /// Moves `spec.adaptation` one step (see [`crate::adaptation`]): follows a running Job, writes

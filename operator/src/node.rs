@@ -400,6 +400,7 @@ pub fn status(
     mn: &ModalityNode,
     deploy: Option<&Deployment>,
     problems: &[PodProblem],
+    spec_error: Option<&str>,
     now: &str,
 ) -> NodeControllerStatus {
     let name = mn.name_any();
@@ -407,8 +408,11 @@ pub fn status(
     let ds = deploy.and_then(|d| d.status.clone()).unwrap_or_default();
     let serving_rev = &crate::rollout::serving_model(&mn.spec, Some(&old)).revision;
     // The rollout first: a canary or a rolled-back spec says so where users look first.
-    let mut sources =
-        vec![crate::rollout::conditions(&mn.spec, &old), deployment_conditions(&name, deploy, problems, serving_rev)];
+    let mut sources = vec![
+        spec_conditions(spec_error, deploy.is_some()),
+        crate::rollout::conditions(&mn.spec, &old),
+        deployment_conditions(&name, deploy, problems, serving_rev),
+    ];
     if mn.spec.adaptation.is_some() {
         sources.push(vec![crate::adaptation::condition(old.adaptation.as_ref())]);
     }
@@ -424,6 +428,19 @@ pub fn status(
         adaptation: old.adaptation,
         conditions,
     }
+}
+
+/// A spec the operator cannot turn into objects (the API server's CEL rules let it through: an
+/// object stored under an older CRD, or a check only the operator can make): nothing is applied,
+/// and Ready and Degraded say why.
+fn spec_conditions(spec_error: Option<&str>, deployed: bool) -> Vec<Condition> {
+    let Some(why) = spec_error else { return Vec::new() };
+    let what_runs = if deployed { "the Deployment keeps running the last valid spec" } else { "nothing was created" };
+    let msg = format!("{why}; {what_runs}. Fix the spec (`kubectl edit mn`)");
+    vec![
+        Condition::new(types::READY, ConditionStatus::False, "InvalidSpec", msg.clone()),
+        Condition::new(types::DEGRADED, ConditionStatus::True, "InvalidSpec", msg),
+    ]
 }
 
 /// Progressing, Available, Ready and Degraded as the node's Deployment and its pods show them:

@@ -170,3 +170,23 @@ async fn a_node_whose_status_and_children_are_current_costs_no_status_write_and_
     assert!(!calls.iter().any(|c| c.starts_with("POST") && c.ends_with("/events")), "no event: {calls:#?}");
     assert!(sent.iter().all(|s| s.method != "GET"), "{calls:#?}");
 }
+
+#[tokio::test]
+async fn a_spec_that_cannot_be_built_applies_nothing_says_why_and_waits_for_an_edit() {
+    let sent = Arc::new(Mutex::new(Vec::new()));
+    let mut n = node();
+    // CEL refuses this at the API server; an object stored under an older CRD may still carry it.
+    n.spec.model.uri = "ftp://models/m".into();
+    let (ctx, _nodes, _deploys) = context(api(serde_json::to_value(&n).unwrap(), sent.clone()));
+    let action = reconcile_node(Arc::new(n), ctx).await.expect("an invalid spec is a status, not an error");
+    assert_eq!(action, kube::runtime::controller::Action::await_change(), "retrying cannot help");
+    let sent = sent.lock().unwrap().clone();
+    let calls: Vec<String> = sent.iter().map(|s| format!("{} {}", s.method, s.path())).collect();
+    assert!(!calls.iter().any(|c| c.contains("/deployments/") || c.contains("/services/")), "{calls:#?}");
+    let status = sent.iter().find(|s| s.path().ends_with("/status")).expect("a status write");
+    let ready = status.body["status"]["conditions"].as_array().unwrap().iter().find(|c| c["type"] == "Ready").unwrap();
+    assert_eq!((ready["status"].as_str(), ready["reason"].as_str()), (Some("False"), Some("InvalidSpec")));
+    assert!(ready["message"].as_str().unwrap().contains("ftp://models/m"), "{ready}");
+    let event = sent.iter().find(|s| s.method == "POST" && s.path().ends_with("/events")).expect("an Event");
+    assert_eq!((event.body["type"].as_str(), event.body["reason"].as_str()), (Some("Warning"), Some("InvalidSpec")));
+}

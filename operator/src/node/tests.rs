@@ -218,7 +218,7 @@ fn deploy_with(desired: i32, ready: i32, updated: i32, gen_seen: bool) -> Deploy
 #[test]
 fn status_conditions_follow_the_deployment() {
     let mn = mk_node("n", "text", "file:///m");
-    let s = status(&mn, Some(&deploy_with(2, 2, 2, true)), &[], "T");
+    let s = status(&mn, Some(&deploy_with(2, 2, 2, true)), &[], None, "T");
     let c = |t| condition::find(&s.conditions, t).unwrap().clone();
     assert!(c(types::READY).is_true());
     assert!(c(types::AVAILABLE).is_true());
@@ -230,15 +230,15 @@ fn status_conditions_follow_the_deployment() {
     );
     assert_eq!(s.observed_generation, Some(3));
 
-    let s = status(&mn, Some(&deploy_with(2, 1, 2, true)), &[], "T");
+    let s = status(&mn, Some(&deploy_with(2, 1, 2, true)), &[], None, "T");
     let c = |t| condition::find(&s.conditions, t).unwrap().clone();
     assert_eq!(c(types::READY).reason, "ReplicasNotReady");
     assert!(c(types::READY).message.contains("1/2 replicas of Deployment n ready"));
     assert!(c(types::DEGRADED).is_true());
 
-    let s = status(&mn, Some(&deploy_with(2, 2, 1, true)), &[], "T");
+    let s = status(&mn, Some(&deploy_with(2, 2, 1, true)), &[], None, "T");
     assert!(condition::find(&s.conditions, types::PROGRESSING).unwrap().is_true());
-    let s = status(&mn, Some(&deploy_with(2, 2, 2, false)), &[], "T");
+    let s = status(&mn, Some(&deploy_with(2, 2, 2, false)), &[], None, "T");
     assert!(condition::find(&s.conditions, types::PROGRESSING).unwrap().is_true(), "new generation not yet seen");
 }
 
@@ -271,7 +271,7 @@ fn status_names_what_keeps_pods_from_serving() {
         },
         PodProblem { pod: "n-7d-b".into(), container: "node".into(), reason: "OOMKilled".into(), message: "m".into() },
     ];
-    let s = status(&mn, Some(&deploy_with(2, 0, 2, true)), &problems, "T");
+    let s = status(&mn, Some(&deploy_with(2, 0, 2, true)), &problems, None, "T");
     let ready = condition::find(&s.conditions, types::READY).unwrap();
     assert_eq!(ready.reason, "CrashLoopBackOff");
     assert!(ready.message.contains("pod n-7d-a container node"), "{}", ready.message);
@@ -281,7 +281,7 @@ fn status_names_what_keeps_pods_from_serving() {
     assert!(degraded.is_true());
     assert_eq!(degraded.reason, "CrashLoopBackOff");
     // All replicas ready: a stale problem (a pod on its way out) does not degrade the node.
-    let s = status(&mn, Some(&deploy_with(2, 2, 2, true)), &problems[..1], "T");
+    let s = status(&mn, Some(&deploy_with(2, 2, 2, true)), &problems[..1], None, "T");
     assert!(condition::find(&s.conditions, types::READY).unwrap().is_true());
     assert!(!condition::find(&s.conditions, types::DEGRADED).unwrap().is_true());
 }
@@ -301,14 +301,14 @@ fn stored(st: &NodeControllerStatus, mut other: ModalityNodeStatus) -> ModalityN
 #[test]
 fn status_applies_only_its_own_conditions_and_keeps_transition_times() {
     let mut mn = mk_node("n", "text", "file:///m");
-    let first = status(&mn, Some(&deploy_with(1, 1, 1, true)), &[], "T1");
+    let first = status(&mn, Some(&deploy_with(1, 1, 1, true)), &[], None, "T1");
     let autoscaler = ModalityNodeStatus {
         desired_replicas: Some(1),
         conditions: vec![Condition::new(types::METRICS_UNAVAILABLE, ConditionStatus::True, "PrometheusDown", "")],
         ..Default::default()
     };
     mn.status = Some(stored(&first, autoscaler));
-    let second = status(&mn, Some(&deploy_with(1, 1, 1, true)), &[], "T2");
+    let second = status(&mn, Some(&deploy_with(1, 1, 1, true)), &[], None, "T2");
     let ready = condition::find(&second.conditions, types::READY).unwrap();
     assert_eq!(ready.last_transition_time.as_deref(), Some("T1"));
     assert!(condition::find(&second.conditions, types::METRICS_UNAVAILABLE).is_none(), "the autoscaler's own");
@@ -322,7 +322,7 @@ fn a_canary_and_a_rolled_back_spec_outrank_what_the_deployment_says() {
     let mut st = ModalityNodeStatus { current_revision: Some("1".into()), ..Default::default() };
     st.canary = Some(CanaryStatus { revision: "2".into(), step: 0, weight: 10, step_started: "T0".into() });
     mn.status = Some(st);
-    let s = status(&mn, Some(&deploy_with(2, 1, 1, true)), &[], "T1");
+    let s = status(&mn, Some(&deploy_with(2, 1, 1, true)), &[], None, "T1");
     let p = condition::find(&s.conditions, types::PROGRESSING).unwrap();
     assert_eq!(p.reason, "CanaryInProgress", "{}", p.message);
     assert!(p.message.contains("revision 2 takes 10%"), "{}", p.message);
@@ -430,4 +430,24 @@ fn a_sliding_window_reaches_the_server_and_full_attention_adds_no_flag() {
     // A window left over from an earlier sliding-window spec is not served under `full`.
     mn.spec.model.attention.kind = "full".into();
     assert_eq!(flag(&mn), None);
+}
+
+#[test]
+fn a_spec_the_operator_cannot_build_says_so_in_ready_and_degraded_and_what_keeps_running() {
+    let mut mn = mk_node("n", "text", "ftp://models/m");
+    let why = match desired_objects(&mn, &cfg(), None) {
+        Err(Error::InvalidSpec(why)) => why,
+        other => panic!("expected InvalidSpec, got {other:?}"),
+    };
+    let running = status(&mn, Some(&deploy_with(2, 2, 2, true)), &[], Some(&why), "T");
+    let ready = condition::find(&running.conditions, types::READY).unwrap();
+    assert_eq!((ready.status, ready.reason.as_str()), (ConditionStatus::False, "InvalidSpec"));
+    assert!(ready.message.contains("scheme must be") && ready.message.contains("keeps running"), "{}", ready.message);
+    let degraded = condition::find(&running.conditions, types::DEGRADED).unwrap();
+    assert_eq!((degraded.status, degraded.reason.as_str()), (ConditionStatus::True, "InvalidSpec"));
+    mn.metadata.generation = Some(4);
+    let never_ran = status(&mn, None, &[], Some(&why), "T");
+    let ready = condition::find(&never_ran.conditions, types::READY).unwrap();
+    assert!(ready.message.contains("nothing was created"), "{}", ready.message);
+    assert_eq!(never_ran.observed_generation, Some(4), "the refused generation is the one observed");
 }
