@@ -18,10 +18,10 @@ use tracing::{debug, info, warn, Instrument};
 use crate::balancer::Balancer;
 use crate::error::RouterError;
 use crate::fusion;
-use crate::memory::AnswerCache;
+use crate::memory::{AnswerCache, RequestLog};
 use crate::metrics::Metrics;
 use crate::plan::{self, Decision, ModalityConfig};
-use prism_memory::{logged_inputs, Memory, MemoryError, Record};
+use prism_memory::{logged_inputs, MemoryError, Record};
 
 /// Everything a request reads, swapped atomically on reload so a request sees one consistent
 /// table + spec even if a reload lands mid-flight.
@@ -169,7 +169,7 @@ pub struct Router {
     clock: Instant,
     client: reqwest::Client,
     pub metrics: Arc<Metrics>,
-    memory: RwLock<Option<Arc<Memory>>>,
+    memory: RwLock<Option<Arc<dyn RequestLog>>>,
     cache: RwLock<Option<Arc<dyn AnswerCache>>>,
     pub options: EngineOptions,
 }
@@ -220,7 +220,7 @@ impl Router {
 
     /// Log every answered request to `memory` (acknowledged only once durable) and start the
     /// accuracy estimates from the corrections it already holds.
-    pub fn set_memory(&self, memory: Arc<Memory>) -> Result<(), MemoryError> {
+    pub fn set_memory(&self, memory: Arc<dyn RequestLog>) -> Result<(), MemoryError> {
         let feedback = memory.feedback()?;
         self.with_balancer(|b| {
             for f in &feedback {
@@ -233,7 +233,7 @@ impl Router {
         Ok(())
     }
 
-    pub fn memory(&self) -> Option<Arc<Memory>> {
+    pub fn memory(&self) -> Option<Arc<dyn RequestLog>> {
         self.memory.read().ok().and_then(|m| m.clone())
     }
 
@@ -757,7 +757,7 @@ impl Router {
                 inputs: logged_inputs(inputs, snap.spec.memory.inputs),
                 response: resp.clone(),
             };
-            resp.recorded = Some(self.log_to_memory(&memory, vec![record], request_id).await);
+            resp.recorded = Some(self.log_to_memory(memory.as_ref(), vec![record], request_id).await);
             resp.timings.memory_ms = Some(ms(t_log.elapsed()));
             resp.timings.total_ms = ms(t0.elapsed());
         }
@@ -826,7 +826,7 @@ impl Router {
 
     /// Durably log `records` (one group commit when they arrive together); false, counted and
     /// logged, when any write failed. The answer is served either way.
-    async fn log_to_memory(&self, memory: &Memory, records: Vec<Record>, request_id: &str) -> bool {
+    async fn log_to_memory(&self, memory: &dyn RequestLog, records: Vec<Record>, request_id: &str) -> bool {
         let results = futures::future::join_all(records.into_iter().map(|r| memory.record(r))).await;
         let failed = results.into_iter().filter_map(Result::err).collect::<Vec<_>>();
         if let Some(e) = failed.first() {
@@ -886,7 +886,7 @@ impl Router {
                 }
             })
             .collect();
-        let recorded = self.log_to_memory(&memory, records, request_id).await;
+        let recorded = self.log_to_memory(memory.as_ref(), records, request_id).await;
         Ok((served, snap, Some(recorded)))
     }
 

@@ -1,13 +1,52 @@
-//! The answer cache seam behind `degradation.onMissingRequired: cached`: the memory store
-//! itself when the router has one (`prism_memory::Memory`: durable, and shared by the routers of
-//! one PostgreSQL database), prism-memory's in-process [`RecentAnswers`] otherwise. The durable
-//! request log is `Memory`, used by the engine directly.
+//! The engine's two memory seams. [`RequestLog`]: the durable log of every answer, its
+//! corrections and its search (`prism_memory::Memory`, SQLite or PostgreSQL; tests put any log
+//! in, e.g. one whose writes fail). [`AnswerCache`]: behind `degradation.onMissingRequired:
+//! cached`, the log itself when the router has one (durable, and shared by the routers of one
+//! PostgreSQL database), prism-memory's in-process [`RecentAnswers`] otherwise.
 
 use std::collections::BTreeMap;
 
-use prism_api::wire::router::InferResponse;
-use prism_memory::{Memory, RecentAnswers};
+use futures::future::BoxFuture;
+use prism_api::wire::router::{InferResponse, ReplicaRef};
+use prism_memory::{Correction, Hit, Memory, MemoryError, RecentAnswers, Record, RevisionFeedback, StoredRecord};
 use tracing::warn;
+
+/// What the engine and the HTTP API need of the request log.
+pub trait RequestLog: Send + Sync + 'static {
+    /// Logs one answered request; resolves once it is durable (the answer says `recorded`).
+    fn record(&self, rec: Record) -> BoxFuture<'_, Result<(), MemoryError>>;
+    /// Stores a correction of a past request; returns the replicas (revisions) that served it.
+    fn correct(&self, c: Correction) -> BoxFuture<'_, Result<Vec<ReplicaRef>, MemoryError>>;
+    /// Corrections so far, per node revision (the accuracy estimates start from them).
+    fn feedback(&self) -> Result<Vec<RevisionFeedback>, MemoryError>;
+    fn get(&self, id: &str) -> Result<Option<StoredRecord>, MemoryError>;
+    /// The `k` nearest logged vectors under `key` (a modality or the fused vector); `true` when
+    /// the search was exact.
+    fn search(&self, pipeline: Option<&str>, key: &str, query: &[f32], k: usize) -> (Vec<Hit>, bool);
+    /// Corrected requests as training examples (`prism train`'s input).
+    fn training_set(&self) -> Result<Vec<serde_json::Value>, MemoryError>;
+}
+
+impl RequestLog for Memory {
+    fn record(&self, rec: Record) -> BoxFuture<'_, Result<(), MemoryError>> {
+        Box::pin(Memory::record(self, rec))
+    }
+    fn correct(&self, c: Correction) -> BoxFuture<'_, Result<Vec<ReplicaRef>, MemoryError>> {
+        Box::pin(Memory::correct(self, c))
+    }
+    fn feedback(&self) -> Result<Vec<RevisionFeedback>, MemoryError> {
+        Memory::feedback(self)
+    }
+    fn get(&self, id: &str) -> Result<Option<StoredRecord>, MemoryError> {
+        Memory::get(self, id)
+    }
+    fn search(&self, pipeline: Option<&str>, key: &str, query: &[f32], k: usize) -> (Vec<Hit>, bool) {
+        Memory::search(self, pipeline, key, query, k)
+    }
+    fn training_set(&self) -> Result<Vec<serde_json::Value>, MemoryError> {
+        Memory::training_set(self)
+    }
+}
 
 /// Serves a past answer when a required modality is down and the pipeline says
 /// `degradation.onMissingRequired: cached`.

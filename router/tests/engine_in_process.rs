@@ -1,0 +1,112 @@
+//! The engine tested in-process: a stand-in node on loopback (a few lines of axum, not a
+//! model) and request logs injected through the `RequestLog` seam, so what a user sees when
+//! the log works, or when its writes fail, is checked without a disk to fill.
+
+use std::sync::{Arc, Mutex};
+
+use axum::routing::post;
+use axum::Json;
+use futures::future::BoxFuture;
+use prism_api::wire::node::EmbedResponse;
+use prism_api::wire::router::{InferRequest, ReplicaRef};
+use prism_api::RoutingTable;
+use prism_memory::{Correction, Hit, MemoryError, Record, RevisionFeedback, StoredRecord};
+use prism_router::memory::RequestLog;
+use prism_router::{EngineOptions, Router};
+use serde_json::{json, Value};
+
+/// A text node that answers every input with the same unit vector.
+async fn stand_in_node() -> String {
+    let app = axum::Router::new().route(
+        "/embed",
+        post(|Json(req): Json<Value>| async move {
+            let n = req["inputs"].as_array().map_or(1, Vec::len);
+            Json(EmbedResponse {
+                embeddings: vec![vec![0.6f32, 0.8, 0.0]; n],
+                node: "text".into(),
+                modality: "text".into(),
+                revision: "1".into(),
+                timings: Default::default(),
+                prompt_tokens: None,
+            })
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+async fn router_to(node: &str) -> Arc<Router> {
+    let spec = serde_json::from_value(json!({"nodes": [{"name": "text"}], "memory": {"enabled": true}})).unwrap();
+    let table: RoutingTable = serde_json::from_value(json!({
+        "pipeline": "p", "generation": 1,
+        "modalities": {"text": [{"endpoint": node, "node": "text", "revision": "1", "weight": 1.0, "accuracy": 0.9, "ready": true}]}
+    }))
+    .unwrap();
+    let options = EngineOptions { probe_interval: None, node_ca_pem: None, node_max_body_bytes: 1 << 20 };
+    Router::new("p".into(), spec, Some(table), options).unwrap()
+}
+
+/// A request log in RAM whose writes succeed or fail on demand.
+#[derive(Default)]
+struct TestLog {
+    records: Mutex<Vec<Record>>,
+    failing: bool,
+}
+
+impl RequestLog for TestLog {
+    fn record(&self, rec: Record) -> BoxFuture<'_, Result<(), MemoryError>> {
+        Box::pin(async move {
+            if self.failing {
+                return Err(MemoryError::Write("disk full (test)".into()));
+            }
+            self.records.lock().unwrap().push(rec);
+            Ok(())
+        })
+    }
+    fn correct(&self, c: Correction) -> BoxFuture<'_, Result<Vec<ReplicaRef>, MemoryError>> {
+        Box::pin(async move { Err(MemoryError::UnknownRequest(c.request_id)) })
+    }
+    fn feedback(&self) -> Result<Vec<RevisionFeedback>, MemoryError> {
+        Ok(Vec::new())
+    }
+    fn get(&self, id: &str) -> Result<Option<StoredRecord>, MemoryError> {
+        Err(MemoryError::UnknownRequest(id.into()))
+    }
+    fn search(&self, _: Option<&str>, _: &str, _: &[f32], _: usize) -> (Vec<Hit>, bool) {
+        (Vec::new(), true)
+    }
+    fn training_set(&self) -> Result<Vec<Value>, MemoryError> {
+        Ok(Vec::new())
+    }
+}
+
+fn request() -> InferRequest {
+    serde_json::from_value(json!({"inputs": {"text": "a dog in the snow"}})).unwrap()
+}
+
+#[tokio::test]
+async fn an_answer_is_acknowledged_as_recorded_once_the_log_holds_it() {
+    let router = router_to(&stand_in_node().await).await;
+    let log = Arc::new(TestLog::default());
+    router.set_memory(log.clone()).unwrap();
+    let resp = router.infer(request(), "req-1").await.expect("served");
+    assert_eq!(resp.recorded, Some(true));
+    let records = log.records.lock().unwrap().clone();
+    assert_eq!(records.len(), 1);
+    assert_eq!((records[0].id.as_str(), records[0].pipeline.as_str()), ("req-1", "p"));
+    assert_eq!(records[0].response.modalities["text"].embedding, vec![0.6, 0.8, 0.0], "the answer as served");
+    assert!(resp.timings.memory_ms.is_some());
+}
+
+#[tokio::test]
+async fn a_log_that_cannot_write_still_serves_the_answer_and_says_it_was_not_recorded() {
+    let router = router_to(&stand_in_node().await).await;
+    router.set_memory(Arc::new(TestLog { failing: true, ..Default::default() })).unwrap();
+    let resp = router.infer(request(), "req-2").await.expect("served despite the log");
+    assert_eq!(resp.recorded, Some(false), "nothing acknowledged is lost: the client is told");
+    assert_eq!(resp.modalities["text"].embedding, vec![0.6, 0.8, 0.0]);
+    let without = router_to(&stand_in_node().await).await;
+    assert_eq!(without.infer(request(), "req-3").await.unwrap().recorded, None, "memory off: no claim either way");
+}
