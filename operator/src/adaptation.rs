@@ -22,7 +22,7 @@ use prism_api::pipeline::RouterAuth;
 use prism_api::MultimodalPipeline;
 
 use crate::pipeline::{router_name, AUTH_DIR, ROUTER_PORT};
-use crate::workload::{model_source, owner_ref, pod_resources, restricted_container_sc, restricted_pod_sc, tmp_mount};
+use crate::workload::{model_source, owned_meta, pod_resources, restricted_container_sc, restricted_pod_sc, tmp_mount};
 use crate::{OperatorConfig, Result};
 
 /// Port torchrun's static rendezvous (rank 0's TCPStore) listens on in worker 0.
@@ -275,13 +275,7 @@ fn train_meta(mn: &ModalityNode, name: String, extra: &[(&str, &str)]) -> Result
     for (k, v) in extra {
         l.insert((*k).to_string(), (*v).to_string());
     }
-    Ok(ObjectMeta {
-        name: Some(name),
-        namespace: mn.namespace(),
-        labels: Some(l),
-        owner_references: Some(vec![owner_ref(mn)?]),
-        ..Default::default()
-    })
+    owned_meta(mn, name, l)
 }
 
 /// The `torchrun` command line of every worker: static rendezvous on worker 0 through the

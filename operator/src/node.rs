@@ -20,7 +20,7 @@ use prism_api::node::{AutoscalingMode, ModalityNode, ModelSpec};
 use prism_api::status_writers::NodeControllerStatus;
 
 use crate::pod_health::PodProblem;
-use crate::workload::{model_source, owner_ref, pod_resources, restricted_container_sc, restricted_pod_sc, tmp_mount};
+use crate::workload::{model_source, owned_meta, pod_resources, restricted_container_sc, restricted_pod_sc, tmp_mount};
 pub use crate::workload::{GRPC_PORT, HTTP_PORT, MODEL_DIR};
 use crate::{Error, OperatorConfig, Result};
 
@@ -59,13 +59,7 @@ fn object_labels(mn: &ModalityNode) -> BTreeMap<String, String> {
 }
 
 fn meta(mn: &ModalityNode, name: String) -> Result<ObjectMeta> {
-    Ok(ObjectMeta {
-        name: Some(name),
-        namespace: mn.namespace(),
-        labels: Some(object_labels(mn)),
-        owner_references: Some(vec![owner_ref(mn)?]),
-        ..Default::default()
-    })
+    owned_meta(mn, name, object_labels(mn))
 }
 
 /// Replica count the Deployment should run.

@@ -22,7 +22,7 @@ use prism_api::pipeline::{MemoryRetain, MultimodalPipeline, MultimodalPipelineSt
 use prism_api::routing::{build_table, NodeObservation, RoutingTable, PIPELINE_SPEC_KEY, ROUTING_TABLE_KEY};
 
 use crate::index::PodEndpoint;
-use crate::workload::{owner_ref, restricted_container_sc, restricted_pod_sc};
+use crate::workload::{owned_meta, restricted_container_sc, restricted_pod_sc};
 use crate::{Error, OperatorConfig, Result};
 
 pub const ROUTER_PORT: i32 = 8080;
@@ -186,13 +186,7 @@ pub fn desired_objects(
 
 /// Metadata of every object of the pipeline: its labels, owned by it.
 fn meta(mmp: &MultimodalPipeline, name: String) -> Result<ObjectMeta> {
-    Ok(ObjectMeta {
-        name: Some(name),
-        namespace: mmp.namespace(),
-        labels: Some(labels_for(mmp)),
-        owner_references: Some(vec![owner_ref(mmp)?]),
-        ..Default::default()
-    })
+    owned_meta(mmp, name, labels_for(mmp))
 }
 
 /// The router container's arguments and what its pod mounts, built up feature by feature.

@@ -9,7 +9,7 @@ use k8s_openapi::api::core::v1::{
     ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
 use kube::Resource;
 use prism_api::node::ModelSpec;
 
@@ -22,6 +22,22 @@ pub const GRPC_PORT: i32 = 9090;
 
 /// Where model weights fetched or mounted for the node live inside the pod.
 pub const MODEL_DIR: &str = "/models";
+
+/// Metadata of an object `owner` generates: in its namespace, with `labels`, owned by it (so
+/// deleting the owner garbage-collects it).
+pub fn owned_meta<K: Resource<DynamicType = ()>>(
+    owner: &K,
+    name: String,
+    labels: BTreeMap<String, String>,
+) -> Result<ObjectMeta> {
+    Ok(ObjectMeta {
+        name: Some(name),
+        namespace: owner.meta().namespace.clone(),
+        labels: Some(labels),
+        owner_references: Some(vec![owner_ref(owner)?]),
+        ..Default::default()
+    })
+}
 
 /// Controller owner reference, so deleting the ModalityNode garbage-collects its children
 /// and `.owns()` maps child events back to it.

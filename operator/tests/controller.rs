@@ -85,17 +85,9 @@ fn node() -> ModalityNode {
 fn context(client: Client) -> (Arc<Context>, Writer<ModalityNode>, Writer<Deployment>) {
     let (nodes, node_writer) = reflector::store();
     let (deployments, deploy_writer) = reflector::store();
-    let cfg = OperatorConfig {
-        node_image: "prism-node:test".into(),
-        node_image_cuda: "prism-node-cuda:test".into(),
-        router_image: "prism-router:test".into(),
-        train_image: "prism-train:test".into(),
-        image_pull_policy: None,
-        insecure_registries: vec![],
-    };
     let ctx = Context {
         client: client.clone(),
-        cfg,
+        cfg: OperatorConfig::default(),
         recorder: Recorder::new(client, Reporter { controller: "prism-operator".into(), instance: None }),
         metrics: Metrics::new().unwrap(),
         index: SharedIndex::default(),
