@@ -10,7 +10,6 @@ use std::sync::Arc;
 use base64::Engine as _;
 use prism_api::wire::node::{EmbedInput, InputItem as WireItem};
 use prism_api::wire::router as wire;
-use subtle::ConstantTimeEq;
 use tonic::{Request, Response, Status};
 
 use crate::engine::Router;
@@ -36,32 +35,7 @@ impl GrpcRouter {
     }
 
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        authorize_bearer(&self.tokens, req)
-    }
-}
-
-/// The bearer-token rule of every gRPC service on the router (`prism.v1.Router` and
-/// `inference.GRPCInferenceService`): no tokens configured admits all; otherwise every token is
-/// compared in constant time, so timing does not reveal how much of a guess matched.
-pub(crate) fn authorize_bearer<T>(tokens: &[String], req: &Request<T>) -> Result<(), Status> {
-    if tokens.is_empty() {
-        return Ok(());
-    }
-    let presented = req
-        .metadata()
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim)
-        .unwrap_or("");
-    let mut ok = false;
-    for t in tokens {
-        ok |= bool::from(t.as_bytes().ct_eq(presented.as_bytes()));
-    }
-    if ok {
-        Ok(())
-    } else {
-        Err(RouterError::Unauthorized.into())
+        crate::auth::authorize_grpc(&self.tokens, req)
     }
 }
 
@@ -190,12 +164,12 @@ mod tests {
     #[test]
     fn bearer_tokens_gate_both_grpc_services() {
         let tokens = vec!["s3cret".to_string(), "other".to_string()];
-        assert!(authorize_bearer(&tokens, &with_auth(Some("Bearer s3cret"))).is_ok());
-        assert!(authorize_bearer(&tokens, &with_auth(Some("bearer other"))).is_ok());
+        assert!(crate::auth::authorize_grpc(&tokens, &with_auth(Some("Bearer s3cret"))).is_ok());
+        assert!(crate::auth::authorize_grpc(&tokens, &with_auth(Some("bearer other"))).is_ok());
         for bad in [None, Some("Bearer s3cre"), Some("Bearer s3cret2"), Some("s3cret"), Some("Bearer ")] {
-            let err = authorize_bearer(&tokens, &with_auth(bad)).unwrap_err();
+            let err = crate::auth::authorize_grpc(&tokens, &with_auth(bad)).unwrap_err();
             assert_eq!(err.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
-        assert!(authorize_bearer(&[], &with_auth(None)).is_ok(), "no tokens configured admits all");
+        assert!(crate::auth::authorize_grpc(&[], &with_auth(None)).is_ok(), "no tokens configured admits all");
     }
 }

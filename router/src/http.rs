@@ -31,7 +31,6 @@ use prism_api::wire::node::EmbedInput;
 use prism_api::wire::router::{EmbeddingData, EmbeddingsResponse, EmbeddingsUsage, InferRequest};
 use prism_api::RoutingTable;
 use serde::de::DeserializeOwned;
-use subtle::ConstantTimeEq;
 use tracing::Instrument;
 
 use crate::engine::Router;
@@ -260,22 +259,10 @@ async fn request_id(mut req: Request, next: Next) -> Response {
 
 /// Auth, then rate limit (keyed by the authenticated token, else by peer IP).
 async fn guard(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    let bearer = req
-        .headers()
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
-        .map(str::trim);
+    let header = req.headers().get(axum::http::header::AUTHORIZATION).and_then(|v| v.to_str().ok());
     let mut client = None;
     if !st.options.tokens.is_empty() {
-        let Some(b) = bearer else { return RouterError::Unauthorized.into_response() };
-        // Check every token (no early exit) so timing does not reveal which one is close.
-        let mut hit = None;
-        for (i, t) in st.options.tokens.iter().enumerate() {
-            if bool::from(t.as_bytes().ct_eq(b.as_bytes())) {
-                hit = Some(i);
-            }
-        }
+        let hit = crate::auth::bearer(header).and_then(|b| crate::auth::matching_token(&st.options.tokens, b));
         let Some(i) = hit else { return RouterError::Unauthorized.into_response() };
         client = Some(format!("token:{i}"));
     }

@@ -12,6 +12,7 @@
 //! - [`config`] (files) and [`cluster`] (the ConfigMap, watched through the API): hot reload.
 //! - [`memory`]: the seam prism-memory plugs into (request log, cached answers).
 
+pub mod auth;
 pub mod balancer;
 pub mod cluster;
 pub mod config;

@@ -29,7 +29,7 @@ impl OipGrpc {
 
     /// Same bearer-token rule as `prism.v1.Router`.
     fn authorize<T>(&self, req: &Request<T>) -> Result<(), Status> {
-        crate::grpc::authorize_bearer(&self.tokens, req)
+        crate::auth::authorize_grpc(&self.tokens, req)
     }
 }
 
