@@ -196,6 +196,17 @@ pub fn canary_deployment(mn: &ModalityNode, cfg: &OperatorConfig, stable_replica
 }
 
 fn build_objects(mn: &ModalityNode, cfg: &OperatorConfig, replicas: i32, canary: bool) -> Result<NodeObjects> {
+    let (pod_spec, tls) = node_pod(mn, cfg)?;
+    Ok(NodeObjects {
+        deployment: node_deployment(mn, pod_spec, tls, replicas, canary)?,
+        service: node_service(mn)?,
+        pdb: node_pdb(mn)?,
+    })
+}
+
+/// The serving pod: prism-node with the model (and adapters) mounted or fetched, resources,
+/// probes, TLS when `spec.tls` is set, restricted security. Returns whether it serves HTTPS.
+fn node_pod(mn: &ModalityNode, cfg: &OperatorConfig) -> Result<(PodSpec, bool)> {
     let name = mn.name_any();
     let spec = &mn.spec;
     let image = cfg.node_image_for(spec);
@@ -278,16 +289,6 @@ fn build_objects(mn: &ModalityNode, cfg: &OperatorConfig, replicas: i32, canary:
         ..Default::default()
     };
 
-    let mut pod_labels = object_labels(mn);
-    let mut deploy_selector = selector_labels(&name);
-    let deploy_name = if canary {
-        for l in [&mut pod_labels, &mut deploy_selector] {
-            l.insert(labels::TRACK.to_string(), labels::TRACK_CANARY.to_string());
-        }
-        canary_name(&name)
-    } else {
-        name.clone()
-    };
     let pod_spec = PodSpec {
         containers: vec![container],
         init_containers: model.init.map(|c| vec![c]),
@@ -302,6 +303,23 @@ fn build_objects(mn: &ModalityNode, cfg: &OperatorConfig, replicas: i32, canary:
         ..Default::default()
     };
 
+    Ok((pod_spec, tls))
+}
+
+/// The stable Deployment, or the canary's (its own name, and a track label on its pods and
+/// selector so the two never adopt each other's pods).
+fn node_deployment(mn: &ModalityNode, pod_spec: PodSpec, tls: bool, replicas: i32, canary: bool) -> Result<Deployment> {
+    let name = mn.name_any();
+    let mut pod_labels = object_labels(mn);
+    let mut deploy_selector = selector_labels(&name);
+    let deploy_name = if canary {
+        for l in [&mut pod_labels, &mut deploy_selector] {
+            l.insert(labels::TRACK.to_string(), labels::TRACK_CANARY.to_string());
+        }
+        canary_name(&name)
+    } else {
+        name.clone()
+    };
     let mut deploy_meta = meta(mn, deploy_name)?;
     if canary {
         // Not a child the node controller's `.owns()` maps by the stable name; the component
@@ -311,7 +329,7 @@ fn build_objects(mn: &ModalityNode, cfg: &OperatorConfig, replicas: i32, canary:
             .get_or_insert_with(Default::default)
             .insert(labels::TRACK.into(), labels::TRACK_CANARY.into());
     }
-    let deployment = Deployment {
+    Ok(Deployment {
         metadata: deploy_meta,
         spec: Some(DeploymentSpec {
             replicas: Some(replicas),
@@ -336,9 +354,12 @@ fn build_objects(mn: &ModalityNode, cfg: &OperatorConfig, replicas: i32, canary:
             ..Default::default()
         }),
         status: None,
-    };
+    })
+}
 
-    let service = Service {
+fn node_service(mn: &ModalityNode) -> Result<Service> {
+    let name = mn.name_any();
+    Ok(Service {
         metadata: meta(mn, name.clone())?,
         spec: Some(ServiceSpec {
             selector: Some(selector_labels(&name)),
@@ -362,9 +383,12 @@ fn build_objects(mn: &ModalityNode, cfg: &OperatorConfig, replicas: i32, canary:
             ..Default::default()
         }),
         status: None,
-    };
+    })
+}
 
-    let pdb = PodDisruptionBudget {
+fn node_pdb(mn: &ModalityNode) -> Result<PodDisruptionBudget> {
+    let name = mn.name_any();
+    Ok(PodDisruptionBudget {
         metadata: meta(mn, name.clone())?,
         spec: Some(PodDisruptionBudgetSpec {
             // One voluntary eviction at a time keeps a modality served during node drains.
@@ -373,9 +397,7 @@ fn build_objects(mn: &ModalityNode, cfg: &OperatorConfig, replicas: i32, canary:
             ..Default::default()
         }),
         status: None,
-    };
-
-    Ok(NodeObjects { deployment, service, pdb })
+    })
 }
 
 /// ` (and N more pods)` when several pods have problems.
