@@ -347,114 +347,154 @@ pub fn objects(
     base: &ModelSpec,
     source: &CorrectionsSource,
 ) -> Result<TrainObjects> {
-    let node = mn.name_any();
-    let job = job_name(&node, run);
-    let sc = restricted_container_sc();
-    let node_image = cfg.node_image_for(&mn.spec);
-    // The same fetch/mount the serving pods use, so whatever the node can load, training reads.
-    let model = model_source(base, &node_image, &sc, &cfg.insecure_registries)?;
-    let model_dir = model.uri.strip_prefix("file://").unwrap_or(&model.uri).to_string();
+    let job = job_name(&mn.name_any(), run);
     let claim = claim_name(mn, spec);
+    let pod = Worker { mn, cfg, spec, run, job: &job, claim: &claim }.pod(base, source)?;
+    Ok(TrainObjects {
+        job: run_job(mn, spec, &job, pod)?,
+        service: rendezvous_service(mn, &job)?,
+        claim: run_claim(mn, spec, claim)?,
+    })
+}
 
-    let mut mounts = model.mounts.clone();
-    mounts.push(tmp_mount());
-    mounts.push(VolumeMount { name: "train".into(), mount_path: TRAIN_DIR.into(), ..Default::default() });
-    // NCCL and the DataLoader use shared memory; the runtime's default /dev/shm is 64 MiB.
-    mounts.push(VolumeMount { name: "dshm".into(), mount_path: "/dev/shm".into(), ..Default::default() });
-    let mut volumes = model.volumes.clone();
-    volumes.push(Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() });
-    volumes.push(Volume {
-        name: "train".into(),
-        persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource { claim_name: claim.clone(), read_only: None }),
-        ..Default::default()
-    });
-    volumes.push(Volume {
-        name: "dshm".into(),
-        empty_dir: Some(EmptyDirVolumeSource { medium: Some("Memory".into()), size_limit: None }),
-        ..Default::default()
-    });
-    if let Some(secret) = &source.token_secret {
+/// One run's worker, as every index of the Job runs it.
+struct Worker<'a> {
+    mn: &'a ModalityNode,
+    cfg: &'a OperatorConfig,
+    spec: &'a AdaptationSpec,
+    run: u32,
+    job: &'a str,
+    claim: &'a str,
+}
+
+impl Worker<'_> {
+    /// `torchrun` on the train image with the base model (fetched or mounted as the serving pods
+    /// get it), the run's claim, shared memory, and the router token that reads corrections.
+    fn pod(&self, base: &ModelSpec, source: &CorrectionsSource) -> Result<PodSpec> {
+        let Worker { mn, cfg, spec, run, job, claim } = *self;
+        let node = mn.name_any();
+        let claim = claim.to_string();
+        let job = job.to_string();
+        let sc = restricted_container_sc();
+        let node_image = cfg.node_image_for(&mn.spec);
+        // The same fetch/mount the serving pods use, so whatever the node can load, training reads.
+        let model = model_source(base, &node_image, &sc, &cfg.insecure_registries)?;
+        let model_dir = model.uri.strip_prefix("file://").unwrap_or(&model.uri).to_string();
+
+        let mut mounts = model.mounts.clone();
+        mounts.push(tmp_mount());
+        mounts.push(VolumeMount { name: "train".into(), mount_path: TRAIN_DIR.into(), ..Default::default() });
+        // NCCL and the DataLoader use shared memory; the runtime's default /dev/shm is 64 MiB.
+        mounts.push(VolumeMount { name: "dshm".into(), mount_path: "/dev/shm".into(), ..Default::default() });
+        let mut volumes = model.volumes.clone();
         volumes.push(Volume {
-            name: "auth".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret.clone()),
-                items: Some(vec![KeyToPath {
-                    key: RouterAuth::TOKENS_KEY.into(),
-                    path: RouterAuth::TOKENS_KEY.into(),
-                    mode: None,
-                }]),
-                default_mode: Some(0o440),
-                ..Default::default()
+            name: "tmp".into(),
+            empty_dir: Some(EmptyDirVolumeSource::default()),
+            ..Default::default()
+        });
+        volumes.push(Volume {
+            name: "train".into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                read_only: None,
             }),
             ..Default::default()
         });
-        mounts.push(VolumeMount {
-            name: "auth".into(),
-            mount_path: AUTH_DIR.into(),
-            read_only: Some(true),
+        volumes.push(Volume {
+            name: "dshm".into(),
+            empty_dir: Some(EmptyDirVolumeSource { medium: Some("Memory".into()), size_limit: None }),
             ..Default::default()
         });
-    }
-
-    let gpus = spec.gpus_per_worker;
-    let resources =
-        pod_resources(spec.cpu.as_deref(), spec.memory.as_deref(), &mn.spec.resources.gpu.resource_name, gpus);
-
-    let env = vec![
-        EnvVar {
-            name: "JOB_COMPLETION_INDEX".into(),
-            value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector {
-                    field_path: "metadata.annotations['batch.kubernetes.io/job-completion-index']".into(),
-                    api_version: None,
+        if let Some(secret) = &source.token_secret {
+            volumes.push(Volume {
+                name: "auth".into(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(secret.clone()),
+                    items: Some(vec![KeyToPath {
+                        key: RouterAuth::TOKENS_KEY.into(),
+                        path: RouterAuth::TOKENS_KEY.into(),
+                        mode: None,
+                    }]),
+                    default_mode: Some(0o440),
+                    ..Default::default()
                 }),
                 ..Default::default()
-            }),
+            });
+            mounts.push(VolumeMount {
+                name: "auth".into(),
+                mount_path: AUTH_DIR.into(),
+                read_only: Some(true),
+                ..Default::default()
+            });
+        }
+
+        let gpus = spec.gpus_per_worker;
+        let resources =
+            pod_resources(spec.cpu.as_deref(), spec.memory.as_deref(), &mn.spec.resources.gpu.resource_name, gpus);
+
+        let env = vec![
+            EnvVar {
+                name: "JOB_COMPLETION_INDEX".into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        field_path: "metadata.annotations['batch.kubernetes.io/job-completion-index']".into(),
+                        api_version: None,
+                    }),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            // Read-only root: caches of torch/transformers go to the /tmp emptyDir.
+            EnvVar { name: "HOME".into(), value: Some("/tmp".into()), ..Default::default() },
+            EnvVar { name: "PYTHONUNBUFFERED".into(), value: Some("1".into()), ..Default::default() },
+        ];
+        let container = Container {
+            name: "train".into(),
+            image: Some(spec.image.clone().unwrap_or_else(|| cfg.train_image.clone())),
+            image_pull_policy: cfg.image_pull_policy.clone(),
+            command: Some(vec!["torchrun".into()]),
+            args: Some(torchrun_args(spec, &job, &model_dir, &node, run, source)),
+            ports: Some(vec![ContainerPort {
+                name: Some("rendezvous".into()),
+                container_port: RENDEZVOUS_PORT,
+                protocol: Some("TCP".into()),
+                ..Default::default()
+            }]),
+            env: Some(env),
+            resources,
+            security_context: Some(sc),
+            volume_mounts: Some(mounts),
             ..Default::default()
-        },
-        // Read-only root: caches of torch/transformers go to the /tmp emptyDir.
-        EnvVar { name: "HOME".into(), value: Some("/tmp".into()), ..Default::default() },
-        EnvVar { name: "PYTHONUNBUFFERED".into(), value: Some("1".into()), ..Default::default() },
-    ];
-    let container = Container {
-        name: "train".into(),
-        image: Some(spec.image.clone().unwrap_or_else(|| cfg.train_image.clone())),
-        image_pull_policy: cfg.image_pull_policy.clone(),
-        command: Some(vec!["torchrun".into()]),
-        args: Some(torchrun_args(spec, &job, &model_dir, &node, run, source)),
-        ports: Some(vec![ContainerPort {
-            name: Some("rendezvous".into()),
-            container_port: RENDEZVOUS_PORT,
-            protocol: Some("TCP".into()),
+        };
+        // GPU workers run where the node's GPUs are (its nodeSelector, tolerations, runtime class);
+        // CPU workers go wherever the scheduler likes.
+        let on_gpus = gpus > 0;
+        let r = &mn.spec.resources;
+        let pod_spec = PodSpec {
+            containers: vec![container],
+            init_containers: model.init.map(|c| vec![c]),
+            volumes: Some(volumes),
+            restart_policy: Some("Never".into()),
+            // With the headless Service of the same name, worker i resolves as `<job>-i.<job>`.
+            subdomain: Some(job.clone()),
+            node_selector: (on_gpus && !r.node_selector.is_empty()).then(|| r.node_selector.clone()),
+            tolerations: (on_gpus && !r.tolerations.is_empty()).then(|| r.tolerations.clone()),
+            runtime_class_name: if on_gpus { r.runtime_class_name.clone() } else { None },
+            security_context: Some(restricted_pod_sc()),
+            automount_service_account_token: Some(false),
+            enable_service_links: Some(false),
             ..Default::default()
-        }]),
-        env: Some(env),
-        resources,
-        security_context: Some(sc),
-        volume_mounts: Some(mounts),
-        ..Default::default()
-    };
-    // GPU workers run where the node's GPUs are (its nodeSelector, tolerations, runtime class);
-    // CPU workers go wherever the scheduler likes.
-    let on_gpus = gpus > 0;
-    let r = &mn.spec.resources;
-    let pod_spec = PodSpec {
-        containers: vec![container],
-        init_containers: model.init.map(|c| vec![c]),
-        volumes: Some(volumes),
-        restart_policy: Some("Never".into()),
-        // With the headless Service of the same name, worker i resolves as `<job>-i.<job>`.
-        subdomain: Some(job.clone()),
-        node_selector: (on_gpus && !r.node_selector.is_empty()).then(|| r.node_selector.clone()),
-        tolerations: (on_gpus && !r.tolerations.is_empty()).then(|| r.tolerations.clone()),
-        runtime_class_name: if on_gpus { r.runtime_class_name.clone() } else { None },
-        security_context: Some(restricted_pod_sc()),
-        automount_service_account_token: Some(false),
-        enable_service_links: Some(false),
-        ..Default::default()
-    };
+        };
+        Ok(pod_spec)
+    }
+}
+
+/// The Indexed Job of `spec.workers` completions running `pod`.
+fn run_job(mn: &ModalityNode, spec: &AdaptationSpec, job: &str, pod_spec: PodSpec) -> Result<Job> {
+    let node = mn.name_any();
+    let job = job.to_string();
     let run_label = [(labels::TRAIN_RUN, job.as_str())];
-    let job_obj = Job {
+    Ok(Job {
         metadata: train_meta(mn, job.clone(), &run_label)?,
         spec: Some(JobSpec {
             completions: Some(spec.workers as i32),
@@ -476,8 +516,14 @@ pub fn objects(
             ..Default::default()
         }),
         status: None,
-    };
-    let service = Service {
+    })
+}
+
+/// The headless Service through which workers find worker 0 (the rendezvous).
+fn rendezvous_service(mn: &ModalityNode, job: &str) -> Result<Service> {
+    let job = job.to_string();
+    let run_label = [(labels::TRAIN_RUN, job.as_str())];
+    Ok(Service {
         metadata: train_meta(mn, job.clone(), &run_label)?,
         spec: Some(ServiceSpec {
             cluster_ip: Some("None".into()),
@@ -494,8 +540,12 @@ pub fn objects(
             ..Default::default()
         }),
         status: None,
-    };
-    let claim_obj = match &spec.storage.claim_name {
+    })
+}
+
+/// The run's claim for checkpoints and results, unless the spec names an existing one.
+fn run_claim(mn: &ModalityNode, spec: &AdaptationSpec, claim: String) -> Result<Option<PersistentVolumeClaim>> {
+    Ok(match &spec.storage.claim_name {
         Some(_) => None,
         None => Some(PersistentVolumeClaim {
             metadata: train_meta(mn, claim, &[])?,
@@ -510,8 +560,7 @@ pub fn objects(
             }),
             status: None,
         }),
-    };
-    Ok(TrainObjects { job: job_obj, service, claim: claim_obj })
+    })
 }
 
 /// What a run starts from: why, the request and counter it acts on, the model it fine-tunes.
