@@ -837,6 +837,17 @@ async fn metrics_and_health_endpoints_answer() {
     ] {
         assert!(m.contains(name), "{name} missing in:\n{m}");
     }
+    // What the operator asked of the API server: its status writes are counted, and it never
+    // GETs a ModalityNode (reconciles read the shared watch's store).
+    let requests: Vec<&str> = m.lines().filter(|l| l.starts_with("prism_operator_kube_requests_total{")).collect();
+    let counted = |verb: &str, resource: &str| {
+        requests
+            .iter()
+            .any(|l| l.contains(&format!("verb=\"{verb}\"")) && l.contains(&format!("resource=\"{resource}\"")))
+    };
+    assert!(counted("patch", "modalitynodes/status"), "{requests:#?}");
+    assert!(counted("watch", "modalitynodes"), "{requests:#?}");
+    assert!(!counted("get", "modalitynodes"), "a GET of a ModalityNode: {requests:#?}");
     drop(p);
 }
 
