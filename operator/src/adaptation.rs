@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::batch::v1::{Job, JobSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, KeyToPath, ObjectFieldSelector,
-    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
-    SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
+    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource, ObjectFieldSelector, PersistentVolumeClaim,
+    PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec, Service, ServicePort,
+    ServiceSpec, Volume, VolumeMount, VolumeResourceRequirements,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
@@ -22,7 +22,10 @@ use prism_api::pipeline::RouterAuth;
 use prism_api::MultimodalPipeline;
 
 use crate::pipeline::{router_name, AUTH_DIR, ROUTER_PORT};
-use crate::workload::{model_source, owned_meta, pod_resources, restricted_container_sc, restricted_pod_sc, tmp_mount};
+use crate::workload::{
+    model_source, owned_meta, pod_resources, restricted_container_sc, restricted_pod_sc, secret_volume, tmp_mount,
+    tmp_volume,
+};
 use crate::{OperatorConfig, Result};
 
 /// Port torchrun's static rendezvous (rank 0's TCPStore) listens on in worker 0.
@@ -387,11 +390,7 @@ impl Worker<'_> {
         // NCCL and the DataLoader use shared memory; the runtime's default /dev/shm is 64 MiB.
         mounts.push(VolumeMount { name: "dshm".into(), mount_path: "/dev/shm".into(), ..Default::default() });
         let mut volumes = model.volumes.clone();
-        volumes.push(Volume {
-            name: "tmp".into(),
-            empty_dir: Some(EmptyDirVolumeSource::default()),
-            ..Default::default()
-        });
+        volumes.push(tmp_volume());
         volumes.push(Volume {
             name: "train".into(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
@@ -406,26 +405,9 @@ impl Worker<'_> {
             ..Default::default()
         });
         if let Some(secret) = &source.token_secret {
-            volumes.push(Volume {
-                name: "auth".into(),
-                secret: Some(SecretVolumeSource {
-                    secret_name: Some(secret.clone()),
-                    items: Some(vec![KeyToPath {
-                        key: RouterAuth::TOKENS_KEY.into(),
-                        path: RouterAuth::TOKENS_KEY.into(),
-                        mode: None,
-                    }]),
-                    default_mode: Some(0o440),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            });
-            mounts.push(VolumeMount {
-                name: "auth".into(),
-                mount_path: AUTH_DIR.into(),
-                read_only: Some(true),
-                ..Default::default()
-            });
+            let (volume, mount) = secret_volume("auth", secret.clone(), &[RouterAuth::TOKENS_KEY], AUTH_DIR);
+            volumes.push(volume);
+            mounts.push(mount);
         }
 
         let gpus = spec.gpus_per_worker;

@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy, RollingUpdateDeployment};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, EmptyDirVolumeSource, EnvVar, HTTPGetAction, PersistentVolumeClaimVolumeSource, PodSpec,
-    PodTemplateSpec, Probe, SecretVolumeSource, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
+    Container, ContainerPort, EnvVar, HTTPGetAction, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
+    Probe, Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -20,7 +20,10 @@ use prism_api::node::{AutoscalingMode, ModalityNode, ModelSpec};
 use prism_api::status_writers::NodeControllerStatus;
 
 use crate::pod_health::PodProblem;
-use crate::workload::{model_source, owned_meta, pod_resources, restricted_container_sc, restricted_pod_sc, tmp_mount};
+use crate::workload::{
+    model_source, owned_meta, pod_resources, restricted_container_sc, restricted_pod_sc, secret_volume, tmp_mount,
+    tmp_volume,
+};
 pub use crate::workload::{GRPC_PORT, HTTP_PORT, MODEL_DIR};
 use crate::{Error, OperatorConfig, Result};
 
@@ -230,7 +233,7 @@ fn node_pod(mn: &ModalityNode, cfg: &OperatorConfig) -> Result<(PodSpec, bool)> 
     mounts.push(tmp_mount());
     let mut volumes = model.volumes.clone();
     volumes.extend(adapters.volumes);
-    volumes.push(Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() });
+    volumes.push(tmp_volume());
     let tls = spec.tls.is_some();
     if let Some(t) = &spec.tls {
         args.extend([
@@ -239,22 +242,9 @@ fn node_pod(mn: &ModalityNode, cfg: &OperatorConfig) -> Result<(PodSpec, bool)> 
             "--tls-key".into(),
             format!("{TLS_DIR}/tls.key"),
         ]);
-        volumes.push(Volume {
-            name: "tls".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(t.secret_name.clone()),
-                // Readable by the node's fixed non-root group only.
-                default_mode: Some(0o440),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
-        mounts.push(VolumeMount {
-            name: "tls".into(),
-            mount_path: TLS_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        });
+        let (volume, mount) = secret_volume("tls", t.secret_name.clone(), &[], TLS_DIR);
+        volumes.push(volume);
+        mounts.push(mount);
     }
 
     let container = Container {

@@ -5,11 +5,10 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{Deployment, DeploymentSpec, DeploymentStrategy};
 use k8s_openapi::api::core::v1::{
-    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    HTTPGetAction, KeyToPath, PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource,
-    PodSpec, PodTemplateSpec, Probe, ProjectedVolumeSource, SecretKeySelector, SecretProjection, SecretVolumeSource,
-    Service, ServiceAccount, ServicePort, ServiceSpec, Volume, VolumeMount, VolumeProjection,
-    VolumeResourceRequirements,
+    ConfigMap, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath,
+    PersistentVolumeClaim, PersistentVolumeClaimSpec, PersistentVolumeClaimVolumeSource, PodSpec, PodTemplateSpec,
+    Probe, ProjectedVolumeSource, SecretKeySelector, SecretProjection, Service, ServiceAccount, ServicePort,
+    ServiceSpec, Volume, VolumeMount, VolumeProjection, VolumeResourceRequirements,
 };
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
@@ -22,7 +21,7 @@ use prism_api::pipeline::{MemoryRetain, MultimodalPipeline, MultimodalPipelineSt
 use prism_api::routing::{build_table, NodeObservation, RoutingTable, PIPELINE_SPEC_KEY, ROUTING_TABLE_KEY};
 
 use crate::index::PodEndpoint;
-use crate::workload::{owned_meta, restricted_container_sc, restricted_pod_sc};
+use crate::workload::{owned_meta, restricted_container_sc, restricted_pod_sc, secret_volume, tmp_mount, tmp_volume};
 use crate::{Error, OperatorConfig, Result};
 
 pub const ROUTER_PORT: i32 = 8080;
@@ -224,7 +223,7 @@ impl RouterPod {
                 read_only: Some(true),
                 ..Default::default()
             },
-            VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() },
+            tmp_mount(),
         ];
         let volumes = vec![
             Volume {
@@ -232,7 +231,7 @@ impl RouterPod {
                 config_map: Some(ConfigMapVolumeSource { name: config_map_name(name), ..Default::default() }),
                 ..Default::default()
             },
-            Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() },
+            tmp_volume(),
         ];
         Self { args, mounts, volumes, env: Vec::new() }
     }
@@ -246,22 +245,9 @@ impl RouterPod {
         };
         let key = RouterAuth::TOKENS_KEY;
         self.args.extend(["--auth-token-file".into(), format!("{AUTH_DIR}/{key}")]);
-        self.mounts.push(VolumeMount {
-            name: "auth".into(),
-            mount_path: AUTH_DIR.into(),
-            read_only: Some(true),
-            ..Default::default()
-        });
-        self.volumes.push(Volume {
-            name: "auth".into(),
-            secret: Some(SecretVolumeSource {
-                secret_name: Some(secret),
-                items: Some(vec![KeyToPath { key: key.into(), path: key.into(), mode: None }]),
-                default_mode: Some(0o440),
-                ..Default::default()
-            }),
-            ..Default::default()
-        });
+        let (volume, mount) = secret_volume("auth", secret, &[key], AUTH_DIR);
+        self.volumes.push(volume);
+        self.mounts.push(mount);
     }
 
     /// HTTPS nodes: each one's CA from its own Secret (only the `ca.crt` key is projected, never

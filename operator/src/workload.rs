@@ -5,8 +5,8 @@
 use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
-    Capabilities, Container, EmptyDirVolumeSource, EnvVar, PersistentVolumeClaimVolumeSource, PodSecurityContext,
-    ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    Capabilities, Container, EmptyDirVolumeSource, EnvVar, KeyToPath, PersistentVolumeClaimVolumeSource,
+    PodSecurityContext, ResourceRequirements, SeccompProfile, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, OwnerReference};
@@ -169,8 +169,32 @@ pub fn pod_resources(
     })
 }
 
+/// A writable /tmp on an emptyDir (the root filesystem is read-only): mount and volume.
 pub fn tmp_mount() -> VolumeMount {
     VolumeMount { name: "tmp".into(), mount_path: "/tmp".into(), ..Default::default() }
+}
+
+pub fn tmp_volume() -> Volume {
+    Volume { name: "tmp".into(), empty_dir: Some(EmptyDirVolumeSource::default()), ..Default::default() }
+}
+
+/// A Secret mounted read-only at `mount_path`, its files readable by the pods' fixed non-root
+/// group only; `keys` limits it to those keys (empty: every key).
+pub fn secret_volume(name: &str, secret: String, keys: &[&str], mount_path: &str) -> (Volume, VolumeMount) {
+    let items = keys.iter().map(|k| KeyToPath { key: (*k).into(), path: (*k).into(), mode: None }).collect::<Vec<_>>();
+    let volume = Volume {
+        name: name.into(),
+        secret: Some(SecretVolumeSource {
+            secret_name: Some(secret),
+            items: (!items.is_empty()).then_some(items),
+            default_mode: Some(0o440),
+            ..Default::default()
+        }),
+        ..Default::default()
+    };
+    let mount =
+        VolumeMount { name: name.into(), mount_path: mount_path.into(), read_only: Some(true), ..Default::default() };
+    (volume, mount)
 }
 
 /// Restricted pod security level (non-root, read-only root, no capabilities, no escalation,
