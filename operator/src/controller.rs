@@ -3,7 +3,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError};
 use std::time::Duration;
 
 use futures::channel::mpsc;
@@ -216,10 +216,7 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
 
 /// What the pod index knows about the node's pods that cannot run.
 fn pod_problems(ctx: &Context, ns: &str, name: &str) -> Vec<crate::pod_health::PodProblem> {
-    match ctx.index.read() {
-        Ok(i) => i.problems(ns, name),
-        Err(p) => p.into_inner().problems(ns, name),
-    }
+    ctx.index.read().unwrap_or_else(PoisonError::into_inner).problems(ns, name)
 }
 
 /// Applies the node controller's status when it differs from what the node shows, and records
@@ -444,10 +441,7 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
     let mut observed = BTreeMap::new();
     for n in &mmp.spec.nodes {
         if let Some(mn) = cached(&ctx.stores.nodes, &ns, &n.name) {
-            let endpoints = match ctx.index.read() {
-                Ok(idx) => idx.endpoints(&ns, &n.name),
-                Err(p) => p.into_inner().endpoints(&ns, &n.name),
-            };
+            let endpoints = ctx.index.read().unwrap_or_else(PoisonError::into_inner).endpoints(&ns, &n.name);
             observed.insert(
                 n.name.clone(),
                 ObservedNode {
@@ -461,8 +455,7 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
     }
 
     let key = (ns.clone(), name.clone());
-    let remembered =
-        ctx.published.lock().map(|p| p.get(&key).cloned()).unwrap_or_else(|p| p.into_inner().get(&key).cloned());
+    let remembered = ctx.published.lock().unwrap_or_else(PoisonError::into_inner).get(&key).cloned();
     let previous: Option<RoutingTable> = match remembered {
         Some(t) => Some(t),
         // First pass of this process: what the previous leader published.
@@ -480,10 +473,7 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
 
     // The table first: failover latency is measured to this write.
     apply(&ctx.client, &ns, &objs.config_map).await?;
-    match ctx.published.lock() {
-        Ok(mut p) => p.insert(key, table.clone()),
-        Err(p) => p.into_inner().insert(key, table.clone()),
-    };
+    ctx.published.lock().unwrap_or_else(PoisonError::into_inner).insert(key, table.clone());
     apply(&ctx.client, &ns, &objs.service_account).await?;
     apply(&ctx.client, &ns, &objs.role).await?;
     apply(&ctx.client, &ns, &objs.role_binding).await?;
@@ -669,10 +659,7 @@ async fn run_index(
 }
 
 fn with_index<T>(index: &SharedIndex, f: impl FnOnce(&mut Index) -> T) -> T {
-    match index.write() {
-        Ok(mut g) => f(&mut g),
-        Err(p) => f(&mut p.into_inner()),
-    }
+    f(&mut index.write().unwrap_or_else(PoisonError::into_inner))
 }
 
 /// Runs both controllers until `shutdown` resolves.
