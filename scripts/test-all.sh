@@ -10,6 +10,14 @@ export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$ROOT/target}"
 T0=$(date +%s)
 section() { echo; echo "=== [$(( $(date +%s) - T0 ))s] $* ==="; }
 
+# A cold run needs about 25 GB (cargo target, Go modules, the CUDA PyTorch wheel when PyTorch's CPU
+# index is unreachable). Say so up front rather than fail an hour in with ENOSPC.
+FREE_GB=$(df -Pk "$ROOT" | awk 'NR==2 {print int($4 / 1048576)}')
+section "disk: ${FREE_GB} GB free under $ROOT"
+if [ "$FREE_GB" -lt 25 ]; then
+  echo "warning: under 25 GB free; a cold run (no target/, .cache/go, .cache/venv-train) may fail with ENOSPC"
+fi
+
 section "install test dependencies"
 bash scripts/install-deps.sh
 
