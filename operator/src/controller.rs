@@ -10,7 +10,7 @@ use futures::channel::mpsc;
 use futures::{SinkExt, StreamExt};
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::batch::v1::Job;
-use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, ObjectReference, PersistentVolumeClaim, Pod, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use kube::api::{ListParams, Patch, PatchParams, PostParams};
 use kube::runtime::controller::{Action, Config as CtrlConfig};
@@ -18,19 +18,19 @@ use kube::runtime::events::{EventType, Recorder, Reporter};
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::runtime::{watcher, Controller, WatchStreamExt};
 use kube::{Api, Client, Resource, ResourceExt};
-use prism_api::condition::{find, types};
 use prism_api::labels;
 use prism_api::routing::{RoutingTable, ROUTING_TABLE_KEY};
-use prism_api::status_writers::{self, NodeControllerStatus};
+use prism_api::status_writers;
 use prism_api::{ModalityNode, MultimodalPipeline};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
-use tracing::{info, instrument, warn, Instrument};
+use tracing::{debug, info, instrument, warn, Instrument};
 
 use crate::events::publish;
 use crate::index::{Index, SharedIndex};
 use crate::metrics::Metrics;
 use crate::pipeline::ObservedNode;
+use crate::plan::{self, Kind, Object, Write};
 use crate::{node, now_rfc3339, pipeline, watches, Error, OperatorConfig, Result};
 
 pub const NODE_CONTROLLER: &str = "modalitynode";
@@ -63,6 +63,9 @@ pub struct Stores {
     pub nodes: Store<ModalityNode>,
     /// Deployments labelled `app.kubernetes.io/managed-by=prism` (node, canary and router).
     pub deployments: Store<Deployment>,
+    /// Pipelines (the pipeline controller's own watch): an adaptation run reads its corrections
+    /// from a pipeline's router, and the pod index maps a node's pods to the pipelines using it.
+    pub pipelines: Store<MultimodalPipeline>,
 }
 
 impl Stores {
@@ -72,7 +75,8 @@ impl Stores {
     /// wait on it side by side with the controllers' own runners.
     async fn ready(&self) -> Result<()> {
         self.nodes.wait_until_ready().await.map_err(|_| Error::StoreClosed)?;
-        self.deployments.wait_until_ready().await.map_err(|_| Error::StoreClosed)
+        self.deployments.wait_until_ready().await.map_err(|_| Error::StoreClosed)?;
+        self.pipelines.wait_until_ready().await.map_err(|_| Error::StoreClosed)
     }
 }
 
@@ -114,316 +118,182 @@ pub async fn reconcile_node(mn: Arc<ModalityNode>, ctx: Arc<Context>) -> Result<
     let name = mn.name_any();
     let oref = mn.object_ref(&());
 
-    // The rollout first: it decides which model the stable Deployment runs and whether a
-    // canary Deployment exists.
-    let (mn, transition) = step_rollout(&mn, &ctx, &ns).await;
-    if let Some((type_, reason, note)) = transition {
-        info!(%reason, %note, "rollout");
-        publish(&ctx.recorder, &oref, type_, reason, "Rollout", note).await;
+    let obs = observe_node(&mn, &ctx, &ns).await?;
+    let plan = plan::node(&mn, &ctx.cfg, &obs, chrono::Utc::now())?;
+    if let Some(why) = &plan.invalid_spec {
+        warn!(%why, "invalid spec");
     }
-    let mn = Arc::new(step_adaptation(mn, &ctx, &ns, &oref).await?);
+    let done = execute(&ctx, &ns, plan.writes).await?;
+    publish_all(&ctx, &oref, &plan.events, &done).await;
 
-    let deploy_api: Api<Deployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let existing = cached(&ctx.stores.deployments, &ns, &name);
-    let current = existing.as_ref().and_then(|d| d.spec.as_ref()).and_then(|s| s.replicas);
-    let planned = node::desired_objects(&mn, &ctx.cfg, current).and_then(|objs| {
-        let stable_replicas = objs.deployment.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
-        Ok((node::canary_deployment(&mn, &ctx.cfg, stable_replicas)?, objs))
-    });
-    let (canary, objs) = match planned {
-        Ok(p) => p,
-        Err(Error::InvalidSpec(why)) => {
-            // Nothing is applied: what runs keeps running, and Ready/Degraded say why. Retrying
-            // cannot help; the next edit of the node wakes us.
-            warn!(%why, "invalid spec");
-            let problems = pod_problems(&ctx, &ns, &name);
-            let status = node::status(&mn, existing.as_ref(), &problems, Some(&why), &now_rfc3339());
-            write_node_status(&ctx, &mn, &status, &oref).await?;
-            return Ok(Action::await_change());
-        }
-        Err(e) => return Err(e),
-    };
-    match canary {
-        Some(canary) => {
-            apply(&ctx.client, &ns, &canary).await?;
-        }
-        None => {
-            let canary = node::canary_name(&name);
-            if cached(&ctx.stores.deployments, &ns, &canary).is_some() {
-                match deploy_api.delete(&canary, &Default::default()).await {
-                    Ok(_) => info!(deployment = %canary, "deleted canary Deployment"),
-                    // The store lags the API: someone (or our last pass) deleted it already.
-                    Err(kube::Error::Api(e)) if e.code == 404 => {}
-                    Err(e) => return Err(e.into()),
-                }
-            }
-        }
+    let mut node = plan.node;
+    if let Some(meta) = done.node_metadata.clone() {
+        node.metadata = meta;
     }
-
-    let deploy = apply(&ctx.client, &ns, &objs.deployment).await?;
-    apply(&ctx.client, &ns, &objs.service).await?;
-    apply(&ctx.client, &ns, &objs.pdb).await?;
-    match &existing {
-        None => {
-            info!("created Deployment, Service, PodDisruptionBudget");
-            publish(
-                &ctx.recorder,
-                &oref,
-                EventType::Normal,
-                "Created",
-                "Create",
-                format!("created Deployment, Service and PodDisruptionBudget {name}"),
-            )
-            .await;
-        }
-        Some(old) if old.metadata.generation != deploy.metadata.generation => {
-            // A generation bump after our apply is either a spec change or a manual edit reverted.
-            info!(generation = ?deploy.metadata.generation, "updated Deployment");
-            publish(
-                &ctx.recorder,
-                &oref,
-                EventType::Normal,
-                "Updated",
-                "Update",
-                format!(
-                    "applied Deployment {name} (revision {}, {} replicas)",
-                    mn.spec.model.revision,
-                    node::desired_replicas(&mn, current)
-                ),
-            )
-            .await;
-        }
-        _ => {}
+    // The Deployment as this pass applied it: its generation says whether it is rolling out.
+    let deploy = done.deployments.get(&name).or(obs.deployment.as_ref());
+    let problems = ctx.index.read().unwrap_or_else(PoisonError::into_inner).problems(&ns, &name);
+    let status = node::status(&node, deploy, &problems, plan.invalid_spec.as_deref(), &now_rfc3339());
+    if let Some(events) = plan::node_status_change(mn.status.as_ref(), &status) {
+        let api: Api<ModalityNode> = Api::namespaced(ctx.client.clone(), &ns);
+        // Our whole struct, nothing else: the autoscaler's fields and conditions stay its own.
+        api.patch_status(&name, &apply_params(), &Patch::Apply(&status_writers::apply_body(&status))).await?;
+        publish_all(&ctx, &oref, &events, &done).await;
     }
-
-    let problems = pod_problems(&ctx, &ns, &name);
-    let status = node::status(&mn, Some(&deploy), &problems, None, &now_rfc3339());
-    write_node_status(&ctx, &mn, &status, &oref).await?;
-    if mn.status.as_ref().is_some_and(|s| s.canary.is_some()) {
-        // Pauses end and analysis runs on time, not only when something changes.
-        return Ok(Action::requeue(Duration::from_secs(5)));
-    }
-    if let Some(spec) = &mn.spec.adaptation {
-        let running = status.adaptation.as_ref().is_some_and(|a| a.phase == crate::adaptation::phase::RUNNING);
-        // The Job's own events wake us too (`.owns`); this bounds a missed one. A corrections
-        // trigger is polled from Prometheus.
-        if running || spec.trigger.every_corrections.is_some() {
-            return Ok(Action::requeue(Duration::from_secs(15)));
-        }
-    }
-    Ok(Action::requeue(Duration::from_secs(300)))
+    Ok(plan.requeue.map_or_else(Action::await_change, Action::requeue))
 }
 
-/// What the pod index knows about the node's pods that cannot run.
-fn pod_problems(ctx: &Context, ns: &str, name: &str) -> Vec<crate::pod_health::PodProblem> {
-    ctx.index.read().unwrap_or_else(PoisonError::into_inner).problems(ns, name)
-}
-
-/// Applies the node controller's status when it differs from what the node shows, and records
-/// an Event when Ready flips.
-async fn write_node_status(
-    ctx: &Context,
-    mn: &ModalityNode,
-    status: &NodeControllerStatus,
-    oref: &k8s_openapi::api::core::v1::ObjectReference,
-) -> Result<()> {
-    let observed = mn.status.as_ref().map(NodeControllerStatus::observed);
-    if observed.as_ref() == Some(status) {
-        return Ok(());
-    }
-    let was_ready = observed.as_ref().and_then(|s| find(&s.conditions, types::READY)).map(|c| c.is_true());
-    let api: Api<ModalityNode> = Api::namespaced(ctx.client.clone(), &ns_of(mn)?);
-    // Our whole struct, nothing else: the autoscaler's fields and conditions stay its own.
-    api.patch_status(&mn.name_any(), &apply_params(), &Patch::Apply(&status_writers::apply_body(status))).await?;
-    if let Some(c) = find(&status.conditions, types::READY).filter(|c| was_ready != Some(c.is_true())) {
-        let t = if c.is_true() { EventType::Normal } else { EventType::Warning };
-        publish(&ctx.recorder, oref, t, &c.reason, "UpdateStatus", c.message.clone()).await;
-    }
-    Ok(())
-}
-
-/// Moves `spec.adaptation` one step (see [`crate::adaptation`]): follows a running Job, writes
-/// a finished run's model into `spec.model` (the rollout takes it from there), or starts a run
-/// that is due. Returns the node with `status.adaptation` updated.
-async fn step_adaptation(
-    mut mn: ModalityNode,
-    ctx: &Context,
-    ns: &str,
-    oref: &k8s_openapi::api::core::v1::ObjectReference,
-) -> Result<ModalityNode> {
-    use crate::adaptation::{self as adapt, phase};
-    let Some(spec) = mn.spec.adaptation.clone() else { return Ok(mn) };
+/// What the planner needs for one node: the stores first; the API only for a running training
+/// Job; Prometheus for a canary's figures and a corrections trigger.
+async fn observe_node(mn: &ModalityNode, ctx: &Context, ns: &str) -> Result<plan::NodeObservation> {
     let name = mn.name_any();
-    let now = now_rfc3339();
-    let mut ad = mn.status.as_ref().and_then(|s| s.adaptation.clone());
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
-
-    if let Some(a) = ad.as_mut().filter(|a| a.phase == phase::RUNNING) {
-        let job = match &a.job {
-            Some(j) => jobs.get_opt(j).await?,
-            None => None,
-        };
-        match adapt::track(a, job.as_ref(), &now) {
-            Some(phase::SUCCEEDED) => {
-                let base = a.base_model.clone().unwrap_or_else(|| mn.spec.model.clone());
-                let model = adapt::output_model(&mn, &spec, &base, a.run);
-                // Guarded by resourceVersion: a concurrent edit of the node wins, we retry.
-                let patch = serde_json::json!({
-                    "metadata": {"resourceVersion": mn.resource_version()},
-                    "spec": {"model": model},
-                });
-                let api: Api<ModalityNode> = Api::namespaced(ctx.client.clone(), ns);
-                let patched = api.patch(&name, &PatchParams::default(), &Patch::Merge(&patch)).await?;
-                let how = if mn.spec.rollout.is_some() { "as a canary (spec.rollout)" } else { "to every replica" };
-                a.output_revision = Some(model.revision.clone());
-                a.message = format!("{}; revision {} written to spec.model", a.message, model.revision);
-                let note =
-                    format!("run {} finished: revision {} ({}) goes out {how}", a.run, model.revision, model.uri);
-                info!(%note, "adaptation");
-                publish(&ctx.recorder, oref, EventType::Normal, "TrainingSucceeded", "Adapt", note).await;
-                mn.metadata = patched.metadata;
-                mn.spec.model = model;
-            }
-            Some(_) => {
-                warn!(message = %a.message, "adaptation run failed");
-                publish(&ctx.recorder, oref, EventType::Warning, "TrainingFailed", "Adapt", a.message.clone()).await;
-            }
-            None => {}
+    let pipelines = match mn.spec.adaptation {
+        Some(_) => ctx
+            .stores
+            .pipelines
+            .state()
+            .iter()
+            .filter(|p| p.namespace().as_deref() == Some(ns))
+            .map(|p| (**p).clone())
+            .collect(),
+        None => Vec::new(),
+    };
+    let adaptation_job = match plan::adaptation_job(mn) {
+        Some(job) => Api::<Job>::namespaced(ctx.client.clone(), ns).get_opt(job).await?,
+        None => None,
+    };
+    let sel = || crate::prom::node_selector(&name, ctx.match_namespace.then_some(ns));
+    let mut corrections_total = None;
+    if let (true, Some(prom)) = (plan::wants_corrections_total(mn), &ctx.prometheus) {
+        match prom.read_corrections_total(&sel()).await {
+            Ok(t) => corrections_total = t,
+            Err(e) => warn!(error = %e, "adaptation trigger: Prometheus unavailable"),
         }
     }
-
-    if ad.as_ref().is_none_or(|a| a.phase != phase::RUNNING) {
-        let request = mn.annotations().get(prism_api::node::ADAPT_REQUEST_ANNOTATION).cloned();
-        let mut total = None;
-        if let (Some(_), Some(prom)) = (spec.trigger.every_corrections, &ctx.prometheus) {
-            let sel = crate::prom::node_selector(&name, ctx.match_namespace.then_some(ns));
-            match prom.read_corrections_total(&sel).await {
-                Ok(t) => total = t,
-                Err(e) => warn!(error = %e, "adaptation trigger: Prometheus unavailable"),
-            }
-        }
-        if let Some(trigger) = adapt::due(&spec, request.as_deref(), ad.as_ref(), total) {
-            let base = adapt::base_model(&mn, &spec);
-            let source = match adapt::blocker(&mn, &base) {
-                Some(why) => Err(why),
-                None => {
-                    let pipelines = Api::<MultimodalPipeline>::namespaced(ctx.client.clone(), ns)
-                        .list(&ListParams::default())
-                        .await?
-                        .items;
-                    adapt::corrections_source(&mn, &spec, &pipelines)
-                }
-            };
-            match source {
-                Ok(source) => {
-                    // The run's number and status come from one place; written only once it exists.
-                    let start = adapt::RunStart {
-                        trigger,
-                        request: request.as_deref(),
-                        corrections_total: total,
-                        base: base.clone(),
-                    };
-                    let next = adapt::started(ad.as_ref(), &spec, &name, start, &now);
-                    let objs = adapt::objects(&mn, &ctx.cfg, &spec, next.run, &base, &source)?;
-                    if let Some(claim) = &objs.claim {
-                        // Created once, never re-applied: most of a claim's spec is immutable.
-                        let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
-                        if claims.get_opt(&claim.name_any()).await?.is_none() {
-                            claims.create(&PostParams::default(), claim).await?;
-                            info!(claim = %claim.name_any(), "created training claim");
-                        }
-                    }
-                    apply(&ctx.client, ns, &objs.service).await?;
-                    apply(&ctx.client, ns, &objs.job).await?;
-                    // The previous run's objects stayed for `kubectl logs` until now.
-                    if let Some(prev) = ad.as_ref().and_then(|a| a.job.clone()) {
-                        delete_run(ctx, ns, &prev).await;
-                    }
-                    let note = format!(
-                        "run {}: Job {} with {} workers x {} GPUs ({})",
-                        next.run,
-                        objs.job.name_any(),
-                        spec.workers,
-                        spec.gpus_per_worker,
-                        next.trigger
-                    );
-                    info!(%note, "adaptation");
-                    publish(&ctx.recorder, oref, EventType::Normal, "TrainingStarted", "Adapt", note).await;
-                    ad = Some(next);
-                }
-                Err(why) => {
-                    let a = ad.get_or_insert_with(Default::default);
-                    if a.phase != phase::WAITING || a.message != why {
-                        publish(&ctx.recorder, oref, EventType::Warning, "TrainingWaiting", "Adapt", why.clone()).await;
-                    }
-                    a.phase = phase::WAITING.into();
-                    a.trigger = trigger;
-                    a.message = why;
-                }
-            }
-        }
-    }
-    mn.status.get_or_insert_with(Default::default).adaptation = ad;
-    Ok(mn)
-}
-
-/// Deletes a finished run's Job (and its pods) and headless Service; failures are logged only.
-async fn delete_run(ctx: &Context, ns: &str, job: &str) {
-    let dp = kube::api::DeleteParams::background();
-    let jobs: Api<Job> = Api::namespaced(ctx.client.clone(), ns);
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), ns);
-    if let Err(e) = jobs.delete(job, &dp).await {
-        warn!(error = %e, job, "deleting the previous training Job failed");
-    }
-    if let Err(e) = services.delete(job, &dp).await {
-        warn!(error = %e, service = job, "deleting the previous training Service failed");
-    }
-}
-
-/// Moves the node's rollout one step (see [`crate::rollout`]): returns the node with its status
-/// updated (currentRevision, canary, history) and the Event to record, if any. The canary's
-/// figures come from Prometheus when the operator has one; without it a canary waits at the end
-/// of its first pause (`metrics unavailable`), is never promoted blind, and is rolled back at
-/// its progress deadline.
-async fn step_rollout(
-    mn: &ModalityNode,
-    ctx: &Context,
-    ns: &str,
-) -> (ModalityNode, Option<(EventType, &'static str, String)>) {
-    use crate::rollout::{self, Transition};
-    let mut out = mn.clone();
-    let mut status = mn.status.clone().unwrap_or_default();
-    let now = chrono::Utc::now();
-    let elapsed = status.canary.as_ref().map(|c| {
-        chrono::DateTime::parse_from_rfc3339(&c.step_started)
-            .map(|t| (now - t.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 1000.0)
-            .unwrap_or(0.0)
-    });
-    let mut stats = None;
+    let mut canary_stats = None;
+    let status = mn.status.clone().unwrap_or_default();
     if let (Some(c), Some(prom)) = (&status.canary, &ctx.prometheus) {
-        let sel = crate::prom::node_selector(&mn.name_any(), ctx.match_namespace.then_some(ns));
-        let window = elapsed.unwrap_or(0.0).ceil() as u64;
+        let window = crate::rollout::step_elapsed(&status, chrono::Utc::now()).unwrap_or(0.0).ceil() as u64;
         let stable = status.current_revision.clone().unwrap_or_default();
-        match (prom.read_revision(&sel, &stable, window).await, prom.read_revision(&sel, &c.revision, window).await) {
-            (Ok(s), Ok(c)) => stats = Some((s, c)),
+        match (prom.read_revision(&sel(), &stable, window).await, prom.read_revision(&sel(), &c.revision, window).await)
+        {
+            (Ok(s), Ok(c)) => canary_stats = Some((s, c)),
             (Err(e), _) | (_, Err(e)) => warn!(error = %e, "canary analysis: Prometheus unavailable"),
         }
     }
-    let t = rollout::decide(&mn.spec, &status, elapsed, stats.as_ref().map(|(s, c)| (s, c)));
-    let note = rollout::apply(&mn.spec, &mut status, &t, &now_rfc3339());
-    out.status = Some(status);
-    let event = note.and_then(|note| {
-        let (type_, reason) = match t {
-            Transition::Deploy => return None,
-            Transition::Start { .. } => (EventType::Normal, "CanaryStarted"),
-            Transition::Advance { .. } => (EventType::Normal, "CanaryAdvanced"),
-            Transition::Promote { .. } => (EventType::Normal, "Promoted"),
-            Transition::RollBack { .. } => (EventType::Warning, "RolledBack"),
-            Transition::None | Transition::Hold { .. } => return None,
-        };
-        Some((type_, reason, note))
-    });
-    (out, event)
+    Ok(plan::NodeObservation {
+        deployment: cached(&ctx.stores.deployments, ns, &name),
+        canary_exists: cached(&ctx.stores.deployments, ns, &node::canary_name(&name)).is_some(),
+        canary_stats,
+        adaptation_job,
+        corrections_total,
+        pipelines,
+    })
+}
+
+/// What executing a plan's writes returned that the status is built from.
+#[derive(Default)]
+struct Executed {
+    /// Deployments as the API server returned them from the apply, by name.
+    deployments: BTreeMap<String, Deployment>,
+    /// The node's metadata after a `SetModel` (a new generation).
+    node_metadata: Option<kube::api::ObjectMeta>,
+}
+
+/// Makes a plan's writes in order; the first that fails ends the pass.
+async fn execute(ctx: &Context, ns: &str, writes: Vec<Write>) -> Result<Executed> {
+    let mut done = Executed::default();
+    for w in writes {
+        debug!(write = ?WriteName(&w), "executing");
+        match w {
+            Write::Apply(Object::Deployment(d)) => {
+                let d = apply(&ctx.client, ns, &d).await?;
+                done.deployments.insert(d.name_any(), d);
+            }
+            Write::Apply(o) => apply_object(&ctx.client, ns, &o).await?,
+            Write::CreateClaim(claim) => {
+                let claims: Api<PersistentVolumeClaim> = Api::namespaced(ctx.client.clone(), ns);
+                match claims.create(&PostParams::default(), &claim).await {
+                    Ok(_) => info!(claim = %claim.name_any(), "created claim"),
+                    Err(kube::Error::Api(e)) if e.code == 409 => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            Write::Delete { kind, name } => match delete(&ctx.client, ns, kind, &name).await {
+                Ok(()) => info!(?kind, %name, "deleted"),
+                // The store lags the API: someone (or our last pass) deleted it already.
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => return Err(e.into()),
+            },
+            Write::Cleanup { kind, name } => {
+                if let Err(e) = delete(&ctx.client, ns, kind, &name).await {
+                    warn!(error = %e, ?kind, %name, "deleting a finished run's object failed");
+                }
+            }
+            Write::SetModel { node, resource_version, model } => {
+                let patch = serde_json::json!({
+                    "metadata": {"resourceVersion": resource_version},
+                    "spec": {"model": model},
+                });
+                let api: Api<ModalityNode> = Api::namespaced(ctx.client.clone(), ns);
+                let patched = api.patch(&node, &PatchParams::default(), &Patch::Merge(&patch)).await?;
+                done.node_metadata = Some(patched.metadata);
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// A write's kind and name, for logs (the objects themselves are long).
+struct WriteName<'a>(&'a Write);
+
+impl std::fmt::Debug for WriteName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Write::Apply(o) => write!(f, "apply {}", o.describe()),
+            Write::CreateClaim(c) => write!(f, "create PersistentVolumeClaim/{}", c.name_any()),
+            Write::Delete { kind, name } | Write::Cleanup { kind, name } => write!(f, "delete {kind:?}/{name}"),
+            Write::SetModel { node, model, .. } => write!(f, "set ModalityNode/{node} spec.model {}", model.revision),
+        }
+    }
+}
+
+async fn apply_object(client: &Client, ns: &str, o: &Object) -> Result<()> {
+    match o {
+        Object::Deployment(x) => apply(client, ns, x).await.map(drop),
+        Object::Service(x) => apply(client, ns, x).await.map(drop),
+        Object::PodDisruptionBudget(x) => apply(client, ns, x).await.map(drop),
+        Object::Job(x) => apply(client, ns, x).await.map(drop),
+        Object::ConfigMap(x) => apply(client, ns, x).await.map(drop),
+        Object::ServiceAccount(x) => apply(client, ns, x).await.map(drop),
+        Object::Role(x) => apply(client, ns, x).await.map(drop),
+        Object::RoleBinding(x) => apply(client, ns, x).await.map(drop),
+        Object::Claim(x) => apply(client, ns, x).await.map(drop),
+    }
+}
+
+async fn delete(client: &Client, ns: &str, kind: Kind, name: &str) -> kube::Result<()> {
+    // Background: a Job's pods go with it (a Job's default is to orphan them).
+    let dp = kube::api::DeleteParams::background();
+    match kind {
+        Kind::Deployment => Api::<Deployment>::namespaced(client.clone(), ns).delete(name, &dp).await.map(drop),
+        Kind::Job => Api::<Job>::namespaced(client.clone(), ns).delete(name, &dp).await.map(drop),
+        Kind::Service => Api::<Service>::namespaced(client.clone(), ns).delete(name, &dp).await.map(drop),
+    }
+}
+
+/// Records a plan's Events; one tied to a Deployment's generation only when the apply changed it.
+async fn publish_all(ctx: &Context, oref: &ObjectReference, events: &[plan::Event], done: &Executed) {
+    for e in events {
+        if let Some(g) = &e.if_changed {
+            let after = done.deployments.get(&g.deployment).map(|d| d.metadata.generation);
+            if after.is_none_or(|a| a == g.before) {
+                continue;
+            }
+        }
+        info!(reason = %e.reason, note = %e.note, "event");
+        publish(&ctx.recorder, oref, e.type_, &e.reason, e.action, e.note.clone()).await;
+    }
 }
 
 // ---------------------------------------------------------------- MultimodalPipeline
@@ -453,7 +323,6 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
             );
         }
     }
-
     let key = (ns.clone(), name.clone());
     let remembered = ctx.published.lock().unwrap_or_else(PoisonError::into_inner).get(&key).cloned();
     let previous: Option<RoutingTable> = match remembered {
@@ -466,65 +335,22 @@ pub async fn reconcile_pipeline(mmp: Arc<MultimodalPipeline>, ctx: Arc<Context>)
             .and_then(|d| d.get(ROUTING_TABLE_KEY).cloned())
             .and_then(|s| serde_json::from_str(&s).ok()),
     };
-    let floor = mmp.status.as_ref().map(|s| s.routing_table_generation).unwrap_or(0);
-    let table = pipeline::routing_table(&mmp, &observed, previous.as_ref(), floor);
-    let node_cas = observed.iter().filter_map(|(n, o)| Some((n.clone(), o.tls_secret.clone()?))).collect();
-    let objs = pipeline::desired_objects(&mmp, &ctx.cfg, &table, &node_cas)?;
 
-    // The table first: failover latency is measured to this write.
-    apply(&ctx.client, &ns, &objs.config_map).await?;
-    ctx.published.lock().unwrap_or_else(PoisonError::into_inner).insert(key, table.clone());
-    apply(&ctx.client, &ns, &objs.service_account).await?;
-    apply(&ctx.client, &ns, &objs.role).await?;
-    apply(&ctx.client, &ns, &objs.role_binding).await?;
-    if let Some(claim) = &objs.memory_claim {
-        apply(&ctx.client, &ns, claim).await?;
-    }
-    let router = apply(&ctx.client, &ns, &objs.deployment).await?;
-    apply(&ctx.client, &ns, &objs.service).await?;
-    ctx.metrics.routing_table_generation.with_label_values(&[&ns, &name]).set(table.generation as i64);
-    if previous.as_ref().map(|p| p.generation) != Some(table.generation) {
-        let ready: usize = table.modalities.values().map(|v| v.iter().filter(|e| e.ready).count()).sum();
-        info!(generation = table.generation, ready_endpoints = ready, "published routing table");
-        publish(
-            &ctx.recorder,
-            &oref,
-            EventType::Normal,
-            "RoutingTableUpdated",
-            "PublishRoutingTable",
-            format!(
-                "ConfigMap {} generation {} with {ready} ready endpoints",
-                pipeline::config_map_name(&name),
-                table.generation
-            ),
-        )
-        .await;
-    }
+    let plan = plan::pipeline(&mmp, &ctx.cfg, &observed, previous.as_ref())?;
+    let done = execute(&ctx, &ns, plan.writes).await?;
+    let generation = plan.table.generation;
+    ctx.published.lock().unwrap_or_else(PoisonError::into_inner).insert(key, plan.table.clone());
+    ctx.metrics.routing_table_generation.with_label_values(&[&ns, &name]).set(generation as i64);
+    publish_all(&ctx, &oref, &plan.events, &done).await;
 
-    let status = pipeline::status(&mmp, &observed, &table, Some(&router), &now_rfc3339());
-    if mmp.status.as_ref() != Some(&status) {
-        let old = mmp.status.clone().unwrap_or_default();
+    let router = done.deployments.get(&pipeline::router_name(&name));
+    let status = pipeline::status(&mmp, &observed, &plan.table, router, &now_rfc3339());
+    if let Some(events) = plan::pipeline_status_change(mmp.status.as_ref(), &status) {
         let api: Api<MultimodalPipeline> = Api::namespaced(ctx.client.clone(), &ns);
         let body =
             serde_json::json!({"apiVersion": "prism.dev/v1alpha1", "kind": "MultimodalPipeline", "status": status});
         api.patch_status(&name, &apply_params(), &Patch::Apply(&body)).await?;
-        for t in [types::READY, types::DEGRADED] {
-            let before = find(&old.conditions, t).map(|c| (c.status, c.reason.clone()));
-            if let Some(c) = find(&status.conditions, t) {
-                if before != Some((c.status, c.reason.clone())) {
-                    let bad = (t == types::READY) != c.is_true();
-                    publish(
-                        &ctx.recorder,
-                        &oref,
-                        if bad { EventType::Warning } else { EventType::Normal },
-                        &c.reason,
-                        "UpdateStatus",
-                        c.message.clone(),
-                    )
-                    .await;
-                }
-            }
-        }
+        publish_all(&ctx, &oref, &events, &done).await;
     }
     Ok(Action::requeue(Duration::from_secs(300)))
 }
@@ -683,7 +509,10 @@ pub async fn run(
         watches::shared(api_for::<Deployment>(&client, ns), managed.clone());
     let (_, [svcs_for_nodes, svcs_for_pipelines], svc_watch) =
         watches::shared(api_for::<Service>(&client, ns), managed.clone());
-    let shared_watches = [tokio::spawn(nodes_watch), tokio::spawn(deploy_watch), tokio::spawn(svc_watch)];
+    let (pipeline_store, [pipelines_for_pipelines], pipeline_watch) =
+        watches::shared(api_for::<MultimodalPipeline>(&client, ns), watcher::Config::default());
+    let shared_watches =
+        [tokio::spawn(nodes_watch), tokio::spawn(deploy_watch), tokio::spawn(svc_watch), tokio::spawn(pipeline_watch)];
     let ctx = Arc::new(Context {
         client: client.clone(),
         cfg: settings.cfg.clone(),
@@ -693,7 +522,7 @@ pub async fn run(
         index_synced: Arc::new(AtomicBool::new(false)),
         prometheus: settings.autoscaler.prometheus.clone(),
         match_namespace: settings.autoscaler.match_namespace,
-        stores: Stores { nodes: nodes_store.clone(), deployments: deploy_store },
+        stores: Stores { nodes: nodes_store.clone(), deployments: deploy_store, pipelines: pipeline_store.clone() },
         published: Default::default(),
     });
     tokio::pin!(shutdown);
@@ -727,8 +556,7 @@ pub async fn run(
         .run(reconcile_node, error_policy::<ModalityNode>(NODE_CONTROLLER), ctx.clone())
         .for_each(|_| futures::future::ready(()));
 
-    let pipelines = Controller::new(api_for::<MultimodalPipeline>(&client, ns), watcher::Config::default());
-    let store = pipelines.store();
+    let store = pipeline_store;
     let (tx, rx) = mpsc::channel(1024);
     let index_task = tokio::spawn(run_index(
         api_for::<Pod>(&client, ns),
@@ -739,7 +567,7 @@ pub async fn run(
         node_tx,
     ));
     let store2 = store.clone();
-    let pipelines = pipelines
+    let pipelines = Controller::for_stream(pipelines_for_pipelines, store.clone())
         .owns_stream(deploys_for_pipelines)
         .owns_stream(svcs_for_pipelines)
         .owns(api_for::<ConfigMap>(&client, ns), managed.clone())

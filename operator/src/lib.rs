@@ -21,6 +21,7 @@ pub mod lease;
 pub mod metrics;
 pub mod node;
 pub mod pipeline;
+pub mod plan;
 pub mod pod_health;
 pub mod prom;
 pub mod rollout;

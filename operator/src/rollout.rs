@@ -171,6 +171,16 @@ pub fn serving_model<'a>(spec: &'a ModalityNodeSpec, status: Option<&'a Modality
     status.and_then(stable_model).unwrap_or(&spec.model)
 }
 
+/// Seconds since the current canary step began; None without a canary. A start time that does
+/// not parse counts as now.
+pub fn step_elapsed(status: &ModalityNodeStatus, now: chrono::DateTime<chrono::Utc>) -> Option<f64> {
+    status.canary.as_ref().map(|c| {
+        chrono::DateTime::parse_from_rfc3339(&c.step_started)
+            .map(|t| (now - t.with_timezone(&chrono::Utc)).num_milliseconds() as f64 / 1000.0)
+            .unwrap_or(0.0)
+    })
+}
+
 /// Decides the transition. `elapsed_s`: seconds since the current canary step began (None when
 /// no canary). `stats`: (stable, canary) figures, None when they could not be read.
 pub fn decide(

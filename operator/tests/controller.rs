@@ -85,6 +85,7 @@ fn node() -> ModalityNode {
 fn context(client: Client) -> (Arc<Context>, Writer<ModalityNode>, Writer<Deployment>) {
     let (nodes, node_writer) = reflector::store();
     let (deployments, deploy_writer) = reflector::store();
+    let (pipelines, _) = reflector::store();
     let ctx = Context {
         client: client.clone(),
         cfg: OperatorConfig::default(),
@@ -94,7 +95,7 @@ fn context(client: Client) -> (Arc<Context>, Writer<ModalityNode>, Writer<Deploy
         index_synced: Default::default(),
         prometheus: None,
         match_namespace: false,
-        stores: Stores { nodes, deployments },
+        stores: Stores { nodes, deployments, pipelines },
         published: Default::default(),
     };
     (Arc::new(ctx), node_writer, deploy_writer)
