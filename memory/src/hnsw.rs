@@ -23,7 +23,7 @@ use std::collections::BinaryHeap;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::Mutex;
 
-use crate::vector::{dot, dot_bf16, to_bf16, widen_bf16};
+use crate::vector::{dot, dot4, dot_bf16, to_bf16, widen_bf16};
 
 /// The highest level a node can have: with M = 16 a level above 8 is a one-in-2^32 event.
 const MAX_LEVEL: usize = 15;
@@ -178,11 +178,6 @@ struct Visited<'a> {
 }
 
 impl Visited<'_> {
-    #[inline]
-    fn seen(&self, slot: u32) -> bool {
-        self.marks[slot as usize] == self.generation
-    }
-
     /// True the first time `slot` is seen in this search.
     #[inline]
     fn first_visit(&mut self, slot: u32) -> bool {
@@ -333,6 +328,47 @@ impl Hnsw {
         let _ = slot;
     }
 
+    /// Ask for all of `slot`'s vector: for the row about to be read next, when one line ahead
+    /// is not enough to hide the misses of the other 23 (384 f32).
+    #[inline]
+    fn prefetch_row(&self, slot: u32) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let (ptr, bytes) = match &self.vectors {
+                Vectors::F32(v) => (v.get(slot as usize * self.dim).map(|c| c.get() as *const i8), self.dim * 4),
+                Vectors::Bf16(v) => (v.get(slot as usize * self.dim).map(|c| c.get() as *const i8), self.dim * 2),
+            };
+            if let Some(ptr) = ptr {
+                for off in (0..bytes).step_by(64) {
+                    // SAFETY: a prefetch is a hint; it never faults and reads nothing into Rust.
+                    unsafe { std::arch::x86_64::_mm_prefetch(ptr.wrapping_add(off), std::arch::x86_64::_MM_HINT_T0) };
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = slot;
+    }
+
+    /// Distances from `q` to up to four slots, four rows at a time where they are f32.
+    #[inline]
+    fn distances(&self, q: &[f32], slots: &[u32], out: &mut [f32; 4]) {
+        match (&self.vectors, slots) {
+            // SAFETY: only READY slots are reached (see `dot_q`).
+            (Vectors::F32(v), &[a, b, c, d]) => {
+                let r = |s: u32| unsafe { row(v, s as usize, self.dim) };
+                let dots = dot4(q, [r(a), r(b), r(c), r(d)]);
+                for (o, x) in out.iter_mut().zip(dots) {
+                    *o = 1.0 - x;
+                }
+            }
+            _ => {
+                for (o, &s) in out.iter_mut().zip(slots) {
+                    *o = self.distance(q, s);
+                }
+            }
+        }
+    }
+
     #[inline]
     fn distance(&self, q: &[f32], slot: u32) -> f32 {
         1.0 - self.dot_q(q, slot as usize)
@@ -434,16 +470,22 @@ impl Hnsw {
                 break;
             }
             self.neighbours(c.1, level, &mut scratch);
+            scratch.retain(|&n| visited.first_visit(n));
+            // The first line of every new neighbour at once (the misses overlap), then the
+            // whole row of the next one while this one's distance is computed.
             for &n in &scratch {
-                if !visited.seen(n) {
-                    self.prefetch(n);
-                }
+                self.prefetch(n);
             }
-            for &n in &scratch {
-                if !visited.first_visit(n) {
-                    continue;
+            let mut dists = [0f32; 4];
+            for (i, &n) in scratch.iter().enumerate() {
+                if i % 4 == 0 {
+                    let batch = &scratch[i..scratch.len().min(i + 4)];
+                    for &next in scratch.get(i + 4..scratch.len().min(i + 8)).unwrap_or_default() {
+                        self.prefetch_row(next);
+                    }
+                    self.distances(q, batch, &mut dists);
                 }
-                let d = Dist(self.distance(q, n), n);
+                let d = Dist(dists[i % 4], n);
                 if found.len() < ef || found.peek().is_some_and(|worst| d < *worst) {
                     candidates.push(std::cmp::Reverse(d));
                     if accept(n) {
@@ -460,19 +502,35 @@ impl Hnsw {
 
     /// The heuristic of the paper (alg. 4): keep a candidate only if it is closer to the base
     /// than to every neighbour already kept, so links spread in all directions.
+    ///
+    /// Most of a build's time is here (every full neighbour list is re-selected when a new node
+    /// links to it), so f32 rows are compared where they lie, with no copy of the candidate.
     fn select(&self, sorted: &[Dist], max: usize) -> Vec<u32> {
-        let mut kept: Vec<Dist> = Vec::with_capacity(max);
-        let mut cv = Vec::with_capacity(self.dim);
-        for &c in sorted {
+        let mut kept: Vec<u32> = Vec::with_capacity(max);
+        let mut cv = Vec::new();
+        for (i, &c) in sorted.iter().enumerate() {
             if kept.len() >= max {
                 break;
             }
-            self.load(c.1 as usize, &mut cv);
-            if kept.iter().all(|k| self.distance(&cv, k.1) > c.0) {
-                kept.push(c);
+            if let Some(next) = sorted.get(i + 1) {
+                self.prefetch_row(next.1);
+            }
+            let keep = match &self.vectors {
+                // SAFETY: candidates and kept links are READY slots (or the caller's own).
+                Vectors::F32(v) => {
+                    let cr = unsafe { row(v, c.1 as usize, self.dim) };
+                    kept.iter().all(|&k| 1.0 - dot(cr, unsafe { row(v, k as usize, self.dim) }) > c.0)
+                }
+                Vectors::Bf16(_) => {
+                    self.load(c.1 as usize, &mut cv);
+                    kept.iter().all(|&k| self.distance(&cv, k) > c.0)
+                }
+            };
+            if keep {
+                kept.push(c.1);
             }
         }
-        kept.into_iter().map(|d| d.1).collect()
+        kept
     }
 
     /// Insert `v` (unit length, `dim` floats) at `slot`. Safe to call from many threads at
@@ -576,12 +634,14 @@ impl Hnsw {
         }
         let mut base = Vec::with_capacity(self.dim);
         self.load(node as usize, &mut base);
-        let mut all: Vec<Dist> = list[1..=n]
-            .iter()
-            .map(|a| a.load(Ordering::Relaxed))
-            .chain(std::iter::once(new))
-            .map(|s| Dist(self.distance(&base, s), s))
-            .collect();
+        let slots: Vec<u32> =
+            list[1..=n].iter().map(|a| a.load(Ordering::Relaxed)).chain(std::iter::once(new)).collect();
+        let mut all = Vec::with_capacity(slots.len());
+        let mut d4 = [0f32; 4];
+        for batch in slots.chunks(4) {
+            self.distances(&base, batch, &mut d4);
+            all.extend(batch.iter().zip(d4).map(|(&s, d)| Dist(d, s)));
+        }
         all.sort_unstable();
         let kept = self.select(&all, max);
         self.set_list(node, level, &kept);
