@@ -2,6 +2,8 @@
 # Build what a REAL worker node needs, on top of e2e/build.sh's control plane, into e2e/bin/:
 #   kubelet, kube-proxy   v1.36.3 from the e2e/go/k8s harness module (same build cache)
 #   containerd, containerd-shim-runc-v2, ctr   v2.4.2 from the e2e/go/containerd harness module
+#   coredns       v1.15.0 with the cluster-DNS plugins only, from the e2e/go/coredns harness module
+#   registry      go-containerregistry's OCI registry, from the e2e/go/registry harness module
 # and installs the Debian packages the node uses: runc, containernetworking-plugins (bridge,
 # host-local, loopback, portmap in /usr/lib/cni), iptables, conntrack, busybox-static (test images).
 #
@@ -69,6 +71,16 @@ else
   echo "real-node/build.sh: building registry $(cd "$E2E/go/registry" && "$GO" list -m -f '{{.Version}}' github.com/google/go-containerregistry)"
   (cd "$E2E/go/registry" && CGO_ENABLED=0 "$GO" build -p "$JOBS" -trimpath -ldflags "-s -w" -o "$BIN/registry" .)
   stamp_write registry "$REGISTRY_STAMP"
+fi
+
+# --- CoreDNS (cluster DNS: Services, headless Services, pod hostnames) -------------------------
+COREDNS_STAMP="coredns-$(sha256sum "$E2E/go/coredns/main.go" | cut -c1-12)"
+if stamp_ok coredns "$COREDNS_STAMP" coredns; then
+  echo "real-node/build.sh: coredns up to date"
+else
+  echo "real-node/build.sh: building coredns $(cd "$E2E/go/coredns" && "$GO" list -m -f '{{.Version}}' github.com/coredns/coredns)"
+  (cd "$E2E/go/coredns" && CGO_ENABLED=0 "$GO" build -p "$JOBS" -trimpath -ldflags "-s -w" -o "$BIN/coredns" .)
+  stamp_write coredns "$COREDNS_STAMP"
 fi
 
 echo "real-node/build.sh: done in $(( $(date +%s) - t0 ))s -> $BIN"

@@ -39,13 +39,14 @@ RUNC="${PRISM_REAL_RUNC:-$(command -v runc || echo /usr/sbin/runc)}"
 NODE_PRIVATE_DIRS=(/run/containerd /var/lib/cni /var/log/pods /var/log/containers /var/lib/kubelet)
 
 ETCD_PORT=2379 ETCD_PEER_PORT=2380 API_PORT=6443 KCM_PORT=10257 SCHED_PORT=10259
+COREDNS_HEALTH_PORT=18080 COREDNS_READY_PORT=18181   # CoreDNS answers DNS on $NODE_IP:53
 
 PAUSE_IMAGE="prism.local/e2e/pause:1"
 BUSYBOX_IMAGE="prism.local/e2e/busybox:1"
 REGISTRY_IMAGE="prism.local/e2e/registry:1"   # go-containerregistry's in-memory registry, port 5000
 
-REAL_COMPONENTS_START=(etcd kube-apiserver kube-controller-manager kube-scheduler containerd kubelet kube-proxy)
-REAL_COMPONENTS_STOP=(kube-proxy kubelet containerd kube-scheduler kube-controller-manager kube-apiserver etcd)
+REAL_COMPONENTS_START=(etcd kube-apiserver kube-controller-manager kube-scheduler coredns containerd kubelet kube-proxy)
+REAL_COMPONENTS_STOP=(kube-proxy kubelet containerd coredns kube-scheduler kube-controller-manager kube-apiserver etcd)
 
 anchor_pid() { # pid of the process holding the node's mount namespace (and in the netns)
   local f="$D/pids/anchor.pid" pid

@@ -74,15 +74,18 @@ EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-pipeline.yaml")
 VISION_EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-vision-pipeline.yaml")
 TLS_EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-tls-pipeline.yaml")
 AUTO_EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-autoscaled-pipeline.yaml")
-# The in-cluster OCI registry (go-containerregistry's, image of up.sh) at a fixed ClusterIP, so
-# the operator can be told at install that it serves plain HTTP.
-REGISTRY = "10.96.0.50:5000"
+# The in-cluster OCI registry (go-containerregistry's, image of up.sh). Pods name it as a user
+# would, by its Service's DNS name (CoreDNS of up.sh), and the operator is told at install that
+# it serves plain HTTP. The harness, outside any pod, pushes to its fixed ClusterIP.
+NS = "prism-e2e"
+REGISTRY_IP = "10.96.0.50:5000"
+REGISTRY = f"registry.{NS}.svc:5000"
 REGISTRY_IMAGE = "prism.local/e2e/registry:1"
+BUSYBOX_IMAGE = "prism.local/e2e/busybox:1"
 MODEL = "all-minilm-l6-v2"
 OCI_MODEL = f"oci://{REGISTRY}/models/{MODEL}:v1"
 VISION_MODEL = "vit-digits"
 VISION_PIPELINE = "text-vision"
-NS = "prism-e2e"
 OP_NS = "prism-system"
 PIPELINE = NODE = "text"
 TEXTS = [
@@ -767,7 +770,7 @@ def autoscales_on_real_metrics(token, prom, args):
 def start_registry():
     """go-containerregistry's registry as a Deployment + Service (ClusterIP REGISTRY) in the
     restricted namespace: where a user keeps models as OCI artifacts."""
-    ip, port = REGISTRY.split(":")
+    ip, port = REGISTRY_IP.split(":")
     sc = {"runAsNonRoot": True, "runAsUser": 65532, "allowPrivilegeEscalation": False,
           "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
     objs = [
@@ -784,12 +787,53 @@ def start_registry():
     kubectl("apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}))
 
 
+def cluster_dns_resolves_services_and_pod_hostnames():
+    """Issue 21 item 2: CoreDNS (up.sh) answers pods for a Service's name and for a pod behind a
+    headless Service by its hostname, the name a training Job's workers find worker 0 by (the
+    operator's rendezvous Service: headless, publishNotReadyAddresses, pods `<job>-<i>` in
+    subdomain `<job>`). The probe pod is its own target, in the restricted namespace."""
+    sc = {"runAsNonRoot": True, "runAsUser": 65532, "allowPrivilegeEscalation": False,
+          "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}
+    fqdn = f"w-0.rdzv.{NS}.svc.cluster.local"
+    registry_fqdn = f"registry.{NS}.svc.cluster.local"
+    script = (f"for i in $(seq 60); do nslookup {fqdn} >/dev/null 2>&1 && break; sleep 1; done; "
+              f"echo '== {registry_fqdn}'; nslookup {registry_fqdn}; echo '== {fqdn}'; nslookup {fqdn}")
+    objs = [
+        {"apiVersion": "v1", "kind": "Service", "metadata": {"name": "rdzv", "namespace": NS},
+         "spec": {"clusterIP": "None", "publishNotReadyAddresses": True, "selector": {"app": "rdzv"},
+                  "ports": [{"name": "rendezvous", "port": 29500}]}},
+        {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "dns-probe", "namespace": NS, "labels": {"app": "rdzv"}},
+         "spec": {"hostname": "w-0", "subdomain": "rdzv", "restartPolicy": "Never",
+                  "containers": [{"name": "probe", "image": BUSYBOX_IMAGE, "imagePullPolicy": "Never",
+                                  "securityContext": sc, "command": ["/bin/sh", "-c", script]}]}},
+    ]
+    t0 = now()
+    kubectl("apply", "-f", "-", stdin=json.dumps({"apiVersion": "v1", "kind": "List", "items": objs}))
+    pod = wait("dns-probe finished", 120, lambda: (lambda p: p if p.get("status", {}).get("phase") in
+               ("Succeeded", "Failed") else None)(kjson("-n", NS, "get", "pod", "dns-probe")), interval=1)
+    out = kubectl("-n", NS, "logs", "dns-probe", check_rc=False)
+    answers = {}
+    for block in out.split("== ")[1:]:
+        name, _, rest = block.partition("\n")
+        # busybox prints the server's own address first ("Address: 10.250.0.1:53"), then answers.
+        answers[name.strip()] = re.findall(r"Address(?: \d+)?:\s*([0-9.]+)\s*$", rest, re.M)
+    registry_ip = REGISTRY_IP.split(":")[0]
+    pod_ip = pod["status"].get("podIP")
+    check(registry_ip in answers.get(registry_fqdn, []),
+          f"{registry_fqdn} did not resolve to the Service's ClusterIP {registry_ip}: {out[-800:]}")
+    check(pod_ip and pod_ip in answers.get(fqdn, []), f"{fqdn} did not resolve to the pod's IP {pod_ip}: {out[-800:]}")
+    kubectl("-n", NS, "delete", "pod/dns-probe", "service/rdzv", "--wait=false")
+    log(f"cluster DNS: {registry_fqdn} -> {registry_ip}, {fqdn} -> {pod_ip} (headless rendezvous) "
+        f"in {now() - t0:.1f}s from a pod")
+    return {"dns_s": now() - t0}
+
+
 def push_model(folder, repo, tag):
     """Pushes a model folder's files to the in-cluster registry as one OCI artifact, a layer
     per file named by its org.opencontainers.image.title annotation (the layout of `oras push`).
     Returns the manifest digest."""
     import hashlib
-    base = f"http://{REGISTRY}"
+    base = f"http://{REGISTRY_IP}"
 
     def blob(data):
         digest = "sha256:" + hashlib.sha256(data).hexdigest()
@@ -976,6 +1020,7 @@ def inside_main(args):
         wait("default ServiceAccount", 60, lambda: kubectl("-n", NS, "get", "sa", "default", check_rc=False).strip())
         refuses_privileged_pods()
         start_registry()
+        dns = cluster_dns_resolves_services_and_pod_hostnames()
         prom.start()
         log(f"namespace {NS}: Pod Security enforce=restricted (a privileged root pod is refused)")
         op.start()
@@ -1139,7 +1184,7 @@ def inside_main(args):
         check(len(recs) > 0, "no requests sent")
         restarts = restarts_under_load(api, op, args)
         optional = optional_modality_degrades(token, args)
-        result.update(restarts, **optional, **oci_model_from_the_cluster_registry(token, ref),
+        result.update(restarts, **dns, **optional, **oci_model_from_the_cluster_registry(token, ref),
                       **tls_between_router_and_nodes(token, ref),
                       **autoscales_on_real_metrics(token, prom, args))
         line += (f" operator_restart_failed={restarts['operator_restart_failed']}"

@@ -3,7 +3,7 @@
 # $PRISM_REAL_NETNS (default prism-e2e-real):
 #   etcd -> kube-apiserver -> kube-controller-manager, kube-scheduler
 #   -> containerd (v2, runc, CNI bridge + host-local) -> kubelet (registers node prism-real-node)
-#   -> kube-proxy (nftables mode by default)
+#   -> kube-proxy (nftables mode by default), CoreDNS (cluster DNS on the node address)
 # then imports the local images prism.local/e2e/pause:1 (the sandbox image) and
 # prism.local/e2e/busybox:1 (busybox-static; see mkimage.py). No registry is contacted.
 #
@@ -42,7 +42,7 @@ if [ -d "$D" ] || ip netns list | grep -qw "$PRISM_REAL_NETNS"; then
 fi
 
 if [ "${PRISM_E2E_SKIP_BUILD:-0}" != 1 ]; then "$RN/build.sh" >&2; fi
-for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy containerd containerd-shim-runc-v2 ctr; do
+for b in etcd kube-apiserver kube-controller-manager kube-scheduler kubectl kubelet kube-proxy containerd containerd-shim-runc-v2 ctr coredns; do
   [ -x "$BIN/$b" ] || { echo "real-node/up.sh: $BIN/$b missing (run e2e/real-node/build.sh)" >&2; exit 1; }
 done
 for f in "$RUNC" "$CNI_BIN_DIR/bridge" "$CNI_BIN_DIR/host-local" "$CNI_BIN_DIR/loopback" /bin/busybox; do
@@ -240,6 +240,9 @@ authentication:
   x509: {clientCAFile: $PKI/ca.crt}
 authorization: {mode: Webhook}
 clusterDomain: cluster.local
+# CoreDNS runs beside the kubelet and answers on the node address, which pods reach through the
+# bridge's gateway (no kube-dns Service: nothing would select a process outside a pod).
+clusterDNS: [$NODE_IP]
 resolvConf: $D/resolv.conf
 serializeImagePulls: false
 # a shared 2-core VM: do not evict for disk/memory pressure during tests
@@ -264,6 +267,24 @@ metricsBindAddress: 127.0.0.1:10249
 healthzBindAddress: 127.0.0.1:10256
 # leave the conntrack sysctls alone (nf_conntrack_max is not per-netns)
 conntrack: {maxPerCore: 0, min: 0, tcpEstablishedTimeout: 0s, tcpCloseWaitTimeout: 0s}
+EOF
+
+# Cluster DNS: Services (<svc>.<ns>.svc.cluster.local), headless Services and the pods behind
+# them (<hostname>.<subdomain>.<ns>.svc..., which a training Job's rendezvous resolves), and
+# reverse lookups. Nothing is forwarded: no name outside the cluster resolves in the netns. It
+# reads the API with the harness's admin kubeconfig.
+cat > "$D/Corefile" <<EOF
+cluster.local:53 in-addr.arpa:53 {
+    bind $NODE_IP
+    errors
+    health 127.0.0.1:$COREDNS_HEALTH_PORT
+    ready 127.0.0.1:$COREDNS_READY_PORT
+    kubernetes cluster.local in-addr.arpa {
+        kubeconfig $PRISM_KUBECONFIG
+        pods verified
+    }
+    cache 5
+}
 EOF
 
 # --- run scripts: every process enters the node's mount+net namespaces (nsenter execs, so the
@@ -339,6 +360,8 @@ write_run kubelet \
 
 write_run kube-proxy --config="$D/kube-proxy.yaml" --v=1
 
+write_run coredns -conf "$D/Corefile"
+
 # --- start -------------------------------------------------------------------------------------
 api_ok() { [ "$(rk get --raw /readyz 2>/dev/null)" = ok ]; }
 
@@ -352,6 +375,7 @@ log "starting kube-controller-manager, kube-scheduler, containerd"
 start_component kube-controller-manager
 start_component kube-scheduler
 start_component containerd
+start_component coredns
 wait_for containerd 60 "containerd socket" nx "$BIN/ctr" --address "$D/containerd/containerd.sock" version
 
 # --- images: built locally (no registry reachable), imported into the CRI namespace ----------
@@ -383,6 +407,7 @@ wait_for kubelet 120 "node $NODE_NAME Ready" bash -c \
 log "node $NODE_NAME Ready after $(( $(date +%s) - T0 ))s"
 wait_for kube-proxy 60 "kube-proxy /healthz" nx curl -sf --max-time 2 http://127.0.0.1:10256/healthz
 wait_for kube-controller-manager 60 "default ServiceAccount" rk get serviceaccount default -n default
+wait_for coredns 60 "CoreDNS /ready" nx curl -sf --max-time 2 "http://127.0.0.1:$COREDNS_READY_PORT/ready"
 
 log "real-node cluster up in $(( $(date +%s) - T0 ))s; kubectl: e2e/real-node/kubectl.sh"
 echo "$PRISM_KUBECONFIG"
