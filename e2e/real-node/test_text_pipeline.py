@@ -74,6 +74,7 @@ EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-pipeline.yaml")
 VISION_EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-vision-pipeline.yaml")
 TLS_EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-tls-pipeline.yaml")
 AUTO_EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-autoscaled-pipeline.yaml")
+CANARY_EXAMPLE = os.path.join(ROOT, "examples", "real-cluster", "text-canary-pipeline.yaml")
 # The in-cluster OCI registry (go-containerregistry's, image of up.sh). Pods name it as a user
 # would, by its Service's DNS name (CoreDNS of up.sh), and the operator is told at install that
 # it serves plain HTTP. The harness, outside any pod, pushes to its fixed ClusterIP.
@@ -767,6 +768,75 @@ def autoscales_on_real_metrics(token, prom, args):
     return {"autoscale_decided_s": t_decided - t0, "autoscale_ready_s": t_ready - t0}
 
 
+def canary_rollouts_on_real_pods(token, prom, args):
+    """spec.rollout on real pods: a new revision goes out as a canary Deployment beside stable,
+    the router sends it its weight, Prometheus scrapes the router's per-revision figures, and the
+    operator promotes it; then a revision whose model does not exist never turns Ready, serves
+    nothing, and is rolled back at its progress deadline while stable keeps answering. Under
+    load, no request may fail in either."""
+    node = "text-canary"
+    kubectl("-n", NS, "create", "secret", "generic", f"{node}-router-tokens", f"--from-literal=tokens={token}")
+    kubectl("-n", NS, "apply", "-f", CANARY_EXAMPLE)
+    log(f"applied {os.path.relpath(CANARY_EXAMPLE, ROOT)} (ModalityNode {node}, rollout 50% for 5 s, "
+        f"minCalls 20, progressDeadline 30 s)")
+    wait_only_pod_ready(node, f"{node} pod Ready")
+    wait_pipeline_ready(node)
+
+    def status():
+        return kjson("-n", NS, "get", "mn", node).get("status", {})
+
+    def recorded(revision, outcome):
+        return any(r["revision"] == revision and r["outcome"] == outcome for r in status().get("history", []))
+
+    wait(f"{node} revision 1 recorded", 60, lambda: recorded("1", "Deployed"))
+    load = Load(Api.of_pipeline(node, token), 2, args.max_requests).start()
+    try:
+        time.sleep(2)
+        t0 = now()
+        kubectl("-n", NS, "patch", "mn", node, "--type=merge", "-p", '{"spec":{"model":{"revision":"2"}}}')
+        wait("canary of revision 2 started", 60,
+             lambda: (status().get("canary") or {}).get("revision") == "2", interval=0.5)
+        wait(f"Deployment {node}-canary Ready", 120, lambda: any(
+            pod_ready(p) for p in kjson("-n", NS, "get", "pods", "-l", f"prism.dev/node={node},prism.dev/track=canary")["items"]),
+            interval=1)
+        t_canary = now()
+        wait("revision 2 promoted", 180, lambda: recorded("2", "Promoted"), interval=1)
+        t_promoted = now()
+        st = status()
+        check(st.get("currentRevision") == "2" and not st.get("canary"), f"after the promotion: {st}")
+        served = prom.query(f'sum(prism_router_upstream_duration_seconds_count{{node="{node}",namespace="{NS}",revision="2"}})')
+        served_2 = float(served[0]["value"][1]) if served else 0.0
+
+        kubectl("-n", NS, "patch", "mn", node, "--type=merge", "-p",
+                '{"spec":{"model":{"uri":"pvc://models/no-such-model","revision":"3"}}}')
+        wait("canary of revision 3 started", 60,
+             lambda: (status().get("canary") or {}).get("revision") == "3", interval=0.5)
+        t_bad = now()
+        wait("revision 3 rolled back", 180, lambda: recorded("3", "RolledBack"), interval=1)
+        t_rolled = now()
+        wait(f"Deployment {node}-canary deleted", 60, lambda: not kubectl(
+            "-n", NS, "get", "deploy", f"{node}-canary", "--ignore-not-found", "-o", "name").strip(), interval=1)
+        time.sleep(2)
+    finally:
+        load.stop()
+    st = status()
+    reason = next((r["reason"] for r in reversed(st.get("history", [])) if r["revision"] == "3"), "")
+    failed = load.failed()
+    events = kubectl("-n", NS, "get", "events", "--field-selector", f"involvedObject.name={node},involvedObject.kind=ModalityNode",
+                     "-o", "jsonpath={.items[*].reason}").split()
+    log(f"canary on real pods: revision 2 canary Ready {t_canary - t0:.1f}s after the patch, promoted "
+        f"{t_promoted - t0:.1f}s after it ({served_2:.0f} calls served by revision 2, from Prometheus); revision 3 "
+        f"(missing model) rolled back {t_rolled - t_bad:.1f}s after its canary started: {reason!r}; "
+        f"{len(load.records)} requests, {len(failed)} failed; events {sorted(set(events))}")
+    check(served_2 > 0, "Prometheus shows no call served by revision 2")
+    check(st.get("currentRevision") == "2", f"stable after the rollback is {st.get('currentRevision')}, want 2")
+    check(not failed, f"{len(failed)} of {len(load.records)} requests failed during the rollouts: {failed[:3]}")
+    for want in ("CanaryStarted", "Promoted", "RolledBack"):
+        check(want in events, f"no {want} Event on mn/{node}: {events}")
+    kubectl("-n", NS, "delete", "-f", CANARY_EXAMPLE, "--wait=false")
+    return {"canary_promoted_s": t_promoted - t0, "canary_rolled_back_s": t_rolled - t_bad}
+
+
 def start_registry():
     """go-containerregistry's registry as a Deployment + Service (ClusterIP REGISTRY) in the
     restricted namespace: where a user keeps models as OCI artifacts."""
@@ -1186,12 +1256,15 @@ def inside_main(args):
         optional = optional_modality_degrades(token, args)
         result.update(restarts, **dns, **optional, **oci_model_from_the_cluster_registry(token, ref),
                       **tls_between_router_and_nodes(token, ref),
-                      **autoscales_on_real_metrics(token, prom, args))
+                      **autoscales_on_real_metrics(token, prom, args),
+                      **canary_rollouts_on_real_pods(token, prom, args))
         line += (f" operator_restart_failed={restarts['operator_restart_failed']}"
                  f" router_restart_failed={restarts['router_restart_failed']}"
                  f" restart_requests={restarts['restart_requests']}"
                  f" autoscale_decided_s={result['autoscale_decided_s']:.1f}"
-                 f" autoscale_ready_s={result['autoscale_ready_s']:.1f}")
+                 f" autoscale_ready_s={result['autoscale_ready_s']:.1f}"
+                 f" canary_promoted_s={result['canary_promoted_s']:.1f}"
+                 f" canary_rolled_back_s={result['canary_rolled_back_s']:.1f}")
         result["line"] = line
         with open(os.path.join(LOGS, "result.json"), "w") as f:
             json.dump(result, f)
