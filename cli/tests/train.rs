@@ -114,6 +114,12 @@ fn trained_heads_put_text_and_speech_next_to_the_right_digit_images() {
     assert!(report["text_to_image_top1_untrained"].as_f64().unwrap() < text - 0.3, "{report}");
     assert!(report["audio_to_image_top1_untrained"].as_f64().unwrap() < audio - 0.3, "{report}");
     assert!(std::fs::read_to_string(out.join("model_card.md")).unwrap().contains("| text |"));
+    // The classification head every folder serves: held-out digits by label, per modality and mixed.
+    let label = |k: &str| metric(line, &format!("label_top1_{k}"));
+    assert!(label("vision") >= 0.8, "vision labels top-1 {} (chance 0.1): {line}", label("vision"));
+    assert!(label("text") >= 0.8, "text labels top-1 {} (chance 0.1): {line}", label("text"));
+    assert!(label("audio") >= 0.5, "audio labels top-1 {} (chance 0.1): {line}", label("audio"));
+    assert!(label("fused") >= label("audio"), "mixing the three loses to audio alone: {line}");
 
     // The written folders are served through the node's loader, heads applied.
     let mut vision = load("vit", &out.join("vision"));
@@ -145,7 +151,17 @@ fn trained_heads_put_text_and_speech_next_to_the_right_digit_images() {
         let s = embed(&mut audio_model, file_item(&sub.join(format!("audio/en-029+m1-{label}.wav")), true));
         speech_hits += usize::from(nearest(&s) == label);
     }
-    eprintln!("served: text {text_hits}/10, speech {speech_hits}/10 ({line})");
+    // The served labels: the head loaded beside each model, applied to what it serves.
+    let head = text_model.info.classifier.clone().expect("the text folder serves classifier.json");
+    assert_eq!(vision.info.classifier.as_ref().map(|c| c.labels.clone()), Some(NAMES.map(String::from).to_vec()));
+    let named = NAMES
+        .iter()
+        .filter(|name| {
+            head.classify(&embed(&mut text_model, EmbedInput::Text(format!("the number {name}"))))[0].label == **name
+        })
+        .count();
+    assert!(named >= 9, "served text labels named the digit {named}/10 times");
+    eprintln!("served: text {text_hits}/10, speech {speech_hits}/10, text labels {named}/10 ({line})");
     assert!(text_hits >= 9, "served text heads found the right digit {text_hits}/10 times");
     assert!(speech_hits >= 6, "served speech heads found the right digit {speech_hits}/10 times");
 
@@ -238,6 +254,14 @@ fn corrections_through_the_router_improve_the_space(tmp: &Path, space: &Path, da
             assert!(t0.elapsed().as_secs() < 120, "router not ready");
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
+        // The node's classification head reaches the client: the text modality's labels, and
+        // the answer's labels (the mixture over the modalities with a head; here the one).
+        let ask = json!({"inputs": {"text": "a photo of the digit seven"}});
+        let (status, v) = http("POST", &format!("{router}/v1/infer"), Some(&ask));
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["modalities"]["text"]["labels"][0]["label"], "seven", "{v}");
+        assert_eq!(v["labels"][0]["label"], "seven", "{v}");
+        assert!(v["labels"][0]["score"].as_f64().unwrap() > 0.5, "{v}");
         for (label, word) in GERMAN.iter().enumerate() {
             for p in PHRASES {
                 let q = p.replace("{w}", word);

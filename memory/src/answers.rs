@@ -131,12 +131,14 @@ pub(crate) mod tests {
                             weight: 1.0,
                             attempts: 1,
                             latency_ms: 1.0,
+                            labels: None,
                         },
                     )
                 })
                 .collect(),
             contributions: None,
             fusion_replica: None,
+            labels: None,
             timings: RouterTimings::default(),
             degraded: None,
             recorded: None,

@@ -19,6 +19,7 @@ fn record(id: &str, at_ms: i64, text: Vec<f32>, audio: Vec<f32>, degraded: Optio
         weight: 0.5,
         attempts: 1,
         latency_ms: 1.0,
+        labels: None,
     };
     Record {
         id: id.into(),
@@ -34,6 +35,7 @@ fn record(id: &str, at_ms: i64, text: Vec<f32>, audio: Vec<f32>, degraded: Optio
             modalities: BTreeMap::from([("text".to_string(), result(text)), ("audio".to_string(), result(audio))]),
             contributions: None,
             fusion_replica: None,
+            labels: None,
             timings: RouterTimings::default(),
             degraded,
             recorded: None,

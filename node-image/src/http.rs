@@ -58,6 +58,7 @@ impl AppState {
             device: infer.info.device.clone(),
             max_batch: infer.config.max_batch,
             max_batch_tokens: Some(infer.config.max_batch_tokens),
+            labels: infer.info.classifier.as_ref().map(|c| c.labels.clone()),
             max_input_tokens: infer.info.max_input_tokens,
         })
     }
@@ -166,7 +167,9 @@ async fn embed_inner(st: &AppState, headers: &HeaderMap, body: Body) -> Result<E
         }
     };
     let out = infer.embed(&req.inputs, req.deadline_ms).await?;
+    let labels = infer.info.classifier.as_ref().map(|c| out.embeddings.iter().map(|v| c.classify(v)).collect());
     Ok(EmbedResponse {
+        labels,
         embeddings: out.embeddings,
         node: st.id.node.clone(),
         modality: st.id.modality.clone(),

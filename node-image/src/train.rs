@@ -22,6 +22,7 @@ use candle_nn::optim::{AdamW, Optimizer, ParamsAdamW};
 use prism_api::wire::node::{EmbedInput, InputItem};
 use serde::{Deserialize, Serialize};
 
+use crate::backend::classifier::{self, Classifier};
 use crate::backend::projection::{self, ProjectionHead};
 use crate::backend::{self, BackendError, DeviceChoice, LoadSpec};
 
@@ -92,6 +93,19 @@ pub struct SharedSpaceReport {
     pub final_loss: f64,
     pub embed_seconds: f64,
     pub train_seconds: f64,
+    /// Held-out top-1 of the classification head every folder serves (`classifier.json`), per
+    /// modality, and of the late fusion of all three label distributions (equal weights) over
+    /// held-out items of the same digit.
+    pub label_top1: LabelTop1,
+}
+
+/// Top-1 of the served labels on held-out items.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct LabelTop1 {
+    pub vision: f64,
+    pub text: f64,
+    pub audio: f64,
+    pub fused: f64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -251,7 +265,14 @@ pub fn train_shared_space(
         }
     }
     let train_seconds = train_started.elapsed().as_secs_f64();
+    let head = prototype_classifier(&images, &manifest.labels, cfg.temperature)?;
+    let label_top1 = label_accuracy(&head, &images, &texts, &audio, &text_head, &audio_head)?;
+    progress(format!(
+        "labels: held-out top-1 vision {:.3} text {:.3} audio {:.3}, fused {:.3}",
+        label_top1.vision, label_top1.text, label_top1.audio, label_top1.fused
+    ));
     let report = SharedSpaceReport {
+        label_top1,
         text_to_image_top1: retrieval_top1(&text_head, &texts.test, &texts.test_labels, &images)?,
         audio_to_image_top1: retrieval_top1(&audio_head, &audio.test, &audio.test_labels, &images)?,
         text_to_image_top1_untrained: text_untrained,
@@ -267,8 +288,80 @@ pub fn train_shared_space(
         embed_seconds,
         train_seconds,
     };
-    write_outputs(cfg, &text_head, &audio_head, &report)?;
+    write_outputs(cfg, &text_head, &audio_head, &head, &report)?;
     Ok(report)
+}
+
+/// The shared space's classification head: one prototype per label, the normalised mean of its
+/// training images (the space's anchor), as the rows of a linear head scaled by 1 / the
+/// training temperature, so its softmax is the one the contrastive loss was trained with.
+fn prototype_classifier(images: &Embedded, labels: &[String], temperature: f64) -> Result<Classifier, TrainError> {
+    let train = images.train.to_vec2::<f32>()?;
+    let dim = train.first().map(Vec::len).unwrap_or(0);
+    let mut sums = vec![vec![0f64; dim]; labels.len()];
+    for (v, l) in train.iter().zip(&images.train_labels) {
+        sums[*l].iter_mut().zip(v).for_each(|(s, x)| *s += f64::from(*x));
+    }
+    let weight = sums
+        .into_iter()
+        .map(|s| {
+            let n = s.iter().map(|x| x * x).sum::<f64>().sqrt().max(1e-12);
+            s.into_iter().map(|x| (x / n / temperature) as f32).collect()
+        })
+        .collect();
+    Ok(Classifier { labels: labels.to_vec(), weight, bias: vec![0.0; labels.len()] })
+}
+
+/// Held-out top-1 of `head` per modality (text and audio through their projection heads), and
+/// of the equal-weight mixture of the three distributions for each held-out image paired with
+/// a held-out phrasing and clip of the same label.
+fn label_accuracy(
+    head: &Classifier,
+    images: &Embedded,
+    texts: &Embedded,
+    audio: &Embedded,
+    text_head: &ProjectionHead,
+    audio_head: &ProjectionHead,
+) -> Result<LabelTop1, TrainError> {
+    let projected = |h: &ProjectionHead, e: &Embedded| -> Result<Vec<Vec<f32>>, TrainError> {
+        let d = e.test.first().map(Vec::len).unwrap_or(0);
+        Ok(h.forward(&Tensor::from_vec(e.test.concat(), (e.test.len(), d), &Device::Cpu)?)?.to_vec2::<f32>()?)
+    };
+    let (zt, za) = (projected(text_head, texts)?, projected(audio_head, audio)?);
+    let probs = |vs: &[Vec<f32>]| -> Vec<Vec<f64>> {
+        vs.iter()
+            .map(|v| {
+                let mut p = vec![0f64; head.labels.len()];
+                for l in head.classify(v) {
+                    if let Some(i) = head.labels.iter().position(|x| *x == l.label) {
+                        p[i] = f64::from(l.score);
+                    }
+                }
+                p
+            })
+            .collect()
+    };
+    let argmax = |p: &[f64]| p.iter().enumerate().fold((0, f64::MIN), |a, (i, x)| if *x > a.1 { (i, *x) } else { a }).0;
+    let top1 = |p: &[Vec<f64>], labels: &[usize]| {
+        p.iter().zip(labels).filter(|(p, l)| argmax(p) == **l).count() as f64 / labels.len().max(1) as f64
+    };
+    let (pv, pt, pa) = (probs(&images.test), probs(&zt), probs(&za));
+    // Each held-out image with the first held-out phrasing and clip of its label.
+    let first_of = |labels: &[usize], l: usize| labels.iter().position(|x| *x == l);
+    let (mut hits, mut n) = (0usize, 0usize);
+    for (i, l) in images.test_labels.iter().enumerate() {
+        if let (Some(t), Some(a)) = (first_of(&texts.test_labels, *l), first_of(&audio.test_labels, *l)) {
+            let mixed: Vec<f64> = (0..head.labels.len()).map(|k| (pv[i][k] + pt[t][k] + pa[a][k]) / 3.0).collect();
+            hits += usize::from(argmax(&mixed) == *l);
+            n += 1;
+        }
+    }
+    Ok(LabelTop1 {
+        vision: top1(&pv, &images.test_labels),
+        text: top1(&pt, &texts.test_labels),
+        audio: top1(&pa, &audio.test_labels),
+        fused: hits as f64 / n.max(1) as f64,
+    })
 }
 
 /// A file of the data folder as an embed input (`image` or `audio`).
@@ -455,6 +548,7 @@ fn write_outputs(
     cfg: &SharedSpaceConfig,
     text: &ProjectionHead,
     audio: &ProjectionHead,
+    labels: &Classifier,
     report: &SharedSpaceReport,
 ) -> Result<(), TrainError> {
     for (name, base, head) in [
@@ -467,6 +561,8 @@ fn write_outputs(
         if let Some(head) = head {
             head.save(&dir.join(projection::FILE))?;
         }
+        let path = dir.join(classifier::FILE);
+        labels.save(&path).map_err(io(&path))?;
     }
     let metrics = cfg.out.join("metrics.json");
     let json = serde_json::to_vec_pretty(report).map_err(|e| TrainError::Data(e.to_string()))?;
@@ -481,7 +577,13 @@ fn write_outputs(
          Held-out retrieval, top-1 (held-out images: {hi}, phrasings: {ht}, clips in unseen accents: {ha}):\n\n\
          | query -> image | untrained head | trained | chance |\n|---|---|---|---|\n\
          | text | {tu:.3} | {tt:.3} | {c:.3} |\n| audio | {au:.3} | {at:.3} | {c:.3} |\n\n\
+         Classification head (`classifier.json`, one prototype per digit in the shared space), held-out \
+         top-1: vision {lv:.3}, text {lt:.3}, audio {la:.3}; the three mixed {lf:.3}.\n\n\
          Final loss {loss:.4}; embedding {es:.1} s, training {ts:.1} s.\n",
+        lv = report.label_top1.vision,
+        lt = report.label_top1.text,
+        la = report.label_top1.audio,
+        lf = report.label_top1.fused,
         dim = text.out_dim(),
         vision = cfg.vision_model.display(),
         text = cfg.text_model.display(),
@@ -519,7 +621,9 @@ fn link_model_folder(base: &Path, dir: &Path) -> Result<(), TrainError> {
     for entry in std::fs::read_dir(base).map_err(io(base))? {
         let src = entry.map_err(io(base))?.path();
         let file = src.file_name().map(PathBuf::from).unwrap_or_default();
-        let own = [projection::FILE, "model_card.md", "metrics.json"].iter().any(|f| file.as_os_str() == *f);
+        let own = [projection::FILE, classifier::FILE, "model_card.md", "metrics.json"]
+            .iter()
+            .any(|f| file.as_os_str() == *f);
         let dst = dir.join(&file);
         let _ = std::fs::remove_file(&dst);
         if !src.is_file() || own {

@@ -150,12 +150,17 @@ pub fn run(cmd: TrainCmd) -> anyhow::Result<()> {
             let report = train_shared_space(&cfg, &mut |line| eprintln!("{line}"))
                 .with_context(|| format!("training the shared space from {}", cfg.data.display()))?;
             println!(
-                "train: text_to_image_top1={:.3} audio_to_image_top1={:.3} chance={:.3} (untrained {:.3}/{:.3}) out={}",
+                "train: text_to_image_top1={:.3} audio_to_image_top1={:.3} chance={:.3} (untrained {:.3}/{:.3}) \
+                 label_top1_vision={:.3} label_top1_text={:.3} label_top1_audio={:.3} label_top1_fused={:.3} out={}",
                 report.text_to_image_top1,
                 report.audio_to_image_top1,
                 report.chance,
                 report.text_to_image_top1_untrained,
                 report.audio_to_image_top1_untrained,
+                report.label_top1.vision,
+                report.label_top1.text,
+                report.label_top1.audio,
+                report.label_top1.fused,
                 a.out.display()
             );
             Ok(())

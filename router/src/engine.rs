@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use prism_api::pipeline::{FusionStrategy, MissingRequired, NodeRole};
-use prism_api::wire::node::{EmbedInput, EmbedRequest, EmbedResponse, InputItem};
+use prism_api::wire::node::{EmbedInput, EmbedRequest, EmbedResponse, InputItem, ScoredLabel};
 use prism_api::wire::router::{
     Degraded, InferRequest, InferResponse, ModalityResult, ReloadResponse, ReplicaRef, RouterTimings, EMBEDDINGS_CALL,
 };
@@ -557,11 +557,12 @@ impl Router {
         let fused = self.fuse(snap, &served, de_fusion, deadline, &mut degraded).await?;
         let fuse_ms = ms(t_fuse.elapsed());
 
-        let modalities = served
+        let modalities: BTreeMap<String, ModalityResult> = served
             .into_iter()
             .map(|(m, s)| {
                 let weight = fused.weights.get(&m).copied().unwrap_or(0.0);
                 let embedding = s.response.embeddings.into_iter().next().unwrap_or_default();
+                let labels = s.response.labels.and_then(|l| l.into_iter().next());
                 (
                     m,
                     ModalityResult {
@@ -570,10 +571,14 @@ impl Router {
                         weight,
                         attempts: s.attempts,
                         latency_ms: s.latency_ms,
+                        labels,
                     },
                 )
             })
             .collect();
+        let per_modality_labels: BTreeMap<String, Vec<ScoredLabel>> =
+            modalities.iter().filter_map(|(m, r)| Some((m.clone(), r.labels.clone()?))).collect();
+        let labels = fusion::mix_labels(&per_modality_labels, &fused.weights);
         self.count_degraded(snap, degraded.as_ref());
         let mut resp = InferResponse {
             id: request_id.to_string(),
@@ -584,6 +589,7 @@ impl Router {
             modalities,
             contributions: if de_fusion { fused.contributions } else { None },
             fusion_replica: fused.replica,
+            labels,
             timings: RouterTimings { route_ms, fanout_ms, fuse_ms, memory_ms: None, total_ms: ms(t0.elapsed()) },
             degraded,
             recorded: None,
@@ -864,6 +870,7 @@ impl Router {
                     weight: 1.0,
                     attempts: served.attempts,
                     latency_ms: served.latency_ms,
+                    labels: served.response.labels.as_ref().and_then(|l| l.get(i).cloned()),
                 };
                 Record {
                     id: id.clone(),
@@ -879,6 +886,7 @@ impl Router {
                         modalities: BTreeMap::from([(modality.to_string(), result)]),
                         contributions: None,
                         fusion_replica: None,
+                        labels: None,
                         timings: RouterTimings { total_ms: served.latency_ms, ..Default::default() },
                         degraded: None,
                         recorded: None,

@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 
+use prism_api::wire::node::ScoredLabel;
 use thiserror::Error;
 
 /// Softmax temperature of attention fusion: agreement scores are cosines in [-1, 1], so a
@@ -172,6 +173,31 @@ pub fn leave_one_out_shares(fused: &[f32], without: &BTreeMap<String, Vec<f32>>)
     Some(raw.into_iter().map(|(m, c)| (m, c / total)).collect())
 }
 
+/// Late fusion of label distributions: each label's score is the weighted mean of its score
+/// in every modality that gave labels (a label a modality did not list counts 0 there), with
+/// `weights` renormalised over those modalities; highest first. None when none gave labels.
+pub fn mix_labels(
+    per_modality: &BTreeMap<String, Vec<ScoredLabel>>,
+    weights: &BTreeMap<String, f64>,
+) -> Option<Vec<ScoredLabel>> {
+    if per_modality.is_empty() {
+        return None;
+    }
+    let present: Vec<&String> = per_modality.keys().collect();
+    let w = renormalise(&present, weights);
+    let mut mixed: BTreeMap<&str, f64> = BTreeMap::new();
+    for (m, labels) in per_modality {
+        let wm = w.get(m).copied().unwrap_or(0.0);
+        for l in labels {
+            *mixed.entry(l.label.as_str()).or_default() += wm * f64::from(l.score);
+        }
+    }
+    let mut out: Vec<ScoredLabel> =
+        mixed.into_iter().map(|(label, score)| ScoredLabel { label: label.to_string(), score: score as f32 }).collect();
+    out.sort_by(|a, b| b.score.total_cmp(&a.score).then_with(|| a.label.cmp(&b.label)));
+    Some(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -183,6 +209,33 @@ mod tests {
 
     fn wmap(items: &[(&str, f64)]) -> BTreeMap<String, f64> {
         items.iter().map(|(k, v)| (k.to_string(), *v)).collect()
+    }
+
+    fn labels(items: &[(&str, f32)]) -> Vec<ScoredLabel> {
+        items.iter().map(|(l, s)| ScoredLabel { label: l.to_string(), score: *s }).collect()
+    }
+
+    #[test]
+    fn label_distributions_mix_with_the_weights_of_the_modalities_that_gave_labels() {
+        // The image is unsure between 3 and 8; the spoken name says 8; audio weighs 3 times text
+        // (which has no head, so it takes no share).
+        let per = BTreeMap::from([
+            ("image".to_string(), labels(&[("3", 0.6), ("8", 0.4)])),
+            ("audio".to_string(), labels(&[("8", 0.9), ("3", 0.1)])),
+        ]);
+        let w = wmap(&[("image", 1.0), ("audio", 3.0), ("text", 5.0)]);
+        let mixed = mix_labels(&per, &w).unwrap();
+        assert_eq!(mixed[0].label, "8", "{mixed:?}");
+        assert!((mixed[0].score - (0.25 * 0.4 + 0.75 * 0.9)).abs() < 1e-6, "{mixed:?}");
+        assert!((mixed.iter().map(|l| l.score).sum::<f32>() - 1.0).abs() < 1e-6, "still a distribution");
+        // A label only one modality listed counts 0 in the others.
+        let one_sided = BTreeMap::from([
+            ("image".to_string(), labels(&[("3", 1.0)])),
+            ("audio".to_string(), labels(&[("8", 1.0)])),
+        ]);
+        let m = mix_labels(&one_sided, &wmap(&[("image", 1.0), ("audio", 1.0)])).unwrap();
+        assert_eq!(m.iter().map(|l| (l.label.as_str(), l.score)).collect::<Vec<_>>(), [("3", 0.5), ("8", 0.5)]);
+        assert_eq!(mix_labels(&BTreeMap::new(), &w), None, "no head anywhere, no labels");
     }
 
     fn vecs(dim: usize, n: usize) -> impl Strategy<Value = Vec<Vec<f32>>> {

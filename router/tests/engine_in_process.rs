@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use axum::routing::post;
 use axum::Json;
 use futures::future::BoxFuture;
-use prism_api::wire::node::EmbedResponse;
+use prism_api::wire::node::{EmbedResponse, ScoredLabel};
 use prism_api::wire::router::{InferRequest, ReplicaRef};
 use prism_api::RoutingTable;
 use prism_memory::{Correction, Hit, MemoryError, Record, RevisionFeedback, StoredRecord};
@@ -17,17 +17,23 @@ use serde_json::{json, Value};
 
 /// A text node that answers every input with the same unit vector.
 async fn stand_in_node() -> String {
+    stand_in("text", None).await
+}
+
+/// A node of `modality` answering [0.6, 0.8, 0] and, with a classification head, `labels`.
+async fn stand_in(modality: &'static str, labels: Option<Vec<ScoredLabel>>) -> String {
     let app = axum::Router::new().route(
         "/embed",
-        post(|Json(req): Json<Value>| async move {
+        post(move |Json(req): Json<Value>| async move {
             let n = req["inputs"].as_array().map_or(1, Vec::len);
             Json(EmbedResponse {
                 embeddings: vec![vec![0.6f32, 0.8, 0.0]; n],
-                node: "text".into(),
-                modality: "text".into(),
+                node: modality.into(),
+                modality: modality.into(),
                 revision: "1".into(),
                 timings: Default::default(),
                 prompt_tokens: None,
+                labels: labels.map(|l| vec![l; n]),
             })
         }),
     );
@@ -109,4 +115,41 @@ async fn a_log_that_cannot_write_still_serves_the_answer_and_says_it_was_not_rec
     assert_eq!(resp.modalities["text"].embedding, vec![0.6, 0.8, 0.0]);
     let without = router_to(&stand_in_node().await).await;
     assert_eq!(without.infer(request(), "req-3").await.unwrap().recorded, None, "memory off: no claim either way");
+}
+
+fn scored(items: &[(&str, f32)]) -> Vec<ScoredLabel> {
+    items.iter().map(|(l, s)| ScoredLabel { label: l.to_string(), score: *s }).collect()
+}
+
+#[tokio::test]
+async fn late_fusion_mixes_the_label_distributions_of_the_nodes_with_a_head() {
+    // The image node is unsure (3 or 8), the audio node hears "eight", the text node has no head.
+    let image = stand_in("image", Some(scored(&[("3", 0.6), ("8", 0.4)]))).await;
+    let audio = stand_in("audio", Some(scored(&[("8", 0.9), ("3", 0.1)]))).await;
+    let text = stand_in("text", None).await;
+    let spec = serde_json::from_value(json!({
+        "nodes": [{"name": "image", "weight": 1.0}, {"name": "audio", "weight": 3.0}, {"name": "text", "weight": 4.0}],
+        "fusion": {"strategy": "late"}
+    }))
+    .unwrap();
+    let ep = |url: &str, node: &str| json!({"endpoint": url, "node": node, "revision": "1", "weight": 1.0, "accuracy": 0.9, "ready": true});
+    let table: RoutingTable = serde_json::from_value(json!({
+        "pipeline": "p", "generation": 1,
+        "modalities": {"image": [ep(&image, "image")], "audio": [ep(&audio, "audio")], "text": [ep(&text, "text")]}
+    }))
+    .unwrap();
+    let options = EngineOptions { probe_interval: None, node_ca_pem: None, node_max_body_bytes: 1 << 20 };
+    let router = Router::new("p".into(), spec, Some(table), options).unwrap();
+    // Stand-in nodes take any input, so text stands in for the image and the clip.
+    let req = serde_json::from_value(json!({"inputs": {
+        "image": {"text": "stand-in"}, "audio": {"text": "stand-in"}, "text": {"text": "stand-in"}
+    }}))
+    .unwrap();
+    let resp = router.infer(req, "req-labels").await.expect("served");
+    assert_eq!(resp.modalities["image"].labels.as_ref().unwrap()[0].label, "3", "each modality keeps its own");
+    assert_eq!(resp.modalities["text"].labels, None);
+    let fused = resp.labels.expect("fused labels");
+    // Weights renormalised over the modalities with a head: image 1/4, audio 3/4.
+    assert_eq!(fused[0].label, "8", "{fused:?}");
+    assert!((fused[0].score - (0.25 * 0.4 + 0.75 * 0.9)).abs() < 1e-5, "{fused:?}");
 }

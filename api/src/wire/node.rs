@@ -53,6 +53,21 @@ pub struct EmbedResponse {
     /// this field (the router then has no count to report).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prompt_tokens: Option<u64>,
+    /// With a classification head in the model folder (`classifier.json`): per input, its labels
+    /// with scores (a softmax over the head's labels), highest first, at most
+    /// [`MAX_LABELS`]. Absent without a head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<Vec<ScoredLabel>>>,
+}
+
+/// Labels a node returns per input, at most (the highest scores).
+pub const MAX_LABELS: usize = 10;
+
+/// A label and its probability under the classification head (or the fused mixture).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct ScoredLabel {
+    pub label: String,
+    pub score: f32,
 }
 
 /// Where a node's time went for this request, in milliseconds.
@@ -82,6 +97,9 @@ pub struct NodeInfo {
     #[serde(default)]
     pub max_batch_tokens: Option<usize>,
     pub max_input_tokens: Option<usize>,
+    /// The classification head's labels, when the model folder has one (`classifier.json`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<String>>,
 }
 
 #[cfg(test)]

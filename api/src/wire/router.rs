@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::node::EmbedInput;
+use super::node::{EmbedInput, ScoredLabel};
 
 /// `POST /v1/infer`: one multimodal item.
 ///
@@ -55,6 +55,11 @@ pub struct InferResponse {
     /// The fusion node used by `early` fusion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fusion_replica: Option<ReplicaRef>,
+    /// The label distributions of the modalities whose nodes carry a classification head, mixed
+    /// with the fusion weights (renormalised over those modalities), highest first. Absent when
+    /// no served modality has a head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<ScoredLabel>>,
     pub timings: RouterTimings,
     /// Present when the answer is partial or cached.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -77,6 +82,9 @@ pub struct ModalityResult {
     pub attempts: u32,
     /// Wall time of the successful call, milliseconds.
     pub latency_ms: f64,
+    /// The node's labels for this input, when it carries a classification head.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<Vec<ScoredLabel>>,
 }
 
 /// A replica: node name, endpoint URL and model revision.

@@ -197,6 +197,7 @@ pub fn load_with(spec: &LoadSpec, kernels: CpuKernels) -> Result<LoadedModel, Ba
             dim: config.hidden_size,
             device: device_name(&device),
             max_input_tokens: Some(max_tokens),
+            classifier: None,
         },
         preprocessor: Arc::new(BertPreprocessor { tokenizer }),
         encoder: Box::new(encoder),

@@ -257,6 +257,7 @@ fn model(cfg: &FusionConfig, device: &Device, arch: &str, encoder: Box<dyn Encod
             dim: cfg.hidden_size,
             device: device_name(device),
             max_input_tokens: None,
+            classifier: None,
         },
         preprocessor: Arc::new(FusionPreprocessor { modalities: cfg.modalities.clone() }),
         encoder,

@@ -24,6 +24,7 @@
 //! Nothing in the server, batching queue or metrics code changes: they only see the traits.
 
 pub mod bert;
+pub mod classifier;
 pub mod cpu;
 pub mod fusion;
 pub mod projection;
@@ -248,6 +249,8 @@ pub struct ModelInfo {
     pub device: String,
     /// Truncation limit for token-based models.
     pub max_input_tokens: Option<usize>,
+    /// The folder's classification head (`classifier.json`), if it has one.
+    pub classifier: Option<Arc<classifier::Classifier>>,
 }
 
 /// A loaded model: both halves plus its facts.
@@ -273,8 +276,9 @@ pub struct Architecture {
 }
 
 impl Architecture {
-    /// Loads a folder as this architecture, with the folder's projection head (if any) after it.
-    /// Every load goes through here, so a head can never be silently skipped.
+    /// Loads a folder as this architecture, with the folder's projection head (if any) after it
+    /// and its classification head (if any) beside it. Every load goes through here, so a head
+    /// can never be silently skipped.
     pub fn load_model(&self, spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
         if let (Some(w), false) = (spec.attention_window, self.sliding_window) {
             let served: Vec<&str> = REGISTRY.iter().filter(|a| a.sliding_window).map(|a| a.name).collect();
@@ -285,7 +289,9 @@ impl Architecture {
                 served.join(", ")
             )));
         }
-        projection::attach((self.load)(spec)?, &spec.dir)
+        let mut model = projection::attach((self.load)(spec)?, &spec.dir)?;
+        model.info.classifier = classifier::load_for(&spec.dir, model.info.dim)?.map(Arc::new);
+        Ok(model)
     }
 }
 

@@ -438,6 +438,7 @@ fn build(
             dim,
             device: device_name(&device),
             max_input_tokens: None,
+            classifier: None,
         },
         preprocessor: Arc::new(VitPreprocessor { pipeline }),
         encoder: Box::new(encoder),

@@ -371,6 +371,7 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
             dim: d,
             device: device_name(&device),
             max_input_tokens: None,
+            classifier: None,
         },
         preprocessor: Arc::new(WhisperPreprocessor { logmel: LogMel::new(cfg.num_mel_bins), reach }),
         encoder: Box::new(encoder),
