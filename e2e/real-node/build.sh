@@ -62,25 +62,23 @@ else
   stamp_write containerd
 fi
 
-# --- OCI registry (oci:// models pulled inside the cluster) ----------------------------------
+# --- harness modules with a main.go of ours -----------------------------------------------------
+# build_main NAME MODULE: e2e/go/NAME's main package -> $BIN/NAME, reporting MODULE's version.
 # The stamp's name carries main.go's hash: the module's stamp covers go.mod and go.sum only.
-REGISTRY_STAMP="registry-$(sha256sum "$E2E/go/registry/main.go" | cut -c1-12)"
-if stamp_ok registry "$REGISTRY_STAMP" registry; then
-  echo "real-node/build.sh: registry up to date"
-else
-  echo "real-node/build.sh: building registry $(cd "$E2E/go/registry" && "$GO" list -m -f '{{.Version}}' github.com/google/go-containerregistry)"
-  (cd "$E2E/go/registry" && CGO_ENABLED=0 "$GO" build -p "$JOBS" -trimpath -ldflags "-s -w" -o "$BIN/registry" .)
-  stamp_write registry "$REGISTRY_STAMP"
-fi
-
-# --- CoreDNS (cluster DNS: Services, headless Services, pod hostnames) -------------------------
-COREDNS_STAMP="coredns-$(sha256sum "$E2E/go/coredns/main.go" | cut -c1-12)"
-if stamp_ok coredns "$COREDNS_STAMP" coredns; then
-  echo "real-node/build.sh: coredns up to date"
-else
-  echo "real-node/build.sh: building coredns $(cd "$E2E/go/coredns" && "$GO" list -m -f '{{.Version}}' github.com/coredns/coredns)"
-  (cd "$E2E/go/coredns" && CGO_ENABLED=0 "$GO" build -p "$JOBS" -trimpath -ldflags "-s -w" -o "$BIN/coredns" .)
-  stamp_write coredns "$COREDNS_STAMP"
-fi
+build_main() {
+  local name=$1 module=$2 stamp
+  stamp="$name-$(sha256sum "$E2E/go/$name/main.go" | cut -c1-12)"
+  if stamp_ok "$name" "$stamp" "$name"; then
+    echo "real-node/build.sh: $name up to date"
+    return
+  fi
+  echo "real-node/build.sh: building $name $(cd "$E2E/go/$name" && "$GO" list -m -f '{{.Version}}' "$module")"
+  (cd "$E2E/go/$name" && CGO_ENABLED=0 "$GO" build -p "$JOBS" -trimpath -ldflags "-s -w" -o "$BIN/$name" .)
+  stamp_write "$name" "$stamp"
+}
+# The OCI registry oci:// models are pulled from inside the cluster.
+build_main registry github.com/google/go-containerregistry
+# CoreDNS: cluster DNS for Services, headless Services and pod hostnames.
+build_main coredns github.com/coredns/coredns
 
 echo "real-node/build.sh: done in $(( $(date +%s) - t0 ))s -> $BIN"
