@@ -77,6 +77,7 @@ fn to_pb(r: wire::InferResponse) -> pb::InferResponse {
                         weight: x.weight,
                         attempts: x.attempts,
                         latency_ms: x.latency_ms,
+                        labels: scored(x.labels),
                     },
                 )
             })
@@ -90,7 +91,12 @@ fn to_pb(r: wire::InferResponse) -> pb::InferResponse {
             total_ms: r.timings.total_ms,
         }),
         degraded: r.degraded.map(|d| pb::Degraded { missing: d.missing, reason: d.reason, cached: d.cached }),
+        labels: scored(r.labels),
     }
+}
+
+fn scored(labels: Option<Vec<prism_api::wire::node::ScoredLabel>>) -> Vec<pb::ScoredLabel> {
+    labels.unwrap_or_default().into_iter().map(|l| pb::ScoredLabel { label: l.label, score: l.score }).collect()
 }
 
 #[tonic::async_trait]
@@ -171,5 +177,24 @@ mod tests {
             assert_eq!(err.code(), tonic::Code::Unauthenticated, "{bad:?}");
         }
         assert!(crate::auth::authorize_grpc(&[], &with_auth(None)).is_ok(), "no tokens configured admits all");
+    }
+
+    #[test]
+    fn labels_reach_grpc_clients_per_modality_and_mixed() {
+        let label = |l: &str, s: f32| prism_api::wire::node::ScoredLabel { label: l.into(), score: s };
+        let resp: wire::InferResponse = serde_json::from_value(serde_json::json!({
+            "id": "r", "pipeline": "p", "generation": 1, "strategy": "late",
+            "modalities": {"image": {"embedding": [1.0], "replica": {"node": "n", "endpoint": "e", "revision": "1"},
+                                     "weight": 1.0, "attempts": 1, "latency_ms": 1.0,
+                                     "labels": [{"label": "3", "score": 0.6}, {"label": "8", "score": 0.4}]}},
+            "labels": [{"label": "3", "score": 0.6}, {"label": "8", "score": 0.4}],
+            "timings": {"route_ms": 0.0, "fanout_ms": 0.0, "fuse_ms": 0.0, "total_ms": 0.0}
+        }))
+        .unwrap();
+        let want = scored(Some(vec![label("3", 0.6), label("8", 0.4)]));
+        let pb = to_pb(resp);
+        assert_eq!(pb.modalities["image"].labels, want);
+        assert_eq!(pb.labels, want);
+        assert_eq!(want[0], pb::ScoredLabel { label: "3".into(), score: 0.6 });
     }
 }
