@@ -1483,18 +1483,15 @@ async fn an_adaptation_run_is_an_indexed_torchrun_job_on_gpu_nodes_and_its_resul
     let stable = ns.api::<Deployment>().get("text").await.unwrap();
     let args = stable.spec.unwrap().template.spec.unwrap().containers[0].args.clone().unwrap();
     assert!(args.windows(2).any(|w| w[0] == "--revision" && w[1] == "1"), "stable keeps serving revision 1");
+    // Events are recorded once the writes they describe are made, so the canary Deployment can
+    // be seen a moment before its CanaryStarted Event.
     for reason in ["TrainingStarted", "TrainingSucceeded", "CanaryStarted"] {
-        let ev = kubectl_ok(&[
-            "-n",
-            &ns.name,
-            "get",
-            "events",
-            "--field-selector",
-            &format!("reason={reason}"),
-            "-o",
-            "name",
-        ]);
-        assert!(!ev.trim().is_empty(), "a {reason} event was recorded");
+        ns.wait(&format!("a {reason} event"), T, || async {
+            let selector = format!("reason={reason}");
+            let ev = kubectl_ok(&["-n", &ns.name, "get", "events", "--field-selector", &selector, "-o", "name"]);
+            (!ev.trim().is_empty()).then_some(())
+        })
+        .await;
     }
 
     // A second request waits for the canary instead of training under it.
