@@ -20,14 +20,15 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use candle_core::{Device, Module, Tensor};
-use candle_nn::{LayerNorm, Linear, VarBuilder};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{LayerNorm, Linear, VarBuilder, VarMap};
 use prism_api::wire::node::{EmbedInput, InputItem};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use super::transformer::{self as core, attend, Act, Attention, Block, FUSION_NAMES};
 use super::{device_name, BackendError, Encoder, LoadSpec, LoadedModel, ModelInfo, Prepared, Preprocessor};
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct FusionConfig {
     pub architecture: String,
     pub hidden_size: usize,
@@ -102,7 +103,7 @@ impl Preprocessor for FusionPreprocessor {
     }
 }
 
-/// Per-modality input projection + modality-type embedding: embedding -> one token [1, 1, hidden].
+/// Per-modality input projection + modality-type embedding: each item's embedding -> one token.
 struct Tokenizer {
     proj: BTreeMap<String, Linear>,
     typ: BTreeMap<String, Tensor>,
@@ -119,13 +120,26 @@ impl Tokenizer {
         Ok(Self { proj, typ })
     }
 
-    fn token(&self, m: &str, v: &[f32], device: &Device) -> Result<Tensor, BackendError> {
+    /// `x`: [b, dim of m] -> [b, 1, hidden].
+    fn tokens(&self, m: &str, x: &Tensor) -> candle_core::Result<Tensor> {
         let (Some(p), Some(t)) = (self.proj.get(m), self.typ.get(m)) else {
-            return Err(BackendError::Inference(format!("no projection for modality {m}")));
+            candle_core::bail!("no projection for modality {m}");
         };
-        let x = Tensor::from_slice(v, (1, 1, v.len()), device)?;
-        Ok(p.forward(&x)?.broadcast_add(t)?)
+        p.forward(&x.unsqueeze(1)?)?.broadcast_add(t)
     }
+}
+
+/// A fusion network over a batch whose items all carry the same modalities: `inputs` holds one
+/// [b, dim] tensor per modality, in modality-name order; returns the pooled [b, hidden] vectors
+/// before L2 normalisation. Plain candle ops, so `prism train fusion` backpropagates through the
+/// very code that serves.
+pub trait FusionNet: Send {
+    fn pooled(&self, inputs: &[(&str, Tensor)]) -> candle_core::Result<Tensor>;
+}
+
+/// Rows divided by their L2 norm.
+pub fn l2_rows(x: &Tensor) -> candle_core::Result<Tensor> {
+    x.broadcast_div(&(x.sqr()?.sum_keepdim(1)? + 1e-12)?.sqrt()?)
 }
 
 pub struct PerceiverEncoder {
@@ -140,32 +154,49 @@ pub struct PerceiverEncoder {
     blocks: Vec<Block>,
     final_ln: LayerNorm,
     act: Act,
-    device: Device,
 }
 
 impl PerceiverEncoder {
-    fn forward_one(&self, item: &ModalityEmbeddings) -> Result<Vec<f32>, BackendError> {
-        let tokens = item.0.iter().map(|(m, v)| self.tok.token(m, v, &self.device)).collect::<Result<Vec<_>, _>>()?;
-        let x = Tensor::cat(&tokens, 1)?; // [1, n, h]
-        let lat = self.latents.unsqueeze(0)?; // [1, L, h]
-        let kv = self.ln_kv.forward(&x)?;
-        let lat = (&lat + self.cross.forward(&self.ln_q.forward(&lat)?, Some(&kv), None)?)?;
-        let h = self.cross_fc2.forward(&self.act.apply(&self.cross_fc1.forward(&self.cross_ln.forward(&lat)?)?)?)?;
-        let mut lat = (lat + h)?;
-        for b in &self.blocks {
-            lat = b.forward(&lat, None)?;
-        }
-        let lat = self.final_ln.forward(&lat)?.squeeze(0)?;
-        let n = lat.dim(0)?;
-        core::mean_pool_l2(&lat, n)
+    pub fn new(cfg: &FusionConfig, vb: &VarBuilder) -> candle_core::Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        let act = Act::from_hf(&cfg.hidden_act).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let c = vb.pp("cross");
+        Ok(Self {
+            tok: Tokenizer::load(cfg, vb)?,
+            latents: vb.get((cfg.num_latents, h), "latents")?,
+            ln_q: candle_nn::layer_norm(h, eps, c.pp("ln_q"))?,
+            ln_kv: candle_nn::layer_norm(h, eps, c.pp("ln_kv"))?,
+            cross: Attention::load(h, cfg.num_heads, &FUSION_NAMES, &c)?,
+            cross_ln: candle_nn::layer_norm(h, eps, c.pp("ln2"))?,
+            cross_fc1: candle_nn::linear(h, cfg.intermediate_size, c.pp("mlp.fc1"))?,
+            cross_fc2: candle_nn::linear(cfg.intermediate_size, h, c.pp("mlp.fc2"))?,
+            blocks: (0..cfg.num_layers)
+                .map(|i| {
+                    let p = vb.pp(format!("layers.{i}"));
+                    Block::load(h, cfg.num_heads, cfg.intermediate_size, eps, act, &FUSION_NAMES, p)
+                })
+                .collect::<candle_core::Result<_>>()?,
+            final_ln: candle_nn::layer_norm(h, eps, vb.pp("final_ln"))?,
+            act,
+        })
     }
 }
 
-impl Encoder for PerceiverEncoder {
-    fn encode_batch(&mut self, batch: &[Prepared]) -> Result<Vec<Vec<f32>>, BackendError> {
-        // One small forward per item: items carry different modality subsets (token counts), and
-        // at a handful of tokens padding + masks would cost more than it saves.
-        batch.iter().map(|p| self.forward_one(p.payload::<ModalityEmbeddings>()?)).collect()
+impl FusionNet for PerceiverEncoder {
+    fn pooled(&self, inputs: &[(&str, Tensor)]) -> candle_core::Result<Tensor> {
+        let tokens = inputs.iter().map(|(m, x)| self.tok.tokens(m, x)).collect::<candle_core::Result<Vec<_>>>()?;
+        let x = Tensor::cat(&tokens, 1)?; // [b, n, h]
+        let b = x.dim(0)?;
+        let (l, h) = self.latents.dims2()?;
+        let lat = self.latents.unsqueeze(0)?.broadcast_as((b, l, h))?.contiguous()?;
+        let kv = self.ln_kv.forward(&x)?;
+        let lat = (&lat + self.cross.forward(&self.ln_q.forward(&lat)?, Some(&kv), None)?)?;
+        let f = self.cross_fc2.forward(&self.act.apply(&self.cross_fc1.forward(&self.cross_ln.forward(&lat)?)?)?)?;
+        let mut lat = (lat + f)?;
+        for block in &self.blocks {
+            lat = block.forward(&lat, None)?;
+        }
+        self.final_ln.forward(&lat)?.mean(1)
     }
 }
 
@@ -187,21 +218,55 @@ pub struct MotEncoder {
     final_ln: BTreeMap<String, LayerNorm>,
     heads: usize,
     act: Act,
-    device: Device,
 }
 
 impl MotEncoder {
-    fn forward_one(&self, item: &ModalityEmbeddings) -> Result<Vec<f32>, BackendError> {
-        let mods: Vec<&str> = item.0.iter().map(|(m, _)| m.as_str()).collect();
-        let mut xs = item.0.iter().map(|(m, v)| self.tok.token(m, v, &self.device)).collect::<Result<Vec<_>, _>>()?;
-        let missing = |m: &&str| BackendError::Inference(format!("no weights for modality {m}"));
+    pub fn new(cfg: &FusionConfig, vb: &VarBuilder) -> candle_core::Result<Self> {
+        let (h, eps, ffn) = (cfg.hidden_size, cfg.layer_norm_eps, cfg.intermediate_size);
+        if cfg.num_heads == 0 || !h.is_multiple_of(cfg.num_heads) {
+            candle_core::bail!("hidden_size {h} is not divisible by num_heads {}", cfg.num_heads);
+        }
+        let act = Act::from_hf(&cfg.hidden_act).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let mut experts = BTreeMap::new();
+            for m in cfg.modalities.keys() {
+                let p = vb.pp(format!("layers.{i}.{m}"));
+                let expert = MotExpert {
+                    ln1: candle_nn::layer_norm(h, eps, p.pp("ln1"))?,
+                    q: candle_nn::linear(h, h, p.pp("attn.q"))?,
+                    k: candle_nn::linear(h, h, p.pp("attn.k"))?,
+                    v: candle_nn::linear(h, h, p.pp("attn.v"))?,
+                    o: candle_nn::linear(h, h, p.pp("attn.o"))?,
+                    ln2: candle_nn::layer_norm(h, eps, p.pp("ln2"))?,
+                    fc1: candle_nn::linear(h, ffn, p.pp("mlp.fc1"))?,
+                    fc2: candle_nn::linear(ffn, h, p.pp("mlp.fc2"))?,
+                };
+                experts.insert(m.clone(), expert);
+            }
+            layers.push(experts);
+        }
+        let final_ln = cfg
+            .modalities
+            .keys()
+            .map(|m| Ok((m.clone(), candle_nn::layer_norm(h, eps, vb.pp(format!("final_ln.{m}")))?)))
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self { tok: Tokenizer::load(cfg, vb)?, layers, final_ln, heads: cfg.num_heads, act })
+    }
+}
+
+impl FusionNet for MotEncoder {
+    fn pooled(&self, inputs: &[(&str, Tensor)]) -> candle_core::Result<Tensor> {
+        let mut xs = inputs.iter().map(|(m, x)| self.tok.tokens(m, x)).collect::<candle_core::Result<Vec<_>>>()?;
         for layer in &self.layers {
-            let experts =
-                mods.iter().map(|m| layer.get(*m).ok_or_else(|| missing(m))).collect::<Result<Vec<_>, _>>()?;
+            let experts = inputs
+                .iter()
+                .map(|(m, _)| {
+                    layer.get(*m).ok_or_else(|| candle_core::Error::Msg(format!("no weights for modality {m}")))
+                })
+                .collect::<candle_core::Result<Vec<_>>>()?;
             // Modality-specific norms and projections, one token each...
-            let mut q = Vec::with_capacity(xs.len());
-            let mut k = Vec::with_capacity(xs.len());
-            let mut v = Vec::with_capacity(xs.len());
+            let (mut q, mut k, mut v) = (Vec::new(), Vec::new(), Vec::new());
             for (x, e) in xs.iter().zip(&experts) {
                 let h = e.ln1.forward(x)?;
                 q.push(e.q.forward(&h)?);
@@ -216,20 +281,49 @@ impl MotEncoder {
                 *x = (y + f)?;
             }
         }
-        let outs = mods
+        let outs = inputs
             .iter()
             .zip(&xs)
-            .map(|(m, x)| self.final_ln.get(*m).ok_or_else(|| missing(m))?.forward(x).map_err(BackendError::from))
-            .collect::<Result<Vec<_>, _>>()?;
-        let all = Tensor::cat(&outs, 1)?.squeeze(0)?;
-        let n = all.dim(0)?;
-        core::mean_pool_l2(&all, n)
+            .map(|((m, _), x)| match self.final_ln.get(*m) {
+                Some(ln) => ln.forward(x),
+                None => candle_core::bail!("no weights for modality {m}"),
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Tensor::cat(&outs, 1)?.mean(1)
     }
 }
 
-impl Encoder for MotEncoder {
+/// Serves a [`FusionNet`]: items are grouped by the modalities they carry (one forward per group,
+/// each a real batch), and the vectors come back in the batch's order, L2-normalised.
+struct Served<N> {
+    net: N,
+    device: Device,
+}
+
+impl<N: FusionNet + 'static> Encoder for Served<N> {
     fn encode_batch(&mut self, batch: &[Prepared]) -> Result<Vec<Vec<f32>>, BackendError> {
-        batch.iter().map(|p| self.forward_one(p.payload::<ModalityEmbeddings>()?)).collect()
+        let mut groups: BTreeMap<Vec<&str>, Vec<usize>> = BTreeMap::new();
+        let items = batch.iter().map(|p| p.payload::<ModalityEmbeddings>()).collect::<Result<Vec<_>, _>>()?;
+        for (i, item) in items.iter().enumerate() {
+            groups.entry(item.0.iter().map(|(m, _)| m.as_str()).collect()).or_default().push(i);
+        }
+        let mut out = vec![Vec::new(); batch.len()];
+        for (mods, idx) in groups {
+            let inputs = mods
+                .iter()
+                .enumerate()
+                .map(|(k, m)| {
+                    let rows: Vec<f32> = idx.iter().flat_map(|i| items[*i].0[k].1.iter().copied()).collect();
+                    let dim = rows.len() / idx.len();
+                    Ok((*m, Tensor::from_vec(rows, (idx.len(), dim), &self.device)?))
+                })
+                .collect::<Result<Vec<_>, BackendError>>()?;
+            let vectors = l2_rows(&self.net.pooled(&inputs)?)?.to_dtype(candle_core::DType::F32)?.to_vec2::<f32>()?;
+            for (i, v) in idx.into_iter().zip(vectors) {
+                out[i] = v;
+            }
+        }
+        Ok(out)
     }
 }
 
@@ -243,10 +337,22 @@ fn read_config(spec: &LoadSpec, want: &str) -> Result<FusionConfig, BackendError
             cfg.architecture
         )));
     }
+    check_config(&cfg)?;
+    Ok(cfg)
+}
+
+fn check_config(cfg: &FusionConfig) -> Result<(), BackendError> {
     if cfg.modalities.is_empty() {
         return Err(BackendError::Load("config.json lists no modalities".into()));
     }
-    Ok(cfg)
+    if cfg.architecture == "perceiver-fusion" && cfg.num_latents == 0 {
+        return Err(BackendError::Load("perceiver-fusion needs num_latents >= 1 in config.json".into()));
+    }
+    let (h, heads) = (cfg.hidden_size, cfg.num_heads);
+    if heads == 0 || !h.is_multiple_of(heads) {
+        return Err(BackendError::Load(format!("hidden_size {h} is not divisible by num_heads {heads}")));
+    }
+    Ok(())
 }
 
 fn model(cfg: &FusionConfig, device: &Device, arch: &str, encoder: Box<dyn Encoder>) -> LoadedModel {
@@ -267,43 +373,10 @@ fn model(cfg: &FusionConfig, device: &Device, arch: &str, encoder: Box<dyn Encod
 /// `--architecture perceiver-fusion`.
 pub fn load_perceiver(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
     let cfg = read_config(spec, "perceiver-fusion")?;
-    if cfg.num_latents == 0 {
-        return Err(BackendError::Load("perceiver-fusion needs num_latents >= 1 in config.json".into()));
-    }
     let device = spec.device.resolve()?;
     let vb = core::var_builder(spec, &device)?;
-    let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
-    let act = Act::from_hf(&cfg.hidden_act)?;
-    let e = core::load_err("perceiver-fusion weights");
-    let c = vb.pp("cross");
-    let enc = PerceiverEncoder {
-        tok: Tokenizer::load(&cfg, &vb).map_err(&e)?,
-        latents: vb.get((cfg.num_latents, h), "latents").map_err(&e)?,
-        ln_q: candle_nn::layer_norm(h, eps, c.pp("ln_q")).map_err(&e)?,
-        ln_kv: candle_nn::layer_norm(h, eps, c.pp("ln_kv")).map_err(&e)?,
-        cross: Attention::load(h, cfg.num_heads, &FUSION_NAMES, &c).map_err(&e)?,
-        cross_ln: candle_nn::layer_norm(h, eps, c.pp("ln2")).map_err(&e)?,
-        cross_fc1: candle_nn::linear(h, cfg.intermediate_size, c.pp("mlp.fc1")).map_err(&e)?,
-        cross_fc2: candle_nn::linear(cfg.intermediate_size, h, c.pp("mlp.fc2")).map_err(&e)?,
-        blocks: (0..cfg.num_layers)
-            .map(|i| {
-                Block::load(
-                    h,
-                    cfg.num_heads,
-                    cfg.intermediate_size,
-                    eps,
-                    act,
-                    &FUSION_NAMES,
-                    vb.pp(format!("layers.{i}")),
-                )
-            })
-            .collect::<candle_core::Result<_>>()
-            .map_err(&e)?,
-        final_ln: candle_nn::layer_norm(h, eps, vb.pp("final_ln")).map_err(&e)?,
-        act,
-        device: device.clone(),
-    };
-    Ok(model(&cfg, &device, "perceiver-fusion", Box::new(enc)))
+    let net = PerceiverEncoder::new(&cfg, &vb).map_err(core::load_err("perceiver-fusion weights"))?;
+    Ok(model(&cfg, &device, "perceiver-fusion", Box::new(Served { net, device: device.clone() })))
 }
 
 /// `--architecture mot-fusion`.
@@ -311,42 +384,53 @@ pub fn load_mot(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
     let cfg = read_config(spec, "mot-fusion")?;
     let device = spec.device.resolve()?;
     let vb = core::var_builder(spec, &device)?;
-    let (h, eps, ffn) = (cfg.hidden_size, cfg.layer_norm_eps, cfg.intermediate_size);
-    if cfg.num_heads == 0 || h % cfg.num_heads != 0 {
-        return Err(BackendError::Load(format!("hidden_size {h} is not divisible by num_heads {}", cfg.num_heads)));
-    }
-    let act = Act::from_hf(&cfg.hidden_act)?;
-    let e = core::load_err("mot-fusion weights");
-    let mut layers = Vec::with_capacity(cfg.num_layers);
-    for i in 0..cfg.num_layers {
-        let mut experts = BTreeMap::new();
-        for m in cfg.modalities.keys() {
-            let p = vb.pp(format!("layers.{i}.{m}"));
-            let expert = MotExpert {
-                ln1: candle_nn::layer_norm(h, eps, p.pp("ln1")).map_err(&e)?,
-                q: candle_nn::linear(h, h, p.pp("attn.q")).map_err(&e)?,
-                k: candle_nn::linear(h, h, p.pp("attn.k")).map_err(&e)?,
-                v: candle_nn::linear(h, h, p.pp("attn.v")).map_err(&e)?,
-                o: candle_nn::linear(h, h, p.pp("attn.o")).map_err(&e)?,
-                ln2: candle_nn::layer_norm(h, eps, p.pp("ln2")).map_err(&e)?,
-                fc1: candle_nn::linear(h, ffn, p.pp("mlp.fc1")).map_err(&e)?,
-                fc2: candle_nn::linear(ffn, h, p.pp("mlp.fc2")).map_err(&e)?,
-            };
-            experts.insert(m.clone(), expert);
-        }
-        layers.push(experts);
-    }
-    let mut final_ln = BTreeMap::new();
+    let net = MotEncoder::new(&cfg, &vb).map_err(core::load_err("mot-fusion weights"))?;
+    Ok(model(&cfg, &device, "mot-fusion", Box::new(Served { net, device: device.clone() })))
+}
+
+/// A freshly initialised, trainable network of `cfg.architecture` whose weights live in
+/// `varmap` (what `prism train fusion` optimises and then saves as `model.safetensors`):
+/// linear layers as candle initialises them (with biases), LayerNorms at identity, and the
+/// latent array and modality-type embeddings drawn from N(0, 0.02) (zeros would leave every
+/// latent identical forever).
+pub fn trainable(cfg: &FusionConfig, varmap: &VarMap, device: &Device) -> Result<Box<dyn FusionNet>, BackendError> {
+    check_config(cfg)?;
+    let small = candle_nn::Init::Randn { mean: 0.0, stdev: 0.02 };
+    let f32 = candle_core::DType::F32;
     for m in cfg.modalities.keys() {
-        final_ln.insert(m.clone(), candle_nn::layer_norm(h, eps, vb.pp(format!("final_ln.{m}"))).map_err(&e)?);
+        varmap.get(cfg.hidden_size, &format!("type.{m}"), small, f32, device)?;
     }
-    let enc = MotEncoder {
-        tok: Tokenizer::load(&cfg, &vb).map_err(&e)?,
-        layers,
-        final_ln,
-        heads: cfg.num_heads,
-        act,
-        device: device.clone(),
-    };
-    Ok(model(&cfg, &device, "mot-fusion", Box::new(enc)))
+    let vb = VarBuilder::from_backend(Box::new(Trainable(varmap.clone())), f32, device.clone());
+    let e = core::load_err("fusion network");
+    Ok(match cfg.architecture.as_str() {
+        "perceiver-fusion" => {
+            varmap.get((cfg.num_latents, cfg.hidden_size), "latents", small, f32, device)?;
+            Box::new(PerceiverEncoder::new(cfg, &vb).map_err(&e)?)
+        }
+        "mot-fusion" => Box::new(MotEncoder::new(cfg, &vb).map_err(&e)?),
+        other => return Err(BackendError::Load(format!("{other:?} is not a fusion architecture"))),
+    })
+}
+
+/// A VarMap that also creates the optional biases ([`core::linear`] asks whether the checkpoint
+/// has one; a network being trained should).
+struct Trainable(VarMap);
+
+impl SimpleBackend for Trainable {
+    fn get(
+        &self,
+        s: candle_core::Shape,
+        name: &str,
+        h: candle_nn::Init,
+        dtype: candle_core::DType,
+        dev: &Device,
+    ) -> candle_core::Result<Tensor> {
+        self.0.get(s, name, h, dtype, dev)
+    }
+    fn get_unchecked(&self, name: &str, dtype: candle_core::DType, dev: &Device) -> candle_core::Result<Tensor> {
+        SimpleBackend::get_unchecked(&self.0, name, dtype, dev)
+    }
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
 }
