@@ -106,6 +106,8 @@ struct EarlyFused {
     replica: ReplicaRef,
     /// De-fusion: each modality's leave-one-out share, when asked for.
     shares: Option<BTreeMap<String, f64>>,
+    /// The fusion node's own classification of the fused vector, when it has a head.
+    labels: Option<Vec<ScoredLabel>>,
 }
 
 /// A successful modality call.
@@ -578,7 +580,7 @@ impl Router {
             .collect();
         let per_modality_labels: BTreeMap<String, Vec<ScoredLabel>> =
             modalities.iter().filter_map(|(m, r)| Some((m.clone(), r.labels.clone()?))).collect();
-        let labels = fusion::mix_labels(&per_modality_labels, &fused.weights);
+        let labels = fused.labels.or_else(|| fusion::mix_labels(&per_modality_labels, &fused.weights));
         self.count_degraded(snap, degraded.as_ref());
         let mut resp = InferResponse {
             id: request_id.to_string(),
@@ -718,6 +720,7 @@ impl Router {
                     weights: fusion::renormalise(&present, &prior),
                     contributions: early.shares,
                     replica: Some(early.replica),
+                    labels: early.labels,
                 },
                 Err((fusion_modality, why)) => {
                     let (fused, said) = match fusion::weighted(&vectors, &prior) {
@@ -807,6 +810,7 @@ impl Router {
         }
         match self.call_modality(snap, &fm, &inputs, deadline).await {
             Ok(s) => {
+                let labels = s.response.labels.and_then(|l| l.into_iter().next());
                 let mut out = s.response.embeddings.into_iter();
                 let Some(vector) = out.next() else { return Err((fm, "empty answer".into())) };
                 let shares = if !de_fusion {
@@ -821,7 +825,7 @@ impl Router {
                         None
                     }
                 };
-                Ok(EarlyFused { vector, replica: s.replica, shares })
+                Ok(EarlyFused { vector, replica: s.replica, shares, labels })
             }
             Err(CallError::Rejected(m)) | Err(CallError::Unavailable(m)) => Err((fm, m)),
             Err(CallError::TooLarge { bytes, limit }) => {
@@ -1022,6 +1026,9 @@ struct Fused {
     contributions: Option<BTreeMap<String, f64>>,
     /// The fusion node's replica (early fusion).
     replica: Option<ReplicaRef>,
+    /// The fusion node's labels for the fused vector (early fusion with a classification head);
+    /// otherwise the answer mixes the modalities' labels.
+    labels: Option<Vec<ScoredLabel>>,
 }
 
 impl Fused {
@@ -1032,6 +1039,7 @@ impl Fused {
             weights: f.weights,
             contributions: Some(f.contributions),
             replica: None,
+            labels: None,
         }
     }
 
@@ -1043,6 +1051,7 @@ impl Fused {
             weights: fusion::renormalise(present, prior),
             contributions: None,
             replica: None,
+            labels: None,
         }
     }
 }

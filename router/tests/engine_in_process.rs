@@ -153,3 +153,38 @@ async fn late_fusion_mixes_the_label_distributions_of_the_nodes_with_a_head() {
     assert_eq!(fused[0].label, "8", "{fused:?}");
     assert!((fused[0].score - (0.25 * 0.4 + 0.75 * 0.9)).abs() < 1e-5, "{fused:?}");
 }
+
+#[tokio::test]
+async fn early_fusion_answers_with_the_fusion_nodes_own_labels() {
+    // The modality nodes are unsure or wrong; the fusion node, which sees both together, says 3.
+    let image = stand_in("image", Some(scored(&[("8", 0.6), ("3", 0.4)]))).await;
+    let audio = stand_in("audio", Some(scored(&[("8", 0.7), ("3", 0.3)]))).await;
+    let fusion = stand_in("fusion", Some(scored(&[("3", 0.9), ("8", 0.1)]))).await;
+    let no_head = stand_in("fusion", None).await;
+    let ep = |url: &str, node: &str| json!({"endpoint": url, "node": node, "revision": "1", "weight": 1.0, "accuracy": 0.9, "ready": true});
+    let router_with = |fusion_url: String| {
+        let spec = serde_json::from_value(json!({
+            "nodes": [{"name": "image"}, {"name": "audio"}, {"name": "fusion", "role": "fusion"}],
+            "fusion": {"strategy": "early"}
+        }))
+        .unwrap();
+        let table: RoutingTable = serde_json::from_value(json!({
+            "pipeline": "p", "generation": 1,
+            "modalities": {"image": [ep(&image, "image")], "audio": [ep(&audio, "audio")], "fusion": [ep(&fusion_url, "fusion")]}
+        }))
+        .unwrap();
+        let options = EngineOptions { probe_interval: None, node_ca_pem: None, node_max_body_bytes: 1 << 20 };
+        Router::new("p".into(), spec, Some(table), options).unwrap()
+    };
+    let req = || {
+        serde_json::from_value(json!({"inputs": {"image": {"text": "stand-in"}, "audio": {"text": "stand-in"}}}))
+            .unwrap()
+    };
+    let resp = router_with(fusion).infer(req(), "req-early").await.expect("served");
+    assert_eq!(resp.strategy, "early");
+    let labels = resp.labels.expect("the fusion node's labels");
+    assert_eq!((labels[0].label.as_str(), labels[0].score), ("3", 0.9), "{labels:?}");
+    // A fusion node without a head: the modalities' labels are mixed, as under late fusion.
+    let resp = router_with(no_head).infer(req(), "req-early-mixed").await.expect("served");
+    assert_eq!(resp.labels.expect("mixed labels")[0].label, "8");
+}

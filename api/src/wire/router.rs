@@ -55,9 +55,10 @@ pub struct InferResponse {
     /// The fusion node used by `early` fusion.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fusion_replica: Option<ReplicaRef>,
-    /// The label distributions of the modalities whose nodes carry a classification head, mixed
-    /// with the fusion weights (renormalised over those modalities), highest first. Absent when
-    /// no served modality has a head.
+    /// Labels with scores, highest first. Under `early` fusion with a fusion node that carries a
+    /// classification head: that head's reading of the fused vector (`prism train fusion` trains
+    /// one). Otherwise the label distributions of the modalities whose nodes carry a head, mixed
+    /// with the fusion weights (renormalised over those modalities). Absent when none has a head.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub labels: Option<Vec<ScoredLabel>>,
     pub timings: RouterTimings,
