@@ -22,6 +22,8 @@ TARGET = os.environ.get("CARGO_TARGET_DIR", os.path.join(ROOT, "target"))
 PRISM = os.path.join(TARGET, "release", "prism")
 MANIFEST = os.environ.get("PRISM_DEMO_MANIFEST", os.path.join(ROOT, "examples", "demo-pipeline.yaml"))
 MODELS = os.path.join(ROOT, ".cache", "models")
+PAIRS = os.path.join(ROOT, ".cache", "data", "digits-pairs")
+FUSION = os.path.join(MODELS, "digits-fusion")
 STATE = os.path.join(ROOT, ".cache", "demo")
 T0 = time.time()
 
@@ -219,19 +221,36 @@ def audio_speech(url):
     print(f"  a corrupt WAV is refused: HTTP {status} {json.dumps(body)[:200]}")
 
 
+def ensure_trained_fusion():
+    """The demo's fusion node serves what `prism train fusion` learned (a minute or two, once)."""
+    if os.path.exists(os.path.join(FUSION, "perceiver", "classifier.json")):
+        return
+    step("train: the fusion nodes are not trained yet; running `prism train fusion` once")
+    subprocess.run([PRISM, "train", "fusion", "--out", FUSION], check=True, cwd=ROOT)
+
+
+def held_out(kind, label):
+    """The first held-out file of the corrupted digits set with this label (image or audio)."""
+    manifest = json.load(open(os.path.join(PAIRS, "manifest.json")))
+    items = manifest.get("corrupted", {}).get(kind, [])
+    return next((os.path.join(PAIRS, i["file"]) for i in items if i["split"] == "test" and i["label"] == label), None)
+
+
 def sample_inputs(modalities):
-    """One real input per modality the pipeline serves, from files `make models` produced."""
+    """One real input per modality the pipeline serves: a digit 3 whose image is partly wiped out
+    and whose spoken name is drowned in noise (held out of the fusion nodes' training), and a
+    sentence naming it."""
     inputs = {}
     if "text" in modalities:
         inputs["text"] = "a handwritten number three"
     if "vision" in modalities:
-        imgs = sorted(glob.glob(os.path.join(MODELS, "vit-digits", "samples", "digit3_*.png")))
-        if imgs:
-            inputs["vision"] = {"image_base64": base64.b64encode(open(imgs[0], "rb").read()).decode()}
+        img = held_out("images", 3)
+        if img:
+            inputs["vision"] = {"image_base64": b64file(img)}
     if "audio" in modalities:
-        wavs = sorted(glob.glob(os.path.join(MODELS, "speech-samples", "clone-test.wav")))
-        if wavs:
-            inputs["audio"] = {"audio_base64": base64.b64encode(open(wavs[0], "rb").read()).decode()}
+        wav = held_out("audio", 3)
+        if wav:
+            inputs["audio"] = {"audio_base64": b64file(wav)}
     return inputs
 
 
@@ -245,6 +264,10 @@ def multimodal(url, inputs):
     for m, r in sorted(body["modalities"].items()):
         contrib = (body.get("contributions") or {}).get(m)
         print(f"   {m:<8} node {r['replica']['node']:<16} {r['latency_ms']:7.1f} ms  weight {r['weight']:.2f}" + (f"  contribution {contrib:.2f}" if contrib is not None else ""))
+    labels = body.get("labels") or []
+    if labels:
+        top = ", ".join(f"{l['label']} {l['score']:.2f}" for l in labels[:3])
+        print(f"  the fusion node's classification head reads the digit: {top}")
     return body
 
 
@@ -345,6 +368,7 @@ def replicated_failover(url):
 def main():
     if not os.path.exists(PRISM):
         fail(f"{PRISM} is missing: run `make build` first")
+    ensure_trained_fusion()
     proc, url = start_pipeline()
     try:
         _, table, _ = call(f"{url}/v1/routing-table")

@@ -63,7 +63,8 @@ else
 fi
 
 # perceiver-fusion and mot-fusion (fusion, 128-d): seeded random weights in the layout the fusion
-# backends load, with numpy reference outputs; scripts/make-fusion-model.py (~1 s).
+# backends load, with numpy reference outputs (test fixtures; the trained fusion nodes come from
+# `prism train fusion`); scripts/make-fusion-model.py (~1 s).
 if [ ! -f "$MODELS/perceiver-fusion/reference.json" ] || [ ! -f "$MODELS/mot-fusion/reference.json" ]; then
   python3 "$ROOT/scripts/make-fusion-model.py" "$MODELS"
 else
@@ -71,8 +72,9 @@ else
 fi
 
 # digits-pairs: the paired data `prism train shared-space` learns from (scikit-learn digits as PNGs,
-# digit names as text, the names spoken by espeak-ng at 16 kHz); scripts/make-digits-pairs.py (~5 s).
-if [ ! -f "$ROOT/.cache/data/digits-pairs/manifest.json" ]; then
+# digit names as text, the names spoken by espeak-ng at 16 kHz), and its corrupted copy that
+# `prism train fusion` learns from; scripts/make-digits-pairs.py (~10 s; keeps files it finds).
+if ! grep -q '"corrupted"' "$ROOT/.cache/data/digits-pairs/manifest.json" 2>/dev/null; then
   python3 "$ROOT/scripts/make-digits-pairs.py" "$ROOT/.cache/data/digits-pairs"
 else
   echo "models: digits-pairs data present"

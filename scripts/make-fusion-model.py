@@ -4,8 +4,9 @@
 reference.json with embeddings from the float64 numpy forward passes below, for inputs with every
 modality and with modalities missing.
 
-The weights are SEEDED RANDOM (not trained): they exercise the exact layout and math the node runs.
-A trained shared space comes from `prism train` (issue 8), which writes the same layout.
+The weights are SEEDED RANDOM (not trained): a test fixture for the exact layout and math the node
+runs (node-image/tests/fusion.rs). Trained fusion nodes come from `prism train fusion` (`make
+train-fusion`: .cache/models/digits-fusion/{perceiver,mot}), which writes the same layout.
 Modalities and dims: text 384 (all-MiniLM-L6-v2), vision 64 (vit-digits), audio 512 (whisper-base).
 
 Usage: make-fusion-model.py <models-dir>   (writes <models-dir>/perceiver-fusion and /mot-fusion)

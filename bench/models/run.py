@@ -4,6 +4,8 @@ headline comparison (separate modality nodes in parallel vs one monolithic model
 
 1. `prism train shared-space` on the digits pairs (scikit-learn digits, MiniLM text, espeak-ng
    speech through whisper-base): held-out text->image and audio->image top-1 vs chance.
+   Then `prism train fusion`: the perceiver and MoT fusion nodes on a corrupted image plus its
+   noisy spoken name, against each modality alone and their late fusion (held-out top-1).
 2. `prism up` a pipeline of the three trained nodes (64-d shared space, weighted fusion) and:
    - per-modality throughput: items/s straight to each node's /embed (batched requests);
    - parallel: one client, the same multimodal requests through the router's /v1/infer;
@@ -18,7 +20,8 @@ headline comparison (separate modality nodes in parallel vs one monolithic model
    full-attention vector). `--sliding-only` runs just this part.
 
 Last line: `models: text_to_image_top1=... audio_to_image_top1=... chance=0.1 parallel_ms=...
-monolithic_ms=... parallel_peak_mb=... monolithic_peak_mb=... sliding_speedup_4k=...
+monolithic_ms=... parallel_peak_mb=... monolithic_peak_mb=... fusion_top1=... best_single_top1=...
+sliding_speedup_4k=...
 sliding_audio_speedup_5s=... sliding_audio_cosine_5s=...`
 """
 import argparse
@@ -37,6 +40,7 @@ from prism_up import MODELS_DIR, ROOT, TARGET, PrismUp, call, check_prereqs, fai
 
 DATA = os.path.join(ROOT, ".cache", "data", "digits-pairs")
 SPACE = os.path.join(MODELS_DIR, "digits-space")
+FUSION = os.path.join(MODELS_DIR, "digits-fusion")
 INTRO = """
 `make bench-models` (bench/models/run.py). Shared space: `prism train shared-space` learns MLP
 projection heads (candle autograd, supervised InfoNCE) that map all-MiniLM-L6-v2 text vectors and
@@ -112,16 +116,16 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def train(prism):
-    log("== shared space: prism train shared-space")
-    r = subprocess.run([prism, "train", "shared-space", "--data", DATA, "--out", SPACE], cwd=ROOT,
+def train(prism, what, out, title):
+    """`prism train <what>` on the digits data into `out`; its metrics.json."""
+    log(f"== {title}: prism train {what}")
+    r = subprocess.run([prism, "train", what, "--data", DATA, "--out", out], cwd=ROOT,
                        capture_output=True, text=True)
     sys.stdout.write("".join(f"  | {l}\n" for l in r.stderr.splitlines()))
     if r.returncode != 0:
-        fail(f"prism train failed ({r.returncode})")
-    line = next(l for l in r.stdout.splitlines() if l.startswith("train: "))
-    log("  " + line)
-    return json.load(open(os.path.join(SPACE, "metrics.json")))
+        fail(f"prism train {what} failed ({r.returncode})")
+    log("  " + next(l for l in r.stdout.splitlines() if l.startswith("train: ")))
+    return json.load(open(os.path.join(out, "metrics.json")))
 
 
 def requests_set(n):
@@ -209,7 +213,8 @@ def main():
     if not os.path.exists(os.path.join(DATA, "manifest.json")):
         fail(f"{DATA}/manifest.json is missing: run `make models`")
     load_before = os.getloadavg()[0]
-    metrics = train(args.prism)
+    metrics = train(args.prism, "shared-space", SPACE, "shared space")
+    fused = train(args.prism, "fusion", FUSION, "fusion (corrupted image + noisy spoken name)")
     reqs = requests_set(args.requests)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(reqs, f)
@@ -265,11 +270,15 @@ def main():
     line = (f"models: text_to_image_top1={metrics['text_to_image_top1']:.3f} "
             f"audio_to_image_top1={metrics['audio_to_image_top1']:.3f} chance={metrics['chance']:.1f} "
             f"parallel_ms={par_ms:.1f} monolithic_ms={mono_ms:.1f} parallel_peak_mb={par_peak:.0f} "
-            f"monolithic_peak_mb={mono['peak_rss_mb']:.0f} {sliding_fields(slide)}")
+            f"monolithic_peak_mb={mono['peak_rss_mb']:.0f} fusion_top1={fused['fusion_top1']:.3f} "
+            f"best_single_top1={fused['best_single_top1']:.3f} {sliding_fields(slide)}")
     suffix = (f" throughput/s text={tput['text']:.0f} vision={tput['vision']:.0f} audio={tput['audio']:.1f};"
               f" p99 parallel {pct(lat, 99):.1f} ms, monolithic {pct(mono['latencies_ms'], 99):.1f} ms;"
               f" untrained top-1 text {metrics['text_to_image_top1_untrained']:.2f} audio "
-              f"{metrics['audio_to_image_top1_untrained']:.2f}; {sliding_table(slide)}")
+              f"{metrics['audio_to_image_top1_untrained']:.2f}; fusion on {fused['held_out_pairs']} held-out corrupted "
+              f"pairs: vision {fused['vision_top1']:.3f}, audio {fused['audio_top1']:.3f}, late "
+              f"{fused['late_fusion_top1']:.3f}, perceiver {fused['perceiver_top1']:.3f}, mot {fused['mot_top1']:.3f}; "
+              f"{sliding_table(slide)}")
     headline(args, "models", "models: shared space, per-modality throughput, parallel nodes vs monolithic",
              INTRO, line, f"{args.requests} requests", load_before, suffix=suffix)
 

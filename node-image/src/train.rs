@@ -27,6 +27,7 @@ use crate::backend::projection::{self, ProjectionHead};
 use crate::backend::{self, BackendError, DeviceChoice, LoadSpec};
 
 pub mod corrections;
+pub mod fusion;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TrainError {
@@ -121,6 +122,9 @@ struct Manifest {
     images: Vec<Item>,
     texts: Vec<TextItem>,
     audio: Vec<Item>,
+    /// The corrupted copies `prism train fusion` learns from (absent in data made before it).
+    #[serde(default)]
+    corrupted: Option<fusion::Corrupted>,
 }
 
 impl Manifest {

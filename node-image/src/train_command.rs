@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use prism_node::train::corrections::{train_from_corrections, CorrectionsConfig};
+use prism_node::train::fusion::{train_fusion, FusionTrainConfig};
 use prism_node::train::{train_shared_space, SharedSpaceConfig};
 
 #[derive(Subcommand, Debug)]
@@ -19,6 +20,10 @@ pub enum TrainCmd {
     /// /v1/memory/corrections, with the pipeline logging inputs: `memory.inputs: full`) and write
     /// a new revision folder; prints the gain on corrections held out of training.
     FromCorrections(FromCorrectionsArgs),
+    /// Train the two early-fusion nodes (perceiver-fusion, mot-fusion) with classification heads
+    /// on corrupted images plus noisy spoken names (the `corrupted` set of `make models`), and
+    /// report held-out top-1 against each modality alone and their late fusion.
+    Fusion(FusionArgs),
 }
 
 #[derive(Args, Debug)]
@@ -57,20 +62,27 @@ pub struct FromCorrectionsArgs {
     seed: u64,
 }
 
+/// The paired data and the three encoders it is embedded with.
 #[derive(Args, Debug)]
-pub struct SharedSpaceArgs {
+pub struct PairedData {
     /// Paired data folder with manifest.json (scripts/make-digits-pairs.py writes one).
     #[arg(long, default_value = ".cache/data/digits-pairs")]
     data: PathBuf,
     /// Text encoder folder (bert architecture).
     #[arg(long, default_value = ".cache/models/all-minilm-l6-v2")]
     text_model: PathBuf,
-    /// Vision encoder folder (vit architecture): the frozen anchor of the space.
+    /// Vision encoder folder (vit architecture).
     #[arg(long, default_value = ".cache/models/vit-digits")]
     vision_model: PathBuf,
     /// Audio encoder folder (whisper-encoder architecture).
     #[arg(long, default_value = ".cache/models/whisper-base-encoder")]
     audio_model: PathBuf,
+}
+
+#[derive(Args, Debug)]
+pub struct SharedSpaceArgs {
+    #[command(flatten)]
+    paired: PairedData,
     /// Where the three model folders, model_card.md and metrics.json go.
     #[arg(long, default_value = ".cache/models/digits-space")]
     out: PathBuf,
@@ -86,6 +98,35 @@ pub struct SharedSpaceArgs {
     #[arg(long, default_value_t = 0.1)]
     temperature: f64,
     #[arg(long, default_value_t = 20261201)]
+    seed: u64,
+}
+
+#[derive(Args, Debug)]
+pub struct FusionArgs {
+    #[command(flatten)]
+    paired: PairedData,
+    /// Where perceiver/ and mot/ (servable model folders), model_card.md and metrics.json go.
+    #[arg(long, default_value = ".cache/models/digits-fusion")]
+    out: PathBuf,
+    /// Optimiser steps per model.
+    #[arg(long, default_value_t = 3000)]
+    steps: usize,
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    #[arg(long, default_value_t = 1e-3)]
+    learning_rate: f64,
+    /// Width of the fusion networks (and of the single-modality baselines).
+    #[arg(long, default_value_t = 128)]
+    hidden: usize,
+    #[arg(long, default_value_t = 2)]
+    layers: usize,
+    /// Augmentation: Gaussian noise of this standard deviation on every standardised feature of
+    /// the training vectors.
+    #[arg(long, default_value_t = 0.5)]
+    input_noise: f64,
+    #[arg(long, default_value_t = 1e-4)]
+    weight_decay: f64,
+    #[arg(long, default_value_t = 20261207)]
     seed: u64,
 }
 
@@ -145,7 +186,13 @@ pub fn run(cmd: TrainCmd) -> anyhow::Result<()> {
                 hidden: a.hidden,
                 temperature: a.temperature,
                 seed: a.seed,
-                ..SharedSpaceConfig::new(a.data, a.text_model, a.vision_model, a.audio_model, a.out.clone())
+                ..SharedSpaceConfig::new(
+                    a.paired.data,
+                    a.paired.text_model,
+                    a.paired.vision_model,
+                    a.paired.audio_model,
+                    a.out.clone(),
+                )
             };
             let report = train_shared_space(&cfg, &mut |line| eprintln!("{line}"))
                 .with_context(|| format!("training the shared space from {}", cfg.data.display()))?;
@@ -161,6 +208,45 @@ pub fn run(cmd: TrainCmd) -> anyhow::Result<()> {
                 report.label_top1.text,
                 report.label_top1.audio,
                 report.label_top1.fused,
+                a.out.display()
+            );
+            Ok(())
+        }
+        TrainCmd::Fusion(a) => {
+            check_hyper(a.steps, a.batch, 1.0, a.learning_rate)?;
+            if a.hidden == 0 || a.hidden % 4 != 0 || a.layers == 0 {
+                anyhow::bail!("--hidden must be a positive multiple of 4 (4 attention heads), --layers >= 1");
+            }
+            let cfg = FusionTrainConfig {
+                steps: a.steps,
+                batch: a.batch,
+                learning_rate: a.learning_rate,
+                hidden: a.hidden,
+                layers: a.layers,
+                input_noise: a.input_noise,
+                weight_decay: a.weight_decay,
+                seed: a.seed,
+                ..FusionTrainConfig::new(
+                    a.paired.data,
+                    a.paired.text_model,
+                    a.paired.vision_model,
+                    a.paired.audio_model,
+                    a.out.clone(),
+                )
+            };
+            let r = train_fusion(&cfg, &mut |line| eprintln!("{line}"))
+                .with_context(|| format!("training the fusion nodes from {}", cfg.data.display()))?;
+            println!(
+                "train: fusion_top1={:.3} best_single_top1={:.3} perceiver_top1={:.3} mot_top1={:.3} \
+                 vision_top1={:.3} audio_top1={:.3} late_fusion_top1={:.3} held_out={} out={}",
+                r.fusion_top1,
+                r.best_single_top1,
+                r.perceiver_top1,
+                r.mot_top1,
+                r.vision_top1,
+                r.audio_top1,
+                r.late_fusion_top1,
+                r.held_out_pairs,
                 a.out.display()
             );
             Ok(())
