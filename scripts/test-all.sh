@@ -52,7 +52,7 @@ section "real clients (openai, tritonclient, kserve against prism-router + prism
 bash scripts/install-client-deps.sh && .cache/venv-clients/bin/python -m pytest -q tests/clients
 
 section "chaos (make chaos without its two control-plane scenarios; docs/reliability.md)"
-python3 tests/chaos/run.py --bin target/release/prism --skip-control-plane
+python3 tests/chaos/run.py --bin "${CARGO_TARGET_DIR:-target}/release/prism" --skip-control-plane
 
 section "control plane tests (real kube-apiserver)"
 bash scripts/test-e2e.sh
