@@ -87,6 +87,10 @@ struct Args {
     /// gRPC address (prism.v1.Node + grpc.health.v1); printed as `grpc listening on ADDR`.
     #[arg(long, env = "PRISM_GRPC_LISTEN")]
     grpc_listen: Option<SocketAddr>,
+    /// After SIGTERM, keep serving this many seconds before draining: a pod being replaced is
+    /// still in routers' tables until they see it go, and a closed port there fails calls.
+    #[arg(long, env = "PRISM_SHUTDOWN_DELAY_S", default_value_t = 0.0)]
+    shutdown_delay_s: f64,
     /// Name reported in answers and in the `node` metrics label (the ModalityNode name).
     #[arg(long, env = "PRISM_NODE_NAME", default_value = "node")]
     node_name: String,
@@ -249,14 +253,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     health_reporter.set_not_serving::<prism_node::pb::node_server::NodeServer<NodeService>>().await;
     health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
 
+    if !(args.shutdown_delay_s.is_finite() && (0.0..=3600.0).contains(&args.shutdown_delay_s)) {
+        anyhow::bail!("--shutdown-delay-s must be between 0 and 3600 seconds, got {}", args.shutdown_delay_s);
+    }
+    let delay = std::time::Duration::from_secs_f64(args.shutdown_delay_s);
     let http_app = http::router(state.clone());
     let http_task = tokio::spawn(async move {
         match tls {
             Some(acceptor) => {
-                serve_tls(listener, http_app, acceptor, shutdown_signal()).await;
+                serve_tls(listener, http_app, acceptor, shutdown_signal(delay)).await;
                 Ok(())
             }
-            None => axum::serve(listener, http_app).with_graceful_shutdown(shutdown_signal()).await,
+            None => axum::serve(listener, http_app).with_graceful_shutdown(shutdown_signal(delay)).await,
         }
     });
     let grpc_task = grpc_listener.map(|l| {
@@ -265,7 +273,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
             tonic::transport::Server::builder()
                 .add_service(health_service)
                 .add_service(svc)
-                .serve_with_incoming_shutdown(tokio_stream_from(l), shutdown_signal())
+                .serve_with_incoming_shutdown(tokio_stream_from(l), shutdown_signal(delay))
                 .await
         })
     });
@@ -423,7 +431,8 @@ fn tokio_stream_from(
     })
 }
 
-async fn shutdown_signal() {
+/// SIGTERM or Ctrl-C, then `delay` more seconds of serving (see `--shutdown-delay-s`).
+async fn shutdown_signal(delay: std::time::Duration) {
     let ctrl_c = async {
         let _ = tokio::signal::ctrl_c().await;
     };
@@ -439,4 +448,8 @@ async fn shutdown_signal() {
     #[cfg(not(unix))]
     let term = std::future::pending::<()>();
     tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    if !delay.is_zero() {
+        tracing::info!(seconds = delay.as_secs_f64(), "stopping: serving on until routers drop this replica");
+        tokio::time::sleep(delay).await;
+    }
 }

@@ -29,6 +29,8 @@ use crate::{Error, OperatorConfig, Result};
 
 /// Component label value of node workloads.
 pub const COMPONENT: &str = "modality-node";
+/// Seconds a stopping node pod keeps answering (its `--shutdown-delay-s`).
+pub const NODE_SHUTDOWN_DELAY_S: &str = "3";
 
 /// The objects one ModalityNode owns.
 #[derive(Clone, Debug, PartialEq)]
@@ -227,6 +229,9 @@ fn node_pod(mn: &ModalityNode, cfg: &OperatorConfig) -> Result<(PodSpec, bool)> 
         &model.uri,
         &adapters.paths,
     );
+    // A replaced or deleted pod keeps answering while routers' tables catch up (a promoted
+    // canary and the rolled stable pod go at once).
+    args.extend(["--shutdown-delay-s".into(), NODE_SHUTDOWN_DELAY_S.into()]);
 
     let mut mounts = model.mounts.clone();
     mounts.extend(adapters.mounts);
