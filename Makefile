@@ -71,7 +71,7 @@ bench-node: models ## prism-node vs PyTorch, ONNX Runtime, OpenVINO, IPEX on CPU
 	bash scripts/install-bench-node-deps.sh
 	python3 bench/node/bench.py --bin $(RELEASE_BIN)/prism-node --torch-python bench/.venv/bin/python $(BENCH_ARGS)
 
-.PHONY: train-space train-fusion bench-models
+.PHONY: train-space train-fusion train-fusion-tokens bench-models
 train-space: models ## prism train shared-space: text/audio heads into vit-digits' space (.cache/models/digits-space)
 	$(CARGO) build --release -p prism -p prism-node --bins
 	$(RELEASE_BIN)/prism train shared-space
@@ -79,6 +79,10 @@ train-space: models ## prism train shared-space: text/audio heads into vit-digit
 train-fusion: models ## prism train fusion: perceiver and MoT fusion nodes on corrupted digits + noisy speech (.cache/models/digits-fusion)
 	$(CARGO) build --release -p prism -p prism-node --bins
 	$(RELEASE_BIN)/prism train fusion
+
+train-fusion-tokens: models ## prism train fusion --tokens: Mixture-of-Transformers vs dense over patch/frame/word tokens, loss per training FLOP
+	$(CARGO) build --release -p prism -p prism-node --bins
+	$(RELEASE_BIN)/prism train fusion --tokens
 
 bench-models: models ## shared-space retrieval, per-modality throughput, parallel nodes vs one monolithic process, sliding-window attention (BENCH_ARGS=--sliding-only)
 	$(CARGO) build --release -p prism -p prism-node -p prism-router --bins

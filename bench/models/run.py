@@ -6,6 +6,9 @@ headline comparison (separate modality nodes in parallel vs one monolithic model
    speech through whisper-base): held-out text->image and audio->image top-1 vs chance.
    Then `prism train fusion`: the perceiver and MoT fusion nodes on a corrupted image plus its
    noisy spoken name, against each modality alone and their late fusion (held-out top-1).
+   Then `prism train fusion --tokens`: a Mixture-of-Transformers over patch, frame and word tokens
+   against a dense transformer of the same width and depth on the same batches
+   (`mot_flops_vs_dense`: the MoT's training FLOPs to reach the dense model's final held-out loss).
 2. `prism up` a pipeline of the three trained nodes (64-d shared space, weighted fusion) and:
    - per-modality throughput: items/s straight to each node's /embed (batched requests);
    - parallel: one client, the same multimodal requests through the router's /v1/infer;
@@ -21,7 +24,7 @@ headline comparison (separate modality nodes in parallel vs one monolithic model
 
 Last line: `models: text_to_image_top1=... audio_to_image_top1=... chance=0.1 parallel_ms=...
 monolithic_ms=... parallel_peak_mb=... monolithic_peak_mb=... fusion_top1=... best_single_top1=...
-sliding_speedup_4k=...
+mot_flops_vs_dense=... sliding_speedup_4k=...
 sliding_audio_speedup_5s=... sliding_audio_cosine_5s=...`
 """
 import argparse
@@ -116,16 +119,23 @@ def pct(xs, p):
     return xs[min(len(xs) - 1, int(round(p / 100 * (len(xs) - 1))))]
 
 
-def train(prism, what, out, title):
-    """`prism train <what>` on the digits data into `out`; its metrics.json."""
-    log(f"== {title}: prism train {what}")
-    r = subprocess.run([prism, "train", what, "--data", DATA, "--out", out], cwd=ROOT,
+def train(prism, what, out, title, extra=(), metrics="metrics.json"):
+    """`prism train <what>` on the digits data into `out`; its metrics file."""
+    log(f"== {title}: prism train {what} {' '.join(extra)}".rstrip())
+    r = subprocess.run([prism, "train", what, "--data", DATA, "--out", out, *extra], cwd=ROOT,
                        capture_output=True, text=True)
     sys.stdout.write("".join(f"  | {l}\n" for l in r.stderr.splitlines()))
     if r.returncode != 0:
         fail(f"prism train {what} failed ({r.returncode})")
     log("  " + next(l for l in r.stdout.splitlines() if l.startswith("train: ")))
-    return json.load(open(os.path.join(out, "metrics.json")))
+    return json.load(open(os.path.join(out, metrics)))
+
+
+def mot_ratio(m):
+    """The MoT's training FLOPs to reach the dense model's final held-out loss over the dense
+    model's; `none` when it never did within the run."""
+    r = m.get("mot_flops_vs_dense")
+    return "none" if r is None else f"{r:.3f}"
 
 
 def requests_set(n):
@@ -215,6 +225,8 @@ def main():
     load_before = os.getloadavg()[0]
     metrics = train(args.prism, "shared-space", SPACE, "shared space")
     fused = train(args.prism, "fusion", FUSION, "fusion (corrupted image + noisy spoken name)")
+    mot = train(args.prism, "fusion", FUSION, "Mixture-of-Transformers vs dense over token sequences",
+                ["--tokens"], os.path.join("tokens", "metrics.json"))
     reqs = requests_set(args.requests)
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
         json.dump(reqs, f)
@@ -271,13 +283,16 @@ def main():
             f"audio_to_image_top1={metrics['audio_to_image_top1']:.3f} chance={metrics['chance']:.1f} "
             f"parallel_ms={par_ms:.1f} monolithic_ms={mono_ms:.1f} parallel_peak_mb={par_peak:.0f} "
             f"monolithic_peak_mb={mono['peak_rss_mb']:.0f} fusion_top1={fused['fusion_top1']:.3f} "
-            f"best_single_top1={fused['best_single_top1']:.3f} {sliding_fields(slide)}")
+            f"best_single_top1={fused['best_single_top1']:.3f} mot_flops_vs_dense={mot_ratio(mot)} "
+            f"{sliding_fields(slide)}")
     suffix = (f" throughput/s text={tput['text']:.0f} vision={tput['vision']:.0f} audio={tput['audio']:.1f};"
               f" p99 parallel {pct(lat, 99):.1f} ms, monolithic {pct(mono['latencies_ms'], 99):.1f} ms;"
               f" untrained top-1 text {metrics['text_to_image_top1_untrained']:.2f} audio "
               f"{metrics['audio_to_image_top1_untrained']:.2f}; fusion on {fused['held_out_pairs']} held-out corrupted "
               f"pairs: vision {fused['vision_top1']:.3f}, audio {fused['audio_top1']:.3f}, late "
               f"{fused['late_fusion_top1']:.3f}, perceiver {fused['perceiver_top1']:.3f}, mot {fused['mot_top1']:.3f}; "
+              f"MoT over tokens vs dense (same batches, {mot['steps']} steps): held-out loss {mot['mot_loss']:.3f} vs "
+              f"{mot['dense_loss']:.3f}, top-1 {mot['mot_top1']:.3f} vs {mot['dense_top1']:.3f}; "
               f"{sliding_table(slide)}")
     headline(args, "models", "models: shared space, per-modality throughput, parallel nodes vs monolithic",
              INTRO, line, f"{args.requests} requests", load_before, suffix=suffix)

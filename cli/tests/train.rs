@@ -383,3 +383,65 @@ fn trained_fusion_nodes_beat_each_modality_alone_on_corrupted_digits() {
         assert!(hits >= 6, "{arch}: served labels named the digit {hits}/10 times");
     }
 }
+
+/// `prism train fusion --tokens` on a small corrupted subset (one train and one held-out item per
+/// digit and modality, 100 steps): both networks train on the same batches over patch, frame and
+/// word tokens, the report compares them per training FLOP, and the folders serve token inputs.
+#[test]
+fn token_fusion_compares_mot_with_dense_and_serves_token_sequences() {
+    let data = repo().join(".cache/data/digits-pairs");
+    let tmp = tempfile::tempdir().unwrap();
+    let m: Value = serde_json::from_slice(&std::fs::read(data.join("manifest.json")).unwrap()).unwrap();
+    let pick = |kind: &str| -> Vec<Value> {
+        let items = m["corrupted"][kind].as_array().unwrap();
+        (0..10u64)
+            .flat_map(|l| {
+                ["train", "test"].map(|split| {
+                    items.iter().find(|i| i["label"] == l && i["split"] == split).cloned().expect("an item per digit")
+                })
+            })
+            .collect()
+    };
+    std::os::unix::fs::symlink(data.join("corrupted"), tmp.path().join("corrupted")).unwrap();
+    let sub = json!({"labels": m["labels"], "images": [], "texts": m["texts"], "audio": [],
+        "corrupted": {"images": pick("images"), "audio": pick("audio"), "recipe": m["corrupted"]["recipe"]}});
+    std::fs::write(tmp.path().join("manifest.json"), serde_json::to_vec(&sub).unwrap()).unwrap();
+    let out = tmp.path().join("out");
+    let run = prism_train(&["fusion", "--tokens", "--steps", "100"], tmp.path(), &out);
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(run.status.success(), "prism train fusion --tokens failed:\n{stderr}");
+    assert!(stderr.contains("tokens per input vision 16 audio 16 text 8"), "{stderr}");
+    let line = String::from_utf8_lossy(&run.stdout).lines().find(|l| l.starts_with("train: ")).unwrap().to_string();
+    assert!(line.contains("mot_flops_vs_dense="), "{line}");
+    let r: Value = serde_json::from_slice(&std::fs::read(out.join("tokens/metrics.json")).unwrap()).unwrap();
+    assert_eq!(r["curve"].as_array().unwrap().len(), 1, "one evaluation per 100 steps: {r}");
+    assert!(r["mot_params"].as_u64() > r["dense_params"].as_u64(), "the MoT has per-modality weights: {r}");
+    for (key, v) in [("mot_loss", &r["mot_loss"]), ("dense_loss", &r["dense_loss"])] {
+        assert!(v.as_f64().is_some_and(|x| x.is_finite() && x > 0.0), "{key}: {r}");
+    }
+
+    // The folders serve: 16 patch tokens and 16 frame tokens in, ten digit scores out; a pooled
+    // vector where tokens are expected is refused with the expected length.
+    let models = repo().join(".cache/models");
+    let image = file_item(&data.join(pick("images")[1]["file"].as_str().unwrap()), false);
+    let clip = file_item(&data.join(pick("audio")[1]["file"].as_str().unwrap()), true);
+    let tokens = |arch: &str, dir: &str, input: EmbedInput| {
+        let mut model = load(arch, &models.join(dir));
+        let p = model.preprocessor.preprocess(&input).unwrap();
+        model.encoder.encode_tokens(&[p]).unwrap().remove(0).resample(16)
+    };
+    let (v, a) = (tokens("vit", "vit-digits", image), tokens("whisper-encoder", "whisper-base-encoder", clip));
+    for (arch, folder) in [("mot-fusion", "mot"), ("dense-fusion", "dense")] {
+        let mut node = load(arch, &out.join("tokens").join(folder));
+        let head = node.info.classifier.clone().expect("classifier.json");
+        let map = [("vision".to_string(), v.clone()), ("audio".to_string(), a.clone())].into();
+        let fused = embed(&mut node, EmbedInput::Item(InputItem { embeddings: Some(map), ..Default::default() }));
+        assert_eq!(head.classify(&fused).len(), 10);
+        let pooled = [("vision".to_string(), vec![0.1f32; 64])].into();
+        let err = node
+            .preprocessor
+            .preprocess(&EmbedInput::Item(InputItem { embeddings: Some(pooled), ..Default::default() }))
+            .expect_err("a pooled vector is not 16 tokens");
+        assert!(err.to_string().contains("expects 1024"), "{arch}: {err}");
+    }
+}

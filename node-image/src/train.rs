@@ -145,12 +145,26 @@ impl Manifest {
         data: &Path,
         progress: &mut dyn FnMut(String),
     ) -> Result<Embedded, TrainError> {
+        self.embed_as(modality, architecture, dir, data, Output::Pooled, progress)
+    }
+
+    /// [`Self::embed`], as pooled vectors or as token sequences.
+    fn embed_as(
+        &self,
+        modality: &str,
+        architecture: &str,
+        dir: &Path,
+        data: &Path,
+        output: Output,
+        progress: &mut dyn FnMut(String),
+    ) -> Result<Embedded, TrainError> {
         match modality {
             "vision" => embed_split(
                 architecture,
                 dir,
                 data,
                 self.images.iter().map(|i| Ok((file_input(data, "image", &i.file)?, i.label, i.split.as_str()))),
+                output,
                 progress,
             ),
             "text" => embed_split(
@@ -158,6 +172,7 @@ impl Manifest {
                 dir,
                 data,
                 self.texts.iter().map(|t| Ok((EmbedInput::Text(t.text.clone()), t.label, t.split.as_str()))),
+                output,
                 progress,
             ),
             "audio" => embed_split(
@@ -165,6 +180,7 @@ impl Manifest {
                 dir,
                 data,
                 self.audio.iter().map(|a| Ok((file_input(data, "audio", &a.file)?, a.label, a.split.as_str()))),
+                output,
                 progress,
             ),
             other => Err(TrainError::Data(format!("modality {other}: the paired data has vision, text and audio"))),
@@ -387,10 +403,15 @@ fn embed_split<'a>(
     dir: &Path,
     data: &Path,
     items: impl Iterator<Item = Result<(EmbedInput, usize, &'a str), TrainError>>,
+    output: Output,
     progress: &mut dyn FnMut(String),
 ) -> Result<Embedded, TrainError> {
     let items = items.collect::<Result<Vec<_>, _>>()?;
-    let cache = data.join(".embeddings").join(format!("{architecture}-{}.safetensors", cache_key(dir, &items)?));
+    let what = match output {
+        Output::Pooled => String::new(),
+        Output::Tokens(k) => format!("tokens{k}-"),
+    };
+    let cache = data.join(".embeddings").join(format!("{architecture}-{what}{}.safetensors", cache_key(dir, &items)?));
     let cached = candle_core::safetensors::load(&cache, &Device::Cpu).ok().and_then(|mut t| t.remove("vectors"));
     let (vectors, d) = match cached.filter(|t| t.dims().first() == Some(&items.len())) {
         Some(t) => {
@@ -417,12 +438,16 @@ fn embed_split<'a>(
                 prepared.sort_by_key(|(_, p)| p.cost);
                 let (order, batch): (Vec<usize>, Vec<_>) = prepared.into_iter().unzip();
                 let mut chunk_vectors = vec![Vec::new(); chunk.len()];
-                for (i, v) in order.into_iter().zip(model.encoder.encode_batch(&batch)?) {
+                let encoded = match output {
+                    Output::Pooled => model.encoder.encode_batch(&batch)?,
+                    Output::Tokens(k) => model.encoder.encode_tokens(&batch)?.iter().map(|t| t.resample(k)).collect(),
+                };
+                for (i, v) in order.into_iter().zip(encoded) {
                     chunk_vectors[i] = v;
                 }
                 vectors.extend(chunk_vectors);
             }
-            let d = model.info.dim;
+            let d = vectors.first().map(Vec::len).unwrap_or(model.info.dim);
             let t = Tensor::from_vec(vectors.concat(), (vectors.len(), d), &Device::Cpu)?;
             // A read-only data folder only costs the next run the same minutes again.
             let saved = cache.parent().map(std::fs::create_dir_all).transpose().ok().and_then(|_| {
@@ -450,6 +475,16 @@ fn embed_split<'a>(
     }
     let train = Tensor::from_vec(train, (train_labels.len(), d), &Device::Cpu)?;
     Ok(Embedded { train, train_labels, test, test_labels })
+}
+
+/// What [`embed_split`] keeps of each input.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub(crate) enum Output {
+    /// The vector the node serves.
+    Pooled,
+    /// The encoder's token states resampled to this many tokens ([`backend::TokenStates::resample`]),
+    /// flattened: one row of tokens · dim values.
+    Tokens(usize),
 }
 
 /// Names the cached vectors: the model's weights file (path, size, mtime) and every input.

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use clap::{Args, Subcommand};
 use prism_node::train::corrections::{train_from_corrections, CorrectionsConfig};
+use prism_node::train::fusion::tokens::{train_token_fusion, TokenCounts};
 use prism_node::train::fusion::{train_fusion, FusionTrainConfig};
 use prism_node::train::{train_shared_space, SharedSpaceConfig};
 
@@ -128,6 +129,11 @@ pub struct FusionArgs {
     weight_decay: f64,
     #[arg(long, default_value_t = 20261207)]
     seed: u64,
+    /// Instead: a Mixture-of-Transformers and a dense transformer over the encoders' token
+    /// sequences (16 patch, 16 frame, 8 word tokens), compared by held-out loss per training
+    /// FLOP (out/tokens/: mot/, dense/, metrics.json, model_card.md).
+    #[arg(long)]
+    tokens: bool,
 }
 
 fn check_hyper(steps: usize, batch: usize, temperature: f64, learning_rate: f64) -> anyhow::Result<()> {
@@ -234,6 +240,25 @@ pub fn run(cmd: TrainCmd) -> anyhow::Result<()> {
                     a.out.clone(),
                 )
             };
+            if a.tokens {
+                let r = train_token_fusion(&cfg, &TokenCounts::default(), &mut |line| eprintln!("{line}"))
+                    .with_context(|| format!("training fusion over token sequences from {}", cfg.data.display()))?;
+                let or_none = |x: Option<String>| x.unwrap_or_else(|| "none".into());
+                println!(
+                    "train: mot_flops_vs_dense={} mot_steps_to_dense_loss={} mot_loss={:.4} dense_loss={:.4} \
+                     mot_top1={:.3} dense_top1={:.3} train_flops_per_step={:.3e} steps={} out={}",
+                    or_none(r.mot_flops_vs_dense.map(|f| format!("{f:.3}"))),
+                    or_none(r.mot_steps_to_dense_loss.map(|s| s.to_string())),
+                    r.mot_loss,
+                    r.dense_loss,
+                    r.mot_top1,
+                    r.dense_top1,
+                    r.train_flops_per_step,
+                    r.steps,
+                    a.out.join("tokens").display()
+                );
+                return Ok(());
+            }
             let r = train_fusion(&cfg, &mut |line| eprintln!("{line}"))
                 .with_context(|| format!("training the fusion nodes from {}", cfg.data.display()))?;
             println!(

@@ -197,3 +197,18 @@ fn a_sliding_window_is_refused_where_tokens_have_no_order() {
         other => panic!("vit with a sliding window must be a load error, got {:?}", other.map(|m| m.info)),
     }
 }
+
+/// The frames `prism train fusion --tokens` reads: one per encoder frame of real audio, and their
+/// mean is the served vector.
+#[test]
+fn frame_tokens_cover_the_real_audio_and_pool_to_the_served_vector() {
+    let mut model = load();
+    let bytes = wav("clone-test.wav");
+    let prepared = vec![model.preprocessor.preprocess(&audio_input(&bytes)).expect("preprocess")];
+    let pooled = model.encoder.encode_batch(&prepared).expect("encode");
+    let tokens = model.encoder.encode_tokens(&prepared).expect("frame tokens");
+    let samples = whisper::decode_wav(&bytes).expect("wav").len();
+    assert_eq!((tokens[0].dim, tokens[0].rows()), (512, whisper::real_encoder_frames(samples)));
+    let c = common::cosine(&common::mean_pool(&tokens[0]), &pooled[0]);
+    assert!(c > 0.99999, "mean of the frame tokens vs the served vector: cosine {c}");
+}

@@ -129,3 +129,21 @@ fn a_sliding_window_is_banded_per_sequence_and_refused_off_the_packed_path() {
         other => panic!("candle's BERT with a window must be a load error, got {:?}", other.map(|m| m.info)),
     }
 }
+
+/// The word-piece states `prism train fusion --tokens` reads are the ones the served vector pools.
+#[test]
+fn token_states_are_what_the_served_embedding_pools() {
+    let mut model = load();
+    let texts = ["five", "the digit seven, said slowly", "a longer sentence about a handwritten nine"];
+    let prepared: Vec<_> = texts
+        .iter()
+        .map(|t| model.preprocessor.preprocess(&EmbedInput::Text(t.to_string())).expect("tokenize"))
+        .collect();
+    let pooled = model.encoder.encode_batch(&prepared).expect("embed");
+    let tokens = model.encoder.encode_tokens(&prepared).expect("token states");
+    for ((t, v), p) in tokens.iter().zip(&pooled).zip(&prepared) {
+        assert_eq!((t.dim, Some(t.rows())), (384, p.tokens), "one row per word piece");
+        let c = common::cosine(&common::mean_pool(t), v);
+        assert!(c > 0.99999, "mean of the token states vs the served vector: cosine {c}");
+    }
+}

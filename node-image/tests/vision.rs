@@ -164,3 +164,26 @@ fn rejects_corrupt_and_non_image_inputs() {
     }
     model.preprocessor.preprocess(&model.preprocessor.warmup_input()).expect("warm-up input");
 }
+
+/// The patch tokens `prism train fusion --tokens` reads: 16 of them (32 px / 8 px patches), each
+/// as wide as the model, the same in a batch as alone, and different for different digits.
+#[test]
+fn patch_tokens_are_one_per_patch_and_independent_of_the_batch() {
+    let mut model = load();
+    let reference = reference();
+    let prepared: Vec<_> = reference.items[..2]
+        .iter()
+        .map(|it| {
+            let bytes = std::fs::read(model_dir().join("samples").join(&it.png)).expect("sample png");
+            model.preprocessor.preprocess(&image_input(&bytes)).expect("preprocess")
+        })
+        .collect();
+    let both = model.encoder.encode_tokens(&prepared).expect("patch tokens");
+    let alone = model.encoder.encode_tokens(&prepared[..1]).expect("patch tokens");
+    assert_eq!((both[0].dim, both[0].rows()), (64, 16));
+    assert!(common::cosine(&both[0].values, &alone[0].values) > 0.99999, "a batch changed the tokens");
+    assert!(both[0].values.iter().all(|x| x.is_finite()));
+    if reference.items[0].label != reference.items[1].label {
+        assert!(common::cosine(&both[0].values, &both[1].values) < 0.999, "two digits gave the same tokens");
+    }
+}

@@ -13,6 +13,7 @@ use super::cpu::bert::{self as packed, PackedBert, Workspace};
 use super::cpu::CpuKernels;
 use super::{
     device_name, l2_normalize, BackendError, Encoder, LoadSpec, LoadedModel, ModelInfo, Prepared, Preprocessor,
+    TokenStates,
 };
 
 /// Default truncation. Sentence-transformers' all-MiniLM-L6-v2 uses 256 (`max_seq_length`), not the
@@ -89,6 +90,16 @@ impl Encoder for BertEncoder {
             }
             BertEncoder::Candle { model, device, pad_id } => candle_encode(model, device, *pad_id, &toks),
         }
+    }
+
+    fn encode_tokens(&mut self, batch: &[Prepared]) -> Result<Vec<TokenStates>, BackendError> {
+        let toks: Vec<&TextTokens> = batch.iter().map(|p| p.payload::<TextTokens>()).collect::<Result<_, _>>()?;
+        let BertEncoder::Packed(model, workspace) = self else {
+            return Err(BackendError::Validation("token states come from the packed CPU path only".into()));
+        };
+        let seqs: Vec<&[u32]> = toks.iter().map(|t| t.ids.as_slice()).collect();
+        let dim = model.hidden_size();
+        Ok(model.token_states(&seqs, workspace)?.into_iter().map(|values| TokenStates { dim, values }).collect())
     }
 }
 

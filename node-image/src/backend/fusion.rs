@@ -11,6 +11,12 @@
 //!   non-embedding weight is modality-specific (LayerNorms, q/k/v/o projections, MLP: `layers.N.<m>.*`)
 //!   while self-attention is global across the modalities' tokens; output = mean over tokens of the
 //!   per-modality final LayerNorm, L2-normalised.
+//! * `dense-fusion`: the MoT's control, a plain transformer (shared weights for every token) over
+//!   the same tokens; what `prism train fusion --tokens` compares the MoT with.
+//!
+//! Token sequences: `tokens` in config.json (modality -> count, default 1) makes a modality's
+//! input `count` tokens of its dimension, flattened (e.g. 16 ViT patch tokens of 64 = 1024
+//! values); each becomes one fusion token.
 //!
 //! Layout (scripts/make-fusion-model.py): config.json with `architecture`, `hidden_size`,
 //! `num_heads`, `num_layers`, `intermediate_size`, `layer_norm_eps`, `hidden_act`, `num_latents`
@@ -41,8 +47,23 @@ pub struct FusionConfig {
     pub hidden_act: String,
     #[serde(default)]
     pub num_latents: usize,
-    /// Modality name -> embedding dimension it accepts.
+    /// Modality name -> embedding dimension it accepts (of each token).
     pub modalities: BTreeMap<String, usize>,
+    /// Modality name -> tokens per input (absent: 1, a pooled vector).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub tokens: BTreeMap<String, usize>,
+}
+
+impl FusionConfig {
+    /// Values one input of modality `m` carries: its tokens times their dimension.
+    pub fn input_len(&self, m: &str) -> Option<usize> {
+        self.modalities.get(m).map(|d| d * self.tokens.get(m).copied().unwrap_or(1))
+    }
+
+    /// Every modality's input length (what the preprocessor checks).
+    fn input_lens(&self) -> BTreeMap<String, usize> {
+        self.modalities.keys().filter_map(|m| Some((m.clone(), self.input_len(m)?))).collect()
+    }
 }
 
 fn default_eps() -> f64 {
@@ -120,17 +141,22 @@ impl Tokenizer {
         Ok(Self { proj, typ })
     }
 
-    /// `x`: [b, dim of m] -> [b, 1, hidden].
+    /// `x`: [b, k · dim of m] (k tokens, flattened) -> [b, k, hidden].
     fn tokens(&self, m: &str, x: &Tensor) -> candle_core::Result<Tensor> {
         let (Some(p), Some(t)) = (self.proj.get(m), self.typ.get(m)) else {
             candle_core::bail!("no projection for modality {m}");
         };
-        p.forward(&x.unsqueeze(1)?)?.broadcast_add(t)
+        let (b, len) = x.dims2()?;
+        let dim = p.weight().dim(1)?;
+        if dim == 0 || !len.is_multiple_of(dim) {
+            candle_core::bail!("{m}: {len} values are not whole tokens of {dim}");
+        }
+        p.forward(&x.reshape((b, len / dim, dim))?)?.broadcast_add(t)
     }
 }
 
 /// A fusion network over a batch whose items all carry the same modalities: `inputs` holds one
-/// [b, dim] tensor per modality, in modality-name order; returns the pooled [b, hidden] vectors
+/// [b, tokens · dim] tensor per modality, in modality-name order; returns the pooled [b, hidden] vectors
 /// before L2 normalisation. Plain candle ops, so `prism train fusion` backpropagates through the
 /// very code that serves.
 pub trait FusionNet: Send {
@@ -275,8 +301,11 @@ impl FusionNet for MotEncoder {
             }
             // ...then one global attention over all modalities' tokens.
             let a = attend(&Tensor::cat(&q, 1)?, &Tensor::cat(&k, 1)?, &Tensor::cat(&v, 1)?, self.heads, None)?;
-            for (i, (x, e)) in xs.iter_mut().zip(&experts).enumerate() {
-                let y = (&*x + e.o.forward(&a.narrow(1, i, 1)?)?)?;
+            let mut start = 0;
+            for (x, e) in xs.iter_mut().zip(&experts) {
+                let n = x.dim(1)?;
+                let y = (&*x + e.o.forward(&a.narrow(1, start, n)?)?)?;
+                start += n;
                 let f = e.fc2.forward(&self.act.apply(&e.fc1.forward(&e.ln2.forward(&y)?)?)?)?;
                 *x = (y + f)?;
             }
@@ -290,6 +319,38 @@ impl FusionNet for MotEncoder {
             })
             .collect::<candle_core::Result<Vec<_>>>()?;
         Tensor::cat(&outs, 1)?.mean(1)
+    }
+}
+
+/// The MoT's dense control: every token through the same blocks.
+pub struct DenseEncoder {
+    tok: Tokenizer,
+    blocks: Vec<Block>,
+    final_ln: LayerNorm,
+}
+
+impl DenseEncoder {
+    pub fn new(cfg: &FusionConfig, vb: &VarBuilder) -> candle_core::Result<Self> {
+        let (h, eps) = (cfg.hidden_size, cfg.layer_norm_eps);
+        let act = Act::from_hf(&cfg.hidden_act).map_err(|e| candle_core::Error::Msg(e.to_string()))?;
+        let blocks = (0..cfg.num_layers)
+            .map(|i| {
+                let p = vb.pp(format!("layers.{i}"));
+                Block::load(h, cfg.num_heads, cfg.intermediate_size, eps, act, &FUSION_NAMES, p)
+            })
+            .collect::<candle_core::Result<_>>()?;
+        Ok(Self { tok: Tokenizer::load(cfg, vb)?, blocks, final_ln: candle_nn::layer_norm(h, eps, vb.pp("final_ln"))? })
+    }
+}
+
+impl FusionNet for DenseEncoder {
+    fn pooled(&self, inputs: &[(&str, Tensor)]) -> candle_core::Result<Tensor> {
+        let tokens = inputs.iter().map(|(m, x)| self.tok.tokens(m, x)).collect::<candle_core::Result<Vec<_>>>()?;
+        let mut x = Tensor::cat(&tokens, 1)?;
+        for block in &self.blocks {
+            x = block.forward(&x, None)?;
+        }
+        self.final_ln.forward(&x)?.mean(1)
     }
 }
 
@@ -348,6 +409,9 @@ fn check_config(cfg: &FusionConfig) -> Result<(), BackendError> {
     if cfg.architecture == "perceiver-fusion" && cfg.num_latents == 0 {
         return Err(BackendError::Load("perceiver-fusion needs num_latents >= 1 in config.json".into()));
     }
+    if let Some((m, _)) = cfg.tokens.iter().find(|(m, k)| **k == 0 || !cfg.modalities.contains_key(*m)) {
+        return Err(BackendError::Load(format!("tokens.{m}: needs a known modality and at least 1 token")));
+    }
     let (h, heads) = (cfg.hidden_size, cfg.num_heads);
     if heads == 0 || !h.is_multiple_of(heads) {
         return Err(BackendError::Load(format!("hidden_size {h} is not divisible by num_heads {heads}")));
@@ -365,7 +429,7 @@ fn model(cfg: &FusionConfig, device: &Device, arch: &str, encoder: Box<dyn Encod
             max_input_tokens: None,
             classifier: None,
         },
-        preprocessor: Arc::new(FusionPreprocessor { modalities: cfg.modalities.clone() }),
+        preprocessor: Arc::new(FusionPreprocessor { modalities: cfg.input_lens() }),
         encoder,
     }
 }
@@ -388,6 +452,15 @@ pub fn load_mot(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
     Ok(model(&cfg, &device, "mot-fusion", Box::new(Served { net, device: device.clone() })))
 }
 
+/// `--architecture dense-fusion`.
+pub fn load_dense(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
+    let cfg = read_config(spec, "dense-fusion")?;
+    let device = spec.device.resolve()?;
+    let vb = core::var_builder(spec, &device)?;
+    let net = DenseEncoder::new(&cfg, &vb).map_err(core::load_err("dense-fusion weights"))?;
+    Ok(model(&cfg, &device, "dense-fusion", Box::new(Served { net, device: device.clone() })))
+}
+
 /// A freshly initialised, trainable network of `cfg.architecture` whose weights live in
 /// `varmap` (what `prism train fusion` optimises and then saves as `model.safetensors`):
 /// linear layers as candle initialises them (with biases), LayerNorms at identity, and the
@@ -408,6 +481,7 @@ pub fn trainable(cfg: &FusionConfig, varmap: &VarMap, device: &Device) -> Result
             Box::new(PerceiverEncoder::new(cfg, &vb).map_err(&e)?)
         }
         "mot-fusion" => Box::new(MotEncoder::new(cfg, &vb).map_err(&e)?),
+        "dense-fusion" => Box::new(DenseEncoder::new(cfg, &vb).map_err(&e)?),
         other => return Err(BackendError::Load(format!("{other:?} is not a fusion architecture"))),
     })
 }

@@ -237,6 +237,46 @@ pub trait Encoder: Send + 'static {
     /// Encodes a batch (1..=max_batch items, sorted by cost ascending). Returns exactly one vector
     /// of length [`ModelInfo::dim`] per item, in the same order.
     fn encode_batch(&mut self, batch: &[Prepared]) -> Result<Vec<Vec<f32>>, BackendError>;
+
+    /// The states the encoder pools, per item (one row per token): ViT's patch tokens, whisper's
+    /// frames over real audio, BERT's word pieces, after the final LayerNorm. `prism train fusion
+    /// --tokens` trains fusion over these sequences. Encoders without token states say so.
+    fn encode_tokens(&mut self, _batch: &[Prepared]) -> Result<Vec<TokenStates>, BackendError> {
+        Err(BackendError::Validation("this encoder does not expose token states".into()))
+    }
+}
+
+/// One item's token states: `rows` rows of `dim` floats, row-major.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TokenStates {
+    pub dim: usize,
+    pub values: Vec<f32>,
+}
+
+impl TokenStates {
+    pub fn rows(&self) -> usize {
+        self.values.len() / self.dim.max(1)
+    }
+
+    /// Exactly `k` rows: contiguous, near-equal segments of the rows averaged when there are at
+    /// least `k`, rows repeated in order when there are fewer. Fixed counts let a batch of
+    /// sequences of different lengths be one tensor without masks.
+    pub fn resample(&self, k: usize) -> Vec<f32> {
+        let (n, d) = (self.rows(), self.dim);
+        let mut out = vec![0f32; k * d];
+        if n == 0 {
+            return out;
+        }
+        for (i, row) in out.chunks_exact_mut(d).enumerate() {
+            let (lo, hi) = if n >= k { (i * n / k, (i + 1) * n / k) } else { (i * n / k, i * n / k + 1) };
+            for src in self.values[lo * d..hi * d].chunks_exact(d) {
+                row.iter_mut().zip(src).for_each(|(a, b)| *a += b);
+            }
+            let count = (hi - lo) as f32;
+            row.iter_mut().for_each(|a| *a /= count);
+        }
+        out
+    }
 }
 
 /// Static facts about a loaded model, for `/info`, metrics labels and validation.
@@ -322,6 +362,13 @@ pub static REGISTRY: &[Architecture] = &[
         load: fusion::load_perceiver,
     },
     Architecture { name: "mot-fusion", modality: "fusion", needs: &[], sliding_window: false, load: fusion::load_mot },
+    Architecture {
+        name: "dense-fusion",
+        modality: "fusion",
+        needs: &[],
+        sliding_window: false,
+        load: fusion::load_dense,
+    },
 ];
 
 /// Finds an architecture by name (case-insensitive).

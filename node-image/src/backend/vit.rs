@@ -25,6 +25,7 @@ use serde::Deserialize;
 use super::transformer::{self as core, Act, Block, BlockNames, CLIP_NAMES, VIT_NAMES};
 use super::{
     device_name, l2_normalize, BackendError, Encoder, LoadSpec, LoadedModel, ModelInfo, Prepared, Preprocessor,
+    TokenStates,
 };
 
 /// Largest accepted image side: decoding is bounded before allocation, so a tiny compressed file
@@ -295,6 +296,26 @@ enum Head {
 impl VitEncoder {
     /// [b, 3, s, s] -> [b, dim] (before L2).
     pub fn forward(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let x = self.states(pixels)?;
+        // ViT normalises every token then takes the class token; CLIP normalises the class token
+        // only. LayerNorm is per token, so the two orders are the same.
+        let cls = self.final_ln.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
+        match &self.head {
+            Head::Pooler(l) => l.forward(&cls)?.tanh(),
+            Head::Cls => Ok(cls),
+            Head::Projection(l) => l.forward(&cls),
+        }
+    }
+
+    /// The patch tokens after the final LayerNorm: [b, patches, d] (the class token left out).
+    pub fn patch_tokens(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
+        let x = self.states(pixels)?;
+        let n = x.dim(1)?;
+        self.final_ln.forward(&x.narrow(1, 1, n - 1)?)
+    }
+
+    /// Class token then patch tokens after the last block: [b, 1 + patches, d].
+    fn states(&self, pixels: &Tensor) -> candle_core::Result<Tensor> {
         let x = self.patch.forward(pixels)?; // [b, d, s/p, s/p]
         let (b, d, _, _) = x.dims4()?;
         let x = x.flatten_from(2)?.transpose(1, 2)?; // [b, n, d]
@@ -307,14 +328,16 @@ impl VitEncoder {
         for blk in &self.blocks {
             x = blk.forward(&x, None)?;
         }
-        // ViT normalises every token then takes the class token; CLIP normalises the class token
-        // only. LayerNorm is per token, so the two orders are the same.
-        let cls = self.final_ln.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
-        match &self.head {
-            Head::Pooler(l) => l.forward(&cls)?.tanh(),
-            Head::Cls => Ok(cls),
-            Head::Projection(l) => l.forward(&cls),
+        Ok(x)
+    }
+
+    fn pixels(&self, batch: &[Prepared]) -> Result<Tensor, BackendError> {
+        let s = self.image_size;
+        let mut flat = Vec::with_capacity(batch.len() * 3 * s * s);
+        for p in batch {
+            flat.extend_from_slice(&p.payload::<Pixels>()?.0);
         }
+        Ok(Tensor::from_vec(flat, (batch.len(), 3, s, s), &self.device)?)
     }
 }
 
@@ -323,13 +346,7 @@ impl Encoder for VitEncoder {
         if batch.is_empty() {
             return Ok(Vec::new());
         }
-        let s = self.image_size;
-        let mut flat = Vec::with_capacity(batch.len() * 3 * s * s);
-        for p in batch {
-            flat.extend_from_slice(&p.payload::<Pixels>()?.0);
-        }
-        let pixels = Tensor::from_vec(flat, (batch.len(), 3, s, s), &self.device)?;
-        let out: Vec<Vec<f32>> = self.forward(&pixels)?.to_vec2()?;
+        let out: Vec<Vec<f32>> = self.forward(&self.pixels(batch)?)?.to_vec2()?;
         Ok(out
             .into_iter()
             .map(|mut v| {
@@ -337,6 +354,15 @@ impl Encoder for VitEncoder {
                 v
             })
             .collect())
+    }
+
+    fn encode_tokens(&mut self, batch: &[Prepared]) -> Result<Vec<TokenStates>, BackendError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let tokens = self.patch_tokens(&self.pixels(batch)?)?;
+        let dim = tokens.dim(2)?;
+        (0..batch.len()).map(|i| Ok(TokenStates { dim, values: tokens.get(i)?.flatten_all()?.to_vec1()? })).collect()
     }
 }
 

@@ -24,7 +24,9 @@ use rustfft::num_complex::Complex;
 use serde::Deserialize;
 
 use super::transformer::{self as core, Act, Block, WHISPER_NAMES};
-use super::{device_name, BackendError, Encoder, LoadSpec, LoadedModel, ModelInfo, Prepared, Preprocessor};
+use super::{
+    device_name, BackendError, Encoder, LoadSpec, LoadedModel, ModelInfo, Prepared, Preprocessor, TokenStates,
+};
 
 pub const SAMPLE_RATE: u32 = 16_000;
 pub const N_FFT: usize = 400;
@@ -309,14 +311,39 @@ impl Encoder for WhisperEncoder {
         }
         let items: Vec<&AudioFeatures> =
             batch.iter().map(|p| p.payload::<AudioFeatures>()).collect::<Result<_, _>>()?;
+        let states = self.states(&items)?;
+        items.iter().enumerate().map(|(i, it)| core::mean_pool_l2(&states.get(i)?, it.real_frames)).collect()
+    }
+
+    fn encode_tokens(&mut self, batch: &[Prepared]) -> Result<Vec<TokenStates>, BackendError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let items: Vec<&AudioFeatures> =
+            batch.iter().map(|p| p.payload::<AudioFeatures>()).collect::<Result<_, _>>()?;
+        let states = self.states(&items)?;
+        let dim = states.dim(2)?;
+        items
+            .iter()
+            .enumerate()
+            .map(|(i, it)| {
+                let frames = states.get(i)?.narrow(0, 0, it.real_frames.min(states.dim(1)?))?;
+                Ok(TokenStates { dim, values: frames.flatten_all()?.to_vec1()? })
+            })
+            .collect()
+    }
+}
+
+impl WhisperEncoder {
+    /// Encoder states [b, frames, d] of a batch, as many frames as its longest clip needs.
+    fn states(&self, items: &[&AudioFeatures]) -> Result<Tensor, BackendError> {
         let mut flat = Vec::with_capacity(items.len() * self.n_mels * N_FRAMES);
-        for it in &items {
+        for it in items {
             flat.extend_from_slice(&it.mel);
         }
         let mel = Tensor::from_vec(flat, (items.len(), self.n_mels, N_FRAMES), &self.device)?;
         let longest = items.iter().map(|it| it.real_frames).max().unwrap_or(1);
-        let states = self.forward_frames(&mel, frames_to_compute(longest, self.reach))?;
-        items.iter().enumerate().map(|(i, it)| core::mean_pool_l2(&states.get(i)?, it.real_frames)).collect()
+        Ok(self.forward_frames(&mel, frames_to_compute(longest, self.reach))?)
     }
 }
 

@@ -26,9 +26,11 @@ use candle_nn::{VarBuilder, VarMap};
 use prism_api::wire::node::EmbedInput;
 use serde::{Deserialize, Serialize};
 
-use super::{embed_split, file_input, io, rows, Embedded, Manifest, SplitMix64, TrainError};
+use super::{embed_split, file_input, io, rows, Embedded, Manifest, Output, SplitMix64, TrainError};
 use crate::backend::classifier::{self, Classifier};
 use crate::backend::fusion::{self, FusionConfig, FusionNet};
+
+pub mod tokens;
 
 /// What to train from and where to write it.
 #[derive(Clone, Debug)]
@@ -133,8 +135,9 @@ pub fn train_fusion(cfg: &FusionTrainConfig, progress: &mut dyn FnMut(String)) -
     }
     let started = Instant::now();
     let (data, images, clips) = (&cfg.data, &corrupted.images, &corrupted.audio);
-    let vision = embed_split("vit", &cfg.vision_model, data, files(data, images, "image"), progress)?;
-    let audio = embed_split("whisper-encoder", &cfg.audio_model, data, files(data, clips, "audio"), progress)?;
+    let vision = embed_split("vit", &cfg.vision_model, data, files(data, images, "image"), Output::Pooled, progress)?;
+    let audio =
+        embed_split("whisper-encoder", &cfg.audio_model, data, files(data, clips, "audio"), Output::Pooled, progress)?;
     let mut text = manifest.embed("text", "bert", &cfg.text_model, &cfg.data, progress)?;
     let (mut vision, mut audio) = (vision, audio);
     // Every model here trains on standardised vectors; the fusion folders fold it into proj.<m>.
@@ -145,14 +148,7 @@ pub fn train_fusion(cfg: &FusionTrainConfig, progress: &mut dyn FnMut(String)) -
     ]);
     let embed_seconds = started.elapsed().as_secs_f64();
     let pools = BTreeMap::from([("audio", &audio), ("text", &text), ("vision", &vision)]);
-    for (name, e) in &pools {
-        if let Some(c) = (0..classes).find(|c| !e.train_labels.contains(c) || !e.test_labels.contains(c)) {
-            return Err(TrainError::Data(format!("{name}: label {c} needs train and held-out items")));
-        }
-        if let Some(l) = e.train_labels.iter().chain(&e.test_labels).find(|l| **l >= classes) {
-            return Err(TrainError::Data(format!("{name}: label {l} but only {classes} labels are named")));
-        }
-    }
+    check_labels(&pools, classes)?;
     let held_out = HeldOutPairs::new(&vision, &audio)?;
     progress(format!(
         "fusion: {} held-out pairs (corrupted image + noisy clip); corruption: {}",
@@ -167,7 +163,8 @@ pub fn train_fusion(cfg: &FusionTrainConfig, progress: &mut dyn FnMut(String)) -
     let mut single = BTreeMap::new();
     for m in ["vision", "audio"] {
         let net = Mlp::new(dims[m], cfg.hidden, classes, &mut rng)?;
-        train_loop(cfg, &pools, classes, &[&[m]], &net.varmap, &mut rng, progress, m, |b| net.logits(&b[0].1))?;
+        let logits = |b: &[(&str, Tensor)]| net.logits(&b[0].1);
+        train_loop(cfg, &pools, classes, &[&[m]], &net.varmap, &mut rng, progress, m, logits, &mut |_| Ok(()))?;
         single.insert(m, net);
     }
     let pv = softmax_rows(&single["vision"].logits(&held_out.vision)?)?;
@@ -179,20 +176,11 @@ pub fn train_fusion(cfg: &FusionTrainConfig, progress: &mut dyn FnMut(String)) -
 
     let mut trained = BTreeMap::new();
     for arch in ["perceiver-fusion", "mot-fusion"] {
-        let fcfg = FusionConfig {
-            architecture: arch.into(),
-            hidden_size: cfg.hidden,
-            num_heads: cfg.heads,
-            num_layers: cfg.layers,
-            intermediate_size: 2 * cfg.hidden,
-            layer_norm_eps: 1e-5,
-            hidden_act: "gelu".into(),
-            num_latents: if arch == "perceiver-fusion" { cfg.latents } else { 0 },
-            modalities: dims.clone(),
-        };
+        let fcfg = network_config(cfg, arch, dims.clone(), BTreeMap::new());
         let model = FusionModel::new(&fcfg, classes, &mut rng)?;
         let subsets: Vec<&[&str]> = SUBSETS.iter().flat_map(|(s, w)| std::iter::repeat_n(*s, *w)).collect();
-        train_loop(cfg, &pools, classes, &subsets, &model.varmap, &mut rng, progress, arch, |b| model.logits(b))?;
+        let logits = |b: &[(&str, Tensor)]| model.logits(b);
+        train_loop(cfg, &pools, classes, &subsets, &model.varmap, &mut rng, progress, arch, logits, &mut |_| Ok(()))?;
         let pair = model.logits(&[("audio", held_out.audio.clone()), ("vision", held_out.vision.clone())])?;
         let alone = |m: &str, x: &Tensor| -> Result<f64, TrainError> {
             Ok(top1(&softmax_rows(&model.logits(&[(m, x.clone())])?)?, &held_out.labels))
@@ -237,6 +225,45 @@ pub fn train_fusion(cfg: &FusionTrainConfig, progress: &mut dyn FnMut(String)) -
     Ok(report)
 }
 
+/// The network `arch` at the trainer's width and depth; `modalities` gives each modality's
+/// (token) dimension, `tokens` its tokens per input (empty: pooled vectors).
+fn network_config(
+    cfg: &FusionTrainConfig,
+    arch: &str,
+    modalities: BTreeMap<String, usize>,
+    tokens: BTreeMap<String, usize>,
+) -> FusionConfig {
+    FusionConfig {
+        architecture: arch.into(),
+        hidden_size: cfg.hidden,
+        num_heads: cfg.heads,
+        num_layers: cfg.layers,
+        intermediate_size: 2 * cfg.hidden,
+        layer_norm_eps: 1e-5,
+        hidden_act: "gelu".into(),
+        num_latents: if arch == "perceiver-fusion" { cfg.latents } else { 0 },
+        modalities,
+        tokens,
+    }
+}
+
+/// Every label has train and held-out items in every modality (the batches draw one of each per
+/// label, the held-out pairs match a clip to each image), and no item has an unnamed label.
+fn check_labels(pools: &BTreeMap<&str, &Embedded>, classes: usize) -> Result<(), TrainError> {
+    if classes < 2 {
+        return Err(TrainError::Data("the paired data needs at least two labels".into()));
+    }
+    for (name, e) in pools {
+        if let Some(c) = (0..classes).find(|c| !e.train_labels.contains(c) || !e.test_labels.contains(c)) {
+            return Err(TrainError::Data(format!("{name}: label {c} needs train and held-out items")));
+        }
+        if let Some(l) = e.train_labels.iter().chain(&e.test_labels).find(|l| **l >= classes) {
+            return Err(TrainError::Data(format!("{name}: label {l} but only {classes} labels are named")));
+        }
+    }
+    Ok(())
+}
+
 /// The data folder's files as embed inputs with their labels and splits.
 fn files<'a>(
     data: &'a Path,
@@ -257,13 +284,27 @@ struct Standardizer {
 impl Standardizer {
     /// Fits on `e.train` and standardises both splits in place.
     fn fit(e: &mut Embedded) -> Result<Self, TrainError> {
-        let mean = e.train.mean(0)?;
-        let var = e.train.broadcast_sub(&mean)?.sqr()?.mean(0)?;
+        Self::fit_tokens(e, 1)
+    }
+
+    /// [`Self::fit`] for rows of `k` tokens: one mean and scale per feature, shared by every
+    /// token position, so it folds into the per-token projection.
+    fn fit_tokens(e: &mut Embedded, k: usize) -> Result<Self, TrainError> {
+        let (n, len) = e.train.dims2()?;
+        if k == 0 || !len.is_multiple_of(k) {
+            return Err(TrainError::Data(format!("rows of {len} values are not {k} whole tokens")));
+        }
+        let d = len / k;
+        let tokens = e.train.reshape((n * k, d))?;
+        let mean = tokens.mean(0)?;
+        let var = tokens.broadcast_sub(&mean)?.sqr()?.mean(0)?;
         let inv_std = (var + 1e-8)?.sqrt()?.recip()?;
-        let apply = |x: &Tensor| x.broadcast_sub(&mean)?.broadcast_mul(&inv_std);
+        let apply = |x: &Tensor| {
+            let rows = x.dim(0)?;
+            x.reshape((rows * k, d))?.broadcast_sub(&mean)?.broadcast_mul(&inv_std)?.reshape((rows, len))
+        };
         e.train = apply(&e.train)?;
-        let d = mean.dim(0)?;
-        let test = Tensor::from_vec(e.test.concat(), (e.test.len(), d), &Device::Cpu)?;
+        let test = Tensor::from_vec(e.test.concat(), (e.test.len(), len), &Device::Cpu)?;
         e.test = apply(&test)?.to_vec2::<f32>()?;
         Ok(Self { mean, inv_std })
     }
@@ -319,6 +360,7 @@ fn train_loop(
     progress: &mut dyn FnMut(String),
     what: &str,
     logits: impl Fn(&[(&str, Tensor)]) -> candle_core::Result<Tensor>,
+    after_step: &mut dyn FnMut(usize) -> Result<(), TrainError>,
 ) -> Result<(), TrainError> {
     let by_label: BTreeMap<&str, Vec<Vec<u32>>> = pools
         .iter()
@@ -342,6 +384,7 @@ fn train_loop(
         let target = Tensor::from_vec(labels, cfg.batch, &Device::Cpu)?;
         let loss = candle_nn::loss::cross_entropy(&logits(&inputs)?, &target)?;
         opt.backward_step(&loss)?;
+        after_step(step)?;
         if step % 200 == 0 || step == cfg.steps {
             progress(format!("train {what}: step {step}/{} loss {:.4}", cfg.steps, loss.to_scalar::<f32>()?));
         }

@@ -103,6 +103,17 @@ pub fn cosine<A: Copy + Into<f64>, B: Copy + Into<f64>>(a: &[A], b: &[B]) -> f64
     dot / (na * nb)
 }
 
+/// The L2-normalised mean of an item's token states: what the mean-pooling encoders serve.
+pub fn mean_pool(t: &prism_node::backend::TokenStates) -> Vec<f32> {
+    let mut v = vec![0f32; t.dim];
+    for row in t.values.chunks_exact(t.dim) {
+        v.iter_mut().zip(row).for_each(|(a, b)| *a += b);
+    }
+    let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
+    v.iter_mut().for_each(|x| *x /= norm);
+    v
+}
+
 #[derive(serde::Deserialize)]
 pub struct RefItem {
     pub text: String,

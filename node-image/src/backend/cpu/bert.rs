@@ -147,20 +147,55 @@ impl PackedBert {
         self.radius = window.map_or(usize::MAX, crate::backend::transformer::band_radius);
     }
 
+    pub fn hidden_size(&self) -> usize {
+        self.config.hidden_size
+    }
+
     pub fn uses_amx(&self) -> bool {
         self.layers.first().is_some_and(|l| l.qkv.uses_amx())
     }
 
     /// Mean-pooled, L2-normalised embeddings of each token sequence.
     pub fn embed(&self, seqs: &[&[u32]], ws: &mut Workspace) -> Result<Vec<Vec<f32>>, BackendError> {
+        let offsets = self.hidden(seqs, ws)?;
+        let h = self.config.hidden_size;
+        let x = &ws.x;
+        // Mean pooling over each sequence's tokens, then L2 normalisation.
+        Ok(offsets
+            .windows(2)
+            .map(|w| {
+                let mut v = vec![0f32; h];
+                for row in x[w[0] * h..w[1] * h].chunks_exact(h) {
+                    for (a, b) in v.iter_mut().zip(row) {
+                        *a += *b;
+                    }
+                }
+                let n = (w[1] - w[0]) as f32;
+                v.iter_mut().for_each(|a| *a /= n);
+                crate::backend::l2_normalize(&mut v);
+                v
+            })
+            .collect())
+    }
+
+    /// Each sequence's token states after the last layer (what [`Self::embed`] pools).
+    pub fn token_states(&self, seqs: &[&[u32]], ws: &mut Workspace) -> Result<Vec<Vec<f32>>, BackendError> {
+        let offsets = self.hidden(seqs, ws)?;
+        let h = self.config.hidden_size;
+        Ok(offsets.windows(2).map(|w| ws.x[w[0] * h..w[1] * h].to_vec()).collect())
+    }
+
+    /// Runs the layers over the packed batch, leaving the states in `ws.x`; returns each
+    /// sequence's start row (and the end).
+    fn hidden(&self, seqs: &[&[u32]], ws: &mut Workspace) -> Result<Vec<usize>, BackendError> {
         let tokens: usize = seqs.iter().map(|s| s.len()).sum();
         match &self.small_batches {
-            Some(pool) if tokens <= SMALL_BATCH_TOKENS => pool.install(|| self.embed_here(seqs, ws)),
-            _ => self.embed_here(seqs, ws),
+            Some(pool) if tokens <= SMALL_BATCH_TOKENS => pool.install(|| self.hidden_here(seqs, ws)),
+            _ => self.hidden_here(seqs, ws),
         }
     }
 
-    fn embed_here(&self, seqs: &[&[u32]], ws: &mut Workspace) -> Result<Vec<Vec<f32>>, BackendError> {
+    fn hidden_here(&self, seqs: &[&[u32]], ws: &mut Workspace) -> Result<Vec<usize>, BackendError> {
         let h = self.config.hidden_size;
         let vocab = self.word.len() / h;
         let mut offsets = Vec::with_capacity(seqs.len() + 1);
@@ -203,24 +238,7 @@ impl PackedBert {
         for layer in &self.layers {
             self.layer(layer, ws, tokens, &offsets);
         }
-        let x = &ws.x;
-
-        // Mean pooling over each sequence's tokens, then L2 normalisation.
-        Ok(offsets
-            .windows(2)
-            .map(|w| {
-                let mut v = vec![0f32; h];
-                for row in x[w[0] * h..w[1] * h].chunks_exact(h) {
-                    for (a, b) in v.iter_mut().zip(row) {
-                        *a += *b;
-                    }
-                }
-                let n = (w[1] - w[0]) as f32;
-                v.iter_mut().for_each(|a| *a /= n);
-                crate::backend::l2_normalize(&mut v);
-                v
-            })
-            .collect())
+        Ok(offsets)
     }
 
     fn layer(&self, layer: &Layer, ws: &mut Workspace, tokens: usize, offsets: &[usize]) {
