@@ -309,6 +309,7 @@ pub struct NodeTlsSpec {
 #[x_kube(validation = Rule::new("!self.uri.contains('/../') && !self.uri.endsWith('/..') && !self.uri.contains('%2e') && !self.uri.contains('%2E')").message("model.uri must not contain `..` path segments (plain or percent-encoded): it must stay inside its volume").reason(Reason::FieldValueForbidden))]
 #[x_kube(validation = Rule::new("!has(self.adapters) || self.adapters.all(a, self.adapters.exists_one(b, b.name == a.name))").message("adapter names must be unique within a node").reason(Reason::FieldValueInvalid))]
 #[x_kube(validation = Rule::new("!has(self.attention) || self.attention.kind != 'sliding-window' || self.architecture in ['bert', 'whisper-encoder']").message("sliding-window attention is served for the architectures bert and whisper-encoder (tokens in a 1-D order); use attention.kind full").reason(Reason::FieldValueInvalid))]
+#[x_kube(validation = Rule::new("!has(self.audioWindow) || self.architecture == 'whisper-encoder'").message("audioWindow applies to the whisper-encoder architecture only").reason(Reason::FieldValueInvalid))]
 pub struct ModelSpec {
     /// Where the weights are: `file:///path`, `pvc://claim/path`, `hf://org/name@revision` or `oci://registry/repo:tag`.
     // maxLength bounds what the API server estimates its CEL rules to cost.
@@ -328,6 +329,12 @@ pub struct ModelSpec {
     /// Attention pattern of the transformer core.
     #[serde(default)]
     pub attention: AttentionSpec,
+    /// Audio encoders: `full` (the default: whisper's padded 30 s window, 1500 frames, as it was
+    /// trained) or `clip` (only the clip's own frames: a 2 s clip costs 100 encoder frames).
+    /// Heads and fusion nodes must be trained on the setting they are served with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(clip|full)$"))]
+    pub audio_window: Option<String>,
 }
 
 fn default_revision() -> String {
@@ -918,6 +925,9 @@ impl ModalityNodeSpec {
         }
         if let Some(window) = self.model.attention.served_window() {
             args.extend(["--attention-window".to_string(), window.to_string()]);
+        }
+        if let Some(frames) = &self.model.audio_window {
+            args.extend(["--audio-window".to_string(), frames.clone()]);
         }
         args
     }

@@ -352,7 +352,9 @@ def append_result(key, title, intro, line, machine_desc, suffix=""):
     entry = f"- {datetime.date.today()} ({machine_desc}): `{line}`{suffix}\n"
     text = open(RESULTS).read() if os.path.exists(RESULTS) else "# Benchmark results\n"
     lines = text.splitlines(keepends=True)
-    start = next((i for i, l in enumerate(lines) if l.startswith(f"## {key}:")), None)
+    # By key (`## node: ...`) or, for a section whose title does not start with its key (the
+    # sliding-window part of bench-models), by the whole title.
+    start = next((i for i, l in enumerate(lines) if l.startswith(f"## {key}:") or l.strip() == f"## {title}"), None)
     if start is None:
         if not text.endswith("\n"):
             text += "\n"

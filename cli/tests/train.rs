@@ -1,6 +1,6 @@
 //! `prism train shared-space` end to end on real weights and real data: scikit-learn's digits,
 //! their names embedded by all-MiniLM-L6-v2, the names spoken by espeak-ng through whisper-base.
-//! A subset keeps it to about a minute (whisper costs ~1 s per clip on two cores; `make
+//! A subset keeps it short (whisper over each clip's own frames costs ~0.1 s a clip on two cores; `make
 //! bench-models` runs the whole set). The folders it writes must serve the shared space through
 //! the node's normal loader: "seven" lands nearer a handwritten 7 than any other digit.
 

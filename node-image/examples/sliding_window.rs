@@ -20,7 +20,7 @@ use base64::Engine as _;
 use prism_api::wire::node::{EmbedInput, InputItem};
 use prism_node::backend::cpu::simd::{self, HeadJob};
 use prism_node::backend::whisper::{decode_wav, wav_bytes, SAMPLE_RATE};
-use prism_node::backend::{self, DeviceChoice, LoadSpec, LoadedModel, Prepared};
+use prism_node::backend::{self, AudioWindow, DeviceChoice, LoadSpec, LoadedModel, Prepared};
 use serde_json::json;
 
 /// Median seconds of `reps` runs of `f` (after one warm-up run).
@@ -44,8 +44,11 @@ fn cosine(a: &[f32], b: &[f32]) -> f64 {
     dot / (na * nb)
 }
 
+/// A model with `window` (None: full attention); whisper over its padded 30 s window, the
+/// baseline the bands are measured against.
 fn load(arch: &str, dir: &str, window: Option<usize>) -> anyhow::Result<LoadedModel> {
-    let spec = LoadSpec { attention_window: window, ..LoadSpec::new(dir, DeviceChoice::Cpu) };
+    let spec =
+        LoadSpec { attention_window: window, audio_window: AudioWindow::Full, ..LoadSpec::new(dir, DeviceChoice::Cpu) };
     Ok(backend::load(arch, &spec)?)
 }
 
@@ -157,12 +160,31 @@ fn main() -> anyhow::Result<()> {
                               "speedup": full_s / band_s, "cosine": cos}));
         }
     }
+    // `--audio-window clip`: only the clip's own frames (no band), against the padded window.
+    let clip_spec = LoadSpec { audio_window: AudioWindow::Clip, ..LoadSpec::new(whisper.as_str(), DeviceChoice::Cpu) };
+    let mut clip_model = backend::load("whisper-encoder", &clip_spec)?;
+    let mut audio_clip = Vec::new();
+    for secs in [2usize, 5, 10] {
+        let input = [clip(secs)];
+        let (full_s, full_v) = timed_batch(&mut full_model, &input)?;
+        let (clip_s, clip_v) = timed_batch(&mut clip_model, &input)?;
+        let cos = cosine(&full_v[0], &clip_v[0]);
+        eprintln!(
+            "  whisper {secs:>2} s: padded window {:.0} ms, clip frames only {:.0} ms ({:.1}x), cosine {cos:.4}",
+            full_s * 1e3,
+            clip_s * 1e3,
+            full_s / clip_s
+        );
+        audio_clip.push(json!({"clip_s": secs, "full_ms": full_s * 1e3, "clip_ms": clip_s * 1e3,
+                               "speedup": full_s / clip_s, "cosine": cos}));
+    }
     let out = json!({
         "kernel_4k": {"tokens": 4096, "window": 256, "full_ms": full_4k * 1e3, "window_ms": band_4k * 1e3,
                       "speedup": full_4k / band_4k},
         "text_256": {"window": 64, "full_ms": text_full_s * 1e3, "window_ms": text_band_s * 1e3,
                      "speedup": text_full_s / text_band_s, "min_cosine": text_min_cos},
         "audio": audio,
+        "audio_clip": audio_clip,
     });
     println!("{out}");
     Ok(())

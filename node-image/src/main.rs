@@ -152,6 +152,11 @@ struct Args {
     /// whisper-encoder). Other architectures refuse it at start. Unset: full attention.
     #[arg(long, env = "PRISM_ATTENTION_WINDOW", value_parser = clap::value_parser!(u32).range(1..))]
     attention_window: Option<u32>,
+    /// Audio models: `full` computes whisper's padded 30 s window as it was trained; `clip`
+    /// encodes only the clip's own frames (a 2 s clip costs 100 encoder frames, not 1500). Heads
+    /// and fusion nodes must be trained on the setting they are served with.
+    #[arg(long, env = "PRISM_AUDIO_WINDOW", value_enum, default_value_t = backend::AudioWindow::Full)]
+    audio_window: backend::AudioWindow,
     /// CPU threads for the forward pass (default: all cores, or RAYON_NUM_THREADS). On small CPU
     /// pods one thread per replica, with more replicas, beats one replica with several threads.
     #[arg(long, env = "PRISM_THREADS")]
@@ -286,6 +291,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         max_input_tokens: args.max_input_tokens,
         adapters: args.adapters.clone(),
         attention_window: args.attention_window.map(|w| w as usize),
+        audio_window: args.audio_window,
     };
     let started = std::time::Instant::now();
     let model = tokio::task::spawn_blocking(move || arch.load_model(&spec))

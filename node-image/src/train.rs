@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::backend::classifier::{self, Classifier};
 use crate::backend::projection::{self, ProjectionHead};
-use crate::backend::{self, BackendError, DeviceChoice, LoadSpec};
+use crate::backend::{self, AudioWindow, BackendError, DeviceChoice, LoadSpec};
 
 pub mod corrections;
 pub mod fusion;
@@ -61,6 +61,8 @@ pub struct SharedSpaceConfig {
     /// Softmax temperature of the contrastive loss.
     pub temperature: f64,
     pub seed: u64,
+    /// The frames whisper computes: train on the setting the audio node serves.
+    pub audio_window: AudioWindow,
 }
 
 impl SharedSpaceConfig {
@@ -77,6 +79,7 @@ impl SharedSpaceConfig {
             hidden: 256,
             temperature: 0.1,
             seed: 20261201,
+            audio_window: AudioWindow::Full,
         }
     }
 }
@@ -143,12 +146,14 @@ impl Manifest {
         architecture: &str,
         dir: &Path,
         data: &Path,
+        audio_window: AudioWindow,
         progress: &mut dyn FnMut(String),
     ) -> Result<Embedded, TrainError> {
-        self.embed_as(modality, architecture, dir, data, Output::Pooled, progress)
+        self.embed_as(modality, architecture, dir, data, Output::Pooled, audio_window, progress)
     }
 
     /// [`Self::embed`], as pooled vectors or as token sequences.
+    #[allow(clippy::too_many_arguments)] // the encoder's folder and settings, the data, the output
     fn embed_as(
         &self,
         modality: &str,
@@ -156,6 +161,7 @@ impl Manifest {
         dir: &Path,
         data: &Path,
         output: Output,
+        audio_window: AudioWindow,
         progress: &mut dyn FnMut(String),
     ) -> Result<Embedded, TrainError> {
         match modality {
@@ -165,6 +171,7 @@ impl Manifest {
                 data,
                 self.images.iter().map(|i| Ok((file_input(data, "image", &i.file)?, i.label, i.split.as_str()))),
                 output,
+                audio_window,
                 progress,
             ),
             "text" => embed_split(
@@ -173,6 +180,7 @@ impl Manifest {
                 data,
                 self.texts.iter().map(|t| Ok((EmbedInput::Text(t.text.clone()), t.label, t.split.as_str()))),
                 output,
+                audio_window,
                 progress,
             ),
             "audio" => embed_split(
@@ -181,6 +189,7 @@ impl Manifest {
                 data,
                 self.audio.iter().map(|a| Ok((file_input(data, "audio", &a.file)?, a.label, a.split.as_str()))),
                 output,
+                audio_window,
                 progress,
             ),
             other => Err(TrainError::Data(format!("modality {other}: the paired data has vision, text and audio"))),
@@ -225,9 +234,10 @@ pub fn train_shared_space(
         )));
     }
     let started = Instant::now();
-    let images = manifest.embed("vision", "vit", &cfg.vision_model, &cfg.data, progress)?;
-    let texts = manifest.embed("text", "bert", &cfg.text_model, &cfg.data, progress)?;
-    let audio = manifest.embed("audio", "whisper-encoder", &cfg.audio_model, &cfg.data, progress)?;
+    let aw = cfg.audio_window;
+    let images = manifest.embed("vision", "vit", &cfg.vision_model, &cfg.data, aw, progress)?;
+    let texts = manifest.embed("text", "bert", &cfg.text_model, &cfg.data, aw, progress)?;
+    let audio = manifest.embed("audio", "whisper-encoder", &cfg.audio_model, &cfg.data, aw, progress)?;
     let embed_seconds = started.elapsed().as_secs_f64();
     for (name, e) in [("images", &images), ("texts", &texts), ("audio", &audio)] {
         if e.train_labels.is_empty() || e.test_labels.is_empty() {
@@ -404,13 +414,19 @@ fn embed_split<'a>(
     data: &Path,
     items: impl Iterator<Item = Result<(EmbedInput, usize, &'a str), TrainError>>,
     output: Output,
+    audio_window: AudioWindow,
     progress: &mut dyn FnMut(String),
 ) -> Result<Embedded, TrainError> {
     let items = items.collect::<Result<Vec<_>, _>>()?;
-    let what = match output {
+    let spec = LoadSpec { audio_window, ..LoadSpec::new(dir, DeviceChoice::Auto) };
+    let mut what = match output {
         Output::Pooled => String::new(),
         Output::Tokens(k) => format!("tokens{k}-"),
     };
+    // Whisper's vectors depend on the frames it computes (the padded window unless clip).
+    if architecture == "whisper-encoder" && spec.audio_window != AudioWindow::Full {
+        what += &format!("{:?}-", spec.audio_window).to_lowercase();
+    }
     let cache = data.join(".embeddings").join(format!("{architecture}-{what}{}.safetensors", cache_key(dir, &items)?));
     let cached = candle_core::safetensors::load(&cache, &Device::Cpu).ok().and_then(|mut t| t.remove("vectors"));
     let (vectors, d) = match cached.filter(|t| t.dims().first() == Some(&items.len())) {
@@ -419,7 +435,6 @@ fn embed_split<'a>(
             (t.to_vec2::<f32>()?, t.dims()[1])
         }
         None => {
-            let spec = LoadSpec::new(dir, DeviceChoice::Auto);
             let mut model = (backend::lookup(architecture)?.load)(&spec)?;
             progress(format!(
                 "embed: {} {} inputs with {architecture} from {}",

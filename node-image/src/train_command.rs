@@ -6,6 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use clap::{Args, Subcommand};
+use prism_node::backend::AudioWindow;
 use prism_node::train::corrections::{train_from_corrections, CorrectionsConfig};
 use prism_node::train::fusion::tokens::{train_token_fusion, TokenCounts};
 use prism_node::train::fusion::{train_fusion, FusionTrainConfig};
@@ -78,6 +79,9 @@ pub struct PairedData {
     /// Audio encoder folder (whisper-encoder architecture).
     #[arg(long, default_value = ".cache/models/whisper-base-encoder")]
     audio_model: PathBuf,
+    /// The frames whisper computes (prism-node's `--audio-window`): train on what you serve.
+    #[arg(long, env = "PRISM_AUDIO_WINDOW", value_enum, default_value_t = AudioWindow::Full)]
+    audio_window: AudioWindow,
 }
 
 #[derive(Args, Debug)]
@@ -192,6 +196,7 @@ pub fn run(cmd: TrainCmd) -> anyhow::Result<()> {
                 hidden: a.hidden,
                 temperature: a.temperature,
                 seed: a.seed,
+                audio_window: a.paired.audio_window,
                 ..SharedSpaceConfig::new(
                     a.paired.data,
                     a.paired.text_model,
@@ -232,6 +237,7 @@ pub fn run(cmd: TrainCmd) -> anyhow::Result<()> {
                 input_noise: a.input_noise,
                 weight_decay: a.weight_decay,
                 seed: a.seed,
+                audio_window: a.paired.audio_window,
                 ..FusionTrainConfig::new(
                     a.paired.data,
                     a.paired.text_model,

@@ -9,7 +9,7 @@ use std::path::PathBuf;
 
 use base64::Engine;
 use prism_api::wire::node::{EmbedInput, InputItem};
-use prism_node::backend::{self, whisper, BackendError, DeviceChoice, LoadSpec};
+use prism_node::backend::{self, whisper, AudioWindow, BackendError, DeviceChoice, LoadSpec};
 
 fn models() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.cache/models")
@@ -38,8 +38,9 @@ fn audio_input(bytes: &[u8]) -> EmbedInput {
     })
 }
 
+/// Whisper as trained (the padded 30 s window): what the numpy reference computes.
 fn load() -> backend::LoadedModel {
-    let spec = LoadSpec::new(model_dir(), DeviceChoice::Cpu);
+    let spec = LoadSpec { audio_window: AudioWindow::Full, ..LoadSpec::new(model_dir(), DeviceChoice::Cpu) };
     backend::load("whisper-encoder", &spec).expect("loading whisper-base encoder")
 }
 
@@ -148,7 +149,11 @@ fn rejects_wrong_rate_and_non_audio_inputs() {
 }
 
 fn load_windowed(window: usize) -> backend::LoadedModel {
-    let spec = LoadSpec { attention_window: Some(window), ..LoadSpec::new(model_dir(), DeviceChoice::Cpu) };
+    let spec = LoadSpec {
+        attention_window: Some(window),
+        audio_window: AudioWindow::Full,
+        ..LoadSpec::new(model_dir(), DeviceChoice::Cpu)
+    };
     backend::load("whisper-encoder", &spec).expect("loading whisper-base encoder with a sliding window")
 }
 
@@ -212,3 +217,33 @@ fn frame_tokens_cover_the_real_audio_and_pool_to_the_served_vector() {
     let c = common::cosine(&common::mean_pool(&tokens[0]), &pooled[0]);
     assert!(c > 0.99999, "mean of the frame tokens vs the served vector: cosine {c}");
 }
+
+/// `--audio-window clip`: a clip costs its own encoder frames, not the padded window's 1500; its
+/// vector does not depend on the longer clips batched with it; and it stays close to whisper's
+/// padded-window vector.
+#[test]
+fn clip_window_computes_only_the_clips_frames_and_ignores_its_batch() {
+    let spec = LoadSpec { audio_window: AudioWindow::Clip, ..LoadSpec::new(model_dir(), DeviceChoice::Cpu) };
+    let mut clip = backend::load("whisper-encoder", &spec).expect("load");
+    let mut full = load();
+    let short = wav("clone-test.wav"); // 4.1 s: 206 encoder frames
+    let long = wav("beckett.wav");
+    let p = |m: &backend::LoadedModel, bytes: &[u8]| m.preprocessor.preprocess(&audio_input(bytes)).expect("prep");
+    assert_eq!(p(&clip, &short).cost, 206);
+    assert_eq!(p(&full, &short).cost, 1500);
+    let alone = clip.encoder.encode_batch(&[p(&clip, &short)]).expect("encode");
+    let beside = clip.encoder.encode_batch(&[p(&clip, &short), p(&clip, &long)]).expect("encode");
+    let c = common::cosine(&alone[0], &beside[0]);
+    assert!(c > 0.99999, "a longer clip in the batch changed the short clip's vector (cosine {c})");
+    for bytes in [&short, &long] {
+        let padded = full.encoder.encode_batch(&[p(&full, bytes)]).expect("encode");
+        let own = clip.encoder.encode_batch(&[p(&clip, bytes)]).expect("encode");
+        let c = common::cosine(&own[0], &padded[0]);
+        eprintln!("clip frames vs padded 30 s window: cosine {c:.4}");
+        assert!(c > MIN_CLIP_COSINE, "clip-window vector too far from whisper's padded window: cosine {c}");
+    }
+}
+
+/// 0.979 and 0.993 on the two speech samples (2026-12-07, bench/RESULTS.md); a broken clip path
+/// (wrong positions, padding attended to) lands far below.
+const MIN_CLIP_COSINE: f64 = 0.95;

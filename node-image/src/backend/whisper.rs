@@ -9,9 +9,12 @@
 //! Front end: the HF `WhisperFeatureExtractor` log-mel (pad to 30 s, centred STFT with reflect
 //! padding, n_fft 400, hop 160, periodic Hann, power spectrum, 80 Slaney mel bins, log10, clamp to
 //! max - 8, (x + 4) / 4), computed on the request path. Encoder: conv1 + GELU, conv2 (stride 2) +
-//! GELU, positions, pre-norm blocks, final LayerNorm, as whisper was trained (always on 30 s windows:
-//! shorter inputs would put the model out of distribution). The embedding is the mean over the
-//! encoder frames that cover real audio (not the padding), L2-normalised.
+//! GELU, positions, pre-norm blocks, final LayerNorm. Whisper was trained on 30 s windows, and
+//! by default (`--audio-window full`) every clip is padded to one. `--audio-window clip` runs the
+//! encoder over the clip's own frames only (the first positions, the padding never computed),
+//! which changes the vectors a little and the cost a lot: a 2 s clip is 100 frames, not 1500.
+//! The embedding is the mean over the encoder frames that cover real audio (not the padding),
+//! L2-normalised.
 
 use std::io::Cursor;
 use std::sync::Arc;
@@ -25,7 +28,8 @@ use serde::Deserialize;
 
 use super::transformer::{self as core, Act, Block, WHISPER_NAMES};
 use super::{
-    device_name, BackendError, Encoder, LoadSpec, LoadedModel, ModelInfo, Prepared, Preprocessor, TokenStates,
+    device_name, AudioWindow, BackendError, Encoder, LoadSpec, LoadedModel, ModelInfo, Prepared, Preprocessor,
+    TokenStates,
 };
 
 pub const SAMPLE_RATE: u32 = 16_000;
@@ -214,18 +218,21 @@ pub fn input_audio(input: &EmbedInput) -> Result<Vec<u8>, BackendError> {
 
 pub struct WhisperPreprocessor {
     logmel: LogMel,
+    window: AudioWindow,
     /// How far (in encoder frames) the real frames' outputs can see past the clip's end: layers x
     /// band radius under sliding-window attention, `None` under full attention.
     reach: Option<usize>,
 }
 
-/// Encoder frames that must be computed so the first `real_frames` come out exact: all 1500
+/// Encoder frames to compute for a clip of `real_frames`. [`AudioWindow::Clip`]: those frames
+/// only. [`AudioWindow::Full`]: enough that they come out as in the whole 30 s window: all 1500
 /// under full attention; under a band of radius r over l layers, frame t depends only on frames
-/// up to t + l·r, so the rest of the 30 s window is never computed.
-pub fn frames_to_compute(real_frames: usize, reach: Option<usize>) -> usize {
-    match reach {
-        Some(reach) => (real_frames + reach).min(N_FRAMES / 2),
-        None => N_FRAMES / 2,
+/// up to t + l·r, so the rest of the window is never computed.
+pub fn frames_to_compute(real_frames: usize, reach: Option<usize>, window: AudioWindow) -> usize {
+    match (window, reach) {
+        (AudioWindow::Clip, _) => real_frames.min(N_FRAMES / 2),
+        (AudioWindow::Full, Some(reach)) => (real_frames + reach).min(N_FRAMES / 2),
+        (AudioWindow::Full, None) => N_FRAMES / 2,
     }
 }
 
@@ -234,9 +241,9 @@ impl Preprocessor for WhisperPreprocessor {
         let samples = decode_wav(&input_audio(input)?)?;
         let real_frames = real_encoder_frames(samples.len());
         let mel = self.logmel.compute(&samples);
-        // Under full attention every clip costs a full 30 s window (1500 encoder positions),
-        // whatever its length; under a sliding window only its frames and the band's reach.
-        Ok(Prepared::new(frames_to_compute(real_frames, self.reach), AudioFeatures { mel, real_frames }))
+        // A clip costs its own frames; under AudioWindow::Full, a whole 30 s window (1500
+        // encoder positions), or under a sliding window its frames and the band's reach.
+        Ok(Prepared::new(frames_to_compute(real_frames, self.reach, self.window), AudioFeatures { mel, real_frames }))
     }
 
     fn warmup_input(&self) -> EmbedInput {
@@ -281,6 +288,7 @@ pub struct WhisperEncoder {
     device: Device,
     /// See [`WhisperPreprocessor::reach`].
     reach: Option<usize>,
+    window: AudioWindow,
 }
 
 impl WhisperEncoder {
@@ -306,35 +314,46 @@ impl WhisperEncoder {
 
 impl Encoder for WhisperEncoder {
     fn encode_batch(&mut self, batch: &[Prepared]) -> Result<Vec<Vec<f32>>, BackendError> {
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        let items: Vec<&AudioFeatures> =
-            batch.iter().map(|p| p.payload::<AudioFeatures>()).collect::<Result<_, _>>()?;
-        let states = self.states(&items)?;
-        items.iter().enumerate().map(|(i, it)| core::mean_pool_l2(&states.get(i)?, it.real_frames)).collect()
+        self.item_states(batch)?.iter().map(|(frames, n)| core::mean_pool_l2(frames, *n)).collect()
     }
 
     fn encode_tokens(&mut self, batch: &[Prepared]) -> Result<Vec<TokenStates>, BackendError> {
-        if batch.is_empty() {
-            return Ok(Vec::new());
-        }
-        let items: Vec<&AudioFeatures> =
-            batch.iter().map(|p| p.payload::<AudioFeatures>()).collect::<Result<_, _>>()?;
-        let states = self.states(&items)?;
-        let dim = states.dim(2)?;
-        items
-            .iter()
-            .enumerate()
-            .map(|(i, it)| {
-                let frames = states.get(i)?.narrow(0, 0, it.real_frames.min(states.dim(1)?))?;
-                Ok(TokenStates { dim, values: frames.flatten_all()?.to_vec1()? })
+        self.item_states(batch)?
+            .into_iter()
+            .map(|(frames, n)| {
+                let frames = frames.narrow(0, 0, n.min(frames.dim(0)?))?;
+                Ok(TokenStates { dim: frames.dim(1)?, values: frames.flatten_all()?.to_vec1()? })
             })
             .collect()
     }
 }
 
 impl WhisperEncoder {
+    /// Each item's encoder states [frames, d] with its number of real frames, in batch order.
+    /// Items run together when they need the same frames (a padded 30 s window needs all 1500;
+    /// clips of one length); a clip computed over its own frames runs apart from longer ones, or
+    /// it would attend to frames past its end that it never has alone.
+    fn item_states(&self, batch: &[Prepared]) -> Result<Vec<(Tensor, usize)>, BackendError> {
+        let items: Vec<&AudioFeatures> =
+            batch.iter().map(|p| p.payload::<AudioFeatures>()).collect::<Result<_, _>>()?;
+        let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = std::collections::BTreeMap::new();
+        for (i, it) in items.iter().enumerate() {
+            let frames = frames_to_compute(it.real_frames, self.reach, self.window);
+            // A sliding window keeps outputs exact within the longest item's reach, as before.
+            let key = if self.window == AudioWindow::Full { 0 } else { frames };
+            groups.entry(key).or_default().push(i);
+        }
+        let mut out: Vec<Option<(Tensor, usize)>> = vec![None; items.len()];
+        for idx in groups.into_values() {
+            let group: Vec<&AudioFeatures> = idx.iter().map(|i| items[*i]).collect();
+            let states = self.states(&group)?;
+            for (k, i) in idx.into_iter().enumerate() {
+                out[i] = Some((states.get(k)?, items[i].real_frames));
+            }
+        }
+        out.into_iter().map(|s| s.ok_or_else(|| BackendError::Inference("an item was not encoded".into()))).collect()
+    }
+
     /// Encoder states [b, frames, d] of a batch, as many frames as its longest clip needs.
     fn states(&self, items: &[&AudioFeatures]) -> Result<Tensor, BackendError> {
         let mut flat = Vec::with_capacity(items.len() * self.n_mels * N_FRAMES);
@@ -343,7 +362,7 @@ impl WhisperEncoder {
         }
         let mel = Tensor::from_vec(flat, (items.len(), self.n_mels, N_FRAMES), &self.device)?;
         let longest = items.iter().map(|it| it.real_frames).max().unwrap_or(1);
-        Ok(self.forward_frames(&mel, frames_to_compute(longest, self.reach))?)
+        Ok(self.forward_frames(&mel, frames_to_compute(longest, self.reach, self.window))?)
     }
 }
 
@@ -390,6 +409,7 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
         n_mels: cfg.num_mel_bins,
         device: device.clone(),
         reach,
+        window: spec.audio_window,
     };
     Ok(LoadedModel {
         info: ModelInfo {
@@ -400,7 +420,11 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
             max_input_tokens: None,
             classifier: None,
         },
-        preprocessor: Arc::new(WhisperPreprocessor { logmel: LogMel::new(cfg.num_mel_bins), reach }),
+        preprocessor: Arc::new(WhisperPreprocessor {
+            logmel: LogMel::new(cfg.num_mel_bins),
+            reach,
+            window: spec.audio_window,
+        }),
         encoder: Box::new(encoder),
     })
 }

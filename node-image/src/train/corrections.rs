@@ -158,8 +158,10 @@ pub fn train_from_corrections(
     if cfg.modality != "text" && cfg.modality != "audio" {
         return Err(TrainError::Data(format!("--modality {}: heads exist for text and audio", cfg.modality)));
     }
-    let images = manifest.embed("vision", "vit", &cfg.vision_model, &cfg.data, progress)?;
-    let replay = manifest.embed(&cfg.modality, &cfg.architecture, &cfg.model, &cfg.data, progress)?;
+    // Whisper's padded window, as the nodes serve by default.
+    let aw = crate::backend::AudioWindow::Full;
+    let images = manifest.embed("vision", "vit", &cfg.vision_model, &cfg.data, aw, progress)?;
+    let replay = manifest.embed(&cfg.modality, &cfg.architecture, &cfg.model, &cfg.data, aw, progress)?;
     let raw = embed_inputs(cfg, examples.iter().map(|e| &e.input))?;
     let (mut corr_train, mut corr_train_labels, mut corr_held, mut corr_held_labels) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -53,6 +53,8 @@ pub struct FusionTrainConfig {
     pub input_noise: f64,
     pub weight_decay: f64,
     pub seed: u64,
+    /// The frames whisper computes: train on the setting the audio node serves.
+    pub audio_window: crate::backend::AudioWindow,
 }
 
 impl FusionTrainConfig {
@@ -73,6 +75,7 @@ impl FusionTrainConfig {
             input_noise: 0.5,
             weight_decay: 1e-4,
             seed: 20261207,
+            audio_window: crate::backend::AudioWindow::Full,
         }
     }
 }
@@ -135,10 +138,19 @@ pub fn train_fusion(cfg: &FusionTrainConfig, progress: &mut dyn FnMut(String)) -
     }
     let started = Instant::now();
     let (data, images, clips) = (&cfg.data, &corrupted.images, &corrupted.audio);
-    let vision = embed_split("vit", &cfg.vision_model, data, files(data, images, "image"), Output::Pooled, progress)?;
-    let audio =
-        embed_split("whisper-encoder", &cfg.audio_model, data, files(data, clips, "audio"), Output::Pooled, progress)?;
-    let mut text = manifest.embed("text", "bert", &cfg.text_model, &cfg.data, progress)?;
+    let aw = cfg.audio_window;
+    let vision =
+        embed_split("vit", &cfg.vision_model, data, files(data, images, "image"), Output::Pooled, aw, progress)?;
+    let audio = embed_split(
+        "whisper-encoder",
+        &cfg.audio_model,
+        data,
+        files(data, clips, "audio"),
+        Output::Pooled,
+        aw,
+        progress,
+    )?;
+    let mut text = manifest.embed("text", "bert", &cfg.text_model, &cfg.data, aw, progress)?;
     let (mut vision, mut audio) = (vision, audio);
     // Every model here trains on standardised vectors; the fusion folders fold it into proj.<m>.
     let scales = BTreeMap::from([

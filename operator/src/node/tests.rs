@@ -433,6 +433,20 @@ fn a_sliding_window_reaches_the_server_and_full_attention_adds_no_flag() {
 }
 
 #[test]
+fn the_audio_window_reaches_the_server_only_when_set() {
+    let frames = |mn: &ModalityNode| {
+        let o = desired_objects(mn, &cfg(), None).unwrap();
+        let args = pod_spec(&o).containers[0].args.clone().unwrap();
+        args.iter().position(|a| a == "--audio-window").map(|i| args[i + 1].clone())
+    };
+    let mut mn = mk_node("n", "audio", "file:///models/whisper");
+    mn.spec.model.architecture = "whisper-encoder".into();
+    assert_eq!(frames(&mn), None, "unset: the node's default (full)");
+    mn.spec.model.audio_window = Some("clip".into());
+    assert_eq!(frames(&mn).as_deref(), Some("clip"));
+}
+
+#[test]
 fn a_spec_the_operator_cannot_build_says_so_in_ready_and_degraded_and_what_keeps_running() {
     let mut mn = mk_node("n", "text", "ftp://models/m");
     let why = match desired_objects(&mn, &cfg(), None) {

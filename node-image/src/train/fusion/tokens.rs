@@ -121,18 +121,22 @@ pub fn train_token_fusion(
     let started = Instant::now();
     let data = &cfg.data;
     let (images, clips) = (&corrupted.images, &corrupted.audio);
-    let mut vision = embed_split(
-        "vit",
-        &cfg.vision_model,
+    let aw = cfg.audio_window;
+    let image_files = files(data, images, "image");
+    let mut vision =
+        embed_split("vit", &cfg.vision_model, data, image_files, Output::Tokens(counts.vision), aw, progress)?;
+    let audio_files = files(data, clips, "audio");
+    let mut audio = embed_split(
+        "whisper-encoder",
+        &cfg.audio_model,
         data,
-        files(data, images, "image"),
-        Output::Tokens(counts.vision),
+        audio_files,
+        Output::Tokens(counts.audio),
+        aw,
         progress,
     )?;
-    let audio_files = files(data, clips, "audio");
-    let mut audio =
-        embed_split("whisper-encoder", &cfg.audio_model, data, audio_files, Output::Tokens(counts.audio), progress)?;
-    let mut text = manifest.embed_as("text", "bert", &cfg.text_model, data, Output::Tokens(counts.text), progress)?;
+    let mut text =
+        manifest.embed_as("text", "bert", &cfg.text_model, data, Output::Tokens(counts.text), aw, progress)?;
     let k = BTreeMap::from([
         ("audio".to_string(), counts.audio),
         ("text".to_string(), counts.text),
