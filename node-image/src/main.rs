@@ -208,6 +208,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if args.max_batch == 0 || args.max_batch_tokens == 0 || args.max_queue == 0 || args.max_inputs == 0 {
         bail!("--max-batch, --max-batch-tokens, --max-queue and --max-inputs must be at least 1");
     }
+    if !(args.shutdown_delay_s.is_finite() && (0.0..=3600.0).contains(&args.shutdown_delay_s)) {
+        bail!("--shutdown-delay-s must be between 0 and 3600 seconds, got {}", args.shutdown_delay_s);
+    }
     let arch = backend::lookup(&args.architecture)?;
     let modality = args.modality.clone().unwrap_or_else(|| arch.modality.to_string());
     if modality != arch.modality {
@@ -258,9 +261,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     health_reporter.set_not_serving::<prism_node::pb::node_server::NodeServer<NodeService>>().await;
     health_reporter.set_service_status("", tonic_health::ServingStatus::NotServing).await;
 
-    if !(args.shutdown_delay_s.is_finite() && (0.0..=3600.0).contains(&args.shutdown_delay_s)) {
-        anyhow::bail!("--shutdown-delay-s must be between 0 and 3600 seconds, got {}", args.shutdown_delay_s);
-    }
     let delay = std::time::Duration::from_secs_f64(args.shutdown_delay_s);
     let http_app = http::router(state.clone());
     let http_task = tokio::spawn(async move {

@@ -338,9 +338,12 @@ impl WhisperEncoder {
             batch.iter().map(|p| p.payload::<AudioFeatures>()).collect::<Result<_, _>>()?;
         let mut groups: std::collections::BTreeMap<usize, Vec<usize>> = std::collections::BTreeMap::new();
         for (i, it) in items.iter().enumerate() {
-            let frames = frames_to_compute(it.real_frames, self.reach, self.window);
-            // A sliding window keeps outputs exact within the longest item's reach, as before.
-            let key = if self.window == AudioWindow::Full { 0 } else { frames };
+            // Under Full the whole batch is one group: the longest item's frames (1500, or its
+            // reach under a band) keep every item exact.
+            let key = match self.window {
+                AudioWindow::Full => 0,
+                AudioWindow::Clip => frames_to_compute(it.real_frames, self.reach, self.window),
+            };
             groups.entry(key).or_default().push(i);
         }
         let mut out: Vec<Option<(Tensor, usize)>> = vec![None; items.len()];

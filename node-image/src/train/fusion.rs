@@ -125,17 +125,8 @@ const SUBSETS: [(&[&str], usize); 6] = [
 /// Trains both fusion nodes and the single-modality baselines, writes the two served folders
 /// and returns the held-out figures. `progress` gets one line per phase and every 200 steps.
 pub fn train_fusion(cfg: &FusionTrainConfig, progress: &mut dyn FnMut(String)) -> Result<FusionReport, TrainError> {
-    let manifest = Manifest::read(&cfg.data)?;
+    let (manifest, corrupted) = read_corrupted(&cfg.data)?;
     let classes = manifest.labels.len();
-    let Some(corrupted) = &manifest.corrupted else {
-        return Err(TrainError::Data(format!(
-            "{}: has no `corrupted` set; run `make models` (scripts/make-digits-pairs.py writes it)",
-            cfg.data.join("manifest.json").display()
-        )));
-    };
-    if classes < 2 {
-        return Err(TrainError::Data("the paired data needs at least two labels".into()));
-    }
     let started = Instant::now();
     let (data, images, clips) = (&cfg.data, &corrupted.images, &corrupted.audio);
     let aw = cfg.audio_window;
@@ -259,12 +250,25 @@ fn network_config(
     }
 }
 
+/// The paired data's manifest and its `corrupted` set (taken out of it), checked for what
+/// training needs before minutes of embedding: the set itself and at least two labels.
+fn read_corrupted(data: &Path) -> Result<(Manifest, Corrupted), TrainError> {
+    let mut manifest = Manifest::read(data)?;
+    let Some(corrupted) = manifest.corrupted.take() else {
+        return Err(TrainError::Data(format!(
+            "{}: has no `corrupted` set; run `make models` (scripts/make-digits-pairs.py writes it)",
+            data.join("manifest.json").display()
+        )));
+    };
+    if manifest.labels.len() < 2 {
+        return Err(TrainError::Data("the paired data needs at least two labels".into()));
+    }
+    Ok((manifest, corrupted))
+}
+
 /// Every label has train and held-out items in every modality (the batches draw one of each per
 /// label, the held-out pairs match a clip to each image), and no item has an unnamed label.
 fn check_labels(pools: &BTreeMap<&str, &Embedded>, classes: usize) -> Result<(), TrainError> {
-    if classes < 2 {
-        return Err(TrainError::Data("the paired data needs at least two labels".into()));
-    }
     for (name, e) in pools {
         if let Some(c) = (0..classes).find(|c| !e.train_labels.contains(c) || !e.test_labels.contains(c)) {
             return Err(TrainError::Data(format!("{name}: label {c} needs train and held-out items")));

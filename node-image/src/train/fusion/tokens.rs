@@ -26,11 +26,11 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use super::{
-    check_labels, files, io, network_config, softmax_rows, top1, train_loop, Embedded, FusionModel, FusionTrainConfig,
-    HeldOutPairs, Standardizer, SUBSETS,
+    check_labels, files, io, network_config, read_corrupted, softmax_rows, top1, train_loop, Embedded, FusionModel,
+    FusionTrainConfig, HeldOutPairs, Standardizer, SUBSETS,
 };
 use crate::backend::fusion::FusionConfig;
-use crate::train::{embed_split, Manifest, Output, SplitMix64, TrainError};
+use crate::train::{embed_split, Output, SplitMix64, TrainError};
 
 /// Steps between two held-out evaluations.
 pub const EVAL_EVERY: usize = 100;
@@ -107,14 +107,8 @@ pub fn train_token_fusion(
     counts: &TokenCounts,
     progress: &mut dyn FnMut(String),
 ) -> Result<TokenFusionReport, TrainError> {
-    let manifest = Manifest::read(&cfg.data)?;
+    let (manifest, corrupted) = read_corrupted(&cfg.data)?;
     let classes = manifest.labels.len();
-    let Some(corrupted) = &manifest.corrupted else {
-        return Err(TrainError::Data(format!(
-            "{}: has no `corrupted` set; run `make models` (scripts/make-digits-pairs.py writes it)",
-            cfg.data.join("manifest.json").display()
-        )));
-    };
     if [counts.vision, counts.audio, counts.text].contains(&0) {
         return Err(TrainError::Data("every modality needs at least one token".into()));
     }
