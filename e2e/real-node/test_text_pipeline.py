@@ -1278,6 +1278,8 @@ def inside_main(args):
                     ["-n", NS, "describe", "pods"], ["-n", NS, "get", "events", "--sort-by=.lastTimestamp"]):
             print(kubectl(*cmd, check_rc=False, timeout=30)[-6000:], file=sys.stderr)
         print(f"operator log: {LOGS}/operator.log", file=sys.stderr)
+        # Again after the dumps: CI shows only the tail of a failed run.
+        print(f"E2E-REAL FAILED: {e}", file=sys.stderr, flush=True)
         return 1
     finally:
         poll_stop.set()

@@ -29,8 +29,10 @@ use crate::{Error, OperatorConfig, Result};
 
 /// Component label value of node workloads.
 pub const COMPONENT: &str = "modality-node";
-/// Seconds a stopping node pod keeps answering (its `--shutdown-delay-s`).
-pub const NODE_SHUTDOWN_DELAY_S: &str = "3";
+/// Seconds a stopping node pod keeps answering (its `--shutdown-delay-s`): it must outlast the
+/// path from its deletion to every router (kubelet, API server, operator, routing ConfigMap,
+/// router watch). 5 s, as routers; drain (10 s at most) follows, within the default 30 s grace.
+pub const NODE_SHUTDOWN_DELAY_S: &str = "5";
 
 /// The objects one ModalityNode owns.
 #[derive(Clone, Debug, PartialEq)]
