@@ -71,7 +71,7 @@ bench-node: models ## prism-node vs PyTorch, ONNX Runtime, OpenVINO, IPEX on CPU
 	bash scripts/install-bench-node-deps.sh
 	python3 bench/node/bench.py --bin $(RELEASE_BIN)/prism-node --torch-python bench/.venv/bin/python $(BENCH_ARGS)
 
-.PHONY: train-space train-fusion train-fusion-tokens bench-models
+.PHONY: train-space train-fusion train-fusion-tokens bench-models bench-models-torch
 train-space: models ## prism train shared-space: text/audio heads into vit-digits' space (.cache/models/digits-space)
 	$(CARGO) build --release -p prism -p prism-node --bins
 	$(RELEASE_BIN)/prism train shared-space
@@ -84,10 +84,17 @@ train-fusion-tokens: models ## prism train fusion --tokens: Mixture-of-Transform
 	$(CARGO) build --release -p prism -p prism-node --bins
 	$(RELEASE_BIN)/prism train fusion --tokens
 
-bench-models: models ## shared-space retrieval, per-modality throughput, parallel nodes vs one monolithic process, sliding-window attention (BENCH_ARGS=--sliding-only)
+bench-models: models ## shared-space retrieval, per-modality throughput and ratio to PyTorch, parallel nodes vs one monolithic process, sliding-window attention (BENCH_ARGS=--sliding-only)
 	$(CARGO) build --release -p prism -p prism-node -p prism-router --bins
-	$(CARGO) build --release -p prism-node --example monolithic --example sliding_window
+	$(CARGO) build --release -p prism-node --example monolithic --example sliding_window --example forward
+	bash scripts/install-bench-node-deps.sh
+	bench/.venv/bin/python bench/models/vs_torch.py --bin $(RELEASE_BIN)/prism-node
 	python3 bench/models/run.py $(BENCH_ARGS)
+
+bench-models-torch: models ## vision, audio and fusion nodes vs PyTorch (transformers) on the same weights and inputs
+	$(CARGO) build --release -p prism-node --bin prism-node --example forward
+	bash scripts/install-bench-node-deps.sh
+	bench/.venv/bin/python bench/models/vs_torch.py --bin $(RELEASE_BIN)/prism-node $(BENCH_ARGS)
 # --- end node ---
 
 # --- train (distributed) ---

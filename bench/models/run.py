@@ -211,6 +211,19 @@ def sliding_table(s):
     return "; ".join(rows)
 
 
+def torch_fields():
+    """The ratios to PyTorch that bench/models/vs_torch.py (run first by `make bench-models`)
+    measured in the last hour, as line fields; nothing when it did not run."""
+    path = os.path.join(ROOT, ".cache", "bench", "models-torch.json")
+    try:
+        r = json.load(open(path))
+    except (OSError, ValueError):
+        return ""
+    if time.time() - r.get("at", 0) > 3600:
+        return ""
+    return "".join(f" {k}={r[k]:.2f}" for k in ("vision_ratio", "audio_ratio", "audio_clip_ratio", "fusion_ratio"))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--prism", default=os.path.join(TARGET, "release", "prism"))
@@ -302,6 +315,7 @@ def main():
               f"MoT over tokens vs dense (same batches, {mot['steps']} steps): held-out loss {mot['mot_loss']:.3f} vs "
               f"{mot['dense_loss']:.3f}, top-1 {mot['mot_top1']:.3f} vs {mot['dense_top1']:.3f}; "
               f"{sliding_table(slide)}")
+    line += torch_fields()
     headline(args, "models", "models: shared space, per-modality throughput, parallel nodes vs monolithic",
              INTRO, line, f"{args.requests} requests", load_before, suffix=suffix)
 
