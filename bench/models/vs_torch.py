@@ -59,9 +59,17 @@ def start_node(binary, model, arch, extra=()):
     return proc, url
 
 
+def served_rate(binary, model_dir, arch, items, batch, rounds, extra=()):
+    """A node of `arch` serving `model_dir`: items/s of `rounds` sequential /embed calls of `batch`
+    items (after it answered every item once), and the vectors of those items."""
+    proc, url = start_node(binary, model_dir, arch, extra)
+    try:
+        return prism_rate(url, items, batch, rounds)
+    finally:
+        proc.kill()
+
+
 def prism_rate(url, items, batch, rounds):
-    """items/s of `rounds` sequential /embed calls of `batch` items (after one warm call), and
-    the vectors of the first `len(items)` items."""
     def embed(chunk):
         status, body, _ = call(url + "/embed", {"inputs": chunk}, timeout=300)
         if status != 200:
@@ -136,11 +144,7 @@ def vision(torch, binary, example):
     px = torch.tensor((px - 0.5) / 0.5).permute(0, 3, 1, 2).contiguous()
     torch_ips, tv = torch_rate(torch, lambda x: model(pixel_values=x).pooler_output, px, 32, 16)
     items = [{"image_base64": b64(f)} for f in files]
-    proc, url = start_node(binary, model_dir, "vit")
-    try:
-        prism_ips, pv = prism_rate(url, items, 32, 16)
-    finally:
-        proc.kill()
+    prism_ips, pv = served_rate(binary, model_dir, "vit", items, 32, 16)
     return {"prism_ips": prism_ips, "forward_ips": forward_rate(example, "vit", model_dir, items, 32, 16),
             "torch_ips": torch_ips, "cos_min": cos_min(torch, pv, tv), "items": len(files)}
 
@@ -173,11 +177,7 @@ def audio(torch, binary, example):
     items = [{"audio_base64": b64(f)} for f in files]
     out = {"torch_ips": torch_ips, "items": len(files)}
     for window in ("full", "clip"):
-        proc, url = start_node(binary, model_dir, "whisper-encoder", ["--audio-window", window])
-        try:
-            ips, pv = prism_rate(url, items, 4, 4)
-        finally:
-            proc.kill()
+        ips, pv = served_rate(binary, model_dir, "whisper-encoder", items, 4, 4, ["--audio-window", window])
         out[f"prism_{window}_ips"] = ips
         out[f"forward_{window}_ips"] = forward_rate(example, "whisper-encoder", model_dir, items, 4, 4, window)
         out[f"{window}_cos_min"] = cos_min(torch, pv, tv)
@@ -216,11 +216,7 @@ def fusion(torch, binary, example):
     emb = {m: F.normalize(torch.randn(n, d, generator=g), dim=-1) for m, d in sorted(cfg["modalities"].items())}
     torch_ips, tv = torch_rate(torch, forward, emb, 32, 32)
     items = [{"embeddings": {m: emb[m][i].tolist() for m in mods}} for i in range(n)]
-    proc, url = start_node(binary, model_dir, "mot-fusion")
-    try:
-        prism_ips, pv = prism_rate(url, items, 32, 32)
-    finally:
-        proc.kill()
+    prism_ips, pv = served_rate(binary, model_dir, "mot-fusion", items, 32, 32)
     return {"prism_ips": prism_ips, "forward_ips": forward_rate(example, "mot-fusion", model_dir, items, 32, 32),
             "torch_ips": torch_ips, "cos_min": cos_min(torch, pv, tv), "items": n}
 
