@@ -169,6 +169,13 @@ impl Balancer {
             let mut map = BTreeMap::new();
             for ep in eps {
                 let stats = match old.get(&ep.endpoint) {
+                    // Probes only go to ready replicas, so a replica's heartbeat age starts when
+                    // it turns ready: one listed unready for a few seconds (a rolling update's
+                    // new pod) would otherwise count as missed probes and be passed over until
+                    // its first probe, while it may be the only replica left.
+                    Some(s) if ep.ready && !s.endpoint.ready => {
+                        ReplicaStats { endpoint: ep.clone(), last_heartbeat_ms: now_ms, ..s.clone() }
+                    }
                     Some(s) => ReplicaStats { endpoint: ep.clone(), ..s.clone() },
                     None => ReplicaStats::new(ep.clone(), now_ms),
                 };
@@ -727,6 +734,25 @@ mod tests {
             "p_fail={}",
             b.stats("text", e).unwrap().p_fail(6_500.0, Some(500.0))
         );
+    }
+
+    #[test]
+    fn a_replica_that_turns_ready_is_eligible_before_its_first_probe() {
+        // A rolling update: the new pod is listed unready for 4 s (never probed meanwhile), then
+        // ready while the old one goes. It is the only replica left and must take calls at once,
+        // not after its first probe (with 500 ms probes, 4 s unprobed read as 8 missed ones).
+        let mut b = balancer(vec![ep(0, true, 1.0, 0.9), ep(1, false, 1.0, 0.9)]);
+        b.heartbeat_interval_ms = Some(500.0);
+        let policy = RoutingPolicy::default();
+        let mut t = BTreeMap::new();
+        t.insert("text".to_string(), vec![ep(0, false, 1.0, 0.9), ep(1, true, 1.0, 0.9)]);
+        b.apply_table(&t, 4_000.0);
+        let new = ep(1, true, 1.0, 0.9).endpoint;
+        let chosen = b.choose("text", &policy, &BTreeSet::new(), 4_000.0, &mut StdRng::seed_from_u64(1));
+        assert_eq!(chosen.map(|e| e.endpoint), Some(new.clone()));
+        // A replica that stays ready keeps its heartbeat age: unanswered probes still count.
+        b.apply_table(&t, 9_000.0);
+        assert!(!b.has_candidate("text", &policy, 9_000.0), "5 s without a heartbeat while ready");
     }
 
     #[test]
