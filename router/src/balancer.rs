@@ -82,6 +82,11 @@ impl ReplicaStats {
         self.ejected_until_ms.is_some_and(|t| now_ms < t)
     }
 
+    /// No call or probe of this replica has been answered or failed yet.
+    pub fn never_heard_from(&self) -> bool {
+        self.successes == 0.0 && self.failures == 0.0
+    }
+
     /// Estimated failure probability at `now_ms`.
     pub fn p_fail(&self, now_ms: f64, heartbeat_interval_ms: Option<f64>) -> f64 {
         let dt = (now_ms - self.counts_at_ms).max(0.0);
@@ -169,11 +174,12 @@ impl Balancer {
             let mut map = BTreeMap::new();
             for ep in eps {
                 let stats = match old.get(&ep.endpoint) {
-                    // Probes only go to ready replicas, so a replica's heartbeat age starts when
-                    // it turns ready: one listed unready for a few seconds (a rolling update's
-                    // new pod) would otherwise count as missed probes and be passed over until
-                    // its first probe, while it may be the only replica left.
-                    Some(s) if ep.ready && !s.endpoint.ready => {
+                    // Probes only go to ready replicas, so a replica never heard from starts its
+                    // heartbeat age when it turns ready: one listed unready for a few seconds (a
+                    // rolling update's new pod) would otherwise count as missed probes and be
+                    // passed over until its first probe, while it may be the only replica left.
+                    // One with a history (stopped, then back) still waits for a probe.
+                    Some(s) if ep.ready && !s.endpoint.ready && s.never_heard_from() => {
                         ReplicaStats { endpoint: ep.clone(), last_heartbeat_ms: now_ms, ..s.clone() }
                     }
                     Some(s) => ReplicaStats { endpoint: ep.clone(), ..s.clone() },
@@ -753,6 +759,13 @@ mod tests {
         // A replica that stays ready keeps its heartbeat age: unanswered probes still count.
         b.apply_table(&t, 9_000.0);
         assert!(!b.has_candidate("text", &policy, 9_000.0), "5 s without a heartbeat while ready");
+        // One heard from before (stopped, listed unready, then ready again) waits for a probe.
+        b.on_heartbeat("text", &new, 9_000.0);
+        let mut t2 = BTreeMap::new();
+        t2.insert("text".to_string(), vec![ep(1, false, 1.0, 0.9)]);
+        b.apply_table(&t2, 10_000.0);
+        b.apply_table(&t, 14_000.0);
+        assert!(!b.has_candidate("text", &policy, 14_000.0), "5 s unprobed after answering before");
     }
 
     #[test]
