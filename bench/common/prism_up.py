@@ -8,6 +8,7 @@ Standard library only:
 
 Times are time.monotonic() seconds throughout, so events from threads compare directly.
 """
+import base64
 import datetime
 import http.client
 import json
@@ -57,6 +58,12 @@ def check_prereqs(prism, models=("all-minilm-l6-v2",)):
     for m in models:
         if not os.path.isdir(os.path.join(MODELS_DIR, m)):
             fail(f"{os.path.join(MODELS_DIR, m)} is missing: run `make models`")
+
+
+def b64(path):
+    """A file's bytes as base64 text, as /embed and /v1/infer take images and audio."""
+    with open(path, "rb") as f:
+        return base64.b64encode(f.read()).decode()
 
 
 def call(url, body=None, timeout=10):

@@ -28,7 +28,6 @@ mot_flops_vs_dense=... sliding_speedup_4k=...
 sliding_audio_speedup_5s=... sliding_audio_cosine_5s=... audio_2s_ms=... audio_2s_cosine=...`
 """
 import argparse
-import base64
 import json
 import os
 import re
@@ -39,7 +38,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common"))
-from prism_up import MODELS_DIR, ROOT, TARGET, PrismUp, call, check_prereqs, fail, headline, log, process_name  # noqa: E402
+from prism_up import MODELS_DIR, ROOT, TARGET, PrismUp, b64, call, check_prereqs, fail, headline, log, process_name  # noqa: E402
 
 DATA = os.path.join(ROOT, ".cache", "data", "digits-pairs")
 SPACE = os.path.join(MODELS_DIR, "digits-space")
@@ -85,11 +84,6 @@ spec:
   fusion: {strategy: weighted, deFusion: true}
   degradation: {onMissingOptional: partial, onMissingRequired: fail}
 """
-
-
-def b64(path):
-    with open(path, "rb") as f:
-        return base64.b64encode(f.read()).decode()
 
 
 def vmhwm_mb(pid):

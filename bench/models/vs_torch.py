@@ -23,7 +23,6 @@ against PyTorch's (cosine), so the ratios compare the same function. Last line:
 the figures are also written to .cache/bench/models-torch.json for bench/models/run.py's line.
 """
 import argparse
-import base64
 import json
 import os
 import re
@@ -33,7 +32,7 @@ import time
 import wave
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "common"))
-from prism_up import MODELS_DIR, ROOT, TARGET, call, fail, headline, log  # noqa: E402
+from prism_up import MODELS_DIR, ROOT, TARGET, b64, call, fail, headline, log  # noqa: E402
 
 THREADS = 2
 DATA = os.path.join(ROOT, ".cache", "data", "digits-pairs")
@@ -115,11 +114,6 @@ def torch_rate(torch, forward, inputs, batch, rounds):
 def cos_min(torch, prism_vectors, torch_vectors):
     p = torch.nn.functional.normalize(torch.tensor(prism_vectors, dtype=torch.float32), dim=-1)
     return float((p * torch_vectors).sum(-1).min())
-
-
-def b64(path):
-    with open(path, "rb") as f:
-        return base64.b64encode(f.read()).decode()
 
 
 def read_wav(path):

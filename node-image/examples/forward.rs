@@ -3,8 +3,9 @@
 //!
 //! Usage: forward ARCH MODEL_DIR INPUTS_JSON BATCH ROUNDS [full|clip]
 //! INPUTS_JSON holds a list of /embed inputs, cycled into ROUNDS batches of BATCH (plus one to
-//! warm up), all preprocessed first (decode, resize, log-mel, ...); then the batches are encoded. Prints one JSON object:
-//! `forward_ips` (items/s of encode_batch alone) and `preprocess_ms` (per item).
+//! warm up), all preprocessed first (decode, resize, log-mel, ...); then the batches are
+//! encoded. Prints one JSON object: `forward_ips` (items/s of encode_batch alone) and
+//! `preprocess_ms` (per item).
 
 use std::time::Instant;
 
