@@ -81,6 +81,7 @@ fn kernel_4k(window: usize) -> (f64, f64) {
                 qkv: &qkv,
                 row_stride: 3 * h,
                 n,
+                queries: 0..n,
                 q_col: head * hd,
                 k_col: h + head * hd,
                 v_col: 2 * h + head * hd,

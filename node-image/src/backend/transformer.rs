@@ -11,6 +11,8 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
+use super::cpu::prenorm::{self, PackedPreNorm};
+use super::cpu::CpuKernels;
 use super::{BackendError, LoadSpec, NamedAdapter};
 
 /// Reads a model folder's file into a string, with an error that names the file and the fix.
@@ -409,6 +411,69 @@ impl Block {
         let x = (x + h)?;
         let h = self.fc2.forward(&self.act.apply(&self.fc1.forward(&self.ln2.forward(&x)?)?)?)?;
         x + h
+    }
+}
+
+/// A stack of pre-norm blocks. On CPU the packed kernels ([`PackedPreNorm`]: one matmul per
+/// layer over the whole batch, fused GELU, retained buffers); on a GPU, under
+/// `PRISM_CPU_KERNELS=candle`, or with an activation the packed path lacks, candle's [`Block`]s.
+pub enum Blocks {
+    Candle(Vec<Block>),
+    Packed(PackedPreNorm, std::sync::Mutex<prenorm::Workspace>),
+}
+
+impl Blocks {
+    /// `layers[i]`: the VarBuilder at layer i's prefix. `radius`: sliding-window attention
+    /// ([`band_radius`]), `None` for full attention. `what` names the weights in errors.
+    pub fn load(
+        layers: &[VarBuilder],
+        names: &BlockNames,
+        shape: prenorm::Shape,
+        act: Act,
+        radius: Option<usize>,
+        device: &Device,
+        what: &str,
+    ) -> Result<Self, BackendError> {
+        let kernels = CpuKernels::from_env().map_err(BackendError::Load)?;
+        if device.is_cpu() && kernels != CpuKernels::Candle && act == Act::Gelu {
+            let packed = PackedPreNorm::load(layers, names, shape, radius, kernels).map_err(load_err(what))?;
+            return Ok(Blocks::Packed(packed, Default::default()));
+        }
+        let blocks = layers
+            .iter()
+            .map(|vb| {
+                let mut block = Block::load(shape.hidden, shape.heads, shape.ffn, shape.eps, act, names, vb.clone())?;
+                block.attn.radius = radius;
+                Ok(block)
+            })
+            .collect::<candle_core::Result<Vec<_>>>()
+            .map_err(load_err(what))?;
+        Ok(Blocks::Candle(blocks))
+    }
+
+    /// `x`: [b, n, d], every sequence n tokens long.
+    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Blocks::Candle(blocks) => blocks.iter().try_fold(x.clone(), |x, b| b.forward(&x, None)),
+            Blocks::Packed(model, ws) => {
+                let (b, n, d) = x.dims3()?;
+                let mut rows = x.flatten_all()?.to_vec1::<f32>()?;
+                let offsets: Vec<usize> = (0..=b).map(|i| i * n).collect();
+                // The workspace is scratch: one left by a panicking batch is still usable.
+                let mut ws = ws.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+                model.forward(&mut rows, &offsets, &mut ws);
+                Tensor::from_vec(rows, (b, n, d), x.device())
+            }
+        }
+    }
+
+    /// Which kernels run the blocks, for the startup log.
+    pub fn kernels(&self) -> &'static str {
+        match self {
+            Blocks::Candle(_) => "candle",
+            Blocks::Packed(m, _) if m.uses_amx() => "packed (AMX bf16)",
+            Blocks::Packed(..) => "packed (f32)",
+        }
     }
 }
 

@@ -22,7 +22,8 @@ use candle_nn::{Conv2d, Conv2dConfig, LayerNorm, Linear, VarBuilder};
 use prism_api::wire::node::EmbedInput;
 use serde::Deserialize;
 
-use super::transformer::{self as core, Act, Block, BlockNames, CLIP_NAMES, VIT_NAMES};
+use super::cpu::prenorm::Shape;
+use super::transformer::{self as core, Act, BlockNames, Blocks, CLIP_NAMES, VIT_NAMES};
 use super::{
     device_name, l2_normalize, BackendError, Encoder, LoadSpec, LoadedModel, ModelInfo, Prepared, Preprocessor,
     TokenStates,
@@ -277,7 +278,7 @@ pub struct VitEncoder {
     cls: Tensor,
     positions: Tensor,
     pre_ln: Option<LayerNorm>,
-    blocks: Vec<Block>,
+    blocks: Blocks,
     final_ln: LayerNorm,
     head: Head,
     image_size: usize,
@@ -325,10 +326,7 @@ impl VitEncoder {
         if let Some(ln) = &self.pre_ln {
             x = ln.forward(&x)?;
         }
-        for blk in &self.blocks {
-            x = blk.forward(&x, None)?;
-        }
-        Ok(x)
+        self.blocks.forward(&x)
     }
 
     fn pixels(&self, batch: &[Prepared]) -> Result<Tensor, BackendError> {
@@ -416,20 +414,11 @@ fn build(
     } else {
         (emb.get((1, 1, d), "cls_token").map_err(&e)?, emb.get((1, n_pos, d), "position_embeddings").map_err(&e)?)
     };
-    let blocks = (0..cfg.num_hidden_layers)
-        .map(|i| {
-            Block::load(
-                d,
-                cfg.num_attention_heads,
-                cfg.intermediate_size,
-                cfg.layer_norm_eps,
-                act,
-                &layout.names,
-                enc.pp(format!("{blocks_prefix}.{i}")),
-            )
-        })
-        .collect::<candle_core::Result<Vec<_>>>()
-        .map_err(&e)?;
+    let layers: Vec<VarBuilder> = (0..cfg.num_hidden_layers).map(|i| enc.pp(format!("{blocks_prefix}.{i}"))).collect();
+    let shape =
+        Shape { hidden: d, heads: cfg.num_attention_heads, ffn: cfg.intermediate_size, eps: cfg.layer_norm_eps };
+    let blocks = Blocks::load(&layers, &layout.names, shape, act, None, &device, "vision weights")?;
+    tracing::info!(kernels = blocks.kernels(), "vision encoder blocks");
     let (pre_ln, final_ln, head, dim) = if layout.clip {
         let pdim = projection_dim.or(cfg.projection_dim).unwrap_or(d);
         (

@@ -26,7 +26,8 @@ use prism_api::wire::node::EmbedInput;
 use rustfft::num_complex::Complex;
 use serde::Deserialize;
 
-use super::transformer::{self as core, Act, Block, WHISPER_NAMES};
+use super::cpu::prenorm::Shape;
+use super::transformer::{self as core, Act, Blocks, WHISPER_NAMES};
 use super::{
     device_name, AudioWindow, BackendError, Encoder, LoadSpec, LoadedModel, ModelInfo, Prepared, Preprocessor,
     TokenStates,
@@ -282,7 +283,7 @@ pub struct WhisperEncoder {
     conv1: Conv1d,
     conv2: Conv1d,
     positions: Tensor,
-    blocks: Vec<Block>,
+    blocks: Blocks,
     ln_post: LayerNorm,
     n_mels: usize,
     device: Device,
@@ -304,10 +305,8 @@ impl WhisperEncoder {
         let x = x.transpose(1, 2)?;
         let n = x.dim(1)?.min(frames);
         let x = x.narrow(1, 0, n)?;
-        let mut x = x.broadcast_add(&self.positions.narrow(0, 0, n)?)?;
-        for b in &self.blocks {
-            x = b.forward(&x, None)?;
-        }
+        let x = x.broadcast_add(&self.positions.narrow(0, 0, n)?)?;
+        let x = self.blocks.forward(&x)?;
         self.ln_post.forward(&x)
     }
 }
@@ -388,26 +387,15 @@ pub fn load(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
     let c1 = Conv1dConfig { padding: 1, stride: 1, ..Default::default() };
     let c2 = Conv1dConfig { padding: 1, stride: 2, ..Default::default() };
     let e = core::load_err("whisper encoder weights");
+    let layers: Vec<candle_nn::VarBuilder> = (0..cfg.encoder_layers).map(|i| vb.pp(format!("layers.{i}"))).collect();
+    let shape = Shape { hidden: d, heads: cfg.encoder_attention_heads, ffn: cfg.encoder_ffn_dim, eps: 1e-5 };
+    let blocks = Blocks::load(&layers, &WHISPER_NAMES, shape, act, radius, &device, "whisper encoder weights")?;
+    tracing::info!(kernels = blocks.kernels(), "audio encoder blocks");
     let encoder = WhisperEncoder {
         conv1: candle_nn::conv1d(cfg.num_mel_bins, d, 3, c1, vb.pp("conv1")).map_err(&e)?,
         conv2: candle_nn::conv1d(d, d, 3, c2, vb.pp("conv2")).map_err(&e)?,
         positions: vb.get((cfg.max_source_positions, d), "embed_positions.weight").map_err(&e)?,
-        blocks: (0..cfg.encoder_layers)
-            .map(|i| {
-                let mut block = Block::load(
-                    d,
-                    cfg.encoder_attention_heads,
-                    cfg.encoder_ffn_dim,
-                    1e-5,
-                    act,
-                    &WHISPER_NAMES,
-                    vb.pp(format!("layers.{i}")),
-                )?;
-                block.attn.radius = radius;
-                Ok(block)
-            })
-            .collect::<candle_core::Result<_>>()
-            .map_err(&e)?,
+        blocks,
         ln_post: candle_nn::layer_norm(d, 1e-5, vb.pp("layer_norm")).map_err(&e)?,
         n_mels: cfg.num_mel_bins,
         device: device.clone(),

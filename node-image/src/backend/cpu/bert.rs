@@ -8,8 +8,8 @@ use candle_core::{DType, Tensor};
 use candle_transformers::models::bert::{Config, HiddenAct};
 use rayon::prelude::*;
 
-use super::simd::{self, HeadJob};
-use super::{CpuKernels, Epilogue, Linear};
+use super::simd;
+use super::{CpuKernels, Epilogue, Linear, Norm};
 use crate::backend::BackendError;
 
 /// Why this forward pass cannot run a model with this config (the caller then uses candle's),
@@ -22,11 +22,6 @@ pub fn unsupported(config: &Config) -> Option<String> {
         return Some("hidden_size is not a multiple of num_attention_heads".into());
     }
     None
-}
-
-struct Norm {
-    gamma: Vec<f32>,
-    beta: Vec<f32>,
 }
 
 struct Layer {
@@ -62,7 +57,7 @@ pub struct PackedBert {
     /// A one-thread pool for small batches: waking the other workers for each of a layer's ~8
     /// parallel steps costs more than it saves when a batch is a sentence or two.
     small_batches: Option<rayon::ThreadPool>,
-    /// Sliding-window attention radius ([`HeadJob::radius`]); `usize::MAX` is full attention.
+    /// Sliding-window attention radius ([`simd::HeadJob::radius`]); `usize::MAX` is full attention.
     radius: usize,
 }
 
@@ -244,41 +239,10 @@ impl PackedBert {
     fn layer(&self, layer: &Layer, ws: &mut Workspace, tokens: usize, offsets: &[usize]) {
         let h = self.config.hidden_size;
         let heads = self.config.num_attention_heads;
-        let hd = h / heads;
         let eps = self.config.layer_norm_eps as f32;
         layer.qkv.forward_into(&ws.x, tokens, Epilogue::Bias, &mut ws.bf16, &mut ws.qkv);
 
-        // Attention, one rayon task per sequence; each writes only its own rows of ctx (every
-        // element of them, so ctx needs no clearing).
-        ws.ctx.resize(tokens * h, 0.0);
-        let mut slices = Vec::with_capacity(offsets.len() - 1);
-        let mut rest = &mut ws.ctx[..tokens * h];
-        for w in offsets.windows(2) {
-            let (this, tail) = rest.split_at_mut((w[1] - w[0]) * h);
-            slices.push((w[0], w[1] - w[0], this));
-            rest = tail;
-        }
-        let scale = 1.0 / (hd as f32).sqrt();
-        let qkv = &ws.qkv;
-        slices.into_par_iter().for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(kt, scores), (start, n, out)| {
-                for head in 0..heads {
-                    let job = HeadJob {
-                        qkv: &qkv[start * 3 * h..(start + n) * 3 * h],
-                        row_stride: 3 * h,
-                        n,
-                        q_col: head * hd,
-                        k_col: h + head * hd,
-                        v_col: 2 * h + head * hd,
-                        head_dim: hd,
-                        scale,
-                        radius: self.radius,
-                    };
-                    simd::attend(&job, kt, scores, &mut out[head * hd..], h);
-                }
-            },
-        );
+        super::self_attention(&ws.qkv, offsets, h, heads, self.radius, &mut ws.ctx);
 
         let norm_rows = |x: &mut [f32], delta: &[f32], norm: &Norm| {
             x[..tokens * h].par_chunks_mut(h * 8).zip(delta[..tokens * h].par_chunks(h * 8)).for_each(|(xs, ds)| {

@@ -16,7 +16,10 @@
 
 pub mod amx;
 pub mod bert;
+pub mod prenorm;
 pub mod simd;
+
+use rayon::prelude::*;
 
 /// Which matmul kernels the packed CPU path uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -139,6 +142,147 @@ impl Linear {
                     simd::gelu_rows(out, n);
                 }
             }
+        }
+    }
+}
+
+/// LayerNorm parameters, as f32 rows of the hidden size.
+pub struct Norm {
+    pub gamma: Vec<f32>,
+    pub beta: Vec<f32>,
+}
+
+/// Self-attention over every sequence of a packed batch. `qkv` holds each token's fused
+/// `[q | k | v]` row (`3 h` wide); `offsets` each sequence's first row (and the end). Writes the
+/// heads of each token side by side into `ctx` (`h` wide). Tasks are (sequence, block of
+/// queries), so a single long sequence (a 1500-frame whisper window) still keeps every thread
+/// busy, while short ones stay one task each. `radius`: see [`simd::HeadJob::radius`].
+pub fn self_attention(qkv: &[f32], offsets: &[usize], h: usize, heads: usize, radius: usize, ctx: &mut Vec<f32>) {
+    let tokens = offsets.last().copied().unwrap_or(0);
+    let hd = h / heads;
+    // Every element of ctx's rows is written below, so it needs no clearing.
+    ctx.resize(tokens * h, 0.0);
+    // Blocks of at least 64 queries: each block transposes its sequence's keys once more.
+    let threads = rayon::current_num_threads();
+    let mut tasks = Vec::with_capacity(offsets.len());
+    let mut rest = &mut ctx[..tokens * h];
+    for w in offsets.windows(2) {
+        let (start, n) = (w[0], w[1] - w[0]);
+        let block = n.div_ceil(2 * threads).max(64);
+        let mut q0 = 0;
+        while q0 < n {
+            let q1 = (q0 + block).min(n);
+            let (this, tail) = rest.split_at_mut((q1 - q0) * h);
+            tasks.push((start, n, q0..q1, this));
+            rest = tail;
+            q0 = q1;
+        }
+    }
+    let scale = 1.0 / (hd as f32).sqrt();
+    tasks.into_par_iter().for_each_init(
+        || (Vec::new(), Vec::new()),
+        |(kt, scores), (start, n, queries, out)| {
+            let seq = &qkv[start * 3 * h..(start + n) * 3 * h];
+            if n >= GEMM_ATTENTION_MIN_TOKENS && radius >= n {
+                attend_gemm(seq, n, queries, h, heads, scale, scores, out);
+                return;
+            }
+            for head in 0..heads {
+                let job = simd::HeadJob {
+                    qkv: seq,
+                    row_stride: 3 * h,
+                    n,
+                    queries: queries.clone(),
+                    q_col: head * hd,
+                    k_col: h + head * hd,
+                    v_col: 2 * h + head * hd,
+                    head_dim: hd,
+                    scale,
+                    radius,
+                };
+                simd::attend(&job, kt, scores, &mut out[head * hd..], h);
+            }
+        },
+    );
+}
+
+/// From this many tokens, full attention runs as two gemm calls per head ([`attend_gemm`]):
+/// [`simd::attend`] streams every key and value once per query, which is fine for a sentence but
+/// bound by cache bandwidth on a 1500-frame whisper window (slower than candle there).
+const GEMM_ATTENTION_MIN_TOKENS: usize = 128;
+
+/// Full attention of `queries` over the `n` tokens of one sequence (`seq`: its fused qkv rows),
+/// as scores = Q Kᵀ · scale, softmax, out = P V per head, each product one cache-blocked gemm
+/// reading Q, K and V in place (strided). `out`: the queries' rows of the context, `h` wide.
+#[allow(clippy::too_many_arguments)]
+fn attend_gemm(
+    seq: &[f32],
+    n: usize,
+    queries: std::ops::Range<usize>,
+    h: usize,
+    heads: usize,
+    scale: f32,
+    scores: &mut Vec<f32>,
+    out: &mut [f32],
+) {
+    let (m, hd, rs) = (queries.len(), h / heads, 3 * h as isize);
+    debug_assert!(seq.len() >= n * 3 * h && out.len() >= m * h);
+    scores.clear();
+    scores.resize(m * n, 0.0);
+    for head in 0..heads {
+        let (q, k, v) = (queries.start * 3 * h + head * hd, h + head * hd, 2 * h + head * hd);
+        // Safety: every pointer/stride pair below addresses only elements inside its buffer:
+        // Q is rows queries of seq at columns q..q+hd, K and V rows 0..n at their columns (seq
+        // holds n rows of 3h); scores is m x n; out holds m rows of h, this head's hd columns.
+        unsafe {
+            // scores (m x n) = Q (m x hd) · Kᵀ (hd x n): Kᵀ is K read with its strides swapped.
+            gemm::gemm(
+                m,
+                n,
+                hd,
+                scores.as_mut_ptr(),
+                1,
+                n as isize,
+                false,
+                seq.as_ptr().add(q),
+                1,
+                rs,
+                seq.as_ptr().add(k),
+                rs,
+                1,
+                0.0,
+                scale,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
+        }
+        simd::softmax_rows(scores, n);
+        // Safety: as above.
+        unsafe {
+            // out (m x hd, row stride h) = P (m x n) · V (n x hd).
+            gemm::gemm(
+                m,
+                hd,
+                n,
+                out.as_mut_ptr().add(head * hd),
+                1,
+                h as isize,
+                false,
+                scores.as_ptr(),
+                1,
+                n as isize,
+                seq.as_ptr().add(v),
+                1,
+                rs,
+                0.0,
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            );
         }
     }
 }

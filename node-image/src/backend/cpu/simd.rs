@@ -188,12 +188,40 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// Each `width`-long row of `scores` replaced by its softmax.
+    pub fn softmax_rows(scores: &mut [f32], width: usize) {
+        for row in scores.chunks_exact_mut(width) {
+            let mut lane_max = [f32::NEG_INFINITY; LANES];
+            let chunks = row.chunks_exact(LANES);
+            let tail = chunks.remainder().iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+            for c in chunks {
+                for l in 0..LANES {
+                    lane_max[l] = lane_max[l].max(c[l]);
+                }
+            }
+            let max = lane_max.iter().fold(tail, |m, &x| m.max(x));
+            for x in row.iter_mut() {
+                *x = exp(*x - max);
+            }
+            let inv = 1.0 / sum(row);
+            for x in row.iter_mut() {
+                *x *= inv;
+            }
+        }
+    }
+}
+
 /// One attention head over one sequence, in the packed layout.
 pub struct HeadJob<'a> {
     /// The sequence's rows of the fused QKV projection, `row_stride` floats apart.
     pub qkv: &'a [f32],
     pub row_stride: usize,
+    /// Keys (and values) of the sequence: rows `0..n` of `qkv`.
     pub n: usize,
+    /// The queries computed by this job (a block of the sequence's rows, or all of them); row
+    /// `i` of them is written to row `i - queries.start` of `out`.
+    pub queries: std::ops::Range<usize>,
     /// Columns of this head's query, key and value inside a row.
     pub q_col: usize,
     pub k_col: usize,
@@ -223,7 +251,7 @@ multiversion! {
         }
         scores.clear();
         scores.resize(np, 0.0);
-        for i in 0..n {
+        for i in job.queries.clone() {
             let q = &job.qkv[i * rs + job.q_col..][..hd];
             // The keys this query sees (all of them under full attention), widened to whole
             // 16-key chunks; the chunks' extra keys are masked out below.
@@ -259,7 +287,7 @@ multiversion! {
             let inv = 1.0 / sum(s);
             let s = &s[lo - c0 * LANES..hi - c0 * LANES];
             // Output 16 dimensions at a time, accumulated in registers over the keys.
-            let o = &mut out[i * out_stride..][..hd];
+            let o = &mut out[(i - job.queries.start) * out_stride..][..hd];
             let mut chunks = o.chunks_exact_mut(LANES);
             for (c, chunk) in chunks.by_ref().enumerate() {
                 let mut acc = [0f32; LANES];
@@ -359,6 +387,7 @@ mod tests {
                 qkv: &qkv,
                 row_stride: rs,
                 n,
+                queries: 0..n,
                 q_col: h * hd,
                 k_col: hd * nh + h * hd,
                 v_col: 2 * hd * nh + h * hd,
