@@ -12,8 +12,9 @@ use candle_core::{DType, Device, Module, Tensor};
 use candle_nn::{LayerNorm, Linear, VarBuilder};
 
 use super::cpu::prenorm::{self, PackedPreNorm};
-use super::cpu::CpuKernels;
+use super::cpu::{batch_parts, CpuKernels, Spare};
 use super::{BackendError, LoadSpec, NamedAdapter};
+use rayon::prelude::*;
 
 /// Reads a model folder's file into a string, with an error that names the file and the fix.
 pub fn read_model_file(dir: &std::path::Path, name: &str) -> Result<String, BackendError> {
@@ -419,7 +420,7 @@ impl Block {
 /// `PRISM_CPU_KERNELS=candle`, or with an activation the packed path lacks, candle's [`Block`]s.
 pub enum Blocks {
     Candle(Vec<Block>),
-    Packed(PackedPreNorm, std::sync::Mutex<prenorm::Workspace>),
+    Packed(PackedPreNorm, Spare<prenorm::Workspace>),
 }
 
 impl Blocks {
@@ -455,13 +456,21 @@ impl Blocks {
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
         match self {
             Blocks::Candle(blocks) => blocks.iter().try_fold(x.clone(), |x, b| b.forward(&x, None)),
-            Blocks::Packed(model, ws) => {
+            Blocks::Packed(model, spare) => {
                 let (b, n, d) = x.dims3()?;
                 let mut rows = x.flatten_all()?.to_vec1::<f32>()?;
-                let offsets: Vec<usize> = (0..=b).map(|i| i * n).collect();
-                // The workspace is scratch: one left by a panicking batch is still usable.
-                let mut ws = ws.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                model.forward(&mut rows, &offsets, &mut ws);
+                // One part of the batch per thread, each on its own rows (see `batch_parts`).
+                let per_part = b.div_ceil(batch_parts(b, 1));
+                let offsets: Vec<usize> = (0..=per_part).map(|i| i * n).collect();
+                let run = |part: &mut [f32]| {
+                    let items = part.len() / (n * d).max(1);
+                    spare.with(|ws| model.forward(part, &offsets[..=items], ws));
+                };
+                if per_part >= b {
+                    run(&mut rows);
+                } else {
+                    rows.par_chunks_mut(per_part * n * d).for_each(run);
+                }
                 Tensor::from_vec(rows, (b, n, d), x.device())
             }
         }

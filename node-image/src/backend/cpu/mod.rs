@@ -16,6 +16,7 @@
 
 pub mod amx;
 pub mod bert;
+pub mod mot;
 pub mod prenorm;
 pub mod simd;
 
@@ -93,6 +94,10 @@ impl Linear {
         self.out_dim
     }
 
+    pub fn in_dim(&self) -> usize {
+        self.in_dim
+    }
+
     pub fn uses_amx(&self) -> bool {
         matches!(self.weights, Weights::Amx(_))
     }
@@ -111,7 +116,10 @@ impl Linear {
                     out.extend_from_slice(&self.bias);
                 }
                 if rows > 0 {
-                    let threads = rayon::current_num_threads();
+                    // Called from inside a parallel task (a part of a split batch), the caller
+                    // already keeps the threads busy: no second level of splitting.
+                    let threads =
+                        if rayon::current_thread_index().is_some() { 1 } else { rayon::current_num_threads() };
                     // Safety: out is rows x n, x is rows x k, w is k x n; strides describe exactly
                     // those row-major buffers.
                     unsafe {
@@ -144,6 +152,33 @@ impl Linear {
             }
         }
     }
+}
+
+/// Workspaces kept between batches, one per part of a batch in flight on its own thread.
+pub struct Spare<W>(std::sync::Mutex<Vec<W>>);
+
+impl<W: Default> Default for Spare<W> {
+    fn default() -> Self {
+        Spare(std::sync::Mutex::new(Vec::new()))
+    }
+}
+
+impl<W: Default> Spare<W> {
+    /// Runs `f` with a workspace of the pool (a new one when all are in use).
+    pub fn with<R>(&self, f: impl FnOnce(&mut W) -> R) -> R {
+        // A workspace is scratch: one left behind by a panicking batch is still usable.
+        let mut ws = self.0.lock().unwrap_or_else(|p| p.into_inner()).pop().unwrap_or_default();
+        let out = f(&mut ws);
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).push(ws);
+        out
+    }
+}
+
+/// How many parts to cut a batch of `items` into, one per thread, each part at least
+/// `min_items` long. Small matmuls split across threads spend more in wake-ups than they
+/// save; whole parts on their own threads do not wait for each other.
+pub fn batch_parts(items: usize, min_items: usize) -> usize {
+    rayon::current_num_threads().min(items / min_items.max(1)).max(1)
 }
 
 /// LayerNorm parameters, as f32 rows of the hidden size.

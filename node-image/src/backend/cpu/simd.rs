@@ -241,12 +241,22 @@ multiversion! {
         // Keys transposed, so each score row is built with contiguous multiply-adds over keys;
         // rows padded to whole vectors (zeros), so those loops have no scalar remainder.
         let np = n.div_ceil(LANES) * LANES;
+        // Heads narrower than a vector (ViT-tiny's 4 dims) also get their values transposed
+        // (after the keys, in `kt`): each output dimension is then a dot product over 16 keys
+        // at a time instead of a scalar loop over strided values.
+        let narrow = hd < LANES;
         kt.clear();
-        kt.resize(hd * np, 0.0);
+        kt.resize(if narrow { 2 } else { 1 } * hd * np, 0.0);
         for j in 0..n {
             let k = &job.qkv[j * rs + job.k_col..][..hd];
             for d in 0..hd {
                 kt[d * np + j] = k[d];
+            }
+            if narrow {
+                let v = &job.qkv[j * rs + job.v_col..][..hd];
+                for d in 0..hd {
+                    kt[(hd + d) * np + j] = v[d];
+                }
             }
         }
         scores.clear();
@@ -285,9 +295,24 @@ multiversion! {
                 *sj = exp(*sj - max);
             }
             let inv = 1.0 / sum(s);
+            let o = &mut out[(i - job.queries.start) * out_stride..][..hd];
+            if narrow {
+                // Over the whole chunks: keys outside the band hold exp(-inf) (~1e-38, nothing
+                // next to the sum) and padded keys have zero values.
+                for (d, od) in o.iter_mut().enumerate() {
+                    let v = &kt[(hd + d) * np + c0 * LANES..(hd + d) * np + c1 * LANES];
+                    let mut acc = [0f32; LANES];
+                    for (pc, vc) in s.chunks_exact(LANES).zip(v.chunks_exact(LANES)) {
+                        for l in 0..LANES {
+                            acc[l] += pc[l] * vc[l];
+                        }
+                    }
+                    *od = acc.iter().sum::<f32>() * inv;
+                }
+                continue;
+            }
             let s = &s[lo - c0 * LANES..hi - c0 * LANES];
             // Output 16 dimensions at a time, accumulated in registers over the keys.
-            let o = &mut out[(i - job.queries.start) * out_stride..][..hd];
             let mut chunks = o.chunks_exact_mut(LANES);
             for (c, chunk) in chunks.by_ref().enumerate() {
                 let mut acc = [0f32; LANES];
