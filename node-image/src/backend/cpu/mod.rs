@@ -222,6 +222,7 @@ pub fn self_attention(qkv: &[f32], offsets: &[usize], h: usize, heads: usize, ra
                 attend_gemm(seq, n, queries, h, heads, scale, scores, out);
                 return;
             }
+            let narrow = hd < simd::LANES && radius >= n;
             for head in 0..heads {
                 let job = simd::HeadJob {
                     qkv: seq,
@@ -235,7 +236,11 @@ pub fn self_attention(qkv: &[f32], offsets: &[usize], h: usize, heads: usize, ra
                     scale,
                     radius,
                 };
-                simd::attend(&job, kt, scores, &mut out[head * hd..], h);
+                if narrow {
+                    simd::attend_narrow(&job, kt, &mut out[head * hd..], h);
+                } else {
+                    simd::attend(&job, kt, scores, &mut out[head * hd..], h);
+                }
             }
         },
     );

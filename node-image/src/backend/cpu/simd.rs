@@ -62,7 +62,7 @@ macro_rules! multiversion {
     };
 }
 
-const LANES: usize = 16;
+pub const LANES: usize = 16;
 
 /// Sum with 16 independent accumulators (an in-order f32 sum cannot be vectorised).
 #[inline(always)]
@@ -212,6 +212,76 @@ multiversion! {
     }
 }
 
+multiversion! {
+    /// Full attention of one head whose dimensions are fewer than a vector's lanes (ViT-tiny's
+    /// 4), vectorised over the queries instead of over keys or dimensions: queries are
+    /// transposed once, then each key adds its scores to all queries at once, and the softmax
+    /// and the value sums run column-wise, so no step reduces across lanes. [`attend`] on such
+    /// heads spent most of its time in per-query horizontal reductions. `buf` is scratch.
+    pub fn attend_narrow(job: &HeadJob, buf: &mut Vec<f32>, out: &mut [f32], out_stride: usize) {
+        let (n, hd, rs) = (job.n, job.head_dim, job.row_stride);
+        let m = job.queries.len();
+        let mp = m.div_ceil(LANES) * LANES;
+        // buf: queries transposed [hd][mp] | scores [n][mp] | outputs [hd][mp] | max | sum.
+        buf.clear();
+        buf.resize((2 * hd + n + 2) * mp, 0.0);
+        let (qt, rest) = buf.split_at_mut(hd * mp);
+        let (st, rest) = rest.split_at_mut(n * mp);
+        let (ot, rest) = rest.split_at_mut(hd * mp);
+        let (max, sum) = rest.split_at_mut(mp);
+        for (r, i) in job.queries.clone().enumerate() {
+            let q = &job.qkv[i * rs + job.q_col..][..hd];
+            for d in 0..hd {
+                qt[d * mp + r] = q[d] * job.scale;
+            }
+        }
+        // 16 queries at a time, each sum kept in a register across its loop.
+        max.fill(f32::NEG_INFINITY);
+        for j in 0..n {
+            let k = &job.qkv[j * rs + job.k_col..][..hd];
+            for c in (0..mp).step_by(LANES) {
+                let mut acc = [0f32; LANES];
+                for d in 0..hd {
+                    let (kd, q) = (k[d], &qt[d * mp + c..][..LANES]);
+                    for l in 0..LANES {
+                        acc[l] += q[l] * kd;
+                    }
+                }
+                let mx = &mut max[c..c + LANES];
+                for l in 0..LANES {
+                    mx[l] = if acc[l] > mx[l] { acc[l] } else { mx[l] };
+                }
+                st[j * mp + c..][..LANES].copy_from_slice(&acc);
+            }
+        }
+        for j in 0..n {
+            for ((x, mx), z) in st[j * mp..(j + 1) * mp].iter_mut().zip(max.iter()).zip(sum.iter_mut()) {
+                *x = exp(*x - *mx);
+                *z += *x;
+            }
+        }
+        for c in (0..mp).step_by(LANES) {
+            for d in 0..hd {
+                let mut acc = [0f32; LANES];
+                for j in 0..n {
+                    let (vd, p) = (job.qkv[j * rs + job.v_col + d], &st[j * mp + c..][..LANES]);
+                    for l in 0..LANES {
+                        acc[l] += p[l] * vd;
+                    }
+                }
+                ot[d * mp + c..][..LANES].copy_from_slice(&acc);
+            }
+        }
+        for r in 0..m {
+            let inv = 1.0 / sum[r];
+            let o = &mut out[r * out_stride..][..hd];
+            for (d, od) in o.iter_mut().enumerate() {
+                *od = ot[d * mp + r] * inv;
+            }
+        }
+    }
+}
+
 /// One attention head over one sequence, in the packed layout.
 pub struct HeadJob<'a> {
     /// The sequence's rows of the fused QKV projection, `row_stride` floats apart.
@@ -241,22 +311,12 @@ multiversion! {
         // Keys transposed, so each score row is built with contiguous multiply-adds over keys;
         // rows padded to whole vectors (zeros), so those loops have no scalar remainder.
         let np = n.div_ceil(LANES) * LANES;
-        // Heads narrower than a vector (ViT-tiny's 4 dims) also get their values transposed
-        // (after the keys, in `kt`): each output dimension is then a dot product over 16 keys
-        // at a time instead of a scalar loop over strided values.
-        let narrow = hd < LANES;
         kt.clear();
-        kt.resize(if narrow { 2 } else { 1 } * hd * np, 0.0);
+        kt.resize(hd * np, 0.0);
         for j in 0..n {
             let k = &job.qkv[j * rs + job.k_col..][..hd];
             for d in 0..hd {
                 kt[d * np + j] = k[d];
-            }
-            if narrow {
-                let v = &job.qkv[j * rs + job.v_col..][..hd];
-                for d in 0..hd {
-                    kt[(hd + d) * np + j] = v[d];
-                }
             }
         }
         scores.clear();
@@ -295,24 +355,9 @@ multiversion! {
                 *sj = exp(*sj - max);
             }
             let inv = 1.0 / sum(s);
-            let o = &mut out[(i - job.queries.start) * out_stride..][..hd];
-            if narrow {
-                // Over the whole chunks: keys outside the band hold exp(-inf) (~1e-38, nothing
-                // next to the sum) and padded keys have zero values.
-                for (d, od) in o.iter_mut().enumerate() {
-                    let v = &kt[(hd + d) * np + c0 * LANES..(hd + d) * np + c1 * LANES];
-                    let mut acc = [0f32; LANES];
-                    for (pc, vc) in s.chunks_exact(LANES).zip(v.chunks_exact(LANES)) {
-                        for l in 0..LANES {
-                            acc[l] += pc[l] * vc[l];
-                        }
-                    }
-                    *od = acc.iter().sum::<f32>() * inv;
-                }
-                continue;
-            }
             let s = &s[lo - c0 * LANES..hi - c0 * LANES];
             // Output 16 dimensions at a time, accumulated in registers over the keys.
+            let o = &mut out[(i - job.queries.start) * out_stride..][..hd];
             let mut chunks = o.chunks_exact_mut(LANES);
             for (c, chunk) in chunks.by_ref().enumerate() {
                 let mut acc = [0f32; LANES];
@@ -387,8 +432,9 @@ mod tests {
 
     #[test]
     fn attention_matches_a_direct_softmax() {
-        // hd 4: remainder path only; hd 20: one 16-wide chunk plus a remainder; n 21: padded keys.
-        for (n, hd, nh) in [(5, 4, 2), (21, 20, 3)] {
+        // hd 4 and 8: the narrow-head kernel (queries padded to 16, and 17 queries: two chunks);
+        // hd 20: one 16-wide chunk plus a remainder; n 21: padded keys.
+        for (n, hd, nh) in [(5, 4, 2), (17, 8, 2), (21, 20, 3)] {
             check_attention(n, hd, nh, usize::MAX);
         }
     }
@@ -420,7 +466,11 @@ mod tests {
                 scale: 0.5,
                 radius,
             };
-            attend(&job, &mut kt, &mut scores, &mut out[h * hd..], hd * nh);
+            if radius >= n && hd < LANES {
+                attend_narrow(&job, &mut kt, &mut out[h * hd..], hd * nh);
+            } else {
+                attend(&job, &mut kt, &mut scores, &mut out[h * hd..], hd * nh);
+            }
             for i in 0..n {
                 // Keys outside the band get -inf: exp(-inf) = 0 takes them out of the softmax.
                 let s: Vec<f64> = (0..n)
