@@ -67,8 +67,9 @@ def b64(path):
 
 
 def call(url, body=None, timeout=10):
-    """JSON request with urllib; returns (status, parsed body or text, seconds)."""
-    data = json.dumps(body).encode() if body is not None else None
+    """JSON request with urllib (`body`: an object, or bytes already encoded); returns (status,
+    parsed body or text, seconds)."""
+    data = body if isinstance(body, bytes) else json.dumps(body).encode() if body is not None else None
     req = urllib.request.Request(url, data=data, method="POST" if data is not None else "GET")
     req.add_header("content-type", "application/json")
     t = now()

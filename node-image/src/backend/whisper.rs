@@ -164,11 +164,16 @@ impl LogMel {
         padded.extend((0..half).map(|i| x[N_SAMPLES - 2 - i]));
 
         let n_bins = 1 + N_FFT / 2;
-        let mut mel = vec![0f32; self.n_mels * N_FRAMES];
+        // A frame wholly inside the zero padding has no energy: its log-mel is log10(1e-10) =
+        // -10 whatever the filters, so only the frames that reach real samples are transformed
+        // (a 1 s clip: 101 of 3000 frames, ~30x less work per request).
+        let silent = 1e-10f32.log10();
+        let mut mel = vec![silent; self.n_mels * N_FRAMES];
+        let live = (samples.len() + half).div_ceil(HOP).min(N_FRAMES);
         let mut buf = vec![Complex::new(0f32, 0f32); N_FFT];
         let mut power = vec![0f32; n_bins];
         // torch.stft yields N_FRAMES + 1 frames; whisper drops the last one.
-        for t in 0..N_FRAMES {
+        for t in 0..live {
             let frame = &padded[t * HOP..t * HOP + N_FFT];
             for (b, (s, w)) in buf.iter_mut().zip(frame.iter().zip(&self.window)) {
                 *b = Complex::new(s * w, 0.0);
