@@ -16,6 +16,7 @@
 
 pub mod amx;
 pub mod bert;
+pub mod fma;
 pub mod mot;
 pub mod prenorm;
 pub mod simd;
@@ -27,21 +28,25 @@ use rayon::prelude::*;
 pub enum CpuKernels {
     /// AMX bf16 tiles when available (Sapphire Rapids and later, Linux >= 5.16), otherwise f32.
     Auto,
-    /// f32 gemm only (exact f32 products; what a CPU without AMX runs).
+    /// f32 only (exact f32 products; what a CPU without AMX runs): the AVX-512 FMA panels
+    /// ([`fma`]), or `gemm` on CPUs without AVX-512.
     F32,
+    /// `gemm`'s f32 kernels whatever the CPU (to compare with the FMA panels).
+    Gemm,
     /// candle's stock BERT (padded batches): kept to compare against and for GPU devices.
     Candle,
 }
 
 impl CpuKernels {
-    /// `PRISM_CPU_KERNELS=auto|f32|candle` (default auto): a diagnostic switch to compare kernels
+    /// `PRISM_CPU_KERNELS=auto|f32|gemm|candle` (default auto): a diagnostic switch to compare kernels
     /// on one machine without rebuilding.
     pub fn from_env() -> Result<Self, String> {
         match std::env::var("PRISM_CPU_KERNELS").as_deref() {
             Err(_) | Ok("") | Ok("auto") => Ok(CpuKernels::Auto),
             Ok("f32") => Ok(CpuKernels::F32),
+            Ok("gemm") => Ok(CpuKernels::Gemm),
             Ok("candle") => Ok(CpuKernels::Candle),
-            Ok(other) => Err(format!("PRISM_CPU_KERNELS={other:?}: expected auto, f32 or candle")),
+            Ok(other) => Err(format!("PRISM_CPU_KERNELS={other:?}: expected auto, f32, gemm or candle")),
         }
     }
 }
@@ -55,8 +60,10 @@ pub struct Linear {
 }
 
 enum Weights {
-    /// `Wᵀ`, `[in, out]` row-major.
+    /// `Wᵀ`, `[in, out]` row-major, for `gemm` (CPUs without AVX-512).
     F32(Vec<f32>),
+    /// 32-column panels for the AVX-512 FMA kernels ([`fma`]).
+    Fma(fma::PackedWeights),
     Amx(amx::PackedWeights),
 }
 
@@ -75,7 +82,17 @@ impl Linear {
         debug_assert_eq!(bias.len(), out_dim);
         let weights = if kernels == CpuKernels::Auto && amx::available() && amx::fits(out_dim, in_dim) {
             Weights::Amx(amx::PackedWeights::pack(&weight, out_dim, in_dim))
+        } else if kernels != CpuKernels::Gemm && fma::available() {
+            Weights::Fma(fma::PackedWeights::pack(&weight, &bias, out_dim, in_dim))
         } else {
+            Self::gemm_weights(&weight, out_dim, in_dim)
+        };
+        Linear { out_dim, in_dim, bias, weights }
+    }
+
+    /// `Wᵀ` for `gemm`, whatever the CPU (what CPUs without AVX-512 run; tests compare it).
+    fn gemm_weights(weight: &[f32], out_dim: usize, in_dim: usize) -> Weights {
+        {
             // Stored transposed (`[in, out]`, output columns contiguous): `gemm` then reads it in
             // place instead of re-packing all the weights on every call, which was ~60% of a
             // small batch's time.
@@ -86,8 +103,7 @@ impl Linear {
                 }
             }
             Weights::F32(transposed)
-        };
-        Linear { out_dim, in_dim, bias, weights }
+        }
     }
 
     pub fn out_dim(&self) -> usize {
@@ -110,6 +126,7 @@ impl Linear {
         debug_assert!(x.len() >= rows * k);
         match &self.weights {
             Weights::Amx(packed) => amx::linear_into(packed, x, rows, &self.bias, epilogue, scratch, out),
+            Weights::Fma(packed) => fma::linear_into(packed, x, rows, epilogue, out),
             Weights::F32(w) => {
                 out.clear();
                 for _ in 0..rows {
@@ -323,6 +340,54 @@ fn attend_gemm(
                 false,
                 gemm::Parallelism::None,
             );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every f32 dense-layer path this CPU can run (the AVX-512 FMA panels where present, `gemm`
+    /// always) against a float64 reference, on shapes that leave partial panels (50 outputs),
+    /// partial register tiles (9 and 70 rows) and an input width past one k block (256) and not
+    /// a multiple of it, with both epilogues.
+    #[test]
+    fn f32_linear_paths_match_f64() {
+        let (out_dim, in_dim) = (50, 300);
+        let weight: Vec<f32> = (0..out_dim * in_dim).map(|i| ((i * 7919) % 97) as f32 / 48.0 - 1.0).collect();
+        let bias: Vec<f32> = (0..out_dim).map(|i| i as f32 / 25.0 - 1.0).collect();
+        let mut layers = vec![("gemm", Linear::new(weight.clone(), bias.clone(), out_dim, in_dim, CpuKernels::F32))];
+        layers[0].1.weights = Linear::gemm_weights(&weight, out_dim, in_dim);
+        if fma::available() {
+            let l = Linear::new(weight.clone(), bias.clone(), out_dim, in_dim, CpuKernels::F32);
+            assert!(matches!(l.weights, Weights::Fma(_)), "AVX-512 CPUs run the FMA panels");
+            layers.push(("fma", l));
+        }
+        for rows in [1usize, 9, 70] {
+            let x: Vec<f32> = (0..rows * in_dim).map(|i| ((i * 104_729) % 89) as f32 / 44.0 - 1.0).collect();
+            for epilogue in [Epilogue::Bias, Epilogue::BiasGelu] {
+                for (name, layer) in &layers {
+                    let (mut scratch, mut out) = (Vec::new(), Vec::new());
+                    layer.forward_into(&x, rows, epilogue, &mut scratch, &mut out);
+                    for r in 0..rows {
+                        for o in 0..out_dim {
+                            let mut want = bias[o] as f64;
+                            for i in 0..in_dim {
+                                want += x[r * in_dim + i] as f64 * weight[o * in_dim + i] as f64;
+                            }
+                            if epilogue == Epilogue::BiasGelu {
+                                want = 0.5 * want * (1.0 + candle_core::cpu::erf::erf_f64(want / 2f64.sqrt()));
+                            }
+                            let got = out[r * out_dim + o] as f64;
+                            assert!(
+                                (got - want).abs() < 2e-4,
+                                "{name} {epilogue:?} rows {rows}: [{r}][{o}] = {got}, want {want}"
+                            );
+                        }
+                    }
+                }
+            }
         }
     }
 }
