@@ -204,6 +204,13 @@ pub struct Norm {
     pub beta: Vec<f32>,
 }
 
+impl Norm {
+    /// `weight` and `bias` of `d` values at `vb`.
+    pub fn load(vb: &candle_nn::VarBuilder, d: usize) -> candle_core::Result<Self> {
+        Ok(Norm { gamma: vb.get(d, "weight")?.to_vec1()?, beta: vb.get(d, "bias")?.to_vec1()? })
+    }
+}
+
 /// Self-attention over every sequence of a packed batch. `qkv` holds each token's fused
 /// `[q | k | v]` row (`3 h` wide); `offsets` each sequence's first row (and the end). Writes the
 /// heads of each token side by side into `ctx` (`h` wide). Tasks are (sequence, block of

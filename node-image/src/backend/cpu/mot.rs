@@ -12,19 +12,10 @@ use candle_core::Tensor;
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
+use super::prenorm::Layer;
 use super::{simd, CpuKernels, Epilogue, Linear, Norm, Spare};
 use crate::backend::fusion::{FusionConfig, FusionNet};
-
-/// One modality's weights in one layer.
-struct Expert {
-    ln1: Norm,
-    /// q, k and v projections fused into one `[3h, h]` matmul.
-    qkv: Linear,
-    out: Linear,
-    ln2: Norm,
-    up: Linear,
-    down: Linear,
-}
+use crate::backend::transformer::FUSION_NAMES;
 
 /// One modality's input side and output norm.
 struct Modality {
@@ -52,7 +43,7 @@ pub struct Workspace {
 pub struct PackedMot {
     modalities: BTreeMap<String, Modality>,
     /// `layers[i][modality]`.
-    layers: Vec<BTreeMap<String, Expert>>,
+    layers: Vec<BTreeMap<String, Layer>>,
     hidden: usize,
     heads: usize,
     eps: f32,
@@ -70,15 +61,9 @@ impl PackedMot {
     /// reads), for configs whose MLP activation is exact GELU.
     pub fn load(cfg: &FusionConfig, vb: &VarBuilder, kernels: CpuKernels) -> candle_core::Result<Self> {
         let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
-        let weights = |vb: &VarBuilder, out: usize, inp: usize| -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
-            Ok((vb.get((out, inp), "weight")?.flatten_all()?.to_vec1()?, vb.get(out, "bias")?.to_vec1()?))
-        };
         let linear = |vb: &VarBuilder, out: usize, inp: usize| -> candle_core::Result<Linear> {
-            let (w, b) = weights(vb, out, inp)?;
+            let (w, b) = (vb.get((out, inp), "weight")?.flatten_all()?.to_vec1()?, vb.get(out, "bias")?.to_vec1()?);
             Ok(Linear::new(w, b, out, inp, kernels))
-        };
-        let norm = |vb: &VarBuilder| -> candle_core::Result<Norm> {
-            Ok(Norm { gamma: vb.get(h, "weight")?.to_vec1()?, beta: vb.get(h, "bias")?.to_vec1()? })
         };
         let mut modalities = BTreeMap::new();
         for (m, &dim) in &cfg.modalities {
@@ -87,7 +72,7 @@ impl PackedMot {
                 Modality {
                     proj: linear(&vb.pp(format!("proj.{m}")), h, dim)?,
                     typ: vb.get(h, &format!("type.{m}"))?.to_vec1()?,
-                    final_ln: norm(&vb.pp(format!("final_ln.{m}")))?,
+                    final_ln: Norm::load(&vb.pp(format!("final_ln.{m}")), h)?,
                 },
             );
         }
@@ -95,21 +80,7 @@ impl PackedMot {
         for i in 0..cfg.num_layers {
             let mut experts = BTreeMap::new();
             for m in cfg.modalities.keys() {
-                let p = vb.pp(format!("layers.{i}.{m}"));
-                let (mut w, mut b) = (Vec::with_capacity(3 * h * h), Vec::with_capacity(3 * h));
-                for part in ["attn.q", "attn.k", "attn.v"] {
-                    let (pw, pb) = weights(&p.pp(part), h, h)?;
-                    w.extend(pw);
-                    b.extend(pb);
-                }
-                let expert = Expert {
-                    ln1: norm(&p.pp("ln1"))?,
-                    qkv: Linear::new(w, b, 3 * h, h, kernels),
-                    out: linear(&p.pp("attn.o"), h, h)?,
-                    ln2: norm(&p.pp("ln2"))?,
-                    up: linear(&p.pp("mlp.fc1"), ffn, h)?,
-                    down: linear(&p.pp("mlp.fc2"), h, ffn)?,
-                };
+                let expert = Layer::load(&vb.pp(format!("layers.{i}.{m}")), &FUSION_NAMES, h, ffn, kernels)?;
                 experts.insert(m.clone(), expert);
             }
             layers.push(experts);

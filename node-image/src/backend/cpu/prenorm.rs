@@ -14,14 +14,51 @@ use rayon::prelude::*;
 use super::{simd, CpuKernels, Epilogue, Linear, Norm};
 use crate::backend::transformer::BlockNames;
 
-struct Layer {
-    ln1: Norm,
+/// One pre-norm block's weights (also one modality's expert in a MoT layer, [`super::mot`]).
+pub(super) struct Layer {
+    pub ln1: Norm,
     /// Query, key and value projections fused into one `[3d, d]` matmul.
-    qkv: Linear,
-    out: Linear,
-    ln2: Norm,
-    up: Linear,
-    down: Linear,
+    pub qkv: Linear,
+    pub out: Linear,
+    pub ln2: Norm,
+    pub up: Linear,
+    pub down: Linear,
+}
+
+impl Layer {
+    /// Reads the block at `vb` (its prefix) under `names`. Biases the checkpoint lacks
+    /// (whisper's k_proj) are zeros.
+    pub(super) fn load(
+        vb: &VarBuilder,
+        names: &BlockNames,
+        d: usize,
+        ffn: usize,
+        kernels: CpuKernels,
+    ) -> candle_core::Result<Self> {
+        let weights = |vb: &VarBuilder, out: usize, inp: usize| -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+            let w = vb.get((out, inp), "weight")?.flatten_all()?.to_vec1::<f32>()?;
+            let b = if vb.contains_tensor("bias") { vb.get(out, "bias")?.to_vec1::<f32>()? } else { vec![0.0; out] };
+            Ok((w, b))
+        };
+        let linear = |vb: &VarBuilder, out: usize, inp: usize| -> candle_core::Result<Linear> {
+            let (w, b) = weights(vb, out, inp)?;
+            Ok(Linear::new(w, b, out, inp, kernels))
+        };
+        let (mut w, mut b) = (Vec::with_capacity(3 * d * d), Vec::with_capacity(3 * d));
+        for part in [names.q, names.k, names.v] {
+            let (pw, pb) = weights(&vb.pp(part), d, d)?;
+            w.extend(pw);
+            b.extend(pb);
+        }
+        Ok(Layer {
+            ln1: Norm::load(&vb.pp(names.ln1), d)?,
+            qkv: Linear::new(w, b, 3 * d, d, kernels),
+            out: linear(&vb.pp(names.o), d, d)?,
+            ln2: Norm::load(&vb.pp(names.ln2), d)?,
+            up: linear(&vb.pp(names.fc1), ffn, d)?,
+            down: linear(&vb.pp(names.fc2), d, ffn)?,
+        })
+    }
 }
 
 /// Buffers of one forward pass, reused across batches (see [`super::bert::Workspace`]).
@@ -68,37 +105,8 @@ impl PackedPreNorm {
         if heads == 0 || !d.is_multiple_of(heads) {
             candle_core::bail!("hidden size {d} is not divisible by {heads} heads");
         }
-        let weights = |vb: &VarBuilder, out: usize, inp: usize| -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
-            let w = vb.get((out, inp), "weight")?.flatten_all()?.to_vec1::<f32>()?;
-            let b = if vb.contains_tensor("bias") { vb.get(out, "bias")?.to_vec1::<f32>()? } else { vec![0.0; out] };
-            Ok((w, b))
-        };
-        let linear = |vb: &VarBuilder, out: usize, inp: usize| -> candle_core::Result<Linear> {
-            let (w, b) = weights(vb, out, inp)?;
-            Ok(Linear::new(w, b, out, inp, kernels))
-        };
-        let norm = |vb: &VarBuilder| -> candle_core::Result<Norm> {
-            Ok(Norm { gamma: vb.get(d, "weight")?.to_vec1()?, beta: vb.get(d, "bias")?.to_vec1()? })
-        };
-        let layers = layers
-            .iter()
-            .map(|vb| {
-                let (mut w, mut b) = (Vec::with_capacity(3 * d * d), Vec::with_capacity(3 * d));
-                for part in [names.q, names.k, names.v] {
-                    let (pw, pb) = weights(&vb.pp(part), d, d)?;
-                    w.extend(pw);
-                    b.extend(pb);
-                }
-                Ok(Layer {
-                    ln1: norm(&vb.pp(names.ln1))?,
-                    qkv: Linear::new(w, b, 3 * d, d, kernels),
-                    out: linear(&vb.pp(names.o), d, d)?,
-                    ln2: norm(&vb.pp(names.ln2))?,
-                    up: linear(&vb.pp(names.fc1), ffn, d)?,
-                    down: linear(&vb.pp(names.fc2), d, ffn)?,
-                })
-            })
-            .collect::<candle_core::Result<Vec<_>>>()?;
+        let layers =
+            layers.iter().map(|vb| Layer::load(vb, names, d, ffn, kernels)).collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { layers, hidden: d, heads, eps: eps as f32, radius: radius.unwrap_or(usize::MAX) })
     }
 
