@@ -32,7 +32,6 @@ use prism_api::wire::node::{EmbedInput, InputItem};
 use serde::{Deserialize, Serialize};
 
 use super::cpu::mot::PackedMot;
-use super::cpu::CpuKernels;
 use super::transformer::{self as core, attend, Act, Attention, Block, FUSION_NAMES};
 use super::{device_name, BackendError, Encoder, LoadSpec, LoadedModel, ModelInfo, Prepared, Preprocessor};
 
@@ -451,13 +450,13 @@ pub fn load_mot(spec: &LoadSpec) -> Result<LoadedModel, BackendError> {
     let device = spec.device.resolve()?;
     let vb = core::var_builder(spec, &device)?;
     let e = core::load_err("mot-fusion weights");
-    let kernels = CpuKernels::from_env().map_err(BackendError::Load)?;
-    let packed = device.is_cpu() && kernels != CpuKernels::Candle && Act::from_hf(&cfg.hidden_act)? == Act::Gelu;
-    tracing::info!(kernels = if packed { "packed" } else { "candle" }, "mot-fusion layers");
-    let encoder: Box<dyn Encoder> = if packed {
-        Box::new(Served { net: PackedMot::load(&cfg, &vb, kernels).map_err(&e)?, device: device.clone() })
-    } else {
-        Box::new(Served { net: MotEncoder::new(&cfg, &vb).map_err(&e)?, device: device.clone() })
+    let kernels = core::packed_kernels(&device, Act::from_hf(&cfg.hidden_act)?)?;
+    tracing::info!(kernels = if kernels.is_some() { "packed" } else { "candle" }, "mot-fusion layers");
+    let encoder: Box<dyn Encoder> = match kernels {
+        Some(kernels) => {
+            Box::new(Served { net: PackedMot::load(&cfg, &vb, kernels).map_err(&e)?, device: device.clone() })
+        }
+        None => Box::new(Served { net: MotEncoder::new(&cfg, &vb).map_err(&e)?, device: device.clone() }),
     };
     Ok(model(&cfg, &device, "mot-fusion", encoder))
 }

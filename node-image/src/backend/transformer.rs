@@ -415,6 +415,14 @@ impl Block {
     }
 }
 
+/// The kernels of the packed CPU path ([`super::cpu`]) for a network whose MLP uses `act`, or
+/// `None` where candle runs it: a GPU, `PRISM_CPU_KERNELS=candle`, or an activation other than
+/// exact GELU (the packed epilogue's).
+pub fn packed_kernels(device: &Device, act: Act) -> Result<Option<CpuKernels>, BackendError> {
+    let kernels = CpuKernels::from_env().map_err(BackendError::Load)?;
+    Ok((device.is_cpu() && kernels != CpuKernels::Candle && act == Act::Gelu).then_some(kernels))
+}
+
 /// A stack of pre-norm blocks. On CPU the packed kernels ([`PackedPreNorm`]: one matmul per
 /// layer over the whole batch, fused GELU, retained buffers); on a GPU, under
 /// `PRISM_CPU_KERNELS=candle`, or with an activation the packed path lacks, candle's [`Block`]s.
@@ -435,8 +443,7 @@ impl Blocks {
         device: &Device,
         what: &str,
     ) -> Result<Self, BackendError> {
-        let kernels = CpuKernels::from_env().map_err(BackendError::Load)?;
-        if device.is_cpu() && kernels != CpuKernels::Candle && act == Act::Gelu {
+        if let Some(kernels) = packed_kernels(device, act)? {
             let packed = PackedPreNorm::load(layers, names, shape, radius, kernels).map_err(load_err(what))?;
             return Ok(Blocks::Packed(packed, Default::default()));
         }

@@ -107,20 +107,17 @@ pub fn linear_into(w: &PackedWeights, x: &[f32], rows: usize, epilogue: Epilogue
                 }
             }
         }
-        for p in p0..p1 {
-            let cols = (n - p * NR).min(NR);
-            if epilogue == Epilogue::BiasGelu {
-                for r in m0..m1 {
-                    // Safety: this task's own rows and columns of out.
-                    let seg = unsafe { std::slice::from_raw_parts_mut(shared.out.add(r * n + p * NR), cols) };
-                    simd::gelu_inplace(seg);
-                }
+        if epilogue == Epilogue::BiasGelu {
+            for r in m0..m1 {
+                let (c0, c1) = (p0 * NR, (p1 * NR).min(n));
+                // Safety: this task's own rows and columns of out.
+                let seg = unsafe { std::slice::from_raw_parts_mut(shared.out.add(r * n + c0), c1 - c0) };
+                simd::gelu_inplace(seg);
             }
         }
     };
-    // Inside a parallel task (a part of a split batch) the caller already keeps every thread
-    // busy; a single task needs no pool either.
-    if m_tasks * n_tasks == 1 || rayon::current_thread_index().is_some() {
+    // A single task needs no pool; see `inside_parallel_task` for the other case.
+    if m_tasks * n_tasks == 1 || super::inside_parallel_task() {
         (0..m_tasks * n_tasks).for_each(task);
     } else {
         (0..m_tasks * n_tasks).into_par_iter().for_each(task);

@@ -92,18 +92,29 @@ impl Linear {
 
     /// `Wᵀ` for `gemm`, whatever the CPU (what CPUs without AVX-512 run; tests compare it).
     fn gemm_weights(weight: &[f32], out_dim: usize, in_dim: usize) -> Weights {
-        {
-            // Stored transposed (`[in, out]`, output columns contiguous): `gemm` then reads it in
-            // place instead of re-packing all the weights on every call, which was ~60% of a
-            // small batch's time.
-            let mut transposed = vec![0f32; weight.len()];
-            for (o, row) in weight.chunks_exact(in_dim).enumerate() {
-                for (i, &v) in row.iter().enumerate() {
-                    transposed[i * out_dim + o] = v;
-                }
+        // Stored transposed (`[in, out]`, output columns contiguous): `gemm` then reads it in
+        // place instead of re-packing all the weights on every call, which was ~60% of a small
+        // batch's time.
+        let mut transposed = vec![0f32; weight.len()];
+        for (o, row) in weight.chunks_exact(in_dim).enumerate() {
+            for (i, &v) in row.iter().enumerate() {
+                transposed[i * out_dim + o] = v;
             }
-            Weights::F32(transposed)
         }
+        Weights::F32(transposed)
+    }
+
+    /// The `[out, in]` weight and the bias at `vb` (a layer's prefix), as the candle layer
+    /// of the same checkpoint reads them (`bias`).
+    pub fn load(
+        vb: &candle_nn::VarBuilder,
+        out: usize,
+        inp: usize,
+        bias: Bias,
+        kernels: CpuKernels,
+    ) -> candle_core::Result<Self> {
+        let (w, b) = dense_weights(vb, out, inp, bias)?;
+        Ok(Linear::new(w, b, out, inp, kernels))
     }
 
     pub fn out_dim(&self) -> usize {
@@ -133,10 +144,7 @@ impl Linear {
                     out.extend_from_slice(&self.bias);
                 }
                 if rows > 0 {
-                    // Called from inside a parallel task (a part of a split batch), the caller
-                    // already keeps the threads busy: no second level of splitting.
-                    let threads =
-                        if rayon::current_thread_index().is_some() { 1 } else { rayon::current_num_threads() };
+                    let threads = if inside_parallel_task() { 1 } else { rayon::current_num_threads() };
                     // Safety: out is rows x n, x is rows x k, w is k x n; strides describe exactly
                     // those row-major buffers.
                     unsafe {
@@ -169,6 +177,56 @@ impl Linear {
             }
         }
     }
+}
+
+/// Whether a checkpoint may leave a dense layer's bias out, as the candle code that serves the
+/// same architecture elsewhere decides: the packed path accepts exactly what candle accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bias {
+    /// `candle_nn::linear`: a missing bias is a load error (MoT fusion).
+    Required,
+    /// `transformer::linear`: a missing bias is zero (whisper's k_proj).
+    ZeroIfAbsent,
+}
+
+/// `(weight [out, in] row-major, bias [out])` at `vb`, under the `bias` rule.
+pub fn dense_weights(
+    vb: &candle_nn::VarBuilder,
+    out: usize,
+    inp: usize,
+    bias: Bias,
+) -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
+    let w = vb.get((out, inp), "weight")?.flatten_all()?.to_vec1::<f32>()?;
+    let b = if bias == Bias::Required || vb.contains_tensor("bias") {
+        vb.get(out, "bias")?.to_vec1::<f32>()?
+    } else {
+        vec![0.0; out]
+    };
+    Ok((w, b))
+}
+
+/// True inside a rayon task: the caller (a part of a split batch) already keeps every thread
+/// busy, so a matmul runs on this thread alone instead of splitting once more.
+fn inside_parallel_task() -> bool {
+    rayon::current_thread_index().is_some()
+}
+
+/// `x += delta` (nothing when `delta` is empty; it may run past `x` with padding rows), then
+/// `normed = LayerNorm(x)`, row by row; `normed` is resized to `x`.
+pub fn add_and_normalize(x: &mut [f32], delta: &[f32], norm: &Norm, eps: f32, normed: &mut Vec<f32>) {
+    let h = norm.gamma.len();
+    let rows = 16;
+    normed.resize(x.len(), 0.0);
+    x.par_chunks_mut(h * rows).zip(normed.par_chunks_mut(h * rows)).enumerate().for_each(|(c, (xs, ns))| {
+        let ds = if delta.is_empty() { &[][..] } else { &delta[c * h * rows..][..xs.len()] };
+        for (r, (row, out)) in xs.chunks_exact_mut(h).zip(ns.chunks_exact_mut(h)).enumerate() {
+            if !ds.is_empty() {
+                row.iter_mut().zip(&ds[r * h..][..h]).for_each(|(a, b)| *a += *b);
+            }
+            out.copy_from_slice(row);
+            simd::residual_layer_norm(out, &[], &norm.gamma, &norm.beta, eps);
+        }
+    });
 }
 
 /// Workspaces kept between batches, one per part of a batch in flight on its own thread.

@@ -13,7 +13,7 @@ use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
 use super::prenorm::Layer;
-use super::{simd, CpuKernels, Epilogue, Linear, Norm, Spare};
+use super::{add_and_normalize, Bias, CpuKernels, Epilogue, Linear, Norm, Spare};
 use crate::backend::fusion::{FusionConfig, FusionNet};
 use crate::backend::transformer::FUSION_NAMES;
 
@@ -61,16 +61,12 @@ impl PackedMot {
     /// reads), for configs whose MLP activation is exact GELU.
     pub fn load(cfg: &FusionConfig, vb: &VarBuilder, kernels: CpuKernels) -> candle_core::Result<Self> {
         let (h, ffn) = (cfg.hidden_size, cfg.intermediate_size);
-        let linear = |vb: &VarBuilder, out: usize, inp: usize| -> candle_core::Result<Linear> {
-            let (w, b) = (vb.get((out, inp), "weight")?.flatten_all()?.to_vec1()?, vb.get(out, "bias")?.to_vec1()?);
-            Ok(Linear::new(w, b, out, inp, kernels))
-        };
         let mut modalities = BTreeMap::new();
         for (m, &dim) in &cfg.modalities {
             modalities.insert(
                 m.clone(),
                 Modality {
-                    proj: linear(&vb.pp(format!("proj.{m}")), h, dim)?,
+                    proj: Linear::load(&vb.pp(format!("proj.{m}")), h, dim, Bias::Required, kernels)?,
                     typ: vb.get(h, &format!("type.{m}"))?.to_vec1()?,
                     final_ln: Norm::load(&vb.pp(format!("final_ln.{m}")), h)?,
                 },
@@ -80,7 +76,9 @@ impl PackedMot {
         for i in 0..cfg.num_layers {
             let mut experts = BTreeMap::new();
             for m in cfg.modalities.keys() {
-                let expert = Layer::load(&vb.pp(format!("layers.{i}.{m}")), &FUSION_NAMES, h, ffn, kernels)?;
+                // Biases required, as `candle_nn::linear` in MotEncoder reads them.
+                let p = vb.pp(format!("layers.{i}.{m}"));
+                let expert = Layer::load(&p, &FUSION_NAMES, h, ffn, Bias::Required, kernels)?;
                 experts.insert(m.clone(), expert);
             }
             layers.push(experts);
@@ -155,7 +153,7 @@ impl PackedMot {
                 })
                 .collect::<candle_core::Result<Vec<_>>>()?;
             for (k, (expert, (_, _, t))) in experts.iter().zip(&mods).enumerate() {
-                normalize_into(&ws.x[k], &expert.ln1, self.eps, &mut ws.normed);
+                add_and_normalize(&mut ws.x[k], &[], &expert.ln1, self.eps, &mut ws.normed);
                 expert.qkv.forward_into(&ws.normed, b * t, Epilogue::Bias, &mut ws.bf16, &mut ws.qkv[k]);
             }
             // Each item's tokens side by side (modality order), for one attention over them all.
@@ -175,8 +173,7 @@ impl PackedMot {
                 }
                 row += t;
                 expert.out.forward_into(&ws.ctx, b * t, Epilogue::Bias, &mut ws.bf16, &mut ws.dense);
-                add(&mut ws.x[k], &ws.dense);
-                normalize_into(&ws.x[k], &expert.ln2, self.eps, &mut ws.normed);
+                add_and_normalize(&mut ws.x[k], &ws.dense, &expert.ln2, self.eps, &mut ws.normed);
                 expert.up.forward_into(&ws.normed, b * t, Epilogue::BiasGelu, &mut ws.bf16, &mut ws.inner);
                 expert.down.forward_into(&ws.inner, b * t, Epilogue::Bias, &mut ws.bf16, &mut ws.dense);
                 add(&mut ws.x[k], &ws.dense);
@@ -185,7 +182,7 @@ impl PackedMot {
         // The mean over each item's tokens of their modality's final LayerNorm.
         let mut pooled = vec![0f32; b * h];
         for (k, (_, modality, t)) in mods.iter().enumerate() {
-            normalize_into(&ws.x[k], &modality.final_ln, self.eps, &mut ws.normed);
+            add_and_normalize(&mut ws.x[k], &[], &modality.final_ln, self.eps, &mut ws.normed);
             for (r, row) in ws.normed.chunks_exact(h).enumerate() {
                 pooled[(r / t) * h..][..h].iter_mut().zip(row).for_each(|(a, b)| *a += *b);
             }
@@ -193,15 +190,6 @@ impl PackedMot {
         let inv = 1.0 / per_item as f32;
         pooled.iter_mut().for_each(|v| *v *= inv);
         Ok(pooled)
-    }
-}
-
-/// `normed = LayerNorm(x)` row by row (`normed` resized to `x`).
-fn normalize_into(x: &[f32], norm: &Norm, eps: f32, normed: &mut Vec<f32>) {
-    normed.clear();
-    normed.extend_from_slice(x);
-    for row in normed.chunks_exact_mut(norm.gamma.len()) {
-        simd::residual_layer_norm(row, &[], &norm.gamma, &norm.beta, eps);
     }
 }
 
@@ -229,7 +217,7 @@ mod tests {
     use candle_nn::VarMap;
 
     use super::*;
-    use crate::backend::fusion::trainable;
+    use crate::backend::fusion::{trainable, MotEncoder};
 
     /// The packed MoT against the candle MoT (what training runs) on the same random weights: a
     /// batch large enough to be cut into parts, a modality of 3 tokens, and a subset of the
@@ -260,5 +248,13 @@ mod tests {
                 assert!(worst < 1e-3, "{kernels:?} {mods:?}: packed MoT differs from candle's by {worst}");
             }
         }
+        // A checkpoint the candle MoT refuses (an expert without its bias) is refused here too,
+        // not served with a zero bias.
+        let mut tensors: std::collections::HashMap<String, Tensor> =
+            varmap.data().lock().expect("varmap").iter().map(|(k, v)| (k.clone(), v.as_tensor().clone())).collect();
+        tensors.remove("layers.1.text.attn.o.bias").expect("the expert's bias exists");
+        let vb = VarBuilder::from_tensors(tensors, DType::F32, &Device::Cpu);
+        assert!(MotEncoder::new(&cfg, &vb).is_err(), "candle's MoT needs every bias");
+        assert!(PackedMot::load(&cfg, &vb, CpuKernels::F32).is_err(), "a missing MoT bias must be a load error");
     }
 }

@@ -11,7 +11,7 @@
 use candle_nn::VarBuilder;
 use rayon::prelude::*;
 
-use super::{simd, CpuKernels, Epilogue, Linear, Norm};
+use super::{add_and_normalize, dense_weights, Bias, CpuKernels, Epilogue, Linear, Norm};
 use crate::backend::transformer::BlockNames;
 
 /// One pre-norm block's weights (also one modality's expert in a MoT layer, [`super::mot`]).
@@ -26,37 +26,29 @@ pub(super) struct Layer {
 }
 
 impl Layer {
-    /// Reads the block at `vb` (its prefix) under `names`. Biases the checkpoint lacks
-    /// (whisper's k_proj) are zeros.
+    /// Reads the block at `vb` (its prefix) under `names`; `bias` says whether a missing bias is
+    /// zero or an error (see [`Bias`]).
     pub(super) fn load(
         vb: &VarBuilder,
         names: &BlockNames,
         d: usize,
         ffn: usize,
+        bias: Bias,
         kernels: CpuKernels,
     ) -> candle_core::Result<Self> {
-        let weights = |vb: &VarBuilder, out: usize, inp: usize| -> candle_core::Result<(Vec<f32>, Vec<f32>)> {
-            let w = vb.get((out, inp), "weight")?.flatten_all()?.to_vec1::<f32>()?;
-            let b = if vb.contains_tensor("bias") { vb.get(out, "bias")?.to_vec1::<f32>()? } else { vec![0.0; out] };
-            Ok((w, b))
-        };
-        let linear = |vb: &VarBuilder, out: usize, inp: usize| -> candle_core::Result<Linear> {
-            let (w, b) = weights(vb, out, inp)?;
-            Ok(Linear::new(w, b, out, inp, kernels))
-        };
         let (mut w, mut b) = (Vec::with_capacity(3 * d * d), Vec::with_capacity(3 * d));
         for part in [names.q, names.k, names.v] {
-            let (pw, pb) = weights(&vb.pp(part), d, d)?;
+            let (pw, pb) = dense_weights(&vb.pp(part), d, d, bias)?;
             w.extend(pw);
             b.extend(pb);
         }
         Ok(Layer {
             ln1: Norm::load(&vb.pp(names.ln1), d)?,
             qkv: Linear::new(w, b, 3 * d, d, kernels),
-            out: linear(&vb.pp(names.o), d, d)?,
+            out: Linear::load(&vb.pp(names.o), d, d, bias, kernels)?,
             ln2: Norm::load(&vb.pp(names.ln2), d)?,
-            up: linear(&vb.pp(names.fc1), ffn, d)?,
-            down: linear(&vb.pp(names.fc2), d, ffn)?,
+            up: Linear::load(&vb.pp(names.fc1), ffn, d, bias, kernels)?,
+            down: Linear::load(&vb.pp(names.fc2), d, ffn, bias, kernels)?,
         })
     }
 }
@@ -93,7 +85,6 @@ pub struct Shape {
 
 impl PackedPreNorm {
     /// Reads each layer from `layers[i]` (a VarBuilder at the layer's prefix) under `names`.
-    /// Biases the checkpoint lacks (whisper's k_proj) are zeros.
     pub fn load(
         layers: &[VarBuilder],
         names: &BlockNames,
@@ -105,8 +96,11 @@ impl PackedPreNorm {
         if heads == 0 || !d.is_multiple_of(heads) {
             candle_core::bail!("hidden size {d} is not divisible by {heads} heads");
         }
-        let layers =
-            layers.iter().map(|vb| Layer::load(vb, names, d, ffn, kernels)).collect::<candle_core::Result<Vec<_>>>()?;
+        // Biases as candle's `transformer::linear` reads them: whisper's k_proj has none.
+        let layers = layers
+            .iter()
+            .map(|vb| Layer::load(vb, names, d, ffn, Bias::ZeroIfAbsent, kernels))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         Ok(Self { layers, hidden: d, heads, eps: eps as f32, radius: radius.unwrap_or(usize::MAX) })
     }
 
@@ -120,7 +114,6 @@ impl PackedPreNorm {
         let tokens = offsets.last().copied().unwrap_or(0);
         let h = self.hidden;
         debug_assert_eq!(x.len(), tokens * h);
-        ws.normed.resize(tokens * h, 0.0);
         for (i, layer) in self.layers.iter().enumerate() {
             // The previous layer's MLP output joins the residual stream here, in the same pass
             // over the rows as this layer's first LayerNorm.
@@ -139,22 +132,6 @@ impl PackedPreNorm {
             });
         }
     }
-}
-
-/// `x += delta` (none when `delta` is empty), then `normed = LayerNorm(x)`, row by row.
-fn add_and_normalize(x: &mut [f32], delta: &[f32], norm: &Norm, eps: f32, normed: &mut [f32]) {
-    let h = norm.gamma.len();
-    let rows = 16;
-    x.par_chunks_mut(h * rows).zip(normed.par_chunks_mut(h * rows)).enumerate().for_each(|(c, (xs, ns))| {
-        let ds = if delta.is_empty() { &[][..] } else { &delta[c * h * rows..][..xs.len()] };
-        for (r, (row, out)) in xs.chunks_exact_mut(h).zip(ns.chunks_exact_mut(h)).enumerate() {
-            if !ds.is_empty() {
-                row.iter_mut().zip(&ds[r * h..][..h]).for_each(|(a, b)| *a += *b);
-            }
-            out.copy_from_slice(row);
-            simd::residual_layer_norm(out, &[], &norm.gamma, &norm.beta, eps);
-        }
-    });
 }
 
 #[cfg(test)]
